@@ -1,0 +1,84 @@
+"""Knowledge-distillation losses: spherical KD (layer-normalised logits) and Hinton KD.
+
+All arithmetic runs in float32 whatever the input dtype, so the loss is the same under AMP.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LAYER_NORM_EPS = 1e-7
+
+
+class KDLoss(NamedTuple):
+    """The training loss and its two parts, for logging."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+
+
+def spherical_normalize(logits: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """Layer-normalise logits over the classes (no affine, eps 1e-7), then scale by `multiplier`."""
+    logits = logits.float()
+    return F.layer_norm(logits, logits.shape[-1:], eps=LAYER_NORM_EPS) * multiplier
+
+
+def _kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)), batch mean, times T^2."""
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def spherical_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float,
+    multiplier: float,
+    alpha: float,
+) -> KDLoss:
+    """SKD loss (arXiv 2010.07485): a * KD on normalised logits + (1 - a) * CE on normalised student.
+
+    The teacher never receives gradients.
+    """
+    z_student = spherical_normalize(student_logits, multiplier)
+    z_teacher = spherical_normalize(teacher_logits.detach(), multiplier)
+    kd = _kd_term(z_student, z_teacher, temperature)
+    ce = F.cross_entropy(z_student, target)
+    return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd.detach(), ce.detach())
+
+
+def hinton_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> KDLoss:
+    """Hinton KD: a * KD on raw logits + (1 - a) * CE on raw student logits."""
+    student = student_logits.float()
+    kd = _kd_term(student, teacher_logits.detach().float(), temperature)
+    ce = F.cross_entropy(student, target)
+    return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd.detach(), ce.detach())
+
+
+def hard_label_loss(student_logits: torch.Tensor, target: torch.Tensor) -> KDLoss:
+    """Plain cross-entropy (`--kd none`), in the same shape as the KD losses."""
+    ce = F.cross_entropy(student_logits.float(), target)
+    return KDLoss(ce, torch.zeros((), device=ce.device), ce.detach())
+
+
+def seed_alpha(epoch: int, epochs: int) -> float:
+    """The seed repository's alpha schedule: 0.9 before 60% of training, 0.5 before 80%, then 0.1."""
+    if 10 * epoch < 6 * epochs:
+        return 0.9
+    if 10 * epoch < 8 * epochs:
+        return 0.5
+    return 0.1

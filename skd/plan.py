@@ -1,0 +1,154 @@
+"""The recorded augmentation plan: sample order, RandomResizedCrop windows and flips of each view.
+
+Everything here is a pure function of (seed, view, sample id, image height, width). Random numbers
+come from a counter-based hash keyed by those values, so a sample's window does not depend on how
+many samples are planned at once, on batch size, or on any library's global RNG. The build stores
+the resulting integers; replay reads them back and never re-derives them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+TRIES = 10  # torchvision RandomResizedCrop's number of attempts before the centre fallback
+
+# Stream identifiers: distinct counters for each use of randomness.
+_STREAM_ORDER = 0
+_STREAM_FLIP = 1
+_STREAM_CROP = 2  # + 4 * try + {0: area, 1: log-ratio, 2: y, 3: x}
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """RandomResizedCrop and flip parameters (torchvision defaults)."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CropParams":
+        return cls(scale=tuple(d["scale"]), ratio=tuple(d["ratio"]), flip_prob=d["flip_prob"])
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """One view, indexed by position: `order[p]` is the sample id, `box[p]` its (y, x, h, w), `flip[p]`."""
+
+    order: np.ndarray  # (N,) int32
+    box: np.ndarray  # (N, 4) int32
+    flip: np.ndarray  # (N,) uint8
+
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a bijective avalanche mix of uint64 values."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniform(seed: int, view: int, sample_ids: np.ndarray, stream: int) -> np.ndarray:
+    """Uniform [0, 1) floats, one per sample id, from a hash of (seed, view, sample id, stream)."""
+    ids = np.asarray(sample_ids, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        key = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ _mix64(np.full(1, view, np.uint64)))
+        key = _mix64(key ^ np.uint64(stream) * np.uint64(0x9E3779B97F4A7C15))
+        x = _mix64(ids * np.uint64(0xD1B54A32D192ED03) + key)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _randint(u: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Integers in [0, high) from uniforms u (high >= 1)."""
+    return np.minimum((u * high).astype(np.int64), high - 1)
+
+
+def crop_windows(
+    seed: int, view: int, sample_ids: np.ndarray, sizes: np.ndarray, params: CropParams = CropParams()
+) -> np.ndarray:
+    """RandomResizedCrop windows (y, x, h, w) in pixels for the given samples, torchvision semantics.
+
+    `sizes` is (n, 2) (height, width) of those samples. Ten tries of (area, log-uniform aspect),
+    the first window that fits wins; otherwise the centre crop clamped to the ratio range.
+    """
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    height = np.asarray(sizes[:, 0], dtype=np.int64)
+    width = np.asarray(sizes[:, 1], dtype=np.int64)
+    n = len(ids)
+    area = (height * width).astype(np.float64)
+    log_lo, log_hi = math.log(params.ratio[0]), math.log(params.ratio[1])
+
+    box = np.zeros((n, 4), dtype=np.int64)
+    found = np.zeros(n, dtype=bool)
+    for t in range(TRIES):
+        base = _STREAM_CROP + 4 * t
+        target = area * (params.scale[0] + (params.scale[1] - params.scale[0]) * uniform(seed, view, ids, base))
+        aspect = np.exp(log_lo + (log_hi - log_lo) * uniform(seed, view, ids, base + 1))
+        cw = np.round(np.sqrt(target * aspect)).astype(np.int64)
+        ch = np.round(np.sqrt(target / aspect)).astype(np.int64)
+        ok = ~found & (cw > 0) & (ch > 0) & (cw <= width) & (ch <= height)
+        if ok.any():
+            y = _randint(uniform(seed, view, ids[ok], base + 2), height[ok] - ch[ok] + 1)
+            x = _randint(uniform(seed, view, ids[ok], base + 3), width[ok] - cw[ok] + 1)
+            box[ok] = np.stack([y, x, ch[ok], cw[ok]], axis=1)
+            found |= ok
+    rest = ~found
+    if rest.any():
+        box[rest] = center_fallback(height[rest], width[rest], params.ratio)
+    return box.astype(np.int32)
+
+
+def center_fallback(height: np.ndarray, width: np.ndarray, ratio: tuple[float, float]) -> np.ndarray:
+    """torchvision's fallback window: the whole image, clamped to the ratio range, centred."""
+    in_ratio = width / height
+    w = width.copy()
+    h = height.copy()
+    narrow = in_ratio < min(ratio)
+    wide = in_ratio > max(ratio)
+    h[narrow] = np.round(w[narrow] / min(ratio)).astype(np.int64)
+    w[wide] = np.round(h[wide] * max(ratio)).astype(np.int64)
+    y = (height - h) // 2
+    x = (width - w) // 2
+    return np.stack([y, x, h, w], axis=1)
+
+
+def flips(seed: int, view: int, sample_ids: np.ndarray, prob: float = 0.5) -> np.ndarray:
+    """1 where the sample is mirrored in this view."""
+    return (uniform(seed, view, sample_ids, _STREAM_FLIP) < prob).astype(np.uint8)
+
+
+def sample_order(seed: int, view: int, n: int) -> np.ndarray:
+    """The order in which view `view` visits the n samples: a permutation of range(n)."""
+    keys = uniform(seed, view, np.arange(n), _STREAM_ORDER)
+    return np.argsort(keys, kind="stable").astype(np.int32)
+
+
+def plan_view(seed: int, view: int, sizes: np.ndarray, params: CropParams = CropParams()) -> ViewPlan:
+    """Plan one view over all samples; `sizes[i]` is (height, width) of sample i."""
+    sizes = np.asarray(sizes)
+    order = sample_order(seed, view, len(sizes))
+    box = crop_windows(seed, view, order, sizes[order], params)
+    flip = flips(seed, view, order, params.flip_prob)
+    return ViewPlan(order=order, box=box, flip=flip)
+
+
+def center_boxes(sizes: np.ndarray, crop_fraction: float = 224 / 256) -> np.ndarray:
+    """Validation windows: the centred square that 'resize shorter side to S/f, centre crop S' keeps.
+
+    Resizing the shorter side to size/f and cropping size pixels keeps a centred square of side
+    f * min(h, w) of the original image; cropping that square and resizing it to size is the
+    same view up to resampling, through the same window chain as training.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    h, w = sizes[:, 0], sizes[:, 1]
+    side = np.maximum(1, np.round(np.minimum(h, w) * crop_fraction)).astype(np.int64)
+    y = (h - side) // 2
+    x = (w - side) // 2
+    return np.stack([y, x, side, side], axis=1).astype(np.int32)
