@@ -1,0 +1,353 @@
+"""Stage one: run the teacher over the recorded views and write its logits into the cache.
+
+Decode (the input pipeline's workers), teacher forward (this thread) and encode + write (a
+background writer with a bounded queue) overlap, so the slowest of the three sets the pace.
+Whole shards only, completion recorded per shard: a rerun of the same command resumes.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import zarr
+from tqdm import tqdm
+
+import pipelines
+
+from . import __version__
+from .codecs import get_codec
+from .distributed import Dist, init_distributed, resolve_device, shutdown
+from .index import fingerprint, index_dataset, scan_split
+from .plan import CropParams, center_boxes, plan_view
+from .store import FORMAT_VERSION, Split, Store, create_store, is_store, open_store
+from .teachers import load_teacher, output_classes
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+VAL_CROP_FRACTION = 224 / 256
+
+
+class BuildError(ValueError):
+    """The build cannot go ahead as asked: one line saying what to change."""
+
+
+@dataclass
+class BuildConfig:
+    """Everything `skd-cache build` takes; the plan-, teacher- and data-defining fields are recorded."""
+
+    teacher: str
+    data: Path
+    out: Path
+    weights: str | None = None
+    views: int = 10
+    image_size: int = 224
+    batch_size: int = 256
+    codec: str = "int8"
+    amp: str = "auto"
+    device: str = "auto"
+    loader: str = "dali"
+    seed: int = 0
+    workers: int = 8
+    shard_rows: int = 16384
+    chunk_rows: int = 1024
+    compile: bool = False
+    overwrite: bool = False
+    val: bool = True
+    crop: CropParams = field(default_factory=CropParams)
+
+
+@dataclass
+class BuildSummary:
+    views: int
+    rows_written: int
+    rows_total: int
+    bytes_on_disk: int
+    bytes_per_row: float
+    seconds: float
+    images_per_sec: float
+
+
+# The recorded settings a rerun must repeat to resume; anything else may change between runs.
+IDENTITY = {
+    "teacher": ("teacher", "name"), "weights": ("teacher", "weights_sha256"), "amp": ("teacher", "amp"),
+    "data": ("dataset", "fingerprint"), "val data": ("dataset", "val_fingerprint"),
+    "seed": ("plan", "seed"), "image-size": ("plan", "image_size"), "crop": ("plan", "crop"),
+    "loader": ("plan", "loader"), "codec": ("codec",), "views": ("views",), "shard-size": ("shard_rows",),
+}
+
+
+def differences(recorded: dict, wanted: dict) -> list[str]:
+    """Names of the identity settings in which two cache descriptions differ."""
+    def get(d, keys):
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+    return [name for name, keys in IDENTITY.items() if get(recorded, keys) != get(wanted, keys)]
+
+
+def _software() -> dict:
+    versions = {"skd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "zarr": zarr.__version__, "numpy": np.__version__}
+    try:
+        import nvidia.dali
+        versions["dali"] = nvidia.dali.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _amp_name(cfg: BuildConfig, device: torch.device) -> str:
+    if cfg.amp == "auto":
+        return "bf16" if device.type == "cuda" else "none"
+    if cfg.amp not in AMP_DTYPES:
+        raise BuildError(f"--amp {cfg.amp}: choose bf16, fp16, none or auto")
+    return cfg.amp
+
+
+def _identity(cfg: BuildConfig, teacher, amp: str, train_fp: str, val_fp: str | None) -> dict:
+    """The part of the metadata that decides the cache's contents (compared on resume)."""
+    return {
+        "format": FORMAT_VERSION,
+        "teacher": {"name": cfg.teacher, "weights": teacher.weights, "weights_sha256": teacher.weights_sha256,
+                    "amp": amp, "mean": list(pipelines.IMAGENET_MEAN), "std": list(pipelines.IMAGENET_STD)},
+        "dataset": {"root": str(Path(cfg.data).resolve()), "fingerprint": train_fp, "val_fingerprint": val_fp},
+        "plan": {"seed": cfg.seed, "image_size": cfg.image_size, "crop": cfg.crop.to_dict(),
+                 "val_crop_fraction": VAL_CROP_FRACTION, "loader": cfg.loader},
+        "codec": cfg.codec, "views": cfg.views, "shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows,
+    }
+
+
+def _quick_fingerprints(root: Path, with_val: bool) -> tuple[str, str | None]:
+    """Dataset fingerprints from a directory scan and file sizes, without opening any image."""
+    out = []
+    for split in ("train", "val"):
+        if split == "val" and not (with_val and (root / "val").is_dir()):
+            out.append(None)
+            continue
+        paths, _ = scan_split(root, split)
+        out.append(fingerprint(paths, [os.stat(root / p).st_size for p in paths]))
+    return out[0], out[1]
+
+
+def _create(cfg: BuildConfig, meta: dict, num_classes: int, progress: bool) -> Store:
+    """Index the dataset, plan every view and write an empty cache."""
+    index = index_dataset(cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress)
+    meta["dataset"].update(num_samples=len(index.train), classes=index.classes,
+                           num_val=len(index.val) if index.val is not None else 0,
+                           fingerprint=index.train.fingerprint,
+                           val_fingerprint=index.val.fingerprint if index.val is not None else None)
+    plans = [plan_view(cfg.seed, k, index.train.sizes, cfg.crop) for k in range(cfg.views)]
+    train = Split(index.train.paths, index.train.labels, index.train.sizes)
+    val = None if index.val is None else Split(index.val.paths, index.val.labels, index.val.sizes)
+    val_boxes = None if index.val is None else center_boxes(index.val.sizes, VAL_CROP_FRACTION)
+    return create_store(cfg.out, meta, train=train, plans=plans, val=val, val_boxes=val_boxes,
+                        num_classes=num_classes)
+
+
+def prepare_store(cfg: BuildConfig, meta: dict, num_classes: int, progress: bool) -> Store:
+    """Open the cache at cfg.out for resuming, or create it; refuse a cache built differently."""
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        if not is_store(out):
+            raise BuildError(f"{out} exists and is not an skd cache: choose another --out or pass --overwrite")
+        store = open_store(out, mode="r+")
+        changed = differences(store.meta, meta)
+        if changed:
+            raise BuildError(f"{out} was built with a different {', '.join(changed)}: pass the same arguments "
+                             "to resume, another --out, or --overwrite to rebuild")
+        return store
+    if out.exists() and cfg.overwrite:
+        shutil.rmtree(out)
+    return _create(cfg, meta, num_classes, progress)
+
+
+class ShardWriter:
+    """Background writer: buffers rows of whole shards, encodes and writes each when full.
+
+    `put` blocks when `depth` batches are waiting, so a slow disk slows the producer instead of
+    filling memory. Errors in the writer surface in the producer's next `put` or in `close`.
+    """
+
+    def __init__(self, store: Store, view: int | None, shards: list[int], rows: int, depth: int = 8):
+        self.store, self.view, self.rows = store, view, rows
+        self.shards = list(shards)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.shards_written = 0
+        self.thread = threading.Thread(target=self._run, daemon=True, name="skd-shard-writer")
+        self.thread.start()
+
+    def put(self, positions: np.ndarray, logits: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((positions, logits))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.shards:
+            raise RuntimeError(f"input ended before shards {self.shards} were full")
+
+    def _run(self) -> None:
+        codec = get_codec(self.store.meta["codec"])
+        buffer: list[np.ndarray] = []
+        filled = 0
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    return
+                positions, logits = item
+                start, stop = self.store.shard_bounds(self.shards[0], self.rows)
+                expected = np.arange(start + filled, start + filled + len(positions))
+                if not np.array_equal(positions, expected[: len(positions)]):
+                    raise RuntimeError(f"rows arrived out of order at position {positions[0]}")
+                buffer.append(logits)
+                filled += len(logits)
+                while self.shards and filled >= stop - start:
+                    rows = np.concatenate(buffer)
+                    need = stop - start
+                    self.store.write_shard(self.view, self.shards[0], codec.encode(rows[:need]))
+                    self.shards.pop(0)
+                    self.shards_written += 1
+                    _fault("after-shard", self.shards_written)
+                    buffer, filled = [rows[need:]], len(rows) - need
+                    if self.shards:
+                        start, stop = self.store.shard_bounds(self.shards[0], self.rows)
+        except BaseException as exc:  # handed to the producer thread
+            self.error = exc
+            while self.queue.get() is not None:
+                pass
+
+
+def _fault(point: str, count: int) -> None:
+    """Fault injection for the resume tests: SKD_FAULT=after-shard:N kills this process (SIGKILL)."""
+    spec = os.environ.get("SKD_FAULT", "")
+    if spec == f"{point}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _positions(store: Store, shards: list[int], rows: int) -> np.ndarray:
+    parts = [np.arange(*store.shard_bounds(j, rows)) for j in shards]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: str, bar) -> int:
+    """Feed every batch of `loader` through the teacher into `writer`; returns images processed."""
+    dtype = AMP_DTYPES[amp]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    done = 0
+    with torch.inference_mode(), autocast:
+        for batch in loader:
+            images = batch.images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            logits = model(images).float().cpu().numpy()
+            writer.put(batch.positions.numpy(), logits)
+            done += len(logits)
+            bar.update(len(logits))
+    return done
+
+
+def build_cache(cfg: BuildConfig, *, progress: bool = False, log=None) -> BuildSummary:
+    """Build (or resume) the cache described by `cfg`; returns what this run did."""
+    log = log or (lambda message: None)
+    try:
+        get_codec(cfg.codec)
+    except ValueError as exc:
+        raise BuildError(f"--codec: {exc}") from None
+    device_kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    d = init_distributed(device_kind)
+    try:
+        return _build(cfg, d, progress=progress and d.main, log=log if d.main else (lambda m: None))
+    finally:
+        shutdown(d)
+
+
+def _build(cfg: BuildConfig, d: Dist, *, progress: bool, log) -> BuildSummary:
+    started = time.perf_counter()
+    device = resolve_device(cfg.device, d)
+    amp = _amp_name(cfg, device)
+    root = Path(cfg.data)
+    teacher = load_teacher(cfg.teacher, cfg.weights)
+    model = teacher.model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    num_classes = output_classes(model, cfg.image_size, device)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    train_fp, val_fp = _quick_fingerprints(root, cfg.val)
+    meta = _identity(cfg, teacher, amp, train_fp, val_fp)
+    meta["teacher"]["num_classes"] = num_classes
+    meta["software"] = _software()
+    if d.main:
+        store = prepare_store(cfg, meta, num_classes, progress)
+    d.barrier()
+    if not d.main:
+        store = open_store(cfg.out, mode="r+")
+
+    samples = store.split("samples")
+    n = store.num_samples
+    rows_written = 0
+    jobs: list[tuple[int | None, str]] = [(k, f"view {k}/{store.num_views}") for k in range(store.num_views)]
+    if store.has_val:
+        jobs.append((None, "val"))
+    for view, label in jobs:
+        if view is None:
+            split = store.split("val")
+            rows, complete = len(split.paths), store.val_complete()
+            order, box, flip = np.arange(rows), store.val_boxes(), np.zeros(rows, np.uint8)
+        else:
+            split, rows, complete = samples, n, store.complete()[view]
+            order, box, flip = store.view_plan(view)
+        shards = [j for j in range(len(complete)) if not complete[j] and j % d.world == d.rank]
+        if not shards:
+            continue
+        positions = _positions(store, shards, rows)
+        ids = order[positions]
+        loader = pipelines.make_loader(
+            cfg.loader, files=[str(root / split.paths[i]) for i in ids], boxes=box[positions],
+            flips=flip[positions], labels=split.labels[ids], positions=positions,
+            image_size=cfg.image_size, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
+        writer = ShardWriter(store, view, shards, rows)
+        with tqdm(total=len(positions), desc=label, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            try:
+                rows_written += run_teacher(model, loader, writer, device, amp, bar)
+            finally:
+                writer.close()
+    d.barrier()
+    seconds = time.perf_counter() - started
+    if d.main:
+        store = open_store(cfg.out, mode="r+")
+        if store.is_complete():
+            store.group.attrs["skd"] = {**store.meta, "complete": True}
+    return summarize(store, rows_written, seconds)
+
+
+def summarize(store: Store, rows_written: int, seconds: float) -> BuildSummary:
+    total = store.num_views * store.num_samples + store.num_val
+    logit_bytes = sum(f.stat().st_size for name in ("views", "val") if (store.path / name).is_dir()
+                      for f in (store.path / name).rglob("*") if f.is_file()
+                      and any(part in ("logits", "scale", "offset") for part in f.relative_to(store.path).parts))
+    return BuildSummary(views=store.num_views, rows_written=rows_written, rows_total=total,
+                        bytes_on_disk=store.bytes_on_disk(), bytes_per_row=logit_bytes / max(1, total),
+                        seconds=seconds, images_per_sec=rows_written / max(seconds, 1e-9))
+
+
+def summary_lines(s: BuildSummary) -> list[str]:
+    return [f"views {s.views}, rows {s.rows_total:,} ({s.rows_written:,} written now)",
+            f"on disk {s.bytes_on_disk / 2**20:,.1f} MiB, {s.bytes_per_row:,.0f} B per row of logits",
+            f"time {s.seconds:,.1f} s, {s.images_per_sec:,.1f} images/s"]
+

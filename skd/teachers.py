@@ -1,0 +1,140 @@
+"""Teacher and student models: by torchvision name, `timm:NAME`, or `py:module:callable`.
+
+Weights are only ever loaded with `weights_only=True`. Nothing is downloaded: torchvision's
+default weights must already sit in the torch hub cache, and the error says where.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A model or weights problem caused by the user's arguments: one line naming what to fix."""
+
+
+@dataclass
+class Teacher:
+    """A loaded model and what the cache records about it."""
+
+    model: nn.Module
+    name: str
+    weights: str  # a path, "torchvision-default", "none" or "py"
+    weights_sha256: str | None
+
+
+def alias(name: str) -> str:
+    """Short cache name of a model: resnet152 -> r152, timm:vit_base -> vit_base."""
+    name = name.split(":")[-1]
+    name = re.sub(r"^resnet(\d+)$", r"r\1", name)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def create_model(name: str, num_classes: int | None = None) -> nn.Module:
+    """An untrained model: a torchvision classification name, `timm:NAME` or `py:module:callable`."""
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if name.startswith("py:"):
+        try:
+            _, module_name, attr = name.split(":", 2)
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ValueError, ImportError, AttributeError) as exc:
+            raise ModelError(f"cannot load {name!r} ({exc}): use py:package.module:callable") from None
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ModelError(f"{name} needs timm: pip install 'skd[timm]'") from None
+        try:
+            return timm.create_model(name[5:], pretrained=False, **kwargs)
+        except RuntimeError as exc:
+            raise ModelError(f"timm has no model {name[5:]!r} ({exc})") from None
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelError(f"unknown model {name!r}: use a torchvision classification model name "
+                         "(resnet152, resnet50, ...), timm:NAME or py:module:callable")
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state_dict from a file: plain, or under 'state_dict'/'model'; `module.` prefixes stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"refusing to load {path}: not a plain tensor checkpoint ({first[:200]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path} holds no state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _torchvision_default_file(name: str) -> Path:
+    """Where torch.hub keeps torchvision's default pretrained weights for `name`."""
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError):
+        raise ModelError(f"torchvision has no pretrained weights for {name}: pass --weights FILE") from None
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    file = folder / Path(weights.url).name
+    if not file.is_file():
+        raise ModelError(f"pretrained weights for {name} not found: put {Path(weights.url).name} "
+                         f"(from {weights.url}) in {folder}, or pass --weights FILE")
+    return file
+
+
+def load_teacher(name: str, weights: str | None = None) -> Teacher:
+    """The teacher in eval mode with its weights; `weights` is a file, 'none', or None for the default."""
+    if weights == "none" or name.startswith("py:") and weights is None:
+        model = create_model(name)
+        return Teacher(model.eval(), name, "none" if weights == "none" else "py", None)
+    if weights is None:
+        if name.startswith("timm:"):
+            raise ModelError(f"{name}: pass --weights FILE (timm weights are not downloaded)")
+        file = _torchvision_default_file(name)
+        label = "torchvision-default"
+    else:
+        file, label = Path(weights), str(Path(weights).resolve())
+    state = read_state_dict(file)
+    num_classes = _classes_in(state)
+    model = create_model(name, None if name.startswith("py:") else num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{file} does not fit {name}: {str(exc).splitlines()[0]}") from None
+    return Teacher(model.eval(), name, label, file_sha256(file))
+
+
+def _classes_in(state: dict) -> int | None:
+    """Number of classes of a classifier state_dict: the rows of its last 2-D weight."""
+    last = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    return int(last[-1].shape[0]) if last else None
+
+
+@torch.inference_mode()
+def output_classes(model: nn.Module, image_size: int, device: torch.device) -> int:
+    """Number of logits the model produces, from one forward pass on a blank image."""
+    out = model(torch.zeros(1, 3, image_size, image_size, device=device))
+    return int(out.shape[-1])
