@@ -23,7 +23,9 @@ def user_errors(fn):
         from .index import DatasetError
         from .store import StoreError
         from .teachers import ModelError
-        known = (BuildError, DatasetError, StoreError, ModelError, LoaderUnavailable, click.UsageError)
+        from .train import TrainError
+        known = (BuildError, DatasetError, StoreError, ModelError, TrainError, LoaderUnavailable,
+                 click.UsageError)
         try:
             return fn(*args, **kwargs)
         except known as exc:
@@ -78,8 +80,10 @@ def build(teacher, weights, data, out, views, image_size, batch_size, codec, amp
     from .build import BuildConfig, build_cache, summary_lines
     from .teachers import alias
 
-    if chunk_rows > shard_rows:
-        chunk_rows = shard_rows
+    chunk_rows = min(chunk_rows, shard_rows)
+    if shard_rows % chunk_rows:
+        raise click.BadParameter(f"{shard_rows} is not a multiple of --chunk-size {chunk_rows}",
+                                 param_hint="--shard-size")
     cfg = BuildConfig(teacher=teacher, weights=weights, data=data_root(data), out=out or Path("cache") / alias(teacher),
                       views=views, image_size=image_size, batch_size=batch_size, codec=codec, amp=amp,
                       device=device, loader=loader, seed=seed, workers=workers, shard_rows=shard_rows,
@@ -91,8 +95,103 @@ def build(teacher, weights, data, out, views, image_size, batch_size, codec, amp
             click.echo(f"  {line}")
 
 
+def _multiplier(value: str) -> str:
+    if value != "auto":
+        try:
+            float(value)
+        except ValueError:
+            raise click.BadParameter("a number or 'auto'") from None
+    return value
+
+
+def _alpha(value: str) -> str:
+    if value != "seed":
+        try:
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter("a number in [0, 1] or 'seed'") from None
+    return value
+
+
+def _milestones(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("comma-separated epochs, e.g. 30,60,80,90") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="cache folder written by skd-cache build")
+@click.option("--teacher", help="online mode (no cache): run this teacher in the loop")
+@click.option("--weights", help="teacher weights for online mode (as in skd-cache build)")
+@click.option("--data", help="dataset root; default: the cache's recorded root, or $SKD_DATA")
+@click.option("--arch", default="resnet18", show_default=True, help="student: torchvision name, timm:NAME or py:module:callable")
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="global batch over all processes")
+@click.option("--lr", default=0.1, show_default=True, type=float, help="learning rate per 256 images")
+@click.option("--momentum", default=0.9, show_default=True, type=float)
+@click.option("--weight-decay", default=1e-4, show_default=True, type=float)
+@click.option("--schedule", default="step", show_default=True, type=click.Choice(["step", "cosine"]))
+@click.option("--milestones", callback=lambda c, p, v: _milestones(v), help="epochs where lr drops /10; default 30%,60%,80%,90% of --epochs")
+@click.option("--warmup-epochs", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--kd", default="skd", show_default=True, type=click.Choice(["skd", "hinton", "none"]))
+@click.option("--temperature", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--multiplier", default="2", show_default=True, callback=lambda c, p, v: _multiplier(v),
+              help="SKD logit multiplier, or 'auto' = mean per-sample std of the cached teacher logits")
+@click.option("--alpha", default="seed", show_default=True, callback=lambda c, p, v: _alpha(v),
+              help="KD weight, or 'seed' = 0.9/0.5/0.1 at 0%/60%/80% of training")
+@click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--loader", default="dali", show_default=True, type=click.Choice(["dali", "torchvision"]))
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=0))
+@click.option("--out", type=click.Path(path_type=Path), help="run folder; default runs/<cache name>-<arch>")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the student's initialisation")
+@click.option("--tensorboard", is_flag=True, help="also write TensorBoard scalars to <out>/tensorboard")
+@click.option("--no-val", is_flag=True, help="skip validation after each epoch")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), help="stop each epoch after this many steps")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8), help="online mode: plan option")
+@click.option("--views", default=10, show_default=True, type=click.IntRange(min=1), help="online mode: plan option")
+@click.option("--plan-seed", default=0, show_default=True, type=int, help="online mode: the --seed of skd-cache build")
+@user_errors
+def train(cache_dir, teacher, weights, data, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
+          milestones, warmup_epochs, kd, temperature, multiplier, alpha, amp, device, loader, workers, out, resume,
+          seed, tensorboard, no_val, steps_per_epoch, image_size, views, plan_seed):
+    """Train a student from cached teacher logits with the spherical KD loss (or online with --teacher)."""
+    from .teachers import alias
+    from .train import TrainConfig, train as run
+
+    if cache_dir is None and teacher is None:
+        raise click.UsageError("pass --cache DIR (or --teacher NAME --data ROOT for online distillation)")
+    if cache_dir is not None and teacher is not None:
+        raise click.UsageError("--cache and --teacher exclude each other: the cache already holds the teacher")
+    if teacher is not None:
+        data = data_root(data)
+    name = Path(cache_dir).name if cache_dir is not None else f"online-{alias(teacher)}"
+    cfg = TrainConfig(cache=cache_dir, teacher=teacher, weights=weights, data=Path(data) if data else None,
+                      arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, schedule=schedule, milestones=milestones,
+                      warmup_epochs=warmup_epochs, kd=kd, temperature=temperature, multiplier=multiplier,
+                      alpha=alpha, amp=amp, device=device, loader=loader, workers=workers,
+                      out=out or Path("runs") / f"{name}-{alias(arch)}", resume=resume, seed=seed,
+                      tensorboard=tensorboard, val=not no_val, steps_per_epoch=steps_per_epoch,
+                      image_size=image_size, views=views, plan_seed=plan_seed)
+    metrics = run(cfg, progress=True, log=lambda m: click.echo(m, err=True))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"run {cfg.out}: student.pth, metrics.jsonl")
+        shown = {k: v for k, v in metrics.items() if k.startswith(("val_", "train_loss"))}
+        click.echo("  " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+
+
 def main_cache():
     cache(prog_name="skd-cache")
+
+
+def main_train():
+    train(prog_name="skd-train")
 
 
 if __name__ == "__main__":

@@ -157,8 +157,9 @@ def check_relative_path(path: str, cache: Path) -> None:
 def _create(group: zarr.Group, name: str, data=None, *, shape=None, dtype=None, chunks, shards=None,
             compress=True) -> zarr.Array:
     text = data is not None and data.dtype.kind in "UTO"
-    arr = group.create_array(name, shape=shape if data is None else data.shape,
-                             dtype=dtype if data is None else data.dtype, chunks=chunks, shards=shards,
+    if data is not None:
+        shape, dtype = data.shape, (str if text else data.dtype)
+    arr = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
                              compressors=_zstd() if compress else None, fill_value=None if text else 0,
                              overwrite=True)
     if data is not None:
@@ -169,7 +170,7 @@ def _create(group: zarr.Group, name: str, data=None, *, shape=None, dtype=None, 
 def _write_split(group: zarr.Group, name: str, split: Split, chunk: int) -> None:
     n = len(split.paths)
     c = max(1, min(chunk * 64, n))
-    _create(group, f"{name}/path", np.array(split.paths, dtype=str), chunks=(c,))
+    _create(group, f"{name}/path", np.array(split.paths, dtype=object), chunks=(c,))
     _create(group, f"{name}/label", np.asarray(split.labels, np.int32), chunks=(c,))
     _create(group, f"{name}/size", np.asarray(split.sizes, np.int32), chunks=(c, 2))
 
@@ -178,8 +179,7 @@ def _logit_arrays(group: zarr.Group, prefix: str, lead: tuple, rows: int, classe
                   shard_rows: int, chunk_rows: int) -> None:
     """Create logits (+ scale/offset) of shape lead + (rows, C), sharded along rows, and `complete`."""
     ones = (1,) * len(lead)
-    shard = min(shard_rows, rows)
-    chunk = min(chunk_rows, shard)
+    shard, chunk = shard_rows, chunk_rows  # a shard may overhang the array's end; zarr trims it
     _create(group, f"{prefix}/logits", shape=lead + (rows, classes), dtype=codec.dtype,
             chunks=ones + (chunk, classes), shards=ones + (shard, classes))
     if codec.affine:
@@ -200,6 +200,8 @@ def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Spli
     shard_rows, chunk_rows = int(meta["shard_rows"]), int(meta["chunk_rows"])
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     n, k = len(train.paths), len(plans)
+    if shard_rows % chunk_rows:
+        raise ValueError(f"shard rows {shard_rows} must be a multiple of chunk rows {chunk_rows}")
     _write_split(group, "samples", train, chunk_rows)
     shard = min(shard_rows, n)
     order = np.stack([p.order for p in plans]).astype(np.int32)

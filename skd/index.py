@@ -1,0 +1,249 @@
+"""The dataset index: which images an ImageFolder holds, their labels, decoded sizes and file sizes.
+
+The index is what the cache is keyed by. Its order is torchvision ImageFolder's (class folders
+sorted by name, files sorted within each class), so sample ids mean the same thing everywhere.
+Image sizes come from header-only reads (no pixel decode): the augmentation plan needs every
+image's (height, width) up front, and a full decode of 1.28 M ImageNet images would take hours.
+Sizes are in the frame the decoders deliver after EXIF rotation, as DALI does by default.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+_ORIENTATION = 0x0112  # EXIF/TIFF orientation tag; values 5-8 turn the image by 90 degrees
+_CHUNK = 256  # images per thread-pool task: keeps the number of futures small for 1.28 M files
+_NAMED_ERRORS = 5  # unreadable files named in the error message; the rest are counted
+_LAYOUT = "train/<class>/<images>"
+
+
+class DatasetError(ValueError):
+    """A user mistake in the dataset: str(e) is one line naming the path and what to do."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of the dataset, in sorted ImageFolder order."""
+
+    name: str  # "train" or "val"
+    paths: list[str]  # POSIX paths relative to the dataset root, e.g. "train/n01440764/a.JPEG"
+    labels: np.ndarray  # (N,) int64 index into DatasetIndex.classes
+    sizes: np.ndarray  # (N, 2) int32 (height, width) of the decoded frame after EXIF rotation
+    file_bytes: np.ndarray  # (N,) int64 file sizes
+    fingerprint: str  # sha256 hex of the relative paths and file sizes, see fingerprint()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """An indexed ImageFolder: ROOT/train/<class>/<images> and optionally ROOT/val/<class>/<images>."""
+
+    root: Path  # absolute
+    classes: list[str]  # sorted class folder names of train/
+    train: Split
+    val: Split | None  # None when ROOT/val is absent or not requested
+
+
+def index_dataset(root, *, with_val: bool = True, workers: int = 16,
+                  progress: bool = False) -> DatasetIndex:
+    """Scan ROOT/train (and ROOT/val when present and `with_val`) and read every image's header."""
+    root = Path(os.path.abspath(os.path.expanduser(root)))
+    classes = _class_folders(root, "train")
+    splits = [("train", *scan_split(root, "train", classes))]
+    if with_val and (root / "val").is_dir():
+        splits.append(("val", *scan_split(root, "val", classes)))
+    all_paths = [p for _, paths, _ in splits for p in paths]
+    sizes, file_bytes = _read_headers(root, all_paths, workers=workers, progress=progress,
+                                      desc="image headers")
+    built, start = {}, 0
+    for name, paths, labels in splits:
+        stop = start + len(paths)
+        built[name] = Split(name=name, paths=paths, labels=labels, sizes=sizes[start:stop],
+                            file_bytes=file_bytes[start:stop],
+                            fingerprint=fingerprint(paths, file_bytes[start:stop]))
+        start = stop
+    return DatasetIndex(root=root, classes=classes, train=built["train"], val=built.get("val"))
+
+
+def scan_split(root: Path, split: str, classes: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Paths (relative to `root`, sorted ImageFolder order) and int64 labels of ROOT/<split>, no image reads.
+
+    With `classes` None the class list is the split's own sorted folder names; otherwise labels index
+    into `classes` (the val split uses the train classes) and a folder outside it is an error.
+    """
+    root = Path(root)
+    folders = _class_folders(root, split)
+    if classes is None:
+        classes = folders
+    label_of = {name: i for i, name in enumerate(classes)}
+    paths: list[str] = []
+    labels: list[np.ndarray] = []
+    for name in folders:
+        class_dir = root / split / name
+        if name not in label_of:
+            raise DatasetError(
+                f"{split} class folder {class_dir} is not one of the {len(classes)} class folders of "
+                f"train/: rename it to a train class or remove it")
+        files = _class_files(class_dir, f"{split}/{name}")
+        if not files:
+            raise DatasetError(
+                f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                f"add its images or remove the folder")
+        paths.extend(files)
+        labels.append(np.full(len(files), label_of[name], np.int64))
+    return paths, np.concatenate(labels)
+
+
+def read_sizes(root: Path, paths: list[str], *, workers: int = 16, progress: bool = False,
+               desc: str = "sizes") -> np.ndarray:
+    """(N, 2) int32 (height, width) of ROOT/<path> for each path, in input order, from headers only.
+
+    Reads run in `workers` threads (they wait on storage, not on the CPU). Every unreadable file is
+    collected and reported in one DatasetError, so one pass over the dataset finds all of them.
+    """
+    return _read_headers(Path(root), paths, workers=workers, progress=progress, desc=desc)[0]
+
+
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of the decoded frame, from the image header; EXIF orientations 5-8 swap them."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if _orientation(image) in (5, 6, 7, 8):
+            width, height = height, width
+    return height, width
+
+
+def fingerprint(paths: list[str], file_bytes) -> str:
+    """sha256 hex over "path<TAB>size<NEWLINE>" lines: changes when a file is added, removed, renamed or
+    resized, not when it is only touched or copied elsewhere."""
+    sizes = np.asarray(file_bytes, np.int64).tolist()
+    if len(sizes) != len(paths):
+        raise ValueError(f"fingerprint needs one file size per path: {len(sizes)} sizes, {len(paths)} paths")
+    text = "".join(f"{path}\t{size}\n" for path, size in zip(paths, sizes))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _class_folders(root: Path, split: str) -> list[str]:
+    """Sorted names of the non-hidden folders in ROOT/<split>, with a DatasetError when there are none."""
+    if not root.is_dir():
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"dataset root {root} {problem}: pass --data ROOT pointing at a folder "
+                           f"with {_LAYOUT}")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DatasetError(f"{split_dir} does not exist: the dataset root {root} needs a {split}/ folder "
+                           f"laid out as {split}/<class>/<images>")
+    with os.scandir(split_dir) as scan:
+        entries = [e for e in scan if not e.name.startswith(".")]
+    folders = sorted(e.name for e in entries if e.is_dir())
+    if folders:
+        return folders
+    loose = sum(1 for e in entries if _is_image_name(e.name))
+    if loose:
+        hint = ""
+        if split == "val":
+            hint = " (ImageNet's val images must be sorted into class folders, e.g. with valprep.sh)"
+        raise DatasetError(f"{split_dir} holds {loose} image files but no class folders: move them into "
+                           f"{split_dir}/<class>/{hint}")
+    if split == "train":
+        raise DatasetError(f"{split_dir} has no class folders: put each class's images in "
+                           f"{split_dir}/<class>/")
+    raise DatasetError(f"{split_dir} has no images: add {split_dir}/<class>/<images> or remove the folder")
+
+
+def _class_files(class_dir: Path, prefix: str) -> list[str]:
+    """Image paths under `class_dir` (recursively, torchvision order), as `prefix`/<relative path>."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        names = sorted(n for n in filenames if _is_image_name(n))
+        if names:
+            found.append((dirpath, names))
+    base = len(str(class_dir))
+    paths = []
+    for dirpath, names in sorted(found):
+        sub = prefix + dirpath[base:].replace(os.sep, "/")
+        paths.extend(f"{sub}/{name}" for name in names)
+    return paths
+
+
+def _is_image_name(name: str) -> bool:
+    """True for a non-hidden file name with an image extension (any case)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 when absent or unparseable), read without decoding pixels.
+
+    Not Image.getexif(): for PNG without an eXIf chunk before the pixel data it decodes the image.
+    """
+    tags = getattr(image, "tag_v2", None)  # TIFF keeps the tag in the image's own directory
+    if tags is not None:
+        return tags.get(_ORIENTATION, 1)
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except Exception:  # PIL raises SyntaxError, struct.error, ValueError... on corrupt EXIF
+        return 1
+    return exif.get(_ORIENTATION, 1)
+
+
+def _reason(exc: Exception) -> str:
+    """PIL's or the OS's reason for a failed read, on one line and without the file name."""
+    if isinstance(exc, UnidentifiedImageError):
+        text = "cannot identify image file"
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _read_headers(root: Path, paths: list[str], *, workers: int, progress: bool,
+                  desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) int32 decoded sizes and (N,) int64 file sizes of ROOT/<path>, in input order."""
+    count = len(paths)
+    sizes = np.zeros((count, 2), np.int32)
+    file_bytes = np.zeros(count, np.int64)
+    bad: list[tuple[int, str]] = []
+
+    def read_chunk(start: int) -> int:
+        stop = min(start + _CHUNK, count)
+        for i in range(start, stop):
+            path = os.path.join(root, paths[i])
+            try:
+                sizes[i] = image_size(path)
+                file_bytes[i] = os.stat(path).st_size
+            except Exception as exc:  # any failure is this file's problem: collect, report all at once
+                bad.append((i, _reason(exc)))
+        return stop - start
+
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        futures = [pool.submit(read_chunk, start) for start in range(0, count, _CHUNK)]
+        with tqdm(total=count, desc=desc, unit="img", disable=not progress) as bar:
+            for future in as_completed(futures):
+                bar.update(future.result())
+    finally:
+        pool.shutdown(cancel_futures=True)  # on Ctrl-C, drop the queued chunks instead of reading them
+    if bad:
+        bad.sort()
+        named = "; ".join(f"{os.path.join(root, paths[i])} ({reason})" for i, reason in bad[:_NAMED_ERRORS])
+        more = f"; and {len(bad) - _NAMED_ERRORS} more" if len(bad) > _NAMED_ERRORS else ""
+        raise DatasetError(f"{len(bad)} of {count} image files under {root} cannot be read: {named}{more}: "
+                           f"replace or delete them and index again")
+    return sizes, file_bytes

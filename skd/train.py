@@ -1,0 +1,431 @@
+"""Stage two: train a student on the recorded views with the SKD loss, teacher logits from the cache.
+
+The same loop runs online (`--teacher`, no cache): the teacher then runs in the loop on exactly
+the views a cache built with the same plan options holds. That is the comparison the product's
+central claim rests on: same views, same losses, the teacher's forward pass gone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+import pipelines
+
+from .build import AMP_DTYPES, VAL_CROP_FRACTION, _quick_fingerprints
+from .codecs import Codec
+from .distributed import Dist, init_distributed, resolve_device, shutdown
+from .index import index_dataset
+from .loss import KDLoss, hard_label_loss, hinton_kd_loss, seed_alpha, spherical_kd_loss
+from .plan import CropParams, center_boxes, plan_view
+from .store import RowReader, Store, open_store
+from .teachers import create_model, load_teacher, output_classes
+
+CHECKPOINT = "checkpoint.pth"
+AUTO_MULTIPLIER_ROWS = 65536
+
+
+class TrainError(ValueError):
+    """Training cannot go ahead as asked: one line saying what to change."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything `skd-train` takes."""
+
+    cache: Path | None = None
+    teacher: str | None = None  # online mode: run this teacher in the loop
+    weights: str | None = None
+    data: Path | None = None
+    arch: str = "resnet18"
+    epochs: int = 100
+    batch_size: int = 256  # global, over all ranks
+    lr: float = 0.1  # per 256 images
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    milestones: list[int] | None = None  # default: 30%, 60%, 80%, 90% of the epochs
+    warmup_epochs: float = 0.0
+    kd: str = "skd"
+    temperature: float = 4.0
+    multiplier: str = "2"  # a number or "auto"
+    alpha: str = "seed"  # a number or "seed"
+    amp: str = "auto"
+    device: str = "auto"
+    loader: str = "dali"
+    workers: int = 8
+    out: Path | None = None
+    resume: bool = False
+    seed: int = 0
+    tensorboard: bool = False
+    val: bool = True
+    steps_per_epoch: int | None = None  # cap on steps per epoch (benchmarks, smoke runs)
+    # plan options of online mode (a cache carries its own)
+    image_size: int = 224
+    views: int = 10
+    plan_seed: int = 0
+    crop: CropParams = field(default_factory=CropParams)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where views and teacher logits come from
+
+
+@dataclass
+class Views:
+    """The recorded views a run replays, and the validation split, in one form for both modes."""
+
+    root: Path
+    paths: list[str]
+    labels: np.ndarray
+    num_views: int
+    num_classes: int
+    image_size: int
+    plan: callable  # view -> (order, box, flip)
+    val_paths: list[str] | None
+    val_labels: np.ndarray | None
+    val_boxes: np.ndarray | None
+    fingerprint: str
+    loader: str
+
+
+def cached_views(store: Store, data: Path | None) -> Views:
+    """Views recorded in a cache; `data` overrides the recorded dataset root (a moved dataset)."""
+    meta = store.meta
+    if not store.is_complete():
+        done, total = int(store.complete().sum()), store.complete().size
+        raise TrainError(f"cache {store.path} is unfinished ({done} of {total} shards): "
+                         "rerun its `skd-cache build` command to complete it")
+    root = Path(data or meta["dataset"]["root"])
+    if not (root / "train").is_dir():
+        raise TrainError(f"dataset {root} has no train/ folder: pass --data ROOT where the cache's images live")
+    train_fp, val_fp = _quick_fingerprints(root, with_val=store.has_val)
+    if train_fp != meta["dataset"]["fingerprint"]:
+        raise TrainError(f"the images under {root}/train differ from those cache {store.path} was built on "
+                         "(file list or sizes): pass the right --data or rebuild the cache")
+    if store.has_val and val_fp != meta["dataset"]["val_fingerprint"]:
+        raise TrainError(f"the images under {root}/val differ from those cache {store.path} was built on")
+    samples = store.split("samples")
+    val = store.split("val") if store.has_val else None
+    return Views(root=root, paths=samples.paths, labels=samples.labels, num_views=store.num_views,
+                 num_classes=store.num_classes, image_size=int(meta["plan"]["image_size"]),
+                 plan=store.view_plan, val_paths=val.paths if val else None,
+                 val_labels=val.labels if val else None, val_boxes=store.val_boxes() if val else None,
+                 fingerprint=meta["dataset"]["fingerprint"], loader=meta["plan"]["loader"])
+
+
+def online_views(cfg: TrainConfig, num_classes: int) -> Views:
+    """Views planned exactly as `skd-cache build` plans them, for the teacher-in-the-loop run."""
+    index = index_dataset(cfg.data, with_val=cfg.val, workers=max(4, cfg.workers))
+    sizes = index.train.sizes
+    val = index.val
+    return Views(root=index.root, paths=index.train.paths, labels=index.train.labels, num_views=cfg.views,
+                 num_classes=num_classes, image_size=cfg.image_size,
+                 plan=lambda k: tuple(asdict(plan_view(cfg.plan_seed, k, sizes, cfg.crop)).values()),
+                 val_paths=val.paths if val else None, val_labels=val.labels if val else None,
+                 val_boxes=center_boxes(val.sizes, VAL_CROP_FRACTION) if val else None,
+                 fingerprint=index.train.fingerprint, loader=cfg.loader)
+
+
+def cached_teacher_batches(store: Store, view: int | None, start: int, stop: int, batch_size: int,
+                           device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first position, float32 logits on `device`) per batch, read ahead and decoded on the device."""
+    codec: Codec = store.codec
+    pin = device.type == "cuda"
+    for first, enc in RowReader(store, view, start, stop).batches(batch_size):
+        parts = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in enc]
+        if pin:
+            parts = [None if t is None else t.pin_memory() for t in parts]
+        parts = [None if t is None else t.to(device, non_blocking=True) for t in parts]
+        yield first, codec.decode_torch(*parts)
+
+
+def auto_multiplier(store: Store) -> float:
+    """Mean per-sample standard deviation of the cached teacher logits (SKD's advice for m)."""
+    rows = min(store.num_samples, AUTO_MULTIPLIER_ROWS)
+    logits = torch.from_numpy(store.read_logits(0, 0, rows))
+    return float(logits.std(dim=1).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+
+
+def default_milestones(epochs: int) -> list[int]:
+    """The seed recipe's 30/60/80/90 of 100 epochs, scaled to `epochs`."""
+    return sorted({max(1, round(epochs * f)) for f in (0.3, 0.6, 0.8, 0.9)})
+
+
+def learning_rate(cfg: TrainConfig, base_lr: float, epoch_float: float) -> float:
+    """Learning rate at a fractional epoch: linear warm-up, then step (/10 at milestones) or cosine."""
+    if cfg.warmup_epochs > 0 and epoch_float < cfg.warmup_epochs:
+        return base_lr * epoch_float / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        span = max(1e-9, cfg.epochs - cfg.warmup_epochs)
+        return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch_float - cfg.warmup_epochs) / span))
+    milestones = cfg.milestones or default_milestones(cfg.epochs)
+    return base_lr * 0.1 ** sum(epoch_float >= m for m in milestones)
+
+
+def alpha_at(cfg: TrainConfig, epoch: int) -> float:
+    return seed_alpha(epoch, cfg.epochs) if cfg.alpha == "seed" else float(cfg.alpha)
+
+
+def kd_loss(cfg: TrainConfig, multiplier: float, epoch: int):
+    """The loss function of this epoch: (student, teacher, target) -> KDLoss."""
+    alpha = alpha_at(cfg, epoch)
+    if cfg.kd == "skd":
+        return lambda s, t, y: spherical_kd_loss(s, t, y, temperature=cfg.temperature, multiplier=multiplier,
+                                                 alpha=alpha)
+    if cfg.kd == "hinton":
+        return lambda s, t, y: hinton_kd_loss(s, t, y, temperature=cfg.temperature, alpha=alpha)
+    return lambda s, t, y: hard_label_loss(s, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fault(point: str, count: int) -> None:
+    """Fault injection for the resume tests: SKD_FAULT=after-epoch:N kills this process (SIGKILL)."""
+    if os.environ.get("SKD_FAULT", "") == f"{point}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rank_range(n: int, d: Dist) -> tuple[int, int]:
+    """This rank's contiguous part of a view's positions; equal parts so all ranks take equal steps."""
+    per = n // d.world
+    return d.rank * per, (d.rank + 1) * per
+
+
+def train(cfg: TrainConfig, *, progress: bool = False, log=None) -> dict:
+    """Run (or resume) training; returns the last epoch's metrics."""
+    kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    d = init_distributed(kind)
+    try:
+        return _train(cfg, d, progress=progress and d.main, log=(log or (lambda m: None)) if d.main else (lambda m: None))
+    finally:
+        shutdown(d)
+
+
+def _setup(cfg: TrainConfig, device: torch.device):
+    """(views, store or None, teacher model or None, multiplier, cache identity) for this run."""
+    if cfg.cache is not None:
+        store = open_store(cfg.cache)
+        views = cached_views(store, cfg.data)
+        multiplier = auto_multiplier(store) if cfg.multiplier == "auto" else float(cfg.multiplier)
+        identity = {"cache": str(Path(cfg.cache).resolve()), "fingerprint": views.fingerprint,
+                    "teacher": store.meta["teacher"]["weights_sha256"], "views": store.num_views}
+        return views, store, None, multiplier, identity
+    if cfg.teacher is None or cfg.data is None:
+        raise TrainError("pass --cache DIR, or --teacher NAME with --data ROOT for online distillation")
+    if cfg.multiplier == "auto":
+        raise TrainError("--multiplier auto reads the cache's logits: pass a number in online mode")
+    teacher = load_teacher(cfg.teacher, cfg.weights)
+    model = teacher.model.to(device)
+    num_classes = output_classes(model, cfg.image_size, device)
+    views = online_views(cfg, num_classes)
+    identity = {"online": cfg.teacher, "fingerprint": views.fingerprint, "teacher": teacher.weights_sha256,
+                "views": cfg.views}
+    return views, None, model, float(cfg.multiplier), identity
+
+
+def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log) -> dict:
+    device = resolve_device(cfg.device, d)
+    amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
+    amp_dtype = AMP_DTYPES[amp]
+    out = Path(cfg.out)
+    views, store, teacher, multiplier, identity = _setup(cfg, device)
+
+    torch.manual_seed(cfg.seed)
+    student = create_model(cfg.arch, num_classes=views.num_classes).to(device)
+    got = output_classes(student.eval(), views.image_size, device)
+    if got != views.num_classes:
+        raise TrainError(f"student {cfg.arch} has {got} outputs, the teacher {views.num_classes}: "
+                         "use a student with as many classes")
+    if device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+    base_lr = cfg.lr * cfg.batch_size / 256
+    optimizer = torch.optim.SGD(student.parameters(), lr=base_lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    first_epoch = 0
+    history: list[dict] = []
+    if cfg.resume and (out / CHECKPOINT).is_file():
+        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+        if ckpt["identity"] != identity:
+            raise TrainError(f"{out / CHECKPOINT} belongs to a run on {ckpt['identity'].get('cache') or ckpt['identity'].get('online')}: "
+                             "resume with the same cache or choose another --out")
+        student.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        first_epoch = int(ckpt["epoch"]) + 1
+        history = [json.loads(line) for line in ckpt["metrics"]]
+        log(f"resuming {out} at epoch {first_epoch}")
+    elif cfg.resume:
+        log(f"no checkpoint in {out}: starting a new run")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+    model = nn.parallel.DistributedDataParallel(student) if d.world > 1 else student
+
+    writer = None
+    if cfg.tensorboard and d.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+    if cfg.epochs > views.num_views:
+        log(f"{cfg.epochs} epochs over {views.num_views} cached views: views are reused from epoch "
+            f"{views.num_views} on (epoch e uses view e mod {views.num_views})")
+    local_batch = max(1, cfg.batch_size // d.world)
+    n = len(views.paths)
+    start, stop = rank_range(n, d)
+    metrics: dict = history[-1] if history else {}
+    for epoch in range(first_epoch, cfg.epochs):
+        view = epoch % views.num_views
+        order, box, flip = views.plan(view)
+        positions = np.arange(start, stop)
+        ids = order[positions]
+        loader = pipelines.make_loader(
+            cfg.loader, files=[str(views.root / views.paths[i]) for i in ids], boxes=box[positions],
+            flips=flip[positions], labels=views.labels[ids], positions=positions, image_size=views.image_size,
+            batch_size=local_batch, workers=cfg.workers, device=device)
+        teacher_batches = (cached_teacher_batches(store, view, start, stop, local_batch, device)
+                           if store is not None and cfg.kd != "none" else None)
+        loss_fn = kd_loss(cfg, multiplier, epoch)
+        steps_total = len(loader) if cfg.steps_per_epoch is None else min(len(loader), cfg.steps_per_epoch)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, kd, ce (sample-weighted)
+        seen = 0
+        model.train()
+        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        epoch_start = time.perf_counter()
+        bar = tqdm(total=steps_total * local_batch * d.world, desc=f"epoch {epoch}", unit="img",
+                   disable=not progress, dynamic_ncols=True)
+        for step, batch in enumerate(loader):
+            if step >= steps_total:
+                break
+            lr = learning_rate(cfg, base_lr, epoch + step / steps_total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = batch.images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            target = batch.labels.to(device, non_blocking=True)
+            if teacher_batches is not None:
+                first, teacher_logits = next(teacher_batches)
+                if first != int(batch.positions[0]) or len(teacher_logits) != len(target):
+                    raise RuntimeError(f"logits at position {first} do not match images at {int(batch.positions[0])}")
+            elif teacher is not None and cfg.kd != "none":
+                with torch.inference_mode(), autocast:
+                    teacher_logits = teacher(images).float()
+                teacher_logits = teacher_logits.clone()
+            else:
+                teacher_logits = None
+            with autocast:
+                student_logits = model(images)
+            parts: KDLoss = loss_fn(student_logits, teacher_logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(parts.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            b = len(target)
+            sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double() * b
+            seen += b
+            bar.update(b * d.world)
+            if progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{parts.loss.item():.4f}", lr=f"{lr:.4g}")
+        bar.close()
+        if teacher_batches is not None:
+            teacher_batches.close()
+        train_seconds = time.perf_counter() - epoch_start
+        totals = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=device)])
+        if d.world > 1:
+            dist.all_reduce(totals)
+        metrics = {"epoch": epoch, "view": view, "train_loss": float(totals[0] / totals[3]),
+                   "kd_loss": float(totals[1] / totals[3]), "ce_loss": float(totals[2] / totals[3]),
+                   "images_per_sec": float(totals[3]) / train_seconds, "lr": lr, "alpha": alpha_at(cfg, epoch),
+                   "multiplier": multiplier}
+        if cfg.val and views.val_paths is not None:
+            metrics.update(evaluate(student, views, store, cfg, d, device, autocast))
+        history.append(metrics)
+        if d.main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if writer is not None:
+                for key, value in metrics.items():
+                    writer.add_scalar(key, value, epoch)
+            _save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scaler": scaler.state_dict(), "epoch": epoch, "identity": identity,
+                          "args": {k: str(v) for k, v in asdict(cfg).items()},
+                          "metrics": [json.dumps(m) for m in history]}, out / CHECKPOINT)
+            log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        d.barrier()
+        _fault("after-epoch", epoch)
+    if d.main:
+        _save_atomic(student.state_dict(), out / "student.pth")
+        if writer is not None:
+            writer.close()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, views: Views, store: Store | None, cfg: TrainConfig, d: Dist,
+             device: torch.device, autocast) -> dict:
+    """Top-1/top-5 on the validation split (centre windows) and top-1 agreement with the cached teacher."""
+    student.eval()
+    n = len(views.val_paths)
+    per = -(-n // d.world)
+    start, stop = min(n, d.rank * per), min(n, (d.rank + 1) * per)
+    positions = np.arange(start, stop)
+    loader = pipelines.make_loader(
+        cfg.loader, files=[str(views.root / views.val_paths[i]) for i in positions], boxes=views.val_boxes[positions],
+        flips=np.zeros(len(positions), np.uint8), labels=views.val_labels[positions], positions=positions,
+        image_size=views.image_size, batch_size=max(1, cfg.batch_size // d.world), workers=cfg.workers,
+        device=device)
+    teacher = None
+    if store is not None and store.has_val and stop > start:
+        teacher = torch.from_numpy(store.read_logits(None, start, stop)).to(device)
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, agree, n
+    for batch in loader if stop > start else []:
+        images = batch.images.to(device, non_blocking=True)
+        target = batch.labels.to(device)
+        with autocast:
+            logits = student(images).float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        counts[0] += (top5[:, 0] == target).sum()
+        counts[1] += (top5 == target[:, None]).any(dim=1).sum()
+        if teacher is not None:
+            rows = batch.positions.to(device) - start
+            counts[2] += (teacher[rows].argmax(1) == top5[:, 0]).sum()
+        counts[3] += len(target)
+    if d.world > 1:
+        dist.all_reduce(counts)
+    student.train()
+    result = {"val_top1": float(counts[0] / counts[3]), "val_top5": float(counts[1] / counts[3])}
+    if teacher is not None or (store is not None and store.has_val):
+        result["val_teacher_agreement"] = float(counts[2] / counts[3])
+    return result
