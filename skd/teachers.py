@@ -67,10 +67,14 @@ def create_model(name: str, num_classes: int | None = None) -> nn.Module:
             return timm.create_model(name[5:], pretrained=False, **kwargs)
         except RuntimeError as exc:
             raise ModelError(f"timm has no model {name[5:]!r} ({exc})") from None
+    _check_torchvision_name(name)
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def _check_torchvision_name(name: str) -> None:
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(f"unknown model {name!r}: use a torchvision classification model name "
                          "(resnet152, resnet50, ...), timm:NAME or py:module:callable")
-    return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
 def read_state_dict(path: Path) -> dict:
@@ -110,6 +114,8 @@ def load_teacher(name: str, weights: str | None = None) -> Teacher:
     if weights == "none" or name.startswith("py:") and weights is None:
         model = create_model(name)
         return Teacher(model.eval(), name, "none" if weights == "none" else "py", None)
+    if not name.startswith(("py:", "timm:")):
+        _check_torchvision_name(name)
     if weights is None:
         if name.startswith("timm:"):
             raise ModelError(f"{name}: pass --weights FILE (timm weights are not downloaded)")

@@ -1,0 +1,188 @@
+"""Stage one: the cache holds exactly the teacher's logits of the recorded views, and builds resume."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import zarr
+
+from pipelines.torchvision_pipeline import load_view
+from pipelines import IMAGENET_MEAN, IMAGENET_STD
+from skd.build import BuildConfig, BuildError, build_cache
+from skd.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None, cwd=None):
+    """Run `skd-cache` as a user would (a fresh process)."""
+    return subprocess.run([sys.executable, "-m", "skd.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd or REPO)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
+    return path
+
+
+def config(root, out, teacher_file, **overrides) -> BuildConfig:
+    base = dict(teacher="resnet18", weights=str(teacher_file), data=root, out=out, views=2, image_size=32,
+                batch_size=8, codec="fp32", loader="torchvision", workers=0, shard_rows=8, chunk_rows=4,
+                amp="none", device="cpu")
+    return BuildConfig(**{**base, **overrides})
+
+
+def build_args(root, out, teacher_file, *extra):
+    return ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", root, "--out", out,
+            "--views", 2, "--image-size", 32, "--batch-size", 8, "--codec", "fp32", "--loader", "torchvision",
+            "--workers", 0, "--shard-size", 8, "--chunk-size", 4, "--amp", "none", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(image_root, teacher_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    build_cache(config(image_root, out, teacher_file))
+    return out
+
+
+def arrays(path: Path) -> dict:
+    g = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(a[...]) for name, a in g.arrays()} | {
+        f"{grp}/{name}": np.asarray(a[...]) for grp in ("samples", "views", "val") for name, a in g[grp].arrays()}
+
+
+def test_plain_zarr_sees_the_design_layout(reference):
+    g = zarr.open_group(str(reference), mode="r")
+    n, k = 18, 2
+    shapes = {"samples/path": (n,), "samples/label": (n,), "samples/size": (n, 2), "views/order": (k, n),
+              "views/box": (k, n, 4), "views/flip": (k, n), "views/logits": (k, n, 3), "val/logits": (6, 3),
+              "val/path": (6,), "val/label": (6,)}
+    got = {name: g[name].shape for name in shapes}
+    assert got == shapes, f"array shapes {got}"
+    assert g["views/logits"].shards == (1, 8, 3), f"logits shards {g['views/logits'].shards}"
+    meta = g.attrs["skd"]
+    assert meta["format"] == 1 and meta["complete"] is True
+    assert meta["teacher"]["name"] == "resnet18" and len(meta["teacher"]["weights_sha256"]) == 64
+    assert meta["dataset"]["classes"] == ["ant", "bee", "cat"] and meta["dataset"]["num_samples"] == n
+    assert meta["plan"]["seed"] == 0 and meta["plan"]["image_size"] == 32 and meta["codec"] == "fp32"
+    assert "torch" in meta["software"] and "zarr" in meta["software"]
+    order = g["views/order"][...]
+    assert all(sorted(o) == list(range(n)) for o in order), "each view's order must be a permutation"
+
+
+def test_replayed_windows_reproduce_cached_logits(reference, teacher_file):
+    """Crop the recorded window ourselves, run the teacher, compare with the cached row."""
+    store = open_store(reference)
+    teacher = torchvision.models.resnet18(num_classes=3)
+    teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
+    teacher.eval()
+    samples = store.split("samples")
+    root = Path(store.meta["dataset"]["root"])
+    worst = 0.0
+    for view in range(2):
+        order, box, flip = store.view_plan(view)
+        logits = store.read_logits(view)
+        for p in (0, 5, 11, 17):
+            image = load_view(str(root / samples.paths[order[p]]), box[p], bool(flip[p]), 32,
+                              IMAGENET_MEAN, IMAGENET_STD)
+            with torch.no_grad():
+                want = teacher(image[None]).numpy()[0]
+            worst = max(worst, float(np.abs(want - logits[p]).max()))
+    assert worst < 1e-4, f"replayed logits differ from the cache by up to {worst:.2e}"
+
+
+def test_batch_size_does_not_change_the_cache(image_root, teacher_file, reference, tmp_path):
+    build_cache(config(image_root, tmp_path / "b4", teacher_file, batch_size=4))
+    a, b = open_store(reference).read_logits(0), open_store(tmp_path / "b4").read_logits(0)
+    diff = float(np.abs(a - b).max())
+    assert diff < 1e-5, f"batch 8 and batch 4 caches differ by {diff:.2e}"
+
+
+def test_int8_within_one_quantisation_step(image_root, teacher_file, reference, tmp_path):
+    build_cache(config(image_root, tmp_path / "int8", teacher_file, codec="int8"))
+    exact = open_store(reference).read_logits(1)
+    store = open_store(tmp_path / "int8")
+    decoded = store.read_logits(1)
+    step = store.read_rows(1, 0, store.num_samples).scale
+    steps = float((np.abs(decoded - exact) / step[:, None]).max())
+    assert steps <= 1.0, f"int8 rows are up to {steps:.2f} quantisation steps from fp32"
+    assert store.group["views/logits"].dtype == np.uint8
+
+
+def test_dali_build_matches_torchvision_build(image_root, teacher_file, reference, tmp_path):
+    build_cache(config(image_root, tmp_path / "dali", teacher_file, loader="dali", workers=1))
+    a, b = open_store(reference).read_logits(0), open_store(tmp_path / "dali").read_logits(0)
+    diff = float(np.abs(a - b).mean())
+    assert diff < 0.05, f"DALI and torchvision caches differ by {diff:.4f} on average (logit units)"
+
+
+def test_killed_build_resumes_to_identical_cache(image_root, teacher_file, reference, tmp_path):
+    out = tmp_path / "resumed"
+    args = build_args(image_root, out, teacher_file)
+    killed = cli(*args, env={"SKD_FAULT": "after-shard:1"})
+    assert killed.returncode == -9, f"fault injection did not kill the build: {killed.returncode} {killed.stderr[-300:]}"
+    done = open_store(out).complete()
+    assert done.sum() == 1, f"after a kill at the first shard, {done.sum()} shards are marked complete"
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-500:]
+    assert "written now" in rerun.stdout
+    want, got = arrays(reference), arrays(out)
+    for name in want:
+        assert np.array_equal(want[name], got[name]), f"{name} differs after resume"
+
+
+def test_changed_argument_is_refused(image_root, teacher_file, reference):
+    before = open_store(reference).read_logits(0)
+    result = cli(*build_args(image_root, reference, teacher_file, "--seed", 3))
+    assert result.returncode == 2, f"exit {result.returncode}"
+    assert "different seed" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert np.array_equal(open_store(reference).read_logits(0), before), "the refused rerun changed the cache"
+    with pytest.raises(BuildError, match="codec"):
+        build_cache(config(image_root, reference, teacher_file, codec="int8"))
+
+
+def test_two_process_build_equals_one_process(image_root, teacher_file, reference, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "skd.cli", *map(str, build_args(image_root, out, teacher_file))]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    want, got = arrays(reference), arrays(out)
+    for name in want:
+        close = np.allclose(want[name], got[name], atol=1e-5) if want[name].dtype.kind == "f" else \
+            np.array_equal(want[name], got[name])
+        assert close, f"{name} differs between the 2-process and the 1-process build"
+
+
+def test_user_errors_are_one_line(image_root, teacher_file, tmp_path):
+    cases = {
+        "missing data": (["build", "--teacher", "resnet18", "--weights", "none", "--data", tmp_path / "nowhere",
+                          "--out", tmp_path / "c"], "does not exist"),
+        "no data at all": (["build", "--teacher", "resnet18"], "--data"),
+        "unknown teacher": (["build", "--teacher", "resnet9000", "--data", image_root, "--out", tmp_path / "c"],
+                            "unknown model"),
+        "missing weights": (["build", "--teacher", "resnet18", "--weights", tmp_path / "w.pth", "--data", image_root,
+                             "--out", tmp_path / "c"], "does not exist"),
+    }
+    env = {"SKD_DATA": ""}
+    for name, (args, needle) in cases.items():
+        result = cli(*args, env=env)
+        assert result.returncode != 0, f"{name}: exit 0"
+        assert needle in result.stderr and "Traceback" not in result.stderr, f"{name}: {result.stderr}"
+
+
+def test_missing_pretrained_weights_say_where_to_put_them(image_root, tmp_path):
+    result = cli("build", "--teacher", "resnet152", "--data", image_root, "--out", tmp_path / "c",
+                 env={"TORCH_HOME": str(tmp_path / "hub")})
+    assert result.returncode == 2 and "resnet152-" in result.stderr and str(tmp_path / "hub") in result.stderr, \
+        result.stderr
