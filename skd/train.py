@@ -218,12 +218,16 @@ def rank_range(n: int, d: Dist) -> tuple[int, int]:
     return d.rank * per, (d.rank + 1) * per
 
 
-def train(cfg: TrainConfig, *, progress: bool = False, log=None) -> dict:
-    """Run (or resume) training; returns the last epoch's metrics."""
+def train(cfg: TrainConfig, *, progress: bool = False, log=None, on_step=None) -> dict:
+    """Run (or resume) training; returns the last epoch's metrics.
+
+    `on_step(epoch, step, KDLoss)`, when given, sees every step's loss (tests, notebooks).
+    """
     kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     d = init_distributed(kind)
     try:
-        return _train(cfg, d, progress=progress and d.main, log=(log or (lambda m: None)) if d.main else (lambda m: None))
+        return _train(cfg, d, progress=progress and d.main, log=(log or (lambda m: None)) if d.main else (lambda m: None),
+                      on_step=on_step)
     finally:
         shutdown(d)
 
@@ -250,7 +254,7 @@ def _setup(cfg: TrainConfig, device: torch.device):
     return views, None, model, float(cfg.multiplier), identity
 
 
-def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log) -> dict:
+def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     device = resolve_device(cfg.device, d)
     amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
     amp_dtype = AMP_DTYPES[amp]
@@ -352,6 +356,8 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log) -> dict:
             scaler.scale(parts.loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if on_step is not None:
+                on_step(epoch, step, parts)
             b = len(target)
             sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double() * b
             seen += b

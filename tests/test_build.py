@@ -14,7 +14,8 @@ import zarr
 
 from pipelines.torchvision_pipeline import load_view
 from pipelines import IMAGENET_MEAN, IMAGENET_STD
-from skd.build import BuildConfig, BuildError, build_cache
+from conftest import free_port, small_build_config
+from skd.build import BuildError, build_cache
 from skd.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,19 +27,8 @@ def cli(*args, env=None, cwd=None):
                           env={**os.environ, **(env or {})}, cwd=cwd or REPO)
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
-    return path
-
-
-def config(root, out, teacher_file, **overrides) -> BuildConfig:
-    base = dict(teacher="resnet18", weights=str(teacher_file), data=root, out=out, views=2, image_size=32,
-                batch_size=8, codec="fp32", loader="torchvision", workers=0, shard_rows=8, chunk_rows=4,
-                amp="none", device="cpu")
-    return BuildConfig(**{**base, **overrides})
+def config(root, out, teacher_file, **overrides):
+    return small_build_config(root, out, teacher_file, **overrides)
 
 
 def build_args(root, out, teacher_file, *extra):
@@ -47,11 +37,9 @@ def build_args(root, out, teacher_file, *extra):
             "--workers", 0, "--shard-size", 8, "--chunk-size", 4, "--amp", "none", "--device", "cpu", *extra]
 
 
-@pytest.fixture(scope="module")
-def reference(image_root, teacher_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "cache"
-    build_cache(config(image_root, out, teacher_file))
-    return out
+@pytest.fixture
+def reference(fp32_cache) -> Path:
+    return fp32_cache
 
 
 def arrays(path: Path) -> dict:
@@ -152,7 +140,7 @@ def test_changed_argument_is_refused(image_root, teacher_file, reference):
 
 def test_two_process_build_equals_one_process(image_root, teacher_file, reference, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "skd.cli", *map(str, build_args(image_root, out, teacher_file))]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

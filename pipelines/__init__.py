@@ -1,0 +1,99 @@
+"""Input pipelines: decode recorded windows (y, x, h, w) and flips into normalised batches.
+
+One contract, two implementations: DALI (default, fast) and torchvision (reference, and the
+fallback where DALI is missing). The cache build (teacher) and training (student) both go through
+`make_loader`, so the student replays exactly the views the teacher saw.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LOADERS = ("dali", "torchvision")
+
+
+@dataclass
+class Batch:
+    """One batch of views, in the order given to `make_loader`.
+
+    `images` and `labels` are on the requested device; `positions` stays on the CPU because it
+    indexes host-side arrays (the cache's rows).
+    """
+
+    images: torch.Tensor  # (B, 3, S, S) float32, normalised, NCHW
+    labels: torch.Tensor  # (B,) int64
+    positions: torch.Tensor  # (B,) int64: the caller's position ids of these items
+
+
+class LoaderUnavailable(RuntimeError):
+    """The requested loader cannot run here (e.g. DALI is not installed)."""
+
+
+@dataclass(frozen=True)
+class Items:
+    """The validated, array-typed description of what to load, shared by both implementations."""
+
+    files: tuple[str, ...]
+    boxes: np.ndarray  # (M, 4) int64 (y, x, h, w)
+    flips: np.ndarray  # (M,) uint8
+    labels: np.ndarray  # (M,) int64
+    positions: np.ndarray  # (M,) int64
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def make_items(files, boxes, flips, labels, positions) -> Items:
+    """Check shapes and lengths once, so both loaders fail the same way on bad input."""
+    boxes = np.asarray(boxes, dtype=np.int64)
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be (M, 4) windows (y, x, h, w), got shape {boxes.shape}")
+    items = Items(
+        files=tuple(str(f) for f in files),
+        boxes=boxes,
+        flips=np.asarray(flips, dtype=np.uint8).reshape(-1),
+        labels=np.asarray(labels, dtype=np.int64).reshape(-1),
+        positions=np.asarray(positions, dtype=np.int64).reshape(-1),
+    )
+    lengths = {name: len(getattr(items, name)) for name in ("files", "boxes", "flips", "labels", "positions")}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"files, boxes, flips, labels and positions must have one entry per item, got {lengths}")
+    if (items.boxes[:, 2:] <= 0).any():
+        raise ValueError("every window must have a positive height and width")
+    return items
+
+
+def make_loader(kind: str, *, files: Sequence[str], boxes, flips, labels, positions, image_size: int,
+                batch_size: int, workers: int = 2, device="cpu", mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> Iterable[Batch]:
+    """Batches of the given views, in the given order, the short last batch included.
+
+    files: absolute image paths, one per item, in delivery order; boxes: (M, 4) int (y, x, h, w)
+    pixel windows in the decoded, EXIF-rotated frame; flips: (M,) 1 = mirror after cropping;
+    labels: (M,); positions: (M,) int64 ids handed back with each item. The result has
+    `len()` = number of batches. An item's tensor does not depend on batch_size or workers.
+    """
+    if kind not in LOADERS:
+        raise ValueError(f"unknown loader {kind!r}; choose one of {', '.join(LOADERS)}")
+    if batch_size < 1 or image_size < 1 or workers < 0:
+        raise ValueError(f"need batch_size >= 1, image_size >= 1, workers >= 0; "
+                         f"got {batch_size}, {image_size}, {workers}")
+    items = make_items(files, boxes, flips, labels, positions)
+    options = dict(image_size=int(image_size), batch_size=int(batch_size), workers=int(workers),
+                   device=torch.device(device), mean=tuple(mean), std=tuple(std))
+    if kind == "torchvision":
+        from pipelines.torchvision_pipeline import TorchvisionLoader
+
+        return TorchvisionLoader(items, **options)
+    try:
+        from pipelines.dali_pipeline import DaliLoader
+    except ImportError as error:
+        raise LoaderUnavailable(f"DALI cannot be imported ({error}); use --loader torchvision") from error
+    return DaliLoader(items, **options)

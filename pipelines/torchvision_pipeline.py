@@ -1,0 +1,74 @@
+"""The reference pipeline: PIL decode, EXIF rotation, crop the window, bilinear resize, flip, normalise.
+
+Runs wherever torch runs (no DALI); the DALI pipeline is checked against it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from pipelines import Batch, Items
+
+
+def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: Sequence[float],
+              std: Sequence[float]) -> torch.Tensor:
+    """One view as a normalised (3, S, S) float32 tensor.
+
+    `box` is (y, x, h, w) in the EXIF-rotated frame, the frame DALI's decoders produce.
+    PIL's BILINEAR resize filters with a support scaled to the downscale factor (antialiased),
+    which matches DALI's linear resize with antialias=True to a fraction of a grey level.
+    """
+    y, x, h, w = (int(v) for v in box)
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    width, height = image.size
+    if y < 0 or x < 0 or h <= 0 or w <= 0 or y + h > height or x + w > width:
+        raise ValueError(f"window (y={y}, x={x}, h={h}, w={w}) is outside {path} "
+                         f"({height}x{width} after EXIF rotation)")
+    view = image.crop((x, y, x + w, y + h)).resize((image_size, image_size), Image.BILINEAR)
+    tensor = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
+    if flip:
+        tensor = tensor.flip(-1)
+    tensor = tensor.to(torch.float32).div_(255)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return tensor.sub_(mean_t).div_(std_t)
+
+
+class WindowDataset(Dataset):
+    """Item i = (view tensor, label, position) of the i-th entry of `items`."""
+
+    def __init__(self, items: Items, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.items, self.image_size, self.mean, self.std = items, image_size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        items = self.items
+        image = load_view(items.files[i], items.boxes[i], bool(items.flips[i]), self.image_size, self.mean, self.std)
+        return image, int(items.labels[i]), int(items.positions[i])
+
+
+class TorchvisionLoader:
+    """A torch DataLoader over the items, in order, short last batch kept, batches moved to `device`."""
+
+    def __init__(self, items: Items, *, image_size: int, batch_size: int, workers: int, device: torch.device,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.device = device
+        self.batches = math.ceil(len(items) / batch_size)
+        self.loader = DataLoader(WindowDataset(items, image_size, mean, std), batch_size=batch_size, shuffle=False,
+                                 drop_last=False, num_workers=workers, pin_memory=device.type == "cuda")
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        for images, labels, positions in self.loader:
+            yield Batch(images=images.to(self.device, non_blocking=True),
+                        labels=labels.to(self.device, non_blocking=True), positions=positions)

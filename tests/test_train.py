@@ -1,0 +1,186 @@
+"""Stage two: training from the cache is training online with the teacher, minus the teacher."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import free_port, small_build_config
+from skd.build import build_cache
+from skd.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-c", "from skd.cli import main_train; main_train()", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def base_config(out: Path, **overrides) -> TrainConfig:
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.4, kd="skd", alpha="0.9", multiplier="2", amp="none",
+                      device="cpu", loader="torchvision", workers=0, out=out, steps_per_epoch=3, val=False,
+                      image_size=32, views=2, seed=1)
+    return replace(cfg, **overrides)
+
+
+def run(cfg: TrainConfig):
+    losses = []
+    metrics = train(cfg, on_step=lambda epoch, step, parts: losses.append(
+        (parts.loss.item(), parts.kd.item(), parts.ce.item())))
+    weights = torch.load(Path(cfg.out) / "student.pth", weights_only=True)
+    return np.array(losses), weights, metrics
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_cached_training_equals_online_training(fp32_cache, image_root, teacher_file, tmp_path):
+    """The product's central claim: same views, same per-step losses, same weights."""
+    cached_losses, cached_w, _ = run(base_config(tmp_path / "cached", cache=fp32_cache))
+    online_losses, online_w, _ = run(base_config(tmp_path / "online", teacher="resnet18",
+                                                 weights=str(teacher_file), data=image_root))
+    assert cached_losses.shape == (6, 3), f"{cached_losses.shape[0]} steps logged, expected 6"
+    loss_diff = float(np.abs(cached_losses - online_losses).max())
+    assert loss_diff < 1e-5, f"per-step losses differ by up to {loss_diff:.2e} (cached vs online)"
+    w_diff = max_weight_diff(cached_w, online_w)
+    assert w_diff < 1e-5, f"weights after 6 steps differ by up to {w_diff:.2e}"
+    assert cached_losses[:, 1].min() > 0, "KD term was zero: no teacher signal reached the loss"
+
+
+def test_int8_cache_trains_like_fp32(image_root, tmp_path):
+    """A teacher with ImageNet-like logit spread (std ~1.7): int8 logits give the fp32 losses.
+
+    lr 0 keeps the student fixed, so every step measures the codec alone: with a moving student,
+    the layer norm of a freshly initialised student's near-equal logits amplifies any difference
+    chaotically within a few steps (seen: 15% apart after 2 steps from 0.01 logit differences).
+    """
+    torch.manual_seed(0)
+    teacher = torchvision.models.resnet18(num_classes=3)
+    with torch.no_grad():
+        teacher.fc.weight.mul_(40)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    runs = {}
+    for codec in ("fp32", "int8"):
+        build_cache(small_build_config(image_root, tmp_path / codec, tmp_path / "teacher.pth", codec=codec))
+        runs[codec] = run(base_config(tmp_path / f"run-{codec}", cache=tmp_path / codec, lr=0.0))[0]
+    fp32, int8 = runs["fp32"], runs["int8"]
+    worst = float((np.abs(int8[:, 1] - fp32[:, 1]) / fp32[:, 1]).max())
+    assert worst < 2e-3, f"int8 KD loss is up to {worst:.2e} (relative) from fp32 over 6 steps (tolerance 2e-3)"
+
+
+def test_no_kd_differs_from_skd(fp32_cache, tmp_path):
+    none_losses, _, _ = run(base_config(tmp_path / "none", cache=fp32_cache, kd="none"))
+    skd_losses, _, _ = run(base_config(tmp_path / "skd", cache=fp32_cache))
+    assert (none_losses[:, 1] == 0).all(), "--kd none must not use the teacher"
+    assert abs(none_losses[0, 0] - skd_losses[0, 0]) > 1e-3, "SKD and hard-label losses coincide"
+
+
+def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
+    out = tmp_path / "run"
+    result = cli("--cache", fp32_cache, "--epochs", 3, "--batch-size", 4, "--steps-per-epoch", 2,
+                 "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--out", out)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert "views are reused" in result.stderr, "3 epochs over 2 views must say that views are reused"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1, 2] and [m["view"] for m in lines] == [0, 1, 0]
+    required = {"epoch", "train_loss", "kd_loss", "ce_loss", "val_top1", "val_top5", "images_per_sec", "lr"}
+    assert required <= set(lines[-1]), f"metrics lack {required - set(lines[-1])}"
+    assert 0 <= lines[-1]["val_top1"] <= lines[-1]["val_top5"] <= 1
+    assert "val_teacher_agreement" in lines[-1], "the cache has val logits: agreement must be reported"
+    student = torchvision.models.resnet18(num_classes=3)
+    student.load_state_dict(torch.load(out / "student.pth", weights_only=True))
+    assert not list(out.glob("*.tmp")), "a temporary checkpoint was left behind"
+
+
+def test_killed_run_resumes_with_the_same_metrics(fp32_cache, tmp_path):
+    args = ["--cache", fp32_cache, "--epochs", 3, "--batch-size", 4, "--steps-per-epoch", 2, "--loader",
+            "torchvision", "--workers", 0, "--device", "cpu", "--alpha", "0.9"]
+    straight = cli(*args, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-1500:]
+    killed = cli(*args, "--out", tmp_path / "resumed", env={"SKD_FAULT": "after-epoch:1"})
+    assert killed.returncode == -9, f"fault injection did not kill the run ({killed.returncode})"
+    resumed = cli(*args, "--out", tmp_path / "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-1500:]
+    assert "resuming" in resumed.stderr
+    want = [json.loads(x) for x in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in got] == [0, 1, 2]
+    for a, b in zip(want, got):
+        for key in ("train_loss", "kd_loss", "ce_loss", "val_top1", "lr"):
+            assert abs(a[key] - b[key]) < 1e-6, f"epoch {a['epoch']} {key}: {a[key]} straight, {b[key]} resumed"
+
+
+TINY_STUDENT = """
+import torch
+def student(num_classes=3):
+    # no batch norm: per-process batch statistics would make 1 and 2 processes differ by design
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+"""
+
+
+def test_two_processes_match_one_with_the_same_global_batch(fp32_cache, tmp_path):
+    """One epoch over all 18 samples; the 2-process run averages gradients over the same global batch."""
+    (tmp_path / "tiny.py").write_text(TINY_STUDENT)
+    env = {"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    common = ["--cache", fp32_cache, "--arch", "py:tiny:student", "--epochs", 1, "--batch-size", 6,
+              "--lr", 0.1, "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--alpha", "0.9"]
+    one = cli(*common, "--out", tmp_path / "one", env=env)
+    assert one.returncode == 0, one.stderr[-1500:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(Path(sys.executable).parent / "skd-train"), *map(str, common), "--out", tmp_path / "two"]
+    two = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **env})
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = json.loads((tmp_path / "one/metrics.jsonl").read_text())
+    b = json.loads((tmp_path / "two/metrics.jsonl").read_text())
+    # Same samples, same number of steps, but each step's global batch groups different samples
+    # (each rank walks its own contiguous half of the view): close, not bit-equal.
+    rel = abs(a["train_loss"] - b["train_loss"]) / a["train_loss"]
+    assert rel < 0.02, f"2-process loss {b['train_loss']:.5f} vs 1-process {a['train_loss']:.5f} ({rel:.2%})"
+    assert abs(a["val_top1"] - b["val_top1"]) <= 1 / 6 + 1e-9, f"val top-1 {b['val_top1']} vs {a['val_top1']}"
+
+
+@pytest.mark.parametrize("case", ["missing", "unfinished", "wrong data", "wrong classes", "no source"])
+def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tmp_path):
+    args = ["--epochs", 1, "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--out", tmp_path / "run"]
+    env = None
+    if case == "missing":
+        args += ["--cache", tmp_path / "no-cache"]
+        needle = "does not exist"
+    elif case == "unfinished":
+        killed = subprocess.run([sys.executable, "-m", "skd.cli", *[str(a) for a in [
+                                 "build", "--teacher", "resnet18", "--weights",
+                                 teacher_file, "--data", image_root, "--out", tmp_path / "part", "--views", 2,
+                                 "--image-size", 32, "--codec", "fp32", "--loader", "torchvision", "--workers", 0,
+                                 "--shard-size", 8, "--chunk-size", 4, "--device", "cpu"]]],
+                                capture_output=True, env={**os.environ, "SKD_FAULT": "after-shard:1"}, cwd=REPO)
+        assert killed.returncode == -9
+        args += ["--cache", tmp_path / "part"]
+        needle = "unfinished"
+    elif case == "wrong data":
+        from conftest import make_image_folder
+        other = make_image_folder(tmp_path / "other", per_class=5)
+        args += ["--cache", fp32_cache, "--data", other]
+        needle = "differ"
+    elif case == "wrong classes":
+        (tmp_path / "tenway.py").write_text(
+            "import torch\ndef student(num_classes=10):\n"
+            "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))\n")
+        args += ["--cache", fp32_cache, "--arch", "py:tenway:student"]
+        env = {"PYTHONPATH": str(tmp_path)}
+        needle = "outputs"
+    else:
+        needle = "--cache"
+    result = cli(*args, env=env)
+    assert result.returncode != 0, f"{case}: exit 0"
+    assert needle in result.stderr and "Traceback" not in result.stderr, f"{case}: {result.stderr[-800:]}"
