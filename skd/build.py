@@ -7,9 +7,11 @@ Whole shards only, completion recorded per shard: a rerun of the same command re
 from __future__ import annotations
 
 import os
+import fcntl
 import queue
 import shutil
 import signal
+import socket
 import threading
 import time
 from contextlib import nullcontext
@@ -62,6 +64,7 @@ class BuildConfig:
     compile: bool = False
     overwrite: bool = False
     val: bool = True
+    on_bad_image: str = "error"
     crop: CropParams = field(default_factory=CropParams)
 
 
@@ -113,38 +116,46 @@ def _amp_name(cfg: BuildConfig, device: torch.device) -> str:
     return cfg.amp
 
 
-def _identity(cfg: BuildConfig, teacher, amp: str, train_fp: str, val_fp: str | None) -> dict:
+def _identity(cfg: BuildConfig, teacher, amp: str) -> dict:
     """The part of the metadata that decides the cache's contents (compared on resume)."""
     return {
         "format": FORMAT_VERSION,
         "teacher": {"name": cfg.teacher, "weights": teacher.weights, "weights_sha256": teacher.weights_sha256,
                     "amp": amp, "mean": list(pipelines.IMAGENET_MEAN), "std": list(pipelines.IMAGENET_STD)},
-        "dataset": {"root": str(Path(cfg.data).resolve()), "fingerprint": train_fp, "val_fingerprint": val_fp},
+        "dataset": {"root": str(Path(cfg.data).resolve())},
         "plan": {"seed": cfg.seed, "image_size": cfg.image_size, "crop": cfg.crop.to_dict(),
                  "val_crop_fraction": VAL_CROP_FRACTION, "loader": cfg.loader},
         "codec": cfg.codec, "views": cfg.views, "shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows,
     }
 
 
-def _quick_fingerprints(root: Path, with_val: bool) -> tuple[str, str | None]:
-    """Dataset fingerprints from a directory scan and file sizes, without opening any image."""
+def quick_fingerprints(root: Path, with_val: bool, skipped=()) -> tuple[str, str | None]:
+    """Dataset fingerprints from a directory scan and file sizes, without opening any image.
+
+    `skipped` are the paths a `--on-bad-image skip` build left out (recorded in the cache).
+    """
+    leave_out = {path for path, _ in skipped}
     out = []
     for split in ("train", "val"):
         if split == "val" and not (with_val and (root / "val").is_dir()):
             out.append(None)
             continue
-        paths, _ = scan_split(root, split)
+        paths, _ = scan_split(root, split, empty=[])
+        paths = [p for p in paths if p not in leave_out]
         out.append(fingerprint(paths, [os.stat(root / p).st_size for p in paths]))
     return out[0], out[1]
 
 
-def _create(cfg: BuildConfig, meta: dict, num_classes: int, progress: bool) -> Store:
-    """Index the dataset, plan every view and write an empty cache."""
-    index = index_dataset(cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress)
+_quick_fingerprints = quick_fingerprints  # old name, still imported by skd.verify
+
+
+def _create(cfg: BuildConfig, meta: dict, index, num_classes: int) -> Store:
+    """Plan every view of the indexed dataset and write an empty cache."""
     meta["dataset"].update(num_samples=len(index.train), classes=index.classes,
                            num_val=len(index.val) if index.val is not None else 0,
                            fingerprint=index.train.fingerprint,
-                           val_fingerprint=index.val.fingerprint if index.val is not None else None)
+                           val_fingerprint=index.val.fingerprint if index.val is not None else None,
+                           skipped=[list(item) for item in index.skipped])
     plans = [plan_view(cfg.seed, k, index.train.sizes, cfg.crop) for k in range(cfg.views)]
     train = Split(index.train.paths, index.train.labels, index.train.sizes)
     val = None if index.val is None else Split(index.val.paths, index.val.labels, index.val.sizes)
@@ -153,21 +164,35 @@ def _create(cfg: BuildConfig, meta: dict, num_classes: int, progress: bool) -> S
                         num_classes=num_classes)
 
 
-def prepare_store(cfg: BuildConfig, meta: dict, num_classes: int, progress: bool) -> Store:
-    """Open the cache at cfg.out for resuming, or create it; refuse a cache built differently."""
+def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> Store:
+    """Open the cache at cfg.out for resuming, or index the data and create it.
+
+    Refuses a cache built with different identity settings. `num_classes()` runs the teacher
+    once; it is called only after the dataset index found no bad image.
+    """
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         if not is_store(out):
             raise BuildError(f"{out} exists and is not an skd cache: choose another --out or pass --overwrite")
         store = open_store(out, mode="r+")
+        skipped = store.meta["dataset"].get("skipped", [])
+        train_fp, val_fp = quick_fingerprints(Path(cfg.data), store.has_val, skipped)
+        meta["dataset"].update(fingerprint=train_fp, val_fingerprint=val_fp)
         changed = differences(store.meta, meta)
         if changed:
             raise BuildError(f"{out} was built with a different {', '.join(changed)}: pass the same arguments "
                              "to resume, another --out, or --overwrite to rebuild")
         return store
+    index = index_dataset(cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress,
+                          on_bad=cfg.on_bad_image)
+    classes = num_classes()
+    if classes < len(index.classes):
+        raise BuildError(f"teacher {cfg.teacher} has {classes} outputs but {cfg.data}/train has "
+                         f"{len(index.classes)} classes: use a teacher trained on these classes")
+    meta["teacher"]["num_classes"] = classes
     if out.exists() and cfg.overwrite:
         shutil.rmtree(out)
-    return _create(cfg, meta, num_classes, progress)
+    return _create(cfg, meta, index, classes)
 
 
 class ShardWriter:
@@ -218,7 +243,7 @@ class ShardWriter:
                 while self.shards and filled >= stop - start:
                     rows = np.concatenate(buffer)
                     need = stop - start
-                    self.store.write_shard(self.view, self.shards[0], codec.encode(rows[:need]))
+                    self._write(self.shards[0], codec.encode(rows[:need]))
                     self.shards.pop(0)
                     self.shards_written += 1
                     _fault("after-shard", self.shards_written)
@@ -230,11 +255,26 @@ class ShardWriter:
             while self.queue.get() is not None:
                 pass
 
+    def _write(self, shard: int, encoded) -> None:
+        """Write a shard's rows, then mark it complete: a kill in between leaves it incomplete."""
+        where = "val" if self.view is None else f"view {self.view}"
+        try:
+            self.store.write_shard_data(self.view, shard, encoded)
+            _fault("mid-shard", self.shards_written + 1)
+            self.store.mark_complete(self.view, shard)
+        except OSError as exc:
+            raise BuildError(f"cannot write shard {shard} of {where} to {self.store.path} "
+                             f"({exc.strerror or exc}): free space or fix the disk, then rerun the same "
+                             "command to resume") from None
+
 
 def _fault(point: str, count: int) -> None:
-    """Fault injection for the resume tests: SKD_FAULT=after-shard:N kills this process (SIGKILL)."""
-    spec = os.environ.get("SKD_FAULT", "")
-    if spec == f"{point}:{count}":
+    """Fault injection for the crash tests: SKD_FAULT=<point>:<count> kills this process with SIGKILL.
+
+    Points: after-batch (batches fed to the writer), mid-shard (rows written, completion not yet
+    recorded), after-shard (completion recorded), val-batch (batches of the validation pass).
+    """
+    if os.environ.get("SKD_FAULT", "") == f"{point}:{count}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -243,13 +283,14 @@ def _positions(store: Store, shards: list[int], rows: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: str, bar) -> int:
+def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: str, bar,
+                fault: str = "after-batch") -> int:
     """Feed every batch of `loader` through the teacher into `writer`; returns images processed."""
     dtype = AMP_DTYPES[amp]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     done = 0
     with torch.inference_mode(), autocast:
-        for batch in loader:
+        for count, batch in enumerate(loader, 1):
             images = batch.images.to(device, non_blocking=True)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -257,6 +298,7 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
             writer.put(batch.positions.numpy(), logits)
             done += len(logits)
             bar.update(len(logits))
+            _fault(fault, count)
     return done
 
 
@@ -284,19 +326,35 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool, log) -> BuildSummary:
     model = teacher.model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    num_classes = output_classes(model, cfg.image_size, device)
-    if cfg.compile:
-        model = torch.compile(model)
-
-    train_fp, val_fp = _quick_fingerprints(root, cfg.val)
-    meta = _identity(cfg, teacher, amp, train_fp, val_fp)
-    meta["teacher"]["num_classes"] = num_classes
+    meta = _identity(cfg, teacher, amp)
     meta["software"] = _software()
+    lock = None
+    problem = None
     if d.main:
-        store = prepare_store(cfg, meta, num_classes, progress)
-    d.barrier()
+        try:
+            lock = BuildLock(Path(cfg.out))
+            store = prepare_store(cfg, meta, lambda: output_classes(model, cfg.image_size, device), progress)
+        except (BuildError, ValueError) as exc:
+            problem = exc
+    problem = d.broadcast(problem)
+    if problem is not None:
+        if lock is not None:
+            lock.release()
+        raise problem
     if not d.main:
         store = open_store(cfg.out, mode="r+")
+    if cfg.compile:
+        model = torch.compile(model)
+    try:
+        return _fill(cfg, d, store, model, device, amp, root, started, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fill(cfg: BuildConfig, d: Dist, store: Store, model, device: torch.device, amp: str, root: Path,
+          started: float, progress: bool) -> BuildSummary:
+    """Compute every incomplete shard this rank owns, view by view, then the validation split."""
 
     samples = store.split("samples")
     n = store.num_samples
@@ -324,7 +382,8 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool, log) -> BuildSummary:
         writer = ShardWriter(store, view, shards, rows)
         with tqdm(total=len(positions), desc=label, unit="img", disable=not progress, dynamic_ncols=True) as bar:
             try:
-                rows_written += run_teacher(model, loader, writer, device, amp, bar)
+                rows_written += run_teacher(model, loader, writer, device, amp, bar,
+                                            "val-batch" if view is None else "after-batch")
             finally:
                 writer.close()
     d.barrier()
@@ -334,6 +393,36 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool, log) -> BuildSummary:
         if store.is_complete():
             store.group.attrs["skd"] = {**store.meta, "complete": True}
     return summarize(store, rows_written, seconds)
+
+
+class BuildLock:
+    """An exclusive lock beside the cache (`DIR.lock`), so two builds never write one cache.
+
+    flock is released by the kernel when the holder dies, even by kill -9; the file names the
+    holder for the refusal message.
+    """
+
+    def __init__(self, out: Path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.path = out.with_name(out.name + ".lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise BuildError(f"{out} is being built by {holder}: wait for it to finish or stop it, "
+                             "then rerun to resume") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.path.unlink(missing_ok=True)
+            self.file.close()
 
 
 def summarize(store: Store, rows_written: int, seconds: float) -> BuildSummary:

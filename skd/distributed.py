@@ -22,6 +22,14 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (so an error found on rank 0 stops all ranks, not a hang)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def init_distributed(device_kind: str) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""

@@ -22,8 +22,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 _ORIENTATION = 0x0112  # EXIF/TIFF orientation tag; values 5-8 turn the image by 90 degrees
 _CHUNK = 256  # images per thread-pool task: keeps the number of futures small for 1.28 M files
-_NAMED_ERRORS = 5  # unreadable files named in the error message; the rest are counted
+_NAMED_ERRORS = 20  # unreadable files named in the error message; the rest are counted
 _LAYOUT = "train/<class>/<images>"
+_JPEG_TAIL = 4096  # bytes searched for the end-of-image marker (some files carry trailing padding)
 
 
 class DatasetError(ValueError):
@@ -53,34 +54,61 @@ class DatasetIndex:
     classes: list[str]  # sorted class folder names of train/
     train: Split
     val: Split | None  # None when ROOT/val is absent or not requested
+    skipped: tuple[tuple[str, str], ...] = ()  # (path relative to root, reason) left out by on_bad="skip"
 
 
-def index_dataset(root, *, with_val: bool = True, workers: int = 16,
-                  progress: bool = False) -> DatasetIndex:
-    """Scan ROOT/train (and ROOT/val when present and `with_val`) and read every image's header."""
+ON_BAD = ("error", "skip")
+
+
+def index_dataset(root, *, with_val: bool = True, workers: int = 16, progress: bool = False,
+                  on_bad: str = "error") -> DatasetIndex:
+    """Scan ROOT/train (and ROOT/val when present and `with_val`) and read every image's header.
+
+    `on_bad="error"` raises one DatasetError listing every unreadable or truncated image (and empty
+    class folders); `"skip"` leaves them out and lists them in `DatasetIndex.skipped`.
+    """
+    if on_bad not in ON_BAD:
+        raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
+    skip = on_bad == "skip"
     root = Path(os.path.abspath(os.path.expanduser(root)))
     classes = _class_folders(root, "train")
-    splits = [("train", *scan_split(root, "train", classes))]
+    skipped: list[tuple[str, str]] = []  # empty class folders first, then unreadable files
+    splits = [("train", *scan_split(root, "train", classes, empty=skipped))]
     if with_val and (root / "val").is_dir():
-        splits.append(("val", *scan_split(root, "val", classes)))
+        splits.append(("val", *scan_split(root, "val", classes, empty=skipped)))
     all_paths = [p for _, paths, _ in splits for p in paths]
-    sizes, file_bytes = _read_headers(root, all_paths, workers=workers, progress=progress,
-                                      desc="image headers")
+    sizes, file_bytes, bad = _read_headers(root, all_paths, workers=workers, progress=progress,
+                                           desc="image headers")
+    if (bad or skipped) and not skip:
+        raise DatasetError(_bad_files_message(root, all_paths, bad, skipped))
+    keep = np.ones(len(all_paths), bool)
+    for i, reason in bad:
+        keep[i] = False
+        skipped.append((all_paths[i], reason))
     built, start = {}, 0
     for name, paths, labels in splits:
         stop = start + len(paths)
-        built[name] = Split(name=name, paths=paths, labels=labels, sizes=sizes[start:stop],
-                            file_bytes=file_bytes[start:stop],
-                            fingerprint=fingerprint(paths, file_bytes[start:stop]))
+        kept = keep[start:stop]
+        paths = [p for p, k in zip(paths, kept) if k]
+        if not paths:
+            raise DatasetError(f"{root / name} has no readable images left: replace the bad files listed by "
+                               "--on-bad-image error")
+        built[name] = Split(name=name, paths=paths, labels=labels[kept], sizes=sizes[start:stop][kept],
+                            file_bytes=file_bytes[start:stop][kept],
+                            fingerprint=fingerprint(paths, file_bytes[start:stop][kept]))
         start = stop
-    return DatasetIndex(root=root, classes=classes, train=built["train"], val=built.get("val"))
+    return DatasetIndex(root=root, classes=classes, train=built["train"], val=built.get("val"),
+                        skipped=tuple(skipped))
 
 
-def scan_split(root: Path, split: str, classes: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+def scan_split(root: Path, split: str, classes: list[str] | None = None,
+               empty: list | None = None) -> tuple[list[str], np.ndarray]:
     """Paths (relative to `root`, sorted ImageFolder order) and int64 labels of ROOT/<split>, no image reads.
 
     With `classes` None the class list is the split's own sorted folder names; otherwise labels index
     into `classes` (the val split uses the train classes) and a folder outside it is an error.
+    A class folder without images is an error, unless `empty` is a list: then it is appended there
+    as (folder, reason) and the class keeps its label with no samples.
     """
     root = Path(root)
     folders = _class_folders(root, split)
@@ -96,13 +124,16 @@ def scan_split(root: Path, split: str, classes: list[str] | None = None) -> tupl
                 f"{split} class folder {class_dir} is not one of the {len(classes)} class folders of "
                 f"train/: rename it to a train class or remove it")
         files = _class_files(class_dir, f"{split}/{name}")
+        if not files and empty is not None:
+            empty.append((f"{split}/{name}", "class folder without images"))
+            continue
         if not files:
             raise DatasetError(
                 f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                 f"add its images or remove the folder")
         paths.extend(files)
         labels.append(np.full(len(files), label_of[name], np.int64))
-    return paths, np.concatenate(labels)
+    return paths, np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
 
 def read_sizes(root: Path, paths: list[str], *, workers: int = 16, progress: bool = False,
@@ -112,7 +143,10 @@ def read_sizes(root: Path, paths: list[str], *, workers: int = 16, progress: boo
     Reads run in `workers` threads (they wait on storage, not on the CPU). Every unreadable file is
     collected and reported in one DatasetError, so one pass over the dataset finds all of them.
     """
-    return _read_headers(Path(root), paths, workers=workers, progress=progress, desc=desc)[0]
+    sizes, _, bad = _read_headers(Path(root), paths, workers=workers, progress=progress, desc=desc)
+    if bad:
+        raise DatasetError(_bad_files_message(Path(root), paths, bad, []))
+    return sizes
 
 
 def image_size(path) -> tuple[int, int]:
@@ -121,7 +155,21 @@ def image_size(path) -> tuple[int, int]:
         width, height = image.size
         if _orientation(image) in (5, 6, 7, 8):
             width, height = height, width
+        if image.format == "JPEG" and not _has_jpeg_end(path):
+            raise OSError(0, "truncated JPEG: no end-of-image marker")
     return height, width
+
+
+def _has_jpeg_end(path) -> bool:
+    """A complete JPEG has its end-of-image marker (FF D9) near the end; a cut-off download does not.
+
+    One small read of the file's tail: catches truncation without decoding the pixels.
+    """
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - _JPEG_TAIL))
+        return b"\xff\xd9" in f.read()
 
 
 def fingerprint(paths: list[str], file_bytes) -> str:
@@ -214,8 +262,9 @@ def _reason(exc: Exception) -> str:
 
 
 def _read_headers(root: Path, paths: list[str], *, workers: int, progress: bool,
-                  desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 2) int32 decoded sizes and (N,) int64 file sizes of ROOT/<path>, in input order."""
+                  desc: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """(N, 2) int32 decoded sizes, (N,) int64 file sizes of ROOT/<path>, and the (index, reason) of
+    every file that cannot be read, in input order."""
     count = len(paths)
     sizes = np.zeros((count, 2), np.int32)
     file_bytes = np.zeros(count, np.int64)
@@ -240,10 +289,18 @@ def _read_headers(root: Path, paths: list[str], *, workers: int, progress: bool,
                 bar.update(future.result())
     finally:
         pool.shutdown(cancel_futures=True)  # on Ctrl-C, drop the queued chunks instead of reading them
+    return sizes, file_bytes, sorted(bad)
+
+
+def _bad_files_message(root: Path, paths: list[str], bad: list[tuple[int, str]], empty: list) -> str:
+    """One line naming every empty class folder and the unreadable files (the first 20, then a count)."""
+    parts = []
+    if empty:
+        folders = ", ".join(str(root / folder) for folder, _ in empty)
+        parts.append(f"class folders with no images ({', '.join(IMAGE_EXTENSIONS)}): {folders}")
     if bad:
-        bad.sort()
         named = "; ".join(f"{os.path.join(root, paths[i])} ({reason})" for i, reason in bad[:_NAMED_ERRORS])
         more = f"; and {len(bad) - _NAMED_ERRORS} more" if len(bad) > _NAMED_ERRORS else ""
-        raise DatasetError(f"{len(bad)} of {count} image files under {root} cannot be read: {named}{more}: "
-                           f"replace or delete them and index again")
-    return sizes, file_bytes
+        parts.append(f"{len(bad)} of {len(paths)} image files cannot be read: {named}{more}")
+    return (f"dataset {root}: " + "; ".join(parts) +
+            ": fix, add or remove them, or pass --on-bad-image skip to leave them out")

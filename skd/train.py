@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import pipelines
 
-from .build import AMP_DTYPES, VAL_CROP_FRACTION, _quick_fingerprints
+from .build import AMP_DTYPES, VAL_CROP_FRACTION, quick_fingerprints
 from .codecs import Codec
 from .distributed import Dist, init_distributed, resolve_device, shutdown
 from .index import index_dataset
@@ -111,7 +111,7 @@ def cached_views(store: Store, data: Path | None) -> Views:
     root = Path(data or meta["dataset"]["root"])
     if not (root / "train").is_dir():
         raise TrainError(f"dataset {root} has no train/ folder: pass --data ROOT where the cache's images live")
-    train_fp, val_fp = _quick_fingerprints(root, with_val=store.has_val)
+    train_fp, val_fp = quick_fingerprints(root, store.has_val, meta["dataset"].get("skipped", []))
     if train_fp != meta["dataset"]["fingerprint"]:
         raise TrainError(f"the images under {root}/train differ from those cache {store.path} was built on "
                          "(file list or sizes): pass the right --data or rebuild the cache")
@@ -207,7 +207,8 @@ def _save_atomic(obj, path: Path) -> None:
 
 
 def _fault(point: str, count: int) -> None:
-    """Fault injection for the resume tests: SKD_FAULT=after-epoch:N kills this process (SIGKILL)."""
+    """Fault injection for the crash tests: SKD_FAULT=after-epoch:N or train-step:N (steps since the
+    process started) kills this process with SIGKILL."""
     if os.environ.get("SKD_FAULT", "") == f"{point}:{count}":
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -309,6 +310,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     n = len(views.paths)
     start, stop = rank_range(n, d)
     metrics: dict = history[-1] if history else {}
+    steps_run = 0
     for epoch in range(first_epoch, cfg.epochs):
         view = epoch % views.num_views
         order, box, flip = views.plan(view)
@@ -358,6 +360,8 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
             scaler.update()
             if on_step is not None:
                 on_step(epoch, step, parts)
+            steps_run += 1
+            _fault("train-step", steps_run)
             b = len(target)
             sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double() * b
             seen += b

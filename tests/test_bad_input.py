@@ -1,0 +1,168 @@
+"""Bad images are found by the index pass, before any teacher work; unusual ones build; untrusted caches are refused."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import make_image_folder, photo_like, write_jpeg
+from skd.teachers import ModelError, read_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def skd(*args, tool="cache", env=None):
+    main = "main_cache" if tool == "cache" else "main_train"
+    return subprocess.run([sys.executable, "-c", f"from skd.cli import {main}; {main}()", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def build(root, out, teacher, *extra):
+    return skd("build", "--teacher", "resnet18", "--weights", teacher, "--data", root, "--out", out, "--views", 1,
+               "--image-size", 32, "--batch-size", 8, "--codec", "fp32", "--loader", "dali", "--workers", 1,
+               "--shard-size", 8, "--chunk-size", 4, "--device", "cpu", *extra)
+
+
+def unusual_images(cls: Path) -> list[str]:
+    """Images that are odd but valid: all must build."""
+    from PIL import Image
+    write_jpeg(cls / "cmyk.JPEG", photo_like(50, 70, 1), mode="CMYK")
+    write_jpeg(cls / "gray.JPEG", photo_like(60, 40, 2), mode="L")
+    write_jpeg(cls / "rotated.JPEG", photo_like(40, 80, 3), exif_orientation=6)
+    Image.fromarray(photo_like(45, 45, 4)).save(cls / "png_inside.JPEG", "PNG")
+    return ["cmyk.JPEG", "gray.JPEG", "rotated.JPEG", "png_inside.JPEG"]
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory) -> tuple[Path, dict]:
+    root = make_image_folder(tmp_path_factory.mktemp("bad") / "data", per_class=3, val_per_class=1)
+    cls = root / "train" / "ant"
+    unusual_images(cls)
+    good = (cls / "ant_000.JPEG").read_bytes()
+    (cls / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (cls / "empty.JPEG").write_bytes(b"")
+    (cls / "notes.JPEG").write_text("this is not an image\n")
+    (cls / "unreadable.JPEG").symlink_to(cls / "gone.JPEG")  # root reads any mode bits: a dangling link instead
+    (root / "train" / "dog").mkdir()  # an empty class folder
+    bad = {"train/ant/truncated.JPEG": "truncated", "train/ant/empty.JPEG": "cannot identify",
+           "train/ant/notes.JPEG": "cannot identify", "train/ant/unreadable.JPEG": "No such file"}
+    return root, bad
+
+
+def test_bad_images_stop_the_build_before_teacher_work_listing_each(bad_root, teacher_file, tmp_path):
+    root, bad = bad_root
+    result = build(root, tmp_path / "cache", teacher_file)
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-500:]}"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-1000:]
+    message = errors[0]
+    for path, reason in bad.items():
+        assert path in message, f"{path} is not named in: {message}"
+    assert "4 of" in message, f"expected 4 bad files counted: {message}"
+    assert not (tmp_path / "cache" / "zarr.json").exists(), "a cache was created despite bad images"
+
+
+def test_empty_class_folder_is_an_error_by_default(tmp_path, teacher_file):
+    root = make_image_folder(tmp_path / "data", per_class=2, val_per_class=0)
+    (root / "train" / "zebra").mkdir()
+    result = build(root, tmp_path / "cache", teacher_file)
+    assert result.returncode == 2 and "zebra" in result.stderr and "no images" in result.stderr, result.stderr
+
+
+def test_skip_leaves_bad_files_out_and_records_them(bad_root, tmp_path):
+    root, bad = bad_root
+    torch.manual_seed(0)
+    teacher_file = tmp_path / "four.pth"  # the empty class "dog" keeps its label: 4 classes
+    torch.save(__import__("torchvision").models.resnet18(num_classes=4).state_dict(), teacher_file)
+    out = tmp_path / "cache"
+    result = build(root, out, teacher_file, "--on-bad-image", "skip")
+    assert result.returncode == 0, result.stderr[-800:]
+    g = zarr.open_group(str(out), mode="r")
+    skipped = {path: reason for path, reason in g.attrs["skd"]["dataset"]["skipped"]}
+    assert set(bad) | {"train/dog"} == set(skipped), f"recorded as skipped: {sorted(skipped)}"
+    paths = set(g["samples/path"][...].tolist())
+    assert not paths & set(bad), f"bad files in the index: {paths & set(bad)}"
+    assert g.attrs["skd"]["dataset"]["classes"][-1] == "dog", "the empty class must keep its label"
+    logits = g["views/logits"][...]
+    assert np.isfinite(logits).all() and np.abs(logits).sum(axis=-1).min() > 0, "some rows were never written"
+    rerun = build(root, out, teacher_file, "--on-bad-image", "skip")
+    assert rerun.returncode == 0 and "0 written now" in rerun.stdout, "a finished skip build must resume as complete"
+    info = skd("info", out)
+    if info.returncode == 0:
+        assert "truncated.JPEG" in info.stdout or "skipped" in info.stdout.lower(), info.stdout
+
+
+def test_unusual_images_build_normally(tmp_path, teacher_file):
+    root = make_image_folder(tmp_path / "data", per_class=2, val_per_class=0)
+    names = unusual_images(root / "train" / "bee")
+    result = build(root, tmp_path / "cache", teacher_file)
+    assert result.returncode == 0, result.stderr[-800:]
+    g = zarr.open_group(str(tmp_path / "cache"), mode="r")
+    paths = g["samples/path"][...].tolist()
+    sizes = dict(zip(paths, g["samples/size"][...].tolist()))
+    assert all(f"train/bee/{n}" in paths for n in names), f"indexed: {paths}"
+    assert sizes["train/bee/rotated.JPEG"] == [80, 40], f"EXIF-rotated size {sizes['train/bee/rotated.JPEG']}"
+
+
+@pytest.fixture
+def cache_copy(fp32_cache, tmp_path) -> Path:
+    copy = tmp_path / "cache"
+    shutil.copytree(fp32_cache, copy)
+    return copy
+
+
+TRAIN = ["--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 1, "--loader", "torchvision", "--workers", 0,
+         "--device", "cpu", "--no-val"]
+
+
+@pytest.mark.parametrize("evil", ["/etc/passwd", "../../outside.JPEG"])
+def test_cache_with_paths_outside_the_dataset_is_refused(cache_copy, tmp_path, evil):
+    paths = zarr.open_group(str(cache_copy), mode="r+")["samples/path"]
+    values = paths[...].astype(object)
+    values[3] = evil
+    paths[...] = values
+    result = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "run", tool="train")
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-300:]}"
+    assert evil in result.stderr and "refusing" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_newer_format_and_missing_arrays_are_one_line_errors(cache_copy, tmp_path):
+    g = zarr.open_group(str(cache_copy), mode="r+")
+    g.attrs["skd"] = {**g.attrs["skd"], "format": 2}
+    newer = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "a", tool="train")
+    assert newer.returncode == 2 and "format 2" in newer.stderr and "Traceback" not in newer.stderr, newer.stderr
+    g.attrs["skd"] = {**g.attrs["skd"], "format": 1}
+    shutil.rmtree(cache_copy / "views" / "order")
+    missing = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "b", tool="train")
+    assert missing.returncode == 2 and "views/order" in missing.stderr and "Traceback" not in missing.stderr, \
+        missing.stderr
+
+
+class Payload:
+    """A pickle that runs code when loaded: what a hostile weights file looks like."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_weights_with_code_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": Payload(marker)}, f, protocol=2)
+    with pytest.raises(ModelError, match="refusing to load"):
+        read_state_dict(evil)
+    assert not marker.exists(), "loading the weights file ran its code"
+    torch.save({"model": {"module.fc.weight": torch.ones(2, 2)}}, tmp_path / "ok.pth")
+    assert list(read_state_dict(tmp_path / "ok.pth")) == ["fc.weight"], "module. prefix not stripped"

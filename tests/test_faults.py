@@ -1,0 +1,144 @@
+"""Crashes, full disks and concurrent builds cost minutes, never data: kill -9 at every stage, then resume."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import small_build_config
+from skd.build import BuildLock, build_cache
+from skd.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def skd(*args, env=None, tool="cache"):
+    main = "main_cache" if tool == "cache" else "main_train"
+    return subprocess.run([sys.executable, "-c", f"from skd.cli import {main}; {main}()", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def build_args(root, out, teacher, codec="fp32", batch=4, views=2):
+    return ["build", "--teacher", "resnet18", "--weights", teacher, "--data", root, "--out", out, "--views", views,
+            "--image-size", 32, "--batch-size", batch, "--codec", codec, "--loader", "torchvision", "--workers", 0,
+            "--shard-size", 8, "--chunk-size", 4, "--amp", "none", "--device", "cpu"]
+
+
+def arrays(path: Path) -> dict:
+    g = zarr.open_group(str(path), mode="r")
+    return {f"{grp}/{name}": np.asarray(a[...]) for grp in ("samples", "views", "val") for name, a in g[grp].arrays()}
+
+
+@pytest.fixture(scope="module")
+def int8_cache(image_root, teacher_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "cache"
+    build_cache(small_build_config(image_root, out, teacher_file, codec="int8"))
+    return out
+
+
+def complete_shards_hold_final_rows(partial: Path, reference: Path) -> list[str]:
+    """Names of shards marked complete whose rows differ from the finished reference (must be none)."""
+    store, ref = open_store(partial), open_store(reference)
+    wrong = []
+    for view, done in enumerate(store.complete()):
+        for shard in np.flatnonzero(done):
+            a, b = store.shard_bounds(shard, store.num_samples)
+            if not np.array_equal(store.read_rows(view, a, b).logits, ref.read_rows(view, a, b).logits):
+                wrong.append(f"view {view} shard {shard}")
+    return wrong
+
+
+@pytest.mark.parametrize("fault,codec", [("after-batch:1", "fp32"), ("mid-shard:1", "int8"),
+                                         ("after-shard:2", "fp32"), ("val-batch:1", "int8")])
+def test_kill_9_then_rerun_gives_the_uninterrupted_cache(fault, codec, image_root, teacher_file, fp32_cache,
+                                                         int8_cache, tmp_path):
+    reference = fp32_cache if codec == "fp32" else int8_cache
+    out = tmp_path / "cache"
+    args = build_args(image_root, out, teacher_file, codec)
+    killed = skd(*args, env={"SKD_FAULT": fault})
+    assert killed.returncode == -9, f"{fault}: the build was not killed ({killed.returncode}) {killed.stderr[-300:]}"
+    wrong = complete_shards_hold_final_rows(out, reference)
+    assert not wrong, f"{fault}: shards counted complete with wrong rows: {wrong}"
+    counted = int(open_store(out).complete().sum())
+    if fault in ("after-batch:1", "mid-shard:1"):
+        assert counted == 0, f"{fault}: {counted} shards counted complete before any shard was finished"
+    rerun = skd(*args)
+    assert rerun.returncode == 0, rerun.stderr[-800:]
+    want, got = arrays(reference), arrays(out)
+    for name in want:
+        assert np.array_equal(want[name], got[name]), f"{fault} ({codec}): {name} differs from the uninterrupted build"
+    assert not Path(f"{out}.lock").exists(), "the build lock was left behind"
+
+
+def test_second_build_on_the_same_cache_is_refused_naming_the_holder(image_root, teacher_file, tmp_path):
+    out = tmp_path / "cache"
+    lock = BuildLock(out)
+    try:
+        result = skd(*build_args(image_root, out, teacher_file))
+    finally:
+        lock.release()
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-300:]}"
+    assert f"pid {os.getpid()}" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (out / "zarr.json").exists(), "the refused build wrote into the cache"
+
+
+def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tmp_path, teacher_file):
+    """A real full disk: a small tmpfs. The cache is then moved to a roomy disk and resumed."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    wide = tmp_path / "wide.pth"  # 1000 outputs: 4 KB per fp32 row, so shards outgrow the small disk
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), wide)
+    reference = tmp_path / "reference"
+    assert skd(*build_args(image_root, reference, wide, views=4)).returncode == 0
+    used = sum(f.stat().st_size for f in reference.rglob("*") if f.is_file())
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size_kib = 320  # holds the cache's creation (~100 files of 4 KiB pages) but not all its logits
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): the disk-full test needs a real small disk")
+    try:
+        out = mount / "cache"
+        full = skd(*build_args(image_root, out, wide, views=4))
+        assert full.returncode == 2, f"exit {full.returncode} with {used} bytes on a {size_kib} KiB disk: {full.stderr[-500:]}"
+        assert "cannot write shard" in full.stderr and "No space left" in full.stderr, full.stderr[-500:]
+        assert "Traceback" not in full.stderr, full.stderr[-500:]
+        done = int(open_store(out).complete().sum())
+        moved = tmp_path / "moved"
+        shutil.copytree(out, moved)
+    finally:
+        subprocess.run(["umount", str(mount)])
+    resumed = skd(*build_args(image_root, moved, wide, views=4))
+    assert resumed.returncode == 0, resumed.stderr[-500:]
+    want, got = arrays(reference), arrays(moved)
+    for name in want:
+        assert np.array_equal(want[name], got[name]), f"{name} differs after a full disk ({done} shards had completed)"
+
+
+def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(fp32_cache, tmp_path):
+    args = ["--cache", fp32_cache, "--epochs", 3, "--batch-size", 4, "--steps-per-epoch", 3, "--loader",
+            "torchvision", "--workers", 0, "--device", "cpu", "--alpha", "0.9", "--no-val"]
+    straight = skd(*args, "--out", tmp_path / "straight", tool="train")
+    assert straight.returncode == 0, straight.stderr[-800:]
+    run = tmp_path / "run"
+    killed = skd(*args, "--out", run, env={"SKD_FAULT": "train-step:5"}, tool="train")  # epoch 1, step 2
+    assert killed.returncode == -9, f"not killed ({killed.returncode})"
+    import torch
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 0, f"last checkpoint is from epoch {ckpt['epoch']}, expected 0"
+    resumed = skd(*args, "--out", run, "--resume", tool="train")
+    assert resumed.returncode == 0, resumed.stderr[-800:]
+    want = [json.loads(x) for x in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in got] == [0, 1, 2], f"epochs in metrics after resume: {[m['epoch'] for m in got]}"
+    worst = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(want, got))
+    assert worst < 1e-6, f"resumed run's train loss differs from the straight run by {worst:.2e}"
+    assert not list(run.glob("*.tmp")), "a half-written checkpoint was left behind"
