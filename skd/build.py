@@ -146,9 +146,6 @@ def quick_fingerprints(root: Path, with_val: bool, skipped=()) -> tuple[str, str
     return out[0], out[1]
 
 
-_quick_fingerprints = quick_fingerprints  # old name, still imported by skd.verify
-
-
 def _create(cfg: BuildConfig, meta: dict, index, num_classes: int) -> Store:
     """Plan every view of the indexed dataset and write an empty cache."""
     meta["dataset"].update(num_samples=len(index.train), classes=index.classes,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,12 +21,15 @@ def user_errors(fn):
         from pipelines import LoaderUnavailable
 
         from .build import BuildError
+        from .distributed import DeviceError
         from .index import DatasetError
+        from .stats import StatsError
         from .store import StoreError
         from .teachers import ModelError
         from .train import TrainError
-        known = (BuildError, DatasetError, StoreError, ModelError, TrainError, LoaderUnavailable,
-                 click.UsageError)
+        from .verify import VerifyError
+        known = (BuildError, DatasetError, DeviceError, StoreError, ModelError, TrainError, LoaderUnavailable,
+                 StatsError, VerifyError, click.UsageError)
         try:
             return fn(*args, **kwargs)
         except known as exc:
@@ -73,9 +77,12 @@ def cache():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher")
 @click.option("--overwrite", is_flag=True, help="delete an existing cache at --out and rebuild")
 @click.option("--no-val", is_flag=True, help="do not cache centre-crop logits of ROOT/val")
+@click.option("--on-bad-image", default="error", show_default=True, type=click.Choice(["error", "skip"]),
+              help="error: list every unreadable or truncated image and stop before any teacher work; "
+                   "skip: leave them out (recorded in the cache, shown by skd-cache info)")
 @user_errors
 def build(teacher, weights, data, out, views, image_size, batch_size, codec, amp, device, loader, seed, workers,
-          shard_rows, chunk_rows, compile_, overwrite, no_val):
+          shard_rows, chunk_rows, compile_, overwrite, no_val, on_bad_image):
     """Run the teacher over recorded augmented views and store its logits (resumable)."""
     from .build import BuildConfig, build_cache, summary_lines
     from .teachers import alias
@@ -87,12 +94,98 @@ def build(teacher, weights, data, out, views, image_size, batch_size, codec, amp
     cfg = BuildConfig(teacher=teacher, weights=weights, data=data_root(data), out=out or Path("cache") / alias(teacher),
                       views=views, image_size=image_size, batch_size=batch_size, codec=codec, amp=amp,
                       device=device, loader=loader, seed=seed, workers=workers, shard_rows=shard_rows,
-                      chunk_rows=chunk_rows, compile=compile_, overwrite=overwrite, val=not no_val)
+                      chunk_rows=chunk_rows, compile=compile_, overwrite=overwrite, val=not no_val,
+                      on_bad_image=on_bad_image)
     summary = build_cache(cfg, progress=True)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"cache {cfg.out}")
         for line in summary_lines(summary):
             click.echo(f"  {line}")
+
+
+CACHE_DIR = click.argument("cache_dir", metavar="DIR", type=click.Path(path_type=Path))
+JSON = click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of text")
+
+
+def _views(value: str) -> list[int] | None:
+    if value == "all":
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("'all' or comma-separated view numbers, e.g. 0,3") from None
+
+
+@cache.command()
+@CACHE_DIR
+@JSON
+@user_errors
+def info(cache_dir, as_json):
+    """What a cache holds and costs: teacher, dataset, plan, codec, completion, bytes (unfinished caches too)."""
+    from .stats import describe, info_lines
+    from .store import open_store
+
+    report = describe(open_store(cache_dir))
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(info_lines(report)))
+
+
+@cache.command()
+@CACHE_DIR
+@click.option("--views", default="0", show_default=True, callback=lambda c, p, v: _views(v),
+              help="views to read: 'all' or comma-separated numbers, e.g. 0,3")
+@click.option("--no-val", is_flag=True, help="skip the validation logits (val/)")
+@click.option("--temperature", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="T of the SKD target softmax(layer_norm(logits) * m / T) whose confidence is reported")
+@click.option("--multiplier", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="m of that SKD target (the suggested m, --multiplier auto, is reported from view 0)")
+@JSON
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="also write histograms of std, max-probability and per-class accuracy to this PNG")
+@user_errors
+def stats(cache_dir, views, no_val, temperature, multiplier, as_json, plot):
+    """Teacher accuracy, logit scale, confidence, calibration, view consistency and storage cost of a cache."""
+    from .stats import logit_stats, plot_stats, stats_lines
+    from .store import open_store
+
+    report = logit_stats(open_store(cache_dir), views, val=not no_val, temperature=temperature,
+                         multiplier=multiplier, progress=True)
+    if plot is not None:
+        plot_stats(report, plot)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else "\n".join(stats_lines(report)))
+
+
+@cache.command()
+@CACHE_DIR
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=1),
+              help="stored rows (views and val) to re-compute, drawn at random")
+@click.option("--data", help="dataset root; default: the root recorded in the cache")
+@click.option("--weights", help="teacher weights file; default: the file recorded in the cache")
+@click.option("--loader", type=click.Choice(["dali", "torchvision"]), help="default: the loader recorded in the cache")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the random choice of rows")
+@click.option("--tolerance", default=1e-2, show_default=True, type=click.FloatRange(min=0),
+              help="KL (T=4, m=2) above which a re-computed row differs from the stored one")
+@click.option("--integrity", is_flag=True, help="also read every chunk and report those that fail to decode")
+@JSON
+@user_errors
+def verify(cache_dir, samples, data, weights, loader, device, batch_size, workers, seed, tolerance, integrity,
+           as_json):
+    """Check a cache against its data and teacher: fingerprint, weights, re-computed rows (exit 1 on mismatch)."""
+    from .store import open_store
+    from .verify import report_lines, verify_cache
+
+    report = verify_cache(open_store(cache_dir), data=Path(data) if data else None, weights=weights,
+                          samples=samples, loader=loader, device=device, batch_size=batch_size, workers=workers,
+                          seed=seed, tolerance=tolerance, integrity=integrity, progress=True)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo("\n".join(report_lines(report)))
+    if not report.ok:
+        click.echo(f"error: cache {cache_dir} does not match: {report.cause} (details above)", err=True)
+        sys.exit(1)
 
 
 def _multiplier(value: str) -> str:

@@ -8,6 +8,10 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(ValueError):
+    """The requested device is not available here: one line saying what to pass instead."""
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
@@ -52,7 +56,7 @@ def resolve_device(requested: str, d: Dist) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+            raise DeviceError("--device cuda: no CUDA device is available here; use --device cpu")
         torch.cuda.set_device(d.local_rank)
         return torch.device("cuda", d.local_rank)
     return torch.device(requested)

@@ -1,0 +1,114 @@
+"""`skd-cache verify`: passes on a fresh cache; fails, naming the cause, on changed data, weights or bytes."""
+import json
+import shutil
+
+import pytest
+import torch
+import torchvision
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import make_image_folder, photo_like, write_jpeg
+from skd.build import BuildConfig, build_cache
+from skd.cli import cache as cli
+from skd.store import open_store
+
+SHARD = "views/logits/c/1/0/0"  # view 1, shard 0 (rows 0-7)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A folder with data/ (12 train + 3 val images), t.pth (the teacher) and cache/ (2 views + val, fp32)."""
+    base = tmp_path_factory.mktemp("verify")
+    make_image_folder(base / "data", per_class=4, val_per_class=1)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), base / "t.pth")
+    build_cache(BuildConfig(teacher="resnet18", weights=str(base / "t.pth"), data=base / "data", out=base / "cache",
+                            views=2, image_size=32, batch_size=8, codec="fp32", loader="torchvision", workers=0,
+                            shard_rows=8, chunk_rows=4, amp="none", device="cpu"))
+    return base
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    """A private copy of `built` to damage; verify it with --data and --weights pointing into the copy."""
+    return shutil.copytree(built, tmp_path / "w")
+
+
+def verify(cache, *args):
+    """(exit status, JSON report or None, stderr) of `skd-cache verify CACHE ARGS --json`."""
+    result = CliRunner().invoke(cli, ["verify", str(cache), *map(str, args), "--json", "--workers", "0"])
+    report = json.loads(result.stdout) if result.stdout.strip() else None
+    return result.exit_code, report, result.stderr
+
+
+def check(report, name):
+    return next(c for c in report["checks"] if c["name"] == name)
+
+
+def test_fresh_cache_passes(built):
+    code, report, err = verify(built / "cache", "--integrity")  # recorded data root and weights path
+    assert code == 0 and report["ok"], f"exit {code}: {err}"
+    c = report["comparison"]
+    assert c["rows"] == 2 * 12 + 3, f"compared {c['rows']} rows, the cache holds 27 (--samples 256 covers all)"
+    assert c["max_abs_diff"] < 1e-4 and c["top1_agreement"] == 1.0, \
+        f"re-computed logits differ from the stored ones: max |diff| {c['max_abs_diff']:.2e}, " \
+        f"top-1 agreement {c['top1_agreement']}"
+
+
+def test_changed_image_is_different_data(copy):
+    image = copy / "data/train/bee/bee_001.JPEG"
+    with Image.open(image) as opened:
+        width, height = opened.size
+    write_jpeg(image, photo_like(height, width, seed=99), quality=75)  # same size in pixels, other content
+    code, report, err = verify(copy / "cache", "--data", copy / "data", "--weights", copy / "t.pth")
+    assert code == 1 and "different data" in err, f"exit {code}, stderr {err!r}"
+    assert not check(report, "data")["ok"] and check(report, "weights")["ok"], f"checks: {report['checks']}"
+    logits = check(report, "logits")
+    assert not logits["ok"] and "bee_001.JPEG" in logits["detail"], f"the changed file is not named: {logits}"
+
+
+def test_swapped_weights_are_different_weights(copy):
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), copy / "t.pth")
+    code, report, err = verify(copy / "cache", "--data", copy / "data", "--weights", copy / "t.pth")
+    assert code == 1 and "different weights" in err, f"exit {code}, stderr {err!r}"
+    assert check(report, "data")["ok"] and not check(report, "weights")["ok"], f"checks: {report['checks']}"
+    assert report["comparison"]["kl_mean"] > 1e-3, f"other weights, yet KL {report['comparison']['kl_mean']:.2e}"
+
+
+def test_undecodable_shard_is_named(copy):
+    path = copy / "cache" / SHARD
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF  # the zstd frame's magic number
+    path.write_bytes(data)
+    code, report, err = verify(copy / "cache", "--data", copy / "data", "--weights", copy / "t.pth", "--integrity")
+    assert code == 1 and "corrupted shard" in err, f"exit {code}, stderr {err!r}"
+    for name in ("logits", "integrity"):
+        assert "view 1 shard 0" in check(report, name)["detail"], f"{name} check does not name the shard: {report}"
+    assert check(report, "data")["ok"] and check(report, "weights")["ok"], f"checks: {report['checks']}"
+
+
+def test_silently_changed_value_is_named(copy):
+    stored = open_store(copy / "cache").read_logits(1, 0, 8)
+    path = copy / "cache" / SHARD
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(stored[2, 1].tobytes())
+    assert at >= 0, "the fp32 value is not stored verbatim: zstd compressed the tiny shard"
+    data[at + 3] ^= 0x40  # the exponent byte: the value now decodes to something huge
+    path.write_bytes(data)
+    code, report, err = verify(copy / "cache", "--data", copy / "data", "--weights", copy / "t.pth")
+    logits = check(report, "logits")
+    assert code == 1 and "teacher outputs differ" in err, f"exit {code}, stderr {err!r}"
+    assert "view 1 shard 0 row 2" in logits["detail"] and "corrupted" in logits["detail"], \
+        f"the damaged row and its likely cause are not named: {logits['detail']}"
+
+
+@pytest.mark.parametrize("weights, says", [("none", "cannot be verified"), ("/gone/t.pth", "pass --weights")])
+def test_teacher_that_cannot_be_recreated(copy, weights, says):
+    group = zarr.open_group(str(copy / "cache"), mode="r+")
+    meta = dict(group.attrs["skd"])
+    group.attrs["skd"] = {**meta, "teacher": {**meta["teacher"], "weights": weights}}
+    code, _, err = verify(copy / "cache", "--data", copy / "data")
+    assert code == 2 and err.count("\n") == 1 and says in err, f"weights {weights!r}: exit {code}, stderr {err!r}"
