@@ -423,12 +423,11 @@ class BuildLock:
 
 
 def summarize(store: Store, rows_written: int, seconds: float) -> BuildSummary:
+    from .stats import storage
+
     total = store.num_views * store.num_samples + store.num_val
-    logit_bytes = sum(f.stat().st_size for name in ("views", "val") if (store.path / name).is_dir()
-                      for f in (store.path / name).rglob("*") if f.is_file()
-                      and any(part in ("logits", "scale", "offset") for part in f.relative_to(store.path).parts))
     return BuildSummary(views=store.num_views, rows_written=rows_written, rows_total=total,
-                        bytes_on_disk=store.bytes_on_disk(), bytes_per_row=logit_bytes / max(1, total),
+                        bytes_on_disk=store.bytes_on_disk(), bytes_per_row=storage(store)["bytes_per_row"] or 0.0,
                         seconds=seconds, images_per_sec=rows_written / max(seconds, 1e-9))
 
 

@@ -1,0 +1,80 @@
+"""The demo's dataset writer and models (`python -m skd.demo` itself runs in `make demo`, not here)."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("sklearn")
+
+from skd import demo  # noqa: E402
+from skd.index import index_dataset  # noqa: E402
+from skd.teachers import create_model  # noqa: E402
+
+
+def _digest(root) -> str:
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.JPEG")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "digits"
+    return root, demo.write_digits(root)
+
+
+def test_writes_an_imagefolder_of_all_digits(digits):
+    root, counts = digits
+    assert counts == {"train": 1438, "val": 359}
+    index = index_dataset(root, workers=2)
+    assert index.classes == [str(d) for d in range(10)]
+    assert len(index.train.paths) == 1438 and len(index.val.paths) == 359
+    assert set(np.unique(index.val.labels)) == set(range(10))
+    assert (index.train.sizes == demo.CANVAS).all() and (index.val.sizes == demo.CANVAS).all()
+    # the folder name is the digit, and each scikit-learn image is in exactly one split
+    ids = [p.split("/")[-1] for p in index.train.paths + index.val.paths]
+    assert len(set(ids)) == 1797
+    with Image.open(root / index.train.paths[0]) as image:
+        assert image.mode == "RGB" and image.format == "JPEG"
+    # stratified: every class has about 20% of its images in val
+    for c in range(10):
+        n_val = int((index.val.labels == c).sum())
+        n_all = n_val + int((index.train.labels == c).sum())
+        assert abs(n_val - 0.2 * n_all) <= 1
+
+
+def test_deterministic_and_left_alone_when_present(digits, tmp_path):
+    root, counts = digits
+    again = tmp_path / "digits"
+    assert demo.write_digits(again) == counts
+    assert _digest(again) == _digest(root)
+    stamp = {f: f.stat().st_mtime_ns for f in again.rglob("*.JPEG")}
+    demo.write_digits(again)  # same manifest: nothing rewritten
+    assert {f: f.stat().st_mtime_ns for f in again.rglob("*.JPEG")} == stamp
+
+
+def test_the_digit_is_inside_the_validation_crop():
+    rng = np.random.default_rng(0)
+    pixels = np.full(64, 16.0)  # a full white 8x8 square shows where the digit lands
+    margin = (demo.CANVAS - round(demo.CANVAS * 224 / 256)) // 2
+    for _ in range(50):
+        image = demo.render_digit(pixels, rng)
+        assert image.shape == (demo.CANVAS, demo.CANVAS, 3) and image.dtype == np.uint8
+        ink = image.max(axis=2) > 120
+        ys, xs = np.nonzero(ink)
+        assert ys.min() >= margin and xs.min() >= margin
+        assert ys.max() < demo.CANVAS - margin and xs.max() < demo.CANVAS - margin
+
+
+def test_models_load_by_the_py_form():
+    teacher = create_model("py:skd.demo:teacher")
+    student = create_model("py:skd.demo:student", num_classes=10)
+    x = torch.zeros(2, 3, demo.IMAGE_SIZE, demo.IMAGE_SIZE)
+    assert teacher.eval()(x).shape == (2, 10) and student.eval()(x).shape == (2, 10)
+    assert sum(p.numel() for p in student.parameters()) * 10 < sum(p.numel() for p in teacher.parameters())
