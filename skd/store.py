@@ -379,6 +379,7 @@ class RowReader:
             self.chunks = self.shard_rows // self.chunk_rows
             self.fill = array.fill_value
             self.zstd = numcodecs.Zstd()
+            self.buffer = bytearray(0)  # compressed bytes of the shard being read (one reader thread)
 
         @classmethod
         def for_view(cls, store: Store, view: int | None) -> list | None:
@@ -415,9 +416,10 @@ class RowReader:
         def _layout(array, row_axis: int) -> Path | None:
             """The array's folder when it is a local, sharded array in create_store's layout, else None."""
             from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-            from zarr.codecs.sharding import ShardingCodecIndexLocation
             from zarr.storage import LocalStore
 
+            def name(value):  # an enum member (zarr 3.1) or its string (zarr 3.4)
+                return getattr(value, "value", value)
             md = array.metadata
             if getattr(md, "zarr_format", None) != 3 or len(md.codecs) != 1:
                 return None
@@ -426,11 +428,11 @@ class RowReader:
             dtype = np.dtype(array.dtype)
             little = (None, "little") if dtype.itemsize == 1 else ("little",)
             ok = (isinstance(sharding, ShardingCodec)
-                  and sharding.index_location == ShardingCodecIndexLocation.end
+                  and name(sharding.index_location) == "end"
                   and [type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
-                  and getattr(sharding.index_codecs[0].endian, "value", None) == "little"
+                  and name(sharding.index_codecs[0].endian) == "little"
                   and [type(c) for c in sharding.codecs] == [BytesCodec, ZstdCodec]
-                  and getattr(sharding.codecs[0].endian, "value", sharding.codecs[0].endian) in little
+                  and name(sharding.codecs[0].endian) in little
                   and dtype.byteorder in "=|<"
                   and all(s == 1 for s in shard_shape[:row_axis] + tuple(sharding.chunk_shape[:row_axis]))
                   and shard_shape[row_axis + 1:] == tuple(array.shape[row_axis + 1:])
@@ -478,7 +480,7 @@ class RowReader:
                     hi = int((index[present, 0] + index[present, 1]).max())
                     if hi > size - index_bytes:
                         raise ValueError(f"{path}: shard index points past the data (damaged file)")
-                    data = memoryview(os.pread(fd, hi - lo, lo))
+                    data = self._pread(fd, hi - lo, lo)
             finally:
                 os.close(fd)
             chunk_shape = (self.chunk_rows,) + self.row_shape
@@ -503,6 +505,20 @@ class RowReader:
                     flat[...] = raw
                 if not whole:
                     dest[...] = target[lo_row - g0:hi_row - g0]
+
+        def _pread(self, fd: int, size: int, offset: int) -> memoryview:
+            """`size` bytes at `offset`, read into a buffer this reader reuses (no fresh pages per shard)."""
+            import os
+
+            if not hasattr(os, "preadv"):
+                return memoryview(os.pread(fd, size, offset))
+            if len(self.buffer) < size:
+                self.buffer = bytearray(size)
+            view = memoryview(self.buffer)[:size]
+            got = os.preadv(fd, [view], offset)
+            if got != size:
+                raise ValueError(f"short read of a shard file ({got} of {size} bytes)")
+            return view
 
         @staticmethod
         def _frame_size(frame: memoryview) -> int | None:

@@ -1,4 +1,4 @@
-"""Logit codecs: exactness of fp32, error bounds of fp16 and int8."""
+"""Logit codecs: exactness of fp32, error bounds of fp16, int8 and compact, KL bounds after the layer norm."""
 import numpy as np
 import pytest
 import torch
@@ -42,15 +42,74 @@ def test_fp16_relative_error():
     assert err < 1e-2, f"fp16 max error {err}"
 
 
-@pytest.mark.parametrize("name", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "compact"])
 def test_torch_decode_matches_numpy(name):
     codec = get_codec(name)
     enc = codec.encode(teacher_like(8, 50))
     t = codec.decode_torch(*(None if a is None else torch.from_numpy(a) for a in enc))
-    assert np.allclose(t.numpy(), codec.decode(enc), atol=1e-6), f"{name}: torch and numpy decodes differ"
+    assert t.dtype == torch.float32 and t.shape == (8, 50)
+    # one float32 rounding apart at most (a fused multiply-add may round once where numpy rounds twice)
+    assert np.allclose(t.numpy(), codec.decode(enc), rtol=1e-6, atol=1e-6), f"{name}: torch and numpy decodes differ"
 
 
 def test_unknown_codec_names_choices():
-    with pytest.raises(ValueError, match="fp32, fp16, int8"):
+    with pytest.raises(ValueError, match="fp32, fp16, int8, compact"):
         get_codec("int4")
     assert Encoded(np.zeros(1)).scale is None
+
+
+def kl_after_layer_norm(exact: np.ndarray, decoded: np.ndarray, temperature=4.0, multiplier=2.0) -> np.ndarray:
+    """Per-row KL(softmax(z_exact / T) || softmax(z_decoded / T)), z = layer_norm(x) * m, as in the SKD loss."""
+    from skd.loss import spherical_normalize
+
+    def log_p(x):
+        return torch.log_softmax(spherical_normalize(torch.from_numpy(x).double(), multiplier) / temperature, 1)
+    lp, lq = log_p(exact), log_p(decoded)
+    return (lp.exp() * (lp - lq)).sum(1).numpy()
+
+
+def peaked_teacher_like(n=256, c=1000, seed=1):
+    """Rows with one confident class (up to 12 std above the bulk): where a range-based step is coarse."""
+    x = teacher_like(n, c, seed)
+    rng = np.random.default_rng(seed)
+    x[np.arange(n), rng.integers(0, c, n)] += rng.uniform(0, 30, n).astype(np.float32)
+    return x
+
+
+def test_compact_error_within_half_a_step_of_a_tenth_of_the_std():
+    x = peaked_teacher_like()
+    codec = get_codec("compact")
+    enc = codec.encode(x)
+    assert enc.logits.dtype == np.uint8 and enc.scale.dtype == np.float32 and enc.offset.dtype == np.float32
+    step = np.maximum(0.13 * x.std(1), (x.max(1) - x.min(1)) / 255)
+    assert np.allclose(enc.scale, step, rtol=1e-5), "compact's step is 0.13 std unless the range needs more"
+    err = np.abs(codec.decode(enc) - x)
+    assert (err <= 0.5 * step[:, None] * (1 + 1e-4) + 1e-6).all(), "compact error above half a step"
+
+
+def test_compact_kl_bound_and_fewer_levels_than_int8():
+    x = peaked_teacher_like()
+    compact, int8 = get_codec("compact"), get_codec("int8")
+    kl = kl_after_layer_norm(x, compact.decode(compact.encode(x)))
+    # uniform rounding of step k*std: KL ~= (k m / T)^2 / 24 = 1.76e-4 for every row
+    assert kl.mean() <= 2e-4 and kl.max() <= 3e-4, f"compact KL mean {kl.mean():.3g}, max {kl.max():.3g}"
+    assert kl_after_layer_norm(x, int8.decode(int8.encode(x))).mean() <= 2e-5, "int8 KL above 2e-5"
+    levels = compact.encode(x).logits.max(1)
+    assert np.median(levels) < 128, "compact should use about half the levels (about a bit less entropy)"
+
+
+def test_compact_constant_and_tiny_rows():
+    codec = get_codec("compact")
+    x = np.stack([np.full(10, -2.25, np.float32), np.linspace(0, 1e-6, 10, dtype=np.float32)])
+    dec = codec.decode(codec.encode(x))
+    assert np.array_equal(dec[0], x[0]), "constant rows must decode exactly"
+    assert np.abs(dec[1] - x[1]).max() <= 1e-7
+
+
+def test_compact_decode_is_the_affine_stored_form():
+    """Stats and the GPU path read compact exactly like int8: logits * scale + offset."""
+    codec = get_codec("compact")
+    enc = codec.encode(teacher_like(4, 30))
+    assert codec.affine and codec.dtype == "uint8"
+    manual = enc.logits.astype(np.float32) * enc.scale[:, None] + enc.offset[:, None]
+    assert np.allclose(codec.decode(enc), manual, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,112 @@
+"""RowReader: the direct shard reads give exactly what zarr gives, in any range, block size and batch size."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from skd.codecs import get_codec
+from skd.store import FORMAT_VERSION, RowReader, Split, create_store, open_store
+
+
+def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_rows=4, views=2, val=13,
+               skip_shards=()):
+    rng = np.random.default_rng(0)
+    meta = {"format": FORMAT_VERSION, "codec": codec, "views": views, "shard_rows": shard_rows,
+            "chunk_rows": chunk_rows, "teacher": {"name": "t", "num_classes": classes},
+            "dataset": {"num_samples": rows, "classes": [str(i) for i in range(classes)]}, "plan": {}}
+    split = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), 8))
+    plans = [SimpleNamespace(order=rng.permutation(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows))
+             for _ in range(views)]
+    vsplit = Split([f"val/c/{i}.JPEG" for i in range(val)], rng.integers(0, classes, val), np.full((val, 2), 8))
+    store = create_store(path, meta, train=split, plans=plans, val=vsplit, val_boxes=np.zeros((val, 4)),
+                         num_classes=classes)
+    enc = get_codec(codec)
+    for view, n in [(k, rows) for k in range(views)] + [(None, val)]:
+        for shard in range(store.num_shards(n)):
+            if (view, shard) in skip_shards:
+                continue
+            a, b = store.shard_bounds(shard, n)
+            store.write_shard(view, shard, enc.encode(rng.normal(0, 3, (b - a, classes)).astype(np.float32)))
+    return open_store(path)
+
+
+def assert_same(got, want):
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g.dtype == w.dtype and np.array_equal(g, w), "direct read differs from zarr's"
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp16", "fp32", "compact"])
+def test_direct_reads_match_zarr(tmp_path, codec):
+    store = make_store(tmp_path / "c", codec=codec)
+    for view, n in [(0, 50), (1, 50), (None, 13)]:
+        reader = RowReader(store, view, 0, n)
+        assert reader._direct is not None, "the store's own layout should be read directly"
+        for a, b in [(0, n), (3, n - 2), (5, 6), (16, 32), (15, 17), (n - 1, n)]:
+            if b > n:
+                continue
+            assert_same(reader._read(a, b), store.read_rows(view, a, b))
+
+
+@pytest.mark.parametrize("block_rows,batch", [(None, 5), (None, 16), (7, 3), (4, 64), (16, 1), (None, 100)])
+def test_batches_cover_the_range_in_order(tmp_path, block_rows, batch):
+    store = make_store(tmp_path / "c")
+    start, stop = 3, 47
+    got = list(RowReader(store, 1, start, stop, block_rows=block_rows).batches(batch))
+    firsts = [f for f, _ in got]
+    sizes = [len(e.logits) for _, e in got]
+    assert firsts == list(range(start, stop, batch)), "batches must start every batch_size rows"
+    assert all(s == batch for s in sizes[:-1]) and sum(sizes) == stop - start
+    whole = [np.concatenate([e[i] for _, e in got]) for i in range(3)]
+    assert_same(whole, store.read_rows(1, start, stop))
+
+
+def test_unwritten_shards_read_as_fill_value(tmp_path):
+    store = make_store(tmp_path / "c", skip_shards={(0, 1)})
+    assert_same(RowReader(store, 0, 0, 50)._read(0, 50), store.read_rows(0, 0, 50))
+    assert not RowReader(store, 0, 0, 50)._read(16, 32).logits.any()
+
+
+def test_damaged_shard_index_is_an_error(tmp_path):
+    store = make_store(tmp_path / "c")
+    shard = tmp_path / "c" / "views" / "logits" / "c" / "0" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="crc32c"):
+        list(RowReader(store, 0, 0, 50).batches(8))
+
+
+def test_damaged_chunk_is_an_error(tmp_path):
+    store = make_store(tmp_path / "c")
+    shard = tmp_path / "c" / "views" / "logits" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[20:40] = bytes(20)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception):
+        list(RowReader(store, 0, 0, 16).batches(8))
+
+
+def test_other_layouts_fall_back_to_zarr(tmp_path, monkeypatch):
+    store = make_store(tmp_path / "c")
+    monkeypatch.setattr(RowReader._Sharded, "_layout", staticmethod(lambda array, row_axis: None))
+    reader = RowReader(store, 0, 0, 50)
+    assert reader._direct is None
+    got = np.concatenate([e.logits for _, e in reader.batches(7)])
+    assert np.array_equal(got, store.read_rows(0, 0, 50).logits)
+
+
+def test_chunks_zarr_left_out_read_as_fill_value(tmp_path):
+    """zarr does not store a chunk that equals the fill value (constant int8 rows: levels and scale 0)."""
+    make_store(tmp_path / "c", views=1)
+    store = open_store(tmp_path / "c", mode="r+")
+    x = np.random.default_rng(3).normal(0, 3, (16, 7)).astype(np.float32)
+    x[4:8] = 2.5  # one whole chunk of constant rows
+    store.write_shard(0, 1, get_codec("int8").encode(x))
+    store = open_store(tmp_path / "c")
+    index = (tmp_path / "c" / "views" / "logits" / "c" / "0" / "1" / "0").read_bytes()[-(4 * 16 + 4):-4]
+    assert np.frombuffer(index, "<u8").reshape(4, 2)[1, 0] == 2**64 - 1, "zarr should have left the chunk out"
+    reader = RowReader(store, 0, 0, 50)
+    assert_same(reader._read(0, 50), store.read_rows(0, 0, 50))
+    assert np.allclose(store.codec.decode(reader._read(20, 24)), 2.5)
