@@ -28,7 +28,9 @@ class StoreError(ValueError):
 
 
 def _zstd():
-    return zarr.codecs.ZstdCodec(level=3)
+    """zstd with a content checksum per chunk: a flipped byte anywhere fails to decode, never
+    decodes silently to another value (the shard index has its own crc32c)."""
+    return zarr.codecs.ZstdCodec(level=3, checksum=True)
 
 
 @dataclass(frozen=True)
