@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -100,6 +101,12 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
     student = torchvision.models.resnet18(num_classes=3)
     student.load_state_dict(torch.load(out / "student.pth", weights_only=True))
     assert not list(out.glob("*.tmp")), "a temporary checkpoint was left behind"
+    other = tmp_path / "other"
+    shutil.copytree(fp32_cache, other)
+    refused = cli("--cache", other, "--epochs", 3, "--loader", "torchvision", "--workers", 0, "--device", "cpu",
+                  "--out", out, "--resume")
+    assert refused.returncode == 2 and "same cache" in refused.stderr and "Traceback" not in refused.stderr, \
+        refused.stderr[-500:]
 
 
 def test_killed_run_resumes_with_the_same_metrics(fp32_cache, tmp_path):
