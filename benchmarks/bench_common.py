@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark scripts: synthetic caches, timing, machine description, tables."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 import platform
 import subprocess
@@ -194,3 +196,33 @@ def train_rate(cfg, warmup: int, steps_per_epoch: int) -> float:
     spans = [(t[1] - t[0]) for t in marks.values() if len(t) == 2]
     steps = len(spans) * (steps_per_epoch - 1 - warmup)
     return steps * cfg.batch_size / sum(spans)
+
+
+@contextlib.contextmanager
+def teacher_loop_timer():
+    """Time the build's teacher loop (and the writer's final flush) from outside, while a build runs.
+
+    Yields [seconds, images]: filled in as `skd.build.run_teacher` and `ShardWriter.close` return.
+    """
+    import skd.build
+
+    spent = [0.0, 0]
+    original_run, original_close = skd.build.run_teacher, skd.build.ShardWriter.close
+
+    def run_teacher(*a, **k):
+        t = time.perf_counter()
+        n = original_run(*a, **k)
+        spent[0] += time.perf_counter() - t
+        spent[1] += n
+        return n
+
+    def close(self):
+        t = time.perf_counter()
+        original_close(self)
+        spent[0] += time.perf_counter() - t
+
+    skd.build.run_teacher, skd.build.ShardWriter.close = run_teacher, close
+    try:
+        yield spent
+    finally:
+        skd.build.run_teacher, skd.build.ShardWriter.close = original_run, original_close

@@ -29,7 +29,7 @@ import torchvision
 
 import pipelines
 import skd.build
-from bench_common import git_state, machine, synthetic_jpeg_folder, table
+from bench_common import git_state, machine, synthetic_jpeg_folder, table, teacher_loop_timer
 from skd.build import AMP_DTYPES, BuildConfig, build_cache
 from skd.store import open_store
 
@@ -41,30 +41,13 @@ def timed_build(cfg: BuildConfig) -> tuple[float, float, float]:
 
     Cores busy = CPU seconds of this process and its loader workers / wall seconds: about 1 where the
     machine gave the build one core, which leaves nothing to overlap on a CPU-only machine."""
-    spent = [0.0, 0]
-    original_run, original_close = skd.build.run_teacher, skd.build.ShardWriter.close
-
-    def run_teacher(*a, **k):
-        t = time.perf_counter()
-        n = original_run(*a, **k)
-        spent[0] += time.perf_counter() - t
-        spent[1] += n
-        return n
-
-    def close(self):
-        t = time.perf_counter()
-        original_close(self)
-        spent[0] += time.perf_counter() - t
-    skd.build.run_teacher, skd.build.ShardWriter.close = run_teacher, close
-    try:
+    with teacher_loop_timer() as spent:
         if cfg.out.exists():
             shutil.rmtree(cfg.out)
         t, cpu = time.perf_counter(), os.times()
         build_cache(cfg)
         total = time.perf_counter() - t
         cpu_end = os.times()
-    finally:
-        skd.build.run_teacher, skd.build.ShardWriter.close = original_run, original_close
     busy = sum(getattr(cpu_end, f) - getattr(cpu, f) for f in ("user", "system", "children_user", "children_system"))
     return spent[1] / spent[0], total, busy / total
 

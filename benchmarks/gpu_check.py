@@ -25,8 +25,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import skd.build  # noqa: E402
-from bench_common import machine, synthetic_jpeg_folder, table, train_rate  # noqa: E402
+from bench_common import machine, synthetic_jpeg_folder, table, teacher_loop_timer, train_rate  # noqa: E402
 from build_pipelining import loader_rate  # noqa: E402
 from skd.build import AMP_DTYPES, BuildConfig  # noqa: E402
 from skd.train import TrainConfig  # noqa: E402
@@ -60,27 +59,12 @@ def cli_build(args, root: Path, cache: Path) -> tuple[float, float]:
     """Run `skd-cache build ...` in this process; (images/s inside its teacher loop, for the whole command)."""
     from skd.cli import cache as cache_group
 
-    spent = [0.0, 0]
-    original_run, original_close = skd.build.run_teacher, skd.build.ShardWriter.close
-
-    def run_teacher(*a, **k):
-        t = time.perf_counter()
-        n = original_run(*a, **k)
-        spent[0] += time.perf_counter() - t
-        spent[1] += n
-        return n
-
-    def close(self):
-        t = time.perf_counter()
-        original_close(self)
-        spent[0] += time.perf_counter() - t
     argv = ["build", "--teacher", args.teacher, "--weights", "none", "--data", str(root), "--out", str(cache),
             "--views", str(args.views), "--image-size", str(args.size), "--batch-size", str(args.teacher_batch),
             "--codec", "int8", "--amp", args.amp, "--device", args.device, "--loader", "torchvision",
             "--workers", str(args.workers), "--no-val", "--overwrite"]
     say("skd-cache " + " ".join(argv))
-    skd.build.run_teacher, skd.build.ShardWriter.close = run_teacher, close
-    try:
+    with teacher_loop_timer() as spent:
         t = time.perf_counter()
         try:
             cache_group.main(args=argv, prog_name="skd-cache", standalone_mode=False)
@@ -88,8 +72,6 @@ def cli_build(args, root: Path, cache: Path) -> tuple[float, float]:
             if exc.code:
                 raise SystemExit(f"skd-cache build failed (exit {exc.code})") from None
         whole = time.perf_counter() - t
-    finally:
-        skd.build.run_teacher, skd.build.ShardWriter.close = original_run, original_close
     return spent[1] / spent[0], spent[1] / whole
 
 

@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ class Views:
     num_views: int
     num_classes: int
     image_size: int
-    plan: callable  # view -> (order, box, flip)
+    plan: Callable[[int], tuple]  # view -> (order, box, flip), as recorded
     val_paths: list[str] | None
     val_labels: np.ndarray | None
     val_boxes: np.ndarray | None
@@ -133,10 +133,14 @@ def online_views(cfg: TrainConfig, num_classes: int) -> Views:
     val = index.val
     return Views(root=index.root, paths=index.train.paths, labels=index.train.labels, num_views=cfg.views,
                  num_classes=num_classes, image_size=cfg.image_size,
-                 plan=lambda k: tuple(asdict(plan_view(cfg.plan_seed, k, sizes, cfg.crop)).values()),
+                 plan=lambda k: _plan_arrays(plan_view(cfg.plan_seed, k, sizes, cfg.crop)),
                  val_paths=val.paths if val else None, val_labels=val.labels if val else None,
                  val_boxes=center_boxes(val.sizes, VAL_CROP_FRACTION) if val else None,
                  fingerprint=index.train.fingerprint, loader=cfg.loader)
+
+
+def _plan_arrays(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return plan.order, plan.box, plan.flip
 
 
 def cached_teacher_batches(store: Store, view: int | None, start: int, stop: int, batch_size: int,
