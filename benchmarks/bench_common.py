@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from skd.codecs import get_codec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from jpegs import photo_like  # noqa: E402  (the tests' JPEG content, one definition)
 from skd.store import FORMAT_VERSION, Split, Store, create_store
 
 
@@ -128,23 +132,6 @@ def photo_folder(root: Path, copies: int = 1, split: str = "train", max_side: in
         for i in range(copies):
             image.save(folder / f"{name}_{i:03d}.JPEG", quality=95)
     return root
-
-
-def photo_like(height: int, width: int, seed) -> np.ndarray:
-    """An RGB uint8 image with smooth gradients, blobs and noise: JPEG-realistic content (as tests/conftest.py)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.empty((height, width, 3), np.float32)
-    for c in range(3):
-        fy, fx = rng.uniform(0.5, 3.0, 2)
-        img[..., c] = 128 + 80 * np.sin(fy * yy / height * np.pi + c) * np.cos(fx * xx / width * np.pi)
-    for _ in range(4):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        r = rng.uniform(0.1, 0.4) * min(height, width)
-        blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < r**2
-        img[blob] = 0.5 * img[blob] + 0.5 * rng.uniform(0, 255, 3)
-    img += rng.normal(0, 6, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _write_one(job) -> None:

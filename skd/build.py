@@ -243,7 +243,7 @@ class ShardWriter:
                     self._write(self.shards[0], codec.encode(rows[:need]))
                     self.shards.pop(0)
                     self.shards_written += 1
-                    _fault("after-shard", self.shards_written)
+                    fault("after-shard", self.shards_written)
                     buffer, filled = [rows[need:]], len(rows) - need
                     if self.shards:
                         start, stop = self.store.shard_bounds(self.shards[0], self.rows)
@@ -257,7 +257,7 @@ class ShardWriter:
         where = "val" if self.view is None else f"view {self.view}"
         try:
             self.store.write_shard_data(self.view, shard, encoded)
-            _fault("mid-shard", self.shards_written + 1)
+            fault("mid-shard", self.shards_written + 1)
             self.store.mark_complete(self.view, shard)
         except OSError as exc:
             raise BuildError(f"cannot write shard {shard} of {where} to {self.store.path} "
@@ -265,11 +265,12 @@ class ShardWriter:
                              "command to resume") from None
 
 
-def _fault(point: str, count: int) -> None:
+def fault(point: str, count: int) -> None:
     """Fault injection for the crash tests: SKD_FAULT=<point>:<count> kills this process with SIGKILL.
 
     Points: after-batch (batches fed to the writer), mid-shard (rows written, completion not yet
-    recorded), after-shard (completion recorded), val-batch (batches of the validation pass).
+    recorded), after-shard (completion recorded), val-batch (batches of the validation pass);
+    in skd-train: train-step (steps since the process started), after-epoch (checkpoint written).
     """
     if os.environ.get("SKD_FAULT", "") == f"{point}:{count}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -281,7 +282,7 @@ def _positions(store: Store, shards: list[int], rows: int) -> np.ndarray:
 
 
 def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: str, bar,
-                fault: str = "after-batch") -> int:
+                fault_point: str = "after-batch") -> int:
     """Feed every batch of `loader` through the teacher into `writer`; returns images processed."""
     dtype = AMP_DTYPES[amp]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -295,7 +296,7 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
             writer.put(batch.positions.numpy(), logits)
             done += len(logits)
             bar.update(len(logits))
-            _fault(fault, count)
+            fault(fault_point, count)
     return done
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 import pipelines
 
-from .build import AMP_DTYPES, VAL_CROP_FRACTION, quick_fingerprints
+from .build import AMP_DTYPES, VAL_CROP_FRACTION, fault, quick_fingerprints
 from .codecs import Codec
 from .distributed import Dist, init_distributed, resolve_device, shutdown
 from .index import index_dataset
@@ -210,13 +209,6 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fault(point: str, count: int) -> None:
-    """Fault injection for the crash tests: SKD_FAULT=after-epoch:N or train-step:N (steps since the
-    process started) kills this process with SIGKILL."""
-    if os.environ.get("SKD_FAULT", "") == f"{point}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def rank_range(n: int, d: Dist) -> tuple[int, int]:
     """This rank's contiguous part of a view's positions; equal parts so all ranks take equal steps."""
     per = n // d.world
@@ -314,6 +306,9 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     n = len(views.paths)
     start, stop = rank_range(n, d)
     metrics: dict = history[-1] if history else {}
+    val_teacher_top1 = None
+    if cfg.val and views.val_paths is not None:
+        val_teacher_top1 = cached_val_top1(store, *val_range(len(views.val_paths), d), device)
     steps_run = 0
     for epoch in range(first_epoch, cfg.epochs):
         view = epoch % views.num_views
@@ -365,7 +360,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
             if on_step is not None:
                 on_step(epoch, step, parts)
             steps_run += 1
-            _fault("train-step", steps_run)
+            fault("train-step", steps_run)
             b = len(target)
             sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double() * b
             seen += b
@@ -384,7 +379,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
                    "images_per_sec": float(totals[3]) / train_seconds, "lr": lr, "alpha": alpha_at(cfg, epoch),
                    "multiplier": multiplier}
         if cfg.val and views.val_paths is not None:
-            metrics.update(evaluate(student, views, store, cfg, d, device, autocast))
+            metrics.update(evaluate(student, views, val_teacher_top1, cfg, d, device, autocast))
         history.append(metrics)
         if d.main:
             with open(out / "metrics.jsonl", "a") as f:
@@ -398,7 +393,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
                           "metrics": [json.dumps(m) for m in history]}, out / CHECKPOINT)
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         d.barrier()
-        _fault("after-epoch", epoch)
+        fault("after-epoch", epoch)
     if d.main:
         _save_atomic(student.state_dict(), out / "student.pth")
         if writer is not None:
@@ -406,23 +401,32 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     return metrics
 
 
+def val_range(n: int, d: Dist) -> tuple[int, int]:
+    """This rank's part of the validation split (the last part may be shorter)."""
+    per = -(-n // d.world)
+    return min(n, d.rank * per), min(n, (d.rank + 1) * per)
+
+
+def cached_val_top1(store: Store | None, start: int, stop: int, device: torch.device) -> torch.Tensor | None:
+    """The cached teacher's top-1 class of validation rows [start, stop), read once per run."""
+    if store is None or not store.has_val:
+        return None
+    tops = [store.codec.decode(enc).argmax(1) for _, enc in RowReader(store, None, start, stop).blocks()]
+    return torch.from_numpy(np.concatenate(tops) if tops else np.zeros(0, np.int64)).to(device)
+
+
 @torch.no_grad()
-def evaluate(student: nn.Module, views: Views, store: Store | None, cfg: TrainConfig, d: Dist,
+def evaluate(student: nn.Module, views: Views, teacher_top1: torch.Tensor | None, cfg: TrainConfig, d: Dist,
              device: torch.device, autocast) -> dict:
     """Top-1/top-5 on the validation split (centre windows) and top-1 agreement with the cached teacher."""
     student.eval()
-    n = len(views.val_paths)
-    per = -(-n // d.world)
-    start, stop = min(n, d.rank * per), min(n, (d.rank + 1) * per)
+    start, stop = val_range(len(views.val_paths), d)
     positions = np.arange(start, stop)
     loader = pipelines.make_loader(
         cfg.loader, files=[str(views.root / views.val_paths[i]) for i in positions], boxes=views.val_boxes[positions],
         flips=np.zeros(len(positions), np.uint8), labels=views.val_labels[positions], positions=positions,
         image_size=views.image_size, batch_size=max(1, cfg.batch_size // d.world), workers=cfg.workers,
         device=device)
-    teacher = None
-    if store is not None and store.has_val and stop > start:
-        teacher = torch.from_numpy(store.read_logits(None, start, stop)).to(device)
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, agree, n
     for batch in loader if stop > start else []:
         images = batch.images.to(device, non_blocking=True)
@@ -432,14 +436,14 @@ def evaluate(student: nn.Module, views: Views, store: Store | None, cfg: TrainCo
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         counts[0] += (top5[:, 0] == target).sum()
         counts[1] += (top5 == target[:, None]).any(dim=1).sum()
-        if teacher is not None:
+        if teacher_top1 is not None:
             rows = batch.positions.to(device) - start
-            counts[2] += (teacher[rows].argmax(1) == top5[:, 0]).sum()
+            counts[2] += (teacher_top1[rows] == top5[:, 0]).sum()
         counts[3] += len(target)
     if d.world > 1:
         dist.all_reduce(counts)
     student.train()
     result = {"val_top1": float(counts[0] / counts[3]), "val_top5": float(counts[1] / counts[3])}
-    if teacher is not None or (store is not None and store.has_val):
+    if teacher_top1 is not None:
         result["val_teacher_agreement"] = float(counts[2] / counts[3])
     return result

@@ -19,6 +19,7 @@ from tqdm import tqdm
 import pipelines
 
 from .build import AMP_DTYPES, quick_fingerprints
+from .distributed import Dist, resolve_device
 from .index import image_size, scan_split
 from .loss import LAYER_NORM_EPS
 from .store import Store, check_relative_path
@@ -310,14 +311,6 @@ def check_integrity(store: Store, progress: bool = False) -> Check:
 # ---------------------------------------------------------------------------------------------
 # The whole check
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VerifyError("--device cuda: no CUDA device is available here; use --device cpu")
-    return torch.device(name)
-
-
 class ClassCountMismatch(Exception):
     """The re-created teacher gives another number of classes than the cache holds."""
 
@@ -355,7 +348,7 @@ def verify_cache(store: Store, *, data: Path | None = None, weights: str | None 
     `integrity`); the report says which check failed and why."""
     meta = store.meta
     root = Path(data or meta["dataset"]["root"])
-    dev = resolve_device(device)
+    dev = resolve_device(device, Dist())
     data_check = check_data(store, root)
     teacher = load_teacher(meta["teacher"]["name"], teacher_weights(store, weights))
     weights_check = check_weights(store, teacher)
