@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -281,16 +282,19 @@ class RowReader:
     """
 
     def __init__(self, store: Store, view: int | None, start: int, stop: int, *,
-                 block_rows: int | None = None, prefetch: int = 2):
+                 block_rows: int | None = None, prefetch: int = 2, threads: int = 2):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.store, self.view, self.start, self.stop = store, view, start, stop
         self.block_rows = block_rows or store.shard_rows
         self.prefetch = prefetch
+        self.threads = threads
         self._direct = self._Sharded.for_view(store, view)
 
-    def _read(self, a: int, b: int) -> Encoded:
+    def _read(self, a: int, b: int, pool: ThreadPoolExecutor | None = None) -> Encoded:
         if self._direct is None:
             return self.store.read_rows(self.view, a, b)
-        return Encoded(*(None if arr is None else arr.read(a, b) for arr in self._direct))
+        return Encoded(*(None if arr is None else arr.read(a, b, pool) for arr in self._direct))
 
     def _blocks(self) -> Iterator[tuple[int, int]]:
         pos = self.start
@@ -307,14 +311,18 @@ class RowReader:
         stop_event = threading.Event()
 
         def produce():
+            pool = ThreadPoolExecutor(self.threads, "skd-zstd") if self.threads > 1 and self._direct else None
             try:
                 for a, b in self._blocks():
                     if stop_event.is_set():
                         return
-                    q.put((a, self._read(a, b)))
+                    q.put((a, self._read(a, b, pool)))
                 q.put(done)
             except BaseException as exc:  # handed to the consumer
                 q.put(exc)
+            finally:
+                if pool is not None:
+                    pool.shutdown()
 
         thread = threading.Thread(target=produce, daemon=True, name="skd-row-reader")
         thread.start()
@@ -449,16 +457,18 @@ class RowReader:
             coords = self.lead + (shard,) + (0,) * len(self.row_shape)
             return self.folder / self.array.metadata.encode_chunk_key(coords)
 
-        def read(self, a: int, b: int) -> np.ndarray:
-            """Rows [a, b) as a new C-contiguous array."""
+        def read(self, a: int, b: int, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+            """Rows [a, b) as a new C-contiguous array; a shard's chunks are decoded by `pool` when given
+            (zstd releases the GIL, so each thread adds a core's worth of decompression)."""
             out = np.empty((b - a,) + self.row_shape, self.dtype)
             for shard in range(a // self.shard_rows, -(-b // self.shard_rows)):
                 s0 = shard * self.shard_rows
                 self._read_shard(shard, max(a, s0) - s0, min(b, s0 + self.shard_rows) - s0,
-                                 out[max(a, s0) - a:min(b, s0 + self.shard_rows) - a])
+                                 out[max(a, s0) - a:min(b, s0 + self.shard_rows) - a], pool)
             return out
 
-        def _read_shard(self, shard: int, r0: int, r1: int, out: np.ndarray) -> None:
+        def _read_shard(self, shard: int, r0: int, r1: int, out: np.ndarray,
+                        pool: ThreadPoolExecutor | None) -> None:
             """Rows [r0, r1) of one shard (shard-relative) into `out`."""
             import os
 
@@ -486,13 +496,14 @@ class RowReader:
             finally:
                 os.close(fd)
             chunk_shape = (self.chunk_rows,) + self.row_shape
-            for i, (offset, nbytes) in enumerate(index.tolist()):
+
+            def decode_chunk(i: int, offset: int, nbytes: int) -> None:
                 g0 = (c0 + i) * self.chunk_rows  # shard-relative rows of this chunk
                 lo_row, hi_row = max(r0, g0), min(r1, g0 + self.chunk_rows)
                 dest = out[lo_row - r0:hi_row - r0]
                 if offset == self.MISSING:
                     dest[...] = self.fill
-                    continue
+                    return
                 frame = data[offset - lo:offset - lo + nbytes]
                 whole = hi_row - lo_row == self.chunk_rows
                 target = dest if whole else np.empty(chunk_shape, self.dtype)
@@ -507,6 +518,16 @@ class RowReader:
                     flat[...] = raw
                 if not whole:
                     dest[...] = target[lo_row - g0:hi_row - g0]
+
+            chunks = [(i, offset, nbytes) for i, (offset, nbytes) in enumerate(index.tolist())]
+            if pool is None or len(chunks) < 2:
+                for chunk in chunks:
+                    decode_chunk(*chunk)
+            else:
+                futures = [pool.submit(decode_chunk, *chunk) for chunk in chunks]
+                wait(futures)  # all of them: the shard's buffer is reused by the next read
+                for future in futures:
+                    future.result()  # the first error, if any
 
         def _pread(self, fd: int, size: int, offset: int) -> memoryview:
             """`size` bytes at `offset`, read into a buffer this reader reuses (no fresh pages per shard)."""

@@ -49,11 +49,12 @@ def test_direct_reads_match_zarr(tmp_path, codec):
             assert_same(reader._read(a, b), store.read_rows(view, a, b))
 
 
-@pytest.mark.parametrize("block_rows,batch", [(None, 5), (None, 16), (7, 3), (4, 64), (16, 1), (None, 100)])
-def test_batches_cover_the_range_in_order(tmp_path, block_rows, batch):
+@pytest.mark.parametrize("block_rows,batch,threads", [(None, 5, 2), (None, 16, 1), (7, 3, 2), (4, 64, 3),
+                                                      (16, 1, 1), (None, 100, 4), (48, 5, 3)])
+def test_batches_cover_the_range_in_order(tmp_path, block_rows, batch, threads):
     store = make_store(tmp_path / "c")
     start, stop = 3, 47
-    got = list(RowReader(store, 1, start, stop, block_rows=block_rows).batches(batch))
+    got = list(RowReader(store, 1, start, stop, block_rows=block_rows, threads=threads).batches(batch))
     firsts = [f for f, _ in got]
     sizes = [len(e.logits) for _, e in got]
     assert firsts == list(range(start, stop, batch)), "batches must start every batch_size rows"
@@ -78,14 +79,23 @@ def test_damaged_shard_index_is_an_error(tmp_path):
         list(RowReader(store, 0, 0, 50).batches(8))
 
 
-def test_damaged_chunk_is_an_error(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_damaged_chunk_is_an_error(tmp_path, threads):
+    """With zstd threads too, a damaged chunk (here the second of the shard) stops the read."""
     store = make_store(tmp_path / "c")
     shard = tmp_path / "c" / "views" / "logits" / "c" / "0" / "0" / "0"
     data = bytearray(shard.read_bytes())
-    data[20:40] = bytes(20)
+    index = np.frombuffer(bytes(data[-(4 * 16 + 4):-4]), "<u8").reshape(4, 2)
+    offset, nbytes = (int(v) for v in index[1])
+    data[offset + 6:offset + nbytes - 4] = bytes(nbytes - 10)
     shard.write_bytes(bytes(data))
-    with pytest.raises(Exception):
-        list(RowReader(store, 0, 0, 16).batches(8))
+    with pytest.raises((RuntimeError, ValueError), match="(?i)zstd|damaged"):
+        list(RowReader(store, 0, 0, 16, threads=threads).batches(8))
+
+
+def test_threads_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        RowReader(make_store(tmp_path / "c"), 0, 0, 50, threads=0)
 
 
 def test_other_layouts_fall_back_to_zarr(tmp_path, monkeypatch):
