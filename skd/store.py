@@ -285,6 +285,11 @@ class RowReader:
                  block_rows: int | None = None, prefetch: int = 2, threads: int = 2):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        rows = store.num_samples if view is not None else store.num_val
+        if view is not None and not 0 <= view < store.num_views:
+            raise ValueError(f"view {view} is outside the cache's {store.num_views} views")
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"rows [{start}, {stop}) are outside the {rows} rows of {_split_name(view)}")
         self.store, self.view, self.start, self.stop = store, view, start, stop
         self.block_rows = block_rows or store.shard_rows
         self.prefetch = prefetch
@@ -292,9 +297,14 @@ class RowReader:
         self._direct = self._Sharded.for_view(store, view)
 
     def _read(self, a: int, b: int, pool: ThreadPoolExecutor | None = None) -> Encoded:
-        if self._direct is None:
-            return self.store.read_rows(self.view, a, b)
-        return Encoded(*(None if arr is None else arr.read(a, b, pool) for arr in self._direct))
+        try:
+            if self._direct is None:
+                return self.store.read_rows(self.view, a, b)
+            return Encoded(*(None if arr is None else arr.read(a, b, pool) for arr in self._direct))
+        except (ValueError, RuntimeError) as exc:  # zarr and numcodecs raise many kinds on damaged bytes
+            raise StoreError(f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read ({exc}): "
+                             "the cache is damaged; `skd-cache verify --integrity` lists every bad shard, "
+                             "and rebuilding with --overwrite replaces it") from exc
 
     def _blocks(self) -> Iterator[tuple[int, int]]:
         pos = self.start
@@ -556,6 +566,10 @@ class RowReader:
                 return None
             value = int.from_bytes(bytes(frame[pos:pos + width]), "little")
             return value + 256 if width == 2 else value
+
+
+def _split_name(view: int | None) -> str:
+    return "val" if view is None else f"view {view}"
 
 
 def _concat(parts: list[Encoded]) -> Encoded:

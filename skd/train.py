@@ -257,6 +257,9 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     amp_dtype = AMP_DTYPES[amp]
     out = Path(cfg.out)
     views, store, teacher, multiplier, identity = _setup(cfg, device)
+    if len(views.paths) < d.world:
+        raise TrainError(f"{len(views.paths)} training samples cannot be shared by {d.world} processes: "
+                         f"use at most {len(views.paths)}")
 
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.arch, num_classes=views.num_classes).to(device)
@@ -271,6 +274,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
                                 weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
+    settings = {"arch": cfg.arch, "amp": amp}  # what the checkpoint's weights and scaler state depend on
     first_epoch = 0
     history: list[dict] = []
     if cfg.resume and (out / CHECKPOINT).is_file():
@@ -278,6 +282,10 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
         if ckpt["identity"] != identity:
             raise TrainError(f"{out / CHECKPOINT} belongs to a run on {ckpt['identity'].get('cache') or ckpt['identity'].get('online')}: "
                              "resume with the same cache or choose another --out")
+        for key, value in settings.items():
+            if ckpt.get("settings", settings)[key] != value:
+                raise TrainError(f"{out / CHECKPOINT} was saved with --{key} {ckpt['settings'][key]}, not {value}: "
+                                 f"resume with --{key} {ckpt['settings'][key]} or choose another --out")
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -330,46 +338,49 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
         epoch_start = time.perf_counter()
         bar = tqdm(total=steps_total * local_batch * d.world, desc=f"epoch {epoch}", unit="img",
                    disable=not progress, dynamic_ncols=True)
-        for step, batch in enumerate(loader):
-            if step >= steps_total:
-                break
-            lr = learning_rate(cfg, base_lr, epoch + step / steps_total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = batch.images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            target = batch.labels.to(device, non_blocking=True)
+        try:
+            for step, batch in enumerate(loader):
+                if step >= steps_total:
+                    break
+                lr = learning_rate(cfg, base_lr, epoch + step / steps_total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = batch.images.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                target = batch.labels.to(device, non_blocking=True)
+                if teacher_batches is not None:
+                    first, teacher_logits = next(teacher_batches)
+                    if first != int(batch.positions[0]) or len(teacher_logits) != len(target):
+                        raise RuntimeError(f"logits at position {first} do not match images at "
+                                           f"{int(batch.positions[0])}")
+                elif teacher is not None and cfg.kd != "none":
+                    with torch.inference_mode(), autocast:
+                        teacher_logits = teacher(images).float()
+                    teacher_logits = teacher_logits.clone()
+                else:
+                    teacher_logits = None
+                with autocast:
+                    student_logits = model(images)
+                parts: KDLoss = loss_fn(student_logits, teacher_logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(parts.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if on_step is not None:
+                    on_step(epoch, step, parts)
+                steps_run += 1
+                fault("train-step", steps_run)
+                b = len(target)
+                sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double() * b
+                seen += b
+                bar.update(b * d.world)
+                if progress and step % 10 == 0:
+                    bar.set_postfix(loss=f"{parts.loss.item():.4f}", lr=f"{lr:.4g}")
+        finally:  # also on an exception, so no reader thread outlives the epoch
+            bar.close()
             if teacher_batches is not None:
-                first, teacher_logits = next(teacher_batches)
-                if first != int(batch.positions[0]) or len(teacher_logits) != len(target):
-                    raise RuntimeError(f"logits at position {first} do not match images at {int(batch.positions[0])}")
-            elif teacher is not None and cfg.kd != "none":
-                with torch.inference_mode(), autocast:
-                    teacher_logits = teacher(images).float()
-                teacher_logits = teacher_logits.clone()
-            else:
-                teacher_logits = None
-            with autocast:
-                student_logits = model(images)
-            parts: KDLoss = loss_fn(student_logits, teacher_logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if on_step is not None:
-                on_step(epoch, step, parts)
-            steps_run += 1
-            fault("train-step", steps_run)
-            b = len(target)
-            sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double() * b
-            seen += b
-            bar.update(b * d.world)
-            if progress and step % 10 == 0:
-                bar.set_postfix(loss=f"{parts.loss.item():.4f}", lr=f"{lr:.4g}")
-        bar.close()
-        if teacher_batches is not None:
-            teacher_batches.close()
+                teacher_batches.close()
         train_seconds = time.perf_counter() - epoch_start
         totals = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=device)])
         if d.world > 1:
@@ -388,7 +399,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
                 for key, value in metrics.items():
                     writer.add_scalar(key, value, epoch)
             _save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": epoch, "identity": identity,
+                          "scaler": scaler.state_dict(), "epoch": epoch, "identity": identity, "settings": settings,
                           "args": {k: str(v) for k, v in asdict(cfg).items()},
                           "metrics": [json.dumps(m) for m in history]}, out / CHECKPOINT)
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))

@@ -146,6 +146,21 @@ def test_newer_format_and_missing_arrays_are_one_line_errors(cache_copy, tmp_pat
         missing.stderr
 
 
+def test_damaged_shard_stops_train_and_stats_with_one_line(cache_copy, tmp_path):
+    """A flipped byte in a shard's index: both readers of the logits name the damage and the way out."""
+    shard = cache_copy / "views" / "logits" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    results = {"skd-train": skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "run", tool="train"),
+               "skd-cache stats": skd("stats", cache_copy)}
+    for name, result in results.items():
+        assert result.returncode == 2, f"{name}: exit {result.returncode}: {result.stderr[-500:]}"
+        assert "damaged" in result.stderr and "verify --integrity" in result.stderr, f"{name}: {result.stderr}"
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in result.stderr and len(errors) == 1, f"{name}: not one line: {result.stderr[-800:]}"
+
+
 class Payload:
     """A pickle that runs code when loaded: what a hostile weights file looks like."""
 

@@ -120,3 +120,12 @@ def test_chunks_zarr_left_out_read_as_fill_value(tmp_path):
     reader = RowReader(store, 0, 0, 50)
     assert_same(reader._read(0, 50), store.read_rows(0, 0, 50))
     assert np.allclose(store.codec.decode(reader._read(20, 24)), 2.5)
+
+
+@pytest.mark.parametrize("view,start,stop,needle", [(2, 0, 10, "outside the cache's 2 views"),
+                                                    (0, 0, 51, "outside the 50 rows of view 0"),
+                                                    (0, 8, 4, "outside"), (None, 0, 14, "13 rows of val")])
+def test_ranges_outside_the_cache_are_refused(tmp_path, view, start, stop, needle):
+    """Never the fill value for rows that do not exist (zarr itself refuses or clips them)."""
+    with pytest.raises(ValueError, match=needle):
+        RowReader(make_store(tmp_path / "c"), view, start, stop)

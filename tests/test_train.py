@@ -107,6 +107,10 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
                   "--out", out, "--resume")
     assert refused.returncode == 2 and "same cache" in refused.stderr and "Traceback" not in refused.stderr, \
         refused.stderr[-500:]
+    other_arch = cli("--cache", fp32_cache, "--arch", "resnet34", "--epochs", 3, "--loader", "torchvision",
+                     "--workers", 0, "--device", "cpu", "--out", out, "--resume")
+    assert other_arch.returncode == 2 and "--arch resnet18" in other_arch.stderr \
+        and "Traceback" not in other_arch.stderr, other_arch.stderr[-500:]
 
 
 def test_killed_run_resumes_with_the_same_metrics(fp32_cache, tmp_path):
@@ -125,6 +129,26 @@ def test_killed_run_resumes_with_the_same_metrics(fp32_cache, tmp_path):
     for a, b in zip(want, got):
         for key in ("train_loss", "kd_loss", "ce_loss", "val_top1", "lr"):
             assert abs(a[key] - b[key]) < 1e-6, f"epoch {a['epoch']} {key}: {a[key]} straight, {b[key]} resumed"
+
+
+def test_failed_step_leaves_no_reader_threads(fp32_cache, tmp_path):
+    """An exception inside an epoch (kept alive, as a notebook keeps it) must not leave logit readers running."""
+    import threading
+
+    def fail(epoch, step, parts):
+        raise ArithmeticError("stop here")
+    with pytest.raises(ArithmeticError) as kept:
+        train(base_config(tmp_path / "run", cache=fp32_cache), on_step=fail)
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("skd-")]
+    assert kept.value is not None and not alive, f"threads still running after the failed epoch: {alive}"
+
+
+def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
+    from skd.distributed import Dist
+    from skd.train import TrainError, _train
+    with pytest.raises(TrainError, match="18 training samples cannot be shared by 20 processes"):
+        _train(base_config(tmp_path / "run", cache=fp32_cache), Dist(rank=0, world=20), progress=False,
+               log=lambda m: None, on_step=None)
 
 
 TINY_STUDENT = """
