@@ -161,6 +161,19 @@ def _create(cfg: BuildConfig, meta: dict, index, num_classes: int) -> Store:
                         num_classes=num_classes)
 
 
+def check_out(out: Path, data: Path) -> None:
+    """Refuse an --out that is not a cache folder, so that neither a build nor --overwrite can touch other files."""
+    o, d = out.resolve(), data.resolve()
+    if o == d or o in d.parents or any(o == d / s or d / s in o.parents for s in ("train", "val")):
+        raise BuildError(f"--out {out} overlaps the dataset {data}: choose a folder outside its train/ and val/")
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise BuildError(f"--out {out}: {path} is a file: choose a folder for the cache")
+    if out.is_dir() and any(out.iterdir()) and not (out / "zarr.json").is_file():
+        raise BuildError(f"{out} exists and is not an skd cache: choose another --out "
+                         "(--overwrite replaces only a cache)")
+
+
 def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> Store:
     """Open the cache at cfg.out for resuming, or index the data and create it.
 
@@ -169,16 +182,19 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
     """
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        if not is_store(out):
-            raise BuildError(f"{out} exists and is not an skd cache: choose another --out or pass --overwrite")
+        if not is_store(out):  # check_out let through only a zarr group: a creation that was interrupted
+            raise BuildError(f"{out} holds an unfinished cache creation: pass --overwrite to start it again")
         store = open_store(out, mode="r+")
+        if cfg.val and not store.has_val and (Path(cfg.data) / "val").is_dir():
+            raise BuildError(f"{out} was built with --no-val: pass --no-val to resume, or --overwrite to rebuild "
+                             "it with the validation logits")
         skipped = store.meta["dataset"].get("skipped", [])
         train_fp, val_fp = quick_fingerprints(Path(cfg.data), store.has_val, skipped)
         meta["dataset"].update(fingerprint=train_fp, val_fingerprint=val_fp)
         changed = differences(store.meta, meta)
         if changed:
-            raise BuildError(f"{out} was built with a different {', '.join(changed)}: pass the same arguments "
-                             "to resume, another --out, or --overwrite to rebuild")
+            raise BuildError(f"{out} was built with other settings ({', '.join(changed)}): pass the same "
+                             "arguments to resume, another --out, or --overwrite to rebuild")
         return store
     index = index_dataset(cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress,
                           on_bad=cfg.on_bad_image)
@@ -214,12 +230,18 @@ class ShardWriter:
         self.queue.put((positions, logits))
 
     def close(self) -> None:
+        """Wait for every shard to be written; raises the writer's error or a shard left unfilled."""
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:
             raise self.error
         if self.shards:
             raise RuntimeError(f"input ended before shards {self.shards} were full")
+
+    def abort(self) -> None:
+        """Stop after the rows already queued, without raising: the caller is handling another error."""
+        self.queue.put(None)
+        self.thread.join()
 
     def _run(self) -> None:
         codec = get_codec(self.store.meta["codec"])
@@ -330,9 +352,14 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool, log) -> BuildSummary:
     problem = None
     if d.main:
         try:
+            check_out(Path(cfg.out), root)
             lock = BuildLock(Path(cfg.out))
-            store = prepare_store(cfg, meta, lambda: output_classes(model, cfg.image_size, device), progress)
-        except (BuildError, ValueError) as exc:
+            store = prepare_store(cfg, meta, lambda: output_classes(model, cfg.image_size, device,
+                                                                    f"teacher {cfg.teacher}"), progress)
+        except OSError as exc:
+            problem = BuildError(f"--out {cfg.out}: {exc.strerror or exc}"
+                                 f"{f' ({exc.filename})' if exc.filename else ''}: choose a folder you can write")
+        except Exception as exc:  # BuildError, ModelError, DatasetError...: the lock file must not stay behind
             problem = exc
     problem = d.broadcast(problem)
     if problem is not None:
@@ -382,13 +409,20 @@ def _fill(cfg: BuildConfig, d: Dist, store: Store, model, device: torch.device, 
             try:
                 rows_written += run_teacher(model, loader, writer, device, amp, bar,
                                             "val-batch" if view is None else "after-batch")
-            finally:
-                writer.close()
+            except OSError as exc:  # an image that went missing or unreadable after the index pass
+                writer.abort()
+                detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                raise BuildError(f"reading the images of {label} failed ({detail}): check {root}, "
+                                 "then rerun the same command to resume") from None
+            except BaseException:  # Ctrl-C, a teacher error: the shards already written stay complete
+                writer.abort()
+                raise
+            writer.close()
     d.barrier()
     seconds = time.perf_counter() - started
     if d.main:
         store = open_store(cfg.out, mode="r+")
-        if store.is_complete():
+        if store.is_complete() and not store.meta.get("complete"):
             store.group.attrs["skd"] = {**store.meta, "complete": True}
     return summarize(store, rows_written, seconds)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,9 +39,26 @@ def user_errors(fn):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: rerun the same command to resume", err=True)
+            resume = ": rerun the same command to resume" if fn.__name__ in ("build", "train") else ""
+            click.echo(f"interrupted{resume}", err=True)
             sys.exit(130)
     return wrapper
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf, which would train silently to NaN weights."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+POSITIVE = FiniteFloat(min=0, min_open=True)
+NON_NEGATIVE = FiniteFloat(min=0)
 
 
 def data_root(data: str | None) -> Path:
@@ -134,9 +152,9 @@ def info(cache_dir, as_json):
 @click.option("--views", default="0", show_default=True, callback=lambda c, p, v: _views(v),
               help="views to read: 'all' or comma-separated numbers, e.g. 0,3")
 @click.option("--no-val", is_flag=True, help="skip the validation logits (val/)")
-@click.option("--temperature", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--temperature", default=4.0, show_default=True, type=POSITIVE,
               help="T of the SKD target softmax(layer_norm(logits) * m / T) whose confidence is reported")
-@click.option("--multiplier", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--multiplier", default=2.0, show_default=True, type=POSITIVE,
               help="m of that SKD target (the suggested m, --multiplier auto, is reported from view 0)")
 @JSON
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
@@ -144,9 +162,11 @@ def info(cache_dir, as_json):
 @user_errors
 def stats(cache_dir, views, no_val, temperature, multiplier, as_json, plot):
     """Teacher accuracy, logit scale, confidence, calibration, view consistency and storage cost of a cache."""
-    from .stats import logit_stats, plot_stats, stats_lines
+    from .stats import check_plot_path, logit_stats, plot_stats, stats_lines
     from .store import open_store
 
+    if plot is not None:
+        check_plot_path(plot)
     report = logit_stats(open_store(cache_dir), views, val=not no_val, temperature=temperature,
                          multiplier=multiplier, progress=True)
     if plot is not None:
@@ -165,7 +185,7 @@ def stats(cache_dir, views, no_val, temperature, multiplier, as_json, plot):
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the random choice of rows")
-@click.option("--tolerance", default=1e-2, show_default=True, type=click.FloatRange(min=0),
+@click.option("--tolerance", default=1e-2, show_default=True, type=NON_NEGATIVE,
               help="KL (T=4, m=2) above which a re-computed row differs from the stored one")
 @click.option("--integrity", is_flag=True, help="also read every chunk and report those that fail to decode")
 @JSON
@@ -191,9 +211,10 @@ def verify(cache_dir, samples, data, weights, loader, device, batch_size, worker
 def _multiplier(value: str) -> str:
     if value != "auto":
         try:
-            float(value)
+            if not (math.isfinite(float(value)) and float(value) > 0):
+                raise ValueError
         except ValueError:
-            raise click.BadParameter("a number or 'auto'") from None
+            raise click.BadParameter("a finite number above 0, or 'auto'") from None
     return value
 
 
@@ -220,18 +241,18 @@ def _milestones(value: str | None) -> list[int] | None:
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="cache folder written by skd-cache build")
 @click.option("--teacher", help="online mode (no cache): run this teacher in the loop")
 @click.option("--weights", help="teacher weights for online mode (as in skd-cache build)")
-@click.option("--data", help="dataset root; default: the cache's recorded root, or $SKD_DATA")
+@click.option("--data", help="dataset root; default: the root recorded in the cache (online mode: $SKD_DATA)")
 @click.option("--arch", default="resnet18", show_default=True, help="student: torchvision name, timm:NAME or py:module:callable")
 @click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="global batch over all processes")
-@click.option("--lr", default=0.1, show_default=True, type=float, help="learning rate per 256 images")
-@click.option("--momentum", default=0.9, show_default=True, type=float)
-@click.option("--weight-decay", default=1e-4, show_default=True, type=float)
+@click.option("--lr", default=0.1, show_default=True, type=NON_NEGATIVE, help="learning rate per 256 images")
+@click.option("--momentum", default=0.9, show_default=True, type=NON_NEGATIVE)
+@click.option("--weight-decay", default=1e-4, show_default=True, type=NON_NEGATIVE)
 @click.option("--schedule", default="step", show_default=True, type=click.Choice(["step", "cosine"]))
 @click.option("--milestones", callback=lambda c, p, v: _milestones(v), help="epochs where lr drops /10; default 30%,60%,80%,90% of --epochs")
-@click.option("--warmup-epochs", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--warmup-epochs", default=0.0, show_default=True, type=NON_NEGATIVE)
 @click.option("--kd", default="skd", show_default=True, type=click.Choice(["skd", "hinton", "none"]))
-@click.option("--temperature", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--temperature", default=4.0, show_default=True, type=POSITIVE)
 @click.option("--multiplier", default="2", show_default=True, callback=lambda c, p, v: _multiplier(v),
               help="SKD logit multiplier, or 'auto' = mean per-sample std of the cached teacher logits")
 @click.option("--alpha", default="seed", show_default=True, callback=lambda c, p, v: _alpha(v),

@@ -133,7 +133,20 @@ def scan_split(root: Path, split: str, classes: list[str] | None = None,
                 f"add its images or remove the folder")
         paths.extend(files)
         labels.append(np.full(len(files), label_of[name], np.int64))
+    undecodable = [p for p in paths if not _is_utf8(p)]
+    if undecodable:
+        shown = ", ".join(str(os.fsencode(p)) for p in undecodable[:5])
+        raise DatasetError(f"file names under {root / split} that are not UTF-8 ({len(undecodable)}): {shown}: "
+                           "the cache stores paths as text; rename them")
     return paths, np.concatenate(labels) if labels else np.zeros(0, np.int64)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes, kept by os.fsdecode as surrogates
+        return False
 
 
 def read_sizes(root: Path, paths: list[str], *, workers: int = 16, progress: bool = False,

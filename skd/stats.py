@@ -400,12 +400,22 @@ def stats_lines(s: CacheStats) -> list[str]:
     return lines
 
 
-def plot_stats(s: CacheStats, path: Path) -> Path:
-    """Histograms of per-sample std, max-probability and per-class accuracy, one figure, written to `path`."""
+def check_plot_path(path: Path) -> None:
+    """Refuse a plot file matplotlib cannot write before any statistics are computed."""
     try:
-        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise StatsError("--plot needs matplotlib: pip install 'skd[plot]'") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(path).suffix.lower().lstrip(".") not in formats:
+        raise StatsError(f"--plot {path}: name a .png, .pdf or .svg file (matplotlib writes "
+                         f"{', '.join(sorted(formats))})")
+
+
+def plot_stats(s: CacheStats, path: Path) -> Path:
+    """Histograms of per-sample std, max-probability and per-class accuracy, one figure, written to `path`."""
+    check_plot_path(path)
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     axes = fig.subplots(1, 3)
     panels = [("std", "logit std per sample"), ("max_probs", "max probability, T=1"),

@@ -129,7 +129,9 @@ def load_teacher(name: str, weights: str | None = None) -> Teacher:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelError(f"{file} does not fit {name}: {str(exc).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "state_dict mismatch"
+        raise ModelError(f"{file} does not fit {name}: {detail[:300]}") from None
     return Teacher(model.eval(), name, label, file_sha256(file))
 
 
@@ -140,7 +142,16 @@ def _classes_in(state: dict) -> int | None:
 
 
 @torch.inference_mode()
-def output_classes(model: nn.Module, image_size: int, device: torch.device) -> int:
+def output_classes(model: nn.Module, image_size: int, device: torch.device, name: str = "the model") -> int:
     """Number of logits the model produces, from one forward pass on a blank image."""
-    out = model(torch.zeros(1, 3, image_size, image_size, device=device))
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, image_size, image_size, device=device))
+    except RuntimeError as exc:
+        raise ModelError(f"{name} cannot run on {image_size}-pixel images ({_first_line(exc)}): "
+                         "choose a larger --image-size") from None
     return int(out.shape[-1])
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

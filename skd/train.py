@@ -244,7 +244,7 @@ def _setup(cfg: TrainConfig, device: torch.device):
         raise TrainError("--multiplier auto reads the cache's logits: pass a number in online mode")
     teacher = load_teacher(cfg.teacher, cfg.weights)
     model = teacher.model.to(device)
-    num_classes = output_classes(model, cfg.image_size, device)
+    num_classes = output_classes(model, cfg.image_size, device, f"teacher {cfg.teacher}")
     views = online_views(cfg, num_classes)
     identity = {"online": cfg.teacher, "fingerprint": views.fingerprint, "teacher": teacher.weights_sha256,
                 "views": cfg.views}
@@ -263,7 +263,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
 
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.arch, num_classes=views.num_classes).to(device)
-    got = output_classes(student.eval(), views.image_size, device)
+    got = output_classes(student.eval(), views.image_size, device, f"student {cfg.arch}")
     if got != views.num_classes:
         raise TrainError(f"student {cfg.arch} has {got} outputs, the teacher {views.num_classes}: "
                          "use a student with as many classes")

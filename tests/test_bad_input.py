@@ -112,6 +112,69 @@ def test_unusual_images_build_normally(tmp_path, teacher_file):
     assert sizes["train/bee/rotated.JPEG"] == [80, 40], f"EXIF-rotated size {sizes['train/bee/rotated.JPEG']}"
 
 
+def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, tmp_path):
+    """--overwrite replaces a cache; the dataset, a folder inside it or any other folder is refused untouched."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("important")
+    data = tmp_path / "data"
+    shutil.copytree(image_root, data)
+    images = sorted(data.rglob("*.JPEG"))
+    cases = {data: "overlaps the dataset", data / "train" / "new": "overlaps the dataset",
+             tmp_path: "overlaps the dataset", notes: "is not an skd cache"}
+    for out, needle in cases.items():
+        result = build(data, out, teacher_file, "--overwrite")
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, \
+            f"--out {out}: exit {result.returncode}: {result.stderr[-500:]}"
+    assert sorted(data.rglob("*.JPEG")) == images, "a refused --overwrite removed images"
+    assert (notes / "thesis.txt").read_text() == "important", "a refused --overwrite removed a user's file"
+    assert not list(tmp_path.glob("*.lock")), "a refused build left its lock file behind"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        result = build(data, out, teacher_file)
+        assert result.returncode == 2 and "is a file" in result.stderr and "Traceback" not in result.stderr, \
+            f"--out {out}: {result.stderr[-500:]}"
+
+
+DELETER = """
+import os, pathlib, torch
+class Deleter(torch.nn.Module):
+    \"\"\"A teacher whose first forward (the class count, after the index pass) deletes one class's images.\"\"\"
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+    def forward(self, x):
+        for path in pathlib.Path(os.environ["DELETE_DIR"]).glob("*.JPEG"):
+            path.unlink()
+        return self.fc(x.mean((2, 3)))
+def teacher(num_classes=3):
+    return Deleter()
+"""
+
+
+def test_images_vanishing_during_the_build_are_one_line_and_resumable(image_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(image_root, data)
+    (tmp_path / "deleter.py").write_text(DELETER)
+    gone = data / "train" / "cat"
+    backup = tmp_path / "backup"
+    shutil.copytree(gone, backup)
+    args = ["build", "--teacher", "py:deleter:teacher", "--weights", "none", "--data", data, "--out",
+            tmp_path / "cache", "--views", 1, "--image-size", 16, "--batch-size", 4, "--codec", "fp32", "--loader",
+            "torchvision", "--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--device", "cpu", "--no-val"]
+    env = {"PYTHONPATH": str(tmp_path), "DELETE_DIR": str(gone)}
+    failed = skd(*args, env=env)
+    assert failed.returncode == 2, f"exit {failed.returncode}: {failed.stderr[-800:]}"
+    assert "reading the images of view 0/1 failed" in failed.stderr and "cat" in failed.stderr \
+        and "Traceback" not in failed.stderr, failed.stderr[-800:]
+    shutil.copytree(backup, gone, dirs_exist_ok=True)
+    resumed = skd(*args, env={**env, "DELETE_DIR": str(tmp_path / "nothing-here")})
+    assert resumed.returncode == 0, resumed.stderr[-800:]
+    g = zarr.open_group(str(tmp_path / "cache"), mode="r")
+    assert g["views/complete"][...].all(), "the resumed build should have completed every shard"
+
+
 @pytest.fixture
 def cache_copy(fp32_cache, tmp_path) -> Path:
     copy = tmp_path / "cache"

@@ -132,10 +132,19 @@ def test_changed_argument_is_refused(image_root, teacher_file, reference):
     before = open_store(reference).read_logits(0)
     result = cli(*build_args(image_root, reference, teacher_file, "--seed", 3))
     assert result.returncode == 2, f"exit {result.returncode}"
-    assert "different seed" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "other settings (seed)" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert np.array_equal(open_store(reference).read_logits(0), before), "the refused rerun changed the cache"
     with pytest.raises(BuildError, match="codec"):
         build_cache(config(image_root, reference, teacher_file, codec="int8"))
+
+
+def test_resume_without_no_val_is_refused(image_root, teacher_file, tmp_path):
+    """A cache built with --no-val cannot silently stay without validation logits when rerun without it."""
+    out = tmp_path / "cache"
+    build_cache(config(image_root, out, teacher_file, val=False, views=1))
+    with pytest.raises(BuildError, match="built with --no-val"):
+        build_cache(config(image_root, out, teacher_file, views=1))
+    assert build_cache(config(image_root, out, teacher_file, val=False, views=1)).rows_written == 0
 
 
 def test_two_process_build_equals_one_process(image_root, teacher_file, reference, tmp_path):

@@ -310,10 +310,16 @@ def _empty_file(tmp):
     return tmp, bad
 
 
+def _name_not_utf8(tmp):
+    make_image_folder(tmp, per_class=1, val_per_class=0)
+    write_jpeg(Path(os.fsdecode(bytes(tmp / "train" / "ant") + b"/caf\xe9.JPEG")), photo_like(10, 10, 0))
+    return tmp, tmp / "train"
+
+
 @pytest.mark.parametrize("case", [_missing_root, _missing_train, _train_without_class_folders,
                                   _train_with_loose_images, _class_folder_without_images,
                                   _val_class_not_in_train, _empty_val, _unsorted_imagenet_val,
-                                  _not_an_image, _truncated_header, _empty_file],
+                                  _not_an_image, _truncated_header, _empty_file, _name_not_utf8],
                          ids=lambda f: f.__name__.strip("_"))
 def test_dataset_mistakes_raise_one_line_errors_naming_the_path(tmp_path, case):
     root, offending = case(tmp_path)

@@ -200,6 +200,7 @@ def test_info_on_an_unfinished_cache_names_what_is_missing(tmp_path):
     (["stats", "{missing}"], "does not exist"),
     (["info", "{missing}"], "does not exist"),
     (["stats", "{cache}", "--views", "0,7"], "not 7"),
+    (["stats", "{cache}", "--plot", "{missing}.xyz"], "name a .png"),
 ])
 def test_user_errors_are_one_line(fp32, tmp_path, args, says):
     args = [a.format(missing=tmp_path / "nothing", cache=fp32.path) for a in args]

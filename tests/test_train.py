@@ -151,6 +151,19 @@ def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
                log=lambda m: None, on_step=None)
 
 
+@pytest.mark.parametrize("option,value", [("--multiplier", "nan"), ("--multiplier", "0"), ("--multiplier", "inf"),
+                                          ("--lr", "-1"), ("--momentum", "-0.5"), ("--weight-decay", "nan"),
+                                          ("--temperature", "inf"), ("--warmup-epochs", "-1")])
+def test_bad_numbers_are_refused_before_any_work(option, value, fp32_cache, tmp_path):
+    """NaN or negative settings would train to NaN weights (exit 0) or fail deep in torch: refuse them up front."""
+    from click.testing import CliRunner
+
+    from skd.cli import train as train_command
+    result = CliRunner().invoke(train_command, ["--cache", str(fp32_cache), option, value, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and option in result.output, f"{option} {value}: exit {result.exit_code}: {result.output}"
+    assert not (tmp_path / "r").exists(), f"{option} {value}: a run folder was created"
+
+
 TINY_STUDENT = """
 import torch
 def student(num_classes=3):
