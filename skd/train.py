@@ -260,6 +260,9 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     if len(views.paths) < d.world:
         raise TrainError(f"{len(views.paths)} training samples cannot be shared by {d.world} processes: "
                          f"use at most {len(views.paths)}")
+    if cfg.batch_size < d.world:
+        raise TrainError(f"--batch-size {cfg.batch_size} is the global batch: give each of the {d.world} "
+                         "processes at least one image")
 
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.arch, num_classes=views.num_classes).to(device)
@@ -377,6 +380,10 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
                 bar.update(b * d.world)
                 if progress and step % 10 == 0:
                     bar.set_postfix(loss=f"{parts.loss.item():.4f}", lr=f"{lr:.4g}")
+        except OSError as exc:  # an image that went missing or unreadable after the start of the run
+            detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise TrainError(f"reading the images of epoch {epoch} failed ({detail}): check {views.root}, "
+                             "then rerun with --resume to continue from the last epoch") from None
         finally:  # also on an exception, so no reader thread outlives the epoch
             bar.close()
             if teacher_batches is not None:

@@ -143,11 +143,41 @@ def test_failed_step_leaves_no_reader_threads(fp32_cache, tmp_path):
     assert kept.value is not None and not alive, f"threads still running after the failed epoch: {alive}"
 
 
+DELETING_STUDENT = """
+import os, pathlib, torch
+class Deleter(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, num_classes)
+    def forward(self, x):  # the first call (the class count, before training) deletes one class's images
+        for path in pathlib.Path(os.environ["DELETE_DIR"]).glob("*.JPEG"):
+            path.unlink()
+        return self.fc(x.mean((2, 3)))
+def student(num_classes=3):
+    return Deleter(num_classes)
+"""
+
+
+def test_images_vanishing_during_training_are_one_line(fp32_cache, image_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(image_root, data)
+    (tmp_path / "deleting.py").write_text(DELETING_STUDENT)
+    result = cli("--cache", fp32_cache, "--data", data, "--arch", "py:deleting:student", "--epochs", 1,
+                 "--batch-size", 4, "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--no-val",
+                 "--out", tmp_path / "run", env={"PYTHONPATH": str(tmp_path), "DELETE_DIR": str(data / "train/cat")})
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-800:]}"
+    assert "reading the images of epoch 0 failed" in result.stderr and "--resume" in result.stderr \
+        and "Traceback" not in result.stderr, result.stderr[-800:]
+
+
 def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
     from skd.distributed import Dist
     from skd.train import TrainError, _train
     with pytest.raises(TrainError, match="18 training samples cannot be shared by 20 processes"):
         _train(base_config(tmp_path / "run", cache=fp32_cache), Dist(rank=0, world=20), progress=False,
+               log=lambda m: None, on_step=None)
+    with pytest.raises(TrainError, match="--batch-size 4 is the global batch"):
+        _train(base_config(tmp_path / "run", cache=fp32_cache), Dist(rank=0, world=8), progress=False,
                log=lambda m: None, on_step=None)
 
 
