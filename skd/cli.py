@@ -93,7 +93,7 @@ def cache():
 @click.option("--chunk-size", "chunk_rows", default=1024, show_default=True, type=click.IntRange(min=1),
               help="rows per chunk inside a shard: the unit of reading")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher")
-@click.option("--overwrite", is_flag=True, help="delete an existing cache at --out and rebuild")
+@click.option("--overwrite", is_flag=True, help="delete an existing cache at --out and rebuild (never a folder that is not a cache)")
 @click.option("--no-val", is_flag=True, help="do not cache centre-crop logits of ROOT/val")
 @click.option("--on-bad-image", default="error", show_default=True, type=click.Choice(["error", "skip"]),
               help="error: list every unreadable or truncated image and stop before any teacher work; "
