@@ -315,6 +315,11 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             logits = model(images).float().cpu().numpy()
+            finite = np.isfinite(logits).all(axis=1)
+            if not finite.all():  # never store them: every student step on such a row would be NaN
+                raise BuildError(f"the teacher gave inf or nan logits for {int((~finite).sum())} of {len(finite)} "
+                                 f"images (first at position {int(batch.positions[~finite][0])}) with --amp {amp}: "
+                                 "check the weights, or use --amp bf16 or none (fp16 overflows easily)")
             writer.put(batch.positions.numpy(), logits)
             done += len(logits)
             bar.update(len(logits))
