@@ -25,7 +25,7 @@ def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: 
     """
     y, x, h, w = (int(v) for v in box)
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = _rgb(ImageOps.exif_transpose(image))
     width, height = image.size
     if y < 0 or x < 0 or h <= 0 or w <= 0 or y + h > height or x + w > width:
         raise ValueError(f"window (y={y}, x={x}, h={h}, w={w}) is outside {path} "
@@ -38,6 +38,14 @@ def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: 
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grey (PNG) is scaled by 1/257 as DALI does; PIL's own convert clips it to white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I"):
+        grey = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(grey / 257), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 class WindowDataset(Dataset):

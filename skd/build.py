@@ -320,6 +320,10 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
                 raise BuildError(f"the teacher gave inf or nan logits for {int((~finite).sum())} of {len(finite)} "
                                  f"images (first at position {int(batch.positions[~finite][0])}) with --amp {amp}: "
                                  "check the weights, or use --amp bf16 or none (fp16 overflows easily)")
+            if np.abs(logits).max(initial=0) > writer.store.codec.limit:
+                raise BuildError(f"the teacher gave logits up to {np.abs(logits).max():.3g}, beyond what --codec "
+                                 f"{writer.store.codec.name} stores ({writer.store.codec.limit:.0f}): use --codec int8 "
+                                 "or fp32")
             writer.put(batch.positions.numpy(), logits)
             done += len(logits)
             bar.update(len(logits))

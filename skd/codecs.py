@@ -12,6 +12,8 @@ per value, which zstd in the store turns into ~640 B per row of 1000 classes (in
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,6 +38,11 @@ class Codec:
     affine: bool  # True: per-row float32 scale and offset arrays accompany the logits
     levels: int = 0  # number of quantisation levels of an affine codec (at most, when `step` is set)
     step: float = 0.0  # affine step as a fraction of the row's std; 0: the row's range / (levels - 1)
+
+    @property
+    def limit(self) -> float:
+        """Largest logit magnitude the stored form keeps (fp16: 65504, beyond it inf); affine: any finite."""
+        return math.inf if self.affine else float(np.finfo(self.dtype).max)
 
     def encode(self, logits: np.ndarray) -> Encoded:
         """Float rows (n, C) to the stored form."""

@@ -177,6 +177,19 @@ def test_grayscale_and_cmyk_decode_to_the_same_rgb(tmp_path):
         assert cmyk_vs_rgb < 6, f"{kind}: CMYK JPEG is {cmyk_vs_rgb:.2f} levels from the RGB JPEG"
 
 
+def test_16_bit_grey_png_agrees_and_is_not_white(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grey to 255: the reference must scale it as DALI does."""
+    grey = (photo_like(40, 50, seed=4)[..., 0].astype(np.uint16) * 200 + 3000)
+    path = tmp_path / "deep.png"
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode.startswith("I"), "the test image should open as 16-bit grey"
+    _, dali, _ = load("dali", [path], [(2, 3, 36, 44)])
+    _, reference, _ = load("torchvision", [path], [(2, 3, 36, 44)])
+    apart = grey_levels_apart(dali, reference).max().item()
+    spread = (levels(reference).amax() - levels(reference).amin()).item()
+    assert apart < 1 and spread > 50, f"DALI vs torchvision {apart:.2f} grey levels apart; reference spread {spread:.0f}"
+
+
 def test_torchvision_workers_do_not_change_batches(planned):
     files, boxes, flip = planned
     single, images_single, _ = load("torchvision", files, boxes, flip, batch_size=4, workers=0)
