@@ -5,6 +5,7 @@ default weights must already sit in the torch hub cache, and the error says wher
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
 import re
@@ -27,7 +28,7 @@ class Teacher:
     model: nn.Module
     name: str
     weights: str  # a path, "torchvision-default", "none" or "py"
-    weights_sha256: str | None
+    weights_sha256: str | None  # of the loaded tensors (state_sha256); None for --weights none
 
 
 def alias(name: str) -> str:
@@ -37,11 +38,15 @@ def alias(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-def file_sha256(path: Path) -> str:
+def state_sha256(model: nn.Module) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes, bytes), not of a file: the same weights
+    re-saved, wrapped in a checkpoint dict or with `module.` prefixes hash the same."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -54,7 +59,13 @@ def create_model(name: str, num_classes: int | None = None) -> nn.Module:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ValueError, ImportError, AttributeError) as exc:
             raise ModelError(f"cannot load {name!r} ({exc}): use py:package.module:callable") from None
-        model = factory(**kwargs)
+        if not callable(factory):
+            raise ModelError(f"{name} is a {type(factory).__name__}, not a callable that returns a model")
+        try:
+            model = factory(**kwargs)
+        except TypeError as exc:
+            raise ModelError(f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed ({exc}): "
+                             "the callable must accept num_classes= as a keyword") from None
         if not isinstance(model, nn.Module):
             raise ModelError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -80,23 +91,37 @@ def _check_torchvision_name(name: str) -> None:
 def read_state_dict(path: Path) -> dict:
     """A state_dict from a file: plain, or under 'state_dict'/'model'; `module.` prefixes stripped."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"--weights {path} is a folder: pass the weights file")
     if not path.is_file():
         raise ModelError(f"weights file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # torchvision's reference training saves its argparse.Namespace beside the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"refusing to load {path}: not a plain tensor checkpoint ({first[:200]})") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        unsupported = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise ModelError(f"refusing to load {path}: not a plain tensor checkpoint ({unsupported[:200]}); if you "
+                         "trust it, save its state_dict alone: torch.save(torch.load(F, weights_only=False)"
+                         "['model'], 'weights.pth')") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"{path} holds no state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {_strip_wrappers(k): v for k, v in obj.items()}
 
 
-def _torchvision_default_file(name: str) -> Path:
-    """Where torch.hub keeps torchvision's default pretrained weights for `name`."""
+def _strip_wrappers(key: str) -> str:
+    """A state_dict key without the prefixes DistributedDataParallel (module.) and torch.compile (_orig_mod.) add."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+    return key
+
+
+def _torchvision_default(name: str) -> tuple[Path, dict]:
+    """Where torch.hub keeps torchvision's default pretrained weights for `name`, and the builder
+    arguments torchvision sets when it loads them itself (we load the file with weights_only)."""
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, AttributeError):
@@ -106,33 +131,42 @@ def _torchvision_default_file(name: str) -> Path:
     if not file.is_file():
         raise ModelError(f"pretrained weights for {name} not found: put {Path(weights.url).name} "
                          f"(from {weights.url}) in {folder}, or pass --weights FILE")
-    return file
+    kwargs: dict = {"num_classes": len(weights.meta["categories"])}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    elif name.startswith("vit_"):
+        kwargs["image_size"] = weights.meta["min_size"][0]
+    elif name.startswith("maxvit_"):
+        kwargs["input_size"] = weights.meta["min_size"]
+    return file, kwargs
 
 
 def load_teacher(name: str, weights: str | None = None) -> Teacher:
     """The teacher in eval mode with its weights; `weights` is a file, 'none', or None for the default."""
-    if weights == "none" or name.startswith("py:") and weights is None:
+    if weights == "none":
+        return Teacher(create_model(name).eval(), name, "none", None)
+    if name.startswith("py:") and weights is None:  # the callable brings its own weights
         model = create_model(name)
-        return Teacher(model.eval(), name, "none" if weights == "none" else "py", None)
+        return Teacher(model.eval(), name, "py", state_sha256(model))
     if not name.startswith(("py:", "timm:")):
         _check_torchvision_name(name)
     if weights is None:
         if name.startswith("timm:"):
             raise ModelError(f"{name}: pass --weights FILE (timm weights are not downloaded)")
-        file = _torchvision_default_file(name)
-        label = "torchvision-default"
+        file, kwargs = _torchvision_default(name)
+        model, label = torchvision.models.get_model(name, weights=None, **kwargs), "torchvision-default"
+        state = read_state_dict(file)
     else:
         file, label = Path(weights), str(Path(weights).resolve())
-    state = read_state_dict(file)
-    num_classes = _classes_in(state)
-    model = create_model(name, None if name.startswith("py:") else num_classes)
+        state = read_state_dict(file)
+        model = create_model(name, None if name.startswith("py:") else _classes_in(state))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else "state_dict mismatch"
         raise ModelError(f"{file} does not fit {name}: {detail[:300]}") from None
-    return Teacher(model.eval(), name, label, file_sha256(file))
+    return Teacher(model.eval(), name, label, state_sha256(model))
 
 
 def _classes_in(state: dict) -> int | None:
