@@ -253,22 +253,22 @@ class ShardWriter:
                 if item is None:
                     return
                 positions, logits = item
-                start, stop = self.store.shard_bounds(self.shards[0], self.rows)
-                expected = np.arange(start + filled, start + filled + len(positions))
-                if not np.array_equal(positions, expected[: len(positions)]):
-                    raise RuntimeError(f"rows arrived out of order at position {positions[0]}")
-                buffer.append(logits)
-                filled += len(logits)
-                while self.shards and filled >= stop - start:
-                    rows = np.concatenate(buffer)
-                    need = stop - start
-                    self._write(self.shards[0], codec.encode(rows[:need]))
-                    self.shards.pop(0)
-                    self.shards_written += 1
-                    fault("after-shard", self.shards_written)
-                    buffer, filled = [rows[need:]], len(rows) - need
-                    if self.shards:
-                        start, stop = self.store.shard_bounds(self.shards[0], self.rows)
+                while len(positions):  # a batch may end one shard and start the next (of this rank)
+                    if not self.shards:
+                        raise RuntimeError(f"rows arrived past the last shard at position {positions[0]}")
+                    start, stop = self.store.shard_bounds(self.shards[0], self.rows)
+                    take = min(len(positions), stop - start - filled)
+                    if not np.array_equal(positions[:take], np.arange(start + filled, start + filled + take)):
+                        raise RuntimeError(f"rows arrived out of order at position {positions[0]}")
+                    buffer.append(logits[:take])
+                    filled += take
+                    positions, logits = positions[take:], logits[take:]
+                    if filled == stop - start:
+                        self._write(self.shards[0], codec.encode(np.concatenate(buffer)))
+                        self.shards.pop(0)
+                        self.shards_written += 1
+                        fault("after-shard", self.shards_written)
+                        buffer, filled = [], 0
         except BaseException as exc:  # handed to the producer thread
             self.error = exc
             while self.queue.get() is not None:

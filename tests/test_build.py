@@ -148,9 +148,10 @@ def test_resume_without_no_val_is_refused(image_root, teacher_file, tmp_path):
 
 
 def test_two_process_build_equals_one_process(image_root, teacher_file, reference, tmp_path):
+    """Batches of 5 over shards of 8: a rank's batches span its shards 0 and 2, which are not adjacent."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "skd.cli", *map(str, build_args(image_root, out, teacher_file))]
+           "-m", "skd.cli", *map(str, build_args(image_root, out, teacher_file, "--batch-size", 5))]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -176,6 +177,9 @@ def test_user_errors_are_one_line(image_root, teacher_file, tmp_path):
         result = cli(*args, env=env)
         assert result.returncode != 0, f"{name}: exit 0"
         assert needle in result.stderr and "Traceback" not in result.stderr, f"{name}: {result.stderr}"
+    half_torchrun = cli(*build_args(image_root, tmp_path / "c", teacher_file), env={"WORLD_SIZE": "2"})
+    assert half_torchrun.returncode == 2 and "torchrun --nproc-per-node" in half_torchrun.stderr \
+        and "Traceback" not in half_torchrun.stderr, half_torchrun.stderr[-800:]
 
 
 def test_missing_pretrained_weights_say_where_to_put_them(image_root, tmp_path):
