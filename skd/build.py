@@ -427,7 +427,7 @@ def _fill(cfg: BuildConfig, d: Dist, store: Store, model, device: torch.device, 
                 writer.abort()
                 raise
             writer.close()
-    d.barrier()
+    rows_written = d.total(rows_written)  # also the barrier: every rank has written its shards
     seconds = time.perf_counter() - started
     if d.main:
         store = open_store(cfg.out, mode="r+")

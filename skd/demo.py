@@ -144,12 +144,13 @@ def write_digits(root: Path, *, seed: int = 0, canvas: int = CANVAS, quality: in
     manifest = {"source": "sklearn.datasets.load_digits", "version": DATASET_VERSION, "seed": seed,
                 "canvas": canvas, "quality": quality, "val_fraction": VAL_FRACTION}
     marker = root / "manifest.json"
-    if marker.is_file():
-        old = json.loads(marker.read_text())
-        if {k: old.get(k) for k in manifest} == manifest:
-            return old["counts"]
-    if root.exists():
-        shutil.rmtree(root)
+    old = json.loads(marker.read_text()) if marker.is_file() else {}
+    if {k: old.get(k) for k in manifest} == manifest:
+        return old["counts"]
+    if root.exists() and any(root.iterdir()):
+        if old.get("source") != manifest["source"]:  # never delete what the demo did not write
+            raise SystemExit(f"demo: {root} exists and was not written by the demo: choose another --dir")
+        shutil.rmtree(root)  # an earlier demo's images, written with other settings
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     train, val = split_ids(labels, seed=seed)
@@ -316,13 +317,21 @@ STUDENTS = (("none", "student, hard labels only (--kd none)"),
             ("hinton", "student, Hinton KD from the cache (--kd hinton)"))
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m skd.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=Path("demo"), help="where everything goes (default: demo)")
     parser.add_argument("--loader", default="dali", choices=["dali", "torchvision"])
-    parser.add_argument("--teacher-epochs", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=40, help="student epochs; the cache holds as many views")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--teacher-epochs", type=positive, default=30)
+    parser.add_argument("--epochs", type=positive, default=40, help="student epochs; the cache holds as many views")
+    parser.add_argument("--batch-size", type=positive, default=64)
     parser.add_argument("--lr", type=float, default=0.8, help="student learning rate per 256 images")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kd", default="none,skd,hinton", help="students to train (default: none,skd,hinton)")
@@ -362,9 +371,7 @@ def main(argv: list[str] | None = None) -> None:
           f"parameters), {args.epochs} epochs on the cached views, no teacher loaded", flush=True)
     results = {}
     for kd in chosen:
-        out = runs / kd
-        if out.exists():
-            shutil.rmtree(out)
+        out = runs / kd  # a new run (no --resume) rewrites the run folder's files
         run("skd-train", "--cache", str(cache), "--arch", "py:skd.demo:student", "--kd", kd,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--schedule", "cosine", "--warmup-epochs", "1", "--weight-decay", "5e-4", "--alpha", "0.9",

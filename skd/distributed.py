@@ -26,6 +26,14 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def total(self, value: int) -> int:
+        """The sum of `value` over all ranks."""
+        if self.world == 1:
+            return value
+        values: list = [None] * self.world
+        dist.all_gather_object(values, value)
+        return sum(values)
+
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (so an error found on rank 0 stops all ranks, not a hang)."""
         if self.world == 1:

@@ -155,6 +155,8 @@ def test_two_process_build_equals_one_process(image_root, teacher_file, referenc
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
+    summary = result.stdout + result.stderr
+    assert "rows 42 (42 written now)" in summary, f"the summary must count both processes' rows: {summary[-600:]}"
     want, got = arrays(reference), arrays(out)
     for name in want:
         close = np.allclose(want[name], got[name], atol=1e-5) if want[name].dtype.kind == "f" else \

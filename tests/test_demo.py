@@ -78,3 +78,13 @@ def test_models_load_by_the_py_form():
     x = torch.zeros(2, 3, demo.IMAGE_SIZE, demo.IMAGE_SIZE)
     assert teacher.eval()(x).shape == (2, 10) and student.eval()(x).shape == (2, 10)
     assert sum(p.numel() for p in student.parameters()) * 10 < sum(p.numel() for p in teacher.parameters())
+
+
+def test_a_folder_the_demo_did_not_write_is_never_deleted(tmp_path):
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not written by the demo"):
+        demo.write_digits(tmp_path / "digits")
+    assert (tmp_path / "digits" / "notes.txt").read_text() == "mine", "the demo deleted a user's file"
+    with pytest.raises(SystemExit):
+        demo.main(["--dir", str(tmp_path), "--epochs", "0"])
