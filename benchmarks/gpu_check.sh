@@ -60,7 +60,9 @@ if [ "$USE_VENV" = 1 ]; then
     VENV="${VENV:-$WORK/venv}"
     if [ ! -x "$VENV/bin/python" ]; then
         log "creating $VENV on top of $PY"
-        "$PY" -m venv --system-site-packages "$VENV"
+        # --without-pip: the base may lack ensurepip (uv-made or python3-venv not installed); the base's
+        # pip runs inside this venv through the .pth below and installs into it
+        "$PY" -m venv --system-site-packages --without-pip "$VENV"
         # PY may itself be a venv or conda env: its packages (torch) come along through a .pth file
         SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
         "$PY" -c "import site; print('\n'.join(site.getsitepackages()))" > "$SITE/_gpu_check_base.pth"
@@ -108,8 +110,11 @@ fi
 log "measuring (work folder $WORK)"
 # 8 minutes in all: what is left after the set-up, less a margin to print
 LEFT=$((470 - (SECONDS - STARTED)))
+[ "$LEFT" -ge 60 ] || LEFT=60  # never 0: timeout 0 would mean no limit at all
+set +e  # a failed or timed-out measurement must still hand back what it printed
 timeout "$LEFT" "$PY" "$REPO/benchmarks/gpu_check.py" "${ARGS[@]}" "${EXTRA[@]}" 2>&1 | tee "$WORK/gpu_check.txt"
 STATUS=${PIPESTATUS[0]}
+set -e
 if [ -n "${OUT:-}" ]; then
     cp "$WORK/gpu_check.txt" "$WORK/gpu_check.json" "$OUT/" 2>/dev/null || true
 fi

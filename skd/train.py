@@ -244,6 +244,8 @@ def _setup(cfg: TrainConfig, device: torch.device):
         raise TrainError("--multiplier auto reads the cache's logits: pass a number in online mode")
     teacher = load_teacher(cfg.teacher, cfg.weights)
     model = teacher.model.to(device)
+    if device.type == "cuda":  # as in the build: the images arrive channels_last
+        model = model.to(memory_format=torch.channels_last)
     num_classes = output_classes(model, cfg.image_size, device, f"teacher {cfg.teacher}")
     views = online_views(cfg, num_classes)
     identity = {"online": cfg.teacher, "fingerprint": views.fingerprint, "teacher": teacher.weights_sha256,
