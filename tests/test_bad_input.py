@@ -13,7 +13,8 @@ import pytest
 import torch
 import zarr
 
-from conftest import make_image_folder, photo_like, write_jpeg
+from conftest import make_image_folder, photo_like, small_build_config, write_jpeg
+from skd.build import BuildError, build_cache
 from skd.teachers import ModelError, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,21 +121,20 @@ def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, t
     data = tmp_path / "data"
     shutil.copytree(image_root, data)
     images = sorted(data.rglob("*.JPEG"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
     cases = {data: "overlaps the dataset", data / "train" / "new": "overlaps the dataset",
-             tmp_path: "overlaps the dataset", notes: "is not an skd cache"}
+             tmp_path: "overlaps the dataset", notes: "is not an skd cache", afile: "is a file",
+             afile / "sub": "is a file"}
     for out, needle in cases.items():
-        result = build(data, out, teacher_file, "--overwrite")
-        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, \
-            f"--out {out}: exit {result.returncode}: {result.stderr[-500:]}"
+        with pytest.raises(BuildError, match=needle):
+            build_cache(small_build_config(data, out, teacher_file, overwrite=True))
     assert sorted(data.rglob("*.JPEG")) == images, "a refused --overwrite removed images"
     assert (notes / "thesis.txt").read_text() == "important", "a refused --overwrite removed a user's file"
     assert not list(tmp_path.glob("*.lock")), "a refused build left its lock file behind"
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    for out in (afile, afile / "sub"):
-        result = build(data, out, teacher_file)
-        assert result.returncode == 2 and "is a file" in result.stderr and "Traceback" not in result.stderr, \
-            f"--out {out}: {result.stderr[-500:]}"
+    result = build(data, notes, teacher_file, "--overwrite")  # and as the command says it
+    assert result.returncode == 2 and "is not an skd cache" in result.stderr and "Traceback" not in result.stderr, \
+        f"exit {result.returncode}: {result.stderr[-500:]}"
 
 
 DELETER = """
