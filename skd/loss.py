@@ -4,6 +4,8 @@ All arithmetic runs in float32 whatever the input dtype, so the loss is the same
 """
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 import torch
@@ -75,10 +77,16 @@ def hard_label_loss(student_logits: torch.Tensor, target: torch.Tensor) -> KDLos
     return KDLoss(ce, torch.zeros((), device=ce.device), ce.detach())
 
 
+def seed_epoch(fraction: float, epochs: int) -> int:
+    """The epoch at `fraction` of training in the seed recipe (60 of 100 for 0.6), rounded half up, so the
+    alpha switches and the lr drops of a shorter run land on the same epochs."""
+    return max(1, math.floor(epochs * fraction + 0.5))
+
+
 def seed_alpha(epoch: int, epochs: int) -> float:
     """The seed repository's alpha schedule: 0.9 before 60% of training, 0.5 before 80%, then 0.1."""
-    if 10 * epoch < 6 * epochs:
+    if epoch < seed_epoch(0.6, epochs):
         return 0.9
-    if 10 * epoch < 8 * epochs:
+    if epoch < seed_epoch(0.8, epochs):
         return 0.5
     return 0.1

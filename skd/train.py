@@ -27,7 +27,7 @@ from .build import AMP_DTYPES, VAL_CROP_FRACTION, fault, quick_fingerprints
 from .codecs import Codec
 from .distributed import Dist, init_distributed, resolve_device, shutdown
 from .index import index_dataset
-from .loss import KDLoss, hard_label_loss, hinton_kd_loss, seed_alpha, spherical_kd_loss
+from .loss import KDLoss, hard_label_loss, hinton_kd_loss, seed_alpha, seed_epoch, spherical_kd_loss
 from .plan import CropParams, center_boxes, plan_view
 from .store import RowReader, Store, open_store
 from .teachers import create_model, load_teacher, output_classes
@@ -168,7 +168,7 @@ def auto_multiplier(store: Store) -> float:
 
 def default_milestones(epochs: int) -> list[int]:
     """The seed recipe's 30/60/80/90 of 100 epochs, scaled to `epochs`."""
-    return sorted({max(1, round(epochs * f)) for f in (0.3, 0.6, 0.8, 0.9)})
+    return sorted({seed_epoch(f, epochs) for f in (0.3, 0.6, 0.8, 0.9)})
 
 
 def learning_rate(cfg: TrainConfig, base_lr: float, epoch_float: float) -> float:
@@ -207,6 +207,12 @@ def _save_atomic(obj, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _cli_value(value) -> str:
+    if value is None:
+        return "(default)"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def rank_range(n: int, d: Dist) -> tuple[int, int]:
@@ -279,7 +285,11 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
                                 weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
-    settings = {"arch": cfg.arch, "amp": amp}  # what the checkpoint's weights and scaler state depend on
+    # what a resumed run must repeat: the weights' and scaler's shape, and the schedule and loss of every epoch
+    settings = {"arch": cfg.arch, "amp": amp, "epochs": cfg.epochs, "batch-size": cfg.batch_size, "lr": cfg.lr,
+                "momentum": cfg.momentum, "weight-decay": cfg.weight_decay, "schedule": cfg.schedule,
+                "milestones": cfg.milestones, "warmup-epochs": cfg.warmup_epochs, "kd": cfg.kd,
+                "temperature": cfg.temperature, "multiplier": cfg.multiplier, "alpha": cfg.alpha}
     first_epoch = 0
     history: list[dict] = []
     if cfg.resume and (out / CHECKPOINT).is_file():
@@ -288,9 +298,10 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
             raise TrainError(f"{out / CHECKPOINT} belongs to a run on {ckpt['identity'].get('cache') or ckpt['identity'].get('online')}: "
                              "resume with the same cache or choose another --out")
         for key, value in settings.items():
-            if ckpt.get("settings", settings)[key] != value:
-                raise TrainError(f"{out / CHECKPOINT} was saved with --{key} {ckpt['settings'][key]}, not {value}: "
-                                 f"resume with --{key} {ckpt['settings'][key]} or choose another --out")
+            saved = ckpt.get("settings", {}).get(key, value)
+            if saved != value:
+                raise TrainError(f"{out / CHECKPOINT} was saved with --{key} {_cli_value(saved)}, not "
+                                 f"{_cli_value(value)}: resume with the same options or choose another --out")
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

@@ -100,3 +100,12 @@ def test_seed_alpha_schedule():
     got = [seed_alpha(e, 100) for e in (0, 59, 60, 79, 80, 99)]
     assert got == [0.9, 0.9, 0.5, 0.5, 0.1, 0.1], f"alpha at epochs 0,59,60,79,80,99 of 100: {got}"
     assert [seed_alpha(e, 10) for e in range(10)] == [0.9] * 6 + [0.5] * 2 + [0.1] * 2
+
+
+@pytest.mark.parametrize("epochs", [12, 36, 45, 90, 100, 101])
+def test_alpha_switches_where_the_lr_drops(epochs):
+    """The seed recipe switches alpha at the 60% and 80% lr drops: a shorter run keeps them together."""
+    from skd.train import default_milestones
+    switches = [e for e in range(1, epochs) if seed_alpha(e, epochs) != seed_alpha(e - 1, epochs)]
+    drops = default_milestones(epochs)
+    assert switches == drops[1:3], f"{epochs} epochs: alpha switches at {switches}, lr drops at {drops}"

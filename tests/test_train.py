@@ -111,6 +111,10 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
                      "--workers", 0, "--device", "cpu", "--out", out, "--resume")
     assert other_arch.returncode == 2 and "--arch resnet18" in other_arch.stderr \
         and "Traceback" not in other_arch.stderr, other_arch.stderr[-500:]
+    longer = cli("--cache", fp32_cache, "--epochs", 10, "--batch-size", 4, "--loader", "torchvision", "--workers", 0,
+                 "--device", "cpu", "--out", out, "--resume")
+    assert longer.returncode == 2 and "--epochs 3, not 10" in longer.stderr, \
+        f"a resume that reshapes the lr and alpha schedule must be refused: {longer.stderr[-500:]}"
 
 
 def test_killed_run_resumes_with_the_same_metrics(fp32_cache, tmp_path):
