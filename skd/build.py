@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +334,7 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
 def build_cache(cfg: BuildConfig, *, progress: bool = False, log=None) -> BuildSummary:
     """Build (or resume) the cache described by `cfg`; returns what this run did."""
     log = log or (lambda message: None)
+    cfg = replace(cfg, out=Path(cfg.out).resolve())  # `--out .` and relative paths name one folder everywhere
     try:
         get_codec(cfg.codec)
     except ValueError as exc:
@@ -444,6 +445,7 @@ class BuildLock:
     """
 
     def __init__(self, out: Path):
+        out = out.resolve()  # `--out .` has no name to put a lock beside
         out.parent.mkdir(parents=True, exist_ok=True)
         self.path = out.with_name(out.name + ".lock")
         self.file = open(self.path, "a+")

@@ -208,11 +208,12 @@ def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Spli
                  val_boxes: np.ndarray | None, num_classes: int) -> Store:
     """Write a new, empty cache: samples, the plan of every view, empty logit arrays.
 
-    The `skd` attribute is written last: a folder without it is an unfinished creation.
+    The `skd` attribute is written last: a folder without it is an unfinished creation. `path` must be
+    absent or empty (mode w-: nothing already there is ever cleared).
     """
     codec = get_codec(meta["codec"])
     shard_rows, chunk_rows = int(meta["shard_rows"]), int(meta["chunk_rows"])
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     n, k = len(train.paths), len(plans)
     if shard_rows % chunk_rows:
         raise ValueError(f"shard rows {shard_rows} must be a multiple of chunk rows {chunk_rows}")
