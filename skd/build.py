@@ -97,6 +97,15 @@ def differences(recorded: dict, wanted: dict) -> list[str]:
     return [name for name, keys in IDENTITY.items() if get(recorded, keys) != get(wanted, keys)]
 
 
+def legacy_weights(recorded: dict, meta: dict) -> dict:
+    """`meta` as a cache written before tensor hashes recorded it: the weights file's sha256 (None for a
+    `py:` teacher without a file) in place of the tensors' sha256."""
+    if "weights_hash" in recorded.get("teacher", {}):
+        return meta
+    teacher = {k: v for k, v in meta["teacher"].items() if k not in ("weights_hash", "file_sha256")}
+    return {**meta, "teacher": {**teacher, "weights_sha256": meta["teacher"]["file_sha256"]}}
+
+
 def _software() -> dict:
     versions = {"skd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
                 "zarr": zarr.__version__, "numpy": np.__version__}
@@ -121,6 +130,7 @@ def _identity(cfg: BuildConfig, teacher, amp: str) -> dict:
     return {
         "format": FORMAT_VERSION,
         "teacher": {"name": cfg.teacher, "weights": teacher.weights, "weights_sha256": teacher.weights_sha256,
+                    "weights_hash": "tensors", "file_sha256": teacher.file_sha256,
                     "amp": amp, "mean": list(pipelines.IMAGENET_MEAN), "std": list(pipelines.IMAGENET_STD)},
         "dataset": {"root": str(Path(cfg.data).resolve())},
         "plan": {"seed": cfg.seed, "image_size": cfg.image_size, "crop": cfg.crop.to_dict(),
@@ -191,7 +201,7 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
         skipped = store.meta["dataset"].get("skipped", [])
         train_fp, val_fp = quick_fingerprints(Path(cfg.data), store.has_val, skipped)
         meta["dataset"].update(fingerprint=train_fp, val_fingerprint=val_fp)
-        changed = differences(store.meta, meta)
+        changed = differences(store.meta, legacy_weights(store.meta, meta))
         if changed:
             raise BuildError(f"{out} was built with other settings ({', '.join(changed)}): pass the same "
                              "arguments to resume, another --out, or --overwrite to rebuild")

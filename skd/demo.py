@@ -151,6 +151,8 @@ def write_digits(root: Path, *, seed: int = 0, canvas: int = CANVAS, quality: in
         if old.get("source") != manifest["source"]:  # never delete what the demo did not write
             raise SystemExit(f"demo: {root} exists and was not written by the demo: choose another --dir")
         shutil.rmtree(root)  # an earlier demo's images, written with other settings
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"source": manifest["source"]}) + "\n")  # ours even if stopped part-way
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     train, val = split_ids(labels, seed=seed)

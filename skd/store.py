@@ -347,11 +347,11 @@ class RowReader:
                 yield item
         finally:
             stop_event.set()
-            while thread.is_alive():
+            while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
                 try:
-                    q.get(timeout=0.1)
+                    q.get_nowait()
                 except queue.Empty:
-                    pass
+                    thread.join(0.01)
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, Encoded]]:
         """(first row, Encoded rows) of consecutive batches of `batch_size` rows (last one short).

@@ -29,6 +29,7 @@ class Teacher:
     name: str
     weights: str  # a path, "torchvision-default", "none" or "py"
     weights_sha256: str | None  # of the loaded tensors (state_sha256); None for --weights none
+    file_sha256: str | None = None  # of the weights file, when there is one (caches before tensor hashes)
 
 
 def alias(name: str) -> str:
@@ -36,6 +37,14 @@ def alias(name: str) -> str:
     name = name.split(":")[-1]
     name = re.sub(r"^resnet(\d+)$", r"r\1", name)
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def state_sha256(model: nn.Module) -> str:
@@ -166,7 +175,7 @@ def load_teacher(name: str, weights: str | None = None) -> Teacher:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else "state_dict mismatch"
         raise ModelError(f"{file} does not fit {name}: {detail[:300]}") from None
-    return Teacher(model.eval(), name, label, state_sha256(model))
+    return Teacher(model.eval(), name, label, state_sha256(model), file_sha256(file))
 
 
 def _classes_in(state: dict) -> int | None:
@@ -182,8 +191,10 @@ def output_classes(model: nn.Module, image_size: int, device: torch.device, name
         with torch.no_grad():
             out = model(torch.zeros(1, 3, image_size, image_size, device=device))
     except RuntimeError as exc:
-        raise ModelError(f"{name} cannot run on {image_size}-pixel images ({_first_line(exc)}): "
-                         "choose a larger --image-size") from None
+        line = _first_line(exc)
+        too_small = any(s in line.lower() for s in ("too small", "kernel size", "larger than the input"))
+        raise ModelError(f"{name} cannot run on a {image_size}-pixel image ({line[:300]})"
+                         + (": choose a larger --image-size" if too_small else "")) from None
     return int(out.shape[-1])
 
 

@@ -236,14 +236,15 @@ def train(cfg: TrainConfig, *, progress: bool = False, log=None, on_step=None) -
 
 
 def _setup(cfg: TrainConfig, device: torch.device):
-    """(views, store or None, teacher model or None, multiplier, cache identity) for this run."""
+    """(views, store or None, teacher model or None, multiplier, identities) for this run: the identity a
+    checkpoint records, then any older form of it a checkpoint may hold."""
     if cfg.cache is not None:
         store = open_store(cfg.cache)
         views = cached_views(store, cfg.data)
         multiplier = auto_multiplier(store) if cfg.multiplier == "auto" else float(cfg.multiplier)
         identity = {"cache": str(Path(cfg.cache).resolve()), "fingerprint": views.fingerprint,
                     "teacher": store.meta["teacher"]["weights_sha256"], "views": store.num_views}
-        return views, store, None, multiplier, identity
+        return views, store, None, multiplier, [identity]
     if cfg.teacher is None or cfg.data is None:
         raise TrainError("pass --cache DIR, or --teacher NAME with --data ROOT for online distillation")
     if cfg.multiplier == "auto":
@@ -256,7 +257,8 @@ def _setup(cfg: TrainConfig, device: torch.device):
     views = online_views(cfg, num_classes)
     identity = {"online": cfg.teacher, "fingerprint": views.fingerprint, "teacher": teacher.weights_sha256,
                 "views": cfg.views}
-    return views, None, model, float(cfg.multiplier), identity
+    before_tensor_hashes = {**identity, "teacher": teacher.file_sha256}
+    return views, None, model, float(cfg.multiplier), [identity, before_tensor_hashes]
 
 
 def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
@@ -264,7 +266,8 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
     amp_dtype = AMP_DTYPES[amp]
     out = Path(cfg.out)
-    views, store, teacher, multiplier, identity = _setup(cfg, device)
+    views, store, teacher, multiplier, identities = _setup(cfg, device)
+    identity = identities[0]
     if len(views.paths) < d.world:
         raise TrainError(f"{len(views.paths)} training samples cannot be shared by {d.world} processes: "
                          f"use at most {len(views.paths)}")
@@ -294,7 +297,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     history: list[dict] = []
     if cfg.resume and (out / CHECKPOINT).is_file():
         ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
-        if ckpt["identity"] != identity:
+        if ckpt["identity"] not in identities:
             raise TrainError(f"{out / CHECKPOINT} belongs to a run on {ckpt['identity'].get('cache') or ckpt['identity'].get('online')}: "
                              "resume with the same cache or choose another --out")
         for key, value in settings.items():

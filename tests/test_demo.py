@@ -88,3 +88,13 @@ def test_a_folder_the_demo_did_not_write_is_never_deleted(tmp_path):
     assert (tmp_path / "digits" / "notes.txt").read_text() == "mine", "the demo deleted a user's file"
     with pytest.raises(SystemExit):
         demo.main(["--dir", str(tmp_path), "--epochs", "0"])
+
+
+def test_a_demo_stopped_while_writing_images_reruns(tmp_path, digits):
+    root = tmp_path / "digits"
+    demo.write_digits(root)
+    manifest = (root / "manifest.json").read_text()
+    (root / "manifest.json").write_text('{"source": "sklearn.datasets.load_digits"}\n')  # what a stop leaves
+    next(root.rglob("*.JPEG")).unlink()
+    assert demo.write_digits(root) == digits[1], "the rerun should write the digits again"
+    assert (root / "manifest.json").read_text() == manifest
