@@ -48,6 +48,13 @@ class Items:
         return len(self.files)
 
 
+def read_error(exc: OSError) -> str:
+    """One line for an image the loader could not read: a DataLoader worker re-raises with the
+    original message last."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
 def make_items(files, boxes, flips, labels, positions) -> Items:
     """Check shapes and lengths once, so both loaders fail the same way on bad input."""
     boxes = np.asarray(boxes, dtype=np.int64)

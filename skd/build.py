@@ -241,15 +241,14 @@ class ShardWriter:
 
     def close(self) -> None:
         """Wait for every shard to be written; raises the writer's error or a shard left unfilled."""
-        self.queue.put(None)
-        self.thread.join()
+        self.abort()
         if self.error is not None:
             raise self.error
         if self.shards:
             raise RuntimeError(f"input ended before shards {self.shards} were full")
 
     def abort(self) -> None:
-        """Stop after the rows already queued, without raising: the caller is handling another error."""
+        """Let the writer finish the rows already queued, then stop; never raises (close reports errors)."""
         self.queue.put(None)
         self.thread.join()
 
@@ -325,13 +324,14 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             logits = model(images).float().cpu().numpy()
-            finite = np.isfinite(logits).all(axis=1)
+            magnitude = np.abs(logits).max(axis=1, initial=0)  # one pass: nan or inf where a row has any
+            finite = np.isfinite(magnitude)
             if not finite.all():  # never store them: every student step on such a row would be NaN
                 raise BuildError(f"the teacher gave inf or nan logits for {int((~finite).sum())} of {len(finite)} "
                                  f"images (first at position {int(batch.positions[~finite][0])}) with --amp {amp}: "
                                  "check the weights, or use --amp bf16 or none (fp16 overflows easily)")
-            if np.abs(logits).max(initial=0) > writer.store.codec.limit:
-                raise BuildError(f"the teacher gave logits up to {np.abs(logits).max():.3g}, beyond what --codec "
+            if magnitude.max(initial=0) > writer.store.codec.limit:
+                raise BuildError(f"the teacher gave logits up to {magnitude.max():.3g}, beyond what --codec "
                                  f"{writer.store.codec.name} stores ({writer.store.codec.limit:.0f}): use --codec int8 "
                                  "or fp32")
             writer.put(batch.positions.numpy(), logits)
@@ -431,9 +431,8 @@ def _fill(cfg: BuildConfig, d: Dist, store: Store, model, device: torch.device, 
                                             "val-batch" if view is None else "after-batch")
             except OSError as exc:  # an image that went missing or unreadable after the index pass
                 writer.abort()
-                detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                raise BuildError(f"reading the images of {label} failed ({detail}): check {root}, "
-                                 "then rerun the same command to resume") from None
+                raise BuildError(f"reading the images of {label} failed ({pipelines.read_error(exc)}): "
+                                 f"check {root}, then rerun the same command to resume") from None
             except BaseException:  # Ctrl-C, a teacher error: the shards already written stay complete
                 writer.abort()
                 raise

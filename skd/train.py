@@ -397,9 +397,8 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
                 if progress and step % 10 == 0:
                     bar.set_postfix(loss=f"{parts.loss.item():.4f}", lr=f"{lr:.4g}")
         except OSError as exc:  # an image that went missing or unreadable after the start of the run
-            detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise TrainError(f"reading the images of epoch {epoch} failed ({detail}): check {views.root}, "
-                             "then rerun with --resume to continue from the last epoch") from None
+            raise TrainError(f"reading the images of epoch {epoch} failed ({pipelines.read_error(exc)}): "
+                             f"check {views.root}, then rerun with --resume to continue from the last epoch") from None
         finally:  # also on an exception, so no reader thread outlives the epoch
             bar.close()
             if teacher_batches is not None:
