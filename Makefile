@@ -4,15 +4,22 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# torch's CUDA build alone is ~5.5 GB installed; with DALI and the test tools .venv takes ~6.8 GB.
+NEED_GB := 8
 
 .PHONY: test demo venv clean
 
 venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
+	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free_gb" -lt $(NEED_GB) ] && [ ! -x $(BIN)/python ]; then \
+		echo "error: .venv needs about $(NEED_GB) GB free here ($(CURDIR)) and $$free_gb GB is free: free some space and rerun make"; \
+		exit 1; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,plot,demo]'
+	PIP_NO_CACHE_DIR=1 $(BIN)/pip install -q --upgrade pip
+	PIP_NO_CACHE_DIR=1 $(BIN)/pip install -q -e '.[test,plot,demo]'
 	touch $(STAMP)
 
 test: $(STAMP)
