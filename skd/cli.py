@@ -300,12 +300,31 @@ def train(cache_dir, teacher, weights, data, arch, epochs, batch_size, lr, momen
         click.echo("  " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
 
+def run_command(command: click.Command, prog_name: str) -> None:
+    """Run a click command; a usage mistake is one `error:` line naming the option and where help is."""
+    try:
+        command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else prog_name
+        click.echo(f"error: {exc.format_message().rstrip('.')} (see {where} --help)", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+
+
 def main_cache():
-    cache(prog_name="skd-cache")
+    run_command(cache, "skd-cache")
 
 
 def main_train():
-    train(prog_name="skd-train")
+    run_command(train, "skd-train")
 
 
 if __name__ == "__main__":

@@ -273,3 +273,18 @@ def test_weights_with_code_are_refused_and_never_run(tmp_path):
     assert not marker.exists(), "loading the weights file ran its code"
     torch.save({"model": {"module.fc.weight": torch.ones(2, 2)}}, tmp_path / "ok.pth")
     assert list(read_state_dict(tmp_path / "ok.pth")) == ["fc.weight"], "module. prefix not stripped"
+
+
+@pytest.mark.parametrize("tool,args,names", [
+    ("cache", ["build", "--teacher", "resnet18", "--views", "0"], "'--views'"),
+    ("cache", ["info"], "'DIR'"),
+    ("cache", ["bulid"], "'bulid'"),
+    ("train", ["--cache", "somewhere", "--bogus"], "'--bogus'"),
+])
+def test_usage_mistakes_are_one_line_naming_the_option(tool, args, names):
+    """A mistyped option is one `error:` line naming it and where help is, exit 2, as every other user mistake."""
+    result = skd(*args, tool=tool)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"{args}: exit {result.returncode}: {result.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error:") and names in lines[0] and "--help" in lines[0], \
+        f"{args}: not one line naming {names}: {result.stderr!r}"
