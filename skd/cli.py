@@ -259,7 +259,8 @@ def _milestones(value: str | None) -> list[int] | None:
               help="KD weight, or 'seed' = 0.9/0.5/0.1 at 0%/60%/80% of training")
 @click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
-@click.option("--loader", default="dali", show_default=True, type=click.Choice(["dali", "torchvision"]))
+@click.option("--loader", type=click.Choice(["dali", "torchvision"]),
+              help="default: the loader recorded in the cache (online mode: dali)")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(min=0))
 @click.option("--out", type=click.Path(path_type=Path), help="run folder; default runs/<cache name>-<arch>")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")

@@ -63,7 +63,7 @@ class TrainConfig:
     alpha: str = "seed"  # a number or "seed"
     amp: str = "auto"
     device: str = "auto"
-    loader: str = "dali"
+    loader: str | None = None  # default: the cache's own loader (online mode: dali)
     workers: int = 8
     out: Path | None = None
     resume: bool = False
@@ -97,11 +97,12 @@ class Views:
     val_labels: np.ndarray | None
     val_boxes: np.ndarray | None
     fingerprint: str
-    loader: str
+    loader: str  # the loader that decodes them: the one the cache was built with unless --loader says
 
 
-def cached_views(store: Store, data: Path | None) -> Views:
-    """Views recorded in a cache; `data` overrides the recorded dataset root (a moved dataset)."""
+def cached_views(store: Store, data: Path | None, loader: str | None = None) -> Views:
+    """Views recorded in a cache; `data` overrides the recorded dataset root (a moved dataset), `loader` the
+    recorded loader (the other one decodes the same windows to within resampling noise)."""
     meta = store.meta
     if not store.is_complete():
         done, total = int(store.complete().sum()), store.complete().size
@@ -122,7 +123,7 @@ def cached_views(store: Store, data: Path | None) -> Views:
                  num_classes=store.num_classes, image_size=int(meta["plan"]["image_size"]),
                  plan=store.view_plan, val_paths=val.paths if val else None,
                  val_labels=val.labels if val else None, val_boxes=store.val_boxes() if val else None,
-                 fingerprint=meta["dataset"]["fingerprint"], loader=meta["plan"]["loader"])
+                 fingerprint=meta["dataset"]["fingerprint"], loader=loader or meta["plan"]["loader"])
 
 
 def online_views(cfg: TrainConfig, num_classes: int) -> Views:
@@ -135,7 +136,7 @@ def online_views(cfg: TrainConfig, num_classes: int) -> Views:
                  plan=lambda k: _plan_arrays(plan_view(cfg.plan_seed, k, sizes, cfg.crop)),
                  val_paths=val.paths if val else None, val_labels=val.labels if val else None,
                  val_boxes=center_boxes(val.sizes, VAL_CROP_FRACTION) if val else None,
-                 fingerprint=index.train.fingerprint, loader=cfg.loader)
+                 fingerprint=index.train.fingerprint, loader=cfg.loader or "dali")
 
 
 def _plan_arrays(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -215,10 +216,15 @@ def _cli_value(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def rank_range(n: int, d: Dist) -> tuple[int, int]:
-    """This rank's contiguous part of a view's positions; equal parts so all ranks take equal steps."""
+def rank_range(n: int, d: Dist, local_batch: int) -> tuple[int, int]:
+    """This rank's contiguous part of a view's positions; equal parts so all ranks take equal steps.
+
+    A part that would end in a batch of one image leaves that image out (BatchNorm cannot train on
+    one); each view's order differs, so it is a different sample every epoch.
+    """
     per = n // d.world
-    return d.rank * per, (d.rank + 1) * per
+    used = per - 1 if per > 1 and per % local_batch == 1 else per
+    return d.rank * per, d.rank * per + used
 
 
 def train(cfg: TrainConfig, *, progress: bool = False, log=None, on_step=None) -> dict:
@@ -240,7 +246,7 @@ def _setup(cfg: TrainConfig, device: torch.device):
     checkpoint records, then any older form of it a checkpoint may hold."""
     if cfg.cache is not None:
         store = open_store(cfg.cache)
-        views = cached_views(store, cfg.data)
+        views = cached_views(store, cfg.data, cfg.loader)
         multiplier = auto_multiplier(store) if cfg.multiplier == "auto" else float(cfg.multiplier)
         identity = {"cache": str(Path(cfg.cache).resolve()), "fingerprint": views.fingerprint,
                     "teacher": store.meta["teacher"]["weights_sha256"], "views": store.num_views}
@@ -331,7 +337,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
             f"{views.num_views} on (epoch e uses view e mod {views.num_views})")
     local_batch = max(1, cfg.batch_size // d.world)
     n = len(views.paths)
-    start, stop = rank_range(n, d)
+    start, stop = rank_range(n, d, local_batch)
     metrics: dict = history[-1] if history else {}
     val_teacher_top1 = None
     if cfg.val and views.val_paths is not None:
@@ -343,7 +349,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
         positions = np.arange(start, stop)
         ids = order[positions]
         loader = pipelines.make_loader(
-            cfg.loader, files=[str(views.root / views.paths[i]) for i in ids], boxes=box[positions],
+            views.loader, files=[str(views.root / views.paths[i]) for i in ids], boxes=box[positions],
             flips=flip[positions], labels=views.labels[ids], positions=positions, image_size=views.image_size,
             batch_size=local_batch, workers=cfg.workers, device=device)
         teacher_batches = (cached_teacher_batches(store, view, start, stop, local_batch, device)
@@ -456,7 +462,7 @@ def evaluate(student: nn.Module, views: Views, teacher_top1: torch.Tensor | None
     start, stop = val_range(len(views.val_paths), d)
     positions = np.arange(start, stop)
     loader = pipelines.make_loader(
-        cfg.loader, files=[str(views.root / views.val_paths[i]) for i in positions], boxes=views.val_boxes[positions],
+        views.loader, files=[str(views.root / views.val_paths[i]) for i in positions], boxes=views.val_boxes[positions],
         flips=np.zeros(len(positions), np.uint8), labels=views.val_labels[positions], positions=positions,
         image_size=views.image_size, batch_size=max(1, cfg.batch_size // d.world), workers=cfg.workers,
         device=device)

@@ -185,6 +185,24 @@ def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
                log=lambda m: None, on_step=None)
 
 
+def test_training_decodes_with_the_loader_the_cache_was_built_with(fp32_cache, tmp_path):
+    """The student sees the teacher's very pixels: with no --loader, the cache's own (torchvision here) is used."""
+    default_losses, _, _ = run(base_config(tmp_path / "default", cache=fp32_cache, loader=None))
+    recorded_losses, _, _ = run(base_config(tmp_path / "recorded", cache=fp32_cache, loader="torchvision"))
+    other_losses, _, _ = run(base_config(tmp_path / "other", cache=fp32_cache, loader="dali"))
+    same = float(np.abs(default_losses - recorded_losses).max())
+    other = float(np.abs(other_losses - recorded_losses).max())
+    assert same == 0.0, f"default loader's losses differ from the cache's loader's by {same:.2e}"
+    assert other > 0.0, "dali and torchvision gave identical losses: this test cannot tell the loaders apart"
+
+
+def test_a_last_batch_of_one_image_does_not_stop_the_epoch(fp32_cache, tmp_path):
+    """18 samples in batches of 17 would end in a batch of one, which BatchNorm cannot train on: it is left out."""
+    losses, _, metrics = run(base_config(tmp_path / "run", cache=fp32_cache, batch_size=17, epochs=1,
+                                         steps_per_epoch=None))
+    assert len(losses) == 1 and np.isfinite(losses).all(), f"{len(losses)} steps, losses {losses.tolist()}"
+
+
 @pytest.mark.parametrize("option,value", [("--multiplier", "nan"), ("--multiplier", "0"), ("--multiplier", "inf"),
                                           ("--lr", "-1"), ("--momentum", "-0.5"), ("--weight-decay", "nan"),
                                           ("--temperature", "inf"), ("--warmup-epochs", "-1")])
