@@ -6,15 +6,58 @@ fallback where DALI is missing). The cache build (teacher) and training (student
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOADERS = ("dali", "torchvision")
+
+
+EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image by 90 degrees
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation DALI's decoders apply (1 when absent or unreadable), without decoding pixels.
+
+    EXIF only: PIL's getexif() also takes XMP's tiff:Orientation, which DALI ignores, and decodes a
+    whole PNG to find an eXIf chunk stored after the pixel data (here the chunk headers are walked).
+    """
+    tags = getattr(image, "tag_v2", None)  # TIFF keeps the tag in the image's own directory
+    if tags is not None:
+        return tags.get(EXIF_ORIENTATION, 1)
+    raw = image.info.get("exif")
+    if not raw and image.format == "PNG" and image.filename:
+        raw = _png_exif_chunk(image.filename)
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except Exception:  # PIL raises SyntaxError, struct.error, ValueError... on corrupt EXIF
+        return 1
+    return exif.get(EXIF_ORIENTATION, 1)
+
+
+def _png_exif_chunk(path) -> bytes | None:
+    """The data of a PNG's eXIf chunk wherever it lies, reading chunk headers only."""
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            return None
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return f.read(length)
+            if kind == b"IEND":
+                return None
+            f.seek(length + 4, 1)  # the data and its CRC
+    return None
 
 
 @dataclass

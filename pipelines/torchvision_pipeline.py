@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines import Batch, Items
+from pipelines import Batch, Items, exif_orientation
 
 
 def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: Sequence[float],
@@ -25,7 +25,7 @@ def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: 
     """
     y, x, h, w = (int(v) for v in box)
     with Image.open(path) as image:
-        image = _rgb(ImageOps.exif_transpose(image))
+        image = _rgb(_upright(image))
     width, height = image.size
     if y < 0 or x < 0 or h <= 0 or w <= 0 or y + h > height or x + w > width:
         raise ValueError(f"window (y={y}, x={x}, h={h}, w={w}) is outside {path} "
@@ -38,6 +38,11 @@ def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: 
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The frame DALI decodes: the EXIF orientation applied; an orientation only XMP states is not."""
+    return image if exif_orientation(image) == 1 else ImageOps.exif_transpose(image)
 
 
 def _rgb(image: Image.Image) -> Image.Image:

@@ -18,9 +18,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipelines import exif_orientation
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-_ORIENTATION = 0x0112  # EXIF/TIFF orientation tag; values 5-8 turn the image by 90 degrees
 _CHUNK = 256  # images per thread-pool task: keeps the number of futures small for 1.28 M files
 _NAMED_ERRORS = 20  # unreadable files named in the error message; the rest are counted
 _LAYOUT = "train/<class>/<images>"
@@ -165,8 +166,9 @@ def read_sizes(root: Path, paths: list[str], *, workers: int = 16, progress: boo
 def image_size(path) -> tuple[int, int]:
     """(height, width) of the decoded frame, from the image header; EXIF orientations 5-8 swap them."""
     with Image.open(path) as image:
-        width, height = image.size
-        if _orientation(image) in (5, 6, 7, 8):
+        tags = getattr(image, "tag_v2", None)  # TIFF: the stored size (newer PIL reports it already turned)
+        width, height = (tags[256], tags[257]) if tags is not None else image.size
+        if exif_orientation(image) in (5, 6, 7, 8):
             width, height = height, width
         if image.format == "JPEG" and not _has_jpeg_end(path):
             raise OSError(0, "truncated JPEG: no end-of-image marker")
@@ -242,25 +244,6 @@ def _class_files(class_dir: Path, prefix: str) -> list[str]:
 def _is_image_name(name: str) -> bool:
     """True for a non-hidden file name with an image extension (any case)."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation (1 when absent or unparseable), read without decoding pixels.
-
-    Not Image.getexif(): for PNG without an eXIf chunk before the pixel data it decodes the image.
-    """
-    tags = getattr(image, "tag_v2", None)  # TIFF keeps the tag in the image's own directory
-    if tags is not None:
-        return tags.get(_ORIENTATION, 1)
-    raw = image.info.get("exif")
-    if not raw:
-        return 1
-    exif = Image.Exif()
-    try:
-        exif.load(raw)
-    except Exception:  # PIL raises SyntaxError, struct.error, ValueError... on corrupt EXIF
-        return 1
-    return exif.get(_ORIENTATION, 1)
 
 
 def _reason(exc: Exception) -> str:

@@ -6,7 +6,9 @@ and odd JPEGs (grayscale, CMYK) come out as the same RGB view.
 """
 from __future__ import annotations
 
+import struct
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from PIL import Image, ImageOps
 
 from conftest import photo_like, write_jpeg
 from pipelines import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, make_loader
+from skd.index import image_size
 from skd.plan import crop_windows, flips
 
 SIZE = 48
@@ -157,6 +160,46 @@ def test_all_exif_orientations_agree(tmp_path):
     _, reference, _ = load("torchvision", files, boxes, batch_size=8)
     apart = grey_levels_apart(dali, reference)
     assert apart.max() < 1, f"EXIF orientations 1-8: DALI vs torchvision {apart.tolist()} grey levels"
+
+
+XMP_ORIENTATION_6 = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+                     b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+                     b'</rdf:RDF></x:xmpmeta>')
+
+
+def png_with_exif_after_pixels(path, array, orientation):
+    """A PNG whose eXIf chunk comes after IDAT (allowed by the PNG spec; some tools write it there)."""
+    Image.fromarray(array).save(path, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+    raw = path.read_bytes()
+    end = raw.rindex(b"IEND") - 4
+    path.write_bytes(raw[:end] + chunk + raw[end:])
+    return path
+
+
+def test_every_container_is_turned_as_dali_turns_it(tmp_path):
+    """The index plans windows in the frame both loaders decode: a TIFF's orientation tag and a PNG's late
+    eXIf chunk turn the image; an orientation only XMP states does not (DALI reads EXIF only)."""
+    base = photo_like(40, 80, seed=7)
+    tiff = tmp_path / "turned.tif"
+    Image.fromarray(base).save(tiff, tiffinfo={0x0112: 6})
+    xmp = tmp_path / "xmp.jpg"
+    Image.fromarray(base).save(xmp, "JPEG", quality=90, xmp=XMP_ORIENTATION_6)
+    cases = {"TIFF orientation 6": (tiff, (80, 40)),
+             "PNG eXIf after IDAT": (png_with_exif_after_pixels(tmp_path / "late.png", base, 6), (80, 40)),
+             "JPEG with XMP orientation only": (xmp, (40, 80))}
+    for what, (path, frame) in cases.items():
+        assert image_size(path) == frame, f"{what}: index says (h, w) {image_size(path)}, decoders give {frame}"
+    files = [path for path, _ in cases.values()]
+    # Windows that fit only the expected frame (80 high for the turned ones, 80 wide for the XMP one).
+    boxes = [(44, 2, 30, 30) if frame[0] == 80 else (2, 44, 30, 30) for _, frame in cases.values()]
+    _, dali, _ = load("dali", files, boxes, batch_size=3)
+    _, reference, _ = load("torchvision", files, boxes, batch_size=3)
+    apart = grey_levels_apart(dali, reference)
+    assert apart.max() < 1, f"{list(cases)}: DALI vs torchvision {apart.tolist()} grey levels apart"
 
 
 def test_grayscale_and_cmyk_decode_to_the_same_rgb(tmp_path):
