@@ -248,9 +248,12 @@ def _setup(cfg: TrainConfig, device: torch.device):
         store = open_store(cfg.cache)
         views = cached_views(store, cfg.data, cfg.loader)
         multiplier = auto_multiplier(store) if cfg.multiplier == "auto" else float(cfg.multiplier)
-        identity = {"cache": str(Path(cfg.cache).resolve()), "fingerprint": views.fingerprint,
-                    "teacher": store.meta["teacher"]["weights_sha256"], "views": store.num_views}
-        return views, store, None, multiplier, [identity]
+        # what the cache holds, not where: a moved cache resumes, one rebuilt with another plan does not
+        identity = {"cache": {"plan": store.meta["plan"], "codec": store.meta["codec"]},
+                    "fingerprint": views.fingerprint, "teacher": store.meta["teacher"]["weights_sha256"],
+                    "views": store.num_views}
+        by_path = {**identity, "cache": str(Path(cfg.cache).resolve())}  # what older checkpoints recorded
+        return views, store, None, multiplier, [identity, by_path]
     if cfg.teacher is None or cfg.data is None:
         raise TrainError("pass --cache DIR, or --teacher NAME with --data ROOT for online distillation")
     if cfg.multiplier == "auto":
@@ -304,7 +307,8 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     if cfg.resume and (out / CHECKPOINT).is_file():
         ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
         if ckpt["identity"] not in identities:
-            raise TrainError(f"{out / CHECKPOINT} belongs to a run on {ckpt['identity'].get('cache') or ckpt['identity'].get('online')}: "
+            source = ckpt.get("source") or ckpt["identity"].get("cache") or ckpt["identity"].get("online")
+            raise TrainError(f"{out / CHECKPOINT} belongs to a run on {source} (other views, teacher or images): "
                              "resume with the same cache or choose another --out")
         for key, value in settings.items():
             saved = ckpt.get("settings", {}).get(key, value)
@@ -428,6 +432,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
                     writer.add_scalar(key, value, epoch)
             _save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch, "identity": identity, "settings": settings,
+                          "source": str(cfg.cache or cfg.teacher),
                           "args": {k: str(v) for k, v in asdict(cfg).items()},
                           "metrics": [json.dumps(m) for m in history]}, out / CHECKPOINT)
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))

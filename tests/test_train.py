@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import zarr
 
 from conftest import free_port, small_build_config
 from skd.build import build_cache
@@ -101,9 +102,13 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
     student = torchvision.models.resnet18(num_classes=3)
     student.load_state_dict(torch.load(out / "student.pth", weights_only=True))
     assert not list(out.glob("*.tmp")), "a temporary checkpoint was left behind"
-    other = tmp_path / "other"
-    shutil.copytree(fp32_cache, other)
-    refused = cli("--cache", other, "--epochs", 3, "--loader", "torchvision", "--workers", 0, "--device", "cpu",
+    moved = shutil.copytree(fp32_cache, tmp_path / "moved")
+    same = cli("--cache", moved, "--epochs", 3, "--batch-size", 4, "--steps-per-epoch", 2, "--loader", "torchvision",
+               "--workers", 0, "--device", "cpu", "--out", out, "--resume")
+    assert same.returncode == 0 and "resuming" in same.stderr, f"a moved cache is the same cache: {same.stderr[-500:]}"
+    g = zarr.open_group(str(moved), mode="r+")  # as if rebuilt in place with another --seed
+    g.attrs["skd"] = {**g.attrs["skd"], "plan": {**g.attrs["skd"]["plan"], "seed": 7}}
+    refused = cli("--cache", moved, "--epochs", 3, "--loader", "torchvision", "--workers", 0, "--device", "cpu",
                   "--out", out, "--resume")
     assert refused.returncode == 2 and "same cache" in refused.stderr and "Traceback" not in refused.stderr, \
         refused.stderr[-500:]
