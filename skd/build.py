@@ -31,7 +31,7 @@ from .codecs import get_codec
 from .distributed import Dist, init_distributed, resolve_device, shutdown
 from .index import fingerprint, index_dataset, scan_split
 from .plan import CropParams, center_boxes, plan_view
-from .store import FORMAT_VERSION, Split, Store, create_store, is_store, open_store
+from .store import FORMAT_VERSION, Split, Store, cache_state, create_store, open_store
 from .teachers import load_teacher, output_classes
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -179,9 +179,11 @@ def check_out(out: Path, data: Path) -> None:
     for path in (out, *out.parents):
         if path.exists() and not path.is_dir():
             raise BuildError(f"--out {out}: {path} is a file: choose a folder for the cache")
-    if out.is_dir() and any(out.iterdir()) and not (out / "zarr.json").is_file():
-        raise BuildError(f"{out} exists and is not an skd cache: choose another --out "
-                         "(--overwrite replaces only a cache)")
+    if out.is_dir() and any(out.iterdir()) and cache_state(out) is None:
+        what = "a zarr group skd did not create (or one whose zarr.json is damaged)" \
+            if (out / "zarr.json").exists() else "not an skd cache"
+        raise BuildError(f"{out} exists and is {what}: choose another --out "
+                         "(--overwrite replaces only a cache; remove other folders yourself)")
 
 
 def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> Store:
@@ -192,7 +194,7 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
     """
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        if not is_store(out):  # check_out let through only a zarr group: a creation that was interrupted
+        if cache_state(out) == "creating":
             raise BuildError(f"{out} holds an unfinished cache creation: pass --overwrite to start it again")
         store = open_store(out, mode="r+")
         if cfg.val and not store.has_val and (Path(cfg.data) / "val").is_dir():
@@ -332,8 +334,7 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
                                  "check the weights, or use --amp bf16 or none (fp16 overflows easily)")
             if magnitude.max(initial=0) > writer.store.codec.limit:
                 raise BuildError(f"the teacher gave logits up to {magnitude.max():.3g}, beyond what --codec "
-                                 f"{writer.store.codec.name} stores ({writer.store.codec.limit:.0f}): use --codec int8 "
-                                 "or fp32")
+                                 f"{writer.store.codec.name} stores ({writer.store.codec.limit:.6g}): use --codec fp32")
             writer.put(batch.positions.numpy(), logits)
             done += len(logits)
             bar.update(len(logits))
@@ -457,19 +458,29 @@ class BuildLock:
         out = out.resolve()  # `--out .` has no name to put a lock beside
         out.parent.mkdir(parents=True, exist_ok=True)
         self.path = out.with_name(out.name + ".lock")
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise BuildError(f"{out} is being built by {holder}: wait for it to finish or stop it, "
-                             "then rerun to resume") from None
+        while True:
+            self.file = open(self.path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise BuildError(f"{out} is being built by {holder}: wait for it to finish or stop it, "
+                                 "then rerun to resume") from None
+            if self._still_at_path():
+                break
+            self.file.close()  # the holder released (and removed) it while we waited: lock the new file
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         self.file.flush()
+
+    def _still_at_path(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
         if not self.file.closed:

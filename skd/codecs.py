@@ -12,7 +12,6 @@ per value, which zstd in the store turns into ~640 B per row of 1000 classes (in
 """
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -29,6 +28,9 @@ class Encoded(NamedTuple):
     offset: np.ndarray | None = None
 
 
+AFFINE_LIMIT = 1e18
+
+
 @dataclass(frozen=True)
 class Codec:
     """A storage format for logits rows."""
@@ -41,8 +43,9 @@ class Codec:
 
     @property
     def limit(self) -> float:
-        """Largest logit magnitude the stored form keeps (fp16: 65504, beyond it inf); affine: any finite."""
-        return math.inf if self.affine else float(np.finfo(self.dtype).max)
+        """Largest logit magnitude the stored form keeps: fp16 65504 (beyond it inf); affine 1e18 (beyond
+        about 1.8e19 a row's float32 std overflows and the row is stored as NaN)."""
+        return AFFINE_LIMIT if self.affine else float(np.finfo(self.dtype).max)
 
     def encode(self, logits: np.ndarray) -> Encoded:
         """Float rows (n, C) to the stored form."""

@@ -22,6 +22,7 @@ from .codecs import Codec, Encoded, get_codec
 
 FORMAT_VERSION = 1
 ATTR_KEY = "skd"
+CREATING_KEY = "skd_creating"  # set while create_store runs: a folder with only this is our unfinished creation
 
 
 class StoreError(ValueError):
@@ -84,27 +85,34 @@ class Store:
     # -- samples and plan ------------------------------------------------------------------
     def split(self, name: str = "samples") -> Split:
         """Paths, labels and sizes of the training samples (`samples`) or of `val`."""
-        g = self.group[name]
-        paths = [str(p) for p in g["path"][:]]
+        paths = [str(p) for p in self._read(f"{name}/path")]
         for p in paths:
             check_relative_path(p, self.path)
-        return Split(paths, g["label"][:].astype(np.int64), g["size"][:].astype(np.int64))
+        return Split(paths, self._read(f"{name}/label").astype(np.int64), self._read(f"{name}/size").astype(np.int64))
 
     def view_plan(self, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(order, box, flip) of one view as recorded."""
-        g = self.group["views"]
-        return g["order"][view], g["box"][view], g["flip"][view]
+        return tuple(self._read(f"views/{name}", view) for name in ("order", "box", "flip"))
 
     def val_boxes(self) -> np.ndarray:
-        return self.group["val/box"][:]
+        return self._read("val/box")
+
+    def _read(self, name: str, selection=slice(None)) -> np.ndarray:
+        """Values of a plan, sample or flag array; a damaged or missing one is a StoreError naming it."""
+        try:
+            return self.group[name][selection]
+        except (KeyError, ValueError, RuntimeError) as exc:  # zarr and numcodecs raise many kinds on damage
+            raise StoreError(f"{self.path}: {name} cannot be read ({exc}): the cache is damaged; "
+                             "`skd-cache verify --integrity` lists what is, and rebuilding with --overwrite "
+                             "replaces it") from exc
 
     # -- completion ------------------------------------------------------------------------
     def complete(self) -> np.ndarray:
         """(K, shards) bool: which shards of which view hold final logits."""
-        return self.group["views/complete"][:].astype(bool)
+        return self._read("views/complete").astype(bool)
 
     def val_complete(self) -> np.ndarray:
-        return self.group["val/complete"][:].astype(bool) if self.has_val else np.zeros(0, bool)
+        return self._read("val/complete").astype(bool) if self.has_val else np.zeros(0, bool)
 
     def is_complete(self) -> bool:
         return bool(self.complete().all() and self.val_complete().all())
@@ -133,10 +141,21 @@ class Store:
         if encoded.logits.shape[0] != stop - start:
             raise ValueError(f"shard {shard} needs {stop - start} rows, got {encoded.logits.shape[0]}")
         sl = prefix + (slice(start, stop),)
-        g["logits"][sl] = encoded.logits
+        parts = {"logits": encoded.logits}
         if self.codec.affine:
-            g["scale"][sl] = encoded.scale
-            g["offset"][sl] = encoded.offset
+            parts.update(scale=encoded.scale, offset=encoded.offset)
+        for name, data in parts.items():
+            array = g[name]
+            # An unfinished shard's old file may be damaged, and zarr merges a short last shard into it.
+            shard_file(array, prefix, shard).unlink(missing_ok=True)
+            # Every shard gets its file, even one of fill values: a missing file then always means damage.
+            array.with_config({"write_empty_chunks": True})[sl] = data
+
+    def missing_shard_files(self, view: int | None, shard: int) -> list[Path]:
+        """The files of shard `shard` (logits, scale, offset) that are not on disk."""
+        g, prefix = self._logit_group(view)
+        names = ("logits", "scale", "offset") if self.codec.affine else ("logits",)
+        return [f for f in (shard_file(g[name], prefix, shard) for name in names) if not f.exists()]
 
     def read_rows(self, view: int | None, start: int, stop: int) -> Encoded:
         """Stored rows [start, stop) of view `view` (None: validation), in the codec's form."""
@@ -204,16 +223,23 @@ def _logit_arrays(group: zarr.Group, prefix: str, lead: tuple, rows: int, classe
             chunks=ones + (1,), compress=False)
 
 
+def shard_file(array: zarr.Array, prefix: tuple, shard: int) -> Path:
+    """The file holding shard `shard` (along rows) of a logits, scale or offset array in a local cache."""
+    coords = prefix + (shard,) + (0,) * (array.ndim - len(prefix) - 1)
+    return Path(array.store_path.store.root) / array.store_path.path / array.metadata.encode_chunk_key(coords)
+
+
 def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Split | None,
                  val_boxes: np.ndarray | None, num_classes: int) -> Store:
     """Write a new, empty cache: samples, the plan of every view, empty logit arrays.
 
-    The `skd` attribute is written last: a folder without it is an unfinished creation. `path` must be
-    absent or empty (mode w-: nothing already there is ever cleared).
+    The group starts with only the `skd_creating` attribute and gets `skd` last, so an interrupted
+    creation is recognisable as ours. `path` must be absent or empty (mode w-: nothing already there
+    is ever cleared).
     """
     codec = get_codec(meta["codec"])
     shard_rows, chunk_rows = int(meta["shard_rows"]), int(meta["chunk_rows"])
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={CREATING_KEY: True})
     n, k = len(train.paths), len(plans)
     if shard_rows % chunk_rows:
         raise ValueError(f"shard rows {shard_rows} must be a multiple of chunk rows {chunk_rows}")
@@ -230,17 +256,20 @@ def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Spli
         _write_split(group, "val", val, chunk_rows)
         _create(group, "val/box", np.asarray(val_boxes, np.int32), chunks=(min(shard_rows, len(val.paths)), 4))
         _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
-    group.attrs[ATTR_KEY] = meta
+    group.attrs.put({ATTR_KEY: meta})
     return Store(Path(path), group)
 
 
-def is_store(path: Path) -> bool:
-    """True when `path` holds a finished cache creation (a zarr group with the `skd` attribute)."""
+def cache_state(path: Path) -> str | None:
+    """"cache" for a created cache (a zarr group with the `skd` attribute), "creating" for a creation of
+    ours that was interrupted, None for anything else (another zarr group, a plain or unreadable folder)."""
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        attrs = zarr.open_group(str(path), mode="r", zarr_format=3).attrs
     except Exception:
-        return False
-    return ATTR_KEY in group.attrs
+        return None
+    if ATTR_KEY in attrs:
+        return "cache"
+    return "creating" if CREATING_KEY in attrs else None
 
 
 REQUIRED_ARRAYS = ("samples/path", "samples/label", "samples/size", "views/order", "views/box",
@@ -306,6 +335,10 @@ class RowReader:
             raise StoreError(f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read ({exc}): "
                              "the cache is damaged; `skd-cache verify --integrity` lists every bad shard, "
                              "and rebuilding with --overwrite replaces it") from exc
+        except OSError as exc:  # permissions, I/O errors, stale network mounts: the cache's files, not the images
+            raise StoreError(f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read "
+                             f"({exc.strerror or exc}: {exc.filename or 'a cache file'}): check the cache's "
+                             "files and their permissions") from exc
 
     def _blocks(self) -> Iterator[tuple[int, int]]:
         pos = self.start
@@ -465,8 +498,7 @@ class RowReader:
             return Path(array.store_path.store.root) / array.store_path.path
 
         def _file(self, shard: int) -> Path:
-            coords = self.lead + (shard,) + (0,) * len(self.row_shape)
-            return self.folder / self.array.metadata.encode_chunk_key(coords)
+            return shard_file(self.array, self.lead, shard)
 
         def read(self, a: int, b: int, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
             """Rows [a, b) as a new C-contiguous array; a shard's chunks are decoded by `pool` when given
@@ -487,9 +519,8 @@ class RowReader:
             path = self._file(shard)
             try:
                 fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                out[...] = self.fill
-                return
+            except FileNotFoundError:  # readers read complete shards only, and each was written whole
+                raise ValueError(f"{path} is missing") from None
             try:
                 index_bytes = self.chunks * 16 + 4
                 size = os.fstat(fd).st_size
@@ -504,6 +535,8 @@ class RowReader:
                     if hi > size - index_bytes:
                         raise ValueError(f"{path}: shard index points past the data (damaged file)")
                     data = self._pread(fd, hi - lo, lo)
+            except OSError as exc:  # a read error names the file, as the open does
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
             finally:
                 os.close(fd)
             chunk_shape = (self.chunk_rows,) + self.row_shape

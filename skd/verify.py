@@ -22,7 +22,7 @@ from .build import AMP_DTYPES, quick_fingerprints
 from .distributed import Dist, resolve_device
 from .index import image_size, scan_split
 from .loss import LAYER_NORM_EPS
-from .store import Store, check_relative_path
+from .store import Store, StoreError, check_relative_path
 from .teachers import load_teacher
 
 TEMPERATURE, MULTIPLIER = 4.0, 2.0  # of the reported KL, as in DESIGN's codec table
@@ -290,11 +290,17 @@ def compare(new: torch.Tensor, stored: torch.Tensor) -> dict[str, torch.Tensor]:
 # Integrity
 
 def check_integrity(store: Store, progress: bool = False) -> Check:
-    """Read every chunk of every complete shard; name those that fail to decode or hold non-finite logits."""
+    """Read every array, and every chunk of every complete shard; name the shards whose files are missing
+    and the chunks that fail to decode or hold non-finite logits."""
     ranges = complete_ranges(store)
     chunk = int(store.meta.get("chunk_rows") or store.shard_rows)
-    bad = []
+    bad = [f"{name} ({_first_line(exc)})" for name, exc in unreadable_arrays(store)]
     for view, shard, start, stop in tqdm(ranges, desc="integrity", unit="shard", disable=not progress):
+        missing = store.missing_shard_files(view, shard)
+        if missing:
+            names = ", ".join(str(f.relative_to(store.path)) for f in missing)
+            bad.append(f"{split_label(view)} shard {shard} (missing {names})")
+            continue
         for a in range(start, stop, chunk):
             b = min(stop, a + chunk)
             where = f"{split_label(view)} shard {shard} rows {a}-{b - 1}"
@@ -306,8 +312,24 @@ def check_integrity(store: Store, progress: bool = False) -> Check:
             if not np.isfinite(logits).all():
                 bad.append(f"{where} (non-finite logits)")
     if bad:
-        return Check("integrity", False, f"chunks that fail ({len(bad)}): {_named(bad)}", "corrupted shard")
+        return Check("integrity", False, f"damaged or missing ({len(bad)}): {_named(bad)}", "corrupted shard")
     return Check("integrity", True, f"{len(ranges)} complete shards read, every chunk decodes to finite logits")
+
+
+def unreadable_arrays(store: Store) -> list[tuple[str, Exception]]:
+    """(name, error) of every array besides the logits (plan, samples, flags) that fails to read."""
+    out = []
+    for prefix in ("samples", "views", "val"):
+        if prefix not in store.group:
+            continue
+        for name, array in store.group[prefix].arrays():
+            if name in ("logits", "scale", "offset"):
+                continue
+            try:
+                array[...]
+            except Exception as exc:  # zarr and numcodecs raise many kinds on damaged bytes
+                out.append((f"{prefix}/{name}", exc))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +376,13 @@ def verify_cache(store: Store, *, data: Path | None = None, weights: str | None 
     data_check = check_data(store, root)
     teacher = load_teacher(meta["teacher"]["name"], teacher_weights(store, weights))
     weights_check = check_weights(store, teacher)
-    plans = {view: plan_rows(store, view, pos) for view, pos in sample_rows(store, samples, seed).items()}
+    integrity_check = check_integrity(store, progress) if integrity else None
+    try:
+        plans = {view: plan_rows(store, view, pos) for view, pos in sample_rows(store, samples, seed).items()}
+    except StoreError:
+        if integrity_check is None or integrity_check.ok:
+            raise
+        return VerifyReport(str(store.path), [data_check, weights_check, integrity_check], None)
     problems = {view: size_problems(root, rows) for view, rows in plans.items()}
     named = sorted({p for found in problems.values() for p in found.values()})
     if named:
@@ -381,8 +409,8 @@ def verify_cache(store: Store, *, data: Path | None = None, weights: str | None 
     comparison = summarize_comparison(replays, tolerance)
     if replays:  # none: no sampled row could be replayed, and the checks above say why
         checks.append(logits_check(comparison, replays, checks, tolerance))
-    if integrity:
-        checks.append(check_integrity(store, progress))
+    if integrity_check is not None:
+        checks.append(integrity_check)
     return VerifyReport(str(store.path), checks, comparison)
 
 

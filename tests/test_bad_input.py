@@ -123,18 +123,33 @@ def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, t
     images = sorted(data.rglob("*.JPEG"))
     afile = tmp_path / "afile"
     afile.write_text("x")
+    embeddings = tmp_path / "embeddings"  # somebody else's zarr store
+    zarr.open_group(str(embeddings), mode="w-", zarr_format=3).create_array("emb", data=np.ones((4, 2), "f4"))
     cases = {data: "overlaps the dataset", data / "train" / "new": "overlaps the dataset",
              tmp_path: "overlaps the dataset", notes: "is not an skd cache", afile: "is a file",
-             afile / "sub": "is a file"}
+             afile / "sub": "is a file", embeddings: "a zarr group skd did not create"}
     for out, needle in cases.items():
         with pytest.raises(BuildError, match=needle):
             build_cache(small_build_config(data, out, teacher_file, overwrite=True))
     assert sorted(data.rglob("*.JPEG")) == images, "a refused --overwrite removed images"
     assert (notes / "thesis.txt").read_text() == "important", "a refused --overwrite removed a user's file"
+    assert zarr.open_group(str(embeddings), mode="r")["emb"][...].sum() == 8, "a refused --overwrite removed a zarr array"
     assert not list(tmp_path.glob("*.lock")), "a refused build left its lock file behind"
     result = build(data, notes, teacher_file, "--overwrite")  # and as the command says it
     assert result.returncode == 2 and "is not an skd cache" in result.stderr and "Traceback" not in result.stderr, \
         f"exit {result.returncode}: {result.stderr[-500:]}"
+
+
+def test_an_interrupted_cache_creation_is_restarted_only_with_overwrite(image_root, teacher_file, tmp_path):
+    """A creation stopped before its `skd` attribute is recognised as skd's own: refused, then replaced on --overwrite."""
+    from skd.store import CREATING_KEY
+    out = tmp_path / "cache"
+    zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}).create_array(
+        "samples/path", shape=(3,), dtype=str)
+    with pytest.raises(BuildError, match="unfinished cache creation: pass --overwrite"):
+        build_cache(small_build_config(image_root, out, teacher_file))
+    build_cache(small_build_config(image_root, out, teacher_file, overwrite=True))
+    assert zarr.open_group(str(out), mode="r")["views/complete"][...].all(), "--overwrite did not finish the cache"
 
 
 DELETER = """
@@ -191,6 +206,7 @@ def teacher(num_classes=3):
 @pytest.mark.parametrize("expression, codec, says", [
     ("self.fc(x.mean((2, 3))) / 0.0", "int8", "inf or nan logits"),
     ("self.fc(x.mean((2, 3))) * 0.0 + 1e5", "fp16", "beyond what --codec fp16 stores (65504)"),
+    ("self.fc(x.mean((2, 3))) * 1e20", "compact", "beyond what --codec compact stores (1e+18)"),  # its std overflows
 ])
 def test_teacher_logits_the_cache_cannot_hold_are_never_stored(image_root, tmp_path, expression, codec, says):
     (tmp_path / "broken.py").write_text(BROKEN_TEACHER.replace("{EXPRESSION}", expression))
@@ -238,12 +254,17 @@ def test_newer_format_and_missing_arrays_are_one_line_errors(cache_copy, tmp_pat
         missing.stderr
 
 
-def test_damaged_shard_stops_train_and_stats_with_one_line(cache_copy, tmp_path):
-    """A flipped byte in a shard's index: both readers of the logits name the damage and the way out."""
+@pytest.mark.parametrize("damage", ["flipped byte", "missing file"])
+def test_damaged_shard_stops_train_and_stats_with_one_line(cache_copy, tmp_path, damage):
+    """A flipped byte in a shard's index, or a shard file lost by a half-done copy (it read as zeros):
+    both readers of the logits name the damage and the way out."""
     shard = cache_copy / "views" / "logits" / "c" / "0" / "0" / "0"
-    data = bytearray(shard.read_bytes())
-    data[-10] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    if damage == "missing file":
+        shard.unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[-10] ^= 0xFF
+        shard.write_bytes(bytes(data))
     results = {"skd-train": skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "run", tool="train"),
                "skd-cache stats": skd("stats", cache_copy)}
     for name, result in results.items():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,24 @@ def test_killed_build_resumes_to_identical_cache(image_root, teacher_file, refer
     want, got = arrays(reference), arrays(out)
     for name in want:
         assert np.array_equal(want[name], got[name]), f"{name} differs after resume"
+
+
+def test_damaged_unfinished_shards_are_rewritten_on_resume(image_root, teacher_file, reference, tmp_path):
+    """A shard left damaged and unfinished (a full one, and the short last one zarr would merge into) is
+    written afresh by the rerun, not merged into or stopped on."""
+    out = shutil.copytree(reference, tmp_path / "cache")
+    g = zarr.open_group(str(out), mode="r+")
+    last = g["views/complete"].shape[1] - 1
+    for shard in (0, last):
+        g["views/complete"][1, shard] = 0
+        path = out / "views" / "logits" / "c" / "1" / str(shard) / "0"
+        data = bytearray(path.read_bytes())
+        data[0] ^= 0xFF
+        path.write_bytes(bytes(data))
+    rerun = cli(*build_args(image_root, out, teacher_file))
+    assert rerun.returncode == 0, f"shards 0 and {last} of view 1: exit {rerun.returncode}: {rerun.stderr[-500:]}"
+    want, got = arrays(reference), arrays(out)
+    assert np.array_equal(want["views/logits"], got["views/logits"]), "rewritten shards differ from the original build"
 
 
 def test_changed_argument_is_refused(image_root, teacher_file, reference):

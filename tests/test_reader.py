@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from skd.codecs import get_codec
-from skd.store import FORMAT_VERSION, RowReader, Split, create_store, open_store
+from skd.store import FORMAT_VERSION, RowReader, Split, StoreError, create_store, open_store
 
 
 def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_rows=4, views=2, val=13,
@@ -63,10 +63,24 @@ def test_batches_cover_the_range_in_order(tmp_path, block_rows, batch, threads):
     assert_same(whole, store.read_rows(1, start, stop))
 
 
-def test_unwritten_shards_read_as_fill_value(tmp_path):
+def test_a_missing_shard_file_is_an_error_not_zeros(tmp_path):
+    """Readers read complete shards, each written whole: a missing file is a lost file (zarr reads it as
+    zeros, which trained silently on zero teacher logits)."""
     store = make_store(tmp_path / "c", skip_shards={(0, 1)})
-    assert_same(RowReader(store, 0, 0, 50)._read(0, 50), store.read_rows(0, 0, 50))
-    assert not RowReader(store, 0, 0, 50)._read(16, 32).logits.any()
+    assert_same(RowReader(store, 0, 0, 16)._read(0, 16), store.read_rows(0, 0, 16))
+    with pytest.raises(StoreError, match="views/logits/c/0/1/0 is missing"):
+        list(RowReader(store, 0, 0, 50).batches(8))
+
+
+def test_a_shard_that_cannot_be_opened_names_the_file_not_the_images(tmp_path):
+    """An OS error on a cache file (here a folder where the shard should be; permissions, EIO and stale
+    mounts alike) is the cache's problem, named with the file, not a failed image read."""
+    store = make_store(tmp_path / "c")
+    shard = tmp_path / "c" / "views" / "logits" / "c" / "0" / "1" / "0"
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(StoreError, match="Is a directory.*views/logits/c/0/1/0.*permissions"):
+        list(RowReader(store, 0, 0, 50).batches(8))
 
 
 def test_damaged_shard_index_is_an_error(tmp_path):
@@ -107,16 +121,24 @@ def test_other_layouts_fall_back_to_zarr(tmp_path, monkeypatch):
     assert np.array_equal(got, store.read_rows(0, 0, 50).logits)
 
 
-def test_chunks_zarr_left_out_read_as_fill_value(tmp_path):
-    """zarr does not store a chunk that equals the fill value (constant int8 rows: levels and scale 0)."""
+@pytest.mark.parametrize("writer", ["skd", "zarr's default"])
+def test_chunks_of_fill_values_read_as_fill_value(tmp_path, writer):
+    """Constant int8 rows encode to levels and scale 0, the fill value: skd stores such chunks (every shard
+    file is whole); caches written with zarr's default left them out, and they still read as the fill value."""
     make_store(tmp_path / "c", views=1)
     store = open_store(tmp_path / "c", mode="r+")
     x = np.random.default_rng(3).normal(0, 3, (16, 7)).astype(np.float32)
     x[4:8] = 2.5  # one whole chunk of constant rows
-    store.write_shard(0, 1, get_codec("int8").encode(x))
+    encoded = get_codec("int8").encode(x)
+    if writer == "skd":
+        store.write_shard(0, 1, encoded)
+    else:
+        for name, data in zip(("logits", "scale", "offset"), encoded):
+            store.group[f"views/{name}"][0, 16:32] = data
     store = open_store(tmp_path / "c")
     index = (tmp_path / "c" / "views" / "logits" / "c" / "0" / "1" / "0").read_bytes()[-(4 * 16 + 4):-4]
-    assert np.frombuffer(index, "<u8").reshape(4, 2)[1, 0] == 2**64 - 1, "zarr should have left the chunk out"
+    left_out = np.frombuffer(index, "<u8").reshape(4, 2)[1, 0] == 2**64 - 1
+    assert left_out == (writer != "skd"), f"{writer}: the constant chunk was {'left out' if left_out else 'stored'}"
     reader = RowReader(store, 0, 0, 50)
     assert_same(reader._read(0, 50), store.read_rows(0, 0, 50))
     assert np.allclose(store.codec.decode(reader._read(20, 24)), 2.5)

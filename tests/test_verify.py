@@ -113,6 +113,18 @@ def test_undecodable_shard_is_named(copy):
     assert check(report, "data")["ok"] and check(report, "weights")["ok"], f"checks: {report['checks']}"
 
 
+def test_missing_shard_files_and_damaged_plan_chunks_are_named(copy):
+    """Files lost by a half-done copy read as zeros through zarr, and a damaged plan chunk stops training:
+    --integrity names both."""
+    (copy / "cache" / SHARD).unlink()
+    order = sorted(p for p in (copy / "cache" / "views" / "order" / "c").rglob("*") if p.is_file())[0]
+    order.write_bytes(b"not zstd at all")
+    code, report, err = verify(copy / "cache", "--data", copy / "data", "--weights", copy / "t.pth", "--integrity")
+    detail = check(report, "integrity")["detail"]
+    assert code == 1 and "view 1 shard 0 (missing views/logits/c/1/0/0)" in detail and "views/order" in detail, \
+        f"exit {code}, integrity: {detail!r}"
+
+
 def test_every_flipped_byte_of_a_shard_is_found_by_integrity(copy):
     """zstd's content checksum and the shard index's crc32c leave no byte whose damage goes unseen.
 
