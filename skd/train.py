@@ -100,9 +100,10 @@ class Views:
     loader: str  # the loader that decodes them: the one the cache was built with unless --loader says
 
 
-def cached_views(store: Store, data: Path | None, loader: str | None = None) -> Views:
+def cached_views(store: Store, data: Path | None, loader: str | None = None, val: bool = True) -> Views:
     """Views recorded in a cache; `data` overrides the recorded dataset root (a moved dataset), `loader` the
-    recorded loader (the other one decodes the same windows to within resampling noise)."""
+    recorded loader (the other one decodes the same windows to within resampling noise). Without `val` the
+    validation split is neither checked nor loaded (a training machine may hold only train/)."""
     meta = store.meta
     if not store.is_complete():
         done, total = int(store.complete().sum()), store.complete().size
@@ -111,14 +112,18 @@ def cached_views(store: Store, data: Path | None, loader: str | None = None) -> 
     root = Path(data or meta["dataset"]["root"])
     if not (root / "train").is_dir():
         raise TrainError(f"dataset {root} has no train/ folder: pass --data ROOT where the cache's images live")
-    train_fp, val_fp = quick_fingerprints(root, store.has_val, meta["dataset"].get("skipped", []))
+    use_val = val and store.has_val
+    if use_val and not (root / "val").is_dir():
+        raise TrainError(f"dataset {root} has no val/ folder, and cache {store.path} has validation logits: "
+                         "pass --no-val, or --data ROOT where its val/ lives")
+    train_fp, val_fp = quick_fingerprints(root, use_val, meta["dataset"].get("skipped", []))
     if train_fp != meta["dataset"]["fingerprint"]:
         raise TrainError(f"the images under {root}/train differ from those cache {store.path} was built on "
                          "(file list or sizes): pass the right --data or rebuild the cache")
-    if store.has_val and val_fp != meta["dataset"]["val_fingerprint"]:
+    if use_val and val_fp != meta["dataset"]["val_fingerprint"]:
         raise TrainError(f"the images under {root}/val differ from those cache {store.path} was built on")
     samples = store.split("samples")
-    val = store.split("val") if store.has_val else None
+    val = store.split("val") if use_val else None
     return Views(root=root, paths=samples.paths, labels=samples.labels, num_views=store.num_views,
                  num_classes=store.num_classes, image_size=int(meta["plan"]["image_size"]),
                  plan=store.view_plan, val_paths=val.paths if val else None,
@@ -246,7 +251,7 @@ def _setup(cfg: TrainConfig, device: torch.device):
     checkpoint records, then any older form of it a checkpoint may hold."""
     if cfg.cache is not None:
         store = open_store(cfg.cache)
-        views = cached_views(store, cfg.data, cfg.loader)
+        views = cached_views(store, cfg.data, cfg.loader, cfg.val)
         multiplier = auto_multiplier(store) if cfg.multiplier == "auto" else float(cfg.multiplier)
         # what the cache holds, not where: a moved cache resumes, one rebuilt with another plan does not
         identity = {"cache": {"plan": store.meta["plan"], "codec": store.meta["codec"]},

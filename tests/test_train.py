@@ -201,6 +201,17 @@ def test_training_decodes_with_the_loader_the_cache_was_built_with(fp32_cache, t
     assert other > 0.0, "dali and torchvision gave identical losses: this test cannot tell the loaders apart"
 
 
+def test_a_training_copy_without_val_trains_with_no_val(fp32_cache, image_root, tmp_path):
+    """A machine may hold only train/: --no-val neither checks nor needs val/; validation asks for it by name."""
+    from skd.train import TrainError
+    data = tmp_path / "data"
+    shutil.copytree(image_root / "train", data / "train")
+    losses, _, _ = run(base_config(tmp_path / "run", cache=fp32_cache, data=data, val=False, epochs=1))
+    assert len(losses) == 3 and np.isfinite(losses).all(), f"{len(losses)} steps, losses {losses.tolist()}"
+    with pytest.raises(TrainError, match="has no val/ folder.*pass --no-val"):
+        run(base_config(tmp_path / "with-val", cache=fp32_cache, data=data, val=True, epochs=1))
+
+
 def test_a_last_batch_of_one_image_does_not_stop_the_epoch(fp32_cache, tmp_path):
     """18 samples in batches of 17 would end in a batch of one, which BatchNorm cannot train on: it is left out."""
     losses, _, metrics = run(base_config(tmp_path / "run", cache=fp32_cache, batch_size=17, epochs=1,
