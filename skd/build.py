@@ -207,6 +207,8 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
         if changed:
             raise BuildError(f"{out} was built with other settings ({', '.join(changed)}): pass the same "
                              "arguments to resume, another --out, or --overwrite to rebuild")
+        for leftover in out.rglob("*.partial"):  # zarr writes through temporary files; a killed build leaves them
+            leftover.unlink()
         return store
     index = index_dataset(cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress,
                           on_bad=cfg.on_bad_image)

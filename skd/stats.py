@@ -22,7 +22,6 @@ ECE_BINS = 15
 SHOWN = 10  # worst classes and most confused pairs listed
 BATCH_ROWS = 256  # rows per kernel step: the float32 work buffers (1 MiB at 1000 classes) stay in cache
 MIN_EXPONENT = -80.0  # exp() of anything lower is 0 for the sums here; below -87 it is slow (denormals)
-LOGIT_ARRAYS = ("logits", "scale", "offset")
 
 
 class StatsError(ValueError):
@@ -52,9 +51,11 @@ def rows_written(store: Store) -> int:
 
 
 def logit_bytes(store: Store) -> int:
-    """Bytes on disk of the logit arrays (logits and, for int8, scale and offset) of views and val."""
-    folders = [store.path / split / name for split in ("views", "val") for name in LOGIT_ARRAYS]
-    return sum(f.stat().st_size for d in folders if d.is_dir() for f in d.rglob("*") if f.is_file())
+    """Bytes on disk of the complete shards' logits (and scale and offset for the affine codecs), views and
+    val: the same rows as `rows_written`, so an unfinished cache's bytes per row are right too."""
+    parts = [(view, done) for view, done in enumerate(store.complete())] + [(None, store.val_complete())]
+    return sum(f.stat().st_size for view, done in parts for shard in np.flatnonzero(done)
+               for f in store.shard_files(view, int(shard)) if f.exists())
 
 
 def storage(store: Store) -> dict:

@@ -151,11 +151,14 @@ class Store:
             # Every shard gets its file, even one of fill values: a missing file then always means damage.
             array.with_config({"write_empty_chunks": True})[sl] = data
 
-    def missing_shard_files(self, view: int | None, shard: int) -> list[Path]:
-        """The files of shard `shard` (logits, scale, offset) that are not on disk."""
+    def shard_files(self, view: int | None, shard: int) -> list[Path]:
+        """The files of shard `shard` of view `view` (None: val): logits, and scale and offset when affine."""
         g, prefix = self._logit_group(view)
         names = ("logits", "scale", "offset") if self.codec.affine else ("logits",)
-        return [f for f in (shard_file(g[name], prefix, shard) for name in names) if not f.exists()]
+        return [shard_file(g[name], prefix, shard) for name in names]
+
+    def missing_shard_files(self, view: int | None, shard: int) -> list[Path]:
+        return [f for f in self.shard_files(view, shard) if not f.exists()]
 
     def read_rows(self, view: int | None, start: int, stop: int) -> Encoded:
         """Stored rows [start, stop) of view `view` (None: validation), in the codec's form."""

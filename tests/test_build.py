@@ -141,8 +141,11 @@ def test_damaged_unfinished_shards_are_rewritten_on_resume(image_root, teacher_f
         data = bytearray(path.read_bytes())
         data[0] ^= 0xFF
         path.write_bytes(bytes(data))
+    leftover = out / "views" / "logits" / "c" / "1" / "0" / "0.0123abcd.partial"  # zarr's temporary file, killed
+    leftover.write_bytes(b"half a shard")
     rerun = cli(*build_args(image_root, out, teacher_file))
     assert rerun.returncode == 0, f"shards 0 and {last} of view 1: exit {rerun.returncode}: {rerun.stderr[-500:]}"
+    assert not leftover.exists(), "the resumed build left a killed write's temporary file behind"
     want, got = arrays(reference), arrays(out)
     assert np.array_equal(want["views/logits"], got["views/logits"]), "rewritten shards differ from the original build"
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from skd.cli import cache as cli
 from skd.codecs import get_codec
 from skd.loss import spherical_normalize
-from skd.stats import logit_stats
+from skd.stats import logit_stats, storage
 from skd.store import FORMAT_VERSION, Split, create_store, open_store
 from skd.train import auto_multiplier
 
@@ -153,8 +153,8 @@ def test_int8_statistics_match_the_decoded_logits(tmp_path):
 
 
 def test_storage_figures(fp32, fp32_stats):
-    files = [f for d in ("views", "val") for a in ("logits", "scale", "offset")
-             for f in (fp32.path / d / a).rglob("*") if f.is_file()]
+    files = [f for d in ("views", "val") for a in ("logits", "scale", "offset")  # the shard files, not zarr.json
+             for f in (fp32.path / d / a / "c").rglob("*") if f.is_file()]
     per_row = sum(f.stat().st_size for f in files) / (2 * N + VAL)
     got = fp32_stats.storage
     assert got["bytes_per_row"] == pytest.approx(per_row), \
@@ -194,6 +194,20 @@ def test_info_on_an_unfinished_cache_names_what_is_missing(tmp_path):
     stats = runner.invoke(cli, ["stats", str(made.path), "--views", "1"])
     assert stats.exit_code == 2 and stats.stderr.count("\n") == 1 and "views 1" in stats.stderr, \
         f"stats on an unfinished view: exit {stats.exit_code}, {stats.stderr!r}"
+
+
+def test_bytes_per_row_count_complete_shards_only(tmp_path):
+    """A build killed mid-shard leaves that shard's data without its mark (and zarr's temporary files):
+    neither may inflate the bytes per row that `info` reports for the rows written."""
+    finished = storage(open_store(handmade_cache(tmp_path / "finished", "int8").path))
+    made = handmade_cache(tmp_path / "cache", "int8")
+    store = open_store(made.path, mode="r+")
+    store.group["views/complete"][1, 2] = 0  # its data stays on disk, unmarked
+    (made.path / "views" / "logits" / "c" / "1" / "2" / "0.0123abcd.partial").write_bytes(b"x" * 50_000)
+    unfinished = storage(open_store(made.path))
+    assert unfinished["rows_written"] == finished["rows_written"] - 64, f"rows written {unfinished['rows_written']}"
+    assert abs(unfinished["bytes_per_row"] - finished["bytes_per_row"]) < 0.05 * finished["bytes_per_row"], \
+        f"{unfinished['bytes_per_row']:.1f} B per row unfinished vs {finished['bytes_per_row']:.1f} finished"
 
 
 @pytest.mark.parametrize("args, says", [
