@@ -120,7 +120,7 @@ def main() -> None:
     steps_per_epoch += args.images % args.batch > 0
     epochs = max(1, math.ceil(args.steps / steps_per_epoch))
     common = dict(arch=args.student, epochs=epochs, batch_size=args.batch, lr=0.1, device=args.device, amp=args.amp,
-                  loader="torchvision", workers=args.workers, val=False, multiplier="2", alpha="0.9")
+                  loader="torchvision", workers=args.workers, val=False, overwrite=True, multiplier="2", alpha="0.9")
     runs = {
         "cached SKD": TrainConfig(cache=cache, kd="skd", out=args.work / "run-skd", **common),
         "hard labels (--kd none)": TrainConfig(cache=cache, kd="none", out=args.work / "run-none", **common),

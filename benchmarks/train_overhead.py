@@ -114,7 +114,7 @@ def main() -> None:
         print(f"setup: {args.images} JPEGs and a {args.teacher} cache in {time.perf_counter() - t:.0f} s "
               f"({summary.images_per_sec:.0f} images/s build)", flush=True)
         common = dict(arch=args.student, epochs=1, batch_size=args.batch, lr=0.1, device=args.device, amp=args.amp,
-                      loader="torchvision", workers=args.workers, val=False, steps_per_epoch=args.steps,
+                      loader="torchvision", workers=args.workers, val=False, overwrite=True, steps_per_epoch=args.steps,
                       multiplier="2", alpha="0.9")
         runs = {
             "cached SKD": TrainConfig(cache=cache, kd="skd", out=work / "run-skd", **common),

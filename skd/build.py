@@ -29,7 +29,7 @@ import pipelines
 from . import __version__
 from .codecs import get_codec
 from .distributed import Dist, init_distributed, resolve_device, shutdown
-from .index import fingerprint, index_dataset, scan_split
+from .index import check_root, fingerprint, index_dataset, scan_split
 from .plan import CropParams, center_boxes, plan_view
 from .store import FORMAT_VERSION, Split, Store, cache_state, create_store, open_store
 from .teachers import load_teacher, output_classes
@@ -301,14 +301,18 @@ class ShardWriter:
 
 
 def fault(point: str, count: int) -> None:
-    """Fault injection for the crash tests: SKD_FAULT=<point>:<count> kills this process with SIGKILL.
+    """Fault injection for the crash tests: SKD_FAULT=<point>:<count> kills this process with SIGKILL,
+    SKD_INTERRUPT=<point>:<count> sends it SIGINT (a Ctrl-C).
 
     Points: after-batch (batches fed to the writer), mid-shard (rows written, completion not yet
     recorded), after-shard (completion recorded), val-batch (batches of the validation pass);
     in skd-train: train-step (steps since the process started), after-epoch (checkpoint written).
     """
-    if os.environ.get("SKD_FAULT", "") == f"{point}:{count}":
+    here = f"{point}:{count}"
+    if os.environ.get("SKD_FAULT") == here:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("SKD_INTERRUPT") == here:
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _positions(store: Store, shards: list[int], rows: int) -> np.ndarray:
@@ -365,6 +369,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool, log) -> BuildSummary:
     device = resolve_device(cfg.device, d)
     amp = _amp_name(cfg, device)
     root = Path(cfg.data)
+    check_root(root)  # before the lock and --out's parents are created
     teacher = load_teacher(cfg.teacher, cfg.weights)
     model = teacher.model.to(device)
     if device.type == "cuda":

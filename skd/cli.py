@@ -39,9 +39,14 @@ def user_errors(fn):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            resume = ": rerun the same command to resume" if fn.__name__ in ("build", "train") else ""
-            click.echo(f"interrupted{resume}", err=True)
-            sys.exit(130)
+            hints = {"build": ": rerun the same command to resume",
+                     "train": ": rerun the same command with --resume to continue from the last finished epoch"}
+            click.echo(f"interrupted{hints.get(fn.__name__, '')}", err=True)
+            # The library's finally blocks have run (lock released, writes aborted). Skip interpreter shutdown:
+            # zarr's event-loop thread would print its cut-off tasks' tracebacks under the line above.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
     return wrapper
 
 
@@ -75,7 +80,8 @@ def cache():
 
 @cache.command()
 @click.option("--teacher", required=True, help="torchvision model name (resnet152), timm:NAME or py:module:callable")
-@click.option("--weights", help="state_dict file; 'none' for random init; default: torchvision's pretrained file")
+@click.option("--weights", help="state_dict file; 'none' for random init; default: torchvision's pretrained file "
+              "(a py: teacher: the weights its callable builds)")
 @click.option("--data", help=DATA_HELP)
 @click.option("--out", type=click.Path(path_type=Path), help="cache folder; default cache/<alias> (resnet152 -> cache/r152)")
 @click.option("--views", default=10, show_default=True, type=click.IntRange(min=1), help="augmented views (epochs' worth) to cache")
@@ -264,6 +270,7 @@ def _milestones(value: str | None) -> list[int] | None:
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(min=0))
 @click.option("--out", type=click.Path(path_type=Path), help="run folder; default runs/<cache name>-<arch>")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--overwrite", is_flag=True, help="start again in an --out that holds a run (its checkpoint is replaced)")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the student's initialisation")
 @click.option("--tensorboard", is_flag=True, help="also write TensorBoard scalars to <out>/tensorboard")
 @click.option("--no-val", is_flag=True, help="skip validation after each epoch")
@@ -274,7 +281,7 @@ def _milestones(value: str | None) -> list[int] | None:
 @user_errors
 def train(cache_dir, teacher, weights, data, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
           milestones, warmup_epochs, kd, temperature, multiplier, alpha, amp, device, loader, workers, out, resume,
-          seed, tensorboard, no_val, steps_per_epoch, image_size, views, plan_seed):
+          overwrite, seed, tensorboard, no_val, steps_per_epoch, image_size, views, plan_seed):
     """Train a student from cached teacher logits with the spherical KD loss (or online with --teacher)."""
     from .teachers import alias
     from .train import TrainConfig, train as run
@@ -283,6 +290,15 @@ def train(cache_dir, teacher, weights, data, arch, epochs, batch_size, lr, momen
         raise click.UsageError("pass --cache DIR (or --teacher NAME --data ROOT for online distillation)")
     if cache_dir is not None and teacher is not None:
         raise click.UsageError("--cache and --teacher exclude each other: the cache already holds the teacher")
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other: continue the run or start it again")
+    if cache_dir is not None:
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in ("image_size", "views", "plan_seed")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: online mode only; a cache replays the plan it was built "
+                                   "with (see skd-cache info)")
     if teacher is not None:
         data = data_root(data)
     name = Path(cache_dir).name if cache_dir is not None else f"online-{alias(teacher)}"
@@ -291,7 +307,7 @@ def train(cache_dir, teacher, weights, data, arch, epochs, batch_size, lr, momen
                       weight_decay=weight_decay, schedule=schedule, milestones=milestones,
                       warmup_epochs=warmup_epochs, kd=kd, temperature=temperature, multiplier=multiplier,
                       alpha=alpha, amp=amp, device=device, loader=loader, workers=workers,
-                      out=out or Path("runs") / f"{name}-{alias(arch)}", resume=resume, seed=seed,
+                      out=out or Path("runs") / f"{name}-{alias(arch)}", resume=resume, overwrite=overwrite, seed=seed,
                       tensorboard=tensorboard, val=not no_val, steps_per_epoch=steps_per_epoch,
                       image_size=image_size, views=views, plan_seed=plan_seed)
     metrics = run(cfg, progress=True, log=lambda m: click.echo(m, err=True))

@@ -373,11 +373,11 @@ def main(argv: list[str] | None = None) -> None:
           f"parameters), {args.epochs} epochs on the cached views, no teacher loaded", flush=True)
     results = {}
     for kd in chosen:
-        out = runs / kd  # a new run (no --resume) rewrites the run folder's files
+        out = runs / kd  # --overwrite: a rerun of the demo starts its runs again
         run("skd-train", "--cache", str(cache), "--arch", "py:skd.demo:student", "--kd", kd,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--schedule", "cosine", "--warmup-epochs", "1", "--weight-decay", "5e-4", "--alpha", "0.9",
-            "--temperature", "4", "--multiplier", "auto", "--out", str(out), *common)
+            "--temperature", "4", "--multiplier", "auto", "--out", str(out), "--overwrite", *common)
         results[kd] = read_metrics(out)
 
     figures = cache_figures(cache)

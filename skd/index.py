@@ -197,6 +197,11 @@ def fingerprint(paths: list[str], file_bytes) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def check_root(root: Path) -> None:
+    """DatasetError unless ROOT/train holds class folders: a cheap check before anything is loaded or written."""
+    _class_folders(Path(root), "train")
+
+
 def _class_folders(root: Path, split: str) -> list[str]:
     """Sorted names of the non-hidden folders in ROOT/<split>, with a DatasetError when there are none."""
     if not root.is_dir():

@@ -33,6 +33,7 @@ from .store import RowReader, Store, open_store
 from .teachers import create_model, load_teacher, output_classes
 
 CHECKPOINT = "checkpoint.pth"
+STUDENT = "student.pth"
 AUTO_MULTIPLIER_ROWS = 65536
 
 
@@ -67,6 +68,7 @@ class TrainConfig:
     workers: int = 8
     out: Path | None = None
     resume: bool = False
+    overwrite: bool = False  # start again in an --out that holds a run
     seed: int = 0
     tensorboard: bool = False
     val: bool = True
@@ -280,6 +282,16 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
     amp_dtype = AMP_DTYPES[amp]
     out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume and --overwrite exclude each other: continue the run or start it again")
+    if (out / CHECKPOINT).is_file() and not (cfg.resume or cfg.overwrite):
+        raise TrainError(f"{out} holds a run ({CHECKPOINT}): pass --resume to continue it, --overwrite to start "
+                         "it again, or another --out")
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     views, store, teacher, multiplier, identities = _setup(cfg, device)
     identity = identities[0]
     if len(views.paths) < d.world:
@@ -330,16 +342,13 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
         log(f"no checkpoint in {out}: starting a new run")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        if first_epoch == 0:  # a new run: nothing of an earlier one may be resumed or mistaken for it
+            for name in (CHECKPOINT, STUDENT):
+                (out / name).unlink(missing_ok=True)
         (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
     model = nn.parallel.DistributedDataParallel(student) if d.world > 1 else student
 
-    writer = None
-    if cfg.tensorboard and d.main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-        writer = SummaryWriter(str(out / "tensorboard"))
+    writer = SummaryWriter(str(out / "tensorboard")) if cfg.tensorboard and d.main else None
 
     if cfg.epochs > views.num_views:
         log(f"{cfg.epochs} epochs over {views.num_views} cached views: views are reused from epoch "
@@ -370,7 +379,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
         model.train()
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         epoch_start = time.perf_counter()
-        bar = tqdm(total=steps_total * local_batch * d.world, desc=f"epoch {epoch}", unit="img",
+        bar = tqdm(total=min(steps_total * local_batch, stop - start) * d.world, desc=f"epoch {epoch}", unit="img",
                    disable=not progress, dynamic_ncols=True)
         try:
             for step, batch in enumerate(loader):
@@ -444,7 +453,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
         d.barrier()
         fault("after-epoch", epoch)
     if d.main:
-        _save_atomic(student.state_dict(), out / "student.pth")
+        _save_atomic(student.state_dict(), out / STUDENT)
         if writer is not None:
             writer.close()
     return metrics

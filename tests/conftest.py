@@ -56,3 +56,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """Run `skd-cache ARGS` (tool "cache") or `skd-train ARGS` in this process through the real entry points;
+    returns (exit status, stderr). For error paths: a subprocess would spend seconds importing torch."""
+    import sys
+
+    from skd import cli
+
+    def run(tool: str, *args, env: dict | None = None) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", [f"skd-{tool}", *map(str, args)])
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        try:
+            (cli.main_cache if tool == "cache" else cli.main_train)()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        return code, capsys.readouterr().err
+    return run

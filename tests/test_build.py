@@ -186,24 +186,22 @@ def test_two_process_build_equals_one_process(image_root, teacher_file, referenc
         assert close, f"{name} differs between the 2-process and the 1-process build"
 
 
-def test_user_errors_are_one_line(image_root, teacher_file, tmp_path):
+def test_user_errors_are_one_line(image_root, teacher_file, tmp_path, in_process):
     cases = {
         "missing data": (["build", "--teacher", "resnet18", "--weights", "none", "--data", tmp_path / "nowhere",
-                          "--out", tmp_path / "c"], "does not exist"),
+                          "--out", tmp_path / "new" / "c"], "does not exist"),
         "no data at all": (["build", "--teacher", "resnet18"], "--data"),
         "unknown teacher": (["build", "--teacher", "resnet9000", "--data", image_root, "--out", tmp_path / "c"],
                             "unknown model"),
         "missing weights": (["build", "--teacher", "resnet18", "--weights", tmp_path / "w.pth", "--data", image_root,
                              "--out", tmp_path / "c"], "does not exist"),
     }
-    env = {"SKD_DATA": ""}
     for name, (args, needle) in cases.items():
-        result = cli(*args, env=env)
-        assert result.returncode != 0, f"{name}: exit 0"
-        assert needle in result.stderr and "Traceback" not in result.stderr, f"{name}: {result.stderr}"
-    half_torchrun = cli(*build_args(image_root, tmp_path / "c", teacher_file), env={"WORLD_SIZE": "2"})
-    assert half_torchrun.returncode == 2 and "torchrun --nproc-per-node" in half_torchrun.stderr \
-        and "Traceback" not in half_torchrun.stderr, half_torchrun.stderr[-800:]
+        code, err = in_process("cache", *args, env={"SKD_DATA": ""})
+        assert code == 2 and needle in err and err.count("\n") == 1, f"{name}: exit {code}: {err}"
+    assert not (tmp_path / "new").exists(), "a build refused for a missing --data created --out's parent folders"
+    code, err = in_process("cache", *build_args(image_root, tmp_path / "c", teacher_file), env={"WORLD_SIZE": "2"})
+    assert code == 2 and "torchrun --nproc-per-node" in err and err.count("\n") == 1, f"exit {code}: {err[-800:]}"
 
 
 def test_missing_pretrained_weights_say_where_to_put_them(image_root, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,11 @@ from skd.store import open_store
 REPO = Path(__file__).resolve().parents[1]
 
 
-def skd(*args, env=None, tool="cache"):
+def skd(*args, env=None, tool="cache", preexec_fn=None):
     main = "main_cache" if tool == "cache" else "main_train"
     return subprocess.run([sys.executable, "-c", f"from skd.cli import {main}; {main}()", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO,
+                          preexec_fn=preexec_fn)
 
 
 def build_args(root, out, teacher, codec="fp32", batch=4, views=2):
@@ -75,6 +77,31 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_cache(fault, codec, image_roo
     for name in want:
         assert np.array_equal(want[name], got[name]), f"{fault} ({codec}): {name} differs from the uninterrupted build"
     assert not Path(f"{out}.lock").exists(), "the build lock was left behind"
+
+
+@pytest.mark.parametrize("tool", ["cache", "train"])
+def test_ctrl_c_is_one_line_saying_how_to_continue(tool, image_root, teacher_file, fp32_cache, tmp_path):
+    """A real SIGINT mid-build or mid-training: one line (no traceback from zarr's or torch's threads), exit 130,
+    and the command it names continues the work."""
+    if tool == "cache":
+        args = build_args(image_root, tmp_path / "cache", teacher_file)
+        point, again, hint = "after-batch:2", args, "rerun the same command to resume"
+    else:
+        args = ["--cache", fp32_cache, "--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 2, "--loader",
+                "torchvision", "--workers", 0, "--device", "cpu", "--no-val", "--out", tmp_path / "run"]
+        point, again, hint = "after-epoch:0", [*args, "--resume"], "with --resume to continue"
+    # A child inherits an ignored SIGINT (Python then never raises KeyboardInterrupt): as from a terminal, not so
+    stopped = skd(*args, env={"SKD_INTERRUPT": point}, tool=tool,
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = [line for line in stopped.stderr.splitlines() if line.strip() and "\r" not in line]
+    assert stopped.returncode == 130 and hint in lines[-1], f"exit {stopped.returncode}: {stopped.stderr[-800:]}"
+    assert "Traceback" not in stopped.stderr and "Task was destroyed" not in stopped.stderr, stopped.stderr[-1500:]
+    resumed = skd(*again, tool=tool)
+    assert resumed.returncode == 0, f"the command the hint names failed: {resumed.stderr[-800:]}"
+    if tool == "cache":
+        assert "written now" in resumed.stdout and not Path(f"{tmp_path / 'cache'}.lock").exists(), resumed.stdout
+    else:
+        assert "resuming" in resumed.stderr, resumed.stderr[-500:]
 
 
 def test_second_build_on_the_same_cache_is_refused_naming_the_holder(image_root, teacher_file, tmp_path):

@@ -102,13 +102,10 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
     student = torchvision.models.resnet18(num_classes=3)
     student.load_state_dict(torch.load(out / "student.pth", weights_only=True))
     assert not list(out.glob("*.tmp")), "a temporary checkpoint was left behind"
-    moved = shutil.copytree(fp32_cache, tmp_path / "moved")
-    same = cli("--cache", moved, "--epochs", 3, "--batch-size", 4, "--steps-per-epoch", 2, "--loader", "torchvision",
-               "--workers", 0, "--device", "cpu", "--out", out, "--resume")
-    assert same.returncode == 0 and "resuming" in same.stderr, f"a moved cache is the same cache: {same.stderr[-500:]}"
-    g = zarr.open_group(str(moved), mode="r+")  # as if rebuilt in place with another --seed
+    other = shutil.copytree(fp32_cache, tmp_path / "other")
+    g = zarr.open_group(str(other), mode="r+")  # as if rebuilt in place with another --seed
     g.attrs["skd"] = {**g.attrs["skd"], "plan": {**g.attrs["skd"]["plan"], "seed": 7}}
-    refused = cli("--cache", moved, "--epochs", 3, "--loader", "torchvision", "--workers", 0, "--device", "cpu",
+    refused = cli("--cache", other, "--epochs", 3, "--loader", "torchvision", "--workers", 0, "--device", "cpu",
                   "--out", out, "--resume")
     assert refused.returncode == 2 and "same cache" in refused.stderr and "Traceback" not in refused.stderr, \
         refused.stderr[-500:]
@@ -120,6 +117,25 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
                  "--device", "cpu", "--out", out, "--resume")
     assert longer.returncode == 2 and "--epochs 3, not 10" in longer.stderr, \
         f"a resume that reshapes the lr and alpha schedule must be refused: {longer.stderr[-500:]}"
+
+
+def test_a_run_is_replaced_only_on_overwrite_and_a_moved_cache_resumes(fp32_cache, tmp_path):
+    """Rerunning without --resume (as after a Ctrl-C) keeps the run; --overwrite starts it again; a copy of the
+    cache elsewhere is the same cache for --resume."""
+    from skd.train import TrainError
+    out = tmp_path / "run"
+    run(base_config(out, cache=fp32_cache, epochs=1))
+    with pytest.raises(TrainError, match="holds a run .*pass --resume to continue it, --overwrite"):
+        run(base_config(out, cache=fp32_cache, epochs=1))
+    kept = (out / "metrics.jsonl").read_text().count("\n")
+    assert kept == 1, f"a refused rerun left {kept} of 1 metrics lines"
+    run(base_config(out, cache=fp32_cache, epochs=2, overwrite=True))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1], f"--overwrite: epochs {[m['epoch'] for m in lines]}"
+    moved = shutil.copytree(fp32_cache, tmp_path / "moved")
+    said = []
+    train(base_config(out, cache=moved, epochs=2, resume=True), log=said.append)
+    assert any("resuming" in m for m in said), f"resuming on the moved cache: {said}"
 
 
 def test_killed_run_resumes_with_the_same_metrics(fp32_cache, tmp_path):
@@ -263,9 +279,8 @@ def test_two_processes_match_one_with_the_same_global_batch(fp32_cache, tmp_path
 
 
 @pytest.mark.parametrize("case", ["missing", "unfinished", "wrong data", "wrong classes", "no source"])
-def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tmp_path):
+def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tmp_path, in_process, monkeypatch):
     args = ["--epochs", 1, "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--out", tmp_path / "run"]
-    env = None
     if case == "missing":
         args += ["--cache", tmp_path / "no-cache"]
         needle = "does not exist"
@@ -289,10 +304,9 @@ def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tm
             "import torch\ndef student(num_classes=10):\n"
             "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))\n")
         args += ["--cache", fp32_cache, "--arch", "py:tenway:student"]
-        env = {"PYTHONPATH": str(tmp_path)}
+        monkeypatch.syspath_prepend(str(tmp_path))
         needle = "outputs"
     else:
         needle = "--cache"
-    result = cli(*args, env=env)
-    assert result.returncode != 0, f"{case}: exit 0"
-    assert needle in result.stderr and "Traceback" not in result.stderr, f"{case}: {result.stderr[-800:]}"
+    code, err = in_process("train", *args)
+    assert code == 2 and needle in err and err.count("\n") == 1, f"{case}: exit {code}: {err[-800:]}"
