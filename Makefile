@@ -22,8 +22,9 @@ $(STAMP): setup.cfg pyproject.toml
 	PIP_NO_CACHE_DIR=1 $(BIN)/pip install -q -e '.[test,plot,demo]'
 	touch $(STAMP)
 
+# one pytest worker per core (pytest-xdist): most tests wait on a subprocess importing torch
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 demo: $(STAMP)
 	$(BIN)/python -m skd.demo

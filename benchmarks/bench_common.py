@@ -161,6 +161,15 @@ def synthetic_jpeg_folder(root: Path, count: int, size: int, classes: int = 10, 
     return root
 
 
+def steps_in_epoch(images: int, batch: int) -> int:
+    """Steps skd.train takes over one view of `images` in one process (it leaves out a last batch of one)."""
+    from skd.distributed import Dist
+    from skd.train import rank_range
+
+    start, stop = rank_range(images, Dist(), batch)
+    return -(-(stop - start) // batch)
+
+
 def train_rate(cfg, warmup: int, steps_per_epoch: int) -> float:
     """Images/s of one `skd.train.train` run, steps `warmup`..last of every epoch (loader start-up left out).
 

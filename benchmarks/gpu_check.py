@@ -25,7 +25,8 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, synthetic_jpeg_folder, table, teacher_loop_timer, train_rate  # noqa: E402
+from bench_common import (machine, steps_in_epoch, synthetic_jpeg_folder, table,  # noqa: E402
+                          teacher_loop_timer, train_rate)
 from build_pipelining import loader_rate  # noqa: E402
 from skd.build import AMP_DTYPES, BuildConfig  # noqa: E402
 from skd.train import TrainConfig  # noqa: E402
@@ -116,8 +117,7 @@ def main() -> None:
     loader_alone = loader_rate(cfg, cache, device)
     say(f"loader alone: {loader_alone:,.0f} images/s")
 
-    steps_per_epoch = args.images // args.batch  # one process: the whole view, the short last batch too
-    steps_per_epoch += args.images % args.batch > 0
+    steps_per_epoch = steps_in_epoch(args.images, args.batch)  # one process: the whole view
     epochs = max(1, math.ceil(args.steps / steps_per_epoch))
     common = dict(arch=args.student, epochs=epochs, batch_size=args.batch, lr=0.1, device=args.device, amp=args.amp,
                   loader="torchvision", workers=args.workers, val=False, overwrite=True, multiplier="2", alpha="0.9")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from bench_common import git_state, machine, synthetic_jpeg_folder, table, train_rate
+from bench_common import git_state, machine, steps_in_epoch, synthetic_jpeg_folder, table, train_rate
 from skd.build import BuildConfig, build_cache
 from skd.train import TrainConfig
 
@@ -126,7 +126,7 @@ def main() -> None:
         load = [os.getloadavg()[0]]
         for r in range(args.rounds):
             for name, cfg in runs.items():
-                rates[name].append(train_rate(cfg, args.warmup, min(args.steps, -(-args.images // args.batch))))
+                rates[name].append(train_rate(cfg, args.warmup, min(args.steps, steps_in_epoch(args.images, args.batch))))
             load.append(os.getloadavg()[0])
             print(f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
         student_rate, teacher_rate = compute_rates(args.student, args.teacher, classes, args.batch, args.size, device,

@@ -47,7 +47,7 @@ def exif_orientation(image: Image.Image) -> int:
 
 def _png_exif_chunk(path) -> bytes | None:
     """The data of a PNG's eXIf chunk wherever it lies, reading chunk headers only."""
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # unbuffered: each header read is 8 bytes, not a refilled buffer
         if f.read(8) != PNG_SIGNATURE:
             return None
         while len(head := f.read(8)) == 8:

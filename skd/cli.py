@@ -298,7 +298,7 @@ def train(cache_dir, teacher, weights, data, arch, epochs, batch_size, lr, momen
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"{', '.join(given)}: online mode only; a cache replays the plan it was built "
-                                   "with (see skd-cache info)")
+                                   "with, which skd-cache info shows")
     if teacher is not None:
         data = data_root(data)
     name = Path(cache_dir).name if cache_dir is not None else f"online-{alias(teacher)}"
@@ -321,7 +321,7 @@ def run_command(command: click.Command, prog_name: str) -> None:
     """Run a click command; a usage mistake is one `error:` line naming the option and where help is."""
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # click >= 8.2: the group's help
         exc.show()
         sys.exit(exc.exit_code)
     except click.UsageError as exc:

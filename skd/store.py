@@ -53,6 +53,8 @@ class Store:
         self.meta: dict = dict(group.attrs[ATTR_KEY])
         self.codec: Codec = get_codec(self.meta["codec"])
         self.shard_rows: int = int(self.meta["shard_rows"])
+        # every complete shard has its files (older caches left out shards of fill values only)
+        self.whole_shards: bool = bool(self.meta.get("whole_shards", False))
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -158,6 +160,9 @@ class Store:
         return [shard_file(g[name], prefix, shard) for name in names]
 
     def missing_shard_files(self, view: int | None, shard: int) -> list[Path]:
+        """Files of a complete shard that were lost (none can be, by design, in caches without whole shards)."""
+        if not self.whole_shards:
+            return []
         return [f for f in self.shard_files(view, shard) if not f.exists()]
 
     def read_rows(self, view: int | None, start: int, stop: int) -> Encoded:
@@ -259,7 +264,7 @@ def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Spli
         _write_split(group, "val", val, chunk_rows)
         _create(group, "val/box", np.asarray(val_boxes, np.int32), chunks=(min(shard_rows, len(val.paths)), 4))
         _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
-    group.attrs.put({ATTR_KEY: meta})
+    group.attrs.put({ATTR_KEY: {**meta, "whole_shards": True}})
     return Store(Path(path), group)
 
 
@@ -267,12 +272,14 @@ def cache_state(path: Path) -> str | None:
     """"cache" for a created cache (a zarr group with the `skd` attribute), "creating" for a creation of
     ours that was interrupted, None for anything else (another zarr group, a plain or unreadable folder)."""
     try:
-        attrs = zarr.open_group(str(path), mode="r", zarr_format=3).attrs
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        attrs = group.attrs
+        if ATTR_KEY in attrs:
+            return "cache"
+        # creations before the marker are known by their first array
+        return "creating" if CREATING_KEY in attrs or "samples/path" in group else None
     except Exception:
         return None
-    if ATTR_KEY in attrs:
-        return "cache"
-    return "creating" if CREATING_KEY in attrs else None
 
 
 REQUIRED_ARRAYS = ("samples/path", "samples/label", "samples/size", "views/order", "views/box",
@@ -424,10 +431,11 @@ class RowReader:
 
         MISSING = 2**64 - 1
 
-        def __init__(self, folder: Path, array, lead: tuple, row_axis: int, crc):
+        def __init__(self, folder: Path, array, lead: tuple, row_axis: int, crc, whole_shards: bool):
             import numcodecs
 
             self.folder, self.array, self.lead, self.crc = folder, array, lead, crc
+            self.whole_shards = whole_shards
             self.dtype = np.dtype(array.dtype)
             self.row_shape = tuple(array.shape[row_axis + 1:])
             self.rows = int(array.shape[row_axis])
@@ -466,7 +474,7 @@ class RowReader:
                     return None
                 if folder is None:
                     return None
-                out.append(cls(folder, array, prefix, len(prefix), crc))
+                out.append(cls(folder, array, prefix, len(prefix), crc, store.whole_shards))
             return out + [None] * (3 - len(out))
 
         @staticmethod
@@ -522,8 +530,11 @@ class RowReader:
             path = self._file(shard)
             try:
                 fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # readers read complete shards only, and each was written whole
-                raise ValueError(f"{path} is missing") from None
+            except FileNotFoundError:  # readers read complete shards only
+                if self.whole_shards:
+                    raise ValueError(f"{path} is missing") from None
+                out[...] = self.fill  # an older cache: zarr left out a shard of fill values
+                return
             try:
                 index_bytes = self.chunks * 16 + 4
                 size = os.fstat(fd).st_size

@@ -227,7 +227,7 @@ def rank_range(n: int, d: Dist, local_batch: int) -> tuple[int, int]:
     """This rank's contiguous part of a view's positions; equal parts so all ranks take equal steps.
 
     A part that would end in a batch of one image leaves that image out (BatchNorm cannot train on
-    one); each view's order differs, so it is a different sample every epoch.
+    one); each view's order differs, so it is a different sample in each view.
     """
     per = n // d.world
     used = per - 1 if per > 1 and per % local_batch == 1 else per

@@ -9,7 +9,9 @@ import torch
 
 from jpegs import CLASSES, make_image_folder, photo_like, write_jpeg  # noqa: F401  (re-exported to tests)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# pytest-xdist workers share the cores: one thread each, else two OpenMP threads per worker fight over them
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 @pytest.fixture(scope="session")

@@ -140,12 +140,14 @@ def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, t
         f"exit {result.returncode}: {result.stderr[-500:]}"
 
 
-def test_an_interrupted_cache_creation_is_restarted_only_with_overwrite(image_root, teacher_file, tmp_path):
-    """A creation stopped before its `skd` attribute is recognised as skd's own: refused, then replaced on --overwrite."""
+@pytest.mark.parametrize("marker", [True, False])
+def test_an_interrupted_cache_creation_is_restarted_only_with_overwrite(image_root, teacher_file, tmp_path, marker):
+    """A creation stopped before its `skd` attribute is recognised as skd's own (by its marker, or, before the
+    marker existed, by its first array): refused, then replaced on --overwrite."""
     from skd.store import CREATING_KEY
     out = tmp_path / "cache"
-    zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}).create_array(
-        "samples/path", shape=(3,), dtype=str)
+    zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True} if marker else None
+                    ).create_array("samples/path", shape=(3,), dtype=str)
     with pytest.raises(BuildError, match="unfinished cache creation: pass --overwrite"):
         build_cache(small_build_config(image_root, out, teacher_file))
     build_cache(small_build_config(image_root, out, teacher_file, overwrite=True))

@@ -70,6 +70,12 @@ def test_a_missing_shard_file_is_an_error_not_zeros(tmp_path):
     assert_same(RowReader(store, 0, 0, 16)._read(0, 16), store.read_rows(0, 0, 16))
     with pytest.raises(StoreError, match="views/logits/c/0/1/0 is missing"):
         list(RowReader(store, 0, 0, 50).batches(8))
+    # Caches written before whole shards: zarr left out shards of fill values only, which read as such.
+    open_store(tmp_path / "c", mode="r+").group.attrs.put(
+        {"skd": {k: v for k, v in store.meta.items() if k != "whole_shards"}})
+    old = open_store(tmp_path / "c")
+    assert_same(RowReader(old, 0, 0, 50)._read(0, 50), old.read_rows(0, 0, 50))
+    assert not RowReader(old, 0, 0, 50)._read(16, 32).logits.any(), "an old cache's absent shard is not fill values"
 
 
 def test_a_shard_that_cannot_be_opened_names_the_file_not_the_images(tmp_path):
