@@ -73,6 +73,10 @@ class Batch:
     positions: torch.Tensor  # (B,) int64: the caller's position ids of these items
 
 
+class DecodeError(OSError):
+    """An image the loader cannot decode (an OSError, as an unreadable file is): one line naming the batch."""
+
+
 class LoaderUnavailable(RuntimeError):
     """The requested loader cannot run here (e.g. DALI is not installed)."""
 

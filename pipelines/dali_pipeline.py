@@ -17,7 +17,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipelines import Batch, Items
+from pipelines import Batch, DecodeError, Items
 
 
 class DaliLoader:
@@ -86,11 +86,18 @@ class DaliLoader:
             try:
                 (output,) = pipe.run(stream)
             except RuntimeError as error:  # DALI's message names the window, not the file
-                raise RuntimeError(f"DALI failed on items {start}..{stop - 1} "
-                                   f"({self.items.files[start]} ...): {error}") from error
+                raise DecodeError(f"DALI could not decode one of items {start}..{stop - 1} (first "
+                                  f"{self.items.files[start]}): {_reason(error)}; --loader torchvision "
+                                  "decodes with PIL") from error
             images = torch.empty((stop - start, 3, self.image_size, self.image_size), dtype=torch.float32,
                                  device=self.device)
             feed_ndarray(output.as_tensor(), images, cuda_stream=stream)
             yield Batch(images=images,
                         labels=torch.tensor(self.items.labels[start:stop]).to(self.device, non_blocking=True),
                         positions=torch.tensor(self.items.positions[start:stop]))
+
+
+def _reason(error: RuntimeError) -> str:
+    """The last line of DALI's many-line report that says something (not "pipeline no longer valid")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "no longer valid" not in line]
+    return lines[-1] if lines else type(error).__name__
