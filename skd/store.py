@@ -431,10 +431,10 @@ class RowReader:
 
         MISSING = 2**64 - 1
 
-        def __init__(self, folder: Path, array, lead: tuple, row_axis: int, crc, whole_shards: bool):
+        def __init__(self, array, lead: tuple, row_axis: int, crc, whole_shards: bool):
             import numcodecs
 
-            self.folder, self.array, self.lead, self.crc = folder, array, lead, crc
+            self.array, self.lead, self.crc = array, lead, crc
             self.whole_shards = whole_shards
             self.dtype = np.dtype(array.dtype)
             self.row_shape = tuple(array.shape[row_axis + 1:])
@@ -469,17 +469,17 @@ class RowReader:
             for name in names:
                 try:
                     array = g[name]
-                    folder = cls._layout(array, len(prefix))
+                    understood = cls._understood(array, len(prefix))
                 except Exception:  # anything unexpected: leave it to zarr
                     return None
-                if folder is None:
+                if not understood:
                     return None
-                out.append(cls(folder, array, prefix, len(prefix), crc, store.whole_shards))
+                out.append(cls(array, prefix, len(prefix), crc, store.whole_shards))
             return out + [None] * (3 - len(out))
 
         @staticmethod
-        def _layout(array, row_axis: int) -> Path | None:
-            """The array's folder when it is a local, sharded array in create_store's layout, else None."""
+        def _understood(array, row_axis: int) -> bool:
+            """True for a local, sharded array in create_store's layout (its shard files are read directly)."""
             from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
             from zarr.storage import LocalStore
 
@@ -487,29 +487,23 @@ class RowReader:
                 return getattr(value, "value", value)
             md = array.metadata
             if getattr(md, "zarr_format", None) != 3 or len(md.codecs) != 1:
-                return None
+                return False
             sharding = md.codecs[0]
             shard_shape = tuple(md.chunk_grid.chunk_shape)
             dtype = np.dtype(array.dtype)
             little = (None, "little") if dtype.itemsize == 1 else ("little",)
-            ok = (isinstance(sharding, ShardingCodec)
-                  and name(sharding.index_location) == "end"
-                  and [type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
-                  and name(sharding.index_codecs[0].endian) == "little"
-                  and [type(c) for c in sharding.codecs] == [BytesCodec, ZstdCodec]
-                  and name(sharding.codecs[0].endian) in little
-                  and dtype.byteorder in "=|<"
-                  and all(s == 1 for s in shard_shape[:row_axis] + tuple(sharding.chunk_shape[:row_axis]))
-                  and shard_shape[row_axis + 1:] == tuple(array.shape[row_axis + 1:])
-                  and tuple(sharding.chunk_shape[row_axis + 1:]) == tuple(array.shape[row_axis + 1:])
-                  and shard_shape[row_axis] % sharding.chunk_shape[row_axis] == 0
-                  and isinstance(array.store_path.store, LocalStore))
-            if not ok:
-                return None
-            return Path(array.store_path.store.root) / array.store_path.path
-
-        def _file(self, shard: int) -> Path:
-            return shard_file(self.array, self.lead, shard)
+            return (isinstance(sharding, ShardingCodec)
+                    and name(sharding.index_location) == "end"
+                    and [type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
+                    and name(sharding.index_codecs[0].endian) == "little"
+                    and [type(c) for c in sharding.codecs] == [BytesCodec, ZstdCodec]
+                    and name(sharding.codecs[0].endian) in little
+                    and dtype.byteorder in "=|<"
+                    and all(s == 1 for s in shard_shape[:row_axis] + tuple(sharding.chunk_shape[:row_axis]))
+                    and shard_shape[row_axis + 1:] == tuple(array.shape[row_axis + 1:])
+                    and tuple(sharding.chunk_shape[row_axis + 1:]) == tuple(array.shape[row_axis + 1:])
+                    and shard_shape[row_axis] % sharding.chunk_shape[row_axis] == 0
+                    and isinstance(array.store_path.store, LocalStore))
 
         def read(self, a: int, b: int, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
             """Rows [a, b) as a new C-contiguous array; a shard's chunks are decoded by `pool` when given
@@ -527,7 +521,7 @@ class RowReader:
             import os
 
             c0, c1 = r0 // self.chunk_rows, -(-r1 // self.chunk_rows)
-            path = self._file(shard)
+            path = shard_file(self.array, self.lead, shard)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # readers read complete shards only

@@ -120,7 +120,7 @@ def test_threads_must_be_positive(tmp_path):
 
 def test_other_layouts_fall_back_to_zarr(tmp_path, monkeypatch):
     store = make_store(tmp_path / "c")
-    monkeypatch.setattr(RowReader._Sharded, "_layout", staticmethod(lambda array, row_axis: None))
+    monkeypatch.setattr(RowReader._Sharded, "_understood", staticmethod(lambda array, row_axis: False))
     reader = RowReader(store, 0, 0, 50)
     assert reader._direct is None
     got = np.concatenate([e.logits for _, e in reader.batches(7)])
