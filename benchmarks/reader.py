@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from bench_common import git_state, machine, synthetic_store, table
-from skd.store import RowReader, open_store
+from skd.reader import RowReader
+from skd.store import open_store
 from skd.train import cached_teacher_batches
 
 

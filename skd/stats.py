@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from .codecs import Encoded
 from .loss import LAYER_NORM_EPS
-from .store import RowReader, Store
+from .reader import RowReader
+from .store import Store
 from .train import AUTO_MULTIPLIER_ROWS
 
 ECE_BINS = 15

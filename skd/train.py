@@ -29,7 +29,8 @@ from .distributed import Dist, init_distributed, resolve_device, shutdown
 from .index import index_dataset
 from .loss import KDLoss, hard_label_loss, hinton_kd_loss, seed_alpha, seed_epoch, spherical_kd_loss
 from .plan import CropParams, center_boxes, plan_view
-from .store import RowReader, Store, open_store
+from .reader import RowReader
+from .store import Store, open_store
 from .teachers import create_model, load_teacher, output_classes
 
 CHECKPOINT = "checkpoint.pth"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from skd.codecs import get_codec
-from skd.store import FORMAT_VERSION, RowReader, Split, StoreError, create_store, open_store
+from skd.reader import RowReader
+from skd.store import FORMAT_VERSION, Split, StoreError, create_store, open_store
 
 
 def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_rows=4, views=2, val=13,
