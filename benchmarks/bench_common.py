@@ -163,7 +163,7 @@ def synthetic_jpeg_folder(root: Path, count: int, size: int, classes: int = 10, 
 
 def steps_in_epoch(images: int, batch: int) -> int:
     """Steps skd.train takes over one view of `images` in one process (it leaves out a last batch of one)."""
-    from skd.distributed import Dist
+    from skd.runtime import Dist
     from skd.train import rank_range
 
     start, stop = rank_range(images, Dist(), batch)

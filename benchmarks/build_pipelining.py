@@ -27,10 +27,11 @@ import numpy as np
 import torch
 import torchvision
 
-import pipelines
+from skd import pipelines
 import skd.build
 from bench_common import git_state, machine, synthetic_jpeg_folder, table, teacher_loop_timer
-from skd.build import AMP_DTYPES, BuildConfig, build_cache
+from skd.build import BuildConfig, build_cache
+from skd.runtime import AMP_DTYPES
 from skd.store import open_store
 
 CLASSES = 1000  # an ImageNet head: the writer encodes and compresses rows of 1000 logits

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (machine, steps_in_epoch, synthetic_jpeg_folder, table,  # noqa: E402
                           teacher_loop_timer, train_rate)
 from build_pipelining import loader_rate  # noqa: E402
-from skd.build import AMP_DTYPES, BuildConfig  # noqa: E402
+from skd.build import BuildConfig  # noqa: E402
+from skd.runtime import AMP_DTYPES  # noqa: E402
 from skd.train import TrainConfig  # noqa: E402
 from train_overhead import compute_rates  # noqa: E402
 

@@ -30,7 +30,7 @@ from skd.train import TrainConfig
 def compute_rates(student_name: str, teacher_name: str, classes: int, batch: int, size: int, device: torch.device,
                   amp: str, steps: int, rounds: int) -> tuple[float, float]:
     """(student step images/s, teacher forward images/s) on in-memory tensors: the compute-only reference."""
-    from skd.build import AMP_DTYPES
+    from skd.runtime import AMP_DTYPES
     from skd.loss import spherical_kd_loss
 
     student = torchvision.models.get_model(student_name, num_classes=classes).to(device).train()

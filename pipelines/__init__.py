@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from skd.errors import SkdError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOADERS = ("dali", "torchvision")
@@ -77,7 +79,7 @@ class DecodeError(OSError):
     """An image the loader cannot decode (an OSError, as an unreadable file is): one line naming the batch."""
 
 
-class LoaderUnavailable(RuntimeError):
+class LoaderUnavailable(SkdError):
     """The requested loader cannot run here (e.g. DALI is not installed)."""
 
 
@@ -143,11 +145,11 @@ def make_loader(kind: str, *, files: Sequence[str], boxes, flips, labels, positi
     options = dict(image_size=int(image_size), batch_size=int(batch_size), workers=int(workers),
                    device=torch.device(device), mean=tuple(mean), std=tuple(std))
     if kind == "torchvision":
-        from pipelines.torchvision_pipeline import TorchvisionLoader
+        from .torchvision_pipeline import TorchvisionLoader
 
         return TorchvisionLoader(items, **options)
     try:
-        from pipelines.dali_pipeline import DaliLoader
+        from .dali_pipeline import DaliLoader
     except ImportError as error:
         raise LoaderUnavailable(f"DALI cannot be imported ({error}); use --loader torchvision") from error
     return DaliLoader(items, **options)

@@ -17,7 +17,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipelines import Batch, DecodeError, Items
+from . import Batch, DecodeError, Items
 
 
 class DaliLoader:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines import Batch, Items, exif_orientation
+from . import Batch, Items, exif_orientation
 
 
 def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: Sequence[float],

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import click
 
+from . import __version__
 from .codecs import CODECS
+from .config import BuildConfig, TrainConfig
+from .errors import SkdError
 
 DATA_HELP = "dataset root holding train/<class>/<images> (and val/); default: $SKD_DATA"
 
@@ -19,23 +22,9 @@ def user_errors(fn):
     """Turn the library's user-facing errors into one line on stderr and exit status 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pipelines import LoaderUnavailable
-
-        from .build import BuildError
-        from .distributed import DeviceError
-        from .index import DatasetError
-        from .stats import StatsError
-        from .store import StoreError
-        from .teachers import ModelError
-        from .train import TrainError
-        from .verify import VerifyError
-        known = (BuildError, DatasetError, DeviceError, StoreError, ModelError, TrainError, LoaderUnavailable,
-                 StatsError, VerifyError, click.UsageError)
         try:
             return fn(*args, **kwargs)
-        except known as exc:
-            if isinstance(exc, click.UsageError):
-                raise
+        except SkdError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -74,8 +63,12 @@ def data_root(data: str | None) -> Path:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="skd-cache")
 def cache():
     """Build and inspect offline teacher-logit caches for spherical knowledge distillation."""
+
+
+B = BuildConfig  # option defaults come from the config, declared once
 
 
 @cache.command()
@@ -84,42 +77,39 @@ def cache():
               "(a py: teacher: the weights its callable builds)")
 @click.option("--data", help=DATA_HELP)
 @click.option("--out", type=click.Path(path_type=Path), help="cache folder; default cache/<alias> (resnet152 -> cache/r152)")
-@click.option("--views", default=10, show_default=True, type=click.IntRange(min=1), help="augmented views (epochs' worth) to cache")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8))
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--codec", default="int8", show_default=True, type=click.Choice(list(CODECS)))
-@click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
+@click.option("--views", default=B.views, show_default=True, type=click.IntRange(min=1),
+              help="augmented views (epochs' worth) to cache")
+@click.option("--image-size", default=B.image_size, show_default=True, type=click.IntRange(min=8))
+@click.option("--batch-size", default=B.batch_size, show_default=True, type=click.IntRange(min=1))
+@click.option("--codec", default=B.codec, show_default=True, type=click.Choice(list(CODECS)))
+@click.option("--amp", default=B.amp, show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
               help="autocast dtype of the teacher; auto = bf16 on CUDA, none on CPU")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
-@click.option("--loader", default="dali", show_default=True, type=click.Choice(["dali", "torchvision"]))
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of the augmentation plan")
-@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=0), help="decoding threads/processes")
-@click.option("--shard-size", "shard_rows", default=16384, show_default=True, type=click.IntRange(min=1),
+@click.option("--device", default=B.device, show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--loader", default=B.loader, show_default=True, type=click.Choice(["dali", "torchvision"]))
+@click.option("--seed", default=B.seed, show_default=True, type=int, help="seed of the augmentation plan")
+@click.option("--workers", default=B.workers, show_default=True, type=click.IntRange(min=0),
+              help="decoding threads/processes")
+@click.option("--shard-size", "shard_rows", default=B.shard_rows, show_default=True, type=click.IntRange(min=1),
               help="rows per shard: the unit of writing and of resuming")
-@click.option("--chunk-size", "chunk_rows", default=1024, show_default=True, type=click.IntRange(min=1),
+@click.option("--chunk-size", "chunk_rows", default=B.chunk_rows, show_default=True, type=click.IntRange(min=1),
               help="rows per chunk inside a shard: the unit of reading")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher")
+@click.option("--compile", is_flag=True, help="torch.compile the teacher")
 @click.option("--overwrite", is_flag=True, help="delete an existing cache at --out and rebuild (never a folder that is not a cache)")
-@click.option("--no-val", is_flag=True, help="do not cache centre-crop logits of ROOT/val")
-@click.option("--on-bad-image", default="error", show_default=True, type=click.Choice(["error", "skip"]),
+@click.option("--val/--no-val", default=B.val, show_default=True, help="cache centre-crop logits of ROOT/val")
+@click.option("--on-bad-image", default=B.on_bad_image, show_default=True, type=click.Choice(["error", "skip"]),
               help="error: list every unreadable or truncated image and stop before any teacher work; "
                    "skip: leave them out (recorded in the cache, shown by skd-cache info)")
 @user_errors
-def build(teacher, weights, data, out, views, image_size, batch_size, codec, amp, device, loader, seed, workers,
-          shard_rows, chunk_rows, compile_, overwrite, no_val, on_bad_image):
+def build(data, out, **options):
     """Run the teacher over recorded augmented views and store its logits (resumable)."""
-    from .build import BuildConfig, build_cache, summary_lines
+    from .build import build_cache, summary_lines
     from .teachers import alias
 
-    chunk_rows = min(chunk_rows, shard_rows)
-    if shard_rows % chunk_rows:
-        raise click.BadParameter(f"{shard_rows} is not a multiple of --chunk-size {chunk_rows}",
+    options["chunk_rows"] = min(options["chunk_rows"], options["shard_rows"])
+    if options["shard_rows"] % options["chunk_rows"]:
+        raise click.BadParameter(f"{options['shard_rows']} is not a multiple of --chunk-size {options['chunk_rows']}",
                                  param_hint="--shard-size")
-    cfg = BuildConfig(teacher=teacher, weights=weights, data=data_root(data), out=out or Path("cache") / alias(teacher),
-                      views=views, image_size=image_size, batch_size=batch_size, codec=codec, amp=amp,
-                      device=device, loader=loader, seed=seed, workers=workers, shard_rows=shard_rows,
-                      chunk_rows=chunk_rows, compile=compile_, overwrite=overwrite, val=not no_val,
-                      on_bad_image=on_bad_image)
+    cfg = BuildConfig(data=data_root(data), out=out or Path("cache") / alias(options["teacher"]), **options)
     summary = build_cache(cfg, progress=True)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"cache {cfg.out}")
@@ -146,7 +136,7 @@ def _views(value: str) -> list[int] | None:
 @user_errors
 def info(cache_dir, as_json):
     """What a cache holds and costs: teacher, dataset, plan, codec, completion, bytes (unfinished caches too)."""
-    from .stats import describe, info_lines
+    from .info import describe, info_lines
     from .store import open_store
 
     report = describe(open_store(cache_dir))
@@ -243,56 +233,62 @@ def _milestones(value: str | None) -> list[int] | None:
         raise click.BadParameter("comma-separated epochs, e.g. 30,60,80,90") from None
 
 
+T = TrainConfig  # option defaults come from the config, declared once
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="cache folder written by skd-cache build")
+@click.version_option(__version__, prog_name="skd-train")
+@click.option("--cache", type=click.Path(path_type=Path), help="cache folder written by skd-cache build")
 @click.option("--teacher", help="online mode (no cache): run this teacher in the loop")
 @click.option("--weights", help="teacher weights for online mode (as in skd-cache build)")
 @click.option("--data", help="dataset root; default: the root recorded in the cache (online mode: $SKD_DATA)")
-@click.option("--arch", default="resnet18", show_default=True, help="student: torchvision name, timm:NAME or py:module:callable")
-@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="global batch over all processes")
-@click.option("--lr", default=0.1, show_default=True, type=NON_NEGATIVE, help="learning rate per 256 images")
-@click.option("--momentum", default=0.9, show_default=True, type=NON_NEGATIVE)
-@click.option("--weight-decay", default=1e-4, show_default=True, type=NON_NEGATIVE)
-@click.option("--schedule", default="step", show_default=True, type=click.Choice(["step", "cosine"]))
-@click.option("--milestones", callback=lambda c, p, v: _milestones(v), help="epochs where lr drops /10; default 30%,60%,80%,90% of --epochs")
-@click.option("--warmup-epochs", default=0.0, show_default=True, type=NON_NEGATIVE)
-@click.option("--kd", default="skd", show_default=True, type=click.Choice(["skd", "hinton", "none"]))
-@click.option("--temperature", default=4.0, show_default=True, type=POSITIVE)
-@click.option("--multiplier", default="2", show_default=True, callback=lambda c, p, v: _multiplier(v),
+@click.option("--arch", default=T.arch, show_default=True, help="student: torchvision name, timm:NAME or py:module:callable")
+@click.option("--epochs", default=T.epochs, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=T.batch_size, show_default=True, type=click.IntRange(min=1),
+              help="global batch over all processes")
+@click.option("--lr", default=T.lr, show_default=True, type=NON_NEGATIVE, help="learning rate per 256 images")
+@click.option("--momentum", default=T.momentum, show_default=True, type=NON_NEGATIVE)
+@click.option("--weight-decay", default=T.weight_decay, show_default=True, type=NON_NEGATIVE)
+@click.option("--schedule", default=T.schedule, show_default=True, type=click.Choice(["step", "cosine"]))
+@click.option("--milestones", callback=lambda c, p, v: _milestones(v),
+              help="epochs where lr drops /10; default 30%,60%,80%,90% of --epochs")
+@click.option("--warmup-epochs", default=T.warmup_epochs, show_default=True, type=NON_NEGATIVE)
+@click.option("--kd", default=T.kd, show_default=True, type=click.Choice(["skd", "hinton", "none"]))
+@click.option("--temperature", default=T.temperature, show_default=True, type=POSITIVE)
+@click.option("--multiplier", default=T.multiplier, show_default=True, callback=lambda c, p, v: _multiplier(v),
               help="SKD logit multiplier, or 'auto' = mean per-sample std of the cached teacher logits")
-@click.option("--alpha", default="seed", show_default=True, callback=lambda c, p, v: _alpha(v),
+@click.option("--alpha", default=T.alpha, show_default=True, callback=lambda c, p, v: _alpha(v),
               help="KD weight, or 'seed' = 0.9/0.5/0.1 at 0%/60%/80% of training")
-@click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--amp", default=T.amp, show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]))
+@click.option("--device", default=T.device, show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
 @click.option("--loader", type=click.Choice(["dali", "torchvision"]),
               help="default: the loader recorded in the cache (online mode: dali)")
-@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=0))
+@click.option("--workers", default=T.workers, show_default=True, type=click.IntRange(min=0))
 @click.option("--out", type=click.Path(path_type=Path), help="run folder; default runs/<cache name>-<arch>")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--overwrite", is_flag=True, help="start again in an --out that holds a run (its checkpoint is replaced)")
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of the student's initialisation")
+@click.option("--seed", default=T.seed, show_default=True, type=int, help="seed of the student's initialisation")
 @click.option("--tensorboard", is_flag=True, help="also write TensorBoard scalars to <out>/tensorboard")
-@click.option("--no-val", is_flag=True, help="skip validation after each epoch")
+@click.option("--val/--no-val", default=T.val, show_default=True, help="validate after each epoch")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), help="stop each epoch after this many steps")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8), help="online mode: plan option")
-@click.option("--views", default=10, show_default=True, type=click.IntRange(min=1), help="online mode: plan option")
-@click.option("--plan-seed", default=0, show_default=True, type=int, help="online mode: the --seed of skd-cache build")
+@click.option("--image-size", default=T.image_size, show_default=True, type=click.IntRange(min=8),
+              help="online mode: plan option")
+@click.option("--views", default=T.views, show_default=True, type=click.IntRange(min=1), help="online mode: plan option")
+@click.option("--plan-seed", default=T.plan_seed, show_default=True, type=int,
+              help="online mode: the --seed of skd-cache build")
 @user_errors
-def train(cache_dir, teacher, weights, data, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
-          milestones, warmup_epochs, kd, temperature, multiplier, alpha, amp, device, loader, workers, out, resume,
-          overwrite, seed, tensorboard, no_val, steps_per_epoch, image_size, views, plan_seed):
+def train(cache, teacher, data, out, **options):
     """Train a student from cached teacher logits with the spherical KD loss (or online with --teacher)."""
     from .teachers import alias
-    from .train import TrainConfig, train as run
+    from .train import train as run
 
-    if cache_dir is None and teacher is None:
+    if cache is None and teacher is None:
         raise click.UsageError("pass --cache DIR (or --teacher NAME --data ROOT for online distillation)")
-    if cache_dir is not None and teacher is not None:
+    if cache is not None and teacher is not None:
         raise click.UsageError("--cache and --teacher exclude each other: the cache already holds the teacher")
-    if resume and overwrite:
+    if options["resume"] and options["overwrite"]:
         raise click.UsageError("--resume and --overwrite exclude each other: continue the run or start it again")
-    if cache_dir is not None:
+    if cache is not None:
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in ("image_size", "views", "plan_seed")
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
@@ -301,15 +297,9 @@ def train(cache_dir, teacher, weights, data, arch, epochs, batch_size, lr, momen
                                    "with, which skd-cache info shows")
     if teacher is not None:
         data = data_root(data)
-    name = Path(cache_dir).name if cache_dir is not None else f"online-{alias(teacher)}"
-    cfg = TrainConfig(cache=cache_dir, teacher=teacher, weights=weights, data=Path(data) if data else None,
-                      arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                      weight_decay=weight_decay, schedule=schedule, milestones=milestones,
-                      warmup_epochs=warmup_epochs, kd=kd, temperature=temperature, multiplier=multiplier,
-                      alpha=alpha, amp=amp, device=device, loader=loader, workers=workers,
-                      out=out or Path("runs") / f"{name}-{alias(arch)}", resume=resume, overwrite=overwrite, seed=seed,
-                      tensorboard=tensorboard, val=not no_val, steps_per_epoch=steps_per_epoch,
-                      image_size=image_size, views=views, plan_seed=plan_seed)
+    name = Path(cache).name if cache is not None else f"online-{alias(teacher)}"
+    cfg = TrainConfig(cache=cache, teacher=teacher, data=Path(data) if data else None,
+                      out=out or Path("runs") / f"{name}-{alias(options['arch'])}", **options)
     metrics = run(cfg, progress=True, log=lambda m: click.echo(m, err=True))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"run {cfg.out}: student.pth, metrics.jsonl")

@@ -188,7 +188,7 @@ def crop_batch(images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, size:
     """Crop windows (y, x, h, w), resize to size x size (bilinear), mirror, normalise like the pipelines."""
     from torchvision.ops import roi_align
 
-    from pipelines import IMAGENET_MEAN, IMAGENET_STD
+    from .pipelines import IMAGENET_MEAN, IMAGENET_STD
 
     b = torch.as_tensor(boxes, dtype=torch.float32)
     rois = torch.stack([torch.arange(len(b), dtype=torch.float32), b[:, 1], b[:, 0], b[:, 1] + b[:, 3],
@@ -203,8 +203,7 @@ def crop_batch(images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, size:
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int) -> float:
     """Top-1 on the validation windows the product uses (centre square, 224/256 of the shorter side)."""
-    from .build import VAL_CROP_FRACTION
-    from .plan import center_boxes
+    from .plan import VAL_CROP_FRACTION, center_boxes
 
     sizes = np.tile(images.shape[2:], (len(images), 1))
     boxes = center_boxes(sizes, VAL_CROP_FRACTION)

@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipelines import exif_orientation
+from .errors import SkdError
+from .pipelines import exif_orientation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -28,7 +29,7 @@ _LAYOUT = "train/<class>/<images>"
 _JPEG_TAIL = 4096  # bytes searched for the end-of-image marker (some files carry trailing padding)
 
 
-class DatasetError(ValueError):
+class DatasetError(SkdError):
     """A user mistake in the dataset: str(e) is one line naming the path and what to do."""
 
 
@@ -195,6 +196,23 @@ def fingerprint(paths: list[str], file_bytes) -> str:
         raise ValueError(f"fingerprint needs one file size per path: {len(sizes)} sizes, {len(paths)} paths")
     text = "".join(f"{path}\t{size}\n" for path, size in zip(paths, sizes))
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def quick_fingerprints(root: Path, with_val: bool, skipped=()) -> tuple[str, str | None]:
+    """(train, val) fingerprints from a directory scan and file sizes, without opening any image.
+
+    `skipped` are the (path, reason) pairs a `--on-bad-image skip` build left out (recorded in the cache).
+    """
+    leave_out = {path for path, _ in skipped}
+    out = []
+    for split in ("train", "val"):
+        if split == "val" and not (with_val and (root / "val").is_dir()):
+            out.append(None)
+            continue
+        paths, _ = scan_split(root, split, empty=[])
+        paths = [p for p in paths if p not in leave_out]
+        out.append(fingerprint(paths, [os.stat(root / p).st_size for p in paths]))
+    return out[0], out[1]
 
 
 def check_root(root: Path) -> None:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+VAL_CROP_FRACTION = 224 / 256  # validation: resize to 256, centre crop 224 (scaled with the image size)
 TRIES = 10  # torchvision RandomResizedCrop's number of attempts before the centre fallback
 
 # Stream identifiers: distinct counters for each use of randomness.
@@ -139,7 +140,7 @@ def plan_view(seed: int, view: int, sizes: np.ndarray, params: CropParams = Crop
     return ViewPlan(order=order, box=box, flip=flip)
 
 
-def center_boxes(sizes: np.ndarray, crop_fraction: float = 224 / 256) -> np.ndarray:
+def center_boxes(sizes: np.ndarray, crop_fraction: float = VAL_CROP_FRACTION) -> np.ndarray:
     """Validation windows: the centred square that 'resize shorter side to S/f, centre crop S' keeps.
 
     Resizing the shorter side to size/f and cropping size pixels keeps a centred square of side

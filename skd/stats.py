@@ -1,4 +1,4 @@
-"""Inspecting a cache: what it holds and costs (`describe`), what its teacher's logits look like (`logit_stats`).
+"""What a cache's teacher logits look like (`skd-cache stats`): accuracy, scale, confidence, calibration.
 
 Statistics stream each chosen view once through RowReader and never decode a row: argmax, ranks and
 the layer norm ignore the int8 codec's per-row affine (positive scale, any offset), the standard
@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from .codecs import Encoded
 from .loss import LAYER_NORM_EPS
+from .errors import SkdError
 from .reader import RowReader
+from .replay import mean_row_std
 from .store import Store
-from .train import AUTO_MULTIPLIER_ROWS
 
 ECE_BINS = 15
 SHOWN = 10  # worst classes and most confused pairs listed
@@ -25,122 +26,8 @@ BATCH_ROWS = 256  # rows per kernel step: the float32 work buffers (1 MiB at 100
 MIN_EXPONENT = -80.0  # exp() of anything lower is 0 for the sums here; below -87 it is slow (denormals)
 
 
-class StatsError(ValueError):
+class StatsError(SkdError):
     """Statistics cannot be computed as asked: one line saying what to change."""
-
-
-# ---------------------------------------------------------------------------------------------
-# What a cache holds
-
-def shard_ranges(ids) -> str:
-    """'0, 3-5, 9' for [0, 3, 4, 5, 9]: missing shards named compactly."""
-    ids = sorted(int(i) for i in ids)
-    parts, start = [], None
-    for i, v in enumerate(ids):
-        start = v if start is None else start
-        if i + 1 == len(ids) or ids[i + 1] != v + 1:
-            parts.append(str(v) if v == start else f"{start}-{v}")
-            start = None
-    return ", ".join(parts)
-
-
-def rows_written(store: Store) -> int:
-    """Rows of logits in complete shards, over all views and val."""
-    parts = [(done, store.num_samples) for done in store.complete()] + [(store.val_complete(), store.num_val)]
-    return sum(stop - start for done, n in parts
-               for start, stop in (store.shard_bounds(int(j), n) for j in np.flatnonzero(done)))
-
-
-def logit_bytes(store: Store) -> int:
-    """Bytes on disk of the complete shards' logits (and scale and offset for the affine codecs), views and
-    val: the same rows as `rows_written`, so an unfinished cache's bytes per row are right too."""
-    parts = [(view, done) for view, done in enumerate(store.complete())] + [(None, store.val_complete())]
-    return sum(f.stat().st_size for view, done in parts for shard in np.flatnonzero(done)
-               for f in store.shard_files(view, int(shard)) if f.exists())
-
-
-def storage(store: Store) -> dict:
-    """Bytes of logits per written row and the compression ratios against raw float32 and float16 rows."""
-    rows, size = rows_written(store), logit_bytes(store)
-    per_row = size / rows if rows else None
-    c = store.num_classes
-    return {"logit_bytes": size, "rows_written": rows, "bytes_per_row": per_row,
-            "ratio_vs_fp32": 4 * c / per_row if per_row else None,
-            "ratio_vs_fp16": 2 * c / per_row if per_row else None}
-
-
-def describe(store: Store) -> dict:
-    """Everything `skd-cache info` shows, as plain JSON-able values; works on an unfinished cache."""
-    meta = store.meta
-    teacher, dataset, plan = meta.get("teacher", {}), meta.get("dataset", {}), meta.get("plan", {})
-    complete = store.complete()
-    missing = {k: np.flatnonzero(~complete[k]).tolist() for k in range(store.num_views) if not complete[k].all()}
-    val_complete = store.val_complete()
-    return {
-        "path": str(store.path),
-        "complete": store.is_complete(),
-        "teacher": {k: teacher.get(k) for k in ("name", "weights", "weights_sha256", "amp", "num_classes")},
-        "dataset": {"root": dataset.get("root"), "num_samples": store.num_samples, "num_val": store.num_val,
-                    "num_classes": len(dataset.get("classes", [])), "fingerprint": dataset.get("fingerprint"),
-                    "val_fingerprint": dataset.get("val_fingerprint"),
-                    "skipped": [list(item) for item in dataset.get("skipped", [])]},
-        "plan": {k: plan.get(k) for k in ("seed", "image_size", "crop", "val_crop_fraction", "loader")},
-        "codec": store.codec.name,
-        "shard_rows": store.shard_rows,
-        "chunk_rows": meta.get("chunk_rows"),
-        "views": {"total": store.num_views, "complete": store.num_views - len(missing),
-                  "shards_complete": int(complete.sum()), "shards_total": int(complete.size),
-                  "missing_shards": {str(k): v for k, v in missing.items()}},
-        "val": {"rows": store.num_val, "shards_complete": int(val_complete.sum()),
-                "shards_total": int(val_complete.size),
-                "missing_shards": np.flatnonzero(~val_complete).tolist()} if store.has_val else None,
-        "bytes_on_disk": store.bytes_on_disk(),
-        **storage(store),
-        "software": meta.get("software", {}),
-    }
-
-
-def info_lines(info: dict) -> list[str]:
-    """`describe`'s answer as text lines."""
-    t, d, p, v = info["teacher"], info["dataset"], info["plan"], info["views"]
-    crop = p.get("crop") or {}
-    lines = [
-        f"cache {info['path']} ({'complete' if info['complete'] else 'UNFINISHED'})",
-        f"teacher   {t['name']}, weights {t['weights']} (sha256 {t['weights_sha256'] or '-'}), AMP {t['amp']}, "
-        f"{t['num_classes']} classes",
-        f"dataset   {d['root']}: {d['num_samples']:,} train images, {d['num_val']:,} val, {d['num_classes']} classes",
-        f"          fingerprint {d['fingerprint']}" + (f", val {d['val_fingerprint']}" if d["val_fingerprint"] else ""),
-    ]
-    if d["skipped"]:
-        named = ", ".join(f"{path} ({reason})" for path, reason in d["skipped"][:SHOWN])
-        more = f" and {len(d['skipped']) - SHOWN} more" if len(d["skipped"]) > SHOWN else ""
-        lines.append(f"          left out (--on-bad-image skip): {len(d['skipped'])}: {named}{more}")
-    lines += [
-        f"plan      seed {p['seed']}, {p['image_size']} px, area {crop.get('scale')}, aspect "
-        f"{[round(r, 4) for r in crop.get('ratio', [])]}, flip {crop.get('flip_prob')}, loader {p['loader']}",
-        f"codec     {info['codec']}, shards of {info['shard_rows']:,} rows, chunks of {info['chunk_rows']:,}",
-        f"views     {v['complete']} of {v['total']} complete, {v['shards_complete']} of {v['shards_total']} shards",
-    ]
-    lines += [f"          view {k}: shards {shard_ranges(s)} missing" for k, s in v["missing_shards"].items()]
-    if info["val"] is not None:
-        val = info["val"]
-        lines.append(f"val       {val['rows']:,} rows, {val['shards_complete']} of {val['shards_total']} shards"
-                     + (f", shards {shard_ranges(val['missing_shards'])} missing" if val["missing_shards"] else ""))
-    else:
-        lines.append("val       not cached")
-    per_row = info["bytes_per_row"]
-    lines.append(f"on disk   {human_bytes(info['bytes_on_disk'])}, logits {human_bytes(info['logit_bytes'])}"
-                 + (f" for {info['rows_written']:,} rows: {per_row:,.0f} B per row, compression "
-                    f"{info['ratio_vs_fp32']:.2f}x vs float32" if per_row else ", no rows written"))
-    return lines
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} TiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +243,7 @@ def logit_stats(store: Store, views: list[int] | None = (0,), *, val: bool = Tru
         by_sample[order] = rows.pred
         preds.append(by_sample)
         if k == 0:
-            auto = float(rows.std[:AUTO_MULTIPLIER_ROWS].mean())
+            auto = mean_row_std(rows.std)
     use_val = val and store.has_val
     if use_val and not store.val_complete().all():
         raise StatsError(f"val/ of cache {store.path} is unfinished: rerun its `skd-cache build` command, "
@@ -369,7 +256,7 @@ def logit_stats(store: Store, views: list[int] | None = (0,), *, val: bool = Tru
         raise StatsError(f"nothing to do: choose --views (cache {store.path} has {store.num_views})")
     return CacheStats(splits=splits, temperature=temperature, multiplier=multiplier, auto_multiplier=auto,
                       consistency=consistency(preds), consistency_views=chosen if len(chosen) > 1 else [],
-                      storage=storage(store))
+                      storage=store.storage())
 
 
 def stats_lines(s: CacheStats) -> list[str]:

@@ -1,12 +1,15 @@
-"""The cache store: a Zarr v3 group with sharded, zstd-compressed arrays (format 1).
+"""The cache store: a Zarr v3 group with sharded, zstd-compressed arrays (format 2).
 
-Array names are a contract (DESIGN.md): other tools open the cache with plain zarr.
+Array names, shapes and attributes are a contract, written down in cache/README.md: other tools
+open the cache with plain zarr.
 A shard is the unit of writing (writers never share one; a shard is written in one call),
 a chunk the unit of reading. Completion is recorded per shard in `views/complete` and
 `val/complete`, whose one-element chunks can be set by several ranks at once.
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,14 +17,18 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from .codecs import Codec, Encoded, get_codec
+# zarrs (Rust) decodes and encodes the cache's arrays wherever it supports them; see codec_pipeline()
+zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 
-FORMAT_VERSION = 1
+from .codecs import Codec, Encoded, get_codec
+from .errors import SkdError
+
+FORMAT_VERSION = 2
 ATTR_KEY = "skd"
 CREATING_KEY = "skd_creating"  # set while create_store runs: a folder with only this is our unfinished creation
 
 
-class StoreError(ValueError):
+class StoreError(SkdError):
     """A cache that cannot be used as asked: str(e) is one line naming the folder and what to do."""
 
 
@@ -49,8 +56,6 @@ class Store:
         self.meta: dict = dict(group.attrs[ATTR_KEY])
         self.codec: Codec = get_codec(self.meta["codec"])
         self.shard_rows: int = int(self.meta["shard_rows"])
-        # every complete shard has its files (older caches left out shards of fill values only)
-        self.whole_shards: bool = bool(self.meta.get("whole_shards", False))
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -144,10 +149,16 @@ class Store:
             parts.update(scale=encoded.scale, offset=encoded.offset)
         for name, data in parts.items():
             array = g[name]
+            file = shard_file(array, prefix, shard)
             # An unfinished shard's old file may be damaged, and zarr merges a short last shard into it.
-            shard_file(array, prefix, shard).unlink(missing_ok=True)
-            # Every shard gets its file, even one of fill values: a missing file then always means damage.
-            array.with_config({"write_empty_chunks": True})[sl] = data
+            file.unlink(missing_ok=True)
+            try:  # every shard gets its file, even one of fill values: a missing file then always means damage
+                array.with_config({"write_empty_chunks": True})[sl] = data
+            except RuntimeError as exc:
+                error = as_os_error(exc, file)
+                if error is exc:
+                    raise
+                raise error from exc
 
     def shard_files(self, view: int | None, shard: int) -> list[Path]:
         """The files of shard `shard` of view `view` (None: val): logits, and scale and offset when affine."""
@@ -156,9 +167,7 @@ class Store:
         return [shard_file(g[name], prefix, shard) for name in names]
 
     def missing_shard_files(self, view: int | None, shard: int) -> list[Path]:
-        """Files of a complete shard that were lost (none can be, by design, in caches without whole shards)."""
-        if not self.whole_shards:
-            return []
+        """Files of a complete shard that were lost: every shard is written whole, so a missing one is damage."""
         return [f for f in self.shard_files(view, shard) if not f.exists()]
 
     def read_rows(self, view: int | None, start: int, stop: int) -> Encoded:
@@ -176,8 +185,41 @@ class Store:
             stop = g["logits"].shape[-2]
         return self.codec.decode(self.read_rows(view, start, stop))
 
+    # -- storage figures -------------------------------------------------------------------
     def bytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def rows_written(self) -> int:
+        """Rows of logits in complete shards, over all views and val."""
+        parts = [(done, self.num_samples) for done in self.complete()] + [(self.val_complete(), self.num_val)]
+        return sum(stop - start for done, n in parts
+                   for start, stop in (self.shard_bounds(int(j), n) for j in np.flatnonzero(done)))
+
+    def logit_bytes(self) -> int:
+        """Bytes on disk of the complete shards' logits (and scale and offset for the affine codecs), views and
+        val: the same rows as `rows_written`, so an unfinished cache's bytes per row are right too."""
+        parts = [(view, done) for view, done in enumerate(self.complete())] + [(None, self.val_complete())]
+        return sum(f.stat().st_size for view, done in parts for shard in np.flatnonzero(done)
+                   for f in self.shard_files(view, int(shard)) if f.exists())
+
+    def storage(self) -> dict:
+        """Bytes of logits per written row and the compression ratios against raw float32 and float16 rows."""
+        rows, size = self.rows_written(), self.logit_bytes()
+        per_row = size / rows if rows else None
+        c = self.num_classes
+        return {"logit_bytes": size, "rows_written": rows, "bytes_per_row": per_row,
+                "ratio_vs_fp32": 4 * c / per_row if per_row else None,
+                "ratio_vs_fp16": 2 * c / per_row if per_row else None}
+
+
+def as_os_error(exc: RuntimeError, file: Path) -> Exception:
+    """zarrs reports a failed system call as RuntimeError("... (os error N)"): the OSError it stands for, naming
+    `file`, so that callers handle a full disk the same way whichever codec pipeline wrote; `exc` otherwise."""
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(file))
 
 
 def check_relative_path(path: str, cache: Path) -> None:
@@ -227,6 +269,22 @@ def _logit_arrays(group: zarr.Group, prefix: str, lead: tuple, rows: int, classe
             chunks=ones + (1,), compress=False)
 
 
+def codec_pipeline(array: zarr.Array) -> str:
+    """Name of the codec pipeline class that serves reads of slices of `array`: "ZarrsCodecPipeline", or
+    the one zarrs hands them to ("BatchedCodecPipeline") where it does not support the array's store or
+    data type, or where zarr's config names another pipeline.
+
+    zarrs falls back without an error (a warning at most), so readers check and report this rather than
+    assume it. (zarrs also hands over reads with an integer index, which drop an axis: read with slices.)
+    """
+    pipeline = array._async_array.codec_pipeline
+    if type(pipeline).__name__ == "ZarrsCodecPipeline" and pipeline.python_impl is not None:
+        dtype = array._async_array.metadata.data_type.to_native_dtype()
+        if pipeline.impl is None or dtype.kind in "VSUMmOT":  # the kinds zarrs' read() hands over
+            pipeline = pipeline.python_impl
+    return type(pipeline).__name__
+
+
 def shard_file(array: zarr.Array, prefix: tuple, shard: int) -> Path:
     """The file holding shard `shard` (along rows) of a logits, scale or offset array in a local cache."""
     coords = prefix + (shard,) + (0,) * (array.ndim - len(prefix) - 1)
@@ -260,7 +318,7 @@ def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Spli
         _write_split(group, "val", val, chunk_rows)
         _create(group, "val/box", np.asarray(val_boxes, np.int32), chunks=(min(shard_rows, len(val.paths)), 4))
         _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
-    group.attrs.put({ATTR_KEY: {**meta, "whole_shards": True}})
+    group.attrs.put({ATTR_KEY: meta})
     return Store(Path(path), group)
 
 
@@ -272,8 +330,7 @@ def cache_state(path: Path) -> str | None:
         attrs = group.attrs
         if ATTR_KEY in attrs:
             return "cache"
-        # creations before the marker are known by their first array
-        return "creating" if CREATING_KEY in attrs or "samples/path" in group else None
+        return "creating" if CREATING_KEY in attrs else None
     except Exception:
         return None
 
@@ -299,7 +356,8 @@ def open_store(path: Path | str, mode: str = "r") -> Store:
     version = meta.get("format")
     if version != FORMAT_VERSION:
         raise StoreError(f"{path} has cache format {version}, this skd reads format {FORMAT_VERSION}: "
-                         "upgrade skd or rebuild the cache")
+                         "rebuild the cache with this skd (`skd-cache build ... --overwrite`), or use the skd "
+                         "that wrote it")
     missing = [name for name in REQUIRED_ARRAYS if name not in group]
     if missing:
         raise StoreError(f"{path} is missing arrays {', '.join(missing)}: the cache is damaged; rebuild it")

@@ -16,8 +16,11 @@ import torch
 import torchvision
 from torch import nn
 
+from .errors import SkdError
+from .runtime import autocast, images_to
 
-class ModelError(ValueError):
+
+class ModelError(SkdError):
     """A model or weights problem caused by the user's arguments: one line naming what to fix."""
 
 
@@ -29,7 +32,6 @@ class Teacher:
     name: str
     weights: str  # a path, "torchvision-default", "none" or "py"
     weights_sha256: str | None  # of the loaded tensors (state_sha256); None for --weights none
-    file_sha256: str | None = None  # of the weights file, when there is one (caches before tensor hashes)
 
 
 def alias(name: str) -> str:
@@ -37,14 +39,6 @@ def alias(name: str) -> str:
     name = name.split(":")[-1]
     name = re.sub(r"^resnet(\d+)$", r"r\1", name)
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_sha256(model: nn.Module) -> str:
@@ -175,13 +169,23 @@ def load_teacher(name: str, weights: str | None = None) -> Teacher:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else "state_dict mismatch"
         raise ModelError(f"{file} does not fit {name}: {detail[:300]}") from None
-    return Teacher(model.eval(), name, label, state_sha256(model), file_sha256(file))
+    return Teacher(model.eval(), name, label, state_sha256(model))
 
 
 def _classes_in(state: dict) -> int | None:
     """Number of classes of a classifier state_dict: the rows of its last 2-D weight."""
     last = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
     return int(last[-1].shape[0]) if last else None
+
+
+@torch.inference_mode()
+def forward(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
+    """A teacher's float32 logits of a batch of images, under the run's autocast and memory format.
+
+    The one place a teacher runs: the build, online training and verify all call it.
+    """
+    with autocast(device, amp):
+        return model(images_to(images, device)).float()
 
 
 @torch.inference_mode()

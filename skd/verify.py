@@ -7,7 +7,6 @@ with the stored logits after the layer norm the SKD loss applies. `integrity` al
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,21 +15,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import pipelines
-
-from .build import AMP_DTYPES, quick_fingerprints
-from .distributed import Dist, resolve_device
-from .index import image_size, scan_split
+from .errors import SkdError
+from .index import image_size, quick_fingerprints, scan_split
 from .loss import LAYER_NORM_EPS
+from .replay import ReplaySource, cached_source
+from .runtime import Dist, place, resolve_device
 from .store import Store, StoreError, check_relative_path
-from .teachers import load_teacher
+from .teachers import forward, load_teacher
 
 TEMPERATURE, MULTIPLIER = 4.0, 2.0  # of the reported KL, as in DESIGN's codec table
 TOLERANCE = 1e-2  # KL per row above which it differs: int8 rounding gives ~1e-5, other weights ~0.1 and more
 NAMED = 5  # files, rows or chunks named in a message; the rest are counted
 
 
-class VerifyError(ValueError):
+class VerifyError(SkdError):
     """A cache that cannot be verified as asked: one line saying what to pass."""
 
 
@@ -154,10 +152,9 @@ def teacher_weights(store: Store, override: str | None) -> str | None:
 
 
 def check_weights(store: Store, teacher) -> Check:
-    """Compare the re-created teacher's weights file with the sha256 the cache recorded."""
+    """Compare the re-created teacher's weights (a sha256 of its tensors) with the one the cache recorded."""
     then = store.meta["teacher"].get("weights_sha256")
-    # caches written before tensor hashes recorded the weights file's sha256
-    now = teacher.weights_sha256 if "weights_hash" in store.meta["teacher"] else teacher.file_sha256
+    now = teacher.weights_sha256
     if now != then:
         now = now or "no file"
         return Check("weights", False, f"{teacher.weights} has sha256 {now[:16]}, cache {store.path} was built "
@@ -239,21 +236,13 @@ def size_problems(root: Path, rows: Rows) -> dict[int, str]:
     return problems
 
 
-@torch.inference_mode()
-def run_teacher(model, rows: Rows, root: Path, *, loader: str, image_size: int, mean, std, batch_size: int,
+def run_teacher(model, source: ReplaySource, view: int | None, positions: np.ndarray, *, batch_size: int,
                 workers: int, device: torch.device, amp: str, bar) -> torch.Tensor:
-    """The teacher's float32 logits of the rows' recorded views, in row order."""
-    batches = pipelines.make_loader(
-        loader, files=[str(root / p) for p in rows.paths], boxes=rows.boxes, flips=rows.flips, labels=rows.labels,
-        positions=np.arange(len(rows.paths)), image_size=image_size, batch_size=batch_size, workers=workers,
-        device=device, mean=mean, std=std)
-    dtype = AMP_DTYPES[amp]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    """The teacher's float32 logits of the recorded views at `positions` of `view` (None: val), in order."""
     out = []
-    with autocast:
-        for batch in batches:
-            out.append(model(batch.images.to(device)).float().cpu())
-            bar.update(len(batch.positions))
+    for batch in source.loader(view, positions, batch_size=batch_size, workers=workers, device=device):
+        out.append(forward(model, batch.images, device, amp).cpu())
+        bar.update(len(batch.positions))
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -348,10 +337,10 @@ class Replay:
     broken: list[str]
 
 
-def replay(store: Store, view: int | None, rows: Rows, model, root: Path, tolerance: float, bar,
+def replay(store: Store, view: int | None, rows: Rows, model, source: ReplaySource, tolerance: float, bar,
            **options) -> Replay:
     """Run the teacher on the rows' recorded views and compare with the stored rows."""
-    new = run_teacher(model, rows, root, bar=bar, **options)
+    new = run_teacher(model, source, view, rows.positions, bar=bar, **options)
     if new.shape[1] != store.num_classes:
         raise ClassCountMismatch(new.shape[1])
     stored, broken = stored_rows(store, view, rows.positions)
@@ -379,6 +368,7 @@ def verify_cache(store: Store, *, data: Path | None = None, weights: str | None 
     integrity_check = check_integrity(store, progress) if integrity else None
     try:
         plans = {view: plan_rows(store, view, pos) for view, pos in sample_rows(store, samples, seed).items()}
+        source = cached_source(store, root=root, loader=loader)
     except StoreError:
         if integrity_check is None or integrity_check.ok:
             raise
@@ -389,17 +379,15 @@ def verify_cache(store: Store, *, data: Path | None = None, weights: str | None 
         note = f"sampled files that changed ({len(named)}): {_named(named)}"
         data_check = Check("data", False, f"{data_check.detail}; {note}" if not data_check.ok else note,
                            "different data")
-    options = dict(loader=loader or meta["plan"]["loader"], image_size=int(meta["plan"]["image_size"]),
-                   mean=meta["teacher"]["mean"], std=meta["teacher"]["std"], batch_size=batch_size,
-                   workers=workers, device=dev, amp=meta["teacher"]["amp"])
-    model = teacher.model.to(dev)
+    options = dict(batch_size=batch_size, workers=workers, device=dev, amp=meta["teacher"]["amp"])
+    model = place(teacher.model, dev)
     replays, total = {}, sum(len(r.positions) - len(problems[v]) for v, r in plans.items())
     with tqdm(total=total, desc="verify", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         try:
             for view, rows in plans.items():
                 keep = [i for i in range(len(rows.positions)) if i not in problems[view]]
                 if keep:
-                    replays[split_label(view)] = replay(store, view, rows.take(keep), model, root, tolerance,
+                    replays[split_label(view)] = replay(store, view, rows.take(keep), model, source, tolerance,
                                                         bar, **options)
         except ClassCountMismatch as exc:
             weights_check = Check("weights", False, f"the re-created {teacher.name} gives {exc.args[0]} classes, "

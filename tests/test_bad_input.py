@@ -140,13 +140,12 @@ def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, t
         f"exit {result.returncode}: {result.stderr[-500:]}"
 
 
-@pytest.mark.parametrize("marker", [True, False])
-def test_an_interrupted_cache_creation_is_restarted_only_with_overwrite(image_root, teacher_file, tmp_path, marker):
-    """A creation stopped before its `skd` attribute is recognised as skd's own (by its marker, or, before the
-    marker existed, by its first array): refused, then replaced on --overwrite."""
+def test_an_interrupted_cache_creation_is_restarted_only_with_overwrite(image_root, teacher_file, tmp_path):
+    """A creation stopped before its `skd` attribute is recognised as skd's own by its marker: refused, then
+    replaced on --overwrite."""
     from skd.store import CREATING_KEY
     out = tmp_path / "cache"
-    zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True} if marker else None
+    zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}
                     ).create_array("samples/path", shape=(3,), dtype=str)
     with pytest.raises(BuildError, match="unfinished cache creation: pass --overwrite"):
         build_cache(small_build_config(image_root, out, teacher_file))
@@ -244,12 +243,15 @@ def test_cache_with_paths_outside_the_dataset_is_refused(cache_copy, tmp_path, e
     assert evil in result.stderr and "refusing" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_newer_format_and_missing_arrays_are_one_line_errors(cache_copy, tmp_path):
+def test_other_formats_and_missing_arrays_are_one_line_errors(cache_copy, tmp_path):
+    from skd.store import FORMAT_VERSION
     g = zarr.open_group(str(cache_copy), mode="r+")
-    g.attrs["skd"] = {**g.attrs["skd"], "format": 2}
-    newer = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "a", tool="train")
-    assert newer.returncode == 2 and "format 2" in newer.stderr and "Traceback" not in newer.stderr, newer.stderr
-    g.attrs["skd"] = {**g.attrs["skd"], "format": 1}
+    for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
+        g.attrs["skd"] = {**g.attrs["skd"], "format": other}
+        refused = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "a", tool="train")
+        assert refused.returncode == 2 and f"format {other}" in refused.stderr and "rebuild" in refused.stderr \
+            and "Traceback" not in refused.stderr, refused.stderr
+    g.attrs["skd"] = {**g.attrs["skd"], "format": FORMAT_VERSION}
     shutil.rmtree(cache_copy / "views" / "order")
     missing = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "b", tool="train")
     assert missing.returncode == 2 and "views/order" in missing.stderr and "Traceback" not in missing.stderr, \

@@ -13,11 +13,11 @@ import torch
 import torchvision
 import zarr
 
-from pipelines.torchvision_pipeline import load_view
-from pipelines import IMAGENET_MEAN, IMAGENET_STD
+from skd.pipelines.torchvision_pipeline import load_view
+from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from conftest import free_port, small_build_config
 from skd.build import BuildError, build_cache
-from skd.store import open_store
+from skd.store import FORMAT_VERSION, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_plain_zarr_sees_the_design_layout(reference):
     assert got == shapes, f"array shapes {got}"
     assert g["views/logits"].shards == (1, 8, 3), f"logits shards {g['views/logits'].shards}"
     meta = g.attrs["skd"]
-    assert meta["format"] == 1 and meta["complete"] is True
+    assert meta["format"] == FORMAT_VERSION and meta["complete"] is True
     assert meta["teacher"]["name"] == "resnet18" and len(meta["teacher"]["weights_sha256"]) == 64
     assert meta["dataset"]["classes"] == ["ant", "bee", "cat"] and meta["dataset"]["num_samples"] == n
     assert meta["plan"]["seed"] == 0 and meta["plan"]["image_size"] == 32 and meta["codec"] == "fp32"

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from conftest import photo_like, write_jpeg
-from pipelines import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, make_loader
+from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, make_loader
 from skd.index import image_size
 from skd.plan import crop_windows, flips
 
@@ -274,7 +274,7 @@ def test_window_outside_the_frame_is_refused(kind, tmp_path):
 
 def test_missing_dali_says_to_use_torchvision(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
-    monkeypatch.delitem(sys.modules, "pipelines.dali_pipeline", raising=False)
+    monkeypatch.delitem(sys.modules, "skd.pipelines.dali_pipeline", raising=False)
     with pytest.raises(LoaderUnavailable, match="--loader torchvision"):
         make_loader("dali", files=[], boxes=np.zeros((0, 4)), flips=[], labels=[], positions=[], image_size=SIZE,
                     batch_size=1)

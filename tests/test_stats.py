@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from skd.cli import cache as cli
 from skd.codecs import get_codec
 from skd.loss import spherical_normalize
-from skd.stats import logit_stats, storage
+from skd.stats import logit_stats
 from skd.store import FORMAT_VERSION, Split, create_store, open_store
-from skd.train import auto_multiplier
+from skd.replay import auto_multiplier
 
 N, C, VAL, CLASSES = 300, 10, 200, [f"c{i}" for i in range(10)]
 CONFUSED, AS = 3, 5  # every sample of class c3 is predicted c5
@@ -199,12 +199,12 @@ def test_info_on_an_unfinished_cache_names_what_is_missing(tmp_path):
 def test_bytes_per_row_count_complete_shards_only(tmp_path):
     """A build killed mid-shard leaves that shard's data without its mark (and zarr's temporary files):
     neither may inflate the bytes per row that `info` reports for the rows written."""
-    finished = storage(open_store(handmade_cache(tmp_path / "finished", "int8").path))
+    finished = open_store(handmade_cache(tmp_path / "finished", "int8").path).storage()
     made = handmade_cache(tmp_path / "cache", "int8")
     store = open_store(made.path, mode="r+")
     store.group["views/complete"][1, 2] = 0  # its data stays on disk, unmarked
     (made.path / "views" / "logits" / "c" / "1" / "2" / "0.0123abcd.partial").write_bytes(b"x" * 50_000)
-    unfinished = storage(open_store(made.path))
+    unfinished = open_store(made.path).storage()
     assert unfinished["rows_written"] == finished["rows_written"] - 64, f"rows written {unfinished['rows_written']}"
     assert abs(unfinished["bytes_per_row"] - finished["bytes_per_row"]) < 0.05 * finished["bytes_per_row"], \
         f"{unfinished['bytes_per_row']:.1f} B per row unfinished vs {finished['bytes_per_row']:.1f} finished"

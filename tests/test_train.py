@@ -196,7 +196,7 @@ def test_images_vanishing_during_training_are_one_line(fp32_cache, image_root, t
 
 
 def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
-    from skd.distributed import Dist
+    from skd.runtime import Dist
     from skd.train import TrainError, _train
     with pytest.raises(TrainError, match="18 training samples cannot be shared by 20 processes"):
         _train(base_config(tmp_path / "run", cache=fp32_cache), Dist(rank=0, world=20), progress=False,
@@ -219,12 +219,12 @@ def test_training_decodes_with_the_loader_the_cache_was_built_with(fp32_cache, t
 
 def test_a_training_copy_without_val_trains_with_no_val(fp32_cache, image_root, tmp_path):
     """A machine may hold only train/: --no-val neither checks nor needs val/; validation asks for it by name."""
-    from skd.train import TrainError
+    from skd.errors import SkdError
     data = tmp_path / "data"
     shutil.copytree(image_root / "train", data / "train")
     losses, _, _ = run(base_config(tmp_path / "run", cache=fp32_cache, data=data, val=False, epochs=1))
     assert len(losses) == 3 and np.isfinite(losses).all(), f"{len(losses)} steps, losses {losses.tolist()}"
-    with pytest.raises(TrainError, match="has no val/ folder.*pass --no-val"):
+    with pytest.raises(SkdError, match="has no val/ folder.*pass --no-val"):
         run(base_config(tmp_path / "with-val", cache=fp32_cache, data=data, val=True, epochs=1))
 
 

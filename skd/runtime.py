@@ -1,19 +1,31 @@
-"""torchrun integration: process group set-up from the environment torchrun provides."""
+"""Where and how models run: device, process group (torchrun), AMP and memory format.
+
+One policy for every stage: the build, online training and verify place a teacher the same way
+(channels_last on CUDA) and run it under the same autocast.
+"""
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from .errors import SkdError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
-class DeviceError(ValueError):
+class DeviceError(SkdError):
     """The requested device is not available here: one line saying what to pass instead."""
 
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place in the torchrun process group (one process: rank 0 of 1)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -42,20 +54,31 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over all ranks, in place."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
 
-def init_distributed(device_kind: str) -> Dist:
+
+def device_kind(requested: str) -> str:
+    """"cuda" or "cpu": what `--device` asks for (auto: CUDA when available)."""
+    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def init_distributed(kind: str) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    if device_kind == "cuda" and not torch.cuda.is_available():
+    if kind == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda: no CUDA device is available here; use --device cpu")
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise DeviceError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: start several processes with "
                           "torchrun --nproc-per-node N, or unset WORLD_SIZE")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -74,3 +97,30 @@ def resolve_device(requested: str, d: Dist) -> torch.device:
         torch.cuda.set_device(d.local_rank)
         return torch.device("cuda", d.local_rank)
     return torch.device(requested)
+
+
+def amp_name(requested: str, device: torch.device) -> str:
+    """The autocast dtype's name: `auto` is bf16 on CUDA and none elsewhere."""
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "none"
+    if requested not in AMP_DTYPES:
+        raise DeviceError(f"--amp {requested}: choose bf16, fp16, none or auto")
+    return requested
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context of `amp` on `device` (a no-op for none)."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model on `device`, channels_last on CUDA (where convolutions run fastest so)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def images_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of images on `device`, channels_last on CUDA to match `place`."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images

@@ -1,0 +1,152 @@
+"""The recorded views a run replays: one source for the build, training and verify.
+
+A source is the samples, the plan of every view and the validation windows, either as a cache
+recorded them or as an online run plans them (exactly as `skd-cache build` would). `loader` turns
+any positions of any view into batches through the input pipeline, so the teacher and the student
+see the same windows and flips; `cached_logits` streams the matching stored rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import pipelines
+from .errors import SkdError
+from .index import index_dataset, quick_fingerprints
+from .plan import CropParams, center_boxes, plan_view
+from .reader import RowReader
+from .store import Store
+
+AUTO_MULTIPLIER_ROWS = 65536  # rows of view 0 whose mean logit std is `--multiplier auto`
+
+
+class ReplayError(SkdError):
+    """The views cannot be replayed as asked (unfinished cache, other images): one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One split's samples in sample-id order: paths relative to the dataset root, labels."""
+
+    paths: list[str]
+    labels: np.ndarray
+
+
+@dataclass
+class ReplaySource:
+    """The recorded views of a cache or of an online plan, and the validation split."""
+
+    root: Path
+    train: Samples
+    val: Samples | None
+    val_boxes: np.ndarray | None
+    num_views: int
+    num_classes: int
+    image_size: int
+    plan: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]  # view -> (order, box, flip)
+    fingerprint: str
+    loader_kind: str  # dali or torchvision
+    mean: tuple[float, ...] = pipelines.IMAGENET_MEAN
+    std: tuple[float, ...] = pipelines.IMAGENET_STD
+
+    def items(self, view: int | None, positions: np.ndarray) -> dict:
+        """files, boxes, flips, labels and positions of the given positions of `view` (None: val)."""
+        if view is None:
+            ids, boxes, flips, split = positions, self.val_boxes[positions], np.zeros(len(positions), np.uint8), self.val
+        else:
+            order, box, flip = self.plan(view)
+            ids, boxes, flips, split = order[positions], box[positions], flip[positions], self.train
+        return dict(files=[str(self.root / split.paths[i]) for i in ids], boxes=boxes, flips=flips,
+                    labels=split.labels[ids], positions=positions)
+
+    def loader(self, view: int | None, positions: np.ndarray, *, batch_size: int, workers: int,
+               device: torch.device):
+        """Batches of the views at `positions` of `view` (None: val), in position order."""
+        return pipelines.make_loader(self.loader_kind, **self.items(view, positions), image_size=self.image_size,
+                                     batch_size=batch_size, workers=workers, device=device, mean=self.mean,
+                                     std=self.std)
+
+
+def cached_source(store: Store, *, root: Path | None = None, loader: str | None = None,
+                  val: bool = True) -> ReplaySource:
+    """The views a cache recorded; `root` overrides the recorded dataset root (a moved dataset), `loader` the
+    recorded loader (the other one decodes the same windows to within resampling noise)."""
+    meta = store.meta
+    samples = store.split("samples")
+    use_val = val and store.has_val
+    val_split = store.split("val") if use_val else None
+    return ReplaySource(
+        root=Path(root or meta["dataset"]["root"]), train=Samples(samples.paths, samples.labels),
+        val=Samples(val_split.paths, val_split.labels) if use_val else None,
+        val_boxes=store.val_boxes() if use_val else None, num_views=store.num_views,
+        num_classes=store.num_classes, image_size=int(meta["plan"]["image_size"]), plan=store.view_plan,
+        fingerprint=meta["dataset"]["fingerprint"], loader_kind=loader or meta["plan"]["loader"],
+        mean=tuple(meta["teacher"]["mean"]), std=tuple(meta["teacher"]["std"]))
+
+
+def check_replayable(store: Store, root: Path, val: bool) -> None:
+    """ReplayError unless the cache is complete and `root` holds the images it was built on (file list and
+    sizes). Without `val` the validation split is not checked (a training machine may hold only train/)."""
+    meta = store.meta
+    if not store.is_complete():
+        done, total = int(store.complete().sum()), store.complete().size
+        raise ReplayError(f"cache {store.path} is unfinished ({done} of {total} shards): "
+                          "rerun its `skd-cache build` command to complete it")
+    if not (root / "train").is_dir():
+        raise ReplayError(f"dataset {root} has no train/ folder: pass --data ROOT where the cache's images live")
+    use_val = val and store.has_val
+    if use_val and not (root / "val").is_dir():
+        raise ReplayError(f"dataset {root} has no val/ folder, and cache {store.path} has validation logits: "
+                          "pass --no-val, or --data ROOT where its val/ lives")
+    train_fp, val_fp = quick_fingerprints(root, use_val, meta["dataset"].get("skipped", []))
+    if train_fp != meta["dataset"]["fingerprint"]:
+        raise ReplayError(f"the images under {root}/train differ from those cache {store.path} was built on "
+                          "(file list or sizes): pass the right --data or rebuild the cache")
+    if use_val and val_fp != meta["dataset"]["val_fingerprint"]:
+        raise ReplayError(f"the images under {root}/val differ from those cache {store.path} was built on")
+
+
+def online_source(data: Path, *, views: int, image_size: int, seed: int, crop: CropParams, loader: str,
+                  val: bool, workers: int, num_classes: int) -> ReplaySource:
+    """Views planned exactly as `skd-cache build` plans them, for a run with the teacher in the loop."""
+    index = index_dataset(data, with_val=val, workers=max(4, workers))
+    sizes = index.train.sizes
+
+    def plan(view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p = plan_view(seed, view, sizes, crop)
+        return p.order, p.box, p.flip
+
+    v = index.val
+    return ReplaySource(
+        root=index.root, train=Samples(index.train.paths, index.train.labels),
+        val=Samples(v.paths, v.labels) if v else None, val_boxes=center_boxes(v.sizes) if v else None,
+        num_views=views, num_classes=num_classes, image_size=image_size, plan=plan,
+        fingerprint=index.train.fingerprint, loader_kind=loader)
+
+
+def cached_logits(store: Store, view: int | None, start: int, stop: int, batch_size: int,
+                  device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first position, float32 logits on `device`) per batch of rows [start, stop), read ahead and decoded
+    on the device (a uint8 copy crosses the bus, not float32)."""
+    pin = device.type == "cuda"
+    for first, enc in RowReader(store, view, start, stop).batches(batch_size):
+        parts = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in enc]
+        if pin:
+            parts = [None if t is None else t.pin_memory() for t in parts]
+        parts = [None if t is None else t.to(device, non_blocking=True) for t in parts]
+        yield first, store.codec.decode_torch(*parts)
+
+
+def mean_row_std(row_std: np.ndarray) -> float:
+    """`--multiplier auto` from the per-row logit standard deviations of view 0 (SKD's advice for m)."""
+    return float(np.asarray(row_std[:AUTO_MULTIPLIER_ROWS], np.float64).mean())
+
+
+def auto_multiplier(store: Store) -> float:
+    """`--multiplier auto` of a cache: the mean per-row std of the first rows of view 0."""
+    rows = min(store.num_samples, AUTO_MULTIPLIER_ROWS)
+    return mean_row_std(torch.from_numpy(store.read_logits(0, 0, rows)).std(dim=1).numpy())
