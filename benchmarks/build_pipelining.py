@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from bench_common import git_state, machine, synthetic_jpeg_folder, table, teacher_loop_timer
 
 from skd import pipelines
-import skd.build
-from bench_common import git_state, machine, synthetic_jpeg_folder, table, teacher_loop_timer
 from skd.build import BuildConfig, build_cache
 from skd.runtime import AMP_DTYPES
 from skd.store import open_store
@@ -129,7 +128,8 @@ def main() -> None:
     ratios = [b / min(lo, te) for b, lo, te in zip(rates["build"], rates["loader"], rates["teacher"])]
     serial = [1 / (1 / lo + 1 / te) / min(lo, te) for lo, te in zip(rates["loader"], rates["teacher"])]
     print(f"\n{machine()}; git {git_state()}; device {args.device}, AMP {args.amp}; teacher {args.teacher} "
-          f"({CLASSES} classes, {args.threads} torch threads), {args.images} JPEGs of ~{args.jpeg_size} px x {args.views} "
+          f"({CLASSES} classes, {args.threads} torch threads), {args.images} JPEGs of ~{args.jpeg_size} px "
+          f"x {args.views} "
           f"views at {args.size} px, batch {args.batch}, loader torchvision with {args.workers} workers, shards of 256 "
           f"rows; load average "
           f"{min(load):.1f}-{max(load):.1f}")

@@ -25,13 +25,13 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (machine, steps_in_epoch, synthetic_jpeg_folder, table,  # noqa: E402
-                          teacher_loop_timer, train_rate)
+from bench_common import machine, steps_in_epoch, synthetic_jpeg_folder, table, teacher_loop_timer, train_rate  # noqa: E402
 from build_pipelining import loader_rate  # noqa: E402
+from train_overhead import compute_rates  # noqa: E402
+
 from skd.build import BuildConfig  # noqa: E402
 from skd.runtime import AMP_DTYPES  # noqa: E402
 from skd.train import TrainConfig  # noqa: E402
-from train_overhead import compute_rates  # noqa: E402
 
 STARTED = time.perf_counter()
 
@@ -139,13 +139,15 @@ def main() -> None:
 
     cached, none, online = student["cached SKD"], student["hard labels (--kd none)"], student["online SKD"]
     rows = [
-        [f"teacher {args.teacher}, synthetic in-memory tensors (batch {args.teacher_batch})", f"{teacher_mem:,.0f}", ""],
+        [f"teacher {args.teacher}, synthetic in-memory tensors (batch {args.teacher_batch})", f"{teacher_mem:,.0f}",
+         ""],
         ["teacher through the pipeline (skd-cache build loop)", f"{teacher_pipe:,.0f}",
          f"{teacher_pipe / teacher_mem:.2f} of in-memory; {teacher_pipe / min(teacher_mem, loader_alone):.2f} of "
          "min(loader, teacher)"],
         ["  whole skd-cache build command", f"{build_whole:,.0f}", "start-up, indexing and store creation included"],
         [f"loader alone (torchvision, {args.workers} workers)", f"{loader_alone:,.0f}", ""],
-        [f"student {args.student}, cached SKD", f"{cached:,.0f}", f"{cached / none:.3f} of hard labels (target >= 0.95)"],
+        [f"student {args.student}, cached SKD", f"{cached:,.0f}",
+         f"{cached / none:.3f} of hard labels (target >= 0.95)"],
         ["student, hard labels (--kd none)", f"{none:,.0f}", ""],
         ["student, online SKD (teacher in the loop)", f"{online:,.0f}",
          f"cached / online = {cached / online:.2f}; compute ratio {compute:.2f}"],

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-
 import lite0_teacher
+import numpy as np
 from bench_common import git_state, machine, photo_folder, table, teacher_like_rows
+
 from skd.codecs import CODECS, Codec, Encoded, get_codec
 from skd.store import FORMAT_VERSION, Split, _logit_arrays, create_store
 
@@ -99,7 +99,8 @@ def array_bytes_per_row(arrays: dict[str, np.ndarray], workdir: Path, name: str)
         codec = Codec(key, str(data.dtype), affine=False)
         sub = f"a/{key}"
         if width is None:  # per-row floats: the layout of scale/offset
-            _logit_arrays(group, sub, (1,), rows, 1, Codec("x", "float32", affine=True, levels=2), SHARD_ROWS, CHUNK_ROWS)
+            _logit_arrays(group, sub, (1,), rows, 1, Codec("x", "float32", affine=True, levels=2), SHARD_ROWS,
+                          CHUNK_ROWS)
             group[f"{sub}/scale"][0, :] = data
         else:
             _logit_arrays(group, sub, (1,), rows, width, codec, SHARD_ROWS, CHUNK_ROWS)
@@ -170,7 +171,8 @@ def main() -> None:
             source = f"SYNTHETIC teacher-like logits ({args.rows:,} rows)"
         elif args.logits and args.logits.is_file():
             x = np.load(args.logits)
-            source = f"EfficientNet-Lite0 (pretrained) on {len(x):,} random-resized crops of scikit-image photos, from {args.logits}"
+            source = (f"EfficientNet-Lite0 (pretrained) on {len(x):,} random-resized crops of scikit-image photos, "
+                      f"from {args.logits}")
         else:
             x = real_teacher_logits(args.rows, work, args.workers)
             if args.logits:
@@ -180,7 +182,8 @@ def main() -> None:
         std = x.std(1)
         probs = np.exp(x - x.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
-        print(f"{source}: logit std per row {np.median(std):.2f} (median), top-1 probability {np.median(probs.max(1)):.2f} "
+        print(f"{source}: logit std per row {np.median(std):.2f} (median), "
+              f"top-1 probability {np.median(probs.max(1)):.2f} "
               f"(median), {len(np.unique(x.argmax(1)))} distinct top-1 classes")
         rows = []
         for name in CODECS:
@@ -190,7 +193,8 @@ def main() -> None:
             rows.append([name, f"{bpr:,.0f}", f"{kl.mean():.3g}", f"{np.quantile(kl, 0.99):.3g}", f"{kl.max():.3g}",
                          f"{agree:.4f}", TARGETS.get(name, "")])
         header = ["codec", "bytes/row on disk", "KL mean", "KL p99", "KL max", "top-1 agreement", "target"]
-        print(f"\n{machine()}; git {git_state()}; {len(x):,} rows x {x.shape[1]}; KL at T={T:g}, m={M:g} after layer norm")
+        print(f"\n{machine()}; git {git_state()}; {len(x):,} rows x {x.shape[1]}; "
+              f"KL at T={T:g}, m={M:g} after layer norm")
         print(table(header, rows))
         if args.candidates:
             cand = candidates(x, work)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 import torchvision
-
 from bench_common import git_state, machine, steps_in_epoch, synthetic_jpeg_folder, table, train_rate
+
 from skd.build import BuildConfig, build_cache
 from skd.train import TrainConfig
 
@@ -30,8 +30,8 @@ from skd.train import TrainConfig
 def compute_rates(student_name: str, teacher_name: str, classes: int, batch: int, size: int, device: torch.device,
                   amp: str, steps: int, rounds: int) -> tuple[float, float]:
     """(student step images/s, teacher forward images/s) on in-memory tensors: the compute-only reference."""
-    from skd.runtime import AMP_DTYPES
     from skd.loss import spherical_kd_loss
+    from skd.runtime import AMP_DTYPES
 
     student = torchvision.models.get_model(student_name, num_classes=classes).to(device).train()
     teacher = torchvision.models.get_model(teacher_name, num_classes=classes).to(device).eval()
@@ -126,7 +126,8 @@ def main() -> None:
         load = [os.getloadavg()[0]]
         for r in range(args.rounds):
             for name, cfg in runs.items():
-                rates[name].append(train_rate(cfg, args.warmup, min(args.steps, steps_in_epoch(args.images, args.batch))))
+                rates[name].append(train_rate(cfg, args.warmup,
+                                              min(args.steps, steps_in_epoch(args.images, args.batch))))
             load.append(os.getloadavg()[0])
             print(f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
         student_rate, teacher_rate = compute_rates(args.student, args.teacher, classes, args.batch, args.size, device,

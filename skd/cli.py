@@ -76,7 +76,8 @@ B = BuildConfig  # option defaults come from the config, declared once
 @click.option("--weights", help="state_dict file; 'none' for random init; default: torchvision's pretrained file "
               "(a py: teacher: the weights its callable builds)")
 @click.option("--data", help=DATA_HELP)
-@click.option("--out", type=click.Path(path_type=Path), help="cache folder; default cache/<alias> (resnet152 -> cache/r152)")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="cache folder; default cache/<alias> (resnet152 -> cache/r152)")
 @click.option("--views", default=B.views, show_default=True, type=click.IntRange(min=1),
               help="augmented views (epochs' worth) to cache")
 @click.option("--image-size", default=B.image_size, show_default=True, type=click.IntRange(min=8))
@@ -94,7 +95,8 @@ B = BuildConfig  # option defaults come from the config, declared once
 @click.option("--chunk-size", "chunk_rows", default=B.chunk_rows, show_default=True, type=click.IntRange(min=1),
               help="rows per chunk inside a shard: the unit of reading")
 @click.option("--compile", is_flag=True, help="torch.compile the teacher")
-@click.option("--overwrite", is_flag=True, help="delete an existing cache at --out and rebuild (never a folder that is not a cache)")
+@click.option("--overwrite", is_flag=True,
+              help="delete an existing cache at --out and rebuild (never a folder that is not a cache)")
 @click.option("--val/--no-val", default=B.val, show_default=True, help="cache centre-crop logits of ROOT/val")
 @click.option("--on-bad-image", default=B.on_bad_image, show_default=True, type=click.Choice(["error", "skip"]),
               help="error: list every unreadable or truncated image and stop before any teacher work; "
@@ -242,7 +244,8 @@ T = TrainConfig  # option defaults come from the config, declared once
 @click.option("--teacher", help="online mode (no cache): run this teacher in the loop")
 @click.option("--weights", help="teacher weights for online mode (as in skd-cache build)")
 @click.option("--data", help="dataset root; default: the root recorded in the cache (online mode: $SKD_DATA)")
-@click.option("--arch", default=T.arch, show_default=True, help="student: torchvision name, timm:NAME or py:module:callable")
+@click.option("--arch", default=T.arch, show_default=True,
+              help="student: torchvision name, timm:NAME or py:module:callable")
 @click.option("--epochs", default=T.epochs, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=T.batch_size, show_default=True, type=click.IntRange(min=1),
               help="global batch over all processes")
@@ -273,7 +276,8 @@ T = TrainConfig  # option defaults come from the config, declared once
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), help="stop each epoch after this many steps")
 @click.option("--image-size", default=T.image_size, show_default=True, type=click.IntRange(min=8),
               help="online mode: plan option")
-@click.option("--views", default=T.views, show_default=True, type=click.IntRange(min=1), help="online mode: plan option")
+@click.option("--views", default=T.views, show_default=True, type=click.IntRange(min=1),
+              help="online mode: plan option")
 @click.option("--plan-seed", default=T.plan_seed, show_default=True, type=int,
               help="online mode: the --seed of skd-cache build")
 @user_errors

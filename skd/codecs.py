@@ -12,7 +12,6 @@ per value, which zstd in the store turns into ~640 B per row of 1000 classes (in
 """
 from __future__ import annotations
 
-
 from dataclasses import dataclass
 from typing import NamedTuple
 

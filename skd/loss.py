@@ -5,7 +5,6 @@ All arithmetic runs in float32 whatever the input dtype, so the loss is the same
 from __future__ import annotations
 
 import math
-
 from typing import NamedTuple
 
 import torch

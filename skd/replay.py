@@ -56,7 +56,8 @@ class ReplaySource:
     def items(self, view: int | None, positions: np.ndarray) -> dict:
         """files, boxes, flips, labels and positions of the given positions of `view` (None: val)."""
         if view is None:
-            ids, boxes, flips, split = positions, self.val_boxes[positions], np.zeros(len(positions), np.uint8), self.val
+            ids, split = positions, self.val
+            boxes, flips = self.val_boxes[positions], np.zeros(len(positions), np.uint8)
         else:
             order, box, flip = self.plan(view)
             ids, boxes, flips, split = order[positions], box[positions], flip[positions], self.train

@@ -14,8 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .codecs import Encoded
-from .loss import LAYER_NORM_EPS
 from .errors import SkdError
+from .loss import LAYER_NORM_EPS
 from .reader import RowReader
 from .replay import mean_row_std
 from .store import Store

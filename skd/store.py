@@ -17,11 +17,11 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-# zarrs (Rust) decodes and encodes the cache's arrays wherever it supports them; see codec_pipeline()
-zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
-
 from .codecs import Codec, Encoded, get_codec
 from .errors import SkdError
+
+# zarrs (Rust) decodes and encodes the cache's arrays wherever it supports them; see codec_pipeline()
+zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 
 FORMAT_VERSION = 2
 ATTR_KEY = "skd"

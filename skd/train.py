@@ -17,8 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import pipelines
-from .config import TrainConfig
 from .checkpoint import CHECKPOINT, STUDENT, load_for_resume, save_atomic
+from .config import TrainConfig
 from .errors import SkdError, fault
 from .replay import ReplaySource, auto_multiplier, cached_logits, cached_source, check_replayable, online_source
 from .runtime import Dist, amp_name, autocast, device_kind, images_to, init_distributed, place, resolve_device, shutdown

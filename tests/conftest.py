@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from jpegs import CLASSES, make_image_folder, photo_like, write_jpeg  # noqa: F401  (re-exported to tests)
 
 # pytest-xdist workers share the cores: one thread each, else two OpenMP threads per worker fight over them

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import make_image_folder, photo_like, small_build_config, write_jpeg
+
 from skd.build import BuildError, build_cache
 from skd.teachers import ModelError, read_state_dict
 
@@ -98,7 +98,8 @@ def test_skip_leaves_bad_files_out_and_records_them(bad_root, tmp_path):
     assert rerun.returncode == 0 and "0 written now" in rerun.stdout, "a finished skip build must resume as complete"
     info = skd("info", out)
     assert info.returncode == 0, info.stderr[-500:]
-    assert "truncated.JPEG" in info.stdout and "train/dog" in info.stdout, f"info does not show the skipped files: {info.stdout}"
+    assert "truncated.JPEG" in info.stdout and "train/dog" in info.stdout, \
+        f"info does not show the skipped files: {info.stdout}"
 
 
 def test_unusual_images_build_normally(tmp_path, teacher_file):
@@ -133,7 +134,8 @@ def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, t
             build_cache(small_build_config(data, out, teacher_file, overwrite=True))
     assert sorted(data.rglob("*.JPEG")) == images, "a refused --overwrite removed images"
     assert (notes / "thesis.txt").read_text() == "important", "a refused --overwrite removed a user's file"
-    assert zarr.open_group(str(embeddings), mode="r")["emb"][...].sum() == 8, "a refused --overwrite removed a zarr array"
+    assert zarr.open_group(str(embeddings), mode="r")["emb"][...].sum() == 8, \
+        "a refused --overwrite removed a zarr array"
     assert not list(tmp_path.glob("*.lock")), "a refused build left its lock file behind"
     result = build(data, notes, teacher_file, "--overwrite")  # and as the command says it
     assert result.returncode == 2 and "is not an skd cache" in result.stderr and "Traceback" not in result.stderr, \

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torchvision
 import zarr
-
-from skd.pipelines.torchvision_pipeline import load_view
-from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from conftest import free_port, small_build_config
+
 from skd.build import BuildError, build_cache
+from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
+from skd.pipelines.torchvision_pipeline import load_view
 from skd.store import FORMAT_VERSION, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,8 @@ def test_killed_build_resumes_to_identical_cache(image_root, teacher_file, refer
     out = tmp_path / "resumed"
     args = build_args(image_root, out, teacher_file)
     killed = cli(*args, env={"SKD_FAULT": "after-shard:1"})
-    assert killed.returncode == -9, f"fault injection did not kill the build: {killed.returncode} {killed.stderr[-300:]}"
+    assert killed.returncode == -9, \
+        f"fault injection did not kill the build: {killed.returncode} {killed.stderr[-300:]}"
     done = open_store(out).complete()
     assert done.sum() == 1, f"after a kill at the first shard, {done.sum()} shards are marked complete"
     rerun = cli(*args)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from conftest import small_build_config
+
 from skd.build import BuildLock, build_cache
 from skd.store import open_store
 
@@ -135,7 +135,8 @@ def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tm
     try:
         out = mount / "cache"
         full = skd(*build_args(image_root, out, wide, views=4))
-        assert full.returncode == 2, f"exit {full.returncode} with {used} bytes on a {size_kib} KiB disk: {full.stderr[-500:]}"
+        assert full.returncode == 2, \
+            f"exit {full.returncode} with {used} bytes on a {size_kib} KiB disk: {full.stderr[-500:]}"
         assert "cannot write shard" in full.stderr and "No space left" in full.stderr, full.stderr[-500:]
         assert "Traceback" not in full.stderr, full.stderr[-500:]
         done = int(open_store(out).complete().sum())

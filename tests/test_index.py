@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image_folder, photo_like, write_jpeg
 from PIL import Image, ImageFile, ImageOps
 from torchvision.datasets import ImageFolder
 
-from conftest import make_image_folder, photo_like, write_jpeg
 from skd import index as index_module
-from skd.index import (IMAGE_EXTENSIONS, DatasetError, fingerprint, image_size, index_dataset, read_sizes,
-                       scan_split)
+from skd.index import IMAGE_EXTENSIONS, DatasetError, fingerprint, image_size, index_dataset, read_sizes, scan_split
 
 
 def decoded_size(path) -> tuple[int, int]:

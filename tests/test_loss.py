@@ -19,7 +19,8 @@ def by_hand_skd(s, t, y, T, m, a):
     zs, zt = ln(s), ln(t)
 
     def log_softmax(x):
-        return x - torch.log(torch.exp(x - x.max(1, keepdim=True).values).sum(1, keepdim=True)) - x.max(1, keepdim=True).values
+        return (x - torch.log(torch.exp(x - x.max(1, keepdim=True).values).sum(1, keepdim=True))
+                - x.max(1, keepdim=True).values)
 
     lps, lpt = log_softmax(zs / T), log_softmax(zt / T)
     kd = (torch.exp(lpt) * (lpt - lps)).sum() / s.shape[0] * T * T

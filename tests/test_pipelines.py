@@ -13,11 +13,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import photo_like, write_jpeg
 from PIL import Image, ImageOps
 
-from conftest import photo_like, write_jpeg
-from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, make_loader
 from skd.index import image_size
+from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, make_loader
 from skd.plan import crop_windows, flips
 
 SIZE = 48
@@ -248,7 +248,8 @@ def test_16_bit_grey_png_agrees_and_is_not_white(tmp_path):
     _, reference, _ = load("torchvision", [path], [(2, 3, 36, 44)])
     apart = grey_levels_apart(dali, reference).max().item()
     spread = (levels(reference).amax() - levels(reference).amin()).item()
-    assert apart < 1 and spread > 50, f"DALI vs torchvision {apart:.2f} grey levels apart; reference spread {spread:.0f}"
+    assert apart < 1 and spread > 50, \
+        f"DALI vs torchvision {apart:.2f} grey levels apart; reference spread {spread:.0f}"
 
 
 def test_torchvision_workers_do_not_change_batches(planned):

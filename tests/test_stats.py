@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from skd.cli import cache as cli
 from skd.codecs import get_codec
 from skd.loss import spherical_normalize
+from skd.replay import auto_multiplier
 from skd.stats import logit_stats
 from skd.store import FORMAT_VERSION, Split, create_store, open_store
-from skd.replay import auto_multiplier
 
 N, C, VAL, CLASSES = 300, 10, 200, [f"c{i}" for i in range(10)]
 CONFUSED, AS = 3, 5  # every sample of class c3 is predicted c5

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torchvision
 import zarr
-
 from conftest import free_port, small_build_config
+
 from skd.build import build_cache
 from skd.train import TrainConfig, train
 
@@ -243,8 +243,10 @@ def test_bad_numbers_are_refused_before_any_work(option, value, fp32_cache, tmp_
     from click.testing import CliRunner
 
     from skd.cli import train as train_command
-    result = CliRunner().invoke(train_command, ["--cache", str(fp32_cache), option, value, "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and option in result.output, f"{option} {value}: exit {result.exit_code}: {result.output}"
+    result = CliRunner().invoke(train_command,
+                                ["--cache", str(fp32_cache), option, value, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and option in result.output, \
+        f"{option} {value}: exit {result.exit_code}: {result.output}"
     assert not (tmp_path / "r").exists(), f"{option} {value}: a run folder was created"
 
 

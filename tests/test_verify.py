@@ -3,15 +3,14 @@ import json
 import shutil
 
 import numpy as np
-
 import pytest
 import torch
 import torchvision
 import zarr
 from click.testing import CliRunner
+from conftest import make_image_folder, photo_like, write_jpeg
 from PIL import Image
 
-from conftest import make_image_folder, photo_like, write_jpeg
 from skd.build import BuildConfig, build_cache
 from skd.cli import cache as cli
 from skd.store import open_store
