@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import os
 import platform
 import subprocess
@@ -17,6 +16,7 @@ from skd.codecs import get_codec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from jpegs import photo_like  # noqa: E402  (the tests' JPEG content, one definition)
+
 from skd.store import FORMAT_VERSION, Split, Store, create_store
 
 
