@@ -21,7 +21,7 @@
 # x86-64 Linux; pinned to the versions skd is tested with:
 #   pip download --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
 #       --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d benchmarks/wheels \
-#       zarr==3.1.6 numcodecs==0.16.6 click tqdm setuptools wheel
+#       zarr==3.1.6 zarrs==0.2.3 numcodecs==0.16.6 click tqdm setuptools wheel
 # (about 27 MB; without the pins pip picks zarr 3.4, which skd's reader also handles).
 set -euo pipefail
 
@@ -73,7 +73,8 @@ fi
 # Packages skd needs that the interpreter lacks: install them from the wheels folder, offline.
 MISSING=$("$PY" - <<'PYEOF'
 import importlib.util
-need = {"zarr": "zarr", "numcodecs": "numcodecs", "click": "click", "tqdm": "tqdm", "PIL": "pillow", "numpy": "numpy"}
+need = {"zarr": "zarr", "zarrs": "zarrs", "numcodecs": "numcodecs", "click": "click", "tqdm": "tqdm", "PIL": "pillow",
+        "numpy": "numpy"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PYEOF
 )

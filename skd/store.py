@@ -20,8 +20,10 @@ import zarr.codecs
 from .codecs import Codec, Encoded, get_codec
 from .errors import SkdError
 
-# zarrs (Rust) decodes and encodes the cache's arrays wherever it supports them; see codec_pipeline()
+# zarrs (Rust) decodes the cache's arrays wherever it supports them (see codec_pipeline); shards are written
+# through zarr's own pipeline (see Store.write_shard_data)
 zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+WRITE_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 
 FORMAT_VERSION = 2
 ATTR_KEY = "skd"
@@ -148,17 +150,13 @@ class Store:
         if self.codec.affine:
             parts.update(scale=encoded.scale, offset=encoded.offset)
         for name, data in parts.items():
-            array = g[name]
-            file = shard_file(array, prefix, shard)
+            # zarr's own pipeline writes: zarrs drops chunks of fill values even with write_empty_chunks, and
+            # every shard must get its file (a missing file then always means damage)
+            with zarr.config.set({"codec_pipeline.path": WRITE_PIPELINE}):
+                array = g[name].with_config({"write_empty_chunks": True})
             # An unfinished shard's old file may be damaged, and zarr merges a short last shard into it.
-            file.unlink(missing_ok=True)
-            try:  # every shard gets its file, even one of fill values: a missing file then always means damage
-                array.with_config({"write_empty_chunks": True})[sl] = data
-            except RuntimeError as exc:
-                error = as_os_error(exc, file)
-                if error is exc:
-                    raise
-                raise error from exc
+            shard_file(array, prefix, shard).unlink(missing_ok=True)
+            array[sl] = data
 
     def shard_files(self, view: int | None, shard: int) -> list[Path]:
         """The files of shard `shard` of view `view` (None: val): logits, and scale and offset when affine."""
