@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +67,9 @@ def index_dataset(root, *, with_val: bool = True, workers: int = 16, progress: b
                   on_bad: str = "error") -> DatasetIndex:
     """Scan ROOT/train (and ROOT/val when present and `with_val`) and read every image's header.
 
-    `on_bad="error"` raises one DatasetError listing every unreadable or truncated image (and empty
-    class folders); `"skip"` leaves them out and lists them in `DatasetIndex.skipped`.
+    `on_bad="error"` raises one DatasetError listing every unreadable or truncated image, every image
+    name that is not a regular file (a FIFO, device or socket: never opened) and empty class folders;
+    `"skip"` leaves them out and lists them in `DatasetIndex.skipped`.
     """
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
@@ -165,7 +167,34 @@ def read_sizes(root: Path, paths: list[str], *, workers: int = 16, progress: boo
 
 
 def image_size(path) -> tuple[int, int]:
-    """(height, width) of the decoded frame, from the image header; EXIF orientations 5-8 swap them."""
+    """(height, width) of the decoded frame, from the image header; EXIF orientations 5-8 swap them.
+
+    Anything but a regular file (or a link to one) is an OSError before it is opened: opening a FIFO
+    blocks until a writer appears, and a device may have side effects.
+    """
+    _regular_stat(path)
+    return _header_size(path)
+
+
+def _regular_stat(path) -> os.stat_result:
+    """os.stat of `path` (links followed); OSError "not a regular file (fifo)" for a FIFO, device, socket..."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(0, f"not a regular file ({_file_kind(info.st_mode)})")
+    return info
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in a user's words."""
+    for test, kind in ((stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _header_size(path) -> tuple[int, int]:
+    """image_size without the regular-file check, for callers that have just made it."""
     with Image.open(path) as image:
         tags = getattr(image, "tag_v2", None)  # TIFF: the stored size (newer PIL reports it already turned)
         width, height = (tags[256], tags[257]) if tags is not None else image.size
@@ -294,8 +323,8 @@ def _read_headers(root: Path, paths: list[str], *, workers: int, progress: bool,
         for i in range(start, stop):
             path = os.path.join(root, paths[i])
             try:
-                sizes[i] = image_size(path)
-                file_bytes[i] = os.stat(path).st_size
+                file_bytes[i] = _regular_stat(path).st_size  # before any open: a FIFO would block it
+                sizes[i] = _header_size(path)
             except Exception as exc:  # any failure is this file's problem: collect, report all at once
                 bad.append((i, _reason(exc)))
         return stop - start

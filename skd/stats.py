@@ -22,6 +22,9 @@ from .store import Store
 
 ECE_BINS = 15
 SHOWN = 10  # worst classes and most confused pairs listed
+PLOTTED_CLASSES = 30  # per-class bars in the plot: all classes up to this many, else the worst this many
+AREA_EDGES = (0.25, 0.50, 0.75)  # crop-area buckets [lower edge, next edge): below 8% counts as 8-25%
+AREA_BUCKETS = ("8-25%", "25-50%", "50-75%", "75-100%")
 BATCH_ROWS = 256  # rows per kernel step: the float32 work buffers (1 MiB at 1000 classes) stay in cache
 MIN_EXPONENT = -80.0  # exp() of anything lower is 0 for the sums here; below -87 it is slow (denormals)
 
@@ -146,13 +149,38 @@ class SplitStats:
     std: np.ndarray = field(repr=False)
     max_probs: np.ndarray = field(repr=False)
     class_accuracy: np.ndarray = field(repr=False)  # NaN for classes without samples
+    class_count: np.ndarray = field(repr=False)  # rows of each class
+    crop_areas: list[dict] | None = None  # views only: top-1 and max-probability by crop-area bucket
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not isinstance(v, np.ndarray)}
 
 
-def summarize(name: str, rows: RowStats, labels: np.ndarray, classes: list[str], *, ece: bool) -> SplitStats:
-    """Reduce one split's RowStats to the reported figures."""
+def crop_area_fraction(box: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(N,) float64 window area / image area: `box` rows (y, x, h, w), `sizes` rows (height, width) of each
+    row's image (a zero-sized image, only in a damaged cache, counts as one pixel)."""
+    box, sizes = box.astype(np.float64), sizes.astype(np.float64)
+    return box[:, 2] * box[:, 3] / np.maximum(sizes[:, 0] * sizes[:, 1], 1.0)
+
+
+def crop_area_buckets(area: np.ndarray, correct: np.ndarray, max_prob: np.ndarray) -> list[dict]:
+    """Teacher top-1 and mean max-probability of the rows in each AREA_BUCKETS bucket (None where empty).
+
+    Small crops show less of the object: the teacher's accuracy there says how much its targets can teach.
+    """
+    which = np.digitize(area, AREA_EDGES)
+    out = []
+    for i, bucket in enumerate(AREA_BUCKETS):
+        inside = which == i
+        n = int(inside.sum())
+        out.append({"bucket": bucket, "rows": n, "top1": float(correct[inside].mean()) if n else None,
+                    "max_prob": float(max_prob[inside].mean()) if n else None})
+    return out
+
+
+def summarize(name: str, rows: RowStats, labels: np.ndarray, classes: list[str], *, ece: bool,
+              area: np.ndarray | None = None) -> SplitStats:
+    """Reduce one split's RowStats to the reported figures; `area` (views): each row's crop-area fraction."""
     correct = rows.pred == labels
     n_classes = max(len(classes), int(labels.max(initial=-1)) + 1)
     count = np.bincount(labels, minlength=n_classes)
@@ -177,7 +205,8 @@ def summarize(name: str, rows: RowStats, labels: np.ndarray, classes: list[str],
                         "samples": int(count[i])} for i in worst],
         confused_pairs=[{"true": class_name(classes, int(i // width)), "predicted": class_name(classes, int(i % width)),
                          "count": int(pairs[i]), "fraction_of_true": float(pairs[i] / count[i // width])} for i in top],
-        std=rows.std.astype(np.float32), max_probs=rows.max_prob.astype(np.float32), class_accuracy=accuracy)
+        std=rows.std.astype(np.float32), max_probs=rows.max_prob.astype(np.float32), class_accuracy=accuracy,
+        class_count=count, crop_areas=None if area is None else crop_area_buckets(area, correct, rows.max_prob))
 
 
 def consistency(preds_by_sample: list[np.ndarray]) -> float | None:
@@ -199,9 +228,11 @@ class CacheStats:
     consistency: float | None
     consistency_views: list[int]
     storage: dict
+    cache: str = ""  # the store's path
+    classes: list[str] = field(default_factory=list, repr=False)  # names for the plot, not the JSON
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "splits"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("splits", "classes")}
         out["splits"] = [s.to_json() for s in self.splits]
         return out
 
@@ -234,11 +265,14 @@ def logit_stats(store: Store, views: list[int] | None = (0,), *, val: bool = Tru
     classes = list(store.meta["dataset"].get("classes", []))
     kwargs = dict(temperature=temperature, multiplier=multiplier, progress=progress)
     splits, preds, auto = [], [], None
+    sizes = store.group["samples/size"][:] if chosen else None  # (N, 2) height, width by sample id
     for k in chosen:
-        order = store.view_plan(k)[0].astype(np.int64)
+        order, box, _ = store.view_plan(k)
+        order = order.astype(np.int64)
         labels = stored_labels(store, "samples")[order]
         rows = stream_rows(store, k, labels, desc=f"view {k}", **kwargs)
-        splits.append(summarize(f"view {k}", rows, labels, classes, ece=False))
+        area = crop_area_fraction(box, sizes[order])
+        splits.append(summarize(f"view {k}", rows, labels, classes, ece=False, area=area))
         by_sample = np.empty_like(rows.pred)
         by_sample[order] = rows.pred
         preds.append(by_sample)
@@ -256,7 +290,7 @@ def logit_stats(store: Store, views: list[int] | None = (0,), *, val: bool = Tru
         raise StatsError(f"nothing to do: choose --views (cache {store.path} has {store.num_views})")
     return CacheStats(splits=splits, temperature=temperature, multiplier=multiplier, auto_multiplier=auto,
                       consistency=consistency(preds), consistency_views=chosen if len(chosen) > 1 else [],
-                      storage=store.storage())
+                      storage=store.storage(), cache=str(store.path), classes=classes)
 
 
 def stats_lines(s: CacheStats) -> list[str]:
@@ -277,6 +311,10 @@ def stats_lines(s: CacheStats) -> list[str]:
             "  most confused: " + (", ".join(f"{c['true']}->{c['predicted']} {c['count']}" for c in p.confused_pairs)
                                    or "none"),
         ]
+        if p.crop_areas is not None:
+            lines.append("  by crop area: " + ", ".join(
+                f"{b['bucket']} top-1 {b['top1']:.1%} (p {b['max_prob']:.2f}, {b['rows']:,} rows)" if b["rows"]
+                else f"{b['bucket']} no rows" for b in p.crop_areas))
     if s.auto_multiplier is not None:
         lines.append(f"suggested SKD multiplier (--multiplier auto): {s.auto_multiplier:.3f}")
     if s.consistency is not None:
@@ -302,23 +340,69 @@ def check_plot_path(path: Path) -> None:
 
 
 def plot_stats(s: CacheStats, path: Path) -> Path:
-    """Histograms of per-sample std, max-probability and per-class accuracy, one figure, written to `path`."""
+    """One figure, written to `path`, that reads without the source: per-class top-1 as labelled bars,
+    top-1 by crop area, and histograms of per-row logit std and max-probability, under a title naming
+    the cache and its rows."""
     check_plot_path(path)
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-    fig = Figure(figsize=(15, 4.5), layout="constrained")
-    axes = fig.subplots(1, 3)
-    panels = [("std", "logit std per sample"), ("max_probs", "max probability, T=1"),
-              ("class_accuracy", "teacher top-1 accuracy per class")]
-    for ax, (attr, title) in zip(axes, panels):
+    from matplotlib.ticker import PercentFormatter
+    fig = Figure(figsize=(16, 10), layout="constrained")
+    grid = fig.add_gridspec(3, 2, width_ratios=(1, 1.1))
+    rows = "; ".join(f"{p.name}: {p.rows:,} rows" for p in s.splits)
+    fig.suptitle(f"skd-cache stats of {Path(s.cache).name or 'the cache'} (teacher logits; {rows})", fontsize=14)
+    _plot_classes(fig.add_subplot(grid[:, 0]), s, PercentFormatter(1.0))
+    for row, (attr, title, unit) in enumerate([("std", "logit std per row", "std over classes"),
+                                               ("max_probs", "max probability per row, T=1", "max softmax(logits)")]):
+        ax = fig.add_subplot(grid[row, 1])
         for p in s.splits:
             values = getattr(p, attr)
-            values = values[np.isfinite(values)]
-            ax.hist(values, bins=50, histtype="step", density=True, label=p.name)
-        ax.set_title(title)
-        ax.set_ylabel("density")
-    axes[0].legend()
+            ax.hist(values[np.isfinite(values)], bins=50, histtype="step", density=True, label=p.name)
+        ax.set(title=title, xlabel=unit, ylabel="density of rows")
+        ax.legend()
+    _plot_crop_areas(fig.add_subplot(grid[2, 1]), s, PercentFormatter(1.0))
     try:
         fig.savefig(path, dpi=100)
     except OSError as exc:
         raise StatsError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
     return Path(path)
+
+
+def _plot_classes(ax, s: CacheStats, percent) -> None:
+    """Horizontal bars of per-class top-1 on val (else the first view), worst at the top, each labelled
+    with the class name and its rows; beyond PLOTTED_CLASSES classes only the worst are shown."""
+    p = next((p for p in s.splits if p.name == "val"), s.splits[0])
+    present = np.flatnonzero(p.class_count)
+    shown = present[np.lexsort((present, p.class_accuracy[present]))][:PLOTTED_CLASSES]
+    which = (f"all {len(present)} classes" if len(shown) == len(present)
+             else f"worst {len(shown)} of {len(present)} classes")
+    y = np.arange(len(shown))
+    ax.barh(y, p.class_accuracy[shown], color="tab:blue")
+    ax.set_yticks(y, [f"{class_name(s.classes, int(i))} ({p.class_count[i]:,} rows)" for i in shown])
+    ax.invert_yaxis()
+    for yi, i in zip(y, shown):
+        ax.annotate(f"{p.class_accuracy[i]:.0%}", (p.class_accuracy[i], yi), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.set(xlim=(0, 1.08), xlabel="teacher top-1 against the labels",
+           title=f"teacher top-1 per class on {p.name}: {which}, worst first")
+    ax.xaxis.set_major_formatter(percent)
+
+
+def _plot_crop_areas(ax, s: CacheStats, percent) -> None:
+    """Grouped bars of teacher top-1 by crop-area bucket, one bar per view, labelled with the rows."""
+    views = [p for p in s.splits if p.crop_areas is not None]
+    x = np.arange(len(AREA_BUCKETS))
+    ax.set(title="teacher top-1 by crop area of the recorded windows", ylabel="teacher top-1", ylim=(0, 1.15),
+           xlabel=f"window area / image area (below 8% counted as {AREA_BUCKETS[0]})")
+    ax.set_xticks(x, AREA_BUCKETS)
+    ax.yaxis.set_major_formatter(percent)
+    if not views:
+        ax.text(0.5, 0.5, "no views streamed (--views)", ha="center", va="center", transform=ax.transAxes)
+        return
+    width = 0.8 / len(views)
+    for j, p in enumerate(views):
+        top1 = [b["top1"] or 0.0 for b in p.crop_areas]
+        bars = ax.bar(x + (j - (len(views) - 1) / 2) * width, top1, width, label=p.name)
+        if len(views) <= 4:
+            ax.bar_label(bars, [f"{t:.0%}\n{b['rows']:,} rows" if b["rows"] else "no rows"
+                                for t, b in zip(top1, p.crop_areas)], fontsize=7)
+    ax.legend()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +355,45 @@ def test_missing_file_in_read_sizes_names_it(tmp_path):
         read_sizes(tmp_path, ["train/a/gone.JPEG"], workers=1)
     assert str(tmp_path / "train/a/gone.JPEG") in str(caught.value)
     assert "No such file or directory" in str(caught.value)
+
+
+def _within(seconds: float, fn):
+    """fn()'s result or exception, or TimeoutError when it is still running after `seconds`."""
+    out = {}
+
+    def call():
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # handed to the test thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        return TimeoutError(f"still running after {seconds} s")
+    return out.get("error", out.get("value"))
+
+
+def test_a_fifo_named_like_an_image_is_reported_not_opened(tmp_path):
+    """A FIFO (or device) under train/ would block the header read forever: it is never opened."""
+    make_image_folder(tmp_path, per_class=2, val_per_class=1)
+    fifo = tmp_path / "train" / "bee" / "pipe.JPEG"
+    os.mkfifo(fifo)
+    (tmp_path / "train" / "ant" / "link.JPEG").symlink_to(tmp_path / "train" / "ant" / "ant_000.JPEG")
+    try:
+        failed = _within(20, lambda: index_dataset(tmp_path, workers=2, on_bad="error"))
+        skipped = _within(20, lambda: index_dataset(tmp_path, workers=2, on_bad="skip"))
+    finally:
+        try:  # a reader blocked in open() is released by a writer appearing
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waiting: nothing blocked
+            pass
+    assert isinstance(failed, DatasetError), f"on_bad='error' with a FIFO in train/bee gave {failed!r}"
+    assert f"{fifo} (not a regular file (fifo))" in str(failed), f"the FIFO is not named: {failed}"
+    assert "1 of 11 image files" in str(failed), f"a symlink to an image is fine; message: {failed}"
+    assert not isinstance(skipped, Exception), f"on_bad='skip' with a FIFO in train/bee gave {skipped!r}"
+    assert "train/bee/pipe.JPEG" not in skipped.train.paths, f"the FIFO was indexed: {skipped.train.paths}"
+    assert len(skipped.train) == 7, f"{len(skipped.train)} train images indexed, expected 6 files and 1 symlink"
+    assert skipped.skipped == (("train/bee/pipe.JPEG", "not a regular file (fifo)"),), \
+        f"skipped records {skipped.skipped}"

@@ -12,7 +12,7 @@ from skd.cli import cache as cli
 from skd.codecs import get_codec
 from skd.loss import spherical_normalize
 from skd.replay import auto_multiplier
-from skd.stats import logit_stats
+from skd.stats import CacheStats, RowStats, logit_stats, plot_stats, summarize
 from skd.store import FORMAT_VERSION, Split, create_store, open_store
 
 N, C, VAL, CLASSES = 300, 10, 200, [f"c{i}" for i in range(10)]
@@ -30,9 +30,23 @@ def teacher_rows(labels: np.ndarray, seed: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def random_windows(sizes: np.ndarray, order: np.ndarray, seed: int) -> np.ndarray:
+    """(y, x, h, w) per position of windows inside the images order[position], of any area; the first
+    rows sit exactly on the crop-area bucket edges 25%, 50% and 75%."""
+    rng = np.random.default_rng(seed)
+    height, width = sizes[order].T
+    h = np.maximum(1, (height * rng.random(len(order)) ** 0.5).astype(np.int64))
+    w = np.maximum(1, (width * rng.random(len(order))).astype(np.int64))
+    for p, (fh, fw) in enumerate([(0.5, 0.5), (1.0, 0.5), (0.75, 1.0)]):  # sizes are multiples of 4
+        h[p], w[p] = height[p] * fh, width[p] * fw
+    return np.stack([rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w], 1)
+
+
 def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = None) -> SimpleNamespace:
-    """A cache of 2 views + val whose logits are chosen here; `unwritten` = {view: [shards]} left empty."""
+    """A cache of 2 views + val whose logits and windows are chosen here; `unwritten` = {view: [shards]}
+    left empty."""
     labels = np.arange(N) % C
+    sizes = 4 * np.random.default_rng(9).integers(5, 30, (N, 2))  # (height, width) by sample id
     val_labels = np.arange(VAL) % C
     orders = [np.random.default_rng(k).permutation(N) for k in range(2)]
     by_sample = teacher_rows(labels, 0)
@@ -41,14 +55,17 @@ def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = 
     val = teacher_rows(val_labels, 2)
     meta = {"format": FORMAT_VERSION, "codec": codec, "views": 2, "shard_rows": 64, "chunk_rows": 16,
             "teacher": {"name": "handmade", "weights": "none", "weights_sha256": None, "amp": "none",
-                        "num_classes": C},
+                        "num_classes": C, "input": {"size": 32, "interpolation": "bilinear", "mean": [0.5] * 3,
+                                                    "std": [0.5] * 3, "source": {"size": "default"}}},
             "dataset": {"root": "/nowhere", "num_samples": N, "num_val": VAL, "classes": CLASSES,
                         "fingerprint": "f" * 64, "val_fingerprint": "v" * 64},
             "plan": {"seed": 0, "image_size": 32, "loader": "torchvision",
                      "crop": {"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_prob": 0.5}}}
-    split = lambda n, lab: Split([f"x/{i}.JPEG" for i in range(n)], lab, np.full((n, 2), 32))  # noqa: E731
-    plans = [SimpleNamespace(order=o, box=np.zeros((N, 4)), flip=np.zeros(N)) for o in orders]
-    store = create_store(path, meta, train=split(N, labels), plans=plans, val=split(VAL, val_labels),
+    split = lambda n, lab, hw: Split([f"x/{i}.JPEG" for i in range(n)], lab, hw)  # noqa: E731
+    boxes = [random_windows(sizes, o, k) for k, o in enumerate(orders)]
+    plans = [SimpleNamespace(order=o, box=b, flip=np.zeros(N)) for o, b in zip(orders, boxes)]
+    store = create_store(path, meta, train=split(N, labels, sizes), plans=plans,
+                         val=split(VAL, val_labels, np.full((VAL, 2), 32)),
                          val_boxes=np.zeros((VAL, 4)), num_classes=C)
     enc = get_codec(codec)
     for view, rows in [(0, views[0]), (1, views[1]), (None, val)]:
@@ -57,7 +74,8 @@ def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = 
                 continue
             a, b = store.shard_bounds(shard, len(rows))
             store.write_shard(view, shard, enc.encode(rows[a:b]))
-    return SimpleNamespace(path=path, views=views, orders=orders, labels=labels, val=val, val_labels=val_labels)
+    return SimpleNamespace(path=path, views=views, orders=orders, labels=labels, val=val, val_labels=val_labels,
+                           sizes=sizes, boxes=boxes)
 
 
 def ece_reference(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -177,6 +195,78 @@ def test_cli_stats_json_text_and_plot(fp32, fp32_stats, tmp_path):
     assert text.exit_code == 0 and "teacher top-1" in text.stdout and "suggested SKD multiplier" in text.stdout, \
         f"text report:\n{text.stdout}{text.stderr}"
     assert "consistency" not in text.stdout, "consistency needs two views; the default streams view 0 only"
+
+
+def crop_area_reference(made, view: int) -> list[tuple[int, float, float]]:
+    """(rows, top-1, mean max-probability) per crop-area bucket 8-25%, 25-50%, 50-75%, 75-100%, by a loop."""
+    rows, hits, conf = [0] * 4, [0] * 4, [0.0] * 4
+    p = torch.softmax(torch.from_numpy(made.views[view]).double(), 1).numpy()
+    for position, sample in enumerate(made.orders[view]):
+        y, x, h, w = made.boxes[view][position]
+        area = h * w / (made.sizes[sample][0] * made.sizes[sample][1])
+        bucket = 0 if area < 0.25 else 1 if area < 0.5 else 2 if area < 0.75 else 3
+        rows[bucket] += 1
+        hits[bucket] += int(p[position].argmax() == made.labels[sample])
+        conf[bucket] += p[position].max()
+    return [(n, hits[b] / n, conf[b] / n) for b, n in enumerate(rows)]
+
+
+def test_top1_and_confidence_by_crop_area_match_a_hand_computation(fp32, fp32_stats):
+    for view in (0, 1):
+        got = fp32_stats.splits[view].crop_areas
+        for bucket, (rows, top1, max_prob) in zip(got, crop_area_reference(fp32, view)):
+            where = f"view {view}, crop area {bucket['bucket']}"
+            assert bucket["rows"] == rows and rows > 0, f"{where}: {bucket['rows']} rows, expected {rows}"
+            assert bucket["top1"] == pytest.approx(top1, abs=1e-12), \
+                f"{where}: top-1 {bucket['top1']:.4f}, expected {top1:.4f}"
+            assert bucket["max_prob"] == pytest.approx(max_prob, rel=1e-5), \
+                f"{where}: max-probability {bucket['max_prob']:.5f}, expected {max_prob:.5f}"
+    assert [b["bucket"] for b in got] == ["8-25%", "25-50%", "50-75%", "75-100%"], f"buckets: {got}"
+    assert fp32_stats.splits[2].crop_areas is None, "val has centre crops: no crop-area buckets"
+
+    result = CliRunner().invoke(cli, ["stats", str(fp32.path), "--no-val"])
+    (rows, top1, max_prob), *_ = crop_area_reference(fp32, 0)
+    expected = f"  by crop area: 8-25% top-1 {top1:.1%} (p {max_prob:.2f}, {rows:,} rows), 25-50% top-1 "
+    assert expected in result.stdout, f"text report lacks {expected!r}:\n{result.stdout}{result.stderr}"
+    doc = json.loads(CliRunner().invoke(cli, ["stats", str(fp32.path), "--no-val", "--json"]).stdout)
+    assert doc["splits"][0]["crop_areas"] == fp32_stats.splits[0].crop_areas, f"JSON: {doc['splits'][0]}"
+    assert doc["cache"] == str(fp32.path), f"JSON names the cache {doc['cache']!r}, expected {fp32.path}"
+
+
+def svg_text(stats, path: Path) -> str:
+    """The plot as SVG with its text kept as text, so a test can read what a person reads."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        plot_stats(stats, path)
+    return path.read_text()
+
+
+def test_plot_labels_classes_names_the_cache_and_shows_crop_areas(fp32, fp32_stats, tmp_path):
+    text = svg_text(fp32_stats, tmp_path / "stats.svg")
+    (rows, top1, _), *_ = crop_area_reference(fp32, 0)
+    for expected in ("skd-cache stats of cache", f"view 0: {N} rows", f"val: {VAL} rows",
+                     f"teacher top-1 per class on val: all {C} classes, worst first", f"c{CONFUSED} ({VAL // C} rows)",
+                     "teacher top-1 by crop area", "8-25%", "75-100%", f">{top1:.0%}<", f">{rows} rows<",
+                     "logit std per row"):
+        assert expected in text, f"the plot lacks {expected!r}"
+
+
+def test_plot_of_many_classes_shows_the_worst_30_sorted(tmp_path):
+    classes, n = [f"class{i:03d}" for i in range(200)], 2000
+    labels = np.arange(n) % 200
+    accuracy = labels / 200  # class i: about i/200 of its rows right, so the low ids are the worst
+    pred = np.where(np.random.default_rng(0).random(n) < accuracy, labels, (labels + 1) % 200)
+    rows = RowStats(pred, (pred != labels).astype(np.int64), *(np.full(n, 0.5) for _ in range(5)))
+    split = summarize("val", rows, labels, classes, ece=True)
+    stats = CacheStats([split], 4.0, 2.0, None, None, [], {}, cache="/data/r152", classes=classes)
+    text = svg_text(stats, tmp_path / "many.svg")
+    assert "worst 30 of 200 classes, worst first" in text, "the subplot title does not say only the worst are shown"
+    worst = [classes[i] for i in np.argsort(split.class_accuracy, kind="stable")[:30]]
+    shown = [name for name in classes if f"{name} (10 rows)" in text]
+    assert sorted(shown) == sorted(worst), f"plotted classes {shown[:5]}..., expected the worst 30 {worst[:5]}..."
+    assert text.index(worst[0]) < text.index(worst[-1]), "bars are not sorted worst first"
+    assert "skd-cache stats of r152" in text, "the figure title does not name the cache"
 
 
 def test_info_on_an_unfinished_cache_names_what_is_missing(tmp_path):
