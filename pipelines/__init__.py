@@ -19,6 +19,22 @@ from skd.errors import SkdError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOADERS = ("dali", "torchvision")
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model wants its input: each window resampled to size x size with `interpolation` (antialiased),
+    then normalised with `mean` and `std` (RGB, on the 0-1 scale)."""
+
+    size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def options(self) -> dict:
+        """The keyword arguments of `make_loader` that this recipe sets."""
+        return dict(image_size=self.size, interpolation=self.interpolation, mean=self.mean, std=self.std)
 
 
 EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image by 90 degrees
@@ -128,7 +144,7 @@ def make_items(files, boxes, flips, labels, positions) -> Items:
 
 def make_loader(kind: str, *, files: Sequence[str], boxes, flips, labels, positions, image_size: int,
                 batch_size: int, workers: int = 2, device="cpu", mean: Sequence[float] = IMAGENET_MEAN,
-                std: Sequence[float] = IMAGENET_STD) -> Iterable[Batch]:
+                std: Sequence[float] = IMAGENET_STD, interpolation: str = "bilinear") -> Iterable[Batch]:
     """Batches of the given views, in the given order, the short last batch included.
 
     files: absolute image paths, one per item, in delivery order; boxes: (M, 4) int (y, x, h, w)
@@ -138,12 +154,14 @@ def make_loader(kind: str, *, files: Sequence[str], boxes, flips, labels, positi
     """
     if kind not in LOADERS:
         raise ValueError(f"unknown loader {kind!r}; choose one of {', '.join(LOADERS)}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
     if batch_size < 1 or image_size < 1 or workers < 0:
         raise ValueError(f"need batch_size >= 1, image_size >= 1, workers >= 0; "
                          f"got {batch_size}, {image_size}, {workers}")
     items = make_items(files, boxes, flips, labels, positions)
     options = dict(image_size=int(image_size), batch_size=int(batch_size), workers=int(workers),
-                   device=torch.device(device), mean=tuple(mean), std=tuple(std))
+                   device=torch.device(device), mean=tuple(mean), std=tuple(std), interpolation=interpolation)
     if kind == "torchvision":
         from .torchvision_pipeline import TorchvisionLoader
 

@@ -1,7 +1,7 @@
 """The DALI pipeline: ROI-decode each recorded window, resize it, mirror and normalise.
 
 Chain: batch-mode `external_source` (encoded bytes, anchors, shapes, flips) ->
-`decoders.image_slice` -> `resize` (linear, antialiased) -> `crop_mirror_normalize`.
+`decoders.image_slice` -> `resize` (linear or cubic, antialiased) -> `crop_mirror_normalize`.
 Windows and flips come from the caller, never from DALI's RNG, so the output of an item does
 not depend on batch size or thread count. Measured on DALI 2.4 (CPU decoder):
 `image_slice` applies the EXIF orientation before slicing, so windows live in the rotated frame
@@ -19,12 +19,14 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from . import Batch, DecodeError, Items
 
+INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
 
 class DaliLoader:
     """Iterates the items in order as `Batch`es; each iteration runs a fresh DALI pipeline."""
 
     def __init__(self, items: Items, *, image_size: int, batch_size: int, workers: int, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], interpolation: str):
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"the DALI loader runs on cpu or cuda, not {device}")
         if device.type == "cuda" and device.index is None:
@@ -32,6 +34,7 @@ class DaliLoader:
         self.items, self.image_size, self.batch_size = items, image_size, batch_size
         self.threads, self.device = max(1, workers), device
         self.mean, self.std = [255 * m for m in mean], [255 * s for s in std]
+        self.interp = INTERP[interpolation]
         self.batches = math.ceil(len(items) / batch_size)
 
     def __len__(self) -> int:
@@ -66,7 +69,7 @@ class DaliLoader:
                                              axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                              output_type=types.RGB, jpeg_fancy_upsampling=True,
                                              hw_decoder_load=0.0)
-            images = fn.resize(images, size=[self.image_size, self.image_size], interp_type=types.INTERP_LINEAR,
+            images = fn.resize(images, size=[self.image_size, self.image_size], interp_type=self.interp,
                                antialias=True)
             return fn.crop_mirror_normalize(images, mirror=flip, mean=self.mean, std=self.std, output_layout="CHW",
                                             dtype=types.FLOAT)

@@ -1,4 +1,4 @@
-"""The reference pipeline: PIL decode, EXIF rotation, crop the window, bilinear resize, flip, normalise.
+"""The reference pipeline: PIL decode, EXIF rotation, crop the window, bilinear or bicubic resize, flip, normalise.
 
 Runs wherever torch runs (no DALI); the DALI pipeline is checked against it.
 """
@@ -14,9 +14,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import Batch, Items, exif_orientation
 
+RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
 
 def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: Sequence[float],
-              std: Sequence[float]) -> torch.Tensor:
+              std: Sequence[float], interpolation: str = "bilinear") -> torch.Tensor:
     """One view as a normalised (3, S, S) float32 tensor.
 
     `box` is (y, x, h, w) in the EXIF-rotated frame, the frame DALI's decoders produce.
@@ -30,7 +32,7 @@ def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: 
     if y < 0 or x < 0 or h <= 0 or w <= 0 or y + h > height or x + w > width:
         raise ValueError(f"window (y={y}, x={x}, h={h}, w={w}) is outside {path} "
                          f"({height}x{width} after EXIF rotation)")
-    view = image.crop((x, y, x + w, y + h)).resize((image_size, image_size), Image.BILINEAR)
+    view = image.crop((x, y, x + w, y + h)).resize((image_size, image_size), RESAMPLING[interpolation])
     tensor = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
     if flip:
         tensor = tensor.flip(-1)
@@ -56,15 +58,18 @@ def _rgb(image: Image.Image) -> Image.Image:
 class WindowDataset(Dataset):
     """Item i = (view tensor, label, position) of the i-th entry of `items`."""
 
-    def __init__(self, items: Items, image_size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, items: Items, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 interpolation: str):
         self.items, self.image_size, self.mean, self.std = items, image_size, mean, std
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         items = self.items
-        image = load_view(items.files[i], items.boxes[i], bool(items.flips[i]), self.image_size, self.mean, self.std)
+        image = load_view(items.files[i], items.boxes[i], bool(items.flips[i]), self.image_size, self.mean, self.std,
+                          self.interpolation)
         return image, int(items.labels[i]), int(items.positions[i])
 
 
@@ -72,10 +77,11 @@ class TorchvisionLoader:
     """A torch DataLoader over the items, in order, short last batch kept, batches moved to `device`."""
 
     def __init__(self, items: Items, *, image_size: int, batch_size: int, workers: int, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], interpolation: str):
         self.device = device
         self.batches = math.ceil(len(items) / batch_size)
-        self.loader = DataLoader(WindowDataset(items, image_size, mean, std), batch_size=batch_size, shuffle=False,
+        dataset = WindowDataset(items, image_size, mean, std, interpolation)
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                  drop_last=False, num_workers=workers, pin_memory=device.type == "cuda")
 
     def __len__(self) -> int:

@@ -23,7 +23,8 @@ from .config import BuildConfig
 from .errors import SkdError, fault
 from .index import check_root, index_dataset, quick_fingerprints
 from .plan import VAL_CROP_FRACTION, center_boxes, plan_view
-from .replay import ReplaySource, cached_source
+from .recipe import resolve, to_meta
+from .replay import ReplaySource, cached_source, teacher_recipe
 from .runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
 from .store import FORMAT_VERSION, Split, Store, cache_state, create_store, open_store
 from .teachers import forward, load_teacher, output_classes
@@ -66,14 +67,15 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     amp = amp_name(cfg.amp, device)
     check_root(Path(cfg.data))  # before the lock and --out's parents are created
     teacher = load_teacher(cfg.teacher, cfg.weights)
+    recipe, origin = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, cfg.image_size)
     model = place(teacher.model, device)
-    meta = {**_identity(cfg, teacher, amp), "software": _software()}
+    meta = {**_identity(cfg, teacher, amp, to_meta(recipe, origin)), "software": _software()}
     lock, store, problem = None, None, None
     if d.main:
         try:
             check_out(Path(cfg.out), Path(cfg.data))
             lock = BuildLock(Path(cfg.out))
-            store = prepare_store(cfg, meta, lambda: output_classes(model, cfg.image_size, device,
+            store = prepare_store(cfg, meta, lambda: output_classes(model, recipe.size, device,
                                                                     f"teacher {cfg.teacher}"), progress)
         except OSError as exc:
             problem = BuildError(f"--out {cfg.out}: {exc.strerror or exc}"
@@ -85,7 +87,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
         if problem is not None:
             raise problem
         store = store or open_store(cfg.out, mode="r+")
-        source = cached_source(store, root=Path(cfg.data), loader=cfg.loader)
+        source = cached_source(store, recipe=teacher_recipe(store), root=Path(cfg.data), loader=cfg.loader)
         model = torch.compile(model) if cfg.compile else model
         rows = sum(fill_view(store, source, view, model, cfg, d, device, amp, progress)
                    for view in [*range(store.num_views), *([None] if store.has_val else [])])
@@ -153,6 +155,7 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
 # The recorded settings a rerun must repeat to resume; anything else may change between runs.
 IDENTITY = {
     "teacher": ("teacher", "name"), "weights": ("teacher", "weights_sha256"), "amp": ("teacher", "amp"),
+    "teacher input": ("teacher", "input"),
     "data": ("dataset", "fingerprint"), "val data": ("dataset", "val_fingerprint"),
     "seed": ("plan", "seed"), "image-size": ("plan", "image_size"), "crop": ("plan", "crop"),
     "loader": ("plan", "loader"), "codec": ("codec",), "views": ("views",), "shard-size": ("shard_rows",),
@@ -179,12 +182,12 @@ def _software() -> dict:
     return versions
 
 
-def _identity(cfg: BuildConfig, teacher, amp: str) -> dict:
+def _identity(cfg: BuildConfig, teacher, amp: str, recipe: dict) -> dict:
     """The part of the metadata that decides the cache's contents (compared on resume)."""
     return {
         "format": FORMAT_VERSION,
         "teacher": {"name": cfg.teacher, "weights": teacher.weights, "weights_sha256": teacher.weights_sha256,
-                    "amp": amp, "mean": list(pipelines.IMAGENET_MEAN), "std": list(pipelines.IMAGENET_STD)},
+                    "amp": amp, "input": recipe, "pretrained_cfg": teacher.pretrained_cfg},
         "dataset": {"root": str(Path(cfg.data).resolve())},
         "plan": {"seed": cfg.seed, "image_size": cfg.image_size, "crop": cfg.crop.to_dict(),
                  "val_crop_fraction": VAL_CROP_FRACTION, "loader": cfg.loader},

@@ -55,6 +55,39 @@ POSITIVE = FiniteFloat(min=0, min_open=True)
 NON_NEGATIVE = FiniteFloat(min=0)
 
 
+def _rgb(ctx, param, value: str | None):
+    """R,G,B as three finite floats (a std: each above 0)."""
+    if value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{value!r}: three numbers R,G,B, e.g. 0.5,0.5,0.5")
+    if param.name.endswith("std") and min(values) <= 0:
+        raise click.BadParameter(f"{value!r}: every value must be above 0")
+    return values
+
+
+def teacher_input_options(command):
+    """--teacher-size, --teacher-interpolation, --teacher-mean, --teacher-std (skd/recipe.py resolves the rest)."""
+    options = [
+        click.option("--teacher-size", type=click.IntRange(min=8),
+                     help="teacher input side in pixels; default: its pretrained_cfg, torchvision's weights, "
+                          "else --image-size"),
+        click.option("--teacher-interpolation", type=click.Choice(["bilinear", "bicubic"]),
+                     help="teacher resampling; default: its pretrained_cfg, torchvision's weights, else bilinear"),
+        click.option("--teacher-mean", callback=_rgb, metavar="R,G,B",
+                     help="teacher input mean; default: its pretrained_cfg, torchvision's weights, else ImageNet's"),
+        click.option("--teacher-std", callback=_rgb, metavar="R,G,B",
+                     help="teacher input std; default: its pretrained_cfg, torchvision's weights, else ImageNet's"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def data_root(data: str | None) -> Path:
     data = data or os.environ.get("SKD_DATA")
     if not data:
@@ -80,7 +113,9 @@ B = BuildConfig  # option defaults come from the config, declared once
               help="cache folder; default cache/<alias> (resnet152 -> cache/r152)")
 @click.option("--views", default=B.views, show_default=True, type=click.IntRange(min=1),
               help="augmented views (epochs' worth) to cache")
-@click.option("--image-size", default=B.image_size, show_default=True, type=click.IntRange(min=8))
+@click.option("--image-size", default=B.image_size, show_default=True, type=click.IntRange(min=8),
+              help="the student's input side: the cache's default for skd-train")
+@teacher_input_options
 @click.option("--batch-size", default=B.batch_size, show_default=True, type=click.IntRange(min=1))
 @click.option("--codec", default=B.codec, show_default=True, type=click.Choice(list(CODECS)))
 @click.option("--amp", default=B.amp, show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
@@ -274,8 +309,13 @@ T = TrainConfig  # option defaults come from the config, declared once
 @click.option("--tensorboard", is_flag=True, help="also write TensorBoard scalars to <out>/tensorboard")
 @click.option("--val/--no-val", default=T.val, show_default=True, help="validate after each epoch")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), help="stop each epoch after this many steps")
-@click.option("--image-size", default=T.image_size, show_default=True, type=click.IntRange(min=8),
-              help="online mode: plan option")
+@click.option("--image-size", type=click.IntRange(min=8),
+              help="student input side; default: the cache's image size (online mode: 224)")
+@click.option("--mean", default=",".join(map(str, T.mean)), show_default=True, callback=_rgb, metavar="R,G,B",
+              help="student input mean")
+@click.option("--std", default=",".join(map(str, T.std)), show_default=True, callback=_rgb, metavar="R,G,B",
+              help="student input std")
+@teacher_input_options
 @click.option("--views", default=T.views, show_default=True, type=click.IntRange(min=1),
               help="online mode: plan option")
 @click.option("--plan-seed", default=T.plan_seed, show_default=True, type=int,
@@ -294,11 +334,12 @@ def train(cache, teacher, data, out, **options):
         raise click.UsageError("--resume and --overwrite exclude each other: continue the run or start it again")
     if cache is not None:
         ctx = click.get_current_context()
-        given = [f"--{name.replace('_', '-')}" for name in ("image_size", "views", "plan_seed")
+        online_only = ("views", "plan_seed", "teacher_size", "teacher_interpolation", "teacher_mean", "teacher_std")
+        given = [f"--{name.replace('_', '-')}" for name in online_only
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:
-            raise click.UsageError(f"{', '.join(given)}: online mode only; a cache replays the plan it was built "
-                                   "with, which skd-cache info shows")
+            raise click.UsageError(f"{', '.join(given)}: online mode only; a cache replays the plan and teacher "
+                                   "input it was built with, which skd-cache info shows")
     if teacher is not None:
         data = data_root(data)
     name = Path(cache).name if cache is not None else f"online-{alias(teacher)}"

@@ -7,11 +7,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .pipelines import IMAGENET_MEAN, IMAGENET_STD
 from .plan import CropParams
 
 
+@dataclass(kw_only=True)
+class TeacherInput:
+    """Explicit options of the teacher's input recipe; None: from its pretrained_cfg, torchvision's weights,
+    else ImageNet's statistics, bilinear, at the student's size (see skd/recipe.py)."""
+
+    teacher_size: int | None = None
+    teacher_interpolation: str | None = None
+    teacher_mean: tuple[float, float, float] | None = None
+    teacher_std: tuple[float, float, float] | None = None
+
+    def teacher_recipe_options(self) -> dict:
+        """The options given, by recipe field name."""
+        return {"size": self.teacher_size, "interpolation": self.teacher_interpolation,
+                "mean": self.teacher_mean, "std": self.teacher_std}
+
+
 @dataclass
-class BuildConfig:
+class BuildConfig(TeacherInput):
     """Everything `skd-cache build` takes; the plan-, teacher- and data-defining fields are recorded."""
 
     teacher: str
@@ -38,8 +55,8 @@ class BuildConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything `skd-train` takes."""
+class TrainConfig(TeacherInput):
+    """Everything `skd-train` takes (the teacher-input options: online mode only)."""
 
     cache: Path | None = None
     teacher: str | None = None  # online mode: run this teacher in the loop
@@ -69,8 +86,11 @@ class TrainConfig:
     tensorboard: bool = False
     val: bool = True
     steps_per_epoch: int | None = None  # cap on steps per epoch (benchmarks, smoke runs)
+    # the student's input: default the cache's image size (online mode: 224), ImageNet mean/std
+    image_size: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     # plan options of online mode (a cache carries its own)
-    image_size: int = 224
     views: int = 10
     plan_seed: int = 0
     crop: CropParams = field(default_factory=CropParams)
@@ -80,4 +100,6 @@ class TrainConfig:
         return {"arch": self.arch, "amp": self.amp, "epochs": self.epochs, "batch-size": self.batch_size,
                 "lr": self.lr, "momentum": self.momentum, "weight-decay": self.weight_decay,
                 "schedule": self.schedule, "milestones": self.milestones, "warmup-epochs": self.warmup_epochs,
-                "kd": self.kd, "temperature": self.temperature, "multiplier": self.multiplier, "alpha": self.alpha}
+                "kd": self.kd, "temperature": self.temperature, "multiplier": self.multiplier, "alpha": self.alpha,
+                "image-size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+

@@ -33,7 +33,8 @@ def describe(store: Store) -> dict:
     return {
         "path": str(store.path),
         "complete": store.is_complete(),
-        "teacher": {k: teacher.get(k) for k in ("name", "weights", "weights_sha256", "amp", "num_classes")},
+        "teacher": {k: teacher.get(k) for k in ("name", "weights", "weights_sha256", "amp", "num_classes", "input",
+                                                "pretrained_cfg")},
         "dataset": {"root": dataset.get("root"), "num_samples": store.num_samples, "num_val": store.num_val,
                     "num_classes": len(dataset.get("classes", [])), "fingerprint": dataset.get("fingerprint"),
                     "val_fingerprint": dataset.get("val_fingerprint"),
@@ -71,6 +72,9 @@ def info_lines(info: dict) -> list[str]:
         more = f" and {len(d['skipped']) - SHOWN} more" if len(d["skipped"]) > SHOWN else ""
         lines.append(f"          left out (--on-bad-image skip): {len(d['skipped'])}: {named}{more}")
     lines += [
+        f"input     {recipe_line(t['input'])}",
+        f"          student {p['image_size']} px (skd-train's default; --image-size, --mean and --std may change it), "
+        "bilinear, ImageNet mean/std",
         f"plan      seed {p['seed']}, {p['image_size']} px, area {crop.get('scale')}, aspect "
         f"{[round(r, 4) for r in crop.get('ratio', [])]}, flip {crop.get('flip_prob')}, loader {p['loader']}",
         f"codec     {info['codec']}, shards of {info['shard_rows']:,} rows, chunks of {info['chunk_rows']:,}",
@@ -89,6 +93,18 @@ def info_lines(info: dict) -> list[str]:
                  + (f" for {info['rows_written']:,} rows: {per_row:,.0f} B per row, compression "
                     f"{info['ratio_vs_fp32']:.2f}x vs float32" if per_row else ", no rows written"))
     return lines
+
+
+def recipe_line(recipe: dict) -> str:
+    """The teacher's input recipe and where each part came from, in words."""
+    def numbers(values):
+        return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+    fields_by_source: dict[str, list[str]] = {}
+    for field, where in recipe["source"].items():
+        fields_by_source.setdefault(where, []).append(field)
+    origins = "; ".join(f"{', '.join(fields)} from {where}" for where, fields in fields_by_source.items())
+    return (f"teacher {recipe['size']} px {recipe['interpolation']}, mean {numbers(recipe['mean'])}, "
+            f"std {numbers(recipe['std'])} ({origins})")
 
 
 def reader_line(pipeline: str) -> str:

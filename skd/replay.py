@@ -3,7 +3,8 @@
 A source is the samples, the plan of every view and the validation windows, either as a cache
 recorded them or as an online run plans them (exactly as `skd-cache build` would). `loader` turns
 any positions of any view into batches through the input pipeline, so the teacher and the student
-see the same windows and flips; `cached_logits` streams the matching stored rows.
+see the same windows and flips, each at its own input recipe (size, resampling, normalisation);
+`cached_logits` streams the matching stored rows.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import torch
 from . import pipelines
 from .errors import SkdError
 from .index import index_dataset, quick_fingerprints
+from .pipelines import Recipe
 from .plan import CropParams, center_boxes, plan_view
 from .reader import RowReader
+from .recipe import from_meta
 from .store import Store
 
 AUTO_MULTIPLIER_ROWS = 65536  # rows of view 0 whose mean logit std is `--multiplier auto`
@@ -46,12 +49,10 @@ class ReplaySource:
     val_boxes: np.ndarray | None
     num_views: int
     num_classes: int
-    image_size: int
+    recipe: Recipe  # how this stage's model sees each window
     plan: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]  # view -> (order, box, flip)
     fingerprint: str
     loader_kind: str  # dali or torchvision
-    mean: tuple[float, ...] = pipelines.IMAGENET_MEAN
-    std: tuple[float, ...] = pipelines.IMAGENET_STD
 
     def items(self, view: int | None, positions: np.ndarray) -> dict:
         """files, boxes, flips, labels and positions of the given positions of `view` (None: val)."""
@@ -65,17 +66,28 @@ class ReplaySource:
                     labels=split.labels[ids], positions=positions)
 
     def loader(self, view: int | None, positions: np.ndarray, *, batch_size: int, workers: int,
-               device: torch.device):
-        """Batches of the views at `positions` of `view` (None: val), in position order."""
-        return pipelines.make_loader(self.loader_kind, **self.items(view, positions), image_size=self.image_size,
-                                     batch_size=batch_size, workers=workers, device=device, mean=self.mean,
-                                     std=self.std)
+               device: torch.device, recipe: Recipe | None = None):
+        """Batches of the views at `positions` of `view` (None: val), in position order, at `recipe`
+        (default: the source's own)."""
+        return pipelines.make_loader(self.loader_kind, **self.items(view, positions),
+                                     **(recipe or self.recipe).options(), batch_size=batch_size, workers=workers,
+                                     device=device)
 
 
-def cached_source(store: Store, *, root: Path | None = None, loader: str | None = None,
+def teacher_recipe(store: Store) -> Recipe:
+    """The input recipe the cache's teacher saw its windows at."""
+    return from_meta(store.meta["teacher"]["input"])
+
+
+def student_recipe(size: int, mean=pipelines.IMAGENET_MEAN, std=pipelines.IMAGENET_STD) -> Recipe:
+    """The student's input: the same windows, bilinear, at its own size and normalisation."""
+    return Recipe(size=size, interpolation="bilinear", mean=tuple(mean), std=tuple(std))
+
+
+def cached_source(store: Store, *, recipe: Recipe, root: Path | None = None, loader: str | None = None,
                   val: bool = True) -> ReplaySource:
-    """The views a cache recorded; `root` overrides the recorded dataset root (a moved dataset), `loader` the
-    recorded loader (the other one decodes the same windows to within resampling noise)."""
+    """The views a cache recorded, seen at `recipe`; `root` overrides the recorded dataset root (a moved
+    dataset), `loader` the recorded loader (the other one decodes the same windows to within resampling noise)."""
     meta = store.meta
     samples = store.split("samples")
     use_val = val and store.has_val
@@ -84,9 +96,8 @@ def cached_source(store: Store, *, root: Path | None = None, loader: str | None 
         root=Path(root or meta["dataset"]["root"]), train=Samples(samples.paths, samples.labels),
         val=Samples(val_split.paths, val_split.labels) if use_val else None,
         val_boxes=store.val_boxes() if use_val else None, num_views=store.num_views,
-        num_classes=store.num_classes, image_size=int(meta["plan"]["image_size"]), plan=store.view_plan,
-        fingerprint=meta["dataset"]["fingerprint"], loader_kind=loader or meta["plan"]["loader"],
-        mean=tuple(meta["teacher"]["mean"]), std=tuple(meta["teacher"]["std"]))
+        num_classes=store.num_classes, recipe=recipe, plan=store.view_plan,
+        fingerprint=meta["dataset"]["fingerprint"], loader_kind=loader or meta["plan"]["loader"])
 
 
 def check_replayable(store: Store, root: Path, val: bool) -> None:
@@ -111,7 +122,7 @@ def check_replayable(store: Store, root: Path, val: bool) -> None:
         raise ReplayError(f"the images under {root}/val differ from those cache {store.path} was built on")
 
 
-def online_source(data: Path, *, views: int, image_size: int, seed: int, crop: CropParams, loader: str,
+def online_source(data: Path, *, views: int, recipe: Recipe, seed: int, crop: CropParams, loader: str,
                   val: bool, workers: int, num_classes: int) -> ReplaySource:
     """Views planned exactly as `skd-cache build` plans them, for a run with the teacher in the loop."""
     index = index_dataset(data, with_val=val, workers=max(4, workers))
@@ -125,7 +136,7 @@ def online_source(data: Path, *, views: int, image_size: int, seed: int, crop: C
     return ReplaySource(
         root=index.root, train=Samples(index.train.paths, index.train.labels),
         val=Samples(v.paths, v.labels) if v else None, val_boxes=center_boxes(v.sizes) if v else None,
-        num_views=views, num_classes=num_classes, image_size=image_size, plan=plan,
+        num_views=views, num_classes=num_classes, recipe=recipe, plan=plan,
         fingerprint=index.train.fingerprint, loader_kind=loader)
 
 

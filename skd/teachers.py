@@ -1,7 +1,8 @@
 """Teacher and student models: by torchvision name, `timm:NAME`, or `py:module:callable`.
 
-Weights are only ever loaded with `weights_only=True`. Nothing is downloaded: torchvision's
-default weights must already sit in the torch hub cache, and the error says where.
+Weights are only ever loaded with `weights_only=True` (or from safetensors). Nothing is downloaded:
+torchvision's default weights must already sit in the torch hub cache, timm's in the Hugging Face
+cache, and the error says where.
 """
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ class Teacher:
     name: str
     weights: str  # a path, "torchvision-default", "none" or "py"
     weights_sha256: str | None  # of the loaded tensors (state_sha256); None for --weights none
+    published: dict | None = None  # the input recipe torchvision publishes with its default weights
+
+    @property
+    def pretrained_cfg(self) -> dict | None:
+        """The model's timm-style `pretrained_cfg` (timm models have one; a py: model may set one), as JSON."""
+        return _json(getattr(self.model, "pretrained_cfg", None))
 
 
 def alias(name: str) -> str:
@@ -99,8 +106,12 @@ def read_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise ModelError(f"weights file {path} does not exist")
     try:  # torchvision's reference training saves its argparse.Namespace beside the weights
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj = load_file(path)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         unsupported = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
@@ -120,6 +131,43 @@ def _strip_wrappers(key: str) -> str:
     while key.startswith(("module.", "_orig_mod.")):
         key = key.removeprefix("module.").removeprefix("_orig_mod.")
     return key
+
+
+def _json(value):
+    """`value` with tuples as lists and anything JSON cannot hold left out (None for a non-dict)."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            converted = _json(item)
+            if converted is not None or item is None:
+                out[str(key)] = converted
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool)) or value is None else None
+
+
+def _published_recipe(weights) -> dict:
+    """The input recipe of torchvision weights: their eval transforms' crop size, interpolation, mean and std."""
+    transforms = weights.transforms()
+    return {"size": int(transforms.crop_size[0]), "interpolation": transforms.interpolation.value,
+            "mean": tuple(transforms.mean), "std": tuple(transforms.std)}
+
+
+def _timm_cached_file(name: str) -> Path:
+    """The pretrained weights of `timm:NAME` in the local Hugging Face cache (nothing is downloaded)."""
+    cfg = getattr(create_model(name), "pretrained_cfg", {}) or {}
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        raise ModelError(f"{name} has no published weights on the Hugging Face hub: pass --weights FILE")
+    from huggingface_hub import constants, try_to_load_from_cache
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return Path(found)
+    raise ModelError(f"pretrained weights for {name} not found in the Hugging Face cache {constants.HF_HUB_CACHE}: "
+                     f"run `huggingface-cli download {repo} model.safetensors` where there is network and copy that "
+                     "cache here (or set HF_HOME), or pass --weights FILE")
 
 
 def _torchvision_default(name: str) -> tuple[Path, dict]:
@@ -153,12 +201,16 @@ def load_teacher(name: str, weights: str | None = None) -> Teacher:
         return Teacher(model.eval(), name, "py", state_sha256(model))
     if not name.startswith(("py:", "timm:")):
         _check_torchvision_name(name)
-    if weights is None:
-        if name.startswith("timm:"):
-            raise ModelError(f"{name}: pass --weights FILE (timm weights are not downloaded)")
+    published = None
+    if weights is None and name.startswith("timm:"):
+        file, label = _timm_cached_file(name), "timm-pretrained"
+        state = read_state_dict(file)
+        model = create_model(name, _classes_in(state))
+    elif weights is None:
         file, kwargs = _torchvision_default(name)
         model, label = torchvision.models.get_model(name, weights=None, **kwargs), "torchvision-default"
         state = read_state_dict(file)
+        published = _published_recipe(torchvision.models.get_model_weights(name).DEFAULT)
     else:
         file, label = Path(weights), str(Path(weights).resolve())
         state = read_state_dict(file)
@@ -169,7 +221,7 @@ def load_teacher(name: str, weights: str | None = None) -> Teacher:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else "state_dict mismatch"
         raise ModelError(f"{file} does not fit {name}: {detail[:300]}") from None
-    return Teacher(model.eval(), name, label, state_sha256(model))
+    return Teacher(model.eval(), name, label, state_sha256(model), published)
 
 
 def _classes_in(state: dict) -> int | None:

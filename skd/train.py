@@ -17,14 +17,26 @@ from torch import nn
 from tqdm import tqdm
 
 from . import pipelines
-from .checkpoint import CHECKPOINT, STUDENT, load_for_resume, save_atomic
+from .checkpoint import CHECKPOINT, STUDENT, check_free_space, load_for_resume, save_atomic
 from .config import TrainConfig
 from .errors import SkdError, fault
-from .replay import ReplaySource, auto_multiplier, cached_logits, cached_source, check_replayable, online_source
+from .pipelines import Recipe
+from .recipe import resolve
+from .replay import (
+    ReplaySource,
+    auto_multiplier,
+    cached_logits,
+    cached_source,
+    check_replayable,
+    online_source,
+    student_recipe,
+)
 from .runtime import Dist, amp_name, autocast, device_kind, images_to, init_distributed, place, resolve_device, shutdown
 from .schedule import alpha_at, kd_loss, learning_rate
 from .store import Store, open_store
 from .teachers import create_model, forward, load_teacher, output_classes
+
+ONLINE_IMAGE_SIZE = 224  # the student's size in online mode unless --image-size says
 
 
 class TrainError(SkdError):
@@ -38,6 +50,7 @@ class Run:
     source: ReplaySource
     store: Store | None  # cached teacher logits
     teacher: nn.Module | None  # online mode: the teacher in the loop
+    teacher_recipe: Recipe | None  # online mode: how the teacher sees each window (may differ from the student)
     multiplier: float
     identity: dict  # recorded in the checkpoint: a resume must replay the same views and teacher
     steps_run: int = 0  # steps this process has run (the train-step fault point counts them)
@@ -122,25 +135,29 @@ def open_run(cfg: TrainConfig, device: torch.device) -> Run:
         store = open_store(cfg.cache)
         root = Path(cfg.data or store.meta["dataset"]["root"])
         check_replayable(store, root, cfg.val)
-        source = cached_source(store, root=root, loader=cfg.loader, val=cfg.val)
+        recipe = student_recipe(cfg.image_size or int(store.meta["plan"]["image_size"]), cfg.mean, cfg.std)
+        source = cached_source(store, recipe=recipe, root=root, loader=cfg.loader, val=cfg.val)
         multiplier = auto_multiplier(store) if cfg.multiplier == "auto" else float(cfg.multiplier)
         # what the cache holds, not where: a moved cache resumes, one rebuilt with another plan does not
         identity = {"cache": {"plan": store.meta["plan"], "codec": store.meta["codec"]},
                     "fingerprint": source.fingerprint, "teacher": store.meta["teacher"]["weights_sha256"],
                     "views": store.num_views}
-        return Run(source, store, None, multiplier, identity)
+        return Run(source, store, None, None, multiplier, identity)
     if cfg.teacher is None or cfg.data is None:
         raise TrainError("pass --cache DIR, or --teacher NAME with --data ROOT for online distillation")
     if cfg.multiplier == "auto":
         raise TrainError("--multiplier auto reads the cache's logits: pass a number in online mode")
     teacher = load_teacher(cfg.teacher, cfg.weights)
+    size = cfg.image_size or ONLINE_IMAGE_SIZE
+    recipe, _ = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, size)
     model = place(teacher.model, device)
-    num_classes = output_classes(model, cfg.image_size, device, f"teacher {cfg.teacher}")
-    source = online_source(cfg.data, views=cfg.views, image_size=cfg.image_size, seed=cfg.plan_seed, crop=cfg.crop,
-                           loader=cfg.loader or "dali", val=cfg.val, workers=cfg.workers, num_classes=num_classes)
+    num_classes = output_classes(model, recipe.size, device, f"teacher {cfg.teacher}")
+    source = online_source(cfg.data, views=cfg.views, recipe=student_recipe(size, cfg.mean, cfg.std),
+                           seed=cfg.plan_seed, crop=cfg.crop, loader=cfg.loader or "dali", val=cfg.val,
+                           workers=cfg.workers, num_classes=num_classes)
     identity = {"online": cfg.teacher, "fingerprint": source.fingerprint, "teacher": teacher.weights_sha256,
-                "views": cfg.views}
-    return Run(source, None, model, float(cfg.multiplier), identity)
+                "views": cfg.views, "teacher input": list(recipe.options().values())}
+    return Run(source, None, model, recipe, float(cfg.multiplier), identity)
 
 
 def check_world(samples: int, batch_size: int, d: Dist) -> None:
@@ -155,7 +172,7 @@ def check_world(samples: int, batch_size: int, d: Dist) -> None:
 def make_student(arch: str, source: ReplaySource, device: torch.device) -> nn.Module:
     """The untrained student on `device`, checked to have as many outputs as the teacher."""
     student = create_model(arch, num_classes=source.num_classes).to(device)
-    got = output_classes(student.eval(), source.image_size, device, f"student {arch}")
+    got = output_classes(student.eval(), source.recipe.size, device, f"student {arch}")
     if got != source.num_classes:
         raise TrainError(f"student {arch} has {got} outputs, the teacher {source.num_classes}: "
                          "use a student with as many classes")
@@ -176,6 +193,8 @@ def start_or_resume(cfg: TrainConfig, out: Path, run: Run, student, optimizer, s
     elif cfg.resume:
         log(f"no checkpoint in {out}: starting a new run")
     if d.main:
+        # a checkpoint holds the weights and SGD's momentum, the student file the weights again (x2 to be safe)
+        check_free_space(out, 2 * 3 * sum(t.numel() * t.element_size() for t in student.state_dict().values()))
         out.mkdir(parents=True, exist_ok=True)
         if first_epoch == 0:  # a new run: nothing of an earlier one may be resumed or mistaken for it
             for name in (CHECKPOINT, STUDENT):
@@ -214,15 +233,17 @@ def rank_range(n: int, d: Dist, local_batch: int) -> tuple[int, int]:
     return d.rank * per, d.rank * per + used
 
 
-def teacher_logits(run: Run, cached, batch, images: torch.Tensor, device: torch.device, amp: str):
-    """The teacher's float32 logits of a batch: the next cached rows, or the teacher run online."""
+def teacher_logits(run: Run, cached, teacher_batches, batch, images: torch.Tensor, device: torch.device, amp: str):
+    """The teacher's float32 logits of a batch: the next cached rows, or the teacher run online on the same
+    windows (at its own recipe when `teacher_batches` decodes them so)."""
     if cached is not None:
         first, logits = next(cached)
         if first != int(batch.positions[0]) or len(logits) != len(batch.positions):
             raise RuntimeError(f"logits at position {first} do not match images at {int(batch.positions[0])}")
         return logits
     if run.teacher is not None:
-        return forward(run.teacher, images, device, amp).clone()  # a normal tensor, usable beside autograd
+        own = next(teacher_batches).images if teacher_batches is not None else images
+        return forward(run.teacher, own, device, amp).clone()  # a normal tensor, usable beside autograd
     return None
 
 
@@ -236,6 +257,9 @@ def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int
                                device=device)
     cached = cached_logits(run.store, view, start, stop, local_batch, device) \
         if run.store is not None and cfg.kd != "none" else None
+    teacher_batches = iter(run.source.loader(view, np.arange(start, stop), batch_size=local_batch,
+                                             workers=cfg.workers, device=device, recipe=run.teacher_recipe)) \
+        if run.teacher is not None and cfg.kd != "none" and run.teacher_recipe != run.source.recipe else None
     alpha = alpha_at(cfg.alpha, epoch, cfg.epochs)
     loss_fn = kd_loss(cfg.kd, temperature=cfg.temperature, multiplier=run.multiplier, alpha=alpha)
     steps = len(loader) if cfg.steps_per_epoch is None else min(len(loader), cfg.steps_per_epoch)
@@ -253,7 +277,7 @@ def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, target = images_to(batch.images, device), batch.labels.to(device, non_blocking=True)
-            teacher = teacher_logits(run, cached, batch, images, device, cfg.amp)
+            teacher = teacher_logits(run, cached, teacher_batches, batch, images, device, cfg.amp)
             with autocast(device, cfg.amp):
                 student_logits = model(images)
             parts = loss_fn(student_logits, teacher, target)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .errors import SkdError
 from .index import image_size, quick_fingerprints, scan_split
 from .loss import LAYER_NORM_EPS
-from .replay import ReplaySource, cached_source
+from .replay import ReplaySource, cached_source, teacher_recipe
 from .runtime import Dist, place, resolve_device
 from .store import Store, StoreError, check_relative_path
 from .teachers import forward, load_teacher
@@ -368,7 +368,7 @@ def verify_cache(store: Store, *, data: Path | None = None, weights: str | None 
     integrity_check = check_integrity(store, progress) if integrity else None
     try:
         plans = {view: plan_rows(store, view, pos) for view, pos in sample_rows(store, samples, seed).items()}
-        source = cached_source(store, root=root, loader=loader)
+        source = cached_source(store, recipe=teacher_recipe(store), root=root, loader=loader)
     except StoreError:
         if integrity_check is None or integrity_check.ok:
             raise

@@ -300,10 +300,14 @@ def test_weights_with_code_are_refused_and_never_run(tmp_path):
 
 @pytest.mark.parametrize("tool,args,names", [
     ("cache", ["build", "--teacher", "resnet18", "--views", "0"], "'--views'"),
+    ("cache", ["build", "--teacher", "resnet18", "--teacher-mean", "0.5,0.5"], "'--teacher-mean'"),
+    ("cache", ["build", "--teacher", "resnet18", "--teacher-std", "0.5,0,0.5"], "'--teacher-std'"),
+    ("cache", ["build", "--teacher", "resnet18", "--teacher-size", "4"], "'--teacher-size'"),
+    ("cache", ["build", "--teacher", "resnet18", "--teacher-interpolation", "lanczos"], "'--teacher-interpolation'"),
     ("cache", ["info"], "'DIR'"),
     ("cache", ["bulid"], "'bulid'"),
     ("train", ["--cache", "somewhere", "--bogus"], "'--bogus'"),
-    ("train", ["--cache", "somewhere", "--image-size", "64", "--views", "3"], "--image-size, --views: online mode"),
+    ("train", ["--cache", "somewhere", "--teacher-size", "64", "--views", "3"], "--views, --teacher-size: online mode"),
     ("train", ["--cache", "somewhere", "--resume", "--overwrite"], "--resume and --overwrite"),
 ])
 def test_usage_mistakes_are_one_line_naming_the_option(tool, args, names, in_process):
