@@ -60,3 +60,45 @@ def test_torchvision_default_weights_get_torchvision_s_builder_settings(tmp_path
 def test_wrong_py_callables_are_one_line_errors(spec, says):
     with pytest.raises(ModelError, match=says):
         create_model(spec, num_classes=3)
+
+
+TIMM_LOAD = """
+import json, sys
+from skd.errors import SkdError
+from skd.teachers import load_teacher
+try:
+    t = load_teacher("timm:vit_tiny_patch16_224")
+    print(json.dumps({"weights": t.weights, "sha": t.weights_sha256, "hub": t.pretrained_cfg["hf_hub_id"]}))
+except SkdError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_timm_pretrained_weights_come_from_the_local_hugging_face_cache(tmp_path):
+    """No network: the weights are found in HF_HOME's hub cache, or one line names the repository to fetch."""
+    import json
+    import os
+    import subprocess
+    import sys
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    def load(home):
+        env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        return subprocess.run([sys.executable, "-c", TIMM_LOAD], capture_output=True, text=True, env=env)
+
+    missing = load(tmp_path / "empty")
+    assert missing.returncode == 2 and "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" in missing.stderr \
+        and "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224")
+    repo = tmp_path / "home" / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(model.state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    found = load(tmp_path / "home")
+    assert found.returncode == 0, found.stderr[-800:]
+    got = json.loads(found.stdout)
+    assert got["weights"] == "timm-pretrained" and got["sha"] == state_sha256(model), f"loaded {got}"
