@@ -15,9 +15,10 @@ import numpy as np
 from skd.codecs import get_codec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from handmade import cache_meta  # noqa: E402  (a handmade cache's attributes)
 from jpegs import photo_like  # noqa: E402  (the tests' JPEG content, one definition)
 
-from skd.store import FORMAT_VERSION, Split, Store, create_store
+from skd.store import Split, Store, create_store
 
 
 def teacher_like_rows(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
@@ -32,9 +33,8 @@ def synthetic_store(path: Path, rows: int, classes: int = 1000, codec: str = "in
                     chunk_rows: int = 1024, seed: int = 0) -> Store:
     """A one-view cache of teacher-like rows written shard by shard through Store.write_shard."""
     rng = np.random.default_rng(seed)
-    meta = {"format": FORMAT_VERSION, "codec": codec, "views": 1, "shard_rows": shard_rows, "chunk_rows": chunk_rows,
-            "teacher": {"name": "synthetic", "num_classes": classes},
-            "dataset": {"num_samples": rows, "classes": [f"c{i}" for i in range(classes)]}, "plan": {}}
+    meta = cache_meta(codec=codec, views=1, num_samples=rows, classes=[f"c{i}" for i in range(classes)],
+                      shard_rows=shard_rows, chunk_rows=chunk_rows)
     train = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), 64))
     plan = SimpleNamespace(order=rng.permutation(rows), box=np.zeros((rows, 4), np.int32), flip=np.zeros(rows))
     store = create_store(path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes)

@@ -25,9 +25,10 @@ from types import SimpleNamespace
 import lite0_teacher
 import numpy as np
 from bench_common import git_state, machine, photo_folder, table, teacher_like_rows
+from handmade import cache_meta
 
 from skd.codecs import CODECS, Codec, Encoded, get_codec
-from skd.store import FORMAT_VERSION, Split, _logit_arrays, create_store
+from skd.store import Split, _logit_arrays, create_store
 
 T, M, EPS = 4.0, 2.0, 1e-7
 SHARD_ROWS, CHUNK_ROWS = 16384, 1024  # BuildConfig's defaults
@@ -72,9 +73,8 @@ def kl_rows(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
 def store_bytes_per_row(codec_name: str, logits: np.ndarray, workdir: Path) -> tuple[float, np.ndarray]:
     """Write `logits` with a product codec into a one-view store (create_store + write_shard) and measure it."""
     rows, classes = logits.shape
-    meta = {"format": FORMAT_VERSION, "codec": codec_name, "views": 1, "shard_rows": SHARD_ROWS,
-            "chunk_rows": CHUNK_ROWS, "teacher": {"name": "lite0", "num_classes": classes},
-            "dataset": {"num_samples": rows, "classes": [str(i) for i in range(classes)]}, "plan": {}}
+    meta = cache_meta(codec=codec_name, views=1, num_samples=rows, classes=[str(i) for i in range(classes)],
+                      shard_rows=SHARD_ROWS, chunk_rows=CHUNK_ROWS)
     train = Split([f"train/c/{i}.JPEG" for i in range(rows)], np.zeros(rows, np.int64), np.full((rows, 2), 224))
     plan = SimpleNamespace(order=np.arange(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows))
     path = workdir / f"store-{codec_name}"

@@ -26,7 +26,8 @@ from .plan import VAL_CROP_FRACTION, center_boxes, plan_view
 from .recipe import resolve, to_meta
 from .replay import ReplaySource, cached_source, teacher_recipe
 from .runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
-from .store import FORMAT_VERSION, Split, Store, cache_state, create_store, open_store
+from .schema import FORMAT_VERSION
+from .store import Split, Store, cache_state, create_store, open_store
 from .teachers import forward, load_teacher, output_classes
 from .writer import BuildLock, ShardWriter
 

@@ -19,13 +19,13 @@ import zarr.codecs
 
 from .codecs import Codec, Encoded, get_codec
 from .errors import SkdError
+from .schema import check_arrays, check_files, check_meta, samples_sha256
 
 # zarrs (Rust) decodes the cache's arrays wherever it supports them (see codec_pipeline); shards are written
 # through zarr's own pipeline (see Store.write_shard_data)
 zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 WRITE_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 
-FORMAT_VERSION = 2
 ATTR_KEY = "skd"
 CREATING_KEY = "skd_creating"  # set while create_store runs: a folder with only this is our unfinished creation
 
@@ -316,7 +316,9 @@ def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Spli
         _write_split(group, "val", val, chunk_rows)
         _create(group, "val/box", np.asarray(val_boxes, np.int32), chunks=(min(shard_rows, len(val.paths)), 4))
         _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
-    group.attrs.put({ATTR_KEY: meta})
+    hashes = {"samples_sha256": samples_sha256(train.paths, train.labels, train.sizes),
+              "val_sha256": None if val is None else samples_sha256(val.paths, val.labels, val.sizes)}
+    group.attrs.put({ATTR_KEY: check_meta(Path(path), {**meta, "dataset": {**meta["dataset"], **hashes}})})
     return Store(Path(path), group)
 
 
@@ -333,10 +335,6 @@ def cache_state(path: Path) -> str | None:
         return None
 
 
-REQUIRED_ARRAYS = ("samples/path", "samples/label", "samples/size", "views/order", "views/box",
-                   "views/flip", "views/logits", "views/complete")
-
-
 def open_store(path: Path | str, mode: str = "r") -> Store:
     """Open a cache for reading (or `r+` to continue writing); StoreError for anything unusable."""
     path = Path(path)
@@ -351,12 +349,15 @@ def open_store(path: Path | str, mode: str = "r") -> Store:
     if meta is None:
         raise StoreError(f"{path} is not an skd cache (no '{ATTR_KEY}' attribute): "
                          "its creation was interrupted or it was written by another tool; rebuild it")
-    version = meta.get("format")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{path} has cache format {version}, this skd reads format {FORMAT_VERSION}: "
-                         "rebuild the cache with this skd (`skd-cache build ... --overwrite`), or use the skd "
-                         "that wrote it")
-    missing = [name for name in REQUIRED_ARRAYS if name not in group]
-    if missing:
-        raise StoreError(f"{path} is missing arrays {', '.join(missing)}: the cache is damaged; rebuild it")
-    return Store(path, group)
+    check_meta(path, meta)
+    check_arrays(path, group, meta)
+    check_files(path)
+    store = Store(path, group)
+    for split, key in (("samples", "samples_sha256"), ("val", "val_sha256")):
+        if split == "val" and not store.has_val:
+            continue
+        recorded = store.split(split)
+        if samples_sha256(recorded.paths, recorded.labels, recorded.sizes) != meta["dataset"][key]:
+            raise StoreError(f"cache {path}: the {split} arrays (paths, labels, sizes) do not match the sha256 "
+                             "recorded when it was built (edited or swapped entries): rebuild or re-download it")
+    return store

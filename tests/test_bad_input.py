@@ -246,7 +246,7 @@ def test_cache_with_paths_outside_the_dataset_is_refused(cache_copy, tmp_path, e
 
 
 def test_other_formats_and_missing_arrays_are_one_line_errors(cache_copy, tmp_path):
-    from skd.store import FORMAT_VERSION
+    from skd.schema import FORMAT_VERSION
     g = zarr.open_group(str(cache_copy), mode="r+")
     for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
         g.attrs["skd"] = {**g.attrs["skd"], "format": other}

@@ -17,7 +17,8 @@ from conftest import free_port, small_build_config
 from skd.build import BuildError, build_cache
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from skd.pipelines.torchvision_pipeline import load_view
-from skd.store import FORMAT_VERSION, open_store
+from skd.schema import FORMAT_VERSION
+from skd.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import zarr
+from handmade import cache_meta
 
 from skd.codecs import get_codec
 from skd.reader import RowReader, _split_name
 from skd.store import (
-    FORMAT_VERSION,
     Split,
     StoreError,
     codec_pipeline,
@@ -21,9 +21,8 @@ from skd.store import (
 def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_rows=4, views=2, val=13,
                skip_shards=()):
     rng = np.random.default_rng(0)
-    meta = {"format": FORMAT_VERSION, "codec": codec, "views": views, "shard_rows": shard_rows,
-            "chunk_rows": chunk_rows, "teacher": {"name": "t", "num_classes": classes},
-            "dataset": {"num_samples": rows, "classes": [str(i) for i in range(classes)]}, "plan": {}}
+    meta = cache_meta(codec=codec, views=views, num_samples=rows, num_val=val, classes=[str(i) for i in range(classes)],
+                      shard_rows=shard_rows, chunk_rows=chunk_rows)
     split = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), 8))
     plans = [SimpleNamespace(order=rng.permutation(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows))
              for _ in range(views)]

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from handmade import cache_meta
 
 from skd.cli import cache as cli
 from skd.codecs import get_codec
 from skd.loss import spherical_normalize
 from skd.replay import auto_multiplier
 from skd.stats import CacheStats, RowStats, logit_stats, plot_stats, summarize
-from skd.store import FORMAT_VERSION, Split, create_store, open_store
+from skd.store import Split, create_store, open_store
 
 N, C, VAL, CLASSES = 300, 10, 200, [f"c{i}" for i in range(10)]
 CONFUSED, AS = 3, 5  # every sample of class c3 is predicted c5
@@ -53,14 +54,8 @@ def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = 
     views = [by_sample[orders[0]], teacher_rows(labels, 1)[orders[1]]]
     views[1][::3] = by_sample[orders[1]][::3]  # a third of view 1 repeats view 0's rows: known consistency
     val = teacher_rows(val_labels, 2)
-    meta = {"format": FORMAT_VERSION, "codec": codec, "views": 2, "shard_rows": 64, "chunk_rows": 16,
-            "teacher": {"name": "handmade", "weights": "none", "weights_sha256": None, "amp": "none",
-                        "num_classes": C, "input": {"size": 32, "interpolation": "bilinear", "mean": [0.5] * 3,
-                                                    "std": [0.5] * 3, "source": {"size": "default"}}},
-            "dataset": {"root": "/nowhere", "num_samples": N, "num_val": VAL, "classes": CLASSES,
-                        "fingerprint": "f" * 64, "val_fingerprint": "v" * 64},
-            "plan": {"seed": 0, "image_size": 32, "loader": "torchvision",
-                     "crop": {"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_prob": 0.5}}}
+    meta = cache_meta(codec=codec, views=2, num_samples=N, num_val=VAL, classes=CLASSES, shard_rows=64,
+                      chunk_rows=16)
     split = lambda n, lab, hw: Split([f"x/{i}.JPEG" for i in range(n)], lab, hw)  # noqa: E731
     boxes = [random_windows(sizes, o, k) for k, o in enumerate(orders)]
     plans = [SimpleNamespace(order=o, box=b, flip=np.zeros(N)) for o, b in zip(orders, boxes)]

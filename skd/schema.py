@@ -1,0 +1,235 @@
+"""What a cache must look like before any of it is trusted: its attributes, arrays and files.
+
+A cache may come from elsewhere (a shared folder, a download, an object store), so it is untrusted
+input. `validate` checks, before anything is allocated or read: the `skd` attributes against a
+schema (types, ranges, required keys, known codec), every array's shape, dtype and chunking against
+the attributes, and that every file is a regular file inside the cache. `samples_sha256` ties the
+sample arrays to the attributes, so swapped or edited sample paths and labels are found.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import stat
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .codecs import CODECS
+from .errors import SkdError
+from .pipelines import INTERPOLATIONS
+
+FORMAT_VERSION = 2
+MAX_SAMPLES = 10**8  # ImageNet-21k has 1.4e7
+MAX_VIEWS = 10**4
+MAX_CLASSES = 10**6
+MAX_SIDE = 8192
+
+Count = Annotated[int, Field(ge=0, strict=True)]
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class SchemaError(SkdError):
+    """A cache that is not what skd wrote: one line naming the cache, the field or file, and what to do."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Crop(_Model):
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip_prob: Annotated[float, Field(ge=0, le=1)]
+
+
+class InputRecipe(_Model):
+    size: Annotated[int, Field(ge=8, le=MAX_SIDE, strict=True)]
+    interpolation: Literal[INTERPOLATIONS]  # type: ignore[valid-type]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: dict[str, str]
+
+    @field_validator("mean", "std")
+    @classmethod
+    def finite(cls, values):
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("must be finite")
+        return values
+
+    @field_validator("std")
+    @classmethod
+    def positive(cls, values):
+        if min(values) <= 0:
+            raise ValueError("must be above 0")
+        return values
+
+
+class Teacher(_Model):
+    name: str
+    weights: str
+    weights_sha256: Hex64 | None
+    amp: Literal["bf16", "fp16", "none"]
+    num_classes: Annotated[int, Field(ge=1, le=MAX_CLASSES, strict=True)]
+    input: InputRecipe
+    pretrained_cfg: dict | None = None
+
+
+class Dataset(_Model):
+    root: str
+    num_samples: Annotated[int, Field(ge=1, le=MAX_SAMPLES, strict=True)]
+    num_val: Annotated[int, Field(ge=0, le=MAX_SAMPLES, strict=True)]
+    classes: Annotated[list[str], Field(min_length=1, max_length=MAX_CLASSES)]
+    fingerprint: Hex64
+    val_fingerprint: Hex64 | None
+    samples_sha256: Hex64
+    val_sha256: Hex64 | None
+    skipped: list[tuple[str, str]] = []
+
+
+class Plan(_Model):
+    seed: Count
+    image_size: Annotated[int, Field(ge=8, le=MAX_SIDE, strict=True)]
+    crop: Crop
+    val_crop_fraction: Annotated[float, Field(gt=0, le=1)]
+    loader: Literal["dali", "torchvision"]
+
+
+class Meta(_Model):
+    """The `skd` group attribute of a cache (cache/README.md)."""
+
+    format: Literal[2]
+    teacher: Teacher
+    dataset: Dataset
+    plan: Plan
+    codec: Literal[tuple(CODECS)]  # type: ignore[valid-type]
+    views: Annotated[int, Field(ge=1, le=MAX_VIEWS, strict=True)]
+    shard_rows: Annotated[int, Field(ge=1, le=2**24, strict=True)]
+    chunk_rows: Annotated[int, Field(ge=1, le=2**24, strict=True)]
+    software: dict[str, str] = {}
+    complete: bool = False
+
+    @model_validator(mode="after")
+    def chunks_divide_shards(self):
+        if self.shard_rows % self.chunk_rows:
+            raise ValueError(f"shard_rows {self.shard_rows} is not a multiple of chunk_rows {self.chunk_rows}")
+        return self
+
+
+def rebuild(where) -> str:
+    return f"{where}: rebuild or re-download it"
+
+
+def check_meta(path: Path, raw) -> dict:
+    """The `skd` attribute checked against the schema; SchemaError naming the first wrong field."""
+    if not isinstance(raw, dict):
+        raise SchemaError(rebuild(f"cache {path}: the 'skd' attribute is a {type(raw).__name__}, not a mapping"))
+    if raw.get("format") != FORMAT_VERSION:
+        raise SchemaError(f"{path} has cache format {raw.get('format')!r}, this skd reads format {FORMAT_VERSION}: "
+                          "rebuild the cache with this skd (`skd-cache build ... --overwrite`), or use the skd "
+                          "that wrote it")
+    try:
+        Meta.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise SchemaError(rebuild(f"cache {path}: attribute skd.{field or '(top)'} is invalid "
+                                  f"({first['msg']}, got {_short(first.get('input'))})")) from None
+    return raw
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tuple | None]]:
+    """{name: (shape, dtype, shard shape or None)} of every array a cache with these attributes holds;
+    dtype "str" for the path arrays."""
+    n, k, c = meta["dataset"]["num_samples"], meta["views"], meta["teacher"]["num_classes"]
+    rows, codec = meta["shard_rows"], CODECS[meta["codec"]]
+    arrays = {"samples/path": ((n,), "str", None), "samples/label": ((n,), "int32", None),
+              "samples/size": ((n, 2), "int32", None), "views/order": ((k, n), "int32", None),
+              "views/box": ((k, n, 4), "int32", None), "views/flip": ((k, n), "uint8", None),
+              "views/logits": ((k, n, c), codec.dtype, (1, rows, c)),
+              "views/complete": ((k, -(-n // rows)), "uint8", None)}
+    if codec.affine:
+        arrays.update({f"views/{name}": ((k, n), "float32", (1, rows)) for name in ("scale", "offset")})
+    if has_val:
+        v = meta["dataset"]["num_val"]
+        arrays.update({"val/path": ((v,), "str", None), "val/label": ((v,), "int32", None),
+                       "val/size": ((v, 2), "int32", None), "val/box": ((v, 4), "int32", None),
+                       "val/logits": ((v, c), codec.dtype, (rows, c)),
+                       "val/complete": ((-(-v // rows),), "uint8", None)})
+        if codec.affine:
+            arrays.update({f"val/{name}": ((v,), "float32", (rows,)) for name in ("scale", "offset")})
+    return arrays
+
+
+def check_arrays(path: Path, group, meta: dict) -> None:
+    """Every array the attributes promise, with the shape, dtype and sharding they imply: SchemaError naming
+    the first that is missing or differs (a shape edited to 10^10 rows is refused here, never allocated)."""
+    has_val = meta["dataset"]["num_val"] > 0
+    for name, (shape, dtype, shards) in expected_arrays(meta, has_val).items():
+        try:
+            array = group[name]
+        except KeyError:
+            raise SchemaError(rebuild(f"cache {path}: array {name} is missing")) from None
+        except Exception as exc:  # an unreadable zarr.json: zarr raises many kinds
+            raise SchemaError(rebuild(f"cache {path}: array {name} has unreadable metadata "
+                                      f"({type(exc).__name__})")) from None
+        found = "str" if np.dtype(array.dtype).kind in "TUO" else str(np.dtype(array.dtype))
+        problems = []
+        if tuple(array.shape) != shape:
+            problems.append(f"shape {tuple(array.shape)}, not {shape}")
+        if found != dtype:
+            problems.append(f"dtype {found}, not {dtype}")
+        if shards is not None and tuple(array.shards or ()) != shards:
+            problems.append(f"shards {array.shards}, not {shards}")
+        if problems:
+            raise SchemaError(rebuild(f"cache {path}: array {name} has {' and '.join(problems)} "
+                                      "(the attributes say so)"))
+
+
+def check_files(path: Path) -> None:
+    """Every entry under the cache is a folder or a regular file inside it: a FIFO would hang a reader, a
+    device or socket is no cache file, and a symlink must not lead out of the cache."""
+    root = Path(os.path.realpath(path))
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    target = Path(os.path.realpath(entry.path))
+                    if root not in target.parents:
+                        raise SchemaError(rebuild(f"cache {path}: {entry.path} is a symlink to {target}, outside "
+                                                  "the cache"))
+                try:
+                    mode = os.stat(entry.path).st_mode
+                except OSError as exc:
+                    raise SchemaError(rebuild(f"cache {path}: {entry.path} cannot be read ({exc.strerror})")) from None
+                if stat.S_ISDIR(mode):
+                    if not entry.is_symlink():
+                        stack.append(Path(entry.path))
+                elif not stat.S_ISREG(mode):
+                    raise SchemaError(rebuild(f"cache {path}: {entry.path} is not a regular file "
+                                              f"({_kind(mode)})"))
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def samples_sha256(paths, labels, sizes) -> str:
+    """sha256 of one `path<TAB>label<TAB>height<TAB>width` line per sample, in sample-id order."""
+    h = hashlib.sha256()
+    for path, label, (height, width) in zip(paths, np.asarray(labels).tolist(), np.asarray(sizes).tolist()):
+        h.update(f"{path}\t{label}\t{height}\t{width}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
