@@ -22,9 +22,9 @@ from .codecs import get_codec
 from .config import BuildConfig
 from .errors import SkdError, fault
 from .index import check_root, index_dataset, quick_fingerprints
-from .plan import VAL_CROP_FRACTION, center_boxes, plan_view
+from .plan import VAL_CROP_FRACTION, center_boxes
 from .recipe import resolve, to_meta
-from .replay import ReplaySource, cached_source, teacher_recipe
+from .replay import ReplaySource, cached_source, planned_view, teacher_recipe
 from .runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
 from .schema import FORMAT_VERSION
 from .store import Split, Store, cache_state, create_store, open_store
@@ -54,6 +54,10 @@ def build_cache(cfg: BuildConfig, *, progress: bool = False, log=None) -> BuildS
         get_codec(cfg.codec)
     except ValueError as exc:
         raise BuildError(f"--codec: {exc}") from None
+    cfg.mix_params().check()
+    if cfg.mix_params().enabled and (cfg.batch_size % 2 or cfg.shard_rows % 2):
+        raise BuildError(f"mixing pairs positions 2i and 2i + 1 in one batch: --batch-size ({cfg.batch_size}) and "
+                         f"--shard-size ({cfg.shard_rows}) must be even")
     d = init_distributed(device_kind(cfg.device))
     try:
         return _build(cfg, d, progress=progress and d.main)
@@ -158,7 +162,7 @@ IDENTITY = {
     "teacher": ("teacher", "name"), "weights": ("teacher", "weights_sha256"), "amp": ("teacher", "amp"),
     "teacher input": ("teacher", "input"),
     "data": ("dataset", "fingerprint"), "val data": ("dataset", "val_fingerprint"),
-    "seed": ("plan", "seed"), "image-size": ("plan", "image_size"), "crop": ("plan", "crop"),
+    "seed": ("plan", "seed"), "image-size": ("plan", "image_size"), "crop": ("plan", "crop"), "mixing": ("plan", "mix"),
     "loader": ("plan", "loader"), "codec": ("codec",), "views": ("views",), "shard-size": ("shard_rows",),
 }
 
@@ -191,7 +195,7 @@ def _identity(cfg: BuildConfig, teacher, amp: str, recipe: dict) -> dict:
                     "amp": amp, "input": recipe, "pretrained_cfg": teacher.pretrained_cfg},
         "dataset": {"root": str(Path(cfg.data).resolve())},
         "plan": {"seed": cfg.seed, "image_size": cfg.image_size, "crop": cfg.crop.to_dict(),
-                 "val_crop_fraction": VAL_CROP_FRACTION, "loader": cfg.loader},
+                 "val_crop_fraction": VAL_CROP_FRACTION, "loader": cfg.loader, "mix": cfg.mix_params().to_dict()},
         "codec": cfg.codec, "views": cfg.views, "shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows,
     }
 
@@ -234,7 +238,8 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
                            skipped=[list(item) for item in index.skipped])
     if out.exists() and cfg.overwrite:
         shutil.rmtree(out)
-    plans = [plan_view(cfg.seed, k, index.train.sizes, cfg.crop) for k in range(cfg.views)]
+    plans = [planned_view(cfg.seed, k, index.train.sizes, cfg.crop, cfg.mix_params(), cfg.image_size)
+             for k in range(cfg.views)]
     train = Split(index.train.paths, index.train.labels, index.train.sizes)
     val = None if index.val is None else Split(index.val.paths, index.val.labels, index.val.sizes)
     val_boxes = None if index.val is None else center_boxes(index.val.sizes, VAL_CROP_FRACTION)

@@ -88,6 +88,24 @@ def teacher_input_options(command):
     return command
 
 
+def mix_options(command):
+    """--mixup, --cutmix, --mixup-prob, --mixup-switch-prob: timm's names and meanings (skd/mixing.py)."""
+    probability = FiniteFloat(min=0, max=1)
+    options = [
+        click.option("--mixup", default=0.0, show_default=True, type=NON_NEGATIVE,
+                     help="MixUp Beta(alpha, alpha); 0: off. Teacher and student see the same mixed image"),
+        click.option("--cutmix", default=0.0, show_default=True, type=NON_NEGATIVE,
+                     help="CutMix Beta(alpha, alpha); 0: off"),
+        click.option("--mixup-prob", default=1.0, show_default=True, type=probability,
+                     help="chance that a pair of images is mixed at all"),
+        click.option("--mixup-switch-prob", default=0.5, show_default=True, type=probability,
+                     help="chance of CutMix instead of MixUp when both are on"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def data_root(data: str | None) -> Path:
     data = data or os.environ.get("SKD_DATA")
     if not data:
@@ -116,6 +134,7 @@ B = BuildConfig  # option defaults come from the config, declared once
 @click.option("--image-size", default=B.image_size, show_default=True, type=click.IntRange(min=8),
               help="the student's input side: the cache's default for skd-train")
 @teacher_input_options
+@mix_options
 @click.option("--batch-size", default=B.batch_size, show_default=True, type=click.IntRange(min=1))
 @click.option("--codec", default=B.codec, show_default=True, type=click.Choice(list(CODECS)))
 @click.option("--amp", default=B.amp, show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
@@ -316,6 +335,7 @@ T = TrainConfig  # option defaults come from the config, declared once
 @click.option("--std", default=",".join(map(str, T.std)), show_default=True, callback=_rgb, metavar="R,G,B",
               help="student input std")
 @teacher_input_options
+@mix_options
 @click.option("--views", default=T.views, show_default=True, type=click.IntRange(min=1),
               help="online mode: plan option")
 @click.option("--plan-seed", default=T.plan_seed, show_default=True, type=int,
@@ -334,7 +354,8 @@ def train(cache, teacher, data, out, **options):
         raise click.UsageError("--resume and --overwrite exclude each other: continue the run or start it again")
     if cache is not None:
         ctx = click.get_current_context()
-        online_only = ("views", "plan_seed", "teacher_size", "teacher_interpolation", "teacher_mean", "teacher_std")
+        online_only = ("views", "plan_seed", "teacher_size", "teacher_interpolation", "teacher_mean", "teacher_std",
+                       "mixup", "cutmix", "mixup_prob", "mixup_switch_prob")
         given = [f"--{name.replace('_', '-')}" for name in online_only
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:

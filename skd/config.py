@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .mixing import MixParams
 from .pipelines import IMAGENET_MEAN, IMAGENET_STD
 from .plan import CropParams
 
@@ -27,8 +28,22 @@ class TeacherInput:
                 "mean": self.teacher_mean, "std": self.teacher_std}
 
 
+@dataclass(kw_only=True)
+class MixOptions:
+    """MixUp / CutMix recorded in the plan, timm's option names and meanings (skd/mixing.py)."""
+
+    mixup: float = 0.0  # Beta(alpha, alpha) of MixUp; 0: off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; 0: off
+    mixup_prob: float = 1.0  # chance that a pair is mixed at all
+    mixup_switch_prob: float = 0.5  # chance of CutMix instead of MixUp when both are on
+
+    def mix_params(self) -> MixParams:
+        return MixParams(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, prob=self.mixup_prob,
+                         switch_prob=self.mixup_switch_prob)
+
+
 @dataclass
-class BuildConfig(TeacherInput):
+class BuildConfig(TeacherInput, MixOptions):
     """Everything `skd-cache build` takes; the plan-, teacher- and data-defining fields are recorded."""
 
     teacher: str
@@ -55,8 +70,8 @@ class BuildConfig(TeacherInput):
 
 
 @dataclass
-class TrainConfig(TeacherInput):
-    """Everything `skd-train` takes (the teacher-input options: online mode only)."""
+class TrainConfig(TeacherInput, MixOptions):
+    """Everything `skd-train` takes (the teacher-input and mixing options: online mode only)."""
 
     cache: Path | None = None
     teacher: str | None = None  # online mode: run this teacher in the loop

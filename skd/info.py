@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .mixing import MixParams, mix_summary, summary_line
 from .store import Store, codec_pipeline
 
 SHOWN = 10  # skipped files listed
@@ -44,6 +45,7 @@ def describe(store: Store) -> dict:
         "shard_rows": store.shard_rows,
         "chunk_rows": meta.get("chunk_rows"),
         "codec_pipeline": codec_pipeline(store.group["views/logits"]),
+        "mixing": {"options": plan.get("mix"), "view 0": mix_summary(*store.view_mix(0))},
         "views": {"total": store.num_views, "complete": store.num_views - len(missing),
                   "shards_complete": int(complete.sum()), "shards_total": int(complete.size),
                   "missing_shards": {str(k): v for k, v in missing.items()}},
@@ -77,6 +79,7 @@ def info_lines(info: dict) -> list[str]:
         "bilinear, ImageNet mean/std",
         f"plan      seed {p['seed']}, {p['image_size']} px, area {crop.get('scale')}, aspect "
         f"{[round(r, 4) for r in crop.get('ratio', [])]}, flip {crop.get('flip_prob')}, loader {p['loader']}",
+        f"mixing    {mixing_line(info['mixing'])}",
         f"codec     {info['codec']}, shards of {info['shard_rows']:,} rows, chunks of {info['chunk_rows']:,}",
         f"reader    {reader_line(info['codec_pipeline'])}",
         f"views     {v['complete']} of {v['total']} complete, {v['shards_complete']} of {v['shards_total']} shards",
@@ -105,6 +108,15 @@ def recipe_line(recipe: dict) -> str:
     origins = "; ".join(f"{', '.join(fields)} from {where}" for where, fields in fields_by_source.items())
     return (f"teacher {recipe['size']} px {recipe['interpolation']}, mean {numbers(recipe['mean'])}, "
             f"std {numbers(recipe['std'])} ({origins})")
+
+
+def mixing_line(mixing: dict) -> str:
+    """The plan's MixUp / CutMix options and what view 0 holds, in words."""
+    o = mixing["options"]
+    if not MixParams.from_dict(o).enabled:
+        return "off"
+    return (f"--mixup {o['mixup_alpha']:g} --cutmix {o['cutmix_alpha']:g} --mixup-prob {o['prob']:g} "
+            f"--mixup-switch-prob {o['switch_prob']:g}; view 0: {summary_line(mixing['view 0'])}")
 
 
 def reader_line(pipeline: str) -> str:

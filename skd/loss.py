@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .mixing import mixed_cross_entropy
+
 LAYER_NORM_EPS = 1e-7
 
 
@@ -35,6 +37,11 @@ def _kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
     return kl * temperature**2
 
 
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, mix_lambda: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy with the labels; of a mixed batch, each row's own and partner's labels weighted by lambda."""
+    return F.cross_entropy(logits, target) if mix_lambda is None else mixed_cross_entropy(logits, target, mix_lambda)
+
+
 def spherical_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -43,15 +50,17 @@ def spherical_kd_loss(
     temperature: float,
     multiplier: float,
     alpha: float,
+    mix_lambda: torch.Tensor | None = None,
 ) -> KDLoss:
     """SKD loss (arXiv 2010.07485): a * KD on normalised logits + (1 - a) * CE on normalised student.
 
-    The teacher never receives gradients.
+    The teacher never receives gradients. `mix_lambda`: the batch is mixed (skd.mixing), and the CE term
+    mixes each row's own and partner's labels.
     """
     z_student = spherical_normalize(student_logits, multiplier)
     z_teacher = spherical_normalize(teacher_logits.detach(), multiplier)
     kd = _kd_term(z_student, z_teacher, temperature)
-    ce = F.cross_entropy(z_student, target)
+    ce = cross_entropy(z_student, target, mix_lambda)
     return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd.detach(), ce.detach())
 
 
@@ -62,17 +71,19 @@ def hinton_kd_loss(
     *,
     temperature: float,
     alpha: float,
+    mix_lambda: torch.Tensor | None = None,
 ) -> KDLoss:
     """Hinton KD: a * KD on raw logits + (1 - a) * CE on raw student logits."""
     student = student_logits.float()
     kd = _kd_term(student, teacher_logits.detach().float(), temperature)
-    ce = F.cross_entropy(student, target)
+    ce = cross_entropy(student, target, mix_lambda)
     return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd.detach(), ce.detach())
 
 
-def hard_label_loss(student_logits: torch.Tensor, target: torch.Tensor) -> KDLoss:
-    """Plain cross-entropy (`--kd none`), in the same shape as the KD losses."""
-    ce = F.cross_entropy(student_logits.float(), target)
+def hard_label_loss(student_logits: torch.Tensor, target: torch.Tensor,
+                    mix_lambda: torch.Tensor | None = None) -> KDLoss:
+    """Plain cross-entropy (`--kd none`; of a mixed batch, the mixed labels), in the same shape as the KD losses."""
+    ce = cross_entropy(student_logits.float(), target, mix_lambda)
     return KDLoss(ce, torch.zeros((), device=ce.device), ce.detach())
 
 

@@ -44,6 +44,7 @@ class ViewPlan:
     order: np.ndarray  # (N,) int32
     box: np.ndarray  # (N, 4) int32
     flip: np.ndarray  # (N,) uint8
+    mix: tuple[np.ndarray, np.ndarray] | None = None  # (mix_lambda, mix_box) by position when mixed (skd.mixing)
 
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)

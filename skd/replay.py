@@ -8,7 +8,7 @@ see the same windows and flips, each at its own input recipe (size, resampling, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,8 +18,9 @@ import torch
 from . import pipelines
 from .errors import SkdError
 from .index import index_dataset, quick_fingerprints
+from .mixing import MixParams, mix_batch, plan_mixing
 from .pipelines import Recipe
-from .plan import CropParams, center_boxes, plan_view
+from .plan import CropParams, ViewPlan, center_boxes, plan_view
 from .reader import RowReader
 from .recipe import from_meta
 from .store import Store
@@ -53,6 +54,7 @@ class ReplaySource:
     plan: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]  # view -> (order, box, flip)
     fingerprint: str
     loader_kind: str  # dali or torchvision
+    mix: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None  # view -> (mix_lambda, mix_box); None: unmixed
 
     def items(self, view: int | None, positions: np.ndarray) -> dict:
         """files, boxes, flips, labels and positions of the given positions of `view` (None: val)."""
@@ -69,9 +71,44 @@ class ReplaySource:
                device: torch.device, recipe: Recipe | None = None):
         """Batches of the views at `positions` of `view` (None: val), in position order, at `recipe`
         (default: the source's own)."""
-        return pipelines.make_loader(self.loader_kind, **self.items(view, positions),
-                                     **(recipe or self.recipe).options(), batch_size=batch_size, workers=workers,
-                                     device=device)
+        loader = pipelines.make_loader(self.loader_kind, **self.items(view, positions),
+                                       **(recipe or self.recipe).options(), batch_size=batch_size, workers=workers,
+                                       device=device)
+        if view is None or self.mix is None:
+            return loader
+        lam, box = self.mix(view)
+        return MixedLoader(loader, lam[positions], box[positions], batch_size)
+
+
+class MixedLoader:
+    """A loader's batches with each pair of rows mixed as the plan recorded (on the batches' device).
+
+    Rows pair up by their index in the loader (2i with 2i + 1), so the positions must come in whole pairs
+    and `batch_size` must be even: the caller's positions are consecutive from an even one, or pairs.
+    """
+
+    def __init__(self, loader, lam: np.ndarray, box: np.ndarray, batch_size: int):
+        if batch_size % 2:
+            raise ValueError(f"mixing needs an even batch size (pairs share a batch), got {batch_size}")
+        self.loader, self.batch_size = loader, batch_size
+        self.lam, self.box = torch.from_numpy(np.ascontiguousarray(lam)), torch.from_numpy(np.ascontiguousarray(box))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            first = index * self.batch_size
+            rows = slice(first, first + len(batch.positions))
+            images = mix_batch(batch.images, self.lam[rows], self.box[rows], first)
+            yield replace(batch, images=images, mix_lambda=self.lam[rows].to(images.device))
+
+
+def planned_view(seed: int, view: int, sizes: np.ndarray, crop: CropParams, mix: MixParams,
+                 image_size: int) -> ViewPlan:
+    """One view as `skd-cache build` plans it: order, windows, flips and, when mixing is on, its mixing."""
+    p = plan_view(seed, view, sizes, crop)
+    return replace(p, mix=plan_mixing(seed, view, len(sizes), mix, image_size) if mix.enabled else None)
 
 
 def teacher_recipe(store: Store) -> Recipe:
@@ -97,7 +134,8 @@ def cached_source(store: Store, *, recipe: Recipe, root: Path | None = None, loa
         val=Samples(val_split.paths, val_split.labels) if use_val else None,
         val_boxes=store.val_boxes() if use_val else None, num_views=store.num_views,
         num_classes=store.num_classes, recipe=recipe, plan=store.view_plan,
-        fingerprint=meta["dataset"]["fingerprint"], loader_kind=loader or meta["plan"]["loader"])
+        fingerprint=meta["dataset"]["fingerprint"], loader_kind=loader or meta["plan"]["loader"],
+        mix=store.view_mix if MixParams.from_dict(meta["plan"]["mix"]).enabled else None)
 
 
 def check_replayable(store: Store, root: Path, val: bool) -> None:
@@ -122,9 +160,10 @@ def check_replayable(store: Store, root: Path, val: bool) -> None:
         raise ReplayError(f"the images under {root}/val differ from those cache {store.path} was built on")
 
 
-def online_source(data: Path, *, views: int, recipe: Recipe, seed: int, crop: CropParams, loader: str,
-                  val: bool, workers: int, num_classes: int) -> ReplaySource:
-    """Views planned exactly as `skd-cache build` plans them, for a run with the teacher in the loop."""
+def online_source(data: Path, *, views: int, recipe: Recipe, seed: int, crop: CropParams, mix: MixParams,
+                  plan_size: int, loader: str, val: bool, workers: int, num_classes: int) -> ReplaySource:
+    """Views planned exactly as `skd-cache build` plans them (`plan_size`: its --image-size, which sets the
+    CutMix area correction), for a run with the teacher in the loop."""
     index = index_dataset(data, with_val=val, workers=max(4, workers))
     sizes = index.train.sizes
 
@@ -132,12 +171,15 @@ def online_source(data: Path, *, views: int, recipe: Recipe, seed: int, crop: Cr
         p = plan_view(seed, view, sizes, crop)
         return p.order, p.box, p.flip
 
+    def mixing(view: int) -> tuple[np.ndarray, np.ndarray]:
+        return plan_mixing(seed, view, len(sizes), mix, plan_size)
+
     v = index.val
     return ReplaySource(
         root=index.root, train=Samples(index.train.paths, index.train.labels),
         val=Samples(v.paths, v.labels) if v else None, val_boxes=center_boxes(v.sizes) if v else None,
         num_views=views, num_classes=num_classes, recipe=recipe, plan=plan,
-        fingerprint=index.train.fingerprint, loader_kind=loader)
+        fingerprint=index.train.fingerprint, loader_kind=loader, mix=mixing if mix.enabled else None)
 
 
 def cached_logits(store: Store, view: int | None, start: int, stop: int, batch_size: int,

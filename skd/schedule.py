@@ -30,10 +30,12 @@ def alpha_at(alpha: str, epoch: int, epochs: int) -> float:
 
 
 def kd_loss(kd: str, *, temperature: float, multiplier: float, alpha: float) -> Callable[..., KDLoss]:
-    """The loss function (student logits, teacher logits, target) -> KDLoss of `--kd skd|hinton|none`."""
+    """The loss function (student logits, teacher logits, target, mix lambda or None) -> KDLoss of
+    `--kd skd|hinton|none`."""
     if kd == "skd":
-        return lambda s, t, y: spherical_kd_loss(s, t, y, temperature=temperature, multiplier=multiplier,
-                                                 alpha=alpha)
+        return lambda s, t, y, lam=None: spherical_kd_loss(s, t, y, temperature=temperature, multiplier=multiplier,
+                                                           alpha=alpha, mix_lambda=lam)
     if kd == "hinton":
-        return lambda s, t, y: hinton_kd_loss(s, t, y, temperature=temperature, alpha=alpha)
-    return lambda s, t, y: hard_label_loss(s, y)
+        return lambda s, t, y, lam=None: hinton_kd_loss(s, t, y, temperature=temperature, alpha=alpha,
+                                                        mix_lambda=lam)
+    return lambda s, t, y, lam=None: hard_label_loss(s, y, lam)

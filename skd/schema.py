@@ -46,6 +46,13 @@ class Crop(_Model):
     flip_prob: Annotated[float, Field(ge=0, le=1)]
 
 
+class Mix(_Model):
+    mixup_alpha: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    cutmix_alpha: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    prob: Annotated[float, Field(ge=0, le=1)]
+    switch_prob: Annotated[float, Field(ge=0, le=1)]
+
+
 class InputRecipe(_Model):
     size: Annotated[int, Field(ge=8, le=MAX_SIDE, strict=True)]
     interpolation: Literal[INTERPOLATIONS]  # type: ignore[valid-type]
@@ -96,6 +103,7 @@ class Plan(_Model):
     crop: Crop
     val_crop_fraction: Annotated[float, Field(gt=0, le=1)]
     loader: Literal["dali", "torchvision"]
+    mix: Mix
 
 
 class Meta(_Model):
@@ -154,6 +162,7 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
     arrays = {"samples/path": ((n,), "str", None), "samples/label": ((n,), "int32", None),
               "samples/size": ((n, 2), "int32", None), "views/order": ((k, n), "int32", None),
               "views/box": ((k, n, 4), "int32", None), "views/flip": ((k, n), "uint8", None),
+              "views/mix_lambda": ((k, n), "float32", None), "views/mix_box": ((k, n, 4), "float32", None),
               "views/logits": ((k, n, c), codec.dtype, (1, rows, c)),
               "views/complete": ((k, -(-n // rows)), "uint8", None)}
     if codec.affine:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .codecs import Encoded
 from .errors import SkdError
 from .loss import LAYER_NORM_EPS
+from .mixing import mix_summary, summary_line
 from .reader import RowReader
 from .replay import mean_row_std
 from .store import Store
@@ -151,6 +152,7 @@ class SplitStats:
     class_accuracy: np.ndarray = field(repr=False)  # NaN for classes without samples
     class_count: np.ndarray = field(repr=False)  # rows of each class
     crop_areas: list[dict] | None = None  # views only: top-1 and max-probability by crop-area bucket
+    mixing: dict | None = None  # views only: shares of MixUp, CutMix and unmixed rows, mean lambda
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not isinstance(v, np.ndarray)}
@@ -273,6 +275,7 @@ def logit_stats(store: Store, views: list[int] | None = (0,), *, val: bool = Tru
         rows = stream_rows(store, k, labels, desc=f"view {k}", **kwargs)
         area = crop_area_fraction(box, sizes[order])
         splits.append(summarize(f"view {k}", rows, labels, classes, ece=False, area=area))
+        splits[-1].mixing = mix_summary(*store.view_mix(k))
         by_sample = np.empty_like(rows.pred)
         by_sample[order] = rows.pred
         preds.append(by_sample)
@@ -315,6 +318,8 @@ def stats_lines(s: CacheStats) -> list[str]:
             lines.append("  by crop area: " + ", ".join(
                 f"{b['bucket']} top-1 {b['top1']:.1%} (p {b['max_prob']:.2f}, {b['rows']:,} rows)" if b["rows"]
                 else f"{b['bucket']} no rows" for b in p.crop_areas))
+        if p.mixing is not None:
+            lines.append(f"  mixing: {summary_line(p.mixing)} (the teacher's logits are of the mixed images)")
     if s.auto_multiplier is not None:
         lines.append(f"suggested SKD multiplier (--multiplier auto): {s.auto_multiplier:.3f}")
     if s.consistency is not None:

@@ -99,6 +99,10 @@ class Store:
         """(order, box, flip) of one view as recorded."""
         return tuple(self._read(f"views/{name}", view) for name in ("order", "box", "flip"))
 
+    def view_mix(self, view: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mix_lambda, mix_box) of one view as recorded: own-image weights (1: unmixed), CutMix regions."""
+        return self._read("views/mix_lambda", view), self._read("views/mix_box", view)
+
     def val_boxes(self) -> np.ndarray:
         return self._read("val/box")
 
@@ -308,9 +312,13 @@ def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Spli
     order = np.stack([p.order for p in plans]).astype(np.int32)
     box = np.stack([p.box for p in plans]).astype(np.int32)
     flip = np.stack([p.flip for p in plans]).astype(np.uint8)
+    unmixed = np.ones(n, np.float32), np.zeros((n, 4), np.float32)
+    mixes = [getattr(p, "mix", None) or unmixed for p in plans]  # plans without mixing: every row unmixed
     _create(group, "views/order", order, chunks=(1, shard))
     _create(group, "views/box", box, chunks=(1, shard, 4))
     _create(group, "views/flip", flip, chunks=(1, shard))
+    _create(group, "views/mix_lambda", np.stack([m[0] for m in mixes]).astype(np.float32), chunks=(1, shard))
+    _create(group, "views/mix_box", np.stack([m[1] for m in mixes]).astype(np.float32), chunks=(1, shard, 4))
     _logit_arrays(group, "views", (k,), n, num_classes, codec, shard_rows, chunk_rows)
     if val is not None:
         _write_split(group, "val", val, chunk_rows)

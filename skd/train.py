@@ -76,7 +76,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     out = Path(cfg.out)
     writer_class = check_run_folder(cfg, out)
     run = open_run(cfg, device)
-    check_world(len(run.source.train.paths), cfg.batch_size, d)
+    check_world(len(run.source.train.paths), cfg.batch_size, d, run.source.mix is not None)
     torch.manual_seed(cfg.seed)
     student = make_student(cfg.arch, run.source, device)
     base_lr = cfg.lr * cfg.batch_size / 256
@@ -147,26 +147,32 @@ def open_run(cfg: TrainConfig, device: torch.device) -> Run:
         raise TrainError("pass --cache DIR, or --teacher NAME with --data ROOT for online distillation")
     if cfg.multiplier == "auto":
         raise TrainError("--multiplier auto reads the cache's logits: pass a number in online mode")
+    cfg.mix_params().check()
     teacher = load_teacher(cfg.teacher, cfg.weights)
     size = cfg.image_size or ONLINE_IMAGE_SIZE
     recipe, _ = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, size)
     model = place(teacher.model, device)
     num_classes = output_classes(model, recipe.size, device, f"teacher {cfg.teacher}")
     source = online_source(cfg.data, views=cfg.views, recipe=student_recipe(size, cfg.mean, cfg.std),
-                           seed=cfg.plan_seed, crop=cfg.crop, loader=cfg.loader or "dali", val=cfg.val,
-                           workers=cfg.workers, num_classes=num_classes)
+                           seed=cfg.plan_seed, crop=cfg.crop, mix=cfg.mix_params(), plan_size=size,
+                           loader=cfg.loader or "dali", val=cfg.val, workers=cfg.workers, num_classes=num_classes)
     identity = {"online": cfg.teacher, "fingerprint": source.fingerprint, "teacher": teacher.weights_sha256,
-                "views": cfg.views, "teacher input": list(recipe.options().values())}
+                "views": cfg.views, "teacher input": list(recipe.options().values()),
+                "mixing": cfg.mix_params().to_dict()}
     return Run(source, None, model, recipe, float(cfg.multiplier), identity)
 
 
-def check_world(samples: int, batch_size: int, d: Dist) -> None:
+def check_world(samples: int, batch_size: int, d: Dist, mixed: bool) -> None:
     if samples < d.world:
         raise TrainError(f"{samples} training samples cannot be shared by {d.world} processes: "
                          f"use at most {samples}")
     if batch_size < d.world:
         raise TrainError(f"--batch-size {batch_size} is the global batch: give each of the {d.world} "
                          "processes at least one image")
+    if mixed and (batch_size // d.world) % 2:
+        raise TrainError(f"--batch-size {batch_size} gives each of {d.world} processes {batch_size // d.world} "
+                         "images: mixed views pair positions 2i and 2i + 1 in one batch, so each process needs an "
+                         "even number")
 
 
 def make_student(arch: str, source: ReplaySource, device: torch.device) -> nn.Module:
@@ -222,13 +228,16 @@ def record_epoch(cfg: TrainConfig, out: Path, run: Run, student, optimizer, scal
 # One epoch
 
 
-def rank_range(n: int, d: Dist, local_batch: int) -> tuple[int, int]:
+def rank_range(n: int, d: Dist, local_batch: int, mixed: bool = False) -> tuple[int, int]:
     """This rank's contiguous part of a view's positions; equal parts so all ranks take equal steps.
 
     A part that would end in a batch of one image leaves that image out (BatchNorm cannot train on
-    one); each view's order differs, so it is a different sample in each view.
+    one); each view's order differs, so it is a different sample in each view. With mixing, parts
+    hold whole pairs (an even count from an even position).
     """
     per = n // d.world
+    if mixed and d.world > 1:
+        per -= per % 2
     used = per - 1 if per > 1 and per % local_batch == 1 else per
     return d.rank * per, d.rank * per + used
 
@@ -252,7 +261,7 @@ def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int
     """One pass over this rank's part of view `epoch mod K`; returns the epoch's metrics (all ranks)."""
     view = epoch % run.source.num_views
     local_batch = max(1, cfg.batch_size // d.world)
-    start, stop = rank_range(len(run.source.train.paths), d, local_batch)
+    start, stop = rank_range(len(run.source.train.paths), d, local_batch, run.source.mix is not None)
     loader = run.source.loader(view, np.arange(start, stop), batch_size=local_batch, workers=cfg.workers,
                                device=device)
     cached = cached_logits(run.store, view, start, stop, local_batch, device) \
@@ -280,7 +289,7 @@ def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int
             teacher = teacher_logits(run, cached, teacher_batches, batch, images, device, cfg.amp)
             with autocast(device, cfg.amp):
                 student_logits = model(images)
-            parts = loss_fn(student_logits, teacher, target)
+            parts = loss_fn(student_logits, teacher, target, batch.mix_lambda)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(parts.loss).backward()
             scaler.step(optimizer)

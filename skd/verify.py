@@ -238,12 +238,21 @@ def size_problems(root: Path, rows: Rows) -> dict[int, str]:
 
 def run_teacher(model, source: ReplaySource, view: int | None, positions: np.ndarray, *, batch_size: int,
                 workers: int, device: torch.device, amp: str, bar) -> torch.Tensor:
-    """The teacher's float32 logits of the recorded views at `positions` of `view` (None: val), in order."""
+    """The teacher's float32 logits of the recorded views at `positions` of `view` (None: val), in order.
+
+    A mixed view's row is its image mixed with its partner's (position p XOR 1): whole pairs are replayed.
+    """
+    wanted = np.asarray(positions)
+    if view is not None and source.mix is not None:
+        n = len(source.train.paths)
+        positions = np.unique(np.concatenate([wanted & ~1, np.minimum(wanted | 1, n - 1)]))
+        batch_size += batch_size % 2
     out = []
     for batch in source.loader(view, positions, batch_size=batch_size, workers=workers, device=device):
         out.append(forward(model, batch.images, device, amp).cpu())
-        bar.update(len(batch.positions))
-    return torch.cat(out) if out else torch.zeros(0)
+        bar.update(int(np.isin(batch.positions.numpy(), wanted).sum()))
+    logits = torch.cat(out) if out else torch.zeros(0)
+    return logits[torch.from_numpy(np.searchsorted(positions, wanted))] if len(logits) else logits
 
 
 def stored_rows(store: Store, view: int | None, positions: np.ndarray) -> tuple[torch.Tensor, dict[int, str]]:

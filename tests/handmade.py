@@ -22,5 +22,6 @@ def cache_meta(*, codec: str, views: int, num_samples: int, classes: list[str], 
         "dataset": {"root": "/nowhere", "num_samples": num_samples, "num_val": num_val, "classes": list(classes),
                     "fingerprint": "f" * 64, "val_fingerprint": "e" * 64 if num_val else None},
         "plan": {"seed": 0, "image_size": image_size, "loader": "torchvision", "val_crop_fraction": 0.875,
+                 "mix": {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "prob": 1.0, "switch_prob": 0.5},
                  "crop": {"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_prob": 0.5}},
     }
