@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,13 +21,14 @@ from tqdm import tqdm
 from . import __version__, pipelines
 from .codecs import get_codec
 from .config import BuildConfig
-from .errors import SkdError, fault
+from .errors import SkdError, SkdWarning, fault
 from .index import check_root, index_dataset, quick_fingerprints
-from .plan import VAL_CROP_FRACTION, center_boxes
+from .mixing import MixParams
+from .plan import VAL_CROP_FRACTION, ViewPlan, center_boxes, plan_id
 from .recipe import resolve, to_meta
 from .replay import ReplaySource, cached_source, planned_view, teacher_recipe
 from .runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
-from .schema import FORMAT_VERSION
+from .schema import FORMAT_VERSION, samples_sha256
 from .store import Split, Store, cache_state, create_store, open_store
 from .teachers import forward, load_teacher, output_classes
 from .writer import BuildLock, ShardWriter
@@ -55,9 +57,6 @@ def build_cache(cfg: BuildConfig, *, progress: bool = False, log=None) -> BuildS
     except ValueError as exc:
         raise BuildError(f"--codec: {exc}") from None
     cfg.mix_params().check()
-    if cfg.mix_params().enabled and (cfg.batch_size % 2 or cfg.shard_rows % 2):
-        raise BuildError(f"mixing pairs positions 2i and 2i + 1 in one batch: --batch-size ({cfg.batch_size}) and "
-                         f"--shard-size ({cfg.shard_rows}) must be even")
     d = init_distributed(device_kind(cfg.device))
     try:
         return _build(cfg, d, progress=progress and d.main)
@@ -72,9 +71,12 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     amp = amp_name(cfg.amp, device)
     check_root(Path(cfg.data))  # before the lock and --out's parents are created
     teacher = load_teacher(cfg.teacher, cfg.weights)
-    recipe, origin = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, cfg.image_size)
+    plan, views = recorded_plan(cfg)
+    check_pairs(cfg, plan)
+    recipe, origin = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published,
+                             plan["image_size"])
     model = place(teacher.model, device)
-    meta = {**_identity(cfg, teacher, amp, to_meta(recipe, origin)), "software": _software()}
+    meta = {**_identity(cfg, teacher, amp, to_meta(recipe, origin), plan, views), "software": _software()}
     lock, store, problem = None, None, None
     if d.main:
         try:
@@ -92,7 +94,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
         if problem is not None:
             raise problem
         store = store or open_store(cfg.out, mode="r+")
-        source = cached_source(store, recipe=teacher_recipe(store), root=Path(cfg.data), loader=cfg.loader)
+        source = cached_source(store, recipe=teacher_recipe(store), root=Path(cfg.data))
         model = torch.compile(model) if cfg.compile else model
         rows = sum(fill_view(store, source, view, model, cfg, d, device, amp, progress)
                    for view in [*range(store.num_views), *([None] if store.has_val else [])])
@@ -187,16 +189,31 @@ def _software() -> dict:
     return versions
 
 
-def _identity(cfg: BuildConfig, teacher, amp: str, recipe: dict) -> dict:
+def recorded_plan(cfg: BuildConfig) -> tuple[dict, int]:
+    """The plan attributes and view count of the new cache: from the options, or --plan-from's own."""
+    if cfg.plan_from is not None:
+        source = open_store(cfg.plan_from)
+        return {k: v for k, v in source.meta["plan"].items() if k != "id"}, source.num_views
+    return {"seed": cfg.seed, "image_size": cfg.image_size, "crop": cfg.crop.to_dict(),
+            "val_crop_fraction": VAL_CROP_FRACTION, "loader": cfg.loader, "mix": cfg.mix_params().to_dict()}, cfg.views
+
+
+def check_pairs(cfg: BuildConfig, plan: dict) -> None:
+    """A mixed plan pairs positions 2i and 2i + 1, and a pair must share a batch."""
+    if MixParams.from_dict(plan["mix"]).enabled and (cfg.batch_size % 2 or cfg.shard_rows % 2):
+        raise BuildError(f"mixing pairs positions 2i and 2i + 1 in one batch: --batch-size ({cfg.batch_size}) and "
+                         f"--shard-size ({cfg.shard_rows}) must be even")
+
+
+def _identity(cfg: BuildConfig, teacher, amp: str, recipe: dict, plan: dict, views: int) -> dict:
     """The part of the metadata that decides the cache's contents (compared on resume)."""
     return {
         "format": FORMAT_VERSION,
         "teacher": {"name": cfg.teacher, "weights": teacher.weights, "weights_sha256": teacher.weights_sha256,
                     "amp": amp, "input": recipe, "pretrained_cfg": teacher.pretrained_cfg},
         "dataset": {"root": str(Path(cfg.data).resolve())},
-        "plan": {"seed": cfg.seed, "image_size": cfg.image_size, "crop": cfg.crop.to_dict(),
-                 "val_crop_fraction": VAL_CROP_FRACTION, "loader": cfg.loader, "mix": cfg.mix_params().to_dict()},
-        "codec": cfg.codec, "views": cfg.views, "shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows,
+        "plan": dict(plan),
+        "codec": cfg.codec, "views": views, "shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows,
     }
 
 
@@ -216,7 +233,7 @@ def check_out(out: Path, data: Path) -> None:
 
 
 def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> Store:
-    """Open the cache at cfg.out for resuming, or index the data and create it.
+    """Open the cache at cfg.out for resuming, or lay out its samples and plan and create it.
 
     Refuses a cache built with different identity settings. `num_classes()` runs the teacher
     once; it is called only after the dataset index found no bad image.
@@ -224,27 +241,79 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         return _resume(cfg, meta)
-    index = index_dataset(cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress,
-                          on_bad=cfg.on_bad_image)
+    layout = copied_layout(cfg) if cfg.plan_from is not None else planned_layout(cfg, progress)
     classes = num_classes()
-    if classes < len(index.classes):
+    dataset_classes = len(layout.dataset["classes"])
+    if classes < dataset_classes:
         raise BuildError(f"teacher {cfg.teacher} has {classes} outputs but {cfg.data}/train has "
-                         f"{len(index.classes)} classes: use a teacher trained on these classes")
+                         f"{dataset_classes} classes: use a teacher trained on these classes")
+    if classes > dataset_classes:
+        warnings.warn(f"teacher {cfg.teacher} has {classes} outputs and {cfg.data}/train {dataset_classes} classes: "
+                      "class i of the dataset is taken to be output i (its accuracy in skd-cache stats says "
+                      "whether that holds)", SkdWarning, stacklevel=2)
     meta["teacher"]["num_classes"] = classes
-    meta["dataset"].update(num_samples=len(index.train), classes=index.classes,
-                           num_val=len(index.val) if index.val is not None else 0,
-                           fingerprint=index.train.fingerprint,
-                           val_fingerprint=index.val.fingerprint if index.val is not None else None,
-                           skipped=[list(item) for item in index.skipped])
+    meta["dataset"].update(layout.dataset)
+    meta["plan"]["id"] = layout.plan_id(meta["plan"])
     if out.exists() and cfg.overwrite:
         shutil.rmtree(out)
+    return create_store(cfg.out, meta, train=layout.train, plans=layout.plans, val=layout.val,
+                        val_boxes=layout.val_boxes, num_classes=classes)
+
+
+@dataclass
+class Layout:
+    """What a new cache holds besides logits: its samples, the plan of every view, the validation windows."""
+
+    train: Split
+    plans: list
+    val: Split | None
+    val_boxes: np.ndarray | None
+    dataset: dict  # the dataset attributes: counts, classes, fingerprints, skipped files
+
+    def plan_id(self, plan_meta: dict) -> str:
+        params = {k: v for k, v in plan_meta.items() if k not in ("id", "loader")}
+        n = len(self.train.paths)
+        unmixed = (np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+        arrays = [np.asarray(a, dtype) for p in self.plans
+                  for a, dtype in zip((p.order, p.box, p.flip, *(p.mix or unmixed)),
+                                      ("int32", "int32", "uint8", "float32", "float32"))]
+        if self.val is not None:
+            arrays.append(np.asarray(self.val_boxes, "int32"))
+        return plan_id(samples_sha256(self.train.paths, self.train.labels, self.train.sizes),
+                       None if self.val is None else samples_sha256(self.val.paths, self.val.labels, self.val.sizes),
+                       params, arrays)
+
+
+def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
+    """Index the dataset and plan every view."""
+    index = index_dataset(cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress,
+                          on_bad=cfg.on_bad_image)
     plans = [planned_view(cfg.seed, k, index.train.sizes, cfg.crop, cfg.mix_params(), cfg.image_size)
              for k in range(cfg.views)]
-    train = Split(index.train.paths, index.train.labels, index.train.sizes)
     val = None if index.val is None else Split(index.val.paths, index.val.labels, index.val.sizes)
-    val_boxes = None if index.val is None else center_boxes(index.val.sizes, VAL_CROP_FRACTION)
-    return create_store(cfg.out, meta, train=train, plans=plans, val=val, val_boxes=val_boxes,
-                        num_classes=classes)
+    return Layout(train=Split(index.train.paths, index.train.labels, index.train.sizes), plans=plans, val=val,
+                  val_boxes=None if val is None else center_boxes(index.val.sizes, VAL_CROP_FRACTION),
+                  dataset={"num_samples": len(index.train), "classes": index.classes,
+                           "num_val": len(index.val) if index.val is not None else 0,
+                           "fingerprint": index.train.fingerprint,
+                           "val_fingerprint": index.val.fingerprint if index.val is not None else None,
+                           "skipped": [list(item) for item in index.skipped]})
+
+
+def copied_layout(cfg: BuildConfig) -> Layout:
+    """The samples and the whole recorded plan of the cache at --plan-from, byte for byte, once the images
+    under --data are checked to be the ones it was built on."""
+    source = open_store(cfg.plan_from)
+    recorded = source.meta["dataset"]
+    found = quick_fingerprints(Path(cfg.data), source.has_val, recorded.get("skipped", []))
+    if found != (recorded["fingerprint"], recorded["val_fingerprint"]):
+        raise BuildError(f"the images under {cfg.data} differ from those --plan-from {cfg.plan_from} was built on "
+                         "(file list or sizes): pass its --data")
+    plans = [ViewPlan(*source.view_plan(k), mix=source.view_mix(k)) for k in range(source.num_views)]
+    keys = ("num_samples", "classes", "num_val", "fingerprint", "val_fingerprint", "skipped")
+    return Layout(train=source.split("samples"), plans=plans, val=source.split("val") if source.has_val else None,
+                  val_boxes=source.val_boxes() if source.has_val else None,
+                  dataset={k: recorded.get(k) for k in keys})
 
 
 def _resume(cfg: BuildConfig, meta: dict) -> Store:

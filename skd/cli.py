@@ -148,6 +148,9 @@ B = BuildConfig  # option defaults come from the config, declared once
               help="rows per shard: the unit of writing and of resuming")
 @click.option("--chunk-size", "chunk_rows", default=B.chunk_rows, show_default=True, type=click.IntRange(min=1),
               help="rows per chunk inside a shard: the unit of reading")
+@click.option("--plan-from", type=click.Path(path_type=Path),
+              help="take the samples and the whole recorded plan of this cache (views, windows, flips, mixing, "
+                   "image size): a second teacher on identical views")
 @click.option("--compile", is_flag=True, help="torch.compile the teacher")
 @click.option("--overwrite", is_flag=True,
               help="delete an existing cache at --out and rebuild (never a folder that is not a cache)")
@@ -161,6 +164,15 @@ def build(data, out, **options):
     from .build import build_cache, summary_lines
     from .teachers import alias
 
+    if options["plan_from"] is not None:
+        ctx = click.get_current_context()
+        plan_options = ("views", "image_size", "seed", "loader", "val", "mixup", "cutmix", "mixup_prob",
+                        "mixup_switch_prob")
+        given = [f"--{'no-val' if name == 'val' else name.replace('_', '-')}" for name in plan_options
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: --plan-from takes the whole plan of its cache (see "
+                                   "skd-cache info); only the teacher, its input and the codec may differ")
     options["chunk_rows"] = min(options["chunk_rows"], options["shard_rows"])
     if options["shard_rows"] % options["chunk_rows"]:
         raise click.BadParameter(f"{options['shard_rows']} is not a multiple of --chunk-size {options['chunk_rows']}",
@@ -200,7 +212,7 @@ def info(cache_dir, as_json):
 
 
 @cache.command()
-@CACHE_DIR
+@click.argument("cache_dirs", metavar="DIR [DIR ...]", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--views", default="0", show_default=True, callback=lambda c, p, v: _views(v),
               help="views to read: 'all' or comma-separated numbers, e.g. 0,3")
 @click.option("--no-val", is_flag=True, help="skip the validation logits (val/)")
@@ -212,14 +224,20 @@ def info(cache_dir, as_json):
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="also write histograms of std, max-probability and per-class accuracy to this PNG")
 @user_errors
-def stats(cache_dir, views, no_val, temperature, multiplier, as_json, plot):
-    """Teacher accuracy, logit scale, confidence, calibration, view consistency and storage cost of a cache."""
+def stats(cache_dirs, views, no_val, temperature, multiplier, as_json, plot):
+    """Teacher accuracy, logit scale, confidence, calibration, view consistency and storage cost of a cache;
+    of several caches on one plan, the teachers compared on identical views."""
     from .stats import check_plot_path, logit_stats, plot_stats, stats_lines
     from .store import open_store
 
+    if len(cache_dirs) > 1:
+        from .compare import compare_lines, compare_teachers
+        report = compare_teachers([open_store(d) for d in cache_dirs], views, progress=True)
+        click.echo(json.dumps(report, indent=2) if as_json else "\n".join(compare_lines(report)))
+        return
     if plot is not None:
         check_plot_path(plot)
-    report = logit_stats(open_store(cache_dir), views, val=not no_val, temperature=temperature,
+    report = logit_stats(open_store(cache_dirs[0]), views, val=not no_val, temperature=temperature,
                          multiplier=multiplier, progress=True)
     if plot is not None:
         plot_stats(report, plot)
@@ -280,6 +298,18 @@ def _alpha(value: str) -> str:
     return value
 
 
+def _numbers(value: str | None) -> list[float] | None:
+    if not value:
+        return None
+    try:
+        numbers = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("comma-separated numbers, e.g. 0.5,0.5") from None
+    if not all(math.isfinite(n) and n >= 0 for n in numbers) or sum(numbers) <= 0:
+        raise click.BadParameter(f"{value!r}: numbers >= 0, not all 0")
+    return numbers
+
+
 def _milestones(value: str | None) -> list[int] | None:
     if not value:
         return None
@@ -294,7 +324,10 @@ T = TrainConfig  # option defaults come from the config, declared once
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="skd-train")
-@click.option("--cache", type=click.Path(path_type=Path), help="cache folder written by skd-cache build")
+@click.option("--cache", type=click.Path(path_type=Path), multiple=True,
+              help="cache folder written by skd-cache build; repeat it for an ensemble of caches built on one plan")
+@click.option("--teacher-weights", callback=lambda c, p, v: _numbers(v), metavar="W1,W2,...",
+              help="weights of the ensemble's teachers, one per --cache (default: equal)")
 @click.option("--teacher", help="online mode (no cache): run this teacher in the loop")
 @click.option("--weights", help="teacher weights for online mode (as in skd-cache build)")
 @click.option("--data", help="dataset root; default: the root recorded in the cache (online mode: $SKD_DATA)")
@@ -346,6 +379,7 @@ def train(cache, teacher, data, out, **options):
     from .teachers import alias
     from .train import train as run
 
+    cache = list(cache) or None
     if cache is None and teacher is None:
         raise click.UsageError("pass --cache DIR (or --teacher NAME --data ROOT for online distillation)")
     if cache is not None and teacher is not None:
@@ -363,7 +397,7 @@ def train(cache, teacher, data, out, **options):
                                    "input it was built with, which skd-cache info shows")
     if teacher is not None:
         data = data_root(data)
-    name = Path(cache).name if cache is not None else f"online-{alias(teacher)}"
+    name = "+".join(Path(c).name for c in cache) if cache is not None else f"online-{alias(teacher)}"
     cfg = TrainConfig(cache=cache, teacher=teacher, data=Path(data) if data else None,
                       out=out or Path("runs") / f"{name}-{alias(options['arch'])}", **options)
     metrics = run(cfg, progress=True, log=lambda m: click.echo(m, err=True))

@@ -66,6 +66,7 @@ class BuildConfig(TeacherInput, MixOptions):
     val: bool = True
     on_bad_image: str = "error"
     crop: CropParams = field(default_factory=CropParams)
+    plan_from: Path | None = None  # copy the samples and the whole plan of this cache (a second teacher)
 
 
 
@@ -73,7 +74,8 @@ class BuildConfig(TeacherInput, MixOptions):
 class TrainConfig(TeacherInput, MixOptions):
     """Everything `skd-train` takes (the teacher-input and mixing options: online mode only)."""
 
-    cache: Path | None = None
+    cache: Path | list[Path] | None = None  # one cache, or several built on one plan (an ensemble)
+    teacher_weights: list[float] | None = None  # of an ensemble's caches; default: equal
     teacher: str | None = None  # online mode: run this teacher in the loop
     weights: str | None = None
     data: Path | None = None
@@ -109,6 +111,12 @@ class TrainConfig(TeacherInput, MixOptions):
     views: int = 10
     plan_seed: int = 0
     crop: CropParams = field(default_factory=CropParams)
+
+    def caches(self) -> list[Path]:
+        """The caches to read, in order (none in online mode)."""
+        if self.cache is None:
+            return []
+        return [Path(c) for c in self.cache] if isinstance(self.cache, (list, tuple)) else [Path(self.cache)]
 
     def settings(self) -> dict:
         """What a resumed run must repeat: the weights' and scaler's shape, the schedule and loss of every epoch."""

@@ -13,6 +13,10 @@ class SkdError(ValueError):
     """A user mistake or unusable input: one line saying what is wrong and what to do."""
 
 
+class SkdWarning(UserWarning):
+    """A likely mistake that does not stop the run (the commands print it as one `warning:` line)."""
+
+
 def fault(point: str, count: int) -> None:
     """Fault injection for the crash tests: SKD_FAULT=<point>:<count> kills this process with SIGKILL,
     SKD_INTERRUPT=<point>:<count> sends it SIGINT (a Ctrl-C).

@@ -51,17 +51,29 @@ def spherical_kd_loss(
     multiplier: float,
     alpha: float,
     mix_lambda: torch.Tensor | None = None,
+    teacher_normalized: bool = False,
 ) -> KDLoss:
     """SKD loss (arXiv 2010.07485): a * KD on normalised logits + (1 - a) * CE on normalised student.
 
     The teacher never receives gradients. `mix_lambda`: the batch is mixed (skd.mixing), and the CE term
-    mixes each row's own and partner's labels.
+    mixes each row's own and partner's labels. `teacher_normalized`: the teacher logits are already
+    layer-normalised (an ensemble's mean, `ensemble_target`) and are only scaled by the multiplier.
     """
     z_student = spherical_normalize(student_logits, multiplier)
-    z_teacher = spherical_normalize(teacher_logits.detach(), multiplier)
+    teacher = teacher_logits.detach().float()
+    z_teacher = teacher * multiplier if teacher_normalized else spherical_normalize(teacher, multiplier)
     kd = _kd_term(z_student, z_teacher, temperature)
     ce = cross_entropy(z_student, target, mix_lambda)
     return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd.detach(), ce.detach())
+
+
+def ensemble_target(kd: str, teachers: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Several teachers' logits of one batch as one target: for SKD the weighted mean of their layer-normalised
+    logits (each teacher on the sphere first, so none dominates by its logit scale; pass it with
+    `teacher_normalized=True`), otherwise the weighted mean of the logits. `weights` sum to 1."""
+    if kd == "skd":
+        return sum(w * spherical_normalize(t, 1.0) for w, t in zip(weights, teachers))
+    return sum(w * t.float() for w, t in zip(weights, teachers))
 
 
 def hinton_kd_loss(

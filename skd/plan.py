@@ -7,6 +7,8 @@ the resulting integers; replay reads them back and never re-derives them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -154,3 +156,17 @@ def center_boxes(sizes: np.ndarray, crop_fraction: float = VAL_CROP_FRACTION) ->
     y = (h - side) // 2
     x = (w - side) // 2
     return np.stack([y, x, side, side], axis=1).astype(np.int32)
+
+
+def plan_id(samples_sha256: str, val_sha256: str | None, params: dict, arrays) -> str:
+    """sha256 naming a recorded plan: the samples' hash, the plan's parameters and every plan array's bytes.
+
+    Caches built from one plan (`skd-cache build --plan-from`) share it, so their rows line up and
+    several teachers can be read together.
+    """
+    h = hashlib.sha256(f"{samples_sha256}\n{val_sha256}\n{json.dumps(params, sort_keys=True)}\n".encode())
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()

@@ -182,6 +182,18 @@ def online_source(data: Path, *, views: int, recipe: Recipe, seed: int, crop: Cr
         fingerprint=index.train.fingerprint, loader_kind=loader, mix=mixing if mix.enabled else None)
 
 
+def check_ensemble(stores: list[Store]) -> None:
+    """Caches read together must share their plan (rows line up), classes and training size."""
+    first = stores[0]
+    for other in stores[1:]:
+        for what, get in (("plan (plan id)", lambda s: s.meta["plan"].get("id")), ("classes", lambda s: s.num_classes),
+                          ("training image size", lambda s: s.meta["plan"]["image_size"])):
+            if get(first) != get(other):
+                raise ReplayError(f"caches {first.path} and {other.path} differ in {what}: {get(first)} vs "
+                                  f"{get(other)}; caches read together must be built on one plan (skd-cache build "
+                                  "--plan-from)")
+
+
 def cached_logits(store: Store, view: int | None, start: int, stop: int, batch_size: int,
                   device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     """(first position, float32 logits on `device`) per batch of rows [start, stop), read ahead and decoded
@@ -200,7 +212,10 @@ def mean_row_std(row_std: np.ndarray) -> float:
     return float(np.asarray(row_std[:AUTO_MULTIPLIER_ROWS], np.float64).mean())
 
 
-def auto_multiplier(store: Store) -> float:
-    """`--multiplier auto` of a cache: the mean per-row std of the first rows of view 0."""
-    rows = min(store.num_samples, AUTO_MULTIPLIER_ROWS)
-    return mean_row_std(torch.from_numpy(store.read_logits(0, 0, rows)).std(dim=1).numpy())
+def auto_multiplier(stores: list[Store], weights: list[float] | None = None) -> float:
+    """`--multiplier auto`: the mean per-row std of the first rows of view 0 of a cache, or of the weighted
+    mean of an ensemble's logits."""
+    rows = min(stores[0].num_samples, AUTO_MULTIPLIER_ROWS)
+    weights = weights or [1.0 / len(stores)] * len(stores)
+    logits = sum(w * torch.from_numpy(s.read_logits(0, 0, rows)) for w, s in zip(weights, stores))
+    return mean_row_std(logits.std(dim=1).numpy())

@@ -29,12 +29,14 @@ def alpha_at(alpha: str, epoch: int, epochs: int) -> float:
     return seed_alpha(epoch, epochs) if alpha == "seed" else float(alpha)
 
 
-def kd_loss(kd: str, *, temperature: float, multiplier: float, alpha: float) -> Callable[..., KDLoss]:
+def kd_loss(kd: str, *, temperature: float, multiplier: float, alpha: float,
+            teacher_normalized: bool = False) -> Callable[..., KDLoss]:
     """The loss function (student logits, teacher logits, target, mix lambda or None) -> KDLoss of
-    `--kd skd|hinton|none`."""
+    `--kd skd|hinton|none`; `teacher_normalized`: SKD teacher logits are an ensemble's normalised mean."""
     if kd == "skd":
         return lambda s, t, y, lam=None: spherical_kd_loss(s, t, y, temperature=temperature, multiplier=multiplier,
-                                                           alpha=alpha, mix_lambda=lam)
+                                                           alpha=alpha, mix_lambda=lam,
+                                                           teacher_normalized=teacher_normalized)
     if kd == "hinton":
         return lambda s, t, y, lam=None: hinton_kd_loss(s, t, y, temperature=temperature, alpha=alpha,
                                                         mix_lambda=lam)

@@ -20,6 +20,7 @@ from . import pipelines
 from .checkpoint import CHECKPOINT, STUDENT, check_free_space, load_for_resume, save_atomic
 from .config import TrainConfig
 from .errors import SkdError, fault
+from .loss import ensemble_target
 from .pipelines import Recipe
 from .recipe import resolve
 from .replay import (
@@ -27,6 +28,7 @@ from .replay import (
     auto_multiplier,
     cached_logits,
     cached_source,
+    check_ensemble,
     check_replayable,
     online_source,
     student_recipe,
@@ -48,7 +50,8 @@ class Run:
     """What the loop needs besides the student: the views, where teacher logits come from, and the run's identity."""
 
     source: ReplaySource
-    store: Store | None  # cached teacher logits
+    stores: list[Store]  # cached teacher logits: one cache, or an ensemble's (empty online)
+    weights: list[float]  # of the ensemble's teachers, summing to 1
     teacher: nn.Module | None  # online mode: the teacher in the loop
     teacher_recipe: Recipe | None  # online mode: how the teacher sees each window (may differ from the student)
     multiplier: float
@@ -89,7 +92,7 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     if cfg.epochs > run.source.num_views:
         log(f"{cfg.epochs} epochs over {run.source.num_views} cached views: views are reused from epoch "
             f"{run.source.num_views} on (epoch e uses view e mod {run.source.num_views})")
-    val_top1 = cached_val_top1(run.store, *val_range(len(run.source.val.paths), d), device) \
+    val_top1 = cached_val_top1(run, cfg.kd, *val_range(len(run.source.val.paths), d), device) \
         if cfg.val and run.source.val is not None else None
     metrics: dict = history[-1] if history else {}
     for epoch in range(first_epoch, cfg.epochs):
@@ -131,18 +134,22 @@ def check_run_folder(cfg: TrainConfig, out: Path):
 
 def open_run(cfg: TrainConfig, device: torch.device) -> Run:
     """The views and teacher logits of this run: a cache's, or an online plan's with the teacher in the loop."""
-    if cfg.cache is not None:
-        store = open_store(cfg.cache)
+    if cfg.caches():
+        stores = [open_store(path) for path in cfg.caches()]
+        check_ensemble(stores)
+        weights = ensemble_weights(cfg.teacher_weights, len(stores))
+        store = stores[0]
         root = Path(cfg.data or store.meta["dataset"]["root"])
-        check_replayable(store, root, cfg.val)
+        for each in stores:
+            check_replayable(each, root, cfg.val)
         recipe = student_recipe(cfg.image_size or int(store.meta["plan"]["image_size"]), cfg.mean, cfg.std)
         source = cached_source(store, recipe=recipe, root=root, loader=cfg.loader, val=cfg.val)
-        multiplier = auto_multiplier(store) if cfg.multiplier == "auto" else float(cfg.multiplier)
-        # what the cache holds, not where: a moved cache resumes, one rebuilt with another plan does not
-        identity = {"cache": {"plan": store.meta["plan"], "codec": store.meta["codec"]},
-                    "fingerprint": source.fingerprint, "teacher": store.meta["teacher"]["weights_sha256"],
-                    "views": store.num_views}
-        return Run(source, store, None, None, multiplier, identity)
+        multiplier = auto_multiplier(stores, weights) if cfg.multiplier == "auto" else float(cfg.multiplier)
+        # what the caches hold, not where: a moved cache resumes, one rebuilt with another plan does not
+        identity = {"caches": [{"plan": s.meta["plan"], "codec": s.meta["codec"], "views": s.num_views,
+                                "teacher": s.meta["teacher"]["weights_sha256"]} for s in stores],
+                    "weights": weights, "fingerprint": source.fingerprint}
+        return Run(source, stores, weights, None, None, multiplier, identity)
     if cfg.teacher is None or cfg.data is None:
         raise TrainError("pass --cache DIR, or --teacher NAME with --data ROOT for online distillation")
     if cfg.multiplier == "auto":
@@ -159,7 +166,17 @@ def open_run(cfg: TrainConfig, device: torch.device) -> Run:
     identity = {"online": cfg.teacher, "fingerprint": source.fingerprint, "teacher": teacher.weights_sha256,
                 "views": cfg.views, "teacher input": list(recipe.options().values()),
                 "mixing": cfg.mix_params().to_dict()}
-    return Run(source, None, model, recipe, float(cfg.multiplier), identity)
+    return Run(source, [], [], model, recipe, float(cfg.multiplier), identity)
+
+
+def ensemble_weights(given: list[float] | None, count: int) -> list[float]:
+    """The teachers' weights, normalised to sum 1 (equal by default)."""
+    if given is None:
+        return [1.0 / count] * count
+    if len(given) != count or min(given) < 0 or sum(given) <= 0:
+        raise TrainError(f"--teacher-weights {','.join(map(str, given))}: {count} numbers >= 0, one per --cache, "
+                         "not all 0")
+    return [w / sum(given) for w in given]
 
 
 def check_world(samples: int, batch_size: int, d: Dist, mixed: bool) -> None:
@@ -242,14 +259,18 @@ def rank_range(n: int, d: Dist, local_batch: int, mixed: bool = False) -> tuple[
     return d.rank * per, d.rank * per + used
 
 
-def teacher_logits(run: Run, cached, teacher_batches, batch, images: torch.Tensor, device: torch.device, amp: str):
-    """The teacher's float32 logits of a batch: the next cached rows, or the teacher run online on the same
-    windows (at its own recipe when `teacher_batches` decodes them so)."""
+def teacher_logits(run: Run, cached, teacher_batches, batch, images: torch.Tensor, device: torch.device, amp: str,
+                   kd: str):
+    """The teacher's float32 logits of a batch: the next cached rows (of an ensemble, their `ensemble_target`),
+    or the teacher run online on the same windows (at its own recipe when `teacher_batches` decodes them so)."""
     if cached is not None:
-        first, logits = next(cached)
-        if first != int(batch.positions[0]) or len(logits) != len(batch.positions):
-            raise RuntimeError(f"logits at position {first} do not match images at {int(batch.positions[0])}")
-        return logits
+        parts = []
+        for reader in cached:
+            first, logits = next(reader)
+            if first != int(batch.positions[0]) or len(logits) != len(batch.positions):
+                raise RuntimeError(f"logits at position {first} do not match images at {int(batch.positions[0])}")
+            parts.append(logits)
+        return parts[0] if len(parts) == 1 else ensemble_target(kd, parts, run.weights)
     if run.teacher is not None:
         own = next(teacher_batches).images if teacher_batches is not None else images
         return forward(run.teacher, own, device, amp).clone()  # a normal tensor, usable beside autograd
@@ -264,13 +285,14 @@ def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int
     start, stop = rank_range(len(run.source.train.paths), d, local_batch, run.source.mix is not None)
     loader = run.source.loader(view, np.arange(start, stop), batch_size=local_batch, workers=cfg.workers,
                                device=device)
-    cached = cached_logits(run.store, view, start, stop, local_batch, device) \
-        if run.store is not None and cfg.kd != "none" else None
+    cached = [cached_logits(store, view, start, stop, local_batch, device) for store in run.stores] \
+        if run.stores and cfg.kd != "none" else None
     teacher_batches = iter(run.source.loader(view, np.arange(start, stop), batch_size=local_batch,
                                              workers=cfg.workers, device=device, recipe=run.teacher_recipe)) \
         if run.teacher is not None and cfg.kd != "none" and run.teacher_recipe != run.source.recipe else None
     alpha = alpha_at(cfg.alpha, epoch, cfg.epochs)
-    loss_fn = kd_loss(cfg.kd, temperature=cfg.temperature, multiplier=run.multiplier, alpha=alpha)
+    loss_fn = kd_loss(cfg.kd, temperature=cfg.temperature, multiplier=run.multiplier, alpha=alpha,
+                      teacher_normalized=len(run.stores) > 1)
     steps = len(loader) if cfg.steps_per_epoch is None else min(len(loader), cfg.steps_per_epoch)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, ce (sample-weighted), samples
     model.train()
@@ -286,7 +308,7 @@ def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, target = images_to(batch.images, device), batch.labels.to(device, non_blocking=True)
-            teacher = teacher_logits(run, cached, teacher_batches, batch, images, device, cfg.amp)
+            teacher = teacher_logits(run, cached, teacher_batches, batch, images, device, cfg.amp, cfg.kd)
             with autocast(device, cfg.amp):
                 student_logits = model(images)
             parts = loss_fn(student_logits, teacher, target, batch.mix_lambda)
@@ -309,8 +331,8 @@ def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int
                          f"check {run.source.root}, then rerun with --resume to continue from the last epoch") from None
     finally:  # also on an exception, so no reader thread outlives the epoch
         bar.close()
-        if cached is not None:
-            cached.close()
+        for reader in cached or []:
+            reader.close()
     seconds = time.perf_counter() - began
     totals = d.all_reduce(sums)
     return {"epoch": epoch, "view": view, "train_loss": float(totals[0] / totals[3]),
@@ -328,11 +350,13 @@ def val_range(n: int, d: Dist) -> tuple[int, int]:
     return min(n, d.rank * per), min(n, (d.rank + 1) * per)
 
 
-def cached_val_top1(store: Store | None, start: int, stop: int, device: torch.device) -> torch.Tensor | None:
-    """The cached teacher's top-1 class of validation rows [start, stop), read once per run."""
-    if store is None or not store.has_val:
+def cached_val_top1(run: Run, kd: str, start: int, stop: int, device: torch.device) -> torch.Tensor | None:
+    """The cached teacher's (an ensemble's) top-1 class of validation rows [start, stop), read once per run."""
+    if not run.stores or not all(store.has_val for store in run.stores):
         return None
-    tops = [logits.argmax(1) for _, logits in cached_logits(store, None, start, stop, 4096, device)]
+    readers = [cached_logits(store, None, start, stop, 4096, device) for store in run.stores]
+    tops = [(parts[0][1] if len(parts) == 1 else ensemble_target(kd, [p[1] for p in parts], run.weights)).argmax(1)
+            for parts in zip(*readers)]
     return torch.cat(tops) if tops else torch.zeros(0, dtype=torch.int64, device=device)
 
 

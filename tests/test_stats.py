@@ -130,7 +130,7 @@ def test_confidence_of_logits_and_of_the_skd_target(fp32, fp32_stats):
 
 
 def test_suggested_multiplier_is_what_training_uses(fp32, fp32_stats):
-    used = auto_multiplier(open_store(fp32.path))
+    used = auto_multiplier([open_store(fp32.path)])
     assert fp32_stats.auto_multiplier == pytest.approx(used, rel=1e-5), \
         f"stats suggests m={fp32_stats.auto_multiplier:.4f}, skd-train --multiplier auto uses {used:.4f}"
 
