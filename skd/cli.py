@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ import click
 from . import __version__
 from .codecs import CODECS
 from .config import BuildConfig, TrainConfig
-from .errors import SkdError
+from .errors import SkdError, SkdWarning
 
 DATA_HELP = "dataset root holding train/<class>/<images> (and val/); default: $SKD_DATA"
 
@@ -407,8 +408,17 @@ def train(cache, teacher, data, out, **options):
         click.echo("  " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """skd's warnings as one `warning:` line (others as Python prints them)."""
+    if issubclass(category, SkdWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), err=True)
+
+
 def run_command(command: click.Command, prog_name: str) -> None:
     """Run a click command; a usage mistake is one `error:` line naming the option and where help is."""
+    warnings.showwarning = show_warning
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # click >= 8.2: the group's help

@@ -8,6 +8,7 @@ see the same windows and flips, each at its own input recipe (size, resampling, 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from . import pipelines
-from .errors import SkdError
+from .errors import SkdError, SkdWarning
 from .index import index_dataset, quick_fingerprints
 from .mixing import MixParams, mix_batch, plan_mixing
 from .pipelines import Recipe
@@ -180,6 +181,15 @@ def online_source(data: Path, *, views: int, recipe: Recipe, seed: int, crop: Cr
         val=Samples(v.paths, v.labels) if v else None, val_boxes=center_boxes(v.sizes) if v else None,
         num_views=views, num_classes=num_classes, recipe=recipe, plan=plan,
         fingerprint=index.train.fingerprint, loader_kind=loader, mix=mixing if mix.enabled else None)
+
+
+def warn_other_loader(loader: str | None, store: Store) -> None:
+    """A warning when a replay decodes with another loader than the teacher did: resampling noise."""
+    recorded = store.meta["plan"]["loader"]
+    if loader is not None and loader != recorded:
+        warnings.warn(f"--loader {loader}: cache {store.path} was built with {recorded}; the two resample the same "
+                      "windows about 0.15-0.2 grey levels apart on average (benchmarks/resampling.py), so this "
+                      "replay sees the teacher's views up to that noise", SkdWarning, stacklevel=2)
 
 
 def check_ensemble(stores: list[Store]) -> None:

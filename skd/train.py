@@ -32,6 +32,7 @@ from .replay import (
     check_replayable,
     online_source,
     student_recipe,
+    warn_other_loader,
 )
 from .runtime import Dist, amp_name, autocast, device_kind, images_to, init_distributed, place, resolve_device, shutdown
 from .schedule import alpha_at, kd_loss, learning_rate
@@ -143,6 +144,7 @@ def open_run(cfg: TrainConfig, device: torch.device) -> Run:
         for each in stores:
             check_replayable(each, root, cfg.val)
         recipe = student_recipe(cfg.image_size or int(store.meta["plan"]["image_size"]), cfg.mean, cfg.std)
+        warn_other_loader(cfg.loader, store)
         source = cached_source(store, recipe=recipe, root=root, loader=cfg.loader, val=cfg.val)
         multiplier = auto_multiplier(stores, weights) if cfg.multiplier == "auto" else float(cfg.multiplier)
         # what the caches hold, not where: a moved cache resumes, one rebuilt with another plan does not
@@ -335,9 +337,11 @@ def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int
             reader.close()
     seconds = time.perf_counter() - began
     totals = d.all_reduce(sums)
-    return {"epoch": epoch, "view": view, "train_loss": float(totals[0] / totals[3]),
-            "kd_loss": float(totals[1] / totals[3]), "ce_loss": float(totals[2] / totals[3]),
-            "images_per_sec": float(totals[3]) / seconds, "lr": lr, "alpha": alpha, "multiplier": run.multiplier}
+    metrics = {"epoch": epoch, "view": view, "train_loss": float(totals[0] / totals[3]),
+               "kd_loss": float(totals[1] / totals[3]), "ce_loss": float(totals[2] / totals[3]),
+               "images_per_sec": float(totals[3]) / seconds, "lr": lr}
+    used = {"skd": {"alpha": alpha, "multiplier": run.multiplier}, "hinton": {"alpha": alpha}}.get(cfg.kd, {})
+    return {**metrics, **used}
 
 
 # ---------------------------------------------------------------------------------------------

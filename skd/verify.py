@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .errors import SkdError
 from .index import image_size, quick_fingerprints, scan_split
 from .loss import LAYER_NORM_EPS
-from .replay import ReplaySource, cached_source, teacher_recipe
+from .replay import ReplaySource, cached_source, teacher_recipe, warn_other_loader
 from .runtime import Dist, place, resolve_device
 from .store import Store, StoreError, check_relative_path
 from .teachers import forward, load_teacher
@@ -377,6 +377,7 @@ def verify_cache(store: Store, *, data: Path | None = None, weights: str | None 
     integrity_check = check_integrity(store, progress) if integrity else None
     try:
         plans = {view: plan_rows(store, view, pos) for view, pos in sample_rows(store, samples, seed).items()}
+        warn_other_loader(loader, store)
         source = cached_source(store, recipe=teacher_recipe(store), root=root, loader=loader)
     except StoreError:
         if integrity_check is None or integrity_check.ok:

@@ -312,3 +312,14 @@ def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tm
         needle = "--cache"
     code, err = in_process("train", *args)
     assert code == 2 and needle in err and err.count("\n") == 1, f"{case}: exit {code}: {err[-800:]}"
+
+
+def test_metrics_name_only_what_the_loss_uses_and_another_loader_is_warned(fp32_cache, tmp_path):
+    from skd.errors import SkdWarning
+    fields = {kd: set(train(base_config(tmp_path / kd, cache=fp32_cache, kd=kd, epochs=1)))
+              for kd in ("none", "hinton")}
+    assert not {"alpha", "multiplier"} & fields["none"], f"--kd none logs {sorted(fields['none'])}"
+    assert "alpha" in fields["hinton"] and "multiplier" not in fields["hinton"], \
+        f"hinton logs {sorted(fields['hinton'])}"
+    with pytest.warns(SkdWarning, match="built with torchvision.*grey levels"):
+        train(base_config(tmp_path / "dali", cache=fp32_cache, loader="dali", epochs=1))
