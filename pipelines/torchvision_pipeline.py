@@ -5,6 +5,7 @@ Runs wherever torch runs (no DALI); the DALI pipeline is checked against it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -12,9 +13,12 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from skd.errors import SkdWarning
+
 from . import Batch, Items, exif_orientation
 
 RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+_NAMED_OVERSIZED: set[str] = set()  # images this process has warned about (one warning per image, not per view)
 
 
 def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: Sequence[float],
@@ -26,7 +30,7 @@ def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: 
     which matches DALI's linear resize with antialias=True to a fraction of a grey level.
     """
     y, x, h, w = (int(v) for v in box)
-    with Image.open(path) as image:
+    with _open(path) as image:
         image = _rgb(_upright(image))
     width, height = image.size
     if y < 0 or x < 0 or h <= 0 or w <= 0 or y + h > height or x + w > width:
@@ -40,6 +44,21 @@ def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: 
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)
+
+
+def _open(path: str) -> Image.Image:
+    """Image.open, with PIL's DecompressionBombWarning (which names neither the file nor its size, and comes at
+    every open) replaced by one SkdWarning naming the image, once per image in this process."""
+    with warnings.catch_warnings():  # DataLoader workers are processes: no other thread shares this state
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    limit, (width, height) = Image.MAX_IMAGE_PIXELS, image.size
+    if limit is not None and max(1, width) * max(1, height) > limit and path not in _NAMED_OVERSIZED:
+        _NAMED_OVERSIZED.add(path)
+        warnings.warn(f"{path}: {width * height} pixels ({width} wide, {height} high), more than PIL's "
+                      f"decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS): every decode of it "
+                      "takes that much memory; check that it is an image you mean to use", SkdWarning, stacklevel=3)
+    return image
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .errors import SkdError
+from .errors import SkdError, SkdWarning
 from .pipelines import exif_orientation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -173,7 +174,34 @@ def image_size(path) -> tuple[int, int]:
     blocks until a writer appears, and a device may have side effects.
     """
     _regular_stat(path)
-    return _header_size(path)
+    with warnings.catch_warnings():  # PIL's warning names no file: one naming it follows
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        size = _header_size(path)
+    warn_oversized([(str(path), size)])
+    return size
+
+
+def warn_oversized(named_sizes) -> None:
+    """One SkdWarning naming the images, of these (path, (height, width)), whose pixels exceed PIL's
+    decompression-bomb limit: PIL decodes them (it refuses only those above twice the limit), but its own
+    DecompressionBombWarning names neither the file nor the size, and comes once per image open."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None:
+        return
+    over = [(path, int(h), int(w)) for path, (h, w) in named_sizes if max(1, int(h)) * max(1, int(w)) > limit]
+    if not over:
+        return
+    where = f"more than PIL's decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
+    if len(over) == 1:
+        path, h, w = over[0]
+        text = (f"{path}: {h * w} pixels ({w} wide, {h} high), {where}: every decode of it takes that much memory; "
+                "check that it is an image you mean to use")
+    else:
+        named = ", ".join(f"{path} ({w} wide, {h} high)" for path, h, w in over[:_NAMED_ERRORS])
+        more = f" and {len(over) - _NAMED_ERRORS} more" if len(over) > _NAMED_ERRORS else ""
+        text = (f"{len(over)} images have {where}: {named}{more}: every decode of them takes that much memory; "
+                "check that they are images you mean to use")
+    warnings.warn(text, SkdWarning, stacklevel=2)
 
 
 def _regular_stat(path) -> os.stat_result:
@@ -330,13 +358,18 @@ def _read_headers(root: Path, paths: list[str], *, workers: int, progress: bool,
         return stop - start
 
     pool = ThreadPoolExecutor(max(1, workers))
-    try:
-        futures = [pool.submit(read_chunk, start) for start in range(0, count, _CHUNK)]
-        with tqdm(total=count, desc=desc, unit="img", disable=not progress) as bar:
-            for future in as_completed(futures):
-                bar.update(future.result())
-    finally:
-        pool.shutdown(cancel_futures=True)  # on Ctrl-C, drop the queued chunks instead of reading them
+    # Here, not in the threads: catch_warnings swaps process-wide state. PIL's warning names no file; the sizes
+    # read tell which images it was for, and warn_oversized names them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            futures = [pool.submit(read_chunk, start) for start in range(0, count, _CHUNK)]
+            with tqdm(total=count, desc=desc, unit="img", disable=not progress) as bar:
+                for future in as_completed(futures):
+                    bar.update(future.result())
+        finally:
+            pool.shutdown(cancel_futures=True)  # on Ctrl-C, drop the queued chunks instead of reading them
+    warn_oversized((os.path.join(root, path), size) for path, size in zip(paths, sizes.tolist()))
     return sizes, file_bytes, sorted(bad)
 
 

@@ -126,6 +126,14 @@ class Meta(_Model):
             raise ValueError(f"shard_rows {self.shard_rows} is not a multiple of chunk_rows {self.chunk_rows}")
         return self
 
+    @model_validator(mode="after")
+    def outputs_cover_classes(self):
+        """Class i of the dataset is the teacher's output i (skd-cache build refuses fewer outputs)."""
+        if len(self.dataset.classes) > self.teacher.num_classes:
+            raise ValueError(f"dataset.classes has {len(self.dataset.classes)} classes, more than the teacher's "
+                             f"num_classes {self.teacher.num_classes}")
+        return self
+
 
 def rebuild(where) -> str:
     return f"{where}: rebuild or re-download it"
@@ -179,28 +187,100 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
 
 
 def check_arrays(path: Path, group, meta: dict) -> None:
-    """Every array the attributes promise, with the shape, dtype and sharding they imply: SchemaError naming
-    the first that is missing or differs (a shape edited to 10^10 rows is refused here, never allocated)."""
+    """Every array the attributes promise, with the shape, dtype and chunking they imply, and labels inside the
+    classes: SchemaError naming the first that is missing or differs (a shape or chunk edited to 10^10 rows is
+    refused here, never allocated). A local cache's zarr.json files are checked before zarr reads them."""
     has_val = meta["dataset"]["num_val"] > 0
-    for name, (shape, dtype, shards) in expected_arrays(meta, has_val).items():
-        try:
-            array = group[name]
-        except KeyError:
-            raise SchemaError(rebuild(f"cache {path}: array {name} is missing")) from None
-        except Exception as exc:  # an unreadable zarr.json: zarr raises many kinds
-            raise SchemaError(rebuild(f"cache {path}: array {name} has unreadable metadata "
-                                      f"({type(exc).__name__})")) from None
-        found = "str" if np.dtype(array.dtype).kind in "TUO" else str(np.dtype(array.dtype))
-        problems = []
-        if tuple(array.shape) != shape:
-            problems.append(f"shape {tuple(array.shape)}, not {shape}")
-        if found != dtype:
-            problems.append(f"dtype {found}, not {dtype}")
-        if shards is not None and tuple(array.shards or ()) != shards:
-            problems.append(f"shards {array.shards}, not {shards}")
-        if problems:
-            raise SchemaError(rebuild(f"cache {path}: array {name} has {' and '.join(problems)} "
-                                      "(the attributes say so)"))
+    arrays = expected_arrays(meta, has_val)
+    if isinstance(path, Path):  # an object store (location.ObjectPath) has no FIFOs or symlinks
+        check_metadata_files(path, [*arrays, *([] if has_val else ["val"])])
+    for name, (shape, dtype, shards) in arrays.items():
+        _check_array(path, _node(path, group, name), name, shape, dtype, shards)
+    if not has_val and _has_node(path, group, "val"):
+        raise SchemaError(rebuild(f"cache {path}: group val is present but attribute skd.dataset.num_val is 0"))
+    for split in ("samples", "val") if has_val else ("samples",):
+        _check_labels(path, group, f"{split}/label", len(meta["dataset"]["classes"]))
+
+
+def _node(path: Path, group, name: str):
+    try:
+        return group[name]
+    except KeyError:
+        raise SchemaError(rebuild(f"cache {path}: array {name} is missing")) from None
+    except Exception as exc:  # an unreadable zarr.json: zarr raises many kinds
+        raise SchemaError(rebuild(f"cache {path}: array {name} has unreadable metadata "
+                                  f"({type(exc).__name__})")) from None
+
+
+def _has_node(path: Path, group, name: str) -> bool:
+    try:
+        return name in group
+    except Exception as exc:
+        raise SchemaError(rebuild(f"cache {path}: {name} has unreadable metadata ({type(exc).__name__})")) from None
+
+
+def _check_array(path: Path, array, name: str, shape: tuple, dtype: str, shards: tuple | None) -> None:
+    found = "str" if np.dtype(array.dtype).kind in "TUO" else str(np.dtype(array.dtype))
+    problems = []
+    if tuple(array.shape) != shape:
+        problems.append(f"shape {tuple(array.shape)}, not {shape}")
+    if found != dtype:
+        problems.append(f"dtype {found}, not {dtype}")
+    if shards is not None and tuple(array.shards or ()) != shards:
+        problems.append(f"shards {array.shards}, not {shards}")
+    if shards is None and not problems and any(c > max(1, s) for c, s in zip(array.chunks, shape)):
+        problems.append(f"chunks {array.chunks} larger than its shape {shape}")  # zarr allocates whole chunks
+    if problems:
+        raise SchemaError(rebuild(f"cache {path}: array {name} has {' and '.join(problems)} "
+                                  "(the attributes say so)"))
+
+
+def _check_labels(path: Path, group, name: str, classes: int) -> None:
+    """Labels index skd.dataset.classes: one outside would fail deep in the loss (or a CUDA assert)."""
+    try:
+        labels = np.asarray(group[name][:])
+    except Exception as exc:  # a damaged chunk: zarr, zarrs and numcodecs raise many kinds
+        raise SchemaError(rebuild(f"cache {path}: array {name} cannot be read ({type(exc).__name__})")) from None
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        raise SchemaError(rebuild(f"cache {path}: array {name} holds label {int(labels[bad[0]])} at row "
+                                  f"{int(bad[0])} ({bad.size} such rows), outside the {classes} classes of "
+                                  "attribute skd.dataset.classes"))
+
+
+MAX_METADATA_BYTES = 2**20  # an array's zarr.json is about 1 KB; zarr reads it whole
+
+
+def check_metadata_files(path: Path, names) -> None:
+    """The zarr.json of every array in `names` and of the groups above it is a regular file inside the cache, of
+    at most 1 MiB, or absent: zarr reads it whole, so a FIFO would hang the open and a link to /dev/zero (or a
+    huge file) would fill memory. (The group's own zarr.json is read before any check, by zarr.open_group.)"""
+    root = Path(os.path.realpath(path))
+    files = {f"{'/'.join(name.split('/')[:i])}/zarr.json" for name in names for i in range(1, name.count("/") + 2)}
+    for file in sorted(files):
+        entry = Path(path) / file
+        if not os.path.lexists(entry):
+            continue  # a missing array is named by check_arrays
+        mode, size = _entry_stat(path, root, entry)
+        if not stat.S_ISREG(mode):
+            raise SchemaError(rebuild(f"cache {path}: {entry} is not a regular file ({_kind(mode)})"))
+        if size > MAX_METADATA_BYTES:
+            raise SchemaError(rebuild(f"cache {path}: {entry} has {size} bytes, more than zarr metadata's "
+                                      f"{MAX_METADATA_BYTES}"))
+
+
+def _entry_stat(path: Path, root: Path, entry) -> tuple[int, int]:
+    """(mode, size) of a file or folder of the cache, links followed; SchemaError for a link out of the cache
+    or an entry that cannot be stat'ed (a link loop, a permission)."""
+    if os.path.islink(entry):
+        target = Path(os.path.realpath(entry))
+        if root not in target.parents:
+            raise SchemaError(rebuild(f"cache {path}: {entry} is a symlink to {target}, outside the cache"))
+    try:
+        info = os.stat(entry)
+    except OSError as exc:
+        raise SchemaError(rebuild(f"cache {path}: {entry} cannot be read ({exc.strerror})")) from None
+    return info.st_mode, info.st_size
 
 
 def check_files(path: Path) -> None:
@@ -211,15 +291,7 @@ def check_files(path: Path) -> None:
     while stack:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:
-                if entry.is_symlink():
-                    target = Path(os.path.realpath(entry.path))
-                    if root not in target.parents:
-                        raise SchemaError(rebuild(f"cache {path}: {entry.path} is a symlink to {target}, outside "
-                                                  "the cache"))
-                try:
-                    mode = os.stat(entry.path).st_mode
-                except OSError as exc:
-                    raise SchemaError(rebuild(f"cache {path}: {entry.path} cannot be read ({exc.strerror})")) from None
+                mode, _ = _entry_stat(path, root, entry.path)
                 if stat.S_ISDIR(mode):
                     if not entry.is_symlink():
                         stack.append(Path(entry.path))

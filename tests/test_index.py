@@ -397,3 +397,52 @@ def test_a_fifo_named_like_an_image_is_reported_not_opened(tmp_path):
     assert len(skipped.train) == 7, f"{len(skipped.train)} train images indexed, expected 6 files and 1 symlink"
     assert skipped.skipped == (("train/bee/pipe.JPEG", "not a regular file (fifo)"),), \
         f"skipped records {skipped.skipped}"
+
+
+# --- images over PIL's decompression-bomb limit ----------------------------------------------------------
+
+def _bomb_warnings(record) -> tuple[list[str], list[str]]:
+    """(skd's warnings, PIL's DecompressionBombWarnings) among recorded warnings, as text."""
+    from skd.errors import SkdWarning
+
+    ours = [str(w.message) for w in record if issubclass(w.category, SkdWarning)]
+    pils = [str(w.message) for w in record if issubclass(w.category, Image.DecompressionBombWarning)]
+    return ours, pils
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_named_once_by_the_index(tmp_path, monkeypatch):
+    """PIL's DecompressionBombWarning names no file; the index names the image, its size and the limit, once."""
+    from skd.errors import SkdWarning
+
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / "train" / "small" / name, 20, 20, "PNG")  # 400 pixels: under the limit
+    big = write_image(tmp_path / "train" / "large" / "big.png", 40, 40, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: over it, under twice (PIL's error)
+    with pytest.warns(SkdWarning) as record:
+        index = index_dataset(tmp_path, workers=2)
+    ours, pils = _bomb_warnings(record)
+    assert len(ours) == 1, f"{len(ours)} skd warnings for one image over PIL's limit 1000: {ours}"
+    assert str(big) in ours[0] and "1600 pixels" in ours[0] and "limit of 1000" in ours[0], \
+        f"the warning does not name {big}, its 1600 pixels and the limit 1000: {ours[0]}"
+    assert not pils, f"PIL's own DecompressionBombWarning escaped the index: {pils}"
+    assert "train/large/big.png" in index.train.paths, f"an image over the warning limit is indexed: {index.train}"
+    with pytest.warns(SkdWarning) as record:
+        image_size(big)  # the one-file read skd-cache verify uses
+    ours, pils = _bomb_warnings(record)
+    assert len(ours) == 1 and str(big) in ours[0] and not pils, f"image_size({big}) warned {ours}, PIL {pils}"
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_named_once_by_the_torchvision_loader(tmp_path, monkeypatch):
+    """load_view opens the image at every view: one warning naming it, not PIL's nameless one per open."""
+    from skd.errors import SkdWarning
+    from skd.pipelines.torchvision_pipeline import load_view
+
+    big = write_image(tmp_path / "big.png", 40, 40, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: over it, under twice (PIL's error)
+    with pytest.warns(SkdWarning) as record:
+        for flip in (False, True):
+            load_view(str(big), (0, 0, 40, 40), flip, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ours, pils = _bomb_warnings(record)
+    assert len(ours) == 1, f"{len(ours)} skd warnings for two views of one image over PIL's limit 1000: {ours}"
+    assert str(big) in ours[0] and "1600 pixels" in ours[0], f"the warning does not name {big} (1600 pixels): {ours}"
+    assert not pils, f"PIL's own DecompressionBombWarning escaped load_view: {pils}"
