@@ -29,9 +29,9 @@ from .recipe import resolve, to_meta
 from .replay import ReplaySource, cached_source, planned_view, teacher_recipe
 from .runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
 from .schema import FORMAT_VERSION, samples_sha256
-from .store import Split, Store, cache_state, create_store, open_store
+from .store import Split, Store, cache_state, create_store, open_store, parse_location
 from .teachers import forward, load_teacher, output_classes
-from .writer import BuildLock, ShardWriter
+from .writer import ShardWriter, acquire_lock
 
 
 class BuildError(SkdError):
@@ -51,7 +51,8 @@ class BuildSummary:
 
 def build_cache(cfg: BuildConfig, *, progress: bool = False, log=None) -> BuildSummary:
     """Build (or resume) the cache described by `cfg`; returns what this run did."""
-    cfg = replace(cfg, out=Path(cfg.out).resolve())  # `--out .` and relative paths name one folder everywhere
+    where = parse_location(cfg.out)  # a folder, or an object-store URL (s3://, gs://, az://; file:// is a folder)
+    cfg = replace(cfg, out=where.local.resolve() if where.is_local else where.display)  # `--out .`: one folder
     try:
         get_codec(cfg.codec)
     except ValueError as exc:
@@ -80,8 +81,8 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     lock, store, problem = None, None, None
     if d.main:
         try:
-            check_out(Path(cfg.out), Path(cfg.data))
-            lock = BuildLock(Path(cfg.out))
+            check_out(cfg.out, Path(cfg.data))
+            lock = acquire_lock(cfg.out)
             store = prepare_store(cfg, meta, lambda: output_classes(model, recipe.size, device,
                                                                     f"teacher {cfg.teacher}"), progress)
         except OSError as exc:
@@ -217,8 +218,15 @@ def _identity(cfg: BuildConfig, teacher, amp: str, recipe: dict, plan: dict, vie
     }
 
 
-def check_out(out: Path, data: Path) -> None:
+def check_out(out, data: Path) -> None:
     """Refuse an --out that is not a cache folder, so that neither a build nor --overwrite can touch other files."""
+    where = parse_location(out)
+    if not where.is_local:  # a prefix in an object store: nothing to overlap, but it must be empty or a cache
+        if not where.is_empty() and cache_state(where) is None:
+            raise BuildError(f"{where} holds objects and is not an skd cache: choose another --out "
+                             "(--overwrite replaces only a cache; remove other objects yourself)")
+        return
+    out = where.local
     o, d = out.resolve(), data.resolve()
     if o == d or o in d.parents or any(o == d / s or d / s in o.parents for s in ("train", "val")):
         raise BuildError(f"--out {out} overlaps the dataset {data}: choose a folder outside its train/ and val/")
@@ -238,8 +246,8 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
     Refuses a cache built with different identity settings. `num_classes()` runs the teacher
     once; it is called only after the dataset index found no bad image.
     """
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+    where = parse_location(cfg.out)
+    if not where.is_empty() and not cfg.overwrite:
         return _resume(cfg, meta)
     layout = copied_layout(cfg) if cfg.plan_from is not None else planned_layout(cfg, progress)
     classes = num_classes()
@@ -254,8 +262,10 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
     meta["teacher"]["num_classes"] = classes
     meta["dataset"].update(layout.dataset)
     meta["plan"]["id"] = layout.plan_id(meta["plan"])
-    if out.exists() and cfg.overwrite:
-        shutil.rmtree(out)
+    if cfg.overwrite and not where.is_empty() and where.is_local:
+        shutil.rmtree(where.local)
+    elif cfg.overwrite and not where.is_empty():
+        where.remove_all()
     return create_store(cfg.out, meta, train=layout.train, plans=layout.plans, val=layout.val,
                         val_boxes=layout.val_boxes, num_classes=classes)
 
@@ -318,7 +328,7 @@ def copied_layout(cfg: BuildConfig) -> Layout:
 
 def _resume(cfg: BuildConfig, meta: dict) -> Store:
     """The cache at cfg.out, opened to continue writing, if it was built with the same identity settings."""
-    out = Path(cfg.out)
+    out = parse_location(cfg.out)
     if cache_state(out) == "creating":
         raise BuildError(f"{out} holds an unfinished cache creation: pass --overwrite to start it again")
     store = open_store(out, mode="r+")
@@ -331,7 +341,7 @@ def _resume(cfg: BuildConfig, meta: dict) -> Store:
     if changed:
         raise BuildError(f"{out} was built with other settings ({', '.join(changed)}): pass the same "
                          "arguments to resume, another --out, or --overwrite to rebuild")
-    for leftover in out.rglob("*.partial"):  # zarr writes through temporary files; a killed build leaves them
+    for leftover in out.local.rglob("*.partial") if out.is_local else ():  # zarr's temporary files, left by a kill
         leftover.unlink()
     return store
 

@@ -128,8 +128,9 @@ B = BuildConfig  # option defaults come from the config, declared once
 @click.option("--weights", help="state_dict file; 'none' for random init; default: torchvision's pretrained file "
               "(a py: teacher: the weights its callable builds)")
 @click.option("--data", help=DATA_HELP)
-@click.option("--out", type=click.Path(path_type=Path),
-              help="cache folder; default cache/<alias> (resnet152 -> cache/r152)")
+@click.option("--out", metavar="DIR|URL",
+              help="cache folder or object-store prefix (s3://BUCKET/PREFIX, gs://, az://); "
+                   "default cache/<alias> (resnet152 -> cache/r152)")
 @click.option("--views", default=B.views, show_default=True, type=click.IntRange(min=1),
               help="augmented views (epochs' worth) to cache")
 @click.option("--image-size", default=B.image_size, show_default=True, type=click.IntRange(min=8),
@@ -149,7 +150,7 @@ B = BuildConfig  # option defaults come from the config, declared once
               help="rows per shard: the unit of writing and of resuming")
 @click.option("--chunk-size", "chunk_rows", default=B.chunk_rows, show_default=True, type=click.IntRange(min=1),
               help="rows per chunk inside a shard: the unit of reading")
-@click.option("--plan-from", type=click.Path(path_type=Path),
+@click.option("--plan-from", metavar="DIR|URL",
               help="take the samples and the whole recorded plan of this cache (views, windows, flips, mixing, "
                    "image size): a second teacher on identical views")
 @click.option("--compile", is_flag=True, help="torch.compile the teacher")
@@ -186,7 +187,7 @@ def build(data, out, **options):
             click.echo(f"  {line}")
 
 
-CACHE_DIR = click.argument("cache_dir", metavar="DIR", type=click.Path(path_type=Path))
+CACHE_DIR = click.argument("cache_dir", metavar="DIR|URL")
 JSON = click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of text")
 
 
@@ -213,7 +214,7 @@ def info(cache_dir, as_json):
 
 
 @cache.command()
-@click.argument("cache_dirs", metavar="DIR [DIR ...]", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("cache_dirs", metavar="DIR|URL [DIR|URL ...]", nargs=-1, required=True)
 @click.option("--views", default="0", show_default=True, callback=lambda c, p, v: _views(v),
               help="views to read: 'all' or comma-separated numbers, e.g. 0,3")
 @click.option("--no-val", is_flag=True, help="skip the validation logits (val/)")
@@ -325,8 +326,9 @@ T = TrainConfig  # option defaults come from the config, declared once
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="skd-train")
-@click.option("--cache", type=click.Path(path_type=Path), multiple=True,
-              help="cache folder written by skd-cache build; repeat it for an ensemble of caches built on one plan")
+@click.option("--cache", multiple=True, metavar="DIR|URL",
+              help="cache written by skd-cache build (a folder or s3://, gs://, az:// prefix); repeat it for an "
+                   "ensemble of caches built on one plan")
 @click.option("--teacher-weights", callback=lambda c, p, v: _numbers(v), metavar="W1,W2,...",
               help="weights of the ensemble's teachers, one per --cache (default: equal)")
 @click.option("--teacher", help="online mode (no cache): run this teacher in the loop")

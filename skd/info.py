@@ -32,7 +32,8 @@ def describe(store: Store) -> dict:
     missing = {k: np.flatnonzero(~complete[k]).tolist() for k in range(store.num_views) if not complete[k].all()}
     val_complete = store.val_complete()
     return {
-        "path": str(store.path),
+        "path": str(store.path),  # a URL is shown without user info or query strings; credentials never
+        "local": store.location.is_local,
         "complete": store.is_complete(),
         "teacher": {k: teacher.get(k) for k in ("name", "weights", "weights_sha256", "amp", "num_classes", "input",
                                                 "pretrained_cfg")},
@@ -92,7 +93,8 @@ def info_lines(info: dict) -> list[str]:
     else:
         lines.append("val       not cached")
     per_row = info["bytes_per_row"]
-    lines.append(f"on disk   {human_bytes(info['bytes_on_disk'])}, logits {human_bytes(info['logit_bytes'])}"
+    where = "on disk" if info.get("local", True) else "stored"
+    lines.append(f"{where:<10}{human_bytes(info['bytes_on_disk'])}, logits {human_bytes(info['logit_bytes'])}"
                  + (f" for {info['rows_written']:,} rows: {per_row:,.0f} B per row, compression "
                     f"{info['ratio_vs_fp32']:.2f}x vs float32" if per_row else ", no rows written"))
     return lines

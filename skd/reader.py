@@ -1,17 +1,26 @@
-"""Streaming reads of stored logit rows: one view's rows in order, read ahead in a background thread."""
+"""Streaming reads of stored logit rows: one view's rows in order, read ahead in a background thread
+(in a small pool of threads for a cache in an object store, to hide the latency of its requests)."""
 from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
 
 from .codecs import Encoded
-from .store import Store, StoreError, as_os_error, codec_pipeline, shard_file
+from .location import scrub
+from .store import Store, StoreError, as_os_error, codec_pipeline, shard_file, shard_key
+
+# blocks read at once from an object store (benchmarks/README.md, "Caches on object storage": 4 hide most of 20 ms
+# a request, 8 most of 50 ms); a local cache reads one block at a time, `prefetch` ahead
+REMOTE_PARALLEL = 8
 
 
 class RowReader:
@@ -25,13 +34,23 @@ class RowReader:
     per read (its `threading.max_workers`, on zarrs' pool of one thread per core).
 
     zarr and zarrs read a missing shard file as fill values; every shard is written whole, so the reader
-    lists the shard files of its range once, up front, and a missing one is a StoreError naming it.
+    lists the shard files of its range once, up front, and a missing one is a StoreError naming it (for an
+    object store: one listing of the prefix of each array's shards).
+
+    `parallel` blocks are read at once, by a pool of threads, and `prefetch` more are queued: 1 for a local
+    cache (one background thread), `REMOTE_PARALLEL` for an object store, where each read waits on requests;
+    there the arrays of a block are read at once too, and zarrs gets a thread for each read in flight (its
+    threads wait on the requests).
     """
 
     def __init__(self, store: Store, view: int | None, start: int, stop: int, *,
-                 block_rows: int | None = None, prefetch: int = 2, threads: int = 2):
+                 block_rows: int | None = None, prefetch: int = 2, threads: int = 2, parallel: int | None = None):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        self.remote = not store.location.is_local
+        self.parallel = parallel or (REMOTE_PARALLEL if self.remote else 1)
+        if self.parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
         rows = store.num_samples if view is not None else store.num_val
         if view is not None and not 0 <= view < store.num_views:
             raise ValueError(f"view {view} is outside the cache's {store.num_views} views")
@@ -43,17 +62,35 @@ class RowReader:
         self.threads = threads
         group, self._prefix = store._logit_group(view)
         names = ("logits", "scale", "offset") if store.codec.affine else ("logits",)
-        with zarr.config.set({"threading.max_workers": threads}):  # zarrs reads it when the array opens
+        workers = max(threads, 2 * self.parallel * len(names)) if self.remote else threads  # they wait on requests
+        with zarr.config.set({"threading.max_workers": workers}):  # zarrs reads it when the array opens
             self._arrays = {name: group[name] for name in names}
         self._lead = tuple(slice(i, i + 1) for i in self._prefix)  # slices: zarrs hands integer indexes to zarr
         self.pipelines = {name: codec_pipeline(array) for name, array in self._arrays.items()}
-        self._check_files()
+        self._check_objects() if self.remote else self._check_files()
+
+    def _shards(self) -> range:
+        size = self.store.shard_rows
+        return range(self.start // size, -(-self.stop // size))
+
+    def _check_objects(self) -> None:
+        """StoreError naming the first shard object of rows [start, stop) that is missing: one listing of
+        the prefix of each array's shards, compared with the keys the shards need."""
+        shards = self._shards()
+        for name, array in self._arrays.items():
+            needed = [shard_key(array, self._prefix, s) for s in shards]
+            if not needed:
+                return
+            found = self.store.location.listing(posixpath.commonpath([posixpath.dirname(k) for k in needed]))
+            for shard, key in zip(shards, needed):
+                if key not in found:
+                    bounds = self.store.shard_bounds(shard, self.rows)
+                    raise self._damaged(f"{self.store.path / key} is missing", *bounds)
 
     def _check_files(self) -> None:
         """StoreError naming the first shard file of rows [start, stop) that is missing or a folder: one
         listing of each array's shard folders, compared with the files the shards need."""
-        size = self.store.shard_rows
-        shards = range(self.start // size, -(-self.stop // size))
+        shards = self._shards()
         if not shards:
             return
         needed = {name: [str(shard_file(array, self._prefix, s)) for s in shards]
@@ -70,24 +107,34 @@ class RowReader:
                     raise self._damaged(f"{files[i]} is missing", a, b)
 
     def _read(self, a: int, b: int) -> Encoded:
-        """Rows [a, b) of every array, each a new C-contiguous array; failures are one-line StoreErrors."""
-        sel = self._lead + (slice(a, b),)
-        parts = []
-        for array in self._arrays.values():
-            try:
-                parts.append(array[sel][(0,) * len(self._lead)])
-            except OSError as exc:
-                if exc.errno is not None:  # zarr's own pipeline: permissions, I/O errors, stale network mounts
-                    raise self._os_error(exc, a, b) from exc
-                raise self._diagnose(array, exc, a, b) from exc  # zarrs: a zstd frame that fails to decode
-            except (ValueError, RuntimeError) as exc:  # zarrs raises RuntimeError for damage and I/O alike
-                raise self._diagnose(array, exc, a, b) from exc
-        return Encoded(*parts)
+        """Rows [a, b) of every array, each a new C-contiguous array; failures are one-line StoreErrors.
+
+        From an object store, whole shards only (then sliced): zarrs fetches the index of a shard it reads
+        in part while holding the GIL, which would stall every other thread for two requests."""
+        return Encoded(*(self._read_array(array, a, b) for array in self._arrays.values()))
+
+    def _read_array(self, array, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of one array (see `_read`)."""
+        if self.remote:
+            size = self.store.shard_rows
+            lo, hi = a // size * size, min(self.rows, -(-b // size) * size)
+            if (lo, hi) != (a, b):
+                return self._read_array(array, lo, hi)[a - lo:b - lo]
+        try:
+            return array[self._lead + (slice(a, b),)][(0,) * len(self._lead)]
+        except OSError as exc:
+            if exc.errno is not None:  # zarr's own pipeline: permissions, I/O errors, stale network mounts
+                raise self._os_error(exc, a, b) from exc
+            raise self._diagnose(array, exc, a, b) from exc  # zarrs: a zstd frame that fails to decode
+        except (ValueError, RuntimeError) as exc:  # zarrs raises RuntimeError for damage and I/O alike
+            raise self._diagnose(array, exc, a, b) from exc
 
     def _diagnose(self, array, exc: Exception, a: int, b: int) -> StoreError:
         """The error for a failed read of rows [a, b) of `array`: an OS error if reading its shard files
         gives one (zarrs' messages do not tell I/O from damage, nor name the file), else damage."""
         size = self.store.shard_rows
+        if self.remote:
+            return self._diagnose_objects(array, exc, a, b)
         files = [shard_file(array, self._prefix, s) for s in range(a // size, -(-b // size))]
         named = as_os_error(exc, ", ".join(map(str, files))) if isinstance(exc, RuntimeError) else None
         if isinstance(named, OSError):  # zarrs' "... (os error N)": a failed system call
@@ -103,6 +150,25 @@ class RowReader:
                 return self._os_error(os_exc, a, b)
         detail = " ".join(str(exc).split())  # one line
         return self._damaged(f"{', '.join(map(str, files))}: {detail or type(exc).__name__}", a, b)
+
+    def _diagnose_objects(self, array, exc: Exception, a: int, b: int) -> StoreError:
+        """As `_diagnose`, for an object store: a shard object that is gone, a request that failed (asking
+        for the store's reachability and credentials, not a rebuild), or damage."""
+        import obstore
+
+        size = self.store.shard_rows
+        keys = [shard_key(array, self._prefix, s) for s in range(a // size, -(-b // size))]
+        for key in keys:
+            try:
+                obstore.head(self.store.location.objects, key)
+            except FileNotFoundError:
+                return self._damaged(f"{self.store.path / key} is missing", a, b)
+            except Exception as head_exc:  # no connection, refused credentials
+                error = self.store.location.error(head_exc)
+                return StoreError(f"rows {a}-{b} of {_split_name(self.view)} cannot be read: {error}")
+        detail = scrub(" ".join(str(exc).split()))[:300]
+        return self._damaged(f"{', '.join(str(self.store.path / k) for k in keys)}: {detail or type(exc).__name__}",
+                             a, b)
 
     def _damaged(self, detail: str, a: int, b: int) -> StoreError:
         return StoreError(f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read ({detail}): "
@@ -124,7 +190,10 @@ class RowReader:
             pos = end
 
     def blocks(self) -> Iterator[tuple[int, Encoded]]:
-        """(first row, Encoded block) in order, read ahead by a background thread."""
+        """(first row, Encoded block) in order, read ahead by a background thread (`parallel` threads)."""
+        if self.remote or self.parallel > 1:
+            yield from self._parallel_blocks()
+            return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         done = object()
         stop_event = threading.Event()
@@ -156,6 +225,33 @@ class RowReader:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(0.01)
+
+    def _parallel_blocks(self) -> Iterator[tuple[int, Encoded]]:
+        """`blocks` with `parallel` blocks in flight (each array of a block a task of its own) and `prefetch`
+        more queued, handed out in order; a consumer that stops early waits only for the reads in flight."""
+        ahead = self.parallel + self.prefetch
+        spans = self._blocks()
+        arrays = list(self._arrays.values())
+        pool = ThreadPoolExecutor(self.parallel * len(arrays), thread_name_prefix="skd-row-reader")
+        pending: deque = deque()
+
+        def submit(a: int, b: int) -> None:
+            pending.append((a, [pool.submit(self._read_array, array, a, b) for array in arrays]))
+
+        try:
+            for a, b in spans:
+                submit(a, b)
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                a, futures = pending.popleft()
+                block = Encoded(*(f.result() for f in futures))
+                following = next(spans, None)
+                if following is not None:
+                    submit(*following)
+                yield a, block
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, Encoded]]:
         """(first row, Encoded rows) of consecutive batches of `batch_size` rows (last one short).

@@ -5,6 +5,8 @@ open the cache with plain zarr.
 A shard is the unit of writing (writers never share one; a shard is written in one call),
 a chunk the unit of reading. Completion is recorded per shard in `views/complete` and
 `val/complete`, whose one-element chunks can be set by several ranks at once.
+A cache is a local folder or a prefix in an object store (`s3://`, `gs://`, `az://`: see skd.location);
+the shard checks and storage figures of an object store work on one listing of its prefix.
 """
 from __future__ import annotations
 
@@ -16,10 +18,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 import zarr.codecs
+import zarr.storage
+from zarr.core.buffer import default_buffer_prototype
 
 from .codecs import Codec, Encoded, get_codec
-from .errors import SkdError
-from .schema import check_arrays, check_files, check_meta, samples_sha256
+from .location import Location, ObjectPath, StoreError, check_objects, parse_location, scrub
+from .schema import check_arrays, check_files, check_meta, check_relative_path, samples_sha256
+
+__all__ = ["Location", "ObjectPath", "StoreError", "parse_location"]  # re-exported: callers import them from here
 
 # zarrs (Rust) decodes the cache's arrays wherever it supports them (see codec_pipeline); shards are written
 # through zarr's own pipeline (see Store.write_shard_data)
@@ -28,10 +34,6 @@ WRITE_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 
 ATTR_KEY = "skd"
 CREATING_KEY = "skd_creating"  # set while create_store runs: a folder with only this is our unfinished creation
-
-
-class StoreError(SkdError):
-    """A cache that cannot be used as asked: str(e) is one line naming the folder and what to do."""
 
 
 def _zstd():
@@ -50,10 +52,16 @@ class Split:
 
 
 class Store:
-    """An open cache. `meta` is the `skd` group attribute; arrays are read lazily."""
+    """An open cache. `meta` is the `skd` group attribute; arrays are read lazily.
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    `location` says where it lives (a folder or an object-store prefix); `path` names it in messages: the
+    folder's Path, or an ObjectPath (`s3://bucket/prefix`) that joins and relativises like one.
+    """
+
+    def __init__(self, path: Path | str | Location, group: zarr.Group):
+        self.location = parse_location(path)
+        self.path: Path | ObjectPath = self.location.path
+        self._listed: dict[str, int] | None = None  # an object store's listing, taken once (see objects)
         self.group = group
         self.meta: dict = dict(group.attrs[ATTR_KEY])
         self.codec: Codec = get_codec(self.meta["codec"])
@@ -96,12 +104,31 @@ class Store:
         return Split(paths, self._read(f"{name}/label").astype(np.int64), self._read(f"{name}/size").astype(np.int64))
 
     def view_plan(self, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(order, box, flip) of one view as recorded."""
-        return tuple(self._read(f"views/{name}", view) for name in ("order", "box", "flip"))
+        """(order, box, flip) of one view as recorded, checked: the order a permutation of the samples, every
+        window inside its image, flips 0 or 1 (a cache is untrusted input)."""
+        order, box, flip = (self._read(f"views/{name}", view) for name in ("order", "box", "flip"))
+        n = self.num_samples
+        if order.min(initial=0) < 0 or order.max(initial=0) >= n or np.bincount(order, minlength=n).max() > 1:
+            raise self._bad_plan(f"views/order of view {view} is not a permutation of the {n} samples")
+        sizes = self._read("samples/size")[order]
+        y, x, h, w = box.T.astype(np.int64)
+        if ((y < 0) | (x < 0) | (h <= 0) | (w <= 0) | (y + h > sizes[:, 0]) | (x + w > sizes[:, 1])).any():
+            raise self._bad_plan(f"views/box of view {view} holds windows outside their images")
+        if flip.max(initial=0) > 1:
+            raise self._bad_plan(f"views/flip of view {view} holds values other than 0 and 1")
+        return order, box, flip
 
     def view_mix(self, view: int) -> tuple[np.ndarray, np.ndarray]:
-        """(mix_lambda, mix_box) of one view as recorded: own-image weights (1: unmixed), CutMix regions."""
-        return self._read("views/mix_lambda", view), self._read("views/mix_box", view)
+        """(mix_lambda, mix_box) of one view as recorded: own-image weights (1: unmixed), CutMix regions as
+        fractions; both checked to lie in [0, 1]."""
+        lam, box = self._read("views/mix_lambda", view), self._read("views/mix_box", view)
+        if not (np.isfinite(lam).all() and np.isfinite(box).all() and 0 <= lam.min(initial=1) and
+                lam.max(initial=1) <= 1 and 0 <= box.min(initial=0) and box.max(initial=0) <= 1):
+            raise self._bad_plan(f"views/mix_lambda or views/mix_box of view {view} hold values outside [0, 1]")
+        return lam, box
+
+    def _bad_plan(self, what: str) -> StoreError:
+        return StoreError(f"cache {self.path}: {what}: rebuild or re-download it")
 
     def val_boxes(self) -> np.ndarray:
         return self._read("val/box")
@@ -111,7 +138,7 @@ class Store:
         try:
             return self.group[name][selection]
         except (KeyError, ValueError, RuntimeError) as exc:  # zarr and numcodecs raise many kinds on damage
-            raise StoreError(f"{self.path}: {name} cannot be read ({exc}): the cache is damaged; "
+            raise StoreError(f"{self.path}: {name} cannot be read ({scrub(str(exc))}): the cache is damaged; "
                              "`skd-cache verify --integrity` lists what is, and rebuilding with --overwrite "
                              "replaces it") from exc
 
@@ -153,7 +180,12 @@ class Store:
         parts = {"logits": encoded.logits}
         if self.codec.affine:
             parts.update(scale=encoded.scale, offset=encoded.offset)
+        self._listed = None
         for name, data in parts.items():
+            if not self.location.is_local:  # one PUT of the whole shard object, encoded in memory
+                array = g[name]
+                self.location.put(shard_key(array, prefix, shard), encode_shard(array, sl, data))
+                continue
             # zarr's own pipeline writes: zarrs drops chunks of fill values even with write_empty_chunks, and
             # every shard must get its file (a missing file then always means damage)
             with zarr.config.set({"codec_pipeline.path": WRITE_PIPELINE}):
@@ -162,15 +194,28 @@ class Store:
             shard_file(array, prefix, shard).unlink(missing_ok=True)
             array[sl] = data
 
-    def shard_files(self, view: int | None, shard: int) -> list[Path]:
+    def shard_files(self, view: int | None, shard: int) -> list[Path | ObjectPath]:
         """The files of shard `shard` of view `view` (None: val): logits, and scale and offset when affine."""
         g, prefix = self._logit_group(view)
         names = ("logits", "scale", "offset") if self.codec.affine else ("logits",)
-        return [shard_file(g[name], prefix, shard) for name in names]
+        if self.location.is_local:
+            return [shard_file(g[name], prefix, shard) for name in names]
+        return [self.path / shard_key(g[name], prefix, shard) for name in names]
 
-    def missing_shard_files(self, view: int | None, shard: int) -> list[Path]:
-        """Files of a complete shard that were lost: every shard is written whole, so a missing one is damage."""
-        return [f for f in self.shard_files(view, shard) if not f.exists()]
+    def missing_shard_files(self, view: int | None, shard: int) -> list[Path | ObjectPath]:
+        """Files of a complete shard that were lost: every shard is written whole, so a missing one is damage.
+        On an object store: those not in the prefix's listing, taken once per Store (see `objects`)."""
+        if self.location.is_local:
+            return [f for f in self.shard_files(view, shard) if not f.exists()]
+        listed = self.objects()
+        return [f for f in self.shard_files(view, shard) if f.key not in listed]
+
+    def objects(self, fresh: bool = False) -> dict[str, int]:
+        """{key: bytes} of an object-store cache's objects: one listing, kept until this Store writes a shard
+        (or `fresh`)."""
+        if self._listed is None or fresh:
+            self._listed = self.location.listing()
+        return self._listed
 
     def read_rows(self, view: int | None, start: int, stop: int) -> Encoded:
         """Stored rows [start, stop) of view `view` (None: validation), in the codec's form."""
@@ -189,6 +234,8 @@ class Store:
 
     # -- storage figures -------------------------------------------------------------------
     def bytes_on_disk(self) -> int:
+        if not self.location.is_local:
+            return sum(self.objects(fresh=True).values())
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
     def rows_written(self) -> int:
@@ -201,8 +248,12 @@ class Store:
         """Bytes on disk of the complete shards' logits (and scale and offset for the affine codecs), views and
         val: the same rows as `rows_written`, so an unfinished cache's bytes per row are right too."""
         parts = [(view, done) for view, done in enumerate(self.complete())] + [(None, self.val_complete())]
-        return sum(f.stat().st_size for view, done in parts for shard in np.flatnonzero(done)
-                   for f in self.shard_files(view, int(shard)) if f.exists())
+        files = [f for view, done in parts for shard in np.flatnonzero(done)
+                 for f in self.shard_files(view, int(shard))]
+        if not self.location.is_local:
+            listed = self.objects(fresh=True)
+            return sum(listed.get(f.key, 0) for f in files)
+        return sum(f.stat().st_size for f in files if f.exists())
 
     def storage(self) -> dict:
         """Bytes of logits per written row and the compression ratios against raw float32 and float16 rows."""
@@ -222,17 +273,6 @@ def as_os_error(exc: RuntimeError, file: Path) -> Exception:
         return exc
     code = int(found.group(1))
     return OSError(code, os.strerror(code), str(file))
-
-
-def check_relative_path(path: str, cache: Path) -> None:
-    """Refuse absolute paths and `..` in a recorded sample path (a cache is data, not trusted).
-
-    Plain string tests rather than PurePosixPath: this runs once per sample, 1.28 M times.
-    """
-    if (path.startswith("/") or "\\" in path or path == ".." or path.startswith("../")
-            or path.endswith("/..") or "/../" in path):
-        raise StoreError(f"{cache}: sample path {path!r} is absolute or leaves the dataset root; "
-                         "refusing to open files from this cache")
 
 
 def _create(group: zarr.Group, name: str, data=None, *, shape=None, dtype=None, chunks, shards=None,
@@ -289,21 +329,42 @@ def codec_pipeline(array: zarr.Array) -> str:
 
 def shard_file(array: zarr.Array, prefix: tuple, shard: int) -> Path:
     """The file holding shard `shard` (along rows) of a logits, scale or offset array in a local cache."""
+    return Path(array.store_path.store.root) / shard_key(array, prefix, shard)
+
+
+def shard_key(array: zarr.Array, prefix: tuple, shard: int) -> str:
+    """The key (relative to the cache) of shard `shard` (along rows) of a logits, scale or offset array."""
     coords = prefix + (shard,) + (0,) * (array.ndim - len(prefix) - 1)
-    return Path(array.store_path.store.root) / array.store_path.path / array.metadata.encode_chunk_key(coords)
+    return f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}"
 
 
-def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Split | None,
+def encode_shard(array: zarr.Array, selection: tuple, data: np.ndarray) -> bytes:
+    """The bytes of the shard object that `array[selection] = data` writes (a whole shard), encoded in memory
+    by zarr's own pipeline with every chunk kept: an object store then gets it in one PUT, without reading
+    the old object first (zarr would merge a short last shard into it)."""
+    objects = dict(array.metadata.to_buffer_dict(default_buffer_prototype()))
+    with zarr.config.set({"codec_pipeline.path": WRITE_PIPELINE}):
+        copy = zarr.open_array(zarr.storage.MemoryStore(objects), mode="r+").with_config({"write_empty_chunks": True})
+    copy[selection] = data
+    written = [v for k, v in objects.items() if k != "zarr.json"]
+    if len(written) != 1:
+        raise ValueError(f"{array.path}{selection} spans {len(written)} shards, not one")
+    return written[0].to_bytes()
+
+
+def create_store(path: Path | str | Location, meta: dict, *, train: Split, plans: list, val: Split | None,
                  val_boxes: np.ndarray | None, num_classes: int) -> Store:
     """Write a new, empty cache: samples, the plan of every view, empty logit arrays.
 
     The group starts with only the `skd_creating` attribute and gets `skd` last, so an interrupted
-    creation is recognisable as ours. `path` must be absent or empty (mode w-: nothing already there
-    is ever cleared).
+    creation is recognisable as ours. `path` (a folder or an object-store URL) must be absent or empty
+    (mode w-: nothing already there is ever cleared).
     """
+    location = parse_location(path)
     codec = get_codec(meta["codec"])
     shard_rows, chunk_rows = int(meta["shard_rows"]), int(meta["chunk_rows"])
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={CREATING_KEY: True})
+    group = zarr.open_group(location.zarr_store(read_only=False), mode="w-", zarr_format=3,
+                            attributes={CREATING_KEY: True})
     n, k = len(train.paths), len(plans)
     if shard_rows % chunk_rows:
         raise ValueError(f"shard rows {shard_rows} must be a multiple of chunk rows {chunk_rows}")
@@ -326,15 +387,19 @@ def create_store(path: Path, meta: dict, *, train: Split, plans: list, val: Spli
         _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
     hashes = {"samples_sha256": samples_sha256(train.paths, train.labels, train.sizes),
               "val_sha256": None if val is None else samples_sha256(val.paths, val.labels, val.sizes)}
-    group.attrs.put({ATTR_KEY: check_meta(Path(path), {**meta, "dataset": {**meta["dataset"], **hashes}})})
-    return Store(Path(path), group)
+    group.attrs.put({ATTR_KEY: check_meta(location.path, {**meta, "dataset": {**meta["dataset"], **hashes}})})
+    return Store(location, group)
 
 
-def cache_state(path: Path) -> str | None:
+def cache_state(path: Path | str | Location) -> str | None:
     """"cache" for a created cache (a zarr group with the `skd` attribute), "creating" for a creation of
-    ours that was interrupted, None for anything else (another zarr group, a plain or unreadable folder)."""
+    ours that was interrupted, None for anything else (another zarr group, a plain or unreadable folder or
+    prefix; `Location.is_empty` tells an unreachable bucket from an empty one)."""
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        location = parse_location(path)
+        if location.is_local and location.local.is_dir():
+            check_files(location.local)  # a FIFO as zarr.json would block zarr's read
+        group = zarr.open_group(location.zarr_store(read_only=True), mode="r", zarr_format=3)
         attrs = group.attrs
         if ATTR_KEY in attrs:
             return "cache"
@@ -343,13 +408,23 @@ def cache_state(path: Path) -> str | None:
         return None
 
 
-def open_store(path: Path | str, mode: str = "r") -> Store:
-    """Open a cache for reading (or `r+` to continue writing); StoreError for anything unusable."""
-    path = Path(path)
-    if not path.exists():
+def open_store(path: Path | str | Location, mode: str = "r") -> Store:
+    """Open a cache (a folder or an object-store URL) for reading (or `r+` to continue writing); StoreError
+    for anything unusable. An object store's prefix is listed once, here: the listing is checked like a
+    folder's files and kept for the shard checks."""
+    location = parse_location(path)
+    path, listing = location.path, None
+    if location.is_local and not location.local.exists():
         raise StoreError(f"cache {path} does not exist: build it with `skd-cache build --out {path}`")
+    if not location.is_local:
+        if not (listing := location.listing()):
+            raise StoreError(f"cache {path} does not exist (no object under it): build it with "
+                             f"`skd-cache build --out {path}`")
+        check_objects(location, listing)  # before zarr reads any of them
+    elif location.local.is_dir():
+        check_files(path)  # before zarr reads any of them: a FIFO as a zarr.json would block it
     try:
-        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        group = zarr.open_group(location.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
     except Exception as exc:
         raise StoreError(f"{path} is not a zarr v3 cache ({type(exc).__name__}): "
                          "pass the folder written by `skd-cache build`") from None
@@ -359,8 +434,8 @@ def open_store(path: Path | str, mode: str = "r") -> Store:
                          "its creation was interrupted or it was written by another tool; rebuild it")
     check_meta(path, meta)
     check_arrays(path, group, meta)
-    check_files(path)
-    store = Store(path, group)
+    store = Store(location, group)
+    store._listed = listing
     for split, key in (("samples", "samples_sha256"), ("val", "val_sha256")):
         if split == "val" and not store.has_val:
             continue

@@ -20,7 +20,8 @@ from .index import image_size, quick_fingerprints, scan_split
 from .loss import LAYER_NORM_EPS
 from .replay import ReplaySource, cached_source, teacher_recipe, warn_other_loader
 from .runtime import Dist, place, resolve_device
-from .store import Store, StoreError, check_relative_path
+from .schema import check_relative_path
+from .store import Store, StoreError
 from .teachers import forward, load_teacher
 
 TEMPERATURE, MULTIPLIER = 4.0, 2.0  # of the reported KL, as in DESIGN's codec table

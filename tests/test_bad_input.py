@@ -307,7 +307,7 @@ def test_weights_with_code_are_refused_and_never_run(tmp_path):
     ("cache", ["build", "--teacher", "resnet18", "--mixup-prob", "1.5"], "'--mixup-prob'"),
     ("train", ["--cache", "somewhere", "--cutmix", "1.0"], "--cutmix: online mode"),
     ("cache", ["build", "--teacher", "resnet18", "--teacher-interpolation", "lanczos"], "'--teacher-interpolation'"),
-    ("cache", ["info"], "'DIR'"),
+    ("cache", ["info"], "'DIR|URL'"),
     ("cache", ["bulid"], "'bulid'"),
     ("train", ["--cache", "somewhere", "--bogus"], "'--bogus'"),
     ("train", ["--cache", "somewhere", "--teacher-size", "64", "--views", "3"], "--views, --teacher-size: online mode"),

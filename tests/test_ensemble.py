@@ -92,7 +92,8 @@ def test_an_ensemble_of_one_cache_twice_is_that_cache(fp32_cache, second_cache, 
     both = losses_of(base(tmp_path / "both", cache=[fp32_cache, second_cache], kd=kd))
     assert one.shape == (6, 2) and np.array_equal(one, twice), \
         f"{kd}: --cache A --cache A differs from --cache A by {np.abs(one - twice).max():.2e}"
-    assert np.abs(both - one).max() > 1e-3, f"{kd}: a second teacher changed the losses by only {np.abs(both - one).max():.2e}"
+    moved = float(np.abs(both - one).max())
+    assert moved > 1e-3, f"{kd}: a second teacher changed the losses by only {moved:.2e}"
 
 
 def test_the_loss_receives_the_weighted_mean_of_normalised_teachers(fp32_cache, second_cache, tmp_path, monkeypatch):
@@ -126,6 +127,7 @@ def test_caches_on_other_plans_are_refused_naming_both(fp32_cache, image_root, t
 
 def test_stats_compares_teachers_on_identical_views(fp32_cache, second_cache):
     import json
+
     from skd.compare import compare_teachers
     a, b = open_store(fp32_cache), open_store(second_cache)
     report = compare_teachers([a, b], (0, 1))

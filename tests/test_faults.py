@@ -14,8 +14,9 @@ import pytest
 import zarr
 from conftest import small_build_config
 
-from skd.build import BuildLock, build_cache
+from skd.build import build_cache
 from skd.store import open_store
+from skd.writer import BuildLock
 
 REPO = Path(__file__).resolve().parents[1]
 

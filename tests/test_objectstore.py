@@ -1,0 +1,344 @@
+"""Caches on object storage: a real S3 server (moto, in a child process on 127.0.0.1) holds caches written and
+read through zarr's ObjectStore over obstore, with the zarrs pipeline; they read back byte for byte like local
+ones, lost objects are named, the build lease is exclusive and expires, and bad URLs are one-line errors."""
+import itertools
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from s3server import DUMMY_KEY, DUMMY_SECRET, S3Server
+from test_reader import assert_same, make_store
+
+from skd.codecs import get_codec
+from skd.info import describe, info_lines
+from skd.location import ObjectPath, check_objects, parse_location
+from skd.reader import RowReader
+from skd.schema import SchemaError
+from skd.store import StoreError, cache_state, codec_pipeline, open_store
+from skd.writer import BuildLock, Lease, WriteError, acquire_lock
+
+# zarrs rebuilds obstore's store in its own copy of object_store, and warns for every array it opens
+pytestmark = pytest.mark.filterwarnings("ignore:Successfully reconstructed a store:RuntimeWarning")
+BUCKETS = (f"skd-test-{i}" for i in itertools.count())
+
+
+@pytest.fixture(scope="module")
+def server():
+    with S3Server() as s3:
+        yield s3
+
+
+@pytest.fixture
+def bucket(server, monkeypatch) -> str:
+    """A new, empty bucket on the server, with AWS_* pointing obstore at it."""
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    name = next(BUCKETS)
+    server.create_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def pair(server, tmp_path_factory):
+    """(local store, s3 store): the same cache made twice, locally and in a bucket of the module's server."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in server.env.items():
+            mp.setenv(key, value)
+        server.create_bucket("skd-pair")
+        local = make_store(tmp_path_factory.mktemp("pair") / "c")
+        remote = make_store("s3://skd-pair/caches/c")
+        yield local, remote
+
+
+def one_line(exc) -> str:
+    text = str(exc.value)
+    assert "\n" not in text, f"a multi-line error: {text!r}"
+    assert DUMMY_SECRET not in text and DUMMY_KEY not in text, f"a credential in {text!r}"
+    return text
+
+
+def test_a_cache_on_s3_reads_back_like_the_local_one(server, pair, monkeypatch):
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    local, remote = pair
+    assert str(remote.path) == "s3://skd-pair/caches/c", f"shown as {remote.path}"
+    objects = server.client().list_objects_v2(Bucket="skd-pair", Prefix="caches/c/")["Contents"]
+    files = {str(f.relative_to(local.path)) for f in local.path.rglob("*") if f.is_file()}
+    keys = {o["Key"][len("caches/c/"):] for o in objects}
+    assert keys == files, f"objects differ from files: {sorted(keys ^ files)[:5]}"
+    different = [k for k in sorted(keys) if server.client().get_object(Bucket="skd-pair", Key=f"caches/c/{k}")
+                 ["Body"].read() != (local.path / k).read_bytes()]
+    assert not different, f"objects whose bytes differ from the local files: {different[:5]}"
+    for view, n in [(0, 50), (1, 50), (None, 13)]:
+        reader = RowReader(remote, view, 0, n)
+        want = {name: "ZarrsCodecPipeline" for name in ("logits", "scale", "offset")}
+        assert reader.pipelines == want, f"pipelines of {view}: {reader.pipelines}"
+        for start, stop, block, batch in [(0, n, None, 7), (3, n - 2, 5, 4), (n - 3, n - 2, None, 1)]:
+            got = list(RowReader(remote, view, start, stop, block_rows=block).batches(batch))
+            expected = list(RowReader(local, view, start, stop, block_rows=block).batches(batch))
+            assert [f for f, _ in got] == [f for f, _ in expected], f"batch starts differ, view {view}"
+            for (_, g), (_, e) in zip(got, expected):
+                assert_same(g, e)
+    assert codec_pipeline(remote.group["views/logits"]) == "ZarrsCodecPipeline"
+    assert remote.storage() == local.storage() and remote.bytes_on_disk() == local.bytes_on_disk(), \
+        f"storage {remote.storage()} vs {local.storage()}, bytes {remote.bytes_on_disk()} vs {local.bytes_on_disk()}"
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_read_ahead_keeps_order_and_stops_early(server, pair, monkeypatch, parallel):
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    local, remote = pair
+    got = list(RowReader(remote, 1, 2, 49, block_rows=4, parallel=parallel, prefetch=1).batches(5))
+    want = list(RowReader(local, 1, 2, 49, block_rows=4).batches(5))
+    assert [f for f, _ in got] == [f for f, _ in want]
+    for (_, g), (_, w) in zip(got, want):
+        assert_same(g, w)
+    blocks = RowReader(remote, 0, 0, 50, block_rows=4, parallel=parallel).blocks()
+    first, _ = next(blocks)
+    blocks.close()  # a consumer that stops early: the pool winds down
+    assert first == 0
+
+
+def test_a_shard_is_one_put_and_no_read(server, bucket):
+    """A shard's objects are written in one PUT each (encoded in memory), with no GET of the old ones first."""
+    store = make_store(f"s3://{bucket}/c", views=1)
+    store = open_store(f"s3://{bucket}/c", mode="r+")
+    encoded = get_codec("int8").encode(np.random.default_rng(1).normal(0, 3, (16, 7)).astype(np.float32))
+    server.clear()
+    store.write_shard(0, 1, encoded)
+    shard_requests = [r for r in server.requests if "/c/0/1" in r[1]]
+    want = [("PUT", f"/{bucket}/c/views/{name}/c/0/1{'/0' if name == 'logits' else ''}")
+            for name in ("logits", "scale", "offset")] + [("PUT", f"/{bucket}/c/views/complete/c/0/1")]
+    assert sorted(shard_requests) == sorted(want), f"requests on the shard: {shard_requests}"
+    assert_same(RowReader(open_store(f"s3://{bucket}/c"), 0, 16, 32)._read(16, 32), encoded)
+
+
+def test_a_deleted_shard_object_is_named(server, bucket):
+    make_store(f"s3://{bucket}/c")
+    server.client().delete_object(Bucket=bucket, Key="c/views/logits/c/0/1/0")
+    store = open_store(f"s3://{bucket}/c")
+    missing = store.missing_shard_files(0, 1)
+    assert [str(f) for f in missing] == [f"s3://{bucket}/c/views/logits/c/0/1/0"], f"missing: {missing}"
+    assert [str(f.relative_to(store.path)) for f in missing] == ["views/logits/c/0/1/0"]
+    assert store.missing_shard_files(0, 2) == []
+    with pytest.raises(StoreError, match=f"rows 16-32 of view 0 .*s3://{bucket}/c/views/logits/c/0/1/0 is missing"):
+        RowReader(store, 0, 0, 50)
+    one_line(pytest.raises(StoreError, RowReader, store, 0, 20, 21))
+    assert_same(RowReader(store, 0, 32, 50)._read(32, 50), store.read_rows(0, 32, 50))
+
+
+def test_info_shows_the_url_and_no_secret(server, pair, monkeypatch):
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    local, remote = pair
+    info = describe(open_store("s3://skd-pair/caches/c"))
+    text = "\n".join(info_lines(info))
+    assert info["path"] == "s3://skd-pair/caches/c" and "cache s3://skd-pair/caches/c (complete)" in text, text[:200]
+    assert "zarrs codec pipeline" in text, text
+    assert DUMMY_SECRET not in text + repr(info) and DUMMY_KEY not in text + repr(info), "a credential is shown"
+    assert info["bytes_on_disk"] == local.bytes_on_disk() and info["logit_bytes"] == local.logit_bytes()
+
+
+def test_urls_made_into_paths_and_file_urls_open(server, pair, monkeypatch):
+    """pathlib turns s3://b/p into s3:/b/p: such a Path still names the URL; file:///PATH names the folder."""
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    local, _ = pair
+    assert str(open_store(Path("s3://skd-pair/caches/c")).path) == "s3://skd-pair/caches/c"
+    assert open_store(f"file://{local.path.resolve()}").path == local.path.resolve()
+    assert cache_state("s3://skd-pair/caches/c") == "cache" and cache_state("s3://skd-pair/nothing") is None
+
+
+def test_create_refuses_a_prefix_that_holds_objects_and_overwrite_clears_it(server, bucket):
+    server.client().put_object(Bucket=bucket, Key="c/notes.txt", Body=b"mine")
+    location = parse_location(f"s3://{bucket}/c")
+    assert not location.is_empty() and cache_state(location) is None
+    with pytest.raises(FileExistsError):
+        make_store(location)
+    location.remove_all()
+    assert location.is_empty()
+    make_store(location, views=1)
+    assert cache_state(location) == "cache"
+    assert server.client().list_objects_v2(Bucket=bucket, Prefix="c.lock").get("KeyCount") == 0
+
+
+def test_the_lease_is_exclusive_renewed_and_taken_over_after_expiry(server, bucket):
+    url = f"s3://{bucket}/c"
+    first = acquire_lock(url, ttl=1.5)
+    assert isinstance(first, Lease), type(first)
+    with pytest.raises(WriteError, match=f"{url} is being built by pid \\d+ on .*wait for it") as refused:
+        Lease(url, ttl=1.5)
+    one_line(refused)
+    time.sleep(3.2)  # two ttls: renewed meanwhile, so still held
+    with pytest.raises(WriteError, match="is being built by"):
+        Lease(url, ttl=1.5)
+    first._stop.set()  # the holder stalls: no more renewals
+    first.thread.join()
+    time.sleep(1.7)
+    second = Lease(url, ttl=1.5)  # expired: taken over
+    assert not first.renew() and first.lost is not None
+    with pytest.raises(WriteError, match="lost its lease"):
+        first.check()
+    first.release()  # not ours any more: left alone
+    with pytest.raises(WriteError, match="is being built by"):
+        Lease(url, ttl=1.5)
+    second.release()
+    third = Lease(url, ttl=1.5)  # released: free at once
+    third.release()
+    keys = server.client().list_objects_v2(Bucket=bucket).get("KeyCount")
+    assert keys == 0, f"{keys} objects left after release"
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(server, bucket):
+    """As flock after kill -9: a rerun on the same host need not wait for the lease to expire."""
+    import json
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    body = {"owner": f"pid {pid} on {socket.gethostname()}", "host": socket.gethostname(), "pid": pid,
+            "token": "x", "ttl": 3600, "expires": time.time() + 3600}
+    server.client().put_object(Bucket=bucket, Key="c.lock", Body=json.dumps(body).encode())
+    Lease(f"s3://{bucket}/c", ttl=60).release()
+    body["host"] = "another-host"
+    server.client().put_object(Bucket=bucket, Key="c.lock", Body=json.dumps(body).encode())
+    with pytest.raises(WriteError, match=f"being built by pid {pid} on"):
+        Lease(f"s3://{bucket}/c", ttl=60)
+
+
+def test_acquire_lock_picks_the_kind(tmp_path, bucket):
+    lock = acquire_lock(tmp_path / "c")
+    assert isinstance(lock, BuildLock), type(lock)
+    lock.release()
+    lease = acquire_lock(f"s3://{bucket}/c", ttl=30)
+    assert isinstance(lease, Lease), type(lease)
+    lease.release()
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("ftp://host/c", "unknown scheme ftp://"),
+    ("s3:///c", "names no bucket"),
+    ("s3://skd-no-such-bucket/c", "bucket skd-no-such-bucket does not exist"),
+    ("s3://BUCKET/c/../d", "'..' part"),
+    (f"s3://{DUMMY_KEY}:{DUMMY_SECRET}@b/c", "user info"),
+    ("s3://skd-bad/empty", "does not exist \\(no object under it\\)"),
+    ("s3://skd-bad/text", "is not a zarr v3 cache"),
+    ("s3://skd-bad/group", "is not an skd cache"),
+])
+def test_bad_urls_are_one_line_errors(server, bucket, url, needle):
+    import zarr
+
+    if "skd-bad" in url:
+        server.create_bucket("skd-bad") if "skd-bad" not in {b["Name"] for b in server.client().list_buckets()
+                                                             ["Buckets"]} else None
+        server.client().put_object(Bucket="skd-bad", Key="text/readme.txt", Body=b"not a cache")
+        zarr.open_group(parse_location("s3://skd-bad/group").zarr_store(read_only=False), mode="a", zarr_format=3)
+    with pytest.raises(StoreError, match=needle) as exc:
+        open_store(url)
+    one_line(exc)
+
+
+def test_wrong_credentials_are_one_line_errors(server, bucket, monkeypatch):
+    """moto accepts any key until its signature checks are on: then a wrong secret is refused."""
+    make_store(f"s3://{bucket}/c", views=1)
+    key, secret = server.check_credentials(True)
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        assert open_store(f"s3://{bucket}/c").num_views == 1  # the right key works
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET)
+        with pytest.raises(StoreError, match=f"s3://{bucket}/c: access denied .*check the credentials") as exc:
+            open_store(f"s3://{bucket}/c")
+        assert secret not in str(exc.value) and key not in str(exc.value)
+        one_line(exc)
+    finally:
+        server.check_credentials(False)
+
+
+def test_an_unreachable_endpoint_is_a_one_line_error(bucket, monkeypatch):
+    from s3server import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot be reached .*AWS_ENDPOINT_URL") as exc:
+        parse_location("s3://b0/c").listing()
+    one_line(exc)
+    assert time.monotonic() - started < 120
+
+
+def test_object_listings_are_checked_like_folders():
+    """check_objects: keys stay inside the prefix, and no key is both an object and a folder of others."""
+    where = parse_location("s3://b/c")
+    check_objects(where, {"zarr.json": 5, "views/zarr.json": 3})
+    for listing, needle in [({"views/../x": 1}, "leaves the prefix"), ({"a//b": 1}, "leaves the prefix"),
+                            ({"views": 1, "views/zarr.json": 2}, "views is an object and a folder"),
+                            ({"views/zarr.json": 2**21}, "more than zarr metadata")]:
+        with pytest.raises(SchemaError, match=needle):
+            check_objects(where, listing)
+
+
+def test_object_paths_join_and_relativise_like_paths():
+    root = ObjectPath("s3://b/c")
+    f = root / "views/logits" / "c/0/1/0"
+    assert str(f) == "s3://b/c/views/logits/c/0/1/0" and f.name == "0" and str(f.parent) == "s3://b/c/views/logits/c/0/1"
+    assert str(f.relative_to(root)) == "views/logits/c/0/1/0"
+    with pytest.raises(ValueError):
+        f.relative_to(ObjectPath("s3://b/d"))
+
+
+def test_create_store_on_a_url_records_the_url_nowhere(server, bucket):
+    """The cache's attributes hold no store URL, endpoint or key: a cache can be copied between stores."""
+    store = make_store(f"s3://{bucket}/c", views=1)
+    text = repr(dict(store.group.attrs))
+    for secret in (DUMMY_KEY, DUMMY_SECRET, server.endpoint, bucket):
+        assert secret not in text, f"{secret} in the attributes"
+
+
+@pytest.mark.parametrize("key", ["c/views/../evil", "c/views//x", "c/views/x\\y"])
+def test_a_key_that_leaves_the_prefix_is_refused(server, bucket, key):
+    """Keys are untrusted as paths are: an object whose key has a '..', '.' or empty part, or a backslash."""
+    make_store(f"s3://{bucket}/c", views=1)
+    server.client().put_object(Bucket=bucket, Key=key, Body=b"x")
+    with pytest.raises((StoreError, SchemaError), match="leave.* the prefix") as exc:
+        open_store(f"s3://{bucket}/c")
+    one_line(exc)
+
+
+def test_a_damaged_shard_object_is_an_error_naming_it(server, bucket):
+    make_store(f"s3://{bucket}/c", views=1)
+    key = "c/views/logits/c/0/1/0"
+    data = bytearray(server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[-10] ^= 0xFF  # the shard index's checksum
+    server.client().put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    store = open_store(f"s3://{bucket}/c")
+    with pytest.raises(StoreError, match=f"rows 16-32 of view 0 .*s3://{bucket}/{key}: .*damaged") as exc:
+        list(RowReader(store, 0, 0, 50).batches(8))
+    one_line(exc)
+
+
+def test_a_cache_on_s3_resumes_and_is_marked_complete(server, bucket):
+    """Open r+ (a build's resume): shards written then, and the attributes updated, as on a local cache."""
+    make_store(f"s3://{bucket}/c", views=1, skip_shards={(0, 2)})
+    store = open_store(f"s3://{bucket}/c", mode="r+")
+    assert not store.is_complete() and store.complete()[0].tolist() == [True, True, False, True]
+    store.write_shard(0, 2, get_codec("int8").encode(np.ones((16, 7), np.float32)))
+    store.group.attrs["skd"] = {**store.meta, "complete": True}
+    again = open_store(f"s3://{bucket}/c")
+    assert again.is_complete() and again.meta["complete"], "the shard or the attribute did not reach the store"
+    assert np.allclose(again.read_logits(0, 32, 48), 1.0, atol=0.05)
+    info = "\n".join(info_lines(describe(again)))
+    assert "stored    " in info and "on disk" not in info, info
+
+
+def test_credentials_in_the_environment_are_masked_in_messages(monkeypatch):
+    from skd.location import scrub
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
+    assert scrub("denied for FwoGZXIvYXdzEXAMPLETOKEN at s3://b/c") == "denied for *** at s3://b/c"
