@@ -342,3 +342,58 @@ def test_credentials_in_the_environment_are_masked_in_messages(monkeypatch):
 
     monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
     assert scrub("denied for FwoGZXIvYXdzEXAMPLETOKEN at s3://b/c") == "denied for *** at s3://b/c"
+
+
+# ---------------------------------------------------------------------------------------------
+# The product end to end on s3://: build, kill -9 and resume, train, the commands
+
+
+def zarr_arrays(where) -> dict:
+    import zarr
+    group = zarr.open_group(parse_location(where).zarr_store(read_only=True), mode="r")
+    return {f"{prefix}/{name}": array[...] for prefix in ("samples", "views", "val") if prefix in group
+            for name, array in group[prefix].arrays()}
+
+
+def test_build_kill_resume_and_train_on_s3_equal_the_local_cache(bucket, server, fp32_cache, image_root,
+                                                                   teacher_file, tmp_path):
+    import os
+
+    from conftest import small_build_config
+
+    from skd.build import build_cache
+    from skd.train import TrainConfig, train
+    url = f"s3://{bucket}/caches/r18"
+    args = ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", url,
+            "--views", 2, "--image-size", 32, "--batch-size", 8, "--codec", "fp32", "--loader", "torchvision",
+            "--workers", 0, "--shard-size", 8, "--chunk-size", 4, "--amp", "none", "--device", "cpu"]
+    env = {**os.environ, **server.env, "SKD_FAULT": "after-shard:2"}
+    killed = subprocess.run([sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args)],
+                            capture_output=True, text=True, env=env)
+    assert killed.returncode == -9, f"the build was not killed ({killed.returncode}): {killed.stderr[-500:]}"
+    build_cache(small_build_config(image_root, url, teacher_file))  # the rerun takes the dead build's lease
+    local, remote = zarr_arrays(fp32_cache), zarr_arrays(url)
+    differ = [name for name in local if not np.array_equal(local[name], remote[name])]
+    assert set(local) == set(remote) and not differ, f"s3 cache differs from the local build in {differ}"
+    runs = {}
+    for name, cache in (("local", fp32_cache), ("s3", url)):
+        losses = []
+        train(TrainConfig(cache=cache, epochs=1, batch_size=4, amp="none", device="cpu", loader="torchvision",
+                          workers=0, steps_per_epoch=3, val=False, out=tmp_path / name),
+              on_step=lambda epoch, step, parts: losses.append(parts.loss.item()))
+        runs[name] = losses
+    assert runs["local"] == runs["s3"] and len(runs["s3"]) == 3, f"losses local {runs['local']} vs s3 {runs['s3']}"
+
+
+def test_stats_and_verify_work_on_a_url_and_print_no_secret(bucket, server, image_root, teacher_file, in_process,
+                                                           capsys):
+    from conftest import small_build_config
+
+    from skd.build import build_cache
+    url = f"s3://{bucket}/caches/v"
+    build_cache(small_build_config(image_root, url, teacher_file, views=1))
+    for args in (("stats", url), ("verify", url, "--data", image_root, "--weights", teacher_file, "--samples", 8)):
+        code, err = in_process("cache", *args)
+        out = capsys.readouterr().out
+        assert code == 0, f"skd-cache {args[0]} on {url}: exit {code}: {err[-500:]}"
+        assert DUMMY_SECRET not in err + out and DUMMY_KEY not in err + out, f"{args[0]} printed a credential"
