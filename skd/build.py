@@ -97,7 +97,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
         store = store or open_store(cfg.out, mode="r+")
         source = cached_source(store, recipe=teacher_recipe(store), root=Path(cfg.data))
         model = torch.compile(model) if cfg.compile else model
-        rows = sum(fill_view(store, source, view, model, cfg, d, device, amp, progress)
+        rows = sum(fill_view(store, source, view, model, cfg, d, device, amp, progress, lock)
                    for view in [*range(store.num_views), *([None] if store.has_val else [])])
         rows = d.total(rows)  # also the barrier: every rank has written its shards
         if d.main:
@@ -109,7 +109,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
 
 
 def fill_view(store: Store, source: ReplaySource, view: int | None, model, cfg: BuildConfig, d: Dist,
-              device: torch.device, amp: str, progress: bool) -> int:
+              device: torch.device, amp: str, progress: bool, lock=None) -> int:
     """Compute this rank's incomplete shards of one view (None: val); returns the rows written."""
     rows = store.num_samples if view is not None else store.num_val
     complete = store.complete()[view] if view is not None else store.val_complete()
@@ -119,7 +119,7 @@ def fill_view(store: Store, source: ReplaySource, view: int | None, model, cfg: 
     positions = np.concatenate([np.arange(*store.shard_bounds(j, rows)) for j in shards])
     loader = source.loader(view, positions, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
     label = "val" if view is None else f"view {view}/{store.num_views}"
-    writer = ShardWriter(store, view, shards, rows)
+    writer = ShardWriter(store, view, shards, rows, lock=lock)  # a lost lease stops the writes
     with tqdm(total=len(positions), desc=label, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         try:
             done = run_teacher(model, loader, writer, device, amp, bar, "val-batch" if view is None else "after-batch")
