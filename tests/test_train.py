@@ -210,7 +210,9 @@ def test_training_decodes_with_the_loader_the_cache_was_built_with(fp32_cache, t
     """The student sees the teacher's very pixels: with no --loader, the cache's own (torchvision here) is used."""
     default_losses, _, _ = run(base_config(tmp_path / "default", cache=fp32_cache, loader=None))
     recorded_losses, _, _ = run(base_config(tmp_path / "recorded", cache=fp32_cache, loader="torchvision"))
-    other_losses, _, _ = run(base_config(tmp_path / "other", cache=fp32_cache, loader="dali"))
+    from skd.errors import SkdWarning
+    with pytest.warns(SkdWarning, match="built with torchvision"):
+        other_losses, _, _ = run(base_config(tmp_path / "other", cache=fp32_cache, loader="dali"))
     same = float(np.abs(default_losses - recorded_losses).max())
     other = float(np.abs(other_losses - recorded_losses).max())
     assert same == 0.0, f"default loader's losses differ from the cache's loader's by {same:.2e}"
