@@ -46,6 +46,15 @@ def save_atomic(obj, path: Path) -> None:
         raise
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a run's text file (metrics.jsonl); a failed write is a CheckpointError saying what to do."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as exc:
+        raise CheckpointError(_write_failure(Path(path), exc)) from None
+
+
 def _os_error(exc: BaseException | None) -> OSError | None:
     """The OSError behind `exc`: torch's zip writer may wrap a failed write in a RuntimeError."""
     while exc is not None and not isinstance(exc, OSError):

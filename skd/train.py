@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import pipelines
-from .checkpoint import CHECKPOINT, STUDENT, check_free_space, load_for_resume, save_atomic
+from .checkpoint import CHECKPOINT, STUDENT, append_line, check_free_space, load_for_resume, save_atomic
 from .config import TrainConfig
 from .errors import SkdError, fault
 from .loss import ensemble_target
@@ -230,17 +230,17 @@ def start_or_resume(cfg: TrainConfig, out: Path, run: Run, student, optimizer, s
 
 def record_epoch(cfg: TrainConfig, out: Path, run: Run, student, optimizer, scaler, history: list[dict],
                  board) -> None:
-    """Append the epoch's metrics and replace the checkpoint (rank 0)."""
+    """Replace the checkpoint, then append the epoch's metrics (rank 0): a resume rewrites metrics.jsonl from the
+    checkpoint, so a failed append loses nothing."""
     metrics = history[-1]
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    if board is not None:
-        for key, value in metrics.items():
-            board.add_scalar(key, value, metrics["epoch"])
     save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "epoch": metrics["epoch"], "identity": run.identity, "settings": cfg.settings(),
                  "source": str(cfg.cache or cfg.teacher), "args": {k: str(v) for k, v in asdict(cfg).items()},
                  "metrics": [json.dumps(m) for m in history]}, out / CHECKPOINT)
+    append_line(out / "metrics.jsonl", json.dumps(metrics))
+    if board is not None:
+        for key, value in metrics.items():
+            board.add_scalar(key, value, metrics["epoch"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -325,3 +325,53 @@ def test_metrics_name_only_what_the_loss_uses_and_another_loader_is_warned(fp32_
         f"hinton logs {sorted(fields['hinton'])}"
     with pytest.warns(SkdWarning, match="built with torchvision.*grey levels"):
         train(base_config(tmp_path / "dali", cache=fp32_cache, loader="dali", epochs=1))
+
+
+FILLING_STUDENT = """
+import os, shutil, torch
+calls = [0]
+class Filler(torch.nn.Module):
+    \"\"\"A tiny student whose 4th forward (epoch 1's first step) fills the run's disk, as another job would.\"\"\"
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, num_classes)
+    def forward(self, x):
+        calls[0] += 1
+        if calls[0] == 4:
+            folder = os.environ["FILL_DIR"]
+            with open(os.path.join(folder, "filler"), "wb") as f:
+                f.write(b"x" * shutil.disk_usage(folder).free)
+        return self.fc(x.mean((2, 3)))
+def student(num_classes=3):
+    return Filler(num_classes)
+"""
+
+
+def test_a_disk_filling_up_during_training_is_one_line_and_resumes(fp32_cache, tmp_path):
+    """A real full disk (a small tmpfs) at the end of epoch 1: one line, exit 2, no temporary file, the epoch-0
+    checkpoint kept; after space is freed, --resume finishes the run."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): the disk-full test needs a real small disk")
+    try:
+        (tmp_path / "filling.py").write_text(FILLING_STUDENT)
+        args = ["--cache", fp32_cache, "--arch", "py:filling:student", "--epochs", 2, "--batch-size", 4,
+                "--steps-per-epoch", 2, "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--no-val",
+                "--out", mount / "run"]
+        env = {"PYTHONPATH": str(tmp_path), "FILL_DIR": str(mount)}
+        full = cli(*args, env=env)
+        assert full.returncode == 2, f"exit {full.returncode}: {full.stderr[-800:]}"
+        lines = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "no space left on device" in lines[0] and "--resume" in lines[0] \
+            and "Traceback" not in full.stderr, full.stderr[-800:]
+        assert not list((mount / "run").glob("*.tmp")), f"temporary files left: {list((mount / 'run').iterdir())}"
+        saved = torch.load(mount / "run" / "checkpoint.pth", weights_only=True)
+        assert saved["epoch"] == 0, f"the kept checkpoint is of epoch {saved['epoch']}, not 0"
+        (mount / "filler").unlink()
+        resumed = cli(*args, "--resume", env=env)
+        assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-800:]
+        epochs = [json.loads(line)["epoch"] for line in (mount / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == [0, 1], f"metrics.jsonl holds epochs {epochs} after the resume"
+    finally:
+        subprocess.run(["umount", str(mount)])
