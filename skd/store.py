@@ -66,6 +66,7 @@ class Store:
         self.meta: dict = dict(group.attrs[ATTR_KEY])
         self.codec: Codec = get_codec(self.meta["codec"])
         self.shard_rows: int = int(self.meta["shard_rows"])
+        self._splits: dict[str, Split] = {}  # sample arrays, read once (open_store checks them, replay uses them)
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -97,11 +98,14 @@ class Store:
 
     # -- samples and plan ------------------------------------------------------------------
     def split(self, name: str = "samples") -> Split:
-        """Paths, labels and sizes of the training samples (`samples`) or of `val`."""
-        paths = [str(p) for p in self._read(f"{name}/path")]
-        for p in paths:
-            check_relative_path(p, self.path)
-        return Split(paths, self._read(f"{name}/label").astype(np.int64), self._read(f"{name}/size").astype(np.int64))
+        """Paths, labels and sizes of the training samples (`samples`) or of `val`, read and checked once."""
+        if name not in self._splits:
+            paths = [str(p) for p in self._read(f"{name}/path")]
+            for p in paths:
+                check_relative_path(p, self.path)
+            self._splits[name] = Split(paths, self._read(f"{name}/label").astype(np.int64),
+                                       self._read(f"{name}/size").astype(np.int64))
+        return self._splits[name]
 
     def view_plan(self, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(order, box, flip) of one view as recorded, checked: the order a permutation of the samples, every
@@ -110,7 +114,7 @@ class Store:
         n = self.num_samples
         if order.min(initial=0) < 0 or order.max(initial=0) >= n or np.bincount(order, minlength=n).max() > 1:
             raise self._bad_plan(f"views/order of view {view} is not a permutation of the {n} samples")
-        sizes = self._read("samples/size")[order]
+        sizes = self.split("samples").sizes[order]
         y, x, h, w = box.T.astype(np.int64)
         if ((y < 0) | (x < 0) | (h <= 0) | (w <= 0) | (y + h > sizes[:, 0]) | (x + w > sizes[:, 1])).any():
             raise self._bad_plan(f"views/box of view {view} holds windows outside their images")
