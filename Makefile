@@ -22,11 +22,13 @@ $(STAMP): setup.cfg pyproject.toml
 	PIP_NO_CACHE_DIR=1 $(BIN)/pip install -q -e '.[test,plot,demo]'
 	touch $(STAMP)
 
-# the layer contract (setup.cfg [importlinter]) and ruff first: a broken layer or a lint error fails at once;
+# the layer contract (setup.cfg [importlinter]), ruff check and ruff format --check first: a broken layer, a lint
+# error or unformatted code fails at once;
 # then one pytest worker per core (pytest-xdist): most tests wait on a subprocess importing torch
 test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/ruff check skd pipelines tests benchmarks
+	$(BIN)/ruff format --check skd pipelines tests benchmarks
 	$(BIN)/python -m pytest -q -n auto
 
 demo: $(STAMP)

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts: synthetic caches, timing, machine description, tables."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,12 +30,25 @@ def teacher_like_rows(rng: np.random.Generator, n: int, classes: int) -> np.ndar
     return x
 
 
-def synthetic_store(path: Path, rows: int, classes: int = 1000, codec: str = "int8", shard_rows: int = 16384,
-                    chunk_rows: int = 1024, seed: int = 0) -> Store:
+def synthetic_store(
+    path: Path,
+    rows: int,
+    classes: int = 1000,
+    codec: str = "int8",
+    shard_rows: int = 16384,
+    chunk_rows: int = 1024,
+    seed: int = 0,
+) -> Store:
     """A one-view cache of teacher-like rows written shard by shard through Store.write_shard."""
     rng = np.random.default_rng(seed)
-    meta = cache_meta(codec=codec, views=1, num_samples=rows, classes=[f"c{i}" for i in range(classes)],
-                      shard_rows=shard_rows, chunk_rows=chunk_rows)
+    meta = cache_meta(
+        codec=codec,
+        views=1,
+        num_samples=rows,
+        classes=[f"c{i}" for i in range(classes)],
+        shard_rows=shard_rows,
+        chunk_rows=chunk_rows,
+    )
     train = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), 64))
     plan = SimpleNamespace(order=rng.permutation(rows), box=np.zeros((rows, 4), np.int32), flip=np.zeros(rows))
     store = create_store(path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes)
@@ -69,16 +83,20 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"zarr {zarr.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"zarr {zarr.__version__}"
+    )
 
 
 def git_state() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
         return head + ("+changes" if dirty else "")
     except OSError:
         return "unknown"
@@ -91,9 +109,28 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "hubble_deep_field",
-          "immunohistochemistry", "retina", "camera", "coins", "grass", "gravel", "brick", "clock", "moon",
-          "page", "horse", "text", "colorwheel")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "motorcycle_right",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "coins",
+    "grass",
+    "gravel",
+    "brick",
+    "clock",
+    "moon",
+    "page",
+    "horse",
+    "text",
+    "colorwheel",
+)
 
 
 def skimage_photos() -> dict[str, np.ndarray]:
@@ -142,8 +179,9 @@ def _write_one(job) -> None:
     Image.fromarray(photo_like(h, w, seed)).save(path, "JPEG", quality=90)
 
 
-def synthetic_jpeg_folder(root: Path, count: int, size: int, classes: int = 10, seed: int = 0,
-                          processes: int = 1) -> Path:
+def synthetic_jpeg_folder(
+    root: Path, count: int, size: int, classes: int = 10, seed: int = 0, processes: int = 1
+) -> Path:
     """ROOT/train/c<k>/*.JPEG: `count` photo-like JPEGs of about size x size pixels (aspect 0.8-1.25)."""
     rng = np.random.default_rng(seed)
     jobs = []
@@ -188,6 +226,7 @@ def train_rate(cfg, warmup: int, steps_per_epoch: int) -> float:
             if cuda:
                 torch.cuda.synchronize()
             marks.setdefault(epoch, []).append(time.perf_counter())
+
     train(cfg, on_step=on_step)
     spans = [(t[1] - t[0]) for t in marks.values() if len(t) == 2]
     steps = len(spans) * (steps_per_epoch - 1 - warmup)

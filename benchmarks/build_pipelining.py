@@ -13,6 +13,7 @@ Usage: python benchmarks/build_pipelining.py [--images 1024] [--size 64] [--batc
 On 2 CPU cores the defaults give the teacher one core (1 thread) and the loader the other (1 worker), with
 the two sized to similar speeds: the case where overlap matters most.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,10 +60,18 @@ def loader_rate(cfg: BuildConfig, cache: Path, device: torch.device) -> float:
     t = time.perf_counter()
     for view in range(store.num_views):
         order, box, flip = store.view_plan(view)
-        loader = pipelines.make_loader(cfg.loader, files=[str(cfg.data / split.paths[i]) for i in order], boxes=box,
-                                       flips=flip, labels=split.labels[order], positions=np.arange(len(order)),
-                                       image_size=cfg.image_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                                       device=device)
+        loader = pipelines.make_loader(
+            cfg.loader,
+            files=[str(cfg.data / split.paths[i]) for i in order],
+            boxes=box,
+            flips=flip,
+            labels=split.labels[order],
+            positions=np.arange(len(order)),
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            device=device,
+        )
         for batch in loader:
             images += len(batch.labels)
     return images / (time.perf_counter() - t)
@@ -108,9 +117,23 @@ def main() -> None:
         model = model.eval().to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        cfg = BuildConfig(teacher=args.teacher, weights=str(weights), data=root, out=work / "cache", views=args.views,
-                          image_size=args.size, batch_size=args.batch, codec="int8", amp=args.amp, device=args.device,
-                          loader="torchvision", workers=args.workers, val=False, shard_rows=256, chunk_rows=64)
+        cfg = BuildConfig(
+            teacher=args.teacher,
+            weights=str(weights),
+            data=root,
+            out=work / "cache",
+            views=args.views,
+            image_size=args.size,
+            batch_size=args.batch,
+            codec="int8",
+            amp=args.amp,
+            device=args.device,
+            loader="torchvision",
+            workers=args.workers,
+            val=False,
+            shard_rows=256,
+            chunk_rows=64,
+        )
         steps = max(4, args.images * args.views // args.batch // 2)
         rates: dict[str, list[float]] = {"build": [], "loader": [], "teacher": []}
         totals, cores = [], []
@@ -123,25 +146,42 @@ def main() -> None:
             rates["loader"].append(loader_rate(cfg, cfg.out, device))
             rates["teacher"].append(teacher_rate(model, cfg, device, steps))
             load.append(os.getloadavg()[0])
-            print(f"round {r}: " + ", ".join(f"{n} {v[-1]:,.1f}" for n, v in rates.items())
-                  + f" (whole build {total:.1f} s, {busy:.2f} cores busy)", flush=True)
+            print(
+                f"round {r}: "
+                + ", ".join(f"{n} {v[-1]:,.1f}" for n, v in rates.items())
+                + f" (whole build {total:.1f} s, {busy:.2f} cores busy)",
+                flush=True,
+            )
     ratios = [b / min(lo, te) for b, lo, te in zip(rates["build"], rates["loader"], rates["teacher"])]
     serial = [1 / (1 / lo + 1 / te) / min(lo, te) for lo, te in zip(rates["loader"], rates["teacher"])]
-    print(f"\n{machine()}; git {git_state()}; device {args.device}, AMP {args.amp}; teacher {args.teacher} "
-          f"({CLASSES} classes, {args.threads} torch threads), {args.images} JPEGs of ~{args.jpeg_size} px "
-          f"x {args.views} "
-          f"views at {args.size} px, batch {args.batch}, loader torchvision with {args.workers} workers, shards of 256 "
-          f"rows; load average "
-          f"{min(load):.1f}-{max(load):.1f}")
+    print(
+        f"\n{machine()}; git {git_state()}; device {args.device}, AMP {args.amp}; teacher {args.teacher} "
+        f"({CLASSES} classes, {args.threads} torch threads), {args.images} JPEGs of ~{args.jpeg_size} px "
+        f"x {args.views} "
+        f"views at {args.size} px, batch {args.batch}, loader torchvision with {args.workers} workers, shards of 256 "
+        f"rows; load average "
+        f"{min(load):.1f}-{max(load):.1f}"
+    )
     print(table(["part", "images/s (median)"], [[n, f"{statistics.median(v):,.1f}"] for n, v in rates.items()]))
     print()
-    print(table(["measure", "value", "target"], [
-        ["build / min(loader, teacher)", f"{statistics.median(ratios):.2f}", ">= 0.85"],
-        ["serial bound (1 / (1/loader + 1/teacher)) / min", f"{statistics.median(serial):.2f}",
-         "what no overlap at all would give"],
-        ["cores busy during the build (CPU seconds / wall seconds)", f"{statistics.median(cores):.2f}",
-         "near 1: the machine gave one core, so nothing could overlap"],
-    ]))
+    print(
+        table(
+            ["measure", "value", "target"],
+            [
+                ["build / min(loader, teacher)", f"{statistics.median(ratios):.2f}", ">= 0.85"],
+                [
+                    "serial bound (1 / (1/loader + 1/teacher)) / min",
+                    f"{statistics.median(serial):.2f}",
+                    "what no overlap at all would give",
+                ],
+                [
+                    "cores busy during the build (CPU seconds / wall seconds)",
+                    f"{statistics.median(cores):.2f}",
+                    "near 1: the machine gave one core, so nothing could overlap",
+                ],
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Targets: build and train with mixing / without >= 0.95; two caches / one >= 0.95
 Usage: python benchmarks/features.py [--images 512] [--size 32] [--batch 32] [--steps 12] [--rounds 3]
        [--teacher resnet18] [--student resnet18] [--workers 2] [--device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,16 @@ def build_rate(cfg: BuildConfig) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in (("images", 512), ("size", 32), ("batch", 32), ("steps", 12), ("warmup", 2), ("rounds", 3),
-                        ("workers", 2), ("threads", 1)):
+    for name, value in (
+        ("images", 512),
+        ("size", 32),
+        ("batch", 32),
+        ("steps", 12),
+        ("warmup", 2),
+        ("rounds", 3),
+        ("workers", 2),
+        ("threads", 1),
+    ):
         ap.add_argument(f"--{name}", type=int, default=value)
     ap.add_argument("--teacher", default="resnet18")
     ap.add_argument("--student", default="resnet18")
@@ -59,19 +68,47 @@ def main() -> None:
         torch.manual_seed(0)
         weights = work / "teacher.pth"
         torch.save(torchvision.models.get_model(args.teacher, num_classes=classes).state_dict(), weights)
-        build = dict(teacher=args.teacher, weights=str(weights), data=root, views=1, image_size=args.size,
-                     batch_size=args.batch * 2, codec="int8", amp="none", device=args.device, loader="torchvision",
-                     workers=args.workers, val=False, overwrite=True)
-        builds = {"plain": BuildConfig(out=work / "plain", **build),
-                  "mixed": BuildConfig(out=work / "mixed", **build, **MIX),
-                  "second": BuildConfig(out=work / "second", **{**build, "weights": str(weights)},
-                                        plan_from=work / "plain")}
-        common = dict(arch=args.student, epochs=1, batch_size=args.batch, lr=0.1, device=args.device, amp="none",
-                      loader="torchvision", workers=args.workers, val=False, overwrite=True,
-                      steps_per_epoch=args.steps, multiplier="2", alpha="0.9", kd="skd")
-        runs = {"one cache": TrainConfig(cache=work / "plain", out=work / "r1", **common),
-                "mixed cache": TrainConfig(cache=work / "mixed", out=work / "r2", **common),
-                "two caches": TrainConfig(cache=[work / "plain", work / "second"], out=work / "r3", **common)}
+        build = dict(
+            teacher=args.teacher,
+            weights=str(weights),
+            data=root,
+            views=1,
+            image_size=args.size,
+            batch_size=args.batch * 2,
+            codec="int8",
+            amp="none",
+            device=args.device,
+            loader="torchvision",
+            workers=args.workers,
+            val=False,
+            overwrite=True,
+        )
+        builds = {
+            "plain": BuildConfig(out=work / "plain", **build),
+            "mixed": BuildConfig(out=work / "mixed", **build, **MIX),
+            "second": BuildConfig(out=work / "second", **{**build, "weights": str(weights)}, plan_from=work / "plain"),
+        }
+        common = dict(
+            arch=args.student,
+            epochs=1,
+            batch_size=args.batch,
+            lr=0.1,
+            device=args.device,
+            amp="none",
+            loader="torchvision",
+            workers=args.workers,
+            val=False,
+            overwrite=True,
+            steps_per_epoch=args.steps,
+            multiplier="2",
+            alpha="0.9",
+            kd="skd",
+        )
+        runs = {
+            "one cache": TrainConfig(cache=work / "plain", out=work / "r1", **common),
+            "mixed cache": TrainConfig(cache=work / "mixed", out=work / "r2", **common),
+            "two caches": TrainConfig(cache=[work / "plain", work / "second"], out=work / "r3", **common),
+        }
         rates: dict[str, list[float]] = {f"build {n}": [] for n in ("plain", "mixed")} | {n: [] for n in runs}
         steps = min(args.steps, steps_in_epoch(args.images, args.batch))
         load = [os.getloadavg()[0]]
@@ -87,16 +124,24 @@ def main() -> None:
 
     def ratio(a: str, b: str) -> float:
         return statistics.median([x / y for x, y in zip(rates[a], rates[b])])
-    print(f"\n{machine()}; git {git_state()}; device {args.device}; {args.student} from {args.teacher}, "
-          f"{args.size} px, batch {args.batch}, {args.images} images, {args.rounds} rounds, {args.threads} torch "
-          f"threads, loader torchvision with {args.workers} workers; load average {min(load):.1f}-{max(load):.1f}")
+
+    print(
+        f"\n{machine()}; git {git_state()}; device {args.device}; {args.student} from {args.teacher}, "
+        f"{args.size} px, batch {args.batch}, {args.images} images, {args.rounds} rounds, {args.threads} torch "
+        f"threads, loader torchvision with {args.workers} workers; load average {min(load):.1f}-{max(load):.1f}"
+    )
     print(table(["run", "images/s (median)"], [[n, f"{statistics.median(v):,.1f}"] for n, v in rates.items()]))
     print()
-    print(table(["measure", "value", "target"], [
-        ["build with mixing / without", f"{ratio('build mixed', 'build plain'):.3f}", ">= 0.95"],
-        ["train with mixing / without", f"{ratio('mixed cache', 'one cache'):.3f}", ">= 0.95"],
-        ["train from two caches / one", f"{ratio('two caches', 'one cache'):.3f}", ">= 0.95"],
-    ]))
+    print(
+        table(
+            ["measure", "value", "target"],
+            [
+                ["build with mixing / without", f"{ratio('build mixed', 'build plain'):.3f}", ">= 0.95"],
+                ["train with mixing / without", f"{ratio('mixed cache', 'one cache'):.3f}", ">= 0.95"],
+                ["train from two caches / one", f"{ratio('two caches', 'one cache'):.3f}", ">= 0.95"],
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

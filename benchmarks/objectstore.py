@@ -12,6 +12,7 @@ ticking every 5 ms), since zarrs holds the GIL while it fetches the index of a s
 Usage: python benchmarks/objectstore.py [--rows 262144] [--classes 1000] [--batch 256] [--rounds 3]
        [--delays 0.02 0.05] [--parallel 1 2 4 8] [--shard-rows 16384] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,11 @@ def main() -> None:
         s3_write, write_requests = time.perf_counter() - made, len(server.requests)
         local, remote = open_store(Path(tmp) / "c"), open_store("s3://bench/c")
         print(f"# {machine()}; git {git_state()}; load {os.getloadavg()[0]:.1f}", flush=True)
-        print(f"# cache {args.rows:,} x {args.classes} int8, shards of {args.shard_rows:,} rows: written in "
-              f"{local_write:.1f} s locally, {s3_write:.1f} s to S3 ({write_requests} requests)", flush=True)
+        print(
+            f"# cache {args.rows:,} x {args.classes} int8, shards of {args.shard_rows:,} rows: written in "
+            f"{local_write:.1f} s locally, {s3_write:.1f} s to S3 ({write_requests} requests)",
+            flush=True,
+        )
 
         results: dict[str, list] = {}
         modes = {"local disk": (local, {}), "S3, parallel 1": (remote, {"parallel": 1})}
@@ -98,11 +102,20 @@ def main() -> None:
                 results.setdefault(name, []).append(read_all(store, args.rows, args.batch, **kw))
         base = statistics.median(r[1] for r in results["local disk"])
         med = {name: [statistics.median(r[i] for r in got) for i in (0, 1)] for name, got in results.items()}
-        rows = [[name, f"{med[name][0] * 1000:.0f}", f"{med[name][1]:,.0f}", f"{med[name][1] / base:.2f}",
-                 f"{max(r[2] for r in got):.0f}"] for name, got in results.items()]
+        rows = [
+            [
+                name,
+                f"{med[name][0] * 1000:.0f}",
+                f"{med[name][1]:,.0f}",
+                f"{med[name][1] / base:.2f}",
+                f"{max(r[2] for r in got):.0f}",
+            ]
+            for name, got in results.items()
+        ]
         print("\n## No added delay\n")
-        print(table(["reader", "open, ms", "rows/s (median)", "/ local disk", "longest GIL wait, ms"], rows),
-              flush=True)
+        print(
+            table(["reader", "open, ms", "rows/s (median)", "/ local disk", "longest GIL wait, ms"], rows), flush=True
+        )
 
         delayed: dict[str, list] = {}
         for delay in args.delays:
@@ -112,11 +125,27 @@ def main() -> None:
                 opened, rate, gap = read_all(remote, args.rows, args.batch, parallel=p)
                 delayed.setdefault(f"{delay * 1000:.0f} ms", []).append((p, opened, rate, gap, len(server.requests)))
             server.set_delay(0)
-        rows = [[delay, p, f"{opened * 1000:.0f}", f"{rate:,.0f}", f"{rate / base:.2f}", f"{gap:.0f}", n]
-                for delay, got in delayed.items() for p, opened, rate, gap, n in got]
+        rows = [
+            [delay, p, f"{opened * 1000:.0f}", f"{rate:,.0f}", f"{rate / base:.2f}", f"{gap:.0f}", n]
+            for delay, got in delayed.items()
+            for p, opened, rate, gap, n in got
+        ]
         print("\n## A delay added to every request\n")
-        print(table(["delay per request", "parallel", "open, ms", "rows/s", "/ local disk", "longest GIL wait, ms",
-                     "requests"], rows), flush=True)
+        print(
+            table(
+                [
+                    "delay per request",
+                    "parallel",
+                    "open, ms",
+                    "rows/s",
+                    "/ local disk",
+                    "longest GIL wait, ms",
+                    "requests",
+                ],
+                rows,
+            ),
+            flush=True,
+        )
         if args.json:
             args.json.write_text(json.dumps({"no_delay": results, "delayed": delayed}, indent=1))
 

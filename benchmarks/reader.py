@@ -16,6 +16,7 @@ Usage: python benchmarks/reader.py [--rows 262144] [--batch 256] [--threads 1] [
        [--compare-with /tmp/old_reader.py] [--block-rows N] [--reader-threads N] [--zarr-config KEY=VALUE ...]
 The synthetic store is written to a temporary folder (warm page cache: it was just written).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,7 +80,7 @@ def run_memory(codec, arrays, batch):
     logits, scale, offset = (torch.from_numpy(a) for a in arrays)
     rows = 0
     for a in range(0, logits.shape[0], batch):
-        out = codec.decode_torch(logits[a:a + batch], scale[a:a + batch], offset[a:a + batch])
+        out = codec.decode_torch(logits[a : a + batch], scale[a : a + batch], offset[a : a + batch])
         rows += out.shape[0]
     return rows
 
@@ -89,7 +90,7 @@ def run_memory_3op(arrays, batch):
     logits, scale, offset = (torch.from_numpy(a) for a in arrays)
     rows = 0
     for a in range(0, logits.shape[0], batch):
-        out = logits[a:a + batch].float() * scale[a:a + batch][:, None] + offset[a:a + batch][:, None]
+        out = logits[a : a + batch].float() * scale[a : a + batch][:, None] + offset[a : a + batch][:, None]
         rows += out.shape[0]
     return rows
 
@@ -109,9 +110,16 @@ def run_shards(store: Store, n, batch):
     return rows
 
 
-TARGETS = {"stored": ">= 300,000 and >= 0.95 x stored-old", "decoded": ">= 150,000",
-           "decoded-1": "(one chunk at a time)", "memory": "(ceiling)", "memory-3op": "(the first decode)",
-           "shards": "(zarr's own pipeline)", "stored-old": "(--compare-with)", "decoded-old": "(--compare-with)"}
+TARGETS = {
+    "stored": ">= 300,000 and >= 0.95 x stored-old",
+    "decoded": ">= 150,000",
+    "decoded-1": "(one chunk at a time)",
+    "memory": "(ceiling)",
+    "memory-3op": "(the first decode)",
+    "shards": "(zarr's own pipeline)",
+    "stored-old": "(--compare-with)",
+    "decoded-old": "(--compare-with)",
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,12 +130,21 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the decode)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", nargs="+", choices=list(TARGETS), help="these modes only")
-    ap.add_argument("--compare-with", type=Path, metavar="FILE",
-                    help="a reader.py whose RowReader runs beside (modes stored-old and decoded-old)")
+    ap.add_argument(
+        "--compare-with",
+        type=Path,
+        metavar="FILE",
+        help="a reader.py whose RowReader runs beside (modes stored-old and decoded-old)",
+    )
     ap.add_argument("--block-rows", type=int, help="RowReader(block_rows=...) (default: the shard's rows)")
     ap.add_argument("--reader-threads", type=int, help="RowReader(threads=...) (default: the reader's)")
-    ap.add_argument("--zarr-config", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="zarr config set before any array opens, e.g. async.concurrency=4 (VALUE is JSON)")
+    ap.add_argument(
+        "--zarr-config",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="zarr config set before any array opens, e.g. async.concurrency=4 (VALUE is JSON)",
+    )
     ap.add_argument("--dir", type=Path, help="where to write the synthetic cache (default: a temporary folder)")
     ap.add_argument("--store", type=Path, help="reuse (or create and keep) the synthetic cache at this path")
     return ap.parse_args()
@@ -137,18 +154,25 @@ def modes_for(args, store: Store, arrays) -> dict:
     """The measured callables, each returning the rows it read."""
     kw = {k: v for k, v in (("block_rows", args.block_rows), ("threads", args.reader_threads)) if v}
     n, b = args.rows, args.batch
-    modes = {"stored": lambda: run_stored(RowReader, store, n, b, **kw),
-             "decoded": (lambda: run_decoded_with(RowReader, store, n, b, **kw)) if kw
-             else (lambda: run_decoded(store, n, b)),
-             "decoded-1": lambda: run_decoded_with(RowReader, store, n, b, **{**kw, "threads": 1}),
-             "memory": lambda: run_memory(store.codec, arrays, b),
-             "memory-3op": lambda: run_memory_3op(arrays, b),
-             "shards": lambda: run_shards(store, n, b)}
+    modes = {
+        "stored": lambda: run_stored(RowReader, store, n, b, **kw),
+        "decoded": (lambda: run_decoded_with(RowReader, store, n, b, **kw))
+        if kw
+        else (lambda: run_decoded(store, n, b)),
+        "decoded-1": lambda: run_decoded_with(RowReader, store, n, b, **{**kw, "threads": 1}),
+        "memory": lambda: run_memory(store.codec, arrays, b),
+        "memory-3op": lambda: run_memory_3op(arrays, b),
+        "shards": lambda: run_shards(store, n, b),
+    }
     if args.compare_with:
         old = load_reader(args.compare_with)
         assert getattr(old(store, 0, 0, n), "_direct", True) is not None, "the compared reader reads through zarr"
-        modes.update({"stored-old": lambda: run_stored(old, store, n, b),
-                      "decoded-old": lambda: run_decoded_with(old, store, n, b)})
+        modes.update(
+            {
+                "stored-old": lambda: run_stored(old, store, n, b),
+                "decoded-old": lambda: run_decoded_with(old, store, n, b),
+            }
+        )
     return {m: fn for m, fn in modes.items() if not args.only or m in args.only}
 
 
@@ -176,14 +200,22 @@ def ratio(rates: dict, a: str, b: str) -> float:
 
 def report(args, rates: dict, cpu: dict, load: list, pipelines: dict) -> None:
     med = {m: statistics.median(v) for m, v in rates.items()}
-    rows = [[m, f"{med[m]:,.0f}", f"{max(rates[m]):,.0f}", f"{statistics.median(cpu[m]):,.0f}", TARGETS[m]]
-            for m in rates]
-    print(f"\n{machine()}; git {git_state()}; {args.rows:,} rows x {args.classes}, batch {args.batch}, "
-          f"torch threads {args.threads}, {args.rounds} rounds; load average {min(load):.1f}-{max(load):.1f} "
-          f"(other jobs on the machine); RowReader pipelines {pipelines}; zarr config {args.zarr_config or '-'}")
+    rows = [
+        [m, f"{med[m]:,.0f}", f"{max(rates[m]):,.0f}", f"{statistics.median(cpu[m]):,.0f}", TARGETS[m]] for m in rates
+    ]
+    print(
+        f"\n{machine()}; git {git_state()}; {args.rows:,} rows x {args.classes}, batch {args.batch}, "
+        f"torch threads {args.threads}, {args.rounds} rounds; load average {min(load):.1f}-{max(load):.1f} "
+        f"(other jobs on the machine); RowReader pipelines {pipelines}; zarr config {args.zarr_config or '-'}"
+    )
     print(table(["mode", "rows/s (median)", "rows/s (best)", "rows per CPU-second", "target"], rows))
-    pairs = [("stored", "stored-old", ">= 0.95"), ("decoded", "decoded-old", ""), ("decoded", "memory", ""),
-             ("decoded", "decoded-1", ""), ("stored", "shards", "")]
+    pairs = [
+        ("stored", "stored-old", ">= 0.95"),
+        ("decoded", "decoded-old", ""),
+        ("decoded", "memory", ""),
+        ("decoded", "decoded-1", ""),
+        ("stored", "shards", ""),
+    ]
     for a, b, target in pairs:
         if a in rates and b in rates:
             note = f"; target {target}" if target else ""
@@ -203,8 +235,10 @@ def main() -> None:
             assert store.num_samples == args.rows and store.num_classes == args.classes, "--store holds other sizes"
         else:
             store = synthetic_store(path, args.rows, args.classes, "int8")
-        print(f"{args.rows:,} rows x {args.classes} ready in {time.perf_counter() - t:.1f} s, "
-              f"{store.bytes_on_disk() / args.rows:.0f} B/row on disk")
+        print(
+            f"{args.rows:,} rows x {args.classes} ready in {time.perf_counter() - t:.1f} s, "
+            f"{store.bytes_on_disk() / args.rows:.0f} B/row on disk"
+        )
         enc = store.read_rows(0, 0, args.rows)
         arrays = (np.ascontiguousarray(enc.logits), enc.scale, enc.offset)
         pipelines = RowReader(store, 0, 0, args.rows).pipelines

@@ -7,6 +7,7 @@ get DALI's cubic resize; this says how much further it is from PIL's bicubic tha
 
     python benchmarks/resampling.py [--images 64] [--size 224]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,18 @@ from skd.plan import crop_windows  # noqa: E402
 
 def levels(kind: str, interpolation: str, files, boxes, size: int) -> np.ndarray:
     """All views as grey levels (0-255): the normalised output times std (the mean cancels in differences)."""
-    loader = make_loader(kind, files=files, boxes=boxes, flips=np.zeros(len(files)), labels=np.zeros(len(files)),
-                         positions=np.arange(len(files)), image_size=size, batch_size=16, workers=1,
-                         interpolation=interpolation)
+    loader = make_loader(
+        kind,
+        files=files,
+        boxes=boxes,
+        flips=np.zeros(len(files)),
+        labels=np.zeros(len(files)),
+        positions=np.arange(len(files)),
+        image_size=size,
+        batch_size=16,
+        workers=1,
+        interpolation=interpolation,
+    )
     out = np.concatenate([b.images.numpy() for b in loader])
     return out * 255 * np.asarray(IMAGENET_STD, np.float32)[None, :, None, None]
 
@@ -40,15 +50,21 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
-        for case, (lo, hi) in {"downscale": (2 * args.size, 3 * args.size),
-                               "upscale": (args.size // 3, args.size // 2)}.items():
+        for case, (lo, hi) in {
+            "downscale": (2 * args.size, 3 * args.size),
+            "upscale": (args.size // 3, args.size // 2),
+        }.items():
             sizes = rng.integers(lo, hi + 1, (args.images, 2))
-            files = [str(write_jpeg(Path(tmp) / f"{case}{i}.jpg", photo_like(int(h), int(w), seed=i)))
-                     for i, (h, w) in enumerate(sizes)]
+            files = [
+                str(write_jpeg(Path(tmp) / f"{case}{i}.jpg", photo_like(int(h), int(w), seed=i)))
+                for i, (h, w) in enumerate(sizes)
+            ]
             boxes = crop_windows(0, 0, np.arange(len(files)), sizes)
             for interpolation in ("bilinear", "bicubic"):
-                diff = np.abs(levels("dali", interpolation, files, boxes, args.size)
-                              - levels("torchvision", interpolation, files, boxes, args.size))
+                diff = np.abs(
+                    levels("dali", interpolation, files, boxes, args.size)
+                    - levels("torchvision", interpolation, files, boxes, args.size)
+                )
                 rows.append((case, interpolation, diff.mean(), np.percentile(diff, 99), diff.max()))
     print(f"{args.images} JPEGs per case, RandomResizedCrop windows, {args.size} px output")
     print("| case | interpolation | mean | p99 | max |  (grey levels, DALI vs PIL)")

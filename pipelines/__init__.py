@@ -4,6 +4,7 @@ One contract, two implementations: DALI (default, fast) and torchvision (referen
 fallback where DALI is missing). The cache build (teacher) and training (student) both go through
 `make_loader`, so the student replays exactly the views the teacher saw.
 """
+
 from __future__ import annotations
 
 import struct
@@ -143,9 +144,22 @@ def make_items(files, boxes, flips, labels, positions) -> Items:
     return items
 
 
-def make_loader(kind: str, *, files: Sequence[str], boxes, flips, labels, positions, image_size: int,
-                batch_size: int, workers: int = 2, device="cpu", mean: Sequence[float] = IMAGENET_MEAN,
-                std: Sequence[float] = IMAGENET_STD, interpolation: str = "bilinear") -> Iterable[Batch]:
+def make_loader(
+    kind: str,
+    *,
+    files: Sequence[str],
+    boxes,
+    flips,
+    labels,
+    positions,
+    image_size: int,
+    batch_size: int,
+    workers: int = 2,
+    device="cpu",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
+) -> Iterable[Batch]:
     """Batches of the given views, in the given order, the short last batch included.
 
     files: absolute image paths, one per item, in delivery order; boxes: (M, 4) int (y, x, h, w)
@@ -158,11 +172,19 @@ def make_loader(kind: str, *, files: Sequence[str], boxes, flips, labels, positi
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
     if batch_size < 1 or image_size < 1 or workers < 0:
-        raise ValueError(f"need batch_size >= 1, image_size >= 1, workers >= 0; "
-                         f"got {batch_size}, {image_size}, {workers}")
+        raise ValueError(
+            f"need batch_size >= 1, image_size >= 1, workers >= 0; got {batch_size}, {image_size}, {workers}"
+        )
     items = make_items(files, boxes, flips, labels, positions)
-    options = dict(image_size=int(image_size), batch_size=int(batch_size), workers=int(workers),
-                   device=torch.device(device), mean=tuple(mean), std=tuple(std), interpolation=interpolation)
+    options = dict(
+        image_size=int(image_size),
+        batch_size=int(batch_size),
+        workers=int(workers),
+        device=torch.device(device),
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation=interpolation,
+    )
     if kind == "torchvision":
         from .torchvision_pipeline import TorchvisionLoader
 

@@ -7,6 +7,7 @@ not depend on batch size or thread count. Measured on DALI 2.4 (CPU decoder):
 `image_slice` applies the EXIF orientation before slicing, so windows live in the rotated frame
 for orientations 1-8, and grayscale and CMYK JPEGs decode to the same RGB pixels as PIL.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,18 @@ INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 class DaliLoader:
     """Iterates the items in order as `Batch`es; each iteration runs a fresh DALI pipeline."""
 
-    def __init__(self, items: Items, *, image_size: int, batch_size: int, workers: int, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float], interpolation: str):
+    def __init__(
+        self,
+        items: Items,
+        *,
+        image_size: int,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str,
+    ):
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"the DALI loader runs on cpu or cuda, not {device}")
         if device.type == "cuda" and device.index is None:
@@ -51,28 +62,43 @@ class DaliLoader:
         if start >= stop:
             raise StopIteration
         boxes = self.items.boxes[start:stop].astype(np.int32)
-        return ([np.fromfile(path, dtype=np.uint8) for path in self.items.files[start:stop]],
-                list(boxes[:, :2]), list(boxes[:, 2:]), list(self.items.flips[start:stop].astype(np.int32)))
+        return (
+            [np.fromfile(path, dtype=np.uint8) for path in self.items.files[start:stop]],
+            list(boxes[:, :2]),
+            list(boxes[:, 2:]),
+            list(self.items.flips[start:stop].astype(np.int32)),
+        )
 
     def _pipeline(self):
         gpu = self.device.type == "cuda"
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads,
-                      device_id=self.device.index if gpu else None, prefetch_queue_depth=2)
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=self.device.index if gpu else None,
+            prefetch_queue_depth=2,
+        )
         def views():
-            encoded, anchor, shape, flip = fn.external_source(self._source, num_outputs=4, batch=True,
-                                                              batch_info=True)
+            encoded, anchor, shape, flip = fn.external_source(self._source, num_outputs=4, batch=True, batch_info=True)
             # jpeg_fancy_upsampling: the GPU decoder upsamples chroma like the CPU one (libjpeg-turbo, PIL).
             # hw_decoder_load=0: the hardware JPEG decoder takes a fixed fraction of each batch's slots,
             # so which decoder (and which rounding) an item gets would depend on the batch size.
-            images = fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if gpu else "cpu",
-                                             axis_names="HW", normalized_anchor=False, normalized_shape=False,
-                                             output_type=types.RGB, jpeg_fancy_upsampling=True,
-                                             hw_decoder_load=0.0)
-            images = fn.resize(images, size=[self.image_size, self.image_size], interp_type=self.interp,
-                               antialias=True)
-            return fn.crop_mirror_normalize(images, mirror=flip, mean=self.mean, std=self.std, output_layout="CHW",
-                                            dtype=types.FLOAT)
+            images = fn.decoders.image_slice(
+                encoded,
+                anchor,
+                shape,
+                device="mixed" if gpu else "cpu",
+                axis_names="HW",
+                normalized_anchor=False,
+                normalized_shape=False,
+                output_type=types.RGB,
+                jpeg_fancy_upsampling=True,
+                hw_decoder_load=0.0,
+            )
+            images = fn.resize(images, size=[self.image_size, self.image_size], interp_type=self.interp, antialias=True)
+            return fn.crop_mirror_normalize(
+                images, mirror=flip, mean=self.mean, std=self.std, output_layout="CHW", dtype=types.FLOAT
+            )
 
         pipe = views()
         pipe.build()
@@ -89,15 +115,20 @@ class DaliLoader:
             try:
                 (output,) = pipe.run(stream)
             except RuntimeError as error:  # DALI's message names the window, not the file
-                raise DecodeError(f"DALI could not decode one of items {start}..{stop - 1} (first "
-                                  f"{self.items.files[start]}): {_reason(error)}; --loader torchvision "
-                                  "decodes with PIL") from error
-            images = torch.empty((stop - start, 3, self.image_size, self.image_size), dtype=torch.float32,
-                                 device=self.device)
+                raise DecodeError(
+                    f"DALI could not decode one of items {start}..{stop - 1} (first "
+                    f"{self.items.files[start]}): {_reason(error)}; --loader torchvision "
+                    "decodes with PIL"
+                ) from error
+            images = torch.empty(
+                (stop - start, 3, self.image_size, self.image_size), dtype=torch.float32, device=self.device
+            )
             feed_ndarray(output.as_tensor(), images, cuda_stream=stream)
-            yield Batch(images=images,
-                        labels=torch.tensor(self.items.labels[start:stop]).to(self.device, non_blocking=True),
-                        positions=torch.tensor(self.items.positions[start:stop]))
+            yield Batch(
+                images=images,
+                labels=torch.tensor(self.items.labels[start:stop]).to(self.device, non_blocking=True),
+                positions=torch.tensor(self.items.positions[start:stop]),
+            )
 
 
 def _reason(error: RuntimeError) -> str:

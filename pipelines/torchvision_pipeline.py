@@ -2,6 +2,7 @@
 
 Runs wherever torch runs (no DALI); the DALI pipeline is checked against it.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,15 @@ RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 _NAMED_OVERSIZED: set[str] = set()  # images this process has warned about (one warning per image, not per view)
 
 
-def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: Sequence[float],
-              std: Sequence[float], interpolation: str = "bilinear") -> torch.Tensor:
+def load_view(
+    path: str,
+    box: Sequence[int],
+    flip: bool,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
     """One view as a normalised (3, S, S) float32 tensor.
 
     `box` is (y, x, h, w) in the EXIF-rotated frame, the frame DALI's decoders produce.
@@ -34,8 +42,9 @@ def load_view(path: str, box: Sequence[int], flip: bool, image_size: int, mean: 
         image = _rgb(_upright(image))
     width, height = image.size
     if y < 0 or x < 0 or h <= 0 or w <= 0 or y + h > height or x + w > width:
-        raise ValueError(f"window (y={y}, x={x}, h={h}, w={w}) is outside {path} "
-                         f"({height}x{width} after EXIF rotation)")
+        raise ValueError(
+            f"window (y={y}, x={x}, h={h}, w={w}) is outside {path} ({height}x{width} after EXIF rotation)"
+        )
     view = image.crop((x, y, x + w, y + h)).resize((image_size, image_size), RESAMPLING[interpolation])
     tensor = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
     if flip:
@@ -55,9 +64,13 @@ def _open(path: str) -> Image.Image:
     limit, (width, height) = Image.MAX_IMAGE_PIXELS, image.size
     if limit is not None and max(1, width) * max(1, height) > limit and path not in _NAMED_OVERSIZED:
         _NAMED_OVERSIZED.add(path)
-        warnings.warn(f"{path}: {width * height} pixels ({width} wide, {height} high), more than PIL's "
-                      f"decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS): every decode of it "
-                      "takes that much memory; check that it is an image you mean to use", SkdWarning, stacklevel=3)
+        warnings.warn(
+            f"{path}: {width * height} pixels ({width} wide, {height} high), more than PIL's "
+            f"decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS): every decode of it "
+            "takes that much memory; check that it is an image you mean to use",
+            SkdWarning,
+            stacklevel=3,
+        )
     return image
 
 
@@ -77,8 +90,7 @@ def _rgb(image: Image.Image) -> Image.Image:
 class WindowDataset(Dataset):
     """Item i = (view tensor, label, position) of the i-th entry of `items`."""
 
-    def __init__(self, items: Items, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 interpolation: str):
+    def __init__(self, items: Items, image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str):
         self.items, self.image_size, self.mean, self.std = items, image_size, mean, std
         self.interpolation = interpolation
 
@@ -87,26 +99,52 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, i: int):
         items = self.items
-        image = load_view(items.files[i], items.boxes[i], bool(items.flips[i]), self.image_size, self.mean, self.std,
-                          self.interpolation)
+        image = load_view(
+            items.files[i],
+            items.boxes[i],
+            bool(items.flips[i]),
+            self.image_size,
+            self.mean,
+            self.std,
+            self.interpolation,
+        )
         return image, int(items.labels[i]), int(items.positions[i])
 
 
 class TorchvisionLoader:
     """A torch DataLoader over the items, in order, short last batch kept, batches moved to `device`."""
 
-    def __init__(self, items: Items, *, image_size: int, batch_size: int, workers: int, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float], interpolation: str):
+    def __init__(
+        self,
+        items: Items,
+        *,
+        image_size: int,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str,
+    ):
         self.device = device
         self.batches = math.ceil(len(items) / batch_size)
         dataset = WindowDataset(items, image_size, mean, std, interpolation)
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                 drop_last=False, num_workers=workers, pin_memory=device.type == "cuda")
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self) -> Iterator[Batch]:
         for images, labels, positions in self.loader:
-            yield Batch(images=images.to(self.device, non_blocking=True),
-                        labels=labels.to(self.device, non_blocking=True), positions=positions)
+            yield Batch(
+                images=images.to(self.device, non_blocking=True),
+                labels=labels.to(self.device, non_blocking=True),
+                positions=positions,
+            )

@@ -4,6 +4,7 @@ Decode (the input pipeline's workers), teacher forward (this thread) and encode 
 background `ShardWriter`) overlap, so the slowest of the three sets the pace. Whole shards only,
 completion recorded per shard: a rerun of the same command resumes.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -74,8 +75,9 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     teacher = load_teacher(cfg.teacher, cfg.weights)
     plan, views = recorded_plan(cfg)
     check_pairs(cfg, plan)
-    recipe, origin = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published,
-                             plan["image_size"])
+    recipe, origin = resolve(
+        cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, plan["image_size"]
+    )
     model = place(teacher.model, device)
     meta = {**_identity(cfg, teacher, amp, to_meta(recipe, origin), plan, views), "software": _software()}
     lock, store, problem = None, None, None
@@ -83,11 +85,14 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
         try:
             check_out(cfg.out, Path(cfg.data))
             lock = acquire_lock(cfg.out)
-            store = prepare_store(cfg, meta, lambda: output_classes(model, recipe.size, device,
-                                                                    f"teacher {cfg.teacher}"), progress)
+            store = prepare_store(
+                cfg, meta, lambda: output_classes(model, recipe.size, device, f"teacher {cfg.teacher}"), progress
+            )
         except OSError as exc:
-            problem = BuildError(f"--out {cfg.out}: {exc.strerror or exc}"
-                                 f"{f' ({exc.filename})' if exc.filename else ''}: choose a folder you can write")
+            problem = BuildError(
+                f"--out {cfg.out}: {exc.strerror or exc}"
+                f"{f' ({exc.filename})' if exc.filename else ''}: choose a folder you can write"
+            )
         except Exception as exc:  # BuildError, ModelError, DatasetError...: the lock file must not stay behind
             problem = exc
     problem = d.broadcast(problem)
@@ -97,8 +102,10 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
         store = store or open_store(cfg.out, mode="r+")
         source = cached_source(store, recipe=teacher_recipe(store), root=Path(cfg.data))
         model = torch.compile(model) if cfg.compile else model
-        rows = sum(fill_view(store, source, view, model, cfg, d, device, amp, progress, lock)
-                   for view in [*range(store.num_views), *([None] if store.has_val else [])])
+        rows = sum(
+            fill_view(store, source, view, model, cfg, d, device, amp, progress, lock)
+            for view in [*range(store.num_views), *([None] if store.has_val else [])]
+        )
         rows = d.total(rows)  # also the barrier: every rank has written its shards
         if d.main:
             store = mark_finished(open_store(cfg.out, mode="r+"))
@@ -108,8 +115,18 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
             lock.release()
 
 
-def fill_view(store: Store, source: ReplaySource, view: int | None, model, cfg: BuildConfig, d: Dist,
-              device: torch.device, amp: str, progress: bool, lock=None) -> int:
+def fill_view(
+    store: Store,
+    source: ReplaySource,
+    view: int | None,
+    model,
+    cfg: BuildConfig,
+    d: Dist,
+    device: torch.device,
+    amp: str,
+    progress: bool,
+    lock=None,
+) -> int:
     """Compute this rank's incomplete shards of one view (None: val); returns the rows written."""
     rows = store.num_samples if view is not None else store.num_val
     complete = store.complete()[view] if view is not None else store.val_complete()
@@ -125,8 +142,10 @@ def fill_view(store: Store, source: ReplaySource, view: int | None, model, cfg: 
             done = run_teacher(model, loader, writer, device, amp, bar, "val-batch" if view is None else "after-batch")
         except OSError as exc:  # an image that went missing or unreadable after the index pass
             writer.abort()
-            raise BuildError(f"reading the images of {label} failed ({pipelines.read_error(exc)}): "
-                             f"check {source.root}, then rerun the same command to resume") from None
+            raise BuildError(
+                f"reading the images of {label} failed ({pipelines.read_error(exc)}): "
+                f"check {source.root}, then rerun the same command to resume"
+            ) from None
         except BaseException:  # Ctrl-C, a teacher error: the shards already written stay complete
             writer.abort()
             raise
@@ -134,8 +153,9 @@ def fill_view(store: Store, source: ReplaySource, view: int | None, model, cfg: 
     return done
 
 
-def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: str, bar,
-                fault_point: str = "after-batch") -> int:
+def run_teacher(
+    model, loader, writer: ShardWriter, device: torch.device, amp: str, bar, fault_point: str = "after-batch"
+) -> int:
     """Feed every batch of `loader` through the teacher into `writer`; returns images processed."""
     done = 0
     limit = writer.store.codec.limit
@@ -144,12 +164,16 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
         magnitude = np.abs(logits).max(axis=1, initial=0)  # one pass: nan or inf where a row has any
         finite = np.isfinite(magnitude)
         if not finite.all():  # never store them: every student step on such a row would be NaN
-            raise BuildError(f"the teacher gave inf or nan logits for {int((~finite).sum())} of {len(finite)} "
-                             f"images (first at position {int(batch.positions[~finite][0])}) with --amp {amp}: "
-                             "check the weights, or use --amp bf16 or none (fp16 overflows easily)")
+            raise BuildError(
+                f"the teacher gave inf or nan logits for {int((~finite).sum())} of {len(finite)} "
+                f"images (first at position {int(batch.positions[~finite][0])}) with --amp {amp}: "
+                "check the weights, or use --amp bf16 or none (fp16 overflows easily)"
+            )
         if magnitude.max(initial=0) > limit:
-            raise BuildError(f"the teacher gave logits up to {magnitude.max():.3g}, beyond what --codec "
-                             f"{writer.store.codec.name} stores ({limit:.6g}): use --codec fp32")
+            raise BuildError(
+                f"the teacher gave logits up to {magnitude.max():.3g}, beyond what --codec "
+                f"{writer.store.codec.name} stores ({limit:.6g}): use --codec fp32"
+            )
         writer.put(batch.positions.numpy(), logits)
         done += len(logits)
         bar.update(len(logits))
@@ -162,28 +186,45 @@ def run_teacher(model, loader, writer: ShardWriter, device: torch.device, amp: s
 
 # The recorded settings a rerun must repeat to resume; anything else may change between runs.
 IDENTITY = {
-    "teacher": ("teacher", "name"), "weights": ("teacher", "weights_sha256"), "amp": ("teacher", "amp"),
+    "teacher": ("teacher", "name"),
+    "weights": ("teacher", "weights_sha256"),
+    "amp": ("teacher", "amp"),
     "teacher input": ("teacher", "input"),
-    "data": ("dataset", "fingerprint"), "val data": ("dataset", "val_fingerprint"),
-    "seed": ("plan", "seed"), "image-size": ("plan", "image_size"), "crop": ("plan", "crop"), "mixing": ("plan", "mix"),
-    "loader": ("plan", "loader"), "codec": ("codec",), "views": ("views",), "shard-size": ("shard_rows",),
+    "data": ("dataset", "fingerprint"),
+    "val data": ("dataset", "val_fingerprint"),
+    "seed": ("plan", "seed"),
+    "image-size": ("plan", "image_size"),
+    "crop": ("plan", "crop"),
+    "mixing": ("plan", "mix"),
+    "loader": ("plan", "loader"),
+    "codec": ("codec",),
+    "views": ("views",),
+    "shard-size": ("shard_rows",),
 }
 
 
 def differences(recorded: dict, wanted: dict) -> list[str]:
     """Names of the identity settings in which two cache descriptions differ."""
+
     def get(d, keys):
         for k in keys:
             d = d.get(k) if isinstance(d, dict) else None
         return d
+
     return [name for name, keys in IDENTITY.items() if get(recorded, keys) != get(wanted, keys)]
 
 
 def _software() -> dict:
-    versions = {"skd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                "zarr": zarr.__version__, "numpy": np.__version__}
+    versions = {
+        "skd": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+    }
     try:
         import nvidia.dali
+
         versions["dali"] = nvidia.dali.__version__
     except ImportError:
         pass
@@ -195,26 +236,43 @@ def recorded_plan(cfg: BuildConfig) -> tuple[dict, int]:
     if cfg.plan_from is not None:
         source = open_store(cfg.plan_from)
         return {k: v for k, v in source.meta["plan"].items() if k != "id"}, source.num_views
-    return {"seed": cfg.seed, "image_size": cfg.image_size, "crop": cfg.crop.to_dict(),
-            "val_crop_fraction": VAL_CROP_FRACTION, "loader": cfg.loader, "mix": cfg.mix_params().to_dict()}, cfg.views
+    return {
+        "seed": cfg.seed,
+        "image_size": cfg.image_size,
+        "crop": cfg.crop.to_dict(),
+        "val_crop_fraction": VAL_CROP_FRACTION,
+        "loader": cfg.loader,
+        "mix": cfg.mix_params().to_dict(),
+    }, cfg.views
 
 
 def check_pairs(cfg: BuildConfig, plan: dict) -> None:
     """A mixed plan pairs positions 2i and 2i + 1, and a pair must share a batch."""
     if MixParams.from_dict(plan["mix"]).enabled and (cfg.batch_size % 2 or cfg.shard_rows % 2):
-        raise BuildError(f"mixing pairs positions 2i and 2i + 1 in one batch: --batch-size ({cfg.batch_size}) and "
-                         f"--shard-size ({cfg.shard_rows}) must be even")
+        raise BuildError(
+            f"mixing pairs positions 2i and 2i + 1 in one batch: --batch-size ({cfg.batch_size}) and "
+            f"--shard-size ({cfg.shard_rows}) must be even"
+        )
 
 
 def _identity(cfg: BuildConfig, teacher, amp: str, recipe: dict, plan: dict, views: int) -> dict:
     """The part of the metadata that decides the cache's contents (compared on resume)."""
     return {
         "format": FORMAT_VERSION,
-        "teacher": {"name": cfg.teacher, "weights": teacher.weights, "weights_sha256": teacher.weights_sha256,
-                    "amp": amp, "input": recipe, "pretrained_cfg": teacher.pretrained_cfg},
+        "teacher": {
+            "name": cfg.teacher,
+            "weights": teacher.weights,
+            "weights_sha256": teacher.weights_sha256,
+            "amp": amp,
+            "input": recipe,
+            "pretrained_cfg": teacher.pretrained_cfg,
+        },
         "dataset": {"root": str(Path(cfg.data).resolve())},
         "plan": dict(plan),
-        "codec": cfg.codec, "views": views, "shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows,
+        "codec": cfg.codec,
+        "views": views,
+        "shard_rows": cfg.shard_rows,
+        "chunk_rows": cfg.chunk_rows,
     }
 
 
@@ -223,8 +281,10 @@ def check_out(out, data: Path) -> None:
     where = parse_location(out)
     if not where.is_local:  # a prefix in an object store: nothing to overlap, but it must be empty or a cache
         if not where.is_empty() and cache_state(where) is None:
-            raise BuildError(f"{where} holds objects and is not an skd cache: choose another --out "
-                             "(--overwrite replaces only a cache; remove other objects yourself)")
+            raise BuildError(
+                f"{where} holds objects and is not an skd cache: choose another --out "
+                "(--overwrite replaces only a cache; remove other objects yourself)"
+            )
         return
     out = where.local
     o, d = out.resolve(), data.resolve()
@@ -234,10 +294,15 @@ def check_out(out, data: Path) -> None:
         if path.exists() and not path.is_dir():
             raise BuildError(f"--out {out}: {path} is a file: choose a folder for the cache")
     if out.is_dir() and any(out.iterdir()) and cache_state(out) is None:
-        what = "a zarr group skd did not create (or one whose zarr.json is damaged)" \
-            if (out / "zarr.json").exists() else "not an skd cache"
-        raise BuildError(f"{out} exists and is {what}: choose another --out "
-                         "(--overwrite replaces only a cache; remove other folders yourself)")
+        what = (
+            "a zarr group skd did not create (or one whose zarr.json is damaged)"
+            if (out / "zarr.json").exists()
+            else "not an skd cache"
+        )
+        raise BuildError(
+            f"{out} exists and is {what}: choose another --out "
+            "(--overwrite replaces only a cache; remove other folders yourself)"
+        )
 
 
 def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> Store:
@@ -253,12 +318,18 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
     classes = num_classes()
     dataset_classes = len(layout.dataset["classes"])
     if classes < dataset_classes:
-        raise BuildError(f"teacher {cfg.teacher} has {classes} outputs but {cfg.data}/train has "
-                         f"{dataset_classes} classes: use a teacher trained on these classes")
+        raise BuildError(
+            f"teacher {cfg.teacher} has {classes} outputs but {cfg.data}/train has "
+            f"{dataset_classes} classes: use a teacher trained on these classes"
+        )
     if classes > dataset_classes:
-        warnings.warn(f"teacher {cfg.teacher} has {classes} outputs and {cfg.data}/train {dataset_classes} classes: "
-                      "class i of the dataset is taken to be output i (its accuracy in skd-cache stats says "
-                      "whether that holds)", SkdWarning, stacklevel=2)
+        warnings.warn(
+            f"teacher {cfg.teacher} has {classes} outputs and {cfg.data}/train {dataset_classes} classes: "
+            "class i of the dataset is taken to be output i (its accuracy in skd-cache stats says "
+            "whether that holds)",
+            SkdWarning,
+            stacklevel=2,
+        )
     meta["teacher"]["num_classes"] = classes
     meta["dataset"].update(layout.dataset)
     meta["plan"]["id"] = layout.plan_id(meta["plan"])
@@ -266,8 +337,15 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
         shutil.rmtree(where.local)
     elif cfg.overwrite and not where.is_empty():
         where.remove_all()
-    return create_store(cfg.out, meta, train=layout.train, plans=layout.plans, val=layout.val,
-                        val_boxes=layout.val_boxes, num_classes=classes)
+    return create_store(
+        cfg.out,
+        meta,
+        train=layout.train,
+        plans=layout.plans,
+        val=layout.val,
+        val_boxes=layout.val_boxes,
+        num_classes=classes,
+    )
 
 
 @dataclass
@@ -284,30 +362,47 @@ class Layout:
         params = {k: v for k, v in plan_meta.items() if k not in ("id", "loader")}
         n = len(self.train.paths)
         unmixed = (np.ones(n, np.float32), np.zeros((n, 4), np.float32))
-        arrays = [np.asarray(a, dtype) for p in self.plans
-                  for a, dtype in zip((p.order, p.box, p.flip, *(p.mix or unmixed)),
-                                      ("int32", "int32", "uint8", "float32", "float32"))]
+        arrays = [
+            np.asarray(a, dtype)
+            for p in self.plans
+            for a, dtype in zip(
+                (p.order, p.box, p.flip, *(p.mix or unmixed)), ("int32", "int32", "uint8", "float32", "float32")
+            )
+        ]
         if self.val is not None:
             arrays.append(np.asarray(self.val_boxes, "int32"))
-        return plan_id(samples_sha256(self.train.paths, self.train.labels, self.train.sizes),
-                       None if self.val is None else samples_sha256(self.val.paths, self.val.labels, self.val.sizes),
-                       params, arrays)
+        return plan_id(
+            samples_sha256(self.train.paths, self.train.labels, self.train.sizes),
+            None if self.val is None else samples_sha256(self.val.paths, self.val.labels, self.val.sizes),
+            params,
+            arrays,
+        )
 
 
 def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
     """Index the dataset and plan every view."""
-    index = index_dataset(cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress,
-                          on_bad=cfg.on_bad_image)
-    plans = [planned_view(cfg.seed, k, index.train.sizes, cfg.crop, cfg.mix_params(), cfg.image_size)
-             for k in range(cfg.views)]
+    index = index_dataset(
+        cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress, on_bad=cfg.on_bad_image
+    )
+    plans = [
+        planned_view(cfg.seed, k, index.train.sizes, cfg.crop, cfg.mix_params(), cfg.image_size)
+        for k in range(cfg.views)
+    ]
     val = None if index.val is None else Split(index.val.paths, index.val.labels, index.val.sizes)
-    return Layout(train=Split(index.train.paths, index.train.labels, index.train.sizes), plans=plans, val=val,
-                  val_boxes=None if val is None else center_boxes(index.val.sizes, VAL_CROP_FRACTION),
-                  dataset={"num_samples": len(index.train), "classes": index.classes,
-                           "num_val": len(index.val) if index.val is not None else 0,
-                           "fingerprint": index.train.fingerprint,
-                           "val_fingerprint": index.val.fingerprint if index.val is not None else None,
-                           "skipped": [list(item) for item in index.skipped]})
+    return Layout(
+        train=Split(index.train.paths, index.train.labels, index.train.sizes),
+        plans=plans,
+        val=val,
+        val_boxes=None if val is None else center_boxes(index.val.sizes, VAL_CROP_FRACTION),
+        dataset={
+            "num_samples": len(index.train),
+            "classes": index.classes,
+            "num_val": len(index.val) if index.val is not None else 0,
+            "fingerprint": index.train.fingerprint,
+            "val_fingerprint": index.val.fingerprint if index.val is not None else None,
+            "skipped": [list(item) for item in index.skipped],
+        },
+    )
 
 
 def copied_layout(cfg: BuildConfig) -> Layout:
@@ -317,13 +412,19 @@ def copied_layout(cfg: BuildConfig) -> Layout:
     recorded = source.meta["dataset"]
     found = quick_fingerprints(Path(cfg.data), source.has_val, recorded.get("skipped", []))
     if found != (recorded["fingerprint"], recorded["val_fingerprint"]):
-        raise BuildError(f"the images under {cfg.data} differ from those --plan-from {cfg.plan_from} was built on "
-                         "(file list or sizes): pass its --data")
+        raise BuildError(
+            f"the images under {cfg.data} differ from those --plan-from {cfg.plan_from} was built on "
+            "(file list or sizes): pass its --data"
+        )
     plans = [ViewPlan(*source.view_plan(k), mix=source.view_mix(k)) for k in range(source.num_views)]
     keys = ("num_samples", "classes", "num_val", "fingerprint", "val_fingerprint", "skipped")
-    return Layout(train=source.split("samples"), plans=plans, val=source.split("val") if source.has_val else None,
-                  val_boxes=source.val_boxes() if source.has_val else None,
-                  dataset={k: recorded.get(k) for k in keys})
+    return Layout(
+        train=source.split("samples"),
+        plans=plans,
+        val=source.split("val") if source.has_val else None,
+        val_boxes=source.val_boxes() if source.has_val else None,
+        dataset={k: recorded.get(k) for k in keys},
+    )
 
 
 def _resume(cfg: BuildConfig, meta: dict) -> Store:
@@ -333,14 +434,18 @@ def _resume(cfg: BuildConfig, meta: dict) -> Store:
         raise BuildError(f"{out} holds an unfinished cache creation: pass --overwrite to start it again")
     store = open_store(out, mode="r+")
     if cfg.val and not store.has_val and (Path(cfg.data) / "val").is_dir():
-        raise BuildError(f"{out} was built with --no-val: pass --no-val to resume, or --overwrite to rebuild "
-                         "it with the validation logits")
+        raise BuildError(
+            f"{out} was built with --no-val: pass --no-val to resume, or --overwrite to rebuild "
+            "it with the validation logits"
+        )
     skipped = store.meta["dataset"].get("skipped", [])
     train_fp, val_fp = quick_fingerprints(Path(cfg.data), store.has_val, skipped)
     changed = differences(store.meta, {**meta, "dataset": {"fingerprint": train_fp, "val_fingerprint": val_fp}})
     if changed:
-        raise BuildError(f"{out} was built with other settings ({', '.join(changed)}): pass the same "
-                         "arguments to resume, another --out, or --overwrite to rebuild")
+        raise BuildError(
+            f"{out} was built with other settings ({', '.join(changed)}): pass the same "
+            "arguments to resume, another --out, or --overwrite to rebuild"
+        )
     for leftover in out.local.rglob("*.partial") if out.is_local else ():  # zarr's temporary files, left by a kill
         leftover.unlink()
     return store
@@ -355,12 +460,20 @@ def mark_finished(store: Store) -> Store:
 
 def summarize(store: Store, rows_written: int, seconds: float) -> BuildSummary:
     total = store.num_views * store.num_samples + store.num_val
-    return BuildSummary(views=store.num_views, rows_written=rows_written, rows_total=total,
-                        bytes_on_disk=store.bytes_on_disk(), bytes_per_row=store.storage()["bytes_per_row"] or 0.0,
-                        seconds=seconds, images_per_sec=rows_written / max(seconds, 1e-9))
+    return BuildSummary(
+        views=store.num_views,
+        rows_written=rows_written,
+        rows_total=total,
+        bytes_on_disk=store.bytes_on_disk(),
+        bytes_per_row=store.storage()["bytes_per_row"] or 0.0,
+        seconds=seconds,
+        images_per_sec=rows_written / max(seconds, 1e-9),
+    )
 
 
 def summary_lines(s: BuildSummary) -> list[str]:
-    return [f"views {s.views}, rows {s.rows_total:,} ({s.rows_written:,} written now)",
-            f"on disk {s.bytes_on_disk / 2**20:,.1f} MiB, {s.bytes_per_row:,.0f} B per row of logits",
-            f"time {s.seconds:,.1f} s, {s.images_per_sec:,.1f} images/s"]
+    return [
+        f"views {s.views}, rows {s.rows_total:,} ({s.rows_written:,} written now)",
+        f"on disk {s.bytes_on_disk / 2**20:,.1f} MiB, {s.bytes_per_row:,.0f} B per row of logits",
+        f"time {s.seconds:,.1f} s, {s.images_per_sec:,.1f} images/s",
+    ]

@@ -3,6 +3,7 @@
 Writes are atomic (a temporary file, fsync, rename), so a crash never leaves half a checkpoint, and a
 failed write (a full disk, a folder turned read-only) leaves the previous checkpoint as it was.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,8 +84,10 @@ def check_free_space(folder: Path, needed_bytes: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
-        raise CheckpointError(f"{folder} has {free / 1e6:,.1f} MB free, a checkpoint needs about "
-                              f"{needed_bytes / 1e6:,.1f} MB: free space or choose another --out")
+        raise CheckpointError(
+            f"{folder} has {free / 1e6:,.1f} MB free, a checkpoint needs about "
+            f"{needed_bytes / 1e6:,.1f} MB: free space or choose another --out"
+        )
 
 
 def cli_value(value) -> str:
@@ -100,11 +103,15 @@ def load_for_resume(path: Path, identity: dict, settings: dict) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["identity"] != identity:
         source = ckpt.get("source") or ckpt["identity"].get("online")
-        raise CheckpointError(f"{path} belongs to a run on {source} (other views, teacher or images): "
-                              "resume with the same cache or choose another --out")
+        raise CheckpointError(
+            f"{path} belongs to a run on {source} (other views, teacher or images): "
+            "resume with the same cache or choose another --out"
+        )
     for key, value in settings.items():
         saved = ckpt.get("settings", {}).get(key, value)
         if saved != value:
-            raise CheckpointError(f"{path} was saved with --{key} {cli_value(saved)}, not {cli_value(value)}: "
-                                  "resume with the same options or choose another --out")
+            raise CheckpointError(
+                f"{path} was saved with --{key} {cli_value(saved)}, not {cli_value(value)}: "
+                "resume with the same options or choose another --out"
+            )
     return ckpt

@@ -10,6 +10,7 @@ then carries the same rounding error, KL(exact || decoded) ~= (0.13 m / T)^2 / 2
 whatever the teacher's confidence, and a row uses ~100 of the 256 levels, about 5 bits of entropy
 per value, which zstd in the store turns into ~640 B per row of 1000 classes (int8: ~900 B, 1.2e-5).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,8 +71,9 @@ class Codec:
         out += np.asarray(encoded.offset, np.float32)[:, None]
         return out
 
-    def decode_torch(self, logits: torch.Tensor, scale: torch.Tensor | None = None,
-                     offset: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_torch(
+        self, logits: torch.Tensor, scale: torch.Tensor | None = None, offset: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The same decode in torch, so it can run on the training device after a uint8 copy.
 
         Affine codecs: one new float32 tensor, scaled and shifted in place (a fused addcmul on the

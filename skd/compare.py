@@ -4,6 +4,7 @@ Each cache's rows are streamed once, in lockstep: per teacher top-1 on the valid
 top-1 agreement and mean KL between teachers on the same views (after the layer norm the SKD loss
 applies), and the top-1 of their equal-weight ensemble (the mean of the layer-normalised logits).
 """
+
 from __future__ import annotations
 
 from itertools import combinations
@@ -50,15 +51,25 @@ def split_figures(stores: list[Store], view: int | None, labels: np.ndarray | No
                 agree[i, j] += (preds[i] == preds[j]).sum()
                 kl[i, j] += float((logs[i].exp() * (logs[i] - logs[j])).sum(1).clamp_min(0).sum())
             if labels is not None:
-                y = labels[seen:seen + len(blocks[0])]
+                y = labels[seen : seen + len(blocks[0])]
                 hits += [(p == y).sum() for p in preds]
                 mean = sum(F.layer_norm(torch.from_numpy(b), b.shape[-1:], eps=LAYER_NORM_EPS) for b in blocks) / k
                 ensemble_hits += int((mean.argmax(1).numpy() == y).sum())
             seen += len(blocks[0])
             bar.update(len(blocks[0]))
     names = [str(store.path) for store in stores]
-    out = {"rows": seen, "pairs": [{"a": names[i], "b": names[j], "top1_agreement": agree[i, j] / max(seen, 1),
-                                    "mean_kl": kl[i, j] / max(seen, 1)} for i, j in combinations(range(k), 2)]}
+    out = {
+        "rows": seen,
+        "pairs": [
+            {
+                "a": names[i],
+                "b": names[j],
+                "top1_agreement": agree[i, j] / max(seen, 1),
+                "mean_kl": kl[i, j] / max(seen, 1),
+            }
+            for i, j in combinations(range(k), 2)
+        ],
+    }
     if labels is not None:
         out["top1"] = {name: float(h / max(seen, 1)) for name, h in zip(names, hits)}
         out["ensemble_top1"] = ensemble_hits / max(seen, 1)
@@ -69,8 +80,12 @@ def compare_teachers(stores: list[Store], views: list[int] | None = (0,), *, pro
     """The comparison `skd-cache stats A B ...` reports, as plain JSON-able values."""
     check_ensemble(stores)
     chosen = list(range(stores[0].num_views)) if views is None else list(views)
-    report = {"caches": [str(store.path) for store in stores], "temperature": TEMPERATURE,
-              "multiplier": MULTIPLIER, "views": {}}
+    report = {
+        "caches": [str(store.path) for store in stores],
+        "temperature": TEMPERATURE,
+        "multiplier": MULTIPLIER,
+        "views": {},
+    }
     for view in chosen:
         report["views"][str(view)] = split_figures(stores, view, None, progress)
     if all(store.has_val for store in stores):
@@ -89,6 +104,8 @@ def compare_lines(report: dict) -> list[str]:
         splits.append(("val", val))
     for name, figures in splits:
         for pair in figures["pairs"]:
-            lines.append(f"  {name}: {pair['a']} vs {pair['b']}: top-1 agreement {pair['top1_agreement']:.2%}, "
-                         f"mean KL (T={report['temperature']:g}, m={report['multiplier']:g}) {pair['mean_kl']:.4f}")
+            lines.append(
+                f"  {name}: {pair['a']} vs {pair['b']}: top-1 agreement {pair['top1_agreement']:.2%}, "
+                f"mean KL (T={report['temperature']:g}, m={report['multiplier']:g}) {pair['mean_kl']:.4f}"
+            )
     return lines

@@ -2,6 +2,7 @@
 
 The command lines take their option defaults from here, so each default is declared once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,8 +25,12 @@ class TeacherInput:
 
     def teacher_recipe_options(self) -> dict:
         """The options given, by recipe field name."""
-        return {"size": self.teacher_size, "interpolation": self.teacher_interpolation,
-                "mean": self.teacher_mean, "std": self.teacher_std}
+        return {
+            "size": self.teacher_size,
+            "interpolation": self.teacher_interpolation,
+            "mean": self.teacher_mean,
+            "std": self.teacher_std,
+        }
 
 
 @dataclass(kw_only=True)
@@ -38,8 +43,9 @@ class MixOptions:
     mixup_switch_prob: float = 0.5  # chance of CutMix instead of MixUp when both are on
 
     def mix_params(self) -> MixParams:
-        return MixParams(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, prob=self.mixup_prob,
-                         switch_prob=self.mixup_switch_prob)
+        return MixParams(
+            mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, prob=self.mixup_prob, switch_prob=self.mixup_switch_prob
+        )
 
 
 @dataclass
@@ -67,7 +73,6 @@ class BuildConfig(TeacherInput, MixOptions):
     on_bad_image: str = "error"
     crop: CropParams = field(default_factory=CropParams)
     plan_from: Path | None = None  # copy the samples and the whole plan of this cache (a second teacher)
-
 
 
 @dataclass
@@ -120,9 +125,22 @@ class TrainConfig(TeacherInput, MixOptions):
 
     def settings(self) -> dict:
         """What a resumed run must repeat: the weights' and scaler's shape, the schedule and loss of every epoch."""
-        return {"arch": self.arch, "amp": self.amp, "epochs": self.epochs, "batch-size": self.batch_size,
-                "lr": self.lr, "momentum": self.momentum, "weight-decay": self.weight_decay,
-                "schedule": self.schedule, "milestones": self.milestones, "warmup-epochs": self.warmup_epochs,
-                "kd": self.kd, "temperature": self.temperature, "multiplier": self.multiplier, "alpha": self.alpha,
-                "image-size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
-
+        return {
+            "arch": self.arch,
+            "amp": self.amp,
+            "epochs": self.epochs,
+            "batch-size": self.batch_size,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight-decay": self.weight_decay,
+            "schedule": self.schedule,
+            "milestones": self.milestones,
+            "warmup-epochs": self.warmup_epochs,
+            "kd": self.kd,
+            "temperature": self.temperature,
+            "multiplier": self.multiplier,
+            "alpha": self.alpha,
+            "image-size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }

@@ -15,6 +15,7 @@ Then, exactly as on ImageNet:
 The models are importable as `py:skd.demo:teacher` and `py:skd.demo:student`, the form in which
 `--teacher` and `--arch` accept any model. Importing this module is cheap and has no side effects.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,15 @@ class Teacher(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv(3, w), _conv(w, w),
-            _conv(w, 2 * w, 2), _conv(2 * w, 2 * w),
-            _conv(2 * w, 4 * w, 2), _conv(4 * w, 4 * w),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            _conv(3, w),
+            _conv(w, w),
+            _conv(w, 2 * w, 2),
+            _conv(2 * w, 2 * w),
+            _conv(2 * w, 4 * w, 2),
+            _conv(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.fc = nn.Linear(4 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +82,8 @@ class Student(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv(3, w), _conv(w, 2 * w, 2), _conv(2 * w, 4 * w, 2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            _conv(3, w), _conv(w, 2 * w, 2), _conv(2 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.fc = nn.Linear(4 * w, num_classes)
         nn.init.normal_(self.fc.weight, std=0.3)
         nn.init.zeros_(self.fc.bias)
@@ -127,7 +133,7 @@ def render_digit(pixels: np.ndarray, rng: np.random.Generator, canvas: int = CAN
     y, x = (int(v) for v in rng.integers(margin, canvas - margin - side + 1, 2))
     ink = np.asarray(gray, np.float32)[..., None] / 255 * rng.uniform(150, 255, 3)
     image = np.full((canvas, canvas, 3), rng.uniform(0, 40), np.float32)
-    image[y:y + side, x:x + side] = np.maximum(image[y:y + side, x:x + side], ink)
+    image[y : y + side, x : x + side] = np.maximum(image[y : y + side, x : x + side], ink)
     image += rng.normal(0, 4, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -141,8 +147,14 @@ def write_digits(root: Path, *, seed: int = 0, canvas: int = CANVAS, quality: in
     from sklearn.datasets import load_digits
 
     root = Path(root)
-    manifest = {"source": "sklearn.datasets.load_digits", "version": DATASET_VERSION, "seed": seed,
-                "canvas": canvas, "quality": quality, "val_fraction": VAL_FRACTION}
+    manifest = {
+        "source": "sklearn.datasets.load_digits",
+        "version": DATASET_VERSION,
+        "seed": seed,
+        "canvas": canvas,
+        "quality": quality,
+        "val_fraction": VAL_FRACTION,
+    }
     marker = root / "manifest.json"
     old = json.loads(marker.read_text()) if marker.is_file() else {}
     if {k: old.get(k) for k in manifest} == manifest:
@@ -163,7 +175,8 @@ def write_digits(root: Path, *, seed: int = 0, canvas: int = CANVAS, quality: in
             folder = root / split / str(labels[i])
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(render_digit(digits.data[i], rng, canvas), "RGB").save(
-                folder / f"{int(i):04d}.JPEG", "JPEG", quality=quality)
+                folder / f"{int(i):04d}.JPEG", "JPEG", quality=quality
+            )
         counts[split] = int(len(ids))
     manifest["counts"] = counts
     marker.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -191,8 +204,9 @@ def crop_batch(images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, size:
     from .pipelines import IMAGENET_MEAN, IMAGENET_STD
 
     b = torch.as_tensor(boxes, dtype=torch.float32)
-    rois = torch.stack([torch.arange(len(b), dtype=torch.float32), b[:, 1], b[:, 0], b[:, 1] + b[:, 3],
-                        b[:, 0] + b[:, 2]], dim=1)
+    rois = torch.stack(
+        [torch.arange(len(b), dtype=torch.float32), b[:, 1], b[:, 0], b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], dim=1
+    )
     out = roi_align(images.float() / 255, rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
     mirror = torch.as_tensor(flips, dtype=torch.bool)
     out[mirror] = out[mirror].flip(-1)
@@ -209,14 +223,19 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size:
     boxes = center_boxes(sizes, VAL_CROP_FRACTION)
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(crop_batch(images[i:i + 512], boxes[i:i + 512], np.zeros(len(boxes[i:i + 512])),
-                                             size)) for i in range(0, len(images), 512)])
+        logits = torch.cat(
+            [
+                model(crop_batch(images[i : i + 512], boxes[i : i + 512], np.zeros(len(boxes[i : i + 512])), size))
+                for i in range(0, len(images), 512)
+            ]
+        )
     model.train()
     return float((logits.argmax(1) == labels).float().mean())
 
 
-def train_teacher(root: Path, out: Path, *, epochs: int, batch_size: int = 64, lr: float = 3e-3,
-                  size: int = IMAGE_SIZE, seed: int = 0) -> float:
+def train_teacher(
+    root: Path, out: Path, *, epochs: int, batch_size: int = 64, lr: float = 3e-3, size: int = IMAGE_SIZE, seed: int = 0
+) -> float:
     """Train the teacher on RandomResizedCrop + flip views (drawn like the cache's plan); returns val top-1."""
     from .plan import crop_windows, flips
 
@@ -236,8 +255,8 @@ def train_teacher(root: Path, out: Path, *, epochs: int, batch_size: int = 64, l
         mirror = flips(1000 + seed, epoch, order)
         total = 0.0
         for i in range(0, len(order), batch_size):
-            ids = order[i:i + batch_size]
-            x = crop_batch(images[ids], boxes[i:i + batch_size], mirror[i:i + batch_size], size)
+            ids = order[i : i + batch_size]
+            x = crop_batch(images[ids], boxes[i : i + batch_size], mirror[i : i + batch_size], size)
             loss = nn.functional.cross_entropy(model(x), labels[ids])  # no label smoothing: it flattens KD targets
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -245,8 +264,11 @@ def train_teacher(root: Path, out: Path, *, epochs: int, batch_size: int = 64, l
             schedule.step()
             total += float(loss.detach()) * len(ids)
         top1 = accuracy(model, val_images, val_labels, size)
-        print(f"  teacher epoch {epoch}: train_loss {total / len(order):.4f}, val_top1 {top1:.4f} "
-              f"({time.perf_counter() - start:.1f} s)", flush=True)
+        print(
+            f"  teacher epoch {epoch}: train_loss {total / len(order):.4f}, val_top1 {top1:.4f} "
+            f"({time.perf_counter() - start:.1f} s)",
+            flush=True,
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)
     return top1
@@ -302,8 +324,13 @@ def cache_figures(cache: Path) -> dict:
         if "scale" in group["val"]:  # int8 codec: per-row affine
             logits = logits * group["val/scale"][:][:, None] + group["val/offset"][:][:, None]
         out["teacher_val_top1"] = float((logits.argmax(1) == group["val/label"][:]).mean())
-    files = [f for name in ("logits", "scale", "offset") if (cache / "views" / name).exists()
-             for f in (cache / "views" / name).rglob("*") if f.is_file()]
+    files = [
+        f
+        for name in ("logits", "scale", "offset")
+        if (cache / "views" / name).exists()
+        for f in (cache / "views" / name).rglob("*")
+        if f.is_file()
+    ]
     k, n, c = group["views/logits"].shape
     out["bytes_per_row"] = sum(f.stat().st_size for f in files) / (k * n)
     out["views"], out["rows"], out["classes"] = k, n, c
@@ -313,9 +340,11 @@ def cache_figures(cache: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The demo
 
-STUDENTS = (("none", "student, hard labels only (--kd none)"),
-            ("skd", "student, spherical KD from the cache (--kd skd)"),
-            ("hinton", "student, Hinton KD from the cache (--kd hinton)"))
+STUDENTS = (
+    ("none", "student, hard labels only (--kd none)"),
+    ("skd", "student, spherical KD from the cache (--kd skd)"),
+    ("hinton", "student, Hinton KD from the cache (--kd hinton)"),
+)
 
 
 def positive(text: str) -> int:
@@ -349,49 +378,116 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"[1/5] scikit-learn's digits as JPEGs in {data}/{{train,val}}/<digit>/", flush=True)
     counts = write_digits(data)
-    print(f"  {counts['train']} train and {counts['val']} val images, {CANVAS}x{CANVAS} RGB, "
-          f"trained at {IMAGE_SIZE}x{IMAGE_SIZE}", flush=True)
+    print(
+        f"  {counts['train']} train and {counts['val']} val images, {CANVAS}x{CANVAS} RGB, "
+        f"trained at {IMAGE_SIZE}x{IMAGE_SIZE}",
+        flush=True,
+    )
 
-    print(f"\n[2/5] teacher py:skd.demo:teacher ({sum(p.numel() for p in Teacher().parameters()):,} parameters): "
-          f"{args.teacher_epochs} epochs in memory -> {weights}", flush=True)
+    print(
+        f"\n[2/5] teacher py:skd.demo:teacher ({sum(p.numel() for p in Teacher().parameters()):,} parameters): "
+        f"{args.teacher_epochs} epochs in memory -> {weights}",
+        flush=True,
+    )
     train_teacher(data, weights, epochs=args.teacher_epochs)
 
-    print(f"\n[3/5] stage one: the teacher's logits on {args.epochs} recorded augmented views, then a look at them",
-          flush=True)
+    print(
+        f"\n[3/5] stage one: the teacher's logits on {args.epochs} recorded augmented views, then a look at them",
+        flush=True,
+    )
     common = ["--device", "cpu", "--loader", args.loader, "--workers", str(args.workers)]
-    run("skd-cache", "build", "--teacher", "py:skd.demo:teacher", "--weights", str(weights), "--data", str(data),
-        "--out", str(cache), "--views", str(args.epochs), "--image-size", str(IMAGE_SIZE), "--codec", "int8",
-        "--batch-size", "256", "--shard-size", "1024", "--chunk-size", "256", "--overwrite", *common)
+    run(
+        "skd-cache",
+        "build",
+        "--teacher",
+        "py:skd.demo:teacher",
+        "--weights",
+        str(weights),
+        "--data",
+        str(data),
+        "--out",
+        str(cache),
+        "--views",
+        str(args.epochs),
+        "--image-size",
+        str(IMAGE_SIZE),
+        "--codec",
+        "int8",
+        "--batch-size",
+        "256",
+        "--shard-size",
+        "1024",
+        "--chunk-size",
+        "256",
+        "--overwrite",
+        *common,
+    )
     for sub, extra in (("stats", []), ("verify", ["--samples", "64", "--workers", str(args.workers)])):
         if has_subcommand(sub):
             run("skd-cache", sub, str(cache), *extra)
         else:
             print(f"\n(skd-cache {sub} is not in this version: skipped)", flush=True)
 
-    print(f"\n[4/5] stage two: student py:skd.demo:student ({sum(p.numel() for p in Student().parameters()):,} "
-          f"parameters), {args.epochs} epochs on the cached views, no teacher loaded", flush=True)
+    print(
+        f"\n[4/5] stage two: student py:skd.demo:student ({sum(p.numel() for p in Student().parameters()):,} "
+        f"parameters), {args.epochs} epochs on the cached views, no teacher loaded",
+        flush=True,
+    )
     results = {}
     for kd in chosen:
         out = runs / kd  # --overwrite: a rerun of the demo starts its runs again
-        run("skd-train", "--cache", str(cache), "--arch", "py:skd.demo:student", "--kd", kd,
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--schedule", "cosine", "--warmup-epochs", "1", "--weight-decay", "5e-4", "--alpha", "0.9",
-            "--temperature", "4", "--multiplier", "auto", "--out", str(out), "--overwrite", *common)
+        run(
+            "skd-train",
+            "--cache",
+            str(cache),
+            "--arch",
+            "py:skd.demo:student",
+            "--kd",
+            kd,
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--lr",
+            str(args.lr),
+            "--schedule",
+            "cosine",
+            "--warmup-epochs",
+            "1",
+            "--weight-decay",
+            "5e-4",
+            "--alpha",
+            "0.9",
+            "--temperature",
+            "4",
+            "--multiplier",
+            "auto",
+            "--out",
+            str(out),
+            "--overwrite",
+            *common,
+        )
         results[kd] = read_metrics(out)
 
     figures = cache_figures(cache)
-    print(f"\n[5/5] top-1 on the {counts['val']} validation images (centre crop, {IMAGE_SIZE}x{IMAGE_SIZE}); "
-          "students: last epoch, best epoch in brackets\n")
+    print(
+        f"\n[5/5] top-1 on the {counts['val']} validation images (centre crop, {IMAGE_SIZE}x{IMAGE_SIZE}); "
+        "students: last epoch, best epoch in brackets\n"
+    )
     print(f"  {'teacher (from the cache val/logits)':<50} {figures.get('teacher_val_top1', float('nan')):>6.1%}")
     for kd, label in STUDENTS:
         if kd in results:
             last = results[kd][-1]
             best = max(m["val_top1"] for m in results[kd])
             agree = last.get("val_teacher_agreement")
-            print(f"  {label:<50} {last['val_top1']:>6.1%}  ({best:.1%})"
-                  + (f"  agrees with the teacher on {agree:.1%}" if agree is not None else ""))
-    print(f"\n  cache: {figures['views']} views x {figures['rows']:,} rows x {figures['classes']} classes, int8 codec, "
-          f"{figures['bytes_per_row']:.1f} B per row of logits on disk")
+            print(
+                f"  {label:<50} {last['val_top1']:>6.1%}  ({best:.1%})"
+                + (f"  agrees with the teacher on {agree:.1%}" if agree is not None else "")
+            )
+    print(
+        f"\n  cache: {figures['views']} views x {figures['rows']:,} rows x {figures['classes']} classes, int8 codec, "
+        f"{figures['bytes_per_row']:.1f} B per row of logits on disk"
+    )
     speeds = ", ".join(f"{kd} {np.mean([m['images_per_sec'] for m in r]):,.0f}" for kd, r in results.items())
     print(f"  student training, images/s (mean over epochs): {speeds}")
     where = " (`make clean` removes it)" if base == Path("demo") else ""

@@ -3,6 +3,7 @@
 Every user-facing error is an `SkdError`: str(e) is one line naming the file, folder or option and
 what to do. Each module raises its own subclass, so a caller can tell a bad cache from a bad dataset.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ Image sizes come from header-only reads (no pixel decode): the augmentation plan
 image's (height, width) up front, and a full decode of 1.28 M ImageNet images would take hours.
 Sizes are in the frame the decoders deliver after EXIF rotation, as DALI does by default.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,9 @@ class DatasetIndex:
 ON_BAD = ("error", "skip")
 
 
-def index_dataset(root, *, with_val: bool = True, workers: int = 16, progress: bool = False,
-                  on_bad: str = "error") -> DatasetIndex:
+def index_dataset(
+    root, *, with_val: bool = True, workers: int = 16, progress: bool = False, on_bad: str = "error"
+) -> DatasetIndex:
     """Scan ROOT/train (and ROOT/val when present and `with_val`) and read every image's header.
 
     `on_bad="error"` raises one DatasetError listing every unreadable or truncated image, every image
@@ -82,8 +84,7 @@ def index_dataset(root, *, with_val: bool = True, workers: int = 16, progress: b
     if with_val and (root / "val").is_dir():
         splits.append(("val", *scan_split(root, "val", classes, empty=skipped)))
     all_paths = [p for _, paths, _ in splits for p in paths]
-    sizes, file_bytes, bad = _read_headers(root, all_paths, workers=workers, progress=progress,
-                                           desc="image headers")
+    sizes, file_bytes, bad = _read_headers(root, all_paths, workers=workers, progress=progress, desc="image headers")
     if (bad or skipped) and not skip:
         raise DatasetError(_bad_files_message(root, all_paths, bad, skipped))
     keep = np.ones(len(all_paths), bool)
@@ -96,18 +97,24 @@ def index_dataset(root, *, with_val: bool = True, workers: int = 16, progress: b
         kept = keep[start:stop]
         paths = [p for p, k in zip(paths, kept) if k]
         if not paths:
-            raise DatasetError(f"{root / name} has no readable images left: replace the bad files listed by "
-                               "--on-bad-image error")
-        built[name] = Split(name=name, paths=paths, labels=labels[kept], sizes=sizes[start:stop][kept],
-                            file_bytes=file_bytes[start:stop][kept],
-                            fingerprint=fingerprint(paths, file_bytes[start:stop][kept]))
+            raise DatasetError(
+                f"{root / name} has no readable images left: replace the bad files listed by --on-bad-image error"
+            )
+        built[name] = Split(
+            name=name,
+            paths=paths,
+            labels=labels[kept],
+            sizes=sizes[start:stop][kept],
+            file_bytes=file_bytes[start:stop][kept],
+            fingerprint=fingerprint(paths, file_bytes[start:stop][kept]),
+        )
         start = stop
-    return DatasetIndex(root=root, classes=classes, train=built["train"], val=built.get("val"),
-                        skipped=tuple(skipped))
+    return DatasetIndex(root=root, classes=classes, train=built["train"], val=built.get("val"), skipped=tuple(skipped))
 
 
-def scan_split(root: Path, split: str, classes: list[str] | None = None,
-               empty: list | None = None) -> tuple[list[str], np.ndarray]:
+def scan_split(
+    root: Path, split: str, classes: list[str] | None = None, empty: list | None = None
+) -> tuple[list[str], np.ndarray]:
     """Paths (relative to `root`, sorted ImageFolder order) and int64 labels of ROOT/<split>, no image reads.
 
     With `classes` None the class list is the split's own sorted folder names; otherwise labels index
@@ -127,7 +134,8 @@ def scan_split(root: Path, split: str, classes: list[str] | None = None,
         if name not in label_of:
             raise DatasetError(
                 f"{split} class folder {class_dir} is not one of the {len(classes)} class folders of "
-                f"train/: rename it to a train class or remove it")
+                f"train/: rename it to a train class or remove it"
+            )
         files = _class_files(class_dir, f"{split}/{name}")
         if not files and empty is not None:
             empty.append((f"{split}/{name}", "class folder without images"))
@@ -135,14 +143,17 @@ def scan_split(root: Path, split: str, classes: list[str] | None = None,
         if not files:
             raise DatasetError(
                 f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                f"add its images or remove the folder")
+                f"add its images or remove the folder"
+            )
         paths.extend(files)
         labels.append(np.full(len(files), label_of[name], np.int64))
     undecodable = [p for p in paths if not _is_utf8(p)]
     if undecodable:
         shown = ", ".join(str(os.fsencode(p)) for p in undecodable[:5])
-        raise DatasetError(f"file names under {root / split} that are not UTF-8 ({len(undecodable)}): {shown}: "
-                           "the cache stores paths as text; rename them")
+        raise DatasetError(
+            f"file names under {root / split} that are not UTF-8 ({len(undecodable)}): {shown}: "
+            "the cache stores paths as text; rename them"
+        )
     return paths, np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
 
@@ -154,8 +165,9 @@ def _is_utf8(name: str) -> bool:
         return False
 
 
-def read_sizes(root: Path, paths: list[str], *, workers: int = 16, progress: bool = False,
-               desc: str = "sizes") -> np.ndarray:
+def read_sizes(
+    root: Path, paths: list[str], *, workers: int = 16, progress: bool = False, desc: str = "sizes"
+) -> np.ndarray:
     """(N, 2) int32 (height, width) of ROOT/<path> for each path, in input order, from headers only.
 
     Reads run in `workers` threads (they wait on storage, not on the CPU). Every unreadable file is
@@ -194,13 +206,17 @@ def warn_oversized(named_sizes) -> None:
     where = f"more than PIL's decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
     if len(over) == 1:
         path, h, w = over[0]
-        text = (f"{path}: {h * w} pixels ({w} wide, {h} high), {where}: every decode of it takes that much memory; "
-                "check that it is an image you mean to use")
+        text = (
+            f"{path}: {h * w} pixels ({w} wide, {h} high), {where}: every decode of it takes that much memory; "
+            "check that it is an image you mean to use"
+        )
     else:
         named = ", ".join(f"{path} ({w} wide, {h} high)" for path, h, w in over[:_NAMED_ERRORS])
         more = f" and {len(over) - _NAMED_ERRORS} more" if len(over) > _NAMED_ERRORS else ""
-        text = (f"{len(over)} images have {where}: {named}{more}: every decode of them takes that much memory; "
-                "check that they are images you mean to use")
+        text = (
+            f"{len(over)} images have {where}: {named}{more}: every decode of them takes that much memory; "
+            "check that they are images you mean to use"
+        )
     warnings.warn(text, SkdWarning, stacklevel=2)
 
 
@@ -214,8 +230,13 @@ def _regular_stat(path) -> os.stat_result:
 
 def _file_kind(mode: int) -> str:
     """What a non-regular file is, in a user's words."""
-    for test, kind in ((stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "folder")):
+    for test, kind in (
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "folder"),
+    ):
         if test(mode):
             return kind
     return "special file"
@@ -281,12 +302,13 @@ def _class_folders(root: Path, split: str) -> list[str]:
     """Sorted names of the non-hidden folders in ROOT/<split>, with a DatasetError when there are none."""
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"dataset root {root} {problem}: pass --data ROOT pointing at a folder "
-                           f"with {_LAYOUT}")
+        raise DatasetError(f"dataset root {root} {problem}: pass --data ROOT pointing at a folder with {_LAYOUT}")
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DatasetError(f"{split_dir} does not exist: the dataset root {root} needs a {split}/ folder "
-                           f"laid out as {split}/<class>/<images>")
+        raise DatasetError(
+            f"{split_dir} does not exist: the dataset root {root} needs a {split}/ folder "
+            f"laid out as {split}/<class>/<images>"
+        )
     with os.scandir(split_dir) as scan:
         entries = [e for e in scan if not e.name.startswith(".")]
     folders = sorted(e.name for e in entries if e.is_dir())
@@ -297,11 +319,11 @@ def _class_folders(root: Path, split: str) -> list[str]:
         hint = ""
         if split == "val":
             hint = " (ImageNet's val images must be sorted into class folders, e.g. with valprep.sh)"
-        raise DatasetError(f"{split_dir} holds {loose} image files but no class folders: move them into "
-                           f"{split_dir}/<class>/{hint}")
+        raise DatasetError(
+            f"{split_dir} holds {loose} image files but no class folders: move them into {split_dir}/<class>/{hint}"
+        )
     if split == "train":
-        raise DatasetError(f"{split_dir} has no class folders: put each class's images in "
-                           f"{split_dir}/<class>/")
+        raise DatasetError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
     raise DatasetError(f"{split_dir} has no images: add {split_dir}/<class>/<images> or remove the folder")
 
 
@@ -337,8 +359,9 @@ def _reason(exc: Exception) -> str:
     return " ".join(text.split())
 
 
-def _read_headers(root: Path, paths: list[str], *, workers: int, progress: bool,
-                  desc: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+def _read_headers(
+    root: Path, paths: list[str], *, workers: int, progress: bool, desc: str
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """(N, 2) int32 decoded sizes, (N,) int64 file sizes of ROOT/<path>, and the (index, reason) of
     every file that cannot be read, in input order."""
     count = len(paths)
@@ -383,5 +406,8 @@ def _bad_files_message(root: Path, paths: list[str], bad: list[tuple[int, str]],
         named = "; ".join(f"{os.path.join(root, paths[i])} ({reason})" for i, reason in bad[:_NAMED_ERRORS])
         more = f"; and {len(bad) - _NAMED_ERRORS} more" if len(bad) > _NAMED_ERRORS else ""
         parts.append(f"{len(bad)} of {len(paths)} image files cannot be read: {named}{more}")
-    return (f"dataset {root}: " + "; ".join(parts) +
-            ": fix, add or remove them, or pass --on-bad-image skip to leave them out")
+    return (
+        f"dataset {root}: "
+        + "; ".join(parts)
+        + ": fix, add or remove them, or pass --on-bad-image skip to leave them out"
+    )

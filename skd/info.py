@@ -2,6 +2,7 @@
 
 Works on an unfinished cache too, and reads no logits.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,24 +36,40 @@ def describe(store: Store) -> dict:
         "path": str(store.path),  # a URL is shown without user info or query strings; credentials never
         "local": store.location.is_local,
         "complete": store.is_complete(),
-        "teacher": {k: teacher.get(k) for k in ("name", "weights", "weights_sha256", "amp", "num_classes", "input",
-                                                "pretrained_cfg")},
-        "dataset": {"root": dataset.get("root"), "num_samples": store.num_samples, "num_val": store.num_val,
-                    "num_classes": len(dataset.get("classes", [])), "fingerprint": dataset.get("fingerprint"),
-                    "val_fingerprint": dataset.get("val_fingerprint"),
-                    "skipped": [list(item) for item in dataset.get("skipped", [])]},
+        "teacher": {
+            k: teacher.get(k)
+            for k in ("name", "weights", "weights_sha256", "amp", "num_classes", "input", "pretrained_cfg")
+        },
+        "dataset": {
+            "root": dataset.get("root"),
+            "num_samples": store.num_samples,
+            "num_val": store.num_val,
+            "num_classes": len(dataset.get("classes", [])),
+            "fingerprint": dataset.get("fingerprint"),
+            "val_fingerprint": dataset.get("val_fingerprint"),
+            "skipped": [list(item) for item in dataset.get("skipped", [])],
+        },
         "plan": {k: plan.get(k) for k in ("seed", "image_size", "crop", "val_crop_fraction", "loader")},
         "codec": store.codec.name,
         "shard_rows": store.shard_rows,
         "chunk_rows": meta.get("chunk_rows"),
         "codec_pipeline": codec_pipeline(store.group["views/logits"]),
         "mixing": {"options": plan.get("mix"), "view 0": mix_summary(*store.view_mix(0))},
-        "views": {"total": store.num_views, "complete": store.num_views - len(missing),
-                  "shards_complete": int(complete.sum()), "shards_total": int(complete.size),
-                  "missing_shards": {str(k): v for k, v in missing.items()}},
-        "val": {"rows": store.num_val, "shards_complete": int(val_complete.sum()),
-                "shards_total": int(val_complete.size),
-                "missing_shards": np.flatnonzero(~val_complete).tolist()} if store.has_val else None,
+        "views": {
+            "total": store.num_views,
+            "complete": store.num_views - len(missing),
+            "shards_complete": int(complete.sum()),
+            "shards_total": int(complete.size),
+            "missing_shards": {str(k): v for k, v in missing.items()},
+        },
+        "val": {
+            "rows": store.num_val,
+            "shards_complete": int(val_complete.sum()),
+            "shards_total": int(val_complete.size),
+            "missing_shards": np.flatnonzero(~val_complete).tolist(),
+        }
+        if store.has_val
+        else None,
         "bytes_on_disk": store.bytes_on_disk(),
         **store.storage(),
         "software": meta.get("software", {}),
@@ -88,28 +105,40 @@ def info_lines(info: dict) -> list[str]:
     lines += [f"          view {k}: shards {shard_ranges(s)} missing" for k, s in v["missing_shards"].items()]
     if info["val"] is not None:
         val = info["val"]
-        lines.append(f"val       {val['rows']:,} rows, {val['shards_complete']} of {val['shards_total']} shards"
-                     + (f", shards {shard_ranges(val['missing_shards'])} missing" if val["missing_shards"] else ""))
+        lines.append(
+            f"val       {val['rows']:,} rows, {val['shards_complete']} of {val['shards_total']} shards"
+            + (f", shards {shard_ranges(val['missing_shards'])} missing" if val["missing_shards"] else "")
+        )
     else:
         lines.append("val       not cached")
     per_row = info["bytes_per_row"]
     where = "on disk" if info.get("local", True) else "stored"
-    lines.append(f"{where:<10}{human_bytes(info['bytes_on_disk'])}, logits {human_bytes(info['logit_bytes'])}"
-                 + (f" for {info['rows_written']:,} rows: {per_row:,.0f} B per row, compression "
-                    f"{info['ratio_vs_fp32']:.2f}x vs float32" if per_row else ", no rows written"))
+    lines.append(
+        f"{where:<10}{human_bytes(info['bytes_on_disk'])}, logits {human_bytes(info['logit_bytes'])}"
+        + (
+            f" for {info['rows_written']:,} rows: {per_row:,.0f} B per row, compression "
+            f"{info['ratio_vs_fp32']:.2f}x vs float32"
+            if per_row
+            else ", no rows written"
+        )
+    )
     return lines
 
 
 def recipe_line(recipe: dict) -> str:
     """The teacher's input recipe and where each part came from, in words."""
+
     def numbers(values):
         return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
     fields_by_source: dict[str, list[str]] = {}
     for field, where in recipe["source"].items():
         fields_by_source.setdefault(where, []).append(field)
     origins = "; ".join(f"{', '.join(fields)} from {where}" for where, fields in fields_by_source.items())
-    return (f"teacher {recipe['size']} px {recipe['interpolation']}, mean {numbers(recipe['mean'])}, "
-            f"std {numbers(recipe['std'])} ({origins})")
+    return (
+        f"teacher {recipe['size']} px {recipe['interpolation']}, mean {numbers(recipe['mean'])}, "
+        f"std {numbers(recipe['std'])} ({origins})"
+    )
 
 
 def mixing_line(mixing: dict) -> str:
@@ -117,8 +146,10 @@ def mixing_line(mixing: dict) -> str:
     o = mixing["options"]
     if not MixParams.from_dict(o).enabled:
         return "off"
-    return (f"--mixup {o['mixup_alpha']:g} --cutmix {o['cutmix_alpha']:g} --mixup-prob {o['prob']:g} "
-            f"--mixup-switch-prob {o['switch_prob']:g}; view 0: {summary_line(mixing['view 0'])}")
+    return (
+        f"--mixup {o['mixup_alpha']:g} --cutmix {o['cutmix_alpha']:g} --mixup-prob {o['prob']:g} "
+        f"--mixup-switch-prob {o['switch_prob']:g}; view 0: {summary_line(mixing['view 0'])}"
+    )
 
 
 def reader_line(pipeline: str) -> str:

@@ -10,6 +10,7 @@ An object store has no folders, FIFOs or symlinks: `listing` lists a prefix once
 the completeness checks, the storage figures and `check_objects` (the counterpart of
 `schema.check_files`) work on that listing.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,7 @@ class ObjectPath:
     def relative_to(self, other: ObjectPath) -> PurePosixPath:
         if self.root != other.root or not (self.key + "/").startswith(other.key + "/" if other.key else ""):
             raise ValueError(f"{self} is not under {other}")
-        return PurePosixPath(self.key[len(other.key):].lstrip("/") or ".")
+        return PurePosixPath(self.key[len(other.key) :].lstrip("/") or ".")
 
     @property
     def name(self) -> str:
@@ -119,8 +120,10 @@ class Location:
         try:
             return obstore.store.from_url(url)
         except Exception as exc:  # obstore raises its own kinds for a bad configuration
-            raise StoreError(f"{self}: the object store cannot be configured ({_cause(exc)}): "
-                             "check the AWS_*, GOOGLE_* or AZURE_* environment variables") from None
+            raise StoreError(
+                f"{self}: the object store cannot be configured ({_cause(exc)}): "
+                "check the AWS_*, GOOGLE_* or AZURE_* environment variables"
+            ) from None
 
     def zarr_store(self, *, read_only: bool):
         """What zarr opens: the folder's name, or a zarr ObjectStore over obstore (served by zarrs)."""
@@ -175,7 +178,7 @@ class Location:
         keys = list(self.listing())
         try:
             for i in range(0, len(keys), 1000):
-                obstore.delete(self.objects, keys[i:i + 1000])
+                obstore.delete(self.objects, keys[i : i + 1000])
         except Exception as exc:
             raise self.error(exc) from None
 
@@ -186,19 +189,35 @@ class Location:
         status = re.search(r"status code: (\d{3})", text)
         status = int(status.group(1)) if status else None
         if code in ("NoSuchBucket", "ContainerNotFound") or "bucket does not exist" in text.lower():
-            return StoreError(f"{self}: bucket {self.bucket} does not exist ({self.scheme}): create it or check "
-                              "the URL and AWS_ENDPOINT_URL")
+            return StoreError(
+                f"{self}: bucket {self.bucket} does not exist ({self.scheme}): create it or check "
+                "the URL and AWS_ENDPOINT_URL"
+            )
         if "invalid path" in text.lower():  # a key with an empty, '.' or '..' part: object_store will not list it
             key = re.search(r'[Pp]ath "([^"]{1,200})"', text)
-            return StoreError(rebuild(f"{self}: object {key.group(1) if key else '(unnamed)'!r} has an empty, '.' "
-                                      "or '..' part in its key (it would leave the prefix)"))
-        if status in (401, 403) or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                            "ExpiredToken", "InvalidToken", "AuthenticationFailed"):
-            return StoreError(f"{self}: access denied ({code or status}): check the credentials in the "
-                              "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN; "
-                              "GOOGLE_*, AZURE_*) and their permissions on the bucket")
-        return StoreError(f"{self}: the object store {what} ({_cause(exc)}): check the URL, the endpoint "
-                          "(AWS_ENDPOINT_URL, AWS_ALLOW_HTTP) and the network")
+            return StoreError(
+                rebuild(
+                    f"{self}: object {key.group(1) if key else '(unnamed)'!r} has an empty, '.' "
+                    "or '..' part in its key (it would leave the prefix)"
+                )
+            )
+        if status in (401, 403) or code in (
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "ExpiredToken",
+            "InvalidToken",
+            "AuthenticationFailed",
+        ):
+            return StoreError(
+                f"{self}: access denied ({code or status}): check the credentials in the "
+                "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN; "
+                "GOOGLE_*, AZURE_*) and their permissions on the bucket"
+            )
+        return StoreError(
+            f"{self}: the object store {what} ({_cause(exc)}): check the URL, the endpoint "
+            "(AWS_ENDPOINT_URL, AWS_ALLOW_HTTP) and the network"
+        )
 
 
 def parse_location(where) -> Location:
@@ -212,10 +231,12 @@ def parse_location(where) -> Location:
     if URL.match(text) is None:
         return Location(display=text, local=Path(text))
     scheme = URL.match(text).group(1).lower()
-    rest = text[len(scheme) + 3:].split("?", 1)[0].split("#", 1)[0]
+    rest = text[len(scheme) + 3 :].split("?", 1)[0].split("#", 1)[0]
     if "@" in rest and not (scheme in ("abfs", "abfss") and USER.match(rest)):
-        raise StoreError(f"cache {scheme}://...: the URL carries user info (an '@'): put credentials in the "
-                         "environment (AWS_*, GOOGLE_*, AZURE_*), not in the URL")
+        raise StoreError(
+            f"cache {scheme}://...: the URL carries user info (an '@'): put credentials in the "
+            "environment (AWS_*, GOOGLE_*, AZURE_*), not in the URL"
+        )
     parts = urlsplit(text)
     host = parts.hostname or ""
     shown = f"{scheme}://{host}{parts.path}".rstrip("/")  # never user info, a query (SAS tokens) or a fragment
@@ -226,8 +247,10 @@ def parse_location(where) -> Location:
     if scheme not in SCHEMES:
         raise StoreError(f"cache {shown}: unknown scheme {scheme}://: {HINT}")
     if parts.query:
-        raise StoreError(f"cache {shown}: the URL carries a query (a token?): put credentials in the "
-                         "environment (AWS_*, GOOGLE_*, AZURE_*), not in the URL")
+        raise StoreError(
+            f"cache {shown}: the URL carries a query (a token?): put credentials in the "
+            "environment (AWS_*, GOOGLE_*, AZURE_*), not in the URL"
+        )
     bucket = host
     if parts.username:  # abfss://container@account.dfs.core.windows.net/prefix: the container, no secret
         bucket, host = parts.username, f"{parts.username}@{host}"
@@ -237,8 +260,9 @@ def parse_location(where) -> Location:
     if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
         raise StoreError(f"cache {shown}: the prefix has an empty, '.' or '..' part: name it plainly")
     root = f"{scheme}://{host}"
-    return Location(display=root + (f"/{prefix}" if prefix else ""), scheme=scheme, bucket=bucket,
-                    root=root, prefix=prefix)
+    return Location(
+        display=root + (f"/{prefix}" if prefix else ""), scheme=scheme, bucket=bucket, root=root, prefix=prefix
+    )
 
 
 def check_objects(location: Location, listing: dict[str, int]) -> None:
@@ -251,8 +275,9 @@ def check_objects(location: Location, listing: dict[str, int]) -> None:
         if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
             raise SchemaError(rebuild(f"cache {location}: object {key!r} leaves the prefix or is not a plain key"))
         if parts[-1] == "zarr.json" and size > MAX_METADATA_BYTES:
-            raise SchemaError(rebuild(f"cache {location}: {key} has {size} bytes, more than zarr metadata's "
-                                      f"{MAX_METADATA_BYTES}"))
+            raise SchemaError(
+                rebuild(f"cache {location}: {key} has {size} bytes, more than zarr metadata's {MAX_METADATA_BYTES}")
+            )
     folders = {key.rsplit("/", 1)[0] for key in listing if "/" in key}
     for folder in sorted(folders):
         while folder:

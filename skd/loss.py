@@ -2,6 +2,7 @@
 
 All arithmetic runs in float32 whatever the input dtype, so the loss is the same under AMP.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,8 +93,9 @@ def hinton_kd_loss(
     return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd.detach(), ce.detach())
 
 
-def hard_label_loss(student_logits: torch.Tensor, target: torch.Tensor,
-                    mix_lambda: torch.Tensor | None = None) -> KDLoss:
+def hard_label_loss(
+    student_logits: torch.Tensor, target: torch.Tensor, mix_lambda: torch.Tensor | None = None
+) -> KDLoss:
     """Plain cross-entropy (`--kd none`; of a mixed batch, the mixed labels), in the same shape as the KD losses."""
     ce = cross_entropy(student_logits.float(), target, mix_lambda)
     return KDLoss(ce, torch.zeros((), device=ce.device), ce.detach())

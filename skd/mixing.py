@@ -7,6 +7,7 @@ outside the box (or with weight lambda) and taking the partner's inside it. The 
 and replay reads them back. Boxes are stored as fractions of the view, so any output size pastes the
 same region; lambda is corrected to the pixels actually pasted at the plan's image size.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,12 @@ class MixParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MixParams":
-        return cls(mixup_alpha=float(d["mixup_alpha"]), cutmix_alpha=float(d["cutmix_alpha"]),
-                   prob=float(d["prob"]), switch_prob=float(d["switch_prob"]))
+        return cls(
+            mixup_alpha=float(d["mixup_alpha"]),
+            cutmix_alpha=float(d["cutmix_alpha"]),
+            prob=float(d["prob"]),
+            switch_prob=float(d["switch_prob"]),
+        )
 
     def check(self) -> None:
         """MixError naming the command-line option of the first unusable value."""
@@ -106,8 +111,9 @@ def _pair_draws(seed: int, view: int, pairs: int, params: MixParams) -> tuple[np
         cut = _uniform(seed, view, pairs, 1) < params.switch_prob
     else:
         cut = np.full(pairs, params.cutmix_alpha > 0)
-    lam = np.where(cut, _beta(seed, view, pairs, 3, params.cutmix_alpha),
-                   _beta(seed, view, pairs, 2, params.mixup_alpha))
+    lam = np.where(
+        cut, _beta(seed, view, pairs, 3, params.cutmix_alpha), _beta(seed, view, pairs, 2, params.mixup_alpha)
+    )
     return cut & mixed, np.where(mixed, lam, 1.0)
 
 
@@ -153,8 +159,10 @@ def mix_batch(images: torch.Tensor, lam: torch.Tensor, boxes: torch.Tensor, firs
         raise ValueError(f"mix_batch: the batch starts at odd position {first_position}; pairs need an even start")
     batch, size = images.shape[0], images.shape[-1]
     if batch % 2 and float(lam[-1]) != 1.0:  # checked before the move: lambdas usually come from the host
-        raise ValueError(f"mix_batch: the unpaired last row has lambda {float(lam[-1])}; its partner is in "
-                         "another batch, so batches must hold whole pairs")
+        raise ValueError(
+            f"mix_batch: the unpaired last row has lambda {float(lam[-1])}; its partner is in "
+            "another batch, so batches must hold whole pairs"
+        )
     lam = lam.to(images.device)
     boxes = boxes.to(images.device)
     partner = images[_partners(batch, images.device)]
@@ -190,11 +198,16 @@ def mix_summary(lam: np.ndarray, box: np.ndarray) -> dict:
     n = max(1, len(lam))
     cut = np.asarray(box).any(axis=1)
     mixup = (np.asarray(lam) < 1) & ~cut
-    return {"mixup": float(mixup.sum() / n), "cutmix": float(cut.sum() / n),
-            "unmixed": float(1 - (mixup.sum() + cut.sum()) / n),
-            "mean_lambda": float(np.mean(lam)) if len(lam) else 1.0}
+    return {
+        "mixup": float(mixup.sum() / n),
+        "cutmix": float(cut.sum() / n),
+        "unmixed": float(1 - (mixup.sum() + cut.sum()) / n),
+        "mean_lambda": float(np.mean(lam)) if len(lam) else 1.0,
+    }
 
 
 def summary_line(summary: dict) -> str:
-    return (f"{summary['mixup']:.0%} MixUp, {summary['cutmix']:.0%} CutMix, {summary['unmixed']:.0%} unmixed, "
-            f"mean lambda {summary['mean_lambda']:.3f}")
+    return (
+        f"{summary['mixup']:.0%} MixUp, {summary['cutmix']:.0%} CutMix, {summary['unmixed']:.0%} unmixed, "
+        f"mean lambda {summary['mean_lambda']:.3f}"
+    )

@@ -5,6 +5,7 @@ come from a counter-based hash keyed by those values, so a sample's window does 
 many samples are planned at once, on batch size, or on any library's global RNG. The build stores
 the resulting integers; replay reads them back and never re-derives them.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 """Streaming reads of stored logit rows: one view's rows in order, read ahead in a background thread
 (in a small pool of threads for a cache in an object store, to hide the latency of its requests)."""
+
 from __future__ import annotations
 
 import errno
@@ -43,8 +44,18 @@ class RowReader:
     threads wait on the requests).
     """
 
-    def __init__(self, store: Store, view: int | None, start: int, stop: int, *,
-                 block_rows: int | None = None, prefetch: int = 2, threads: int = 2, parallel: int | None = None):
+    def __init__(
+        self,
+        store: Store,
+        view: int | None,
+        start: int,
+        stop: int,
+        *,
+        block_rows: int | None = None,
+        prefetch: int = 2,
+        threads: int = 2,
+        parallel: int | None = None,
+    ):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.remote = not store.location.is_local
@@ -93,10 +104,12 @@ class RowReader:
         shards = self._shards()
         if not shards:
             return
-        needed = {name: [str(shard_file(array, self._prefix, s)) for s in shards]
-                  for name, array in self._arrays.items()}
-        listed = {name: _listing(os.path.commonpath([os.path.dirname(f) for f in files]))
-                  for name, files in needed.items()}
+        needed = {
+            name: [str(shard_file(array, self._prefix, s)) for s in shards] for name, array in self._arrays.items()
+        }
+        listed = {
+            name: _listing(os.path.commonpath([os.path.dirname(f) for f in files])) for name, files in needed.items()
+        }
         for i, shard in enumerate(shards):
             a, b = self.store.shard_bounds(shard, self.rows)
             for name, files in needed.items():
@@ -119,7 +132,7 @@ class RowReader:
             size = self.store.shard_rows
             lo, hi = a // size * size, min(self.rows, -(-b // size) * size)
             if (lo, hi) != (a, b):
-                return self._read_array(array, lo, hi)[a - lo:b - lo]
+                return self._read_array(array, lo, hi)[a - lo : b - lo]
         try:
             return array[self._lead + (slice(a, b),)][(0,) * len(self._lead)]
         except OSError as exc:
@@ -167,19 +180,24 @@ class RowReader:
                 error = self.store.location.error(head_exc)
                 return StoreError(f"rows {a}-{b} of {_split_name(self.view)} cannot be read: {error}")
         detail = scrub(" ".join(str(exc).split()))[:300]
-        return self._damaged(f"{', '.join(str(self.store.path / k) for k in keys)}: {detail or type(exc).__name__}",
-                             a, b)
+        return self._damaged(
+            f"{', '.join(str(self.store.path / k) for k in keys)}: {detail or type(exc).__name__}", a, b
+        )
 
     def _damaged(self, detail: str, a: int, b: int) -> StoreError:
-        return StoreError(f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read ({detail}): "
-                          "the cache is damaged; `skd-cache verify --integrity` lists every bad shard, "
-                          "and rebuilding with --overwrite replaces it")
+        return StoreError(
+            f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read ({detail}): "
+            "the cache is damaged; `skd-cache verify --integrity` lists every bad shard, "
+            "and rebuilding with --overwrite replaces it"
+        )
 
     def _os_error(self, exc: OSError, a: int, b: int) -> StoreError:
         """Permissions, I/O errors, stale network mounts: the cache's files, not the images."""
-        return StoreError(f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read "
-                          f"({exc.strerror or exc}: {exc.filename or 'a cache file'}): check the cache's "
-                          "files and their permissions")
+        return StoreError(
+            f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read "
+            f"({exc.strerror or exc}: {exc.filename or 'a cache file'}): check the cache's "
+            "files and their permissions"
+        )
 
     def _blocks(self) -> Iterator[tuple[int, int]]:
         pos = self.start

@@ -6,6 +6,7 @@ resolved from the first source that states it: an explicit option, the model's t
 `pretrained_cfg`, the torchvision weights' own transforms, then ImageNet's statistics, bilinear, at the
 student's size. The resolved recipe and where each field came from are recorded in the cache.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def from_pretrained_cfg(cfg: dict | None) -> dict:
     if size is not None:
         height, width = int(size[-2]), int(size[-1])
         if height != width:
-            raise RecipeError(f"the teacher's pretrained_cfg input_size is {height}x{width}: square inputs only, "
-                              "pass --teacher-size")
+            raise RecipeError(
+                f"the teacher's pretrained_cfg input_size is {height}x{width}: square inputs only, pass --teacher-size"
+            )
         out["size"] = height
     if cfg.get("interpolation") in INTERPOLATIONS:
         out["interpolation"] = cfg["interpolation"]
@@ -56,16 +58,18 @@ def from_pretrained_cfg(cfg: dict | None) -> dict:
     return out
 
 
-def resolve(options: dict, pretrained_cfg: dict | None, published: dict | None,
-            default_size: int) -> tuple[Recipe, dict[str, str]]:
+def resolve(
+    options: dict, pretrained_cfg: dict | None, published: dict | None, default_size: int
+) -> tuple[Recipe, dict[str, str]]:
     """The recipe, field by field from the first source that states it, and {field: source}."""
     check_recipe(**options)
     check_recipe(**from_pretrained_cfg(pretrained_cfg), where="pretrained_cfg")
-    sources = [("option", {k: v for k, v in options.items() if v is not None}),
-               ("pretrained_cfg", from_pretrained_cfg(pretrained_cfg)),
-               ("torchvision weights", published or {}),
-               ("default", {"size": default_size, "interpolation": "bilinear", "mean": IMAGENET_MEAN,
-                            "std": IMAGENET_STD})]
+    sources = [
+        ("option", {k: v for k, v in options.items() if v is not None}),
+        ("pretrained_cfg", from_pretrained_cfg(pretrained_cfg)),
+        ("torchvision weights", published or {}),
+        ("default", {"size": default_size, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+    ]
     values, origin = {}, {}
     for field in FIELDS:
         origin[field], values[field] = next((name, found[field]) for name, found in sources if field in found)
@@ -75,11 +79,20 @@ def resolve(options: dict, pretrained_cfg: dict | None, published: dict | None,
 
 def to_meta(recipe: Recipe, origin: dict[str, str]) -> dict:
     """The recipe as the cache records it (JSON)."""
-    return {"size": recipe.size, "interpolation": recipe.interpolation, "mean": list(recipe.mean),
-            "std": list(recipe.std), "source": dict(origin)}
+    return {
+        "size": recipe.size,
+        "interpolation": recipe.interpolation,
+        "mean": list(recipe.mean),
+        "std": list(recipe.std),
+        "source": dict(origin),
+    }
 
 
 def from_meta(recorded: dict) -> Recipe:
     """The recipe a cache recorded."""
-    return Recipe(size=int(recorded["size"]), interpolation=recorded["interpolation"],
-                  mean=tuple(recorded["mean"]), std=tuple(recorded["std"]))
+    return Recipe(
+        size=int(recorded["size"]),
+        interpolation=recorded["interpolation"],
+        mean=tuple(recorded["mean"]),
+        std=tuple(recorded["std"]),
+    )

@@ -6,6 +6,7 @@ any positions of any view into batches through the input pipeline, so the teache
 see the same windows and flips, each at its own input recipe (size, resampling, normalisation);
 `cached_logits` streams the matching stored rows.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -65,16 +66,34 @@ class ReplaySource:
         else:
             order, box, flip = self.plan(view)
             ids, boxes, flips, split = order[positions], box[positions], flip[positions], self.train
-        return dict(files=[str(self.root / split.paths[i]) for i in ids], boxes=boxes, flips=flips,
-                    labels=split.labels[ids], positions=positions)
+        return dict(
+            files=[str(self.root / split.paths[i]) for i in ids],
+            boxes=boxes,
+            flips=flips,
+            labels=split.labels[ids],
+            positions=positions,
+        )
 
-    def loader(self, view: int | None, positions: np.ndarray, *, batch_size: int, workers: int,
-               device: torch.device, recipe: Recipe | None = None):
+    def loader(
+        self,
+        view: int | None,
+        positions: np.ndarray,
+        *,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        recipe: Recipe | None = None,
+    ):
         """Batches of the views at `positions` of `view` (None: val), in position order, at `recipe`
         (default: the source's own)."""
-        loader = pipelines.make_loader(self.loader_kind, **self.items(view, positions),
-                                       **(recipe or self.recipe).options(), batch_size=batch_size, workers=workers,
-                                       device=device)
+        loader = pipelines.make_loader(
+            self.loader_kind,
+            **self.items(view, positions),
+            **(recipe or self.recipe).options(),
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+        )
         if view is None or self.mix is None:
             return loader
         lam, box = self.mix(view)
@@ -105,8 +124,9 @@ class MixedLoader:
             yield replace(batch, images=images, mix_lambda=self.lam[rows].to(images.device))
 
 
-def planned_view(seed: int, view: int, sizes: np.ndarray, crop: CropParams, mix: MixParams,
-                 image_size: int) -> ViewPlan:
+def planned_view(
+    seed: int, view: int, sizes: np.ndarray, crop: CropParams, mix: MixParams, image_size: int
+) -> ViewPlan:
     """One view as `skd-cache build` plans it: order, windows, flips and, when mixing is on, its mixing."""
     p = plan_view(seed, view, sizes, crop)
     return replace(p, mix=plan_mixing(seed, view, len(sizes), mix, image_size) if mix.enabled else None)
@@ -122,8 +142,9 @@ def student_recipe(size: int, mean=pipelines.IMAGENET_MEAN, std=pipelines.IMAGEN
     return Recipe(size=size, interpolation="bilinear", mean=tuple(mean), std=tuple(std))
 
 
-def cached_source(store: Store, *, recipe: Recipe, root: Path | None = None, loader: str | None = None,
-                  val: bool = True) -> ReplaySource:
+def cached_source(
+    store: Store, *, recipe: Recipe, root: Path | None = None, loader: str | None = None, val: bool = True
+) -> ReplaySource:
     """The views a cache recorded, seen at `recipe`; `root` overrides the recorded dataset root (a moved
     dataset), `loader` the recorded loader (the other one decodes the same windows to within resampling noise)."""
     meta = store.meta
@@ -131,12 +152,18 @@ def cached_source(store: Store, *, recipe: Recipe, root: Path | None = None, loa
     use_val = val and store.has_val
     val_split = store.split("val") if use_val else None
     return ReplaySource(
-        root=Path(root or meta["dataset"]["root"]), train=Samples(samples.paths, samples.labels),
+        root=Path(root or meta["dataset"]["root"]),
+        train=Samples(samples.paths, samples.labels),
         val=Samples(val_split.paths, val_split.labels) if use_val else None,
-        val_boxes=store.val_boxes() if use_val else None, num_views=store.num_views,
-        num_classes=store.num_classes, recipe=recipe, plan=store.view_plan,
-        fingerprint=meta["dataset"]["fingerprint"], loader_kind=loader or meta["plan"]["loader"],
-        mix=store.view_mix if MixParams.from_dict(meta["plan"]["mix"]).enabled else None)
+        val_boxes=store.val_boxes() if use_val else None,
+        num_views=store.num_views,
+        num_classes=store.num_classes,
+        recipe=recipe,
+        plan=store.view_plan,
+        fingerprint=meta["dataset"]["fingerprint"],
+        loader_kind=loader or meta["plan"]["loader"],
+        mix=store.view_mix if MixParams.from_dict(meta["plan"]["mix"]).enabled else None,
+    )
 
 
 def check_replayable(store: Store, root: Path, val: bool) -> None:
@@ -145,24 +172,42 @@ def check_replayable(store: Store, root: Path, val: bool) -> None:
     meta = store.meta
     if not store.is_complete():
         done, total = int(store.complete().sum()), store.complete().size
-        raise ReplayError(f"cache {store.path} is unfinished ({done} of {total} shards): "
-                          "rerun its `skd-cache build` command to complete it")
+        raise ReplayError(
+            f"cache {store.path} is unfinished ({done} of {total} shards): "
+            "rerun its `skd-cache build` command to complete it"
+        )
     if not (root / "train").is_dir():
         raise ReplayError(f"dataset {root} has no train/ folder: pass --data ROOT where the cache's images live")
     use_val = val and store.has_val
     if use_val and not (root / "val").is_dir():
-        raise ReplayError(f"dataset {root} has no val/ folder, and cache {store.path} has validation logits: "
-                          "pass --no-val, or --data ROOT where its val/ lives")
+        raise ReplayError(
+            f"dataset {root} has no val/ folder, and cache {store.path} has validation logits: "
+            "pass --no-val, or --data ROOT where its val/ lives"
+        )
     train_fp, val_fp = quick_fingerprints(root, use_val, meta["dataset"].get("skipped", []))
     if train_fp != meta["dataset"]["fingerprint"]:
-        raise ReplayError(f"the images under {root}/train differ from those cache {store.path} was built on "
-                          "(file list or sizes): pass the right --data or rebuild the cache")
+        raise ReplayError(
+            f"the images under {root}/train differ from those cache {store.path} was built on "
+            "(file list or sizes): pass the right --data or rebuild the cache"
+        )
     if use_val and val_fp != meta["dataset"]["val_fingerprint"]:
         raise ReplayError(f"the images under {root}/val differ from those cache {store.path} was built on")
 
 
-def online_source(data: Path, *, views: int, recipe: Recipe, seed: int, crop: CropParams, mix: MixParams,
-                  plan_size: int, loader: str, val: bool, workers: int, num_classes: int) -> ReplaySource:
+def online_source(
+    data: Path,
+    *,
+    views: int,
+    recipe: Recipe,
+    seed: int,
+    crop: CropParams,
+    mix: MixParams,
+    plan_size: int,
+    loader: str,
+    val: bool,
+    workers: int,
+    num_classes: int,
+) -> ReplaySource:
     """Views planned exactly as `skd-cache build` plans them (`plan_size`: its --image-size, which sets the
     CutMix area correction), for a run with the teacher in the loop."""
     index = index_dataset(data, with_val=val, workers=max(4, workers))
@@ -177,35 +222,53 @@ def online_source(data: Path, *, views: int, recipe: Recipe, seed: int, crop: Cr
 
     v = index.val
     return ReplaySource(
-        root=index.root, train=Samples(index.train.paths, index.train.labels),
-        val=Samples(v.paths, v.labels) if v else None, val_boxes=center_boxes(v.sizes) if v else None,
-        num_views=views, num_classes=num_classes, recipe=recipe, plan=plan,
-        fingerprint=index.train.fingerprint, loader_kind=loader, mix=mixing if mix.enabled else None)
+        root=index.root,
+        train=Samples(index.train.paths, index.train.labels),
+        val=Samples(v.paths, v.labels) if v else None,
+        val_boxes=center_boxes(v.sizes) if v else None,
+        num_views=views,
+        num_classes=num_classes,
+        recipe=recipe,
+        plan=plan,
+        fingerprint=index.train.fingerprint,
+        loader_kind=loader,
+        mix=mixing if mix.enabled else None,
+    )
 
 
 def warn_other_loader(loader: str | None, store: Store) -> None:
     """A warning when a replay decodes with another loader than the teacher did: resampling noise."""
     recorded = store.meta["plan"]["loader"]
     if loader is not None and loader != recorded:
-        warnings.warn(f"--loader {loader}: cache {store.path} was built with {recorded}; the two resample the same "
-                      "windows about 0.15-0.2 grey levels apart on average (benchmarks/resampling.py), so this "
-                      "replay sees the teacher's views up to that noise", SkdWarning, stacklevel=2)
+        warnings.warn(
+            f"--loader {loader}: cache {store.path} was built with {recorded}; the two resample the same "
+            "windows about 0.15-0.2 grey levels apart on average (benchmarks/resampling.py), so this "
+            "replay sees the teacher's views up to that noise",
+            SkdWarning,
+            stacklevel=2,
+        )
 
 
 def check_ensemble(stores: list[Store]) -> None:
     """Caches read together must share their plan (rows line up), classes and training size."""
     first = stores[0]
     for other in stores[1:]:
-        for what, get in (("plan (plan id)", lambda s: s.meta["plan"].get("id")), ("classes", lambda s: s.num_classes),
-                          ("training image size", lambda s: s.meta["plan"]["image_size"])):
+        for what, get in (
+            ("plan (plan id)", lambda s: s.meta["plan"].get("id")),
+            ("classes", lambda s: s.num_classes),
+            ("training image size", lambda s: s.meta["plan"]["image_size"]),
+        ):
             if get(first) != get(other):
-                raise ReplayError(f"caches {first.path} and {other.path} differ in {what}: {get(first)} vs "
-                                  f"{get(other)}; caches read together must be built on one plan (skd-cache build "
-                                  "--plan-from)")
+                raise ReplayError(
+                    f"caches {first.path} and {other.path} differ in {what}: {get(first)} vs "
+                    f"{get(other)}; caches read together must be built on one plan (skd-cache build "
+                    "--plan-from)"
+                )
 
 
-def cached_logits(store: Store, view: int | None, start: int, stop: int, batch_size: int,
-                  device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+def cached_logits(
+    store: Store, view: int | None, start: int, stop: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(first position, float32 logits on `device`) per batch of rows [start, stop), read ahead and decoded
     on the device (a uint8 copy crosses the bus, not float32)."""
     pin = device.type == "cuda"

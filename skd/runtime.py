@@ -3,6 +3,7 @@
 One policy for every stage: the build, online training and verify place a teacher the same way
 (channels_last on CUDA) and run it under the same autocast.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,7 @@ class Dist:
 
 
 def device_kind(requested: str) -> str:
-    """"cuda" or "cpu": what `--device` asks for (auto: CUDA when available)."""
+    """ "cuda" or "cpu": what `--device` asks for (auto: CUDA when available)."""
     return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
 
 
@@ -75,8 +76,10 @@ def init_distributed(kind: str) -> Dist:
         raise DeviceError("--device cuda: no CUDA device is available here; use --device cpu")
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise DeviceError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: start several processes with "
-                          "torchrun --nproc-per-node N, or unset WORLD_SIZE")
+        raise DeviceError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} unset: start several processes with "
+            "torchrun --nproc-per-node N, or unset WORLD_SIZE"
+        )
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

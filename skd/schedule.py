@@ -1,4 +1,5 @@
 """The training recipe over time: learning rate, KD weight and the loss of each epoch. Pure functions."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,15 @@ def default_milestones(epochs: int) -> list[int]:
     return sorted({seed_epoch(f, epochs) for f in (0.3, 0.6, 0.8, 0.9)})
 
 
-def learning_rate(base_lr: float, epoch_float: float, *, epochs: int, schedule: str = "step",
-                  milestones: list[int] | None = None, warmup_epochs: float = 0.0) -> float:
+def learning_rate(
+    base_lr: float,
+    epoch_float: float,
+    *,
+    epochs: int,
+    schedule: str = "step",
+    milestones: list[int] | None = None,
+    warmup_epochs: float = 0.0,
+) -> float:
     """Learning rate at a fractional epoch: linear warm-up from 0, then step (/10 at milestones) or cosine."""
     if warmup_epochs > 0 and epoch_float < warmup_epochs:
         return base_lr * epoch_float / warmup_epochs
@@ -29,15 +37,22 @@ def alpha_at(alpha: str, epoch: int, epochs: int) -> float:
     return seed_alpha(epoch, epochs) if alpha == "seed" else float(alpha)
 
 
-def kd_loss(kd: str, *, temperature: float, multiplier: float, alpha: float,
-            teacher_normalized: bool = False) -> Callable[..., KDLoss]:
+def kd_loss(
+    kd: str, *, temperature: float, multiplier: float, alpha: float, teacher_normalized: bool = False
+) -> Callable[..., KDLoss]:
     """The loss function (student logits, teacher logits, target, mix lambda or None) -> KDLoss of
     `--kd skd|hinton|none`; `teacher_normalized`: SKD teacher logits are an ensemble's normalised mean."""
     if kd == "skd":
-        return lambda s, t, y, lam=None: spherical_kd_loss(s, t, y, temperature=temperature, multiplier=multiplier,
-                                                           alpha=alpha, mix_lambda=lam,
-                                                           teacher_normalized=teacher_normalized)
+        return lambda s, t, y, lam=None: spherical_kd_loss(
+            s,
+            t,
+            y,
+            temperature=temperature,
+            multiplier=multiplier,
+            alpha=alpha,
+            mix_lambda=lam,
+            teacher_normalized=teacher_normalized,
+        )
     if kd == "hinton":
-        return lambda s, t, y, lam=None: hinton_kd_loss(s, t, y, temperature=temperature, alpha=alpha,
-                                                        mix_lambda=lam)
+        return lambda s, t, y, lam=None: hinton_kd_loss(s, t, y, temperature=temperature, alpha=alpha, mix_lambda=lam)
     return lambda s, t, y, lam=None: hard_label_loss(s, y, lam)

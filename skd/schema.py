@@ -6,6 +6,7 @@ schema (types, ranges, required keys, known codec), every array's shape, dtype a
 the attributes, and that every file is a regular file inside the cache. `samples_sha256` ties the
 sample arrays to the attributes, so swapped or edited sample paths and labels are found.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -130,8 +131,10 @@ class Meta(_Model):
     def outputs_cover_classes(self):
         """Class i of the dataset is the teacher's output i (skd-cache build refuses fewer outputs)."""
         if len(self.dataset.classes) > self.teacher.num_classes:
-            raise ValueError(f"dataset.classes has {len(self.dataset.classes)} classes, more than the teacher's "
-                             f"num_classes {self.teacher.num_classes}")
+            raise ValueError(
+                f"dataset.classes has {len(self.dataset.classes)} classes, more than the teacher's "
+                f"num_classes {self.teacher.num_classes}"
+            )
         return self
 
 
@@ -144,16 +147,22 @@ def check_meta(path: Path, raw) -> dict:
     if not isinstance(raw, dict):
         raise SchemaError(rebuild(f"cache {path}: the 'skd' attribute is a {type(raw).__name__}, not a mapping"))
     if raw.get("format") != FORMAT_VERSION:
-        raise SchemaError(f"{path} has cache format {raw.get('format')!r}, this skd reads format {FORMAT_VERSION}: "
-                          "rebuild the cache with this skd (`skd-cache build ... --overwrite`), or use the skd "
-                          "that wrote it")
+        raise SchemaError(
+            f"{path} has cache format {raw.get('format')!r}, this skd reads format {FORMAT_VERSION}: "
+            "rebuild the cache with this skd (`skd-cache build ... --overwrite`), or use the skd "
+            "that wrote it"
+        )
     try:
         Meta.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise SchemaError(rebuild(f"cache {path}: attribute skd.{field or '(top)'} is invalid "
-                                  f"({first['msg']}, got {_short(first.get('input'))})")) from None
+        raise SchemaError(
+            rebuild(
+                f"cache {path}: attribute skd.{field or '(top)'} is invalid "
+                f"({first['msg']}, got {_short(first.get('input'))})"
+            )
+        ) from None
     return raw
 
 
@@ -167,20 +176,32 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
     dtype "str" for the path arrays."""
     n, k, c = meta["dataset"]["num_samples"], meta["views"], meta["teacher"]["num_classes"]
     rows, codec = meta["shard_rows"], CODECS[meta["codec"]]
-    arrays = {"samples/path": ((n,), "str", None), "samples/label": ((n,), "int32", None),
-              "samples/size": ((n, 2), "int32", None), "views/order": ((k, n), "int32", None),
-              "views/box": ((k, n, 4), "int32", None), "views/flip": ((k, n), "uint8", None),
-              "views/mix_lambda": ((k, n), "float32", None), "views/mix_box": ((k, n, 4), "float32", None),
-              "views/logits": ((k, n, c), codec.dtype, (1, rows, c)),
-              "views/complete": ((k, -(-n // rows)), "uint8", None)}
+    arrays = {
+        "samples/path": ((n,), "str", None),
+        "samples/label": ((n,), "int32", None),
+        "samples/size": ((n, 2), "int32", None),
+        "views/order": ((k, n), "int32", None),
+        "views/box": ((k, n, 4), "int32", None),
+        "views/flip": ((k, n), "uint8", None),
+        "views/mix_lambda": ((k, n), "float32", None),
+        "views/mix_box": ((k, n, 4), "float32", None),
+        "views/logits": ((k, n, c), codec.dtype, (1, rows, c)),
+        "views/complete": ((k, -(-n // rows)), "uint8", None),
+    }
     if codec.affine:
         arrays.update({f"views/{name}": ((k, n), "float32", (1, rows)) for name in ("scale", "offset")})
     if has_val:
         v = meta["dataset"]["num_val"]
-        arrays.update({"val/path": ((v,), "str", None), "val/label": ((v,), "int32", None),
-                       "val/size": ((v, 2), "int32", None), "val/box": ((v, 4), "int32", None),
-                       "val/logits": ((v, c), codec.dtype, (rows, c)),
-                       "val/complete": ((-(-v // rows),), "uint8", None)})
+        arrays.update(
+            {
+                "val/path": ((v,), "str", None),
+                "val/label": ((v,), "int32", None),
+                "val/size": ((v, 2), "int32", None),
+                "val/box": ((v, 4), "int32", None),
+                "val/logits": ((v, c), codec.dtype, (rows, c)),
+                "val/complete": ((-(-v // rows),), "uint8", None),
+            }
+        )
         if codec.affine:
             arrays.update({f"val/{name}": ((v,), "float32", (rows,)) for name in ("scale", "offset")})
     return arrays
@@ -208,8 +229,9 @@ def _node(path: Path, group, name: str):
     except KeyError:
         raise SchemaError(rebuild(f"cache {path}: array {name} is missing")) from None
     except Exception as exc:  # an unreadable zarr.json: zarr raises many kinds
-        raise SchemaError(rebuild(f"cache {path}: array {name} has unreadable metadata "
-                                  f"({type(exc).__name__})")) from None
+        raise SchemaError(
+            rebuild(f"cache {path}: array {name} has unreadable metadata ({type(exc).__name__})")
+        ) from None
 
 
 def _has_node(path: Path, group, name: str) -> bool:
@@ -231,8 +253,7 @@ def _check_array(path: Path, array, name: str, shape: tuple, dtype: str, shards:
     if shards is None and not problems and any(c > max(1, s) for c, s in zip(array.chunks, shape)):
         problems.append(f"chunks {array.chunks} larger than its shape {shape}")  # zarr allocates whole chunks
     if problems:
-        raise SchemaError(rebuild(f"cache {path}: array {name} has {' and '.join(problems)} "
-                                  "(the attributes say so)"))
+        raise SchemaError(rebuild(f"cache {path}: array {name} has {' and '.join(problems)} (the attributes say so)"))
 
 
 def _check_labels(path: Path, group, name: str, classes: int) -> None:
@@ -243,9 +264,13 @@ def _check_labels(path: Path, group, name: str, classes: int) -> None:
         raise SchemaError(rebuild(f"cache {path}: array {name} cannot be read ({type(exc).__name__})")) from None
     bad = np.flatnonzero((labels < 0) | (labels >= classes))
     if bad.size:
-        raise SchemaError(rebuild(f"cache {path}: array {name} holds label {int(labels[bad[0]])} at row "
-                                  f"{int(bad[0])} ({bad.size} such rows), outside the {classes} classes of "
-                                  "attribute skd.dataset.classes"))
+        raise SchemaError(
+            rebuild(
+                f"cache {path}: array {name} holds label {int(labels[bad[0]])} at row "
+                f"{int(bad[0])} ({bad.size} such rows), outside the {classes} classes of "
+                "attribute skd.dataset.classes"
+            )
+        )
 
 
 MAX_METADATA_BYTES = 2**20  # an array's zarr.json is about 1 KB; zarr reads it whole
@@ -265,8 +290,9 @@ def check_metadata_files(path: Path, names) -> None:
         if not stat.S_ISREG(mode):
             raise SchemaError(rebuild(f"cache {path}: {entry} is not a regular file ({_kind(mode)})"))
         if size > MAX_METADATA_BYTES:
-            raise SchemaError(rebuild(f"cache {path}: {entry} has {size} bytes, more than zarr metadata's "
-                                      f"{MAX_METADATA_BYTES}"))
+            raise SchemaError(
+                rebuild(f"cache {path}: {entry} has {size} bytes, more than zarr metadata's {MAX_METADATA_BYTES}")
+            )
 
 
 def _entry_stat(path: Path, root: Path, entry) -> tuple[int, int]:
@@ -296,13 +322,16 @@ def check_files(path: Path) -> None:
                     if not entry.is_symlink():
                         stack.append(Path(entry.path))
                 elif not stat.S_ISREG(mode):
-                    raise SchemaError(rebuild(f"cache {path}: {entry.path} is not a regular file "
-                                              f"({_kind(mode)})"))
+                    raise SchemaError(rebuild(f"cache {path}: {entry.path} is not a regular file ({_kind(mode)})"))
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "a special file"
@@ -321,7 +350,15 @@ def check_relative_path(path: str, cache) -> None:
 
     Plain string tests rather than PurePosixPath: this runs once per sample, 1.28 M times.
     """
-    if (path.startswith("/") or "\\" in path or path == ".." or path.startswith("../")
-            or path.endswith("/..") or "/../" in path):
-        raise SchemaError(f"{cache}: sample path {path!r} is absolute or leaves the dataset root; "
-                          "refusing to open files from this cache: rebuild or re-download it")
+    if (
+        path.startswith("/")
+        or "\\" in path
+        or path == ".."
+        or path.startswith("../")
+        or path.endswith("/..")
+        or "/../" in path
+    ):
+        raise SchemaError(
+            f"{cache}: sample path {path!r} is absolute or leaves the dataset root; "
+            "refusing to open files from this cache: rebuild or re-download it"
+        )

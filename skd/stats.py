@@ -5,6 +5,7 @@ the layer norm ignore the int8 codec's per-row affine (positive scale, any offse
 deviation and the softmax need only the row's scale, so one float32 copy of the stored values is the
 only full-size conversion (>= 50k rows/s at 1000 classes, see benchmarks/stats_throughput.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class StatsError(SkdError):
 # ---------------------------------------------------------------------------------------------
 # Per-row statistics of stored rows
 
+
 @dataclass
 class RowStats:
     """Per-row figures of a run of stored rows (all arrays (n,))."""
@@ -51,12 +53,11 @@ class RowStats:
 
     @classmethod
     def empty(cls, n: int) -> "RowStats":
-        return cls(np.zeros(n, np.int64), np.zeros(n, np.int64),
-                   *(np.zeros(n, np.float64) for _ in range(5)))
+        return cls(np.zeros(n, np.int64), np.zeros(n, np.int64), *(np.zeros(n, np.float64) for _ in range(5)))
 
     def put(self, start: int, part: "RowStats") -> None:
         for name in self.__dataclass_fields__:
-            getattr(self, name)[start:start + len(part.pred)] = getattr(part, name)
+            getattr(self, name)[start : start + len(part.pred)] = getattr(part, name)
 
 
 def _softmax_figures(d: np.ndarray, lowest: np.ndarray, k: np.ndarray, work: np.ndarray):
@@ -70,8 +71,9 @@ def _softmax_figures(d: np.ndarray, lowest: np.ndarray, k: np.ndarray, work: np.
     return 1.0 / z, np.log(z) - dot / z
 
 
-def row_stats(rows: Encoded, labels: np.ndarray, *, temperature: float, multiplier: float,
-              work: tuple[np.ndarray, np.ndarray]) -> RowStats:
+def row_stats(
+    rows: Encoded, labels: np.ndarray, *, temperature: float, multiplier: float, work: tuple[np.ndarray, np.ndarray]
+) -> RowStats:
     """Per-row figures of stored rows (any codec) whose true classes are `labels`.
 
     `work` is two float32 buffers of at least (len(labels), C), reused between calls: fresh
@@ -97,8 +99,16 @@ def row_stats(rows: Encoded, labels: np.ndarray, *, temperature: float, multipli
     return RowStats(pred, above, std, max_prob, entropy, target_max_prob, target_entropy)
 
 
-def stream_rows(store: Store, view: int | None, labels: np.ndarray, *, temperature: float, multiplier: float,
-                progress: bool = False, desc: str = "") -> RowStats:
+def stream_rows(
+    store: Store,
+    view: int | None,
+    labels: np.ndarray,
+    *,
+    temperature: float,
+    multiplier: float,
+    progress: bool = False,
+    desc: str = "",
+) -> RowStats:
     """RowStats of every row of view `view` (None: val), streamed once in order with RowReader."""
     n = len(labels)
     out = RowStats.empty(n)
@@ -106,16 +116,25 @@ def stream_rows(store: Store, view: int | None, labels: np.ndarray, *, temperatu
     with tqdm(total=n, desc=desc, unit="row", disable=not progress, dynamic_ncols=True) as bar:
         for first, block in RowReader(store, view, 0, n).blocks():
             for a in range(0, len(block.logits), BATCH_ROWS):
-                part = Encoded(*(None if v is None else v[a:a + BATCH_ROWS] for v in block))
+                part = Encoded(*(None if v is None else v[a : a + BATCH_ROWS] for v in block))
                 b = first + a
-                out.put(b, row_stats(part, labels[b:b + len(part.logits)], temperature=temperature,
-                                     multiplier=multiplier, work=work))
+                out.put(
+                    b,
+                    row_stats(
+                        part,
+                        labels[b : b + len(part.logits)],
+                        temperature=temperature,
+                        multiplier=multiplier,
+                        work=work,
+                    ),
+                )
                 bar.update(len(part.logits))
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Summaries
+
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE over equal-width confidence bins (lo, hi]: sum of |accuracy - confidence| weighted by bin size."""
@@ -175,13 +194,20 @@ def crop_area_buckets(area: np.ndarray, correct: np.ndarray, max_prob: np.ndarra
     for i, bucket in enumerate(AREA_BUCKETS):
         inside = which == i
         n = int(inside.sum())
-        out.append({"bucket": bucket, "rows": n, "top1": float(correct[inside].mean()) if n else None,
-                    "max_prob": float(max_prob[inside].mean()) if n else None})
+        out.append(
+            {
+                "bucket": bucket,
+                "rows": n,
+                "top1": float(correct[inside].mean()) if n else None,
+                "max_prob": float(max_prob[inside].mean()) if n else None,
+            }
+        )
     return out
 
 
-def summarize(name: str, rows: RowStats, labels: np.ndarray, classes: list[str], *, ece: bool,
-              area: np.ndarray | None = None) -> SplitStats:
+def summarize(
+    name: str, rows: RowStats, labels: np.ndarray, classes: list[str], *, ece: bool, area: np.ndarray | None = None
+) -> SplitStats:
     """Reduce one split's RowStats to the reported figures; `area` (views): each row's crop-area fraction."""
     correct = rows.pred == labels
     n_classes = max(len(classes), int(labels.max(initial=-1)) + 1)
@@ -198,17 +224,38 @@ def summarize(name: str, rows: RowStats, labels: np.ndarray, classes: list[str],
     top = top[np.lexsort((top, -pairs[top]))][:SHOWN]
     p5, median, p95 = np.percentile(rows.std, [5, 50, 95]) if len(rows.std) else (np.nan,) * 3
     return SplitStats(
-        name=name, rows=len(labels), top1=float(correct.mean()), top5=float((rows.above < 5).mean()),
-        std_mean=float(rows.std.mean()), std_median=float(median), std_p5=float(p5), std_p95=float(p95),
-        max_prob=float(rows.max_prob.mean()), entropy=float(rows.entropy.mean()),
-        target_max_prob=float(rows.target_max_prob.mean()), target_entropy=float(rows.target_entropy.mean()),
+        name=name,
+        rows=len(labels),
+        top1=float(correct.mean()),
+        top5=float((rows.above < 5).mean()),
+        std_mean=float(rows.std.mean()),
+        std_median=float(median),
+        std_p5=float(p5),
+        std_p95=float(p95),
+        max_prob=float(rows.max_prob.mean()),
+        entropy=float(rows.entropy.mean()),
+        target_max_prob=float(rows.target_max_prob.mean()),
+        target_entropy=float(rows.target_entropy.mean()),
         ece=expected_calibration_error(rows.max_prob, correct) if ece else None,
-        worst_classes=[{"class": class_name(classes, int(i)), "accuracy": float(accuracy[i]),
-                        "samples": int(count[i])} for i in worst],
-        confused_pairs=[{"true": class_name(classes, int(i // width)), "predicted": class_name(classes, int(i % width)),
-                         "count": int(pairs[i]), "fraction_of_true": float(pairs[i] / count[i // width])} for i in top],
-        std=rows.std.astype(np.float32), max_probs=rows.max_prob.astype(np.float32), class_accuracy=accuracy,
-        class_count=count, crop_areas=None if area is None else crop_area_buckets(area, correct, rows.max_prob))
+        worst_classes=[
+            {"class": class_name(classes, int(i)), "accuracy": float(accuracy[i]), "samples": int(count[i])}
+            for i in worst
+        ],
+        confused_pairs=[
+            {
+                "true": class_name(classes, int(i // width)),
+                "predicted": class_name(classes, int(i % width)),
+                "count": int(pairs[i]),
+                "fraction_of_true": float(pairs[i] / count[i // width]),
+            }
+            for i in top
+        ],
+        std=rows.std.astype(np.float32),
+        max_probs=rows.max_prob.astype(np.float32),
+        class_accuracy=accuracy,
+        class_count=count,
+        crop_areas=None if area is None else crop_area_buckets(area, correct, rows.max_prob),
+    )
 
 
 def consistency(preds_by_sample: list[np.ndarray]) -> float | None:
@@ -253,13 +300,22 @@ def choose_views(store: Store, views: list[int] | None) -> list[int]:
     complete = store.complete()
     unfinished = [k for k in chosen if not complete[k].all()]
     if unfinished:
-        raise StatsError(f"views {', '.join(map(str, unfinished))} of cache {store.path} are unfinished: rerun its "
-                         "`skd-cache build` command, or pick complete views with --views (see `skd-cache info`)")
+        raise StatsError(
+            f"views {', '.join(map(str, unfinished))} of cache {store.path} are unfinished: rerun its "
+            "`skd-cache build` command, or pick complete views with --views (see `skd-cache info`)"
+        )
     return chosen
 
 
-def logit_stats(store: Store, views: list[int] | None = (0,), *, val: bool = True, temperature: float = 4.0,
-                multiplier: float = 2.0, progress: bool = False) -> CacheStats:
+def logit_stats(
+    store: Store,
+    views: list[int] | None = (0,),
+    *,
+    val: bool = True,
+    temperature: float = 4.0,
+    multiplier: float = 2.0,
+    progress: bool = False,
+) -> CacheStats:
     """Stream the chosen views (None: all) and, with `val`, val/ once each; summarise the teacher's logits."""
     if temperature <= 0 or multiplier <= 0:
         raise StatsError(f"temperature and multiplier must be positive, got {temperature} and {multiplier}")
@@ -283,17 +339,26 @@ def logit_stats(store: Store, views: list[int] | None = (0,), *, val: bool = Tru
             auto = mean_row_std(rows.std)
     use_val = val and store.has_val
     if use_val and not store.val_complete().all():
-        raise StatsError(f"val/ of cache {store.path} is unfinished: rerun its `skd-cache build` command, "
-                         "or pass --no-val")
+        raise StatsError(
+            f"val/ of cache {store.path} is unfinished: rerun its `skd-cache build` command, or pass --no-val"
+        )
     if use_val:
         labels = stored_labels(store, "val")
         rows = stream_rows(store, None, labels, desc="val", **kwargs)
         splits.append(summarize("val", rows, labels, classes, ece=True))
     if not splits:
         raise StatsError(f"nothing to do: choose --views (cache {store.path} has {store.num_views})")
-    return CacheStats(splits=splits, temperature=temperature, multiplier=multiplier, auto_multiplier=auto,
-                      consistency=consistency(preds), consistency_views=chosen if len(chosen) > 1 else [],
-                      storage=store.storage(), cache=str(store.path), classes=classes)
+    return CacheStats(
+        splits=splits,
+        temperature=temperature,
+        multiplier=multiplier,
+        auto_multiplier=auto,
+        consistency=consistency(preds),
+        consistency_views=chosen if len(chosen) > 1 else [],
+        storage=store.storage(),
+        cache=str(store.path),
+        classes=classes,
+    )
 
 
 def stats_lines(s: CacheStats) -> list[str]:
@@ -309,26 +374,36 @@ def stats_lines(s: CacheStats) -> list[str]:
             + (f", ECE ({ECE_BINS} bins) {p.ece:.4f}" if p.ece is not None else ""),
             f"  SKD target (T={s.temperature:g}, m={s.multiplier:g}): mean max-probability "
             f"{p.target_max_prob:.3f}, entropy {p.target_entropy:.3f} nats",
-            "  worst classes: " + ", ".join(f"{w['class']} {w['accuracy']:.0%} of {w['samples']}"
-                                            for w in p.worst_classes),
-            "  most confused: " + (", ".join(f"{c['true']}->{c['predicted']} {c['count']}" for c in p.confused_pairs)
-                                   or "none"),
+            "  worst classes: "
+            + ", ".join(f"{w['class']} {w['accuracy']:.0%} of {w['samples']}" for w in p.worst_classes),
+            "  most confused: "
+            + (", ".join(f"{c['true']}->{c['predicted']} {c['count']}" for c in p.confused_pairs) or "none"),
         ]
         if p.crop_areas is not None:
-            lines.append("  by crop area: " + ", ".join(
-                f"{b['bucket']} top-1 {b['top1']:.1%} (p {b['max_prob']:.2f}, {b['rows']:,} rows)" if b["rows"]
-                else f"{b['bucket']} no rows" for b in p.crop_areas))
+            lines.append(
+                "  by crop area: "
+                + ", ".join(
+                    f"{b['bucket']} top-1 {b['top1']:.1%} (p {b['max_prob']:.2f}, {b['rows']:,} rows)"
+                    if b["rows"]
+                    else f"{b['bucket']} no rows"
+                    for b in p.crop_areas
+                )
+            )
         if p.mixing is not None:
             lines.append(f"  mixing: {summary_line(p.mixing)} (the teacher's logits are of the mixed images)")
     if s.auto_multiplier is not None:
         lines.append(f"suggested SKD multiplier (--multiplier auto): {s.auto_multiplier:.3f}")
     if s.consistency is not None:
-        lines.append(f"consistency: {s.consistency:.2%} of samples have the same teacher top-1 in views "
-                     f"{', '.join(map(str, s.consistency_views))}")
+        lines.append(
+            f"consistency: {s.consistency:.2%} of samples have the same teacher top-1 in views "
+            f"{', '.join(map(str, s.consistency_views))}"
+        )
     st = s.storage
     if st["bytes_per_row"]:
-        lines.append(f"storage: {st['bytes_per_row']:,.0f} B per row, compression {st['ratio_vs_fp32']:.2f}x vs "
-                     f"float32 rows, {st['ratio_vs_fp16']:.2f}x vs float16")
+        lines.append(
+            f"storage: {st['bytes_per_row']:,.0f} B per row, compression {st['ratio_vs_fp32']:.2f}x vs "
+            f"float32 rows, {st['ratio_vs_fp16']:.2f}x vs float16"
+        )
     return lines
 
 
@@ -340,8 +415,9 @@ def check_plot_path(path: Path) -> None:
         raise StatsError("--plot needs matplotlib: pip install 'skd[plot]'") from None
     formats = FigureCanvasBase.get_supported_filetypes()
     if Path(path).suffix.lower().lstrip(".") not in formats:
-        raise StatsError(f"--plot {path}: name a .png, .pdf or .svg file (matplotlib writes "
-                         f"{', '.join(sorted(formats))})")
+        raise StatsError(
+            f"--plot {path}: name a .png, .pdf or .svg file (matplotlib writes {', '.join(sorted(formats))})"
+        )
 
 
 def plot_stats(s: CacheStats, path: Path) -> Path:
@@ -351,13 +427,18 @@ def plot_stats(s: CacheStats, path: Path) -> Path:
     check_plot_path(path)
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     from matplotlib.ticker import PercentFormatter
+
     fig = Figure(figsize=(16, 10), layout="constrained")
     grid = fig.add_gridspec(3, 2, width_ratios=(1, 1.1))
     rows = "; ".join(f"{p.name}: {p.rows:,} rows" for p in s.splits)
     fig.suptitle(f"skd-cache stats of {Path(s.cache).name or 'the cache'} (teacher logits; {rows})", fontsize=14)
     _plot_classes(fig.add_subplot(grid[:, 0]), s, PercentFormatter(1.0))
-    for row, (attr, title, unit) in enumerate([("std", "logit std per row", "std over classes"),
-                                               ("max_probs", "max probability per row, T=1", "max softmax(logits)")]):
+    for row, (attr, title, unit) in enumerate(
+        [
+            ("std", "logit std per row", "std over classes"),
+            ("max_probs", "max probability per row, T=1", "max softmax(logits)"),
+        ]
+    ):
         ax = fig.add_subplot(grid[row, 1])
         for p in s.splits:
             values = getattr(p, attr)
@@ -378,17 +459,27 @@ def _plot_classes(ax, s: CacheStats, percent) -> None:
     p = next((p for p in s.splits if p.name == "val"), s.splits[0])
     present = np.flatnonzero(p.class_count)
     shown = present[np.lexsort((present, p.class_accuracy[present]))][:PLOTTED_CLASSES]
-    which = (f"all {len(present)} classes" if len(shown) == len(present)
-             else f"worst {len(shown)} of {len(present)} classes")
+    which = (
+        f"all {len(present)} classes" if len(shown) == len(present) else f"worst {len(shown)} of {len(present)} classes"
+    )
     y = np.arange(len(shown))
     ax.barh(y, p.class_accuracy[shown], color="tab:blue")
     ax.set_yticks(y, [f"{class_name(s.classes, int(i))} ({p.class_count[i]:,} rows)" for i in shown])
     ax.invert_yaxis()
     for yi, i in zip(y, shown):
-        ax.annotate(f"{p.class_accuracy[i]:.0%}", (p.class_accuracy[i], yi), xytext=(3, 0),
-                    textcoords="offset points", va="center", fontsize=8)
-    ax.set(xlim=(0, 1.08), xlabel="teacher top-1 against the labels",
-           title=f"teacher top-1 per class on {p.name}: {which}, worst first")
+        ax.annotate(
+            f"{p.class_accuracy[i]:.0%}",
+            (p.class_accuracy[i], yi),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    ax.set(
+        xlim=(0, 1.08),
+        xlabel="teacher top-1 against the labels",
+        title=f"teacher top-1 per class on {p.name}: {which}, worst first",
+    )
     ax.xaxis.set_major_formatter(percent)
 
 
@@ -396,8 +487,12 @@ def _plot_crop_areas(ax, s: CacheStats, percent) -> None:
     """Grouped bars of teacher top-1 by crop-area bucket, one bar per view, labelled with the rows."""
     views = [p for p in s.splits if p.crop_areas is not None]
     x = np.arange(len(AREA_BUCKETS))
-    ax.set(title="teacher top-1 by crop area of the recorded windows", ylabel="teacher top-1", ylim=(0, 1.15),
-           xlabel=f"window area / image area (below 8% counted as {AREA_BUCKETS[0]})")
+    ax.set(
+        title="teacher top-1 by crop area of the recorded windows",
+        ylabel="teacher top-1",
+        ylim=(0, 1.15),
+        xlabel=f"window area / image area (below 8% counted as {AREA_BUCKETS[0]})",
+    )
     ax.set_xticks(x, AREA_BUCKETS)
     ax.yaxis.set_major_formatter(percent)
     if not views:
@@ -408,6 +503,9 @@ def _plot_crop_areas(ax, s: CacheStats, percent) -> None:
         top1 = [b["top1"] or 0.0 for b in p.crop_areas]
         bars = ax.bar(x + (j - (len(views) - 1) / 2) * width, top1, width, label=p.name)
         if len(views) <= 4:
-            ax.bar_label(bars, [f"{t:.0%}\n{b['rows']:,} rows" if b["rows"] else "no rows"
-                                for t, b in zip(top1, p.crop_areas)], fontsize=7)
+            ax.bar_label(
+                bars,
+                [f"{t:.0%}\n{b['rows']:,} rows" if b["rows"] else "no rows" for t, b in zip(top1, p.crop_areas)],
+                fontsize=7,
+            )
     ax.legend()

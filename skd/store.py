@@ -8,6 +8,7 @@ a chunk the unit of reading. Completion is recorded per shard in `views/complete
 A cache is a local folder or a prefix in an object store (`s3://`, `gs://`, `az://`: see skd.location);
 the shard checks and storage figures of an object store work on one listing of its prefix.
 """
+
 from __future__ import annotations
 
 import os
@@ -103,8 +104,9 @@ class Store:
             paths = [str(p) for p in self._read(f"{name}/path")]
             for p in paths:
                 check_relative_path(p, self.path)
-            self._splits[name] = Split(paths, self._read(f"{name}/label").astype(np.int64),
-                                       self._read(f"{name}/size").astype(np.int64))
+            self._splits[name] = Split(
+                paths, self._read(f"{name}/label").astype(np.int64), self._read(f"{name}/size").astype(np.int64)
+            )
         return self._splits[name]
 
     def view_plan(self, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,8 +128,14 @@ class Store:
         """(mix_lambda, mix_box) of one view as recorded: own-image weights (1: unmixed), CutMix regions as
         fractions; both checked to lie in [0, 1]."""
         lam, box = self._read("views/mix_lambda", view), self._read("views/mix_box", view)
-        if not (np.isfinite(lam).all() and np.isfinite(box).all() and 0 <= lam.min(initial=1) and
-                lam.max(initial=1) <= 1 and 0 <= box.min(initial=0) and box.max(initial=0) <= 1):
+        if not (
+            np.isfinite(lam).all()
+            and np.isfinite(box).all()
+            and 0 <= lam.min(initial=1)
+            and lam.max(initial=1) <= 1
+            and 0 <= box.min(initial=0)
+            and box.max(initial=0) <= 1
+        ):
             raise self._bad_plan(f"views/mix_lambda or views/mix_box of view {view} hold values outside [0, 1]")
         return lam, box
 
@@ -142,9 +150,11 @@ class Store:
         try:
             return self.group[name][selection]
         except (KeyError, ValueError, RuntimeError) as exc:  # zarr and numcodecs raise many kinds on damage
-            raise StoreError(f"{self.path}: {name} cannot be read ({scrub(str(exc))}): the cache is damaged; "
-                             "`skd-cache verify --integrity` lists what is, and rebuilding with --overwrite "
-                             "replaces it") from exc
+            raise StoreError(
+                f"{self.path}: {name} cannot be read ({scrub(str(exc))}): the cache is damaged; "
+                "`skd-cache verify --integrity` lists what is, and rebuilding with --overwrite "
+                "replaces it"
+            ) from exc
 
     # -- completion ------------------------------------------------------------------------
     def complete(self) -> np.ndarray:
@@ -245,15 +255,19 @@ class Store:
     def rows_written(self) -> int:
         """Rows of logits in complete shards, over all views and val."""
         parts = [(done, self.num_samples) for done in self.complete()] + [(self.val_complete(), self.num_val)]
-        return sum(stop - start for done, n in parts
-                   for start, stop in (self.shard_bounds(int(j), n) for j in np.flatnonzero(done)))
+        return sum(
+            stop - start
+            for done, n in parts
+            for start, stop in (self.shard_bounds(int(j), n) for j in np.flatnonzero(done))
+        )
 
     def logit_bytes(self) -> int:
         """Bytes on disk of the complete shards' logits (and scale and offset for the affine codecs), views and
         val: the same rows as `rows_written`, so an unfinished cache's bytes per row are right too."""
         parts = [(view, done) for view, done in enumerate(self.complete())] + [(None, self.val_complete())]
-        files = [f for view, done in parts for shard in np.flatnonzero(done)
-                 for f in self.shard_files(view, int(shard))]
+        files = [
+            f for view, done in parts for shard in np.flatnonzero(done) for f in self.shard_files(view, int(shard))
+        ]
         if not self.location.is_local:
             listed = self.objects(fresh=True)
             return sum(listed.get(f.key, 0) for f in files)
@@ -264,9 +278,13 @@ class Store:
         rows, size = self.rows_written(), self.logit_bytes()
         per_row = size / rows if rows else None
         c = self.num_classes
-        return {"logit_bytes": size, "rows_written": rows, "bytes_per_row": per_row,
-                "ratio_vs_fp32": 4 * c / per_row if per_row else None,
-                "ratio_vs_fp16": 2 * c / per_row if per_row else None}
+        return {
+            "logit_bytes": size,
+            "rows_written": rows,
+            "bytes_per_row": per_row,
+            "ratio_vs_fp32": 4 * c / per_row if per_row else None,
+            "ratio_vs_fp16": 2 * c / per_row if per_row else None,
+        }
 
 
 def as_os_error(exc: RuntimeError, file: Path) -> Exception:
@@ -279,14 +297,22 @@ def as_os_error(exc: RuntimeError, file: Path) -> Exception:
     return OSError(code, os.strerror(code), str(file))
 
 
-def _create(group: zarr.Group, name: str, data=None, *, shape=None, dtype=None, chunks, shards=None,
-            compress=True) -> zarr.Array:
+def _create(
+    group: zarr.Group, name: str, data=None, *, shape=None, dtype=None, chunks, shards=None, compress=True
+) -> zarr.Array:
     text = data is not None and data.dtype.kind in "UTO"
     if data is not None:
         shape, dtype = data.shape, (str if text else data.dtype)
-    arr = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                             compressors=_zstd() if compress else None, fill_value=None if text else 0,
-                             overwrite=True)
+    arr = group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        shards=shards,
+        compressors=_zstd() if compress else None,
+        fill_value=None if text else 0,
+        overwrite=True,
+    )
     if data is not None:
         arr[...] = data
     return arr
@@ -300,19 +326,38 @@ def _write_split(group: zarr.Group, name: str, split: Split, chunk: int) -> None
     _create(group, f"{name}/size", np.asarray(split.sizes, np.int32), chunks=(c, 2))
 
 
-def _logit_arrays(group: zarr.Group, prefix: str, lead: tuple, rows: int, classes: int, codec: Codec,
-                  shard_rows: int, chunk_rows: int) -> None:
+def _logit_arrays(
+    group: zarr.Group, prefix: str, lead: tuple, rows: int, classes: int, codec: Codec, shard_rows: int, chunk_rows: int
+) -> None:
     """Create logits (+ scale/offset) of shape lead + (rows, C), sharded along rows, and `complete`."""
     ones = (1,) * len(lead)
     shard, chunk = shard_rows, chunk_rows  # a shard may overhang the array's end; zarr trims it
-    _create(group, f"{prefix}/logits", shape=lead + (rows, classes), dtype=codec.dtype,
-            chunks=ones + (chunk, classes), shards=ones + (shard, classes))
+    _create(
+        group,
+        f"{prefix}/logits",
+        shape=lead + (rows, classes),
+        dtype=codec.dtype,
+        chunks=ones + (chunk, classes),
+        shards=ones + (shard, classes),
+    )
     if codec.affine:
         for name in ("scale", "offset"):
-            _create(group, f"{prefix}/{name}", shape=lead + (rows,), dtype="float32",
-                    chunks=ones + (chunk,), shards=ones + (shard,))
-    _create(group, f"{prefix}/complete", shape=lead + (-(-rows // shard_rows),), dtype="uint8",
-            chunks=ones + (1,), compress=False)
+            _create(
+                group,
+                f"{prefix}/{name}",
+                shape=lead + (rows,),
+                dtype="float32",
+                chunks=ones + (chunk,),
+                shards=ones + (shard,),
+            )
+    _create(
+        group,
+        f"{prefix}/complete",
+        shape=lead + (-(-rows // shard_rows),),
+        dtype="uint8",
+        chunks=ones + (1,),
+        compress=False,
+    )
 
 
 def codec_pipeline(array: zarr.Array) -> str:
@@ -356,8 +401,16 @@ def encode_shard(array: zarr.Array, selection: tuple, data: np.ndarray) -> bytes
     return written[0].to_bytes()
 
 
-def create_store(path: Path | str | Location, meta: dict, *, train: Split, plans: list, val: Split | None,
-                 val_boxes: np.ndarray | None, num_classes: int) -> Store:
+def create_store(
+    path: Path | str | Location,
+    meta: dict,
+    *,
+    train: Split,
+    plans: list,
+    val: Split | None,
+    val_boxes: np.ndarray | None,
+    num_classes: int,
+) -> Store:
     """Write a new, empty cache: samples, the plan of every view, empty logit arrays.
 
     The group starts with only the `skd_creating` attribute and gets `skd` last, so an interrupted
@@ -367,8 +420,9 @@ def create_store(path: Path | str | Location, meta: dict, *, train: Split, plans
     location = parse_location(path)
     codec = get_codec(meta["codec"])
     shard_rows, chunk_rows = int(meta["shard_rows"]), int(meta["chunk_rows"])
-    group = zarr.open_group(location.zarr_store(read_only=False), mode="w-", zarr_format=3,
-                            attributes={CREATING_KEY: True})
+    group = zarr.open_group(
+        location.zarr_store(read_only=False), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}
+    )
     n, k = len(train.paths), len(plans)
     if shard_rows % chunk_rows:
         raise ValueError(f"shard rows {shard_rows} must be a multiple of chunk rows {chunk_rows}")
@@ -389,14 +443,16 @@ def create_store(path: Path | str | Location, meta: dict, *, train: Split, plans
         _write_split(group, "val", val, chunk_rows)
         _create(group, "val/box", np.asarray(val_boxes, np.int32), chunks=(min(shard_rows, len(val.paths)), 4))
         _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
-    hashes = {"samples_sha256": samples_sha256(train.paths, train.labels, train.sizes),
-              "val_sha256": None if val is None else samples_sha256(val.paths, val.labels, val.sizes)}
+    hashes = {
+        "samples_sha256": samples_sha256(train.paths, train.labels, train.sizes),
+        "val_sha256": None if val is None else samples_sha256(val.paths, val.labels, val.sizes),
+    }
     group.attrs.put({ATTR_KEY: check_meta(location.path, {**meta, "dataset": {**meta["dataset"], **hashes}})})
     return Store(location, group)
 
 
 def cache_state(path: Path | str | Location) -> str | None:
-    """"cache" for a created cache (a zarr group with the `skd` attribute), "creating" for a creation of
+    """ "cache" for a created cache (a zarr group with the `skd` attribute), "creating" for a creation of
     ours that was interrupted, None for anything else (another zarr group, a plain or unreadable folder or
     prefix; `Location.is_empty` tells an unreachable bucket from an empty one)."""
     try:
@@ -422,20 +478,24 @@ def open_store(path: Path | str | Location, mode: str = "r") -> Store:
         raise StoreError(f"cache {path} does not exist: build it with `skd-cache build --out {path}`")
     if not location.is_local:
         if not (listing := location.listing()):
-            raise StoreError(f"cache {path} does not exist (no object under it): build it with "
-                             f"`skd-cache build --out {path}`")
+            raise StoreError(
+                f"cache {path} does not exist (no object under it): build it with `skd-cache build --out {path}`"
+            )
         check_objects(location, listing)  # before zarr reads any of them
     elif location.local.is_dir():
         check_files(path)  # before zarr reads any of them: a FIFO as a zarr.json would block it
     try:
         group = zarr.open_group(location.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
     except Exception as exc:
-        raise StoreError(f"{path} is not a zarr v3 cache ({type(exc).__name__}): "
-                         "pass the folder written by `skd-cache build`") from None
+        raise StoreError(
+            f"{path} is not a zarr v3 cache ({type(exc).__name__}): pass the folder written by `skd-cache build`"
+        ) from None
     meta = group.attrs.get(ATTR_KEY)
     if meta is None:
-        raise StoreError(f"{path} is not an skd cache (no '{ATTR_KEY}' attribute): "
-                         "its creation was interrupted or it was written by another tool; rebuild it")
+        raise StoreError(
+            f"{path} is not an skd cache (no '{ATTR_KEY}' attribute): "
+            "its creation was interrupted or it was written by another tool; rebuild it"
+        )
     check_meta(path, meta)
     check_arrays(path, group, meta)
     store = Store(location, group)
@@ -445,6 +505,8 @@ def open_store(path: Path | str | Location, mode: str = "r") -> Store:
             continue
         recorded = store.split(split)
         if samples_sha256(recorded.paths, recorded.labels, recorded.sizes) != meta["dataset"][key]:
-            raise StoreError(f"cache {path}: the {split} arrays (paths, labels, sizes) do not match the sha256 "
-                             "recorded when it was built (edited or swapped entries): rebuild or re-download it")
+            raise StoreError(
+                f"cache {path}: the {split} arrays (paths, labels, sizes) do not match the sha256 "
+                "recorded when it was built (edited or swapped entries): rebuild or re-download it"
+            )
     return store

@@ -4,6 +4,7 @@ Weights are only ever loaded with `weights_only=True` (or from safetensors). Not
 torchvision's default weights must already sit in the torch hub cache, timm's in the Hugging Face
 cache, and the error says where.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,10 @@ def create_model(name: str, num_classes: int | None = None) -> nn.Module:
         try:
             model = factory(**kwargs)
         except TypeError as exc:
-            raise ModelError(f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed ({exc}): "
-                             "the callable must accept num_classes= as a keyword") from None
+            raise ModelError(
+                f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed ({exc}): "
+                "the callable must accept num_classes= as a keyword"
+            ) from None
         if not isinstance(model, nn.Module):
             raise ModelError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -94,8 +97,10 @@ def create_model(name: str, num_classes: int | None = None) -> nn.Module:
 
 def _check_torchvision_name(name: str) -> None:
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ModelError(f"unknown model {name!r}: use a torchvision classification model name "
-                         "(resnet152, resnet50, ...), timm:NAME or py:module:callable")
+        raise ModelError(
+            f"unknown model {name!r}: use a torchvision classification model name "
+            "(resnet152, resnet50, ...), timm:NAME or py:module:callable"
+        )
 
 
 def read_state_dict(path: Path) -> dict:
@@ -108,6 +113,7 @@ def read_state_dict(path: Path) -> dict:
     try:  # torchvision's reference training saves its argparse.Namespace beside the weights
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             obj = load_file(path)
         else:
             with torch.serialization.safe_globals([argparse.Namespace]):
@@ -115,9 +121,11 @@ def read_state_dict(path: Path) -> dict:
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         unsupported = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-        raise ModelError(f"refusing to load {path}: not a plain tensor checkpoint ({unsupported[:200]}); if you "
-                         "trust it, save its state_dict alone: torch.save(torch.load(F, weights_only=False)"
-                         "['model'], 'weights.pth')") from None
+        raise ModelError(
+            f"refusing to load {path}: not a plain tensor checkpoint ({unsupported[:200]}); if you "
+            "trust it, save its state_dict alone: torch.save(torch.load(F, weights_only=False)"
+            "['model'], 'weights.pth')"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -150,8 +158,12 @@ def _json(value):
 def _published_recipe(weights) -> dict:
     """The input recipe of torchvision weights: their eval transforms' crop size, interpolation, mean and std."""
     transforms = weights.transforms()
-    return {"size": int(transforms.crop_size[0]), "interpolation": transforms.interpolation.value,
-            "mean": tuple(transforms.mean), "std": tuple(transforms.std)}
+    return {
+        "size": int(transforms.crop_size[0]),
+        "interpolation": transforms.interpolation.value,
+        "mean": tuple(transforms.mean),
+        "std": tuple(transforms.std),
+    }
 
 
 def _timm_cached_file(name: str) -> Path:
@@ -161,13 +173,16 @@ def _timm_cached_file(name: str) -> Path:
     if not repo:
         raise ModelError(f"{name} has no published weights on the Hugging Face hub: pass --weights FILE")
     from huggingface_hub import constants, try_to_load_from_cache
+
     for filename in ("model.safetensors", "pytorch_model.bin"):
         found = try_to_load_from_cache(repo, filename)
         if isinstance(found, str):
             return Path(found)
-    raise ModelError(f"pretrained weights for {name} not found in the Hugging Face cache {constants.HF_HUB_CACHE}: "
-                     f"run `huggingface-cli download {repo} model.safetensors` where there is network and copy that "
-                     "cache here (or set HF_HOME), or pass --weights FILE")
+    raise ModelError(
+        f"pretrained weights for {name} not found in the Hugging Face cache {constants.HF_HUB_CACHE}: "
+        f"run `huggingface-cli download {repo} model.safetensors` where there is network and copy that "
+        "cache here (or set HF_HOME), or pass --weights FILE"
+    )
 
 
 def _torchvision_default(name: str) -> tuple[Path, dict]:
@@ -180,8 +195,10 @@ def _torchvision_default(name: str) -> tuple[Path, dict]:
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     file = folder / Path(weights.url).name
     if not file.is_file():
-        raise ModelError(f"pretrained weights for {name} not found: put {Path(weights.url).name} "
-                         f"(from {weights.url}) in {folder}, or pass --weights FILE")
+        raise ModelError(
+            f"pretrained weights for {name} not found: put {Path(weights.url).name} "
+            f"(from {weights.url}) in {folder}, or pass --weights FILE"
+        )
     kwargs: dict = {"num_classes": len(weights.meta["categories"])}
     if name in ("googlenet", "inception_v3"):
         kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
@@ -249,8 +266,10 @@ def output_classes(model: nn.Module, image_size: int, device: torch.device, name
     except RuntimeError as exc:
         line = _first_line(exc)
         too_small = any(s in line.lower() for s in ("too small", "kernel size", "larger than the input"))
-        raise ModelError(f"{name} cannot run on a {image_size}-pixel image ({line[:300]})"
-                         + (": choose a larger --image-size" if too_small else "")) from None
+        raise ModelError(
+            f"{name} cannot run on a {image_size}-pixel image ({line[:300]})"
+            + (": choose a larger --image-size" if too_small else "")
+        ) from None
     return int(out.shape[-1])
 
 

@@ -4,6 +4,7 @@ The same loop runs online (`--teacher`, no cache): the teacher then runs in the 
 the views a cache built with the same plan options holds. That is the comparison the product's
 central claim rests on: same views, same losses, the teacher's forward pass gone.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,17 +85,21 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
     torch.manual_seed(cfg.seed)
     student = make_student(cfg.arch, run.source, device)
     base_lr = cfg.lr * cfg.batch_size / 256
-    optimizer = torch.optim.SGD(student.parameters(), lr=base_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(student.parameters(), lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     first_epoch, history = start_or_resume(cfg, out, run, student, optimizer, scaler, d, log)
     model = nn.parallel.DistributedDataParallel(student) if d.world > 1 else student
     board = writer_class(str(out / "tensorboard")) if writer_class is not None and d.main else None
     if cfg.epochs > run.source.num_views:
-        log(f"{cfg.epochs} epochs over {run.source.num_views} cached views: views are reused from epoch "
-            f"{run.source.num_views} on (epoch e uses view e mod {run.source.num_views})")
-    val_top1 = cached_val_top1(run, cfg.kd, *val_range(len(run.source.val.paths), d), device) \
-        if cfg.val and run.source.val is not None else None
+        log(
+            f"{cfg.epochs} epochs over {run.source.num_views} cached views: views are reused from epoch "
+            f"{run.source.num_views} on (epoch e uses view e mod {run.source.num_views})"
+        )
+    val_top1 = (
+        cached_val_top1(run, cfg.kd, *val_range(len(run.source.val.paths), d), device)
+        if cfg.val and run.source.val is not None
+        else None
+    )
     metrics: dict = history[-1] if history else {}
     for epoch in range(first_epoch, cfg.epochs):
         metrics = train_epoch(cfg, run, model, optimizer, scaler, epoch, base_lr, d, device, progress, on_step)
@@ -122,8 +127,10 @@ def check_run_folder(cfg: TrainConfig, out: Path):
     if cfg.resume and cfg.overwrite:
         raise TrainError("--resume and --overwrite exclude each other: continue the run or start it again")
     if (out / CHECKPOINT).is_file() and not (cfg.resume or cfg.overwrite):
-        raise TrainError(f"{out} holds a run ({CHECKPOINT}): pass --resume to continue it, --overwrite to start "
-                         "it again, or another --out")
+        raise TrainError(
+            f"{out} holds a run ({CHECKPOINT}): pass --resume to continue it, --overwrite to start "
+            "it again, or another --out"
+        )
     if not cfg.tensorboard:
         return None
     try:
@@ -148,9 +155,19 @@ def open_run(cfg: TrainConfig, device: torch.device) -> Run:
         source = cached_source(store, recipe=recipe, root=root, loader=cfg.loader, val=cfg.val)
         multiplier = auto_multiplier(stores, weights) if cfg.multiplier == "auto" else float(cfg.multiplier)
         # what the caches hold, not where: a moved cache resumes, one rebuilt with another plan does not
-        identity = {"caches": [{"plan": s.meta["plan"], "codec": s.meta["codec"], "views": s.num_views,
-                                "teacher": s.meta["teacher"]["weights_sha256"]} for s in stores],
-                    "weights": weights, "fingerprint": source.fingerprint}
+        identity = {
+            "caches": [
+                {
+                    "plan": s.meta["plan"],
+                    "codec": s.meta["codec"],
+                    "views": s.num_views,
+                    "teacher": s.meta["teacher"]["weights_sha256"],
+                }
+                for s in stores
+            ],
+            "weights": weights,
+            "fingerprint": source.fingerprint,
+        }
         return Run(source, stores, weights, None, None, multiplier, identity)
     if cfg.teacher is None or cfg.data is None:
         raise TrainError("pass --cache DIR, or --teacher NAME with --data ROOT for online distillation")
@@ -162,12 +179,27 @@ def open_run(cfg: TrainConfig, device: torch.device) -> Run:
     recipe, _ = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, size)
     model = place(teacher.model, device)
     num_classes = output_classes(model, recipe.size, device, f"teacher {cfg.teacher}")
-    source = online_source(cfg.data, views=cfg.views, recipe=student_recipe(size, cfg.mean, cfg.std),
-                           seed=cfg.plan_seed, crop=cfg.crop, mix=cfg.mix_params(), plan_size=size,
-                           loader=cfg.loader or "dali", val=cfg.val, workers=cfg.workers, num_classes=num_classes)
-    identity = {"online": cfg.teacher, "fingerprint": source.fingerprint, "teacher": teacher.weights_sha256,
-                "views": cfg.views, "teacher input": list(recipe.options().values()),
-                "mixing": cfg.mix_params().to_dict()}
+    source = online_source(
+        cfg.data,
+        views=cfg.views,
+        recipe=student_recipe(size, cfg.mean, cfg.std),
+        seed=cfg.plan_seed,
+        crop=cfg.crop,
+        mix=cfg.mix_params(),
+        plan_size=size,
+        loader=cfg.loader or "dali",
+        val=cfg.val,
+        workers=cfg.workers,
+        num_classes=num_classes,
+    )
+    identity = {
+        "online": cfg.teacher,
+        "fingerprint": source.fingerprint,
+        "teacher": teacher.weights_sha256,
+        "views": cfg.views,
+        "teacher input": list(recipe.options().values()),
+        "mixing": cfg.mix_params().to_dict(),
+    }
     return Run(source, [], [], model, recipe, float(cfg.multiplier), identity)
 
 
@@ -176,22 +208,25 @@ def ensemble_weights(given: list[float] | None, count: int) -> list[float]:
     if given is None:
         return [1.0 / count] * count
     if len(given) != count or min(given) < 0 or sum(given) <= 0:
-        raise TrainError(f"--teacher-weights {','.join(map(str, given))}: {count} numbers >= 0, one per --cache, "
-                         "not all 0")
+        raise TrainError(
+            f"--teacher-weights {','.join(map(str, given))}: {count} numbers >= 0, one per --cache, not all 0"
+        )
     return [w / sum(given) for w in given]
 
 
 def check_world(samples: int, batch_size: int, d: Dist, mixed: bool) -> None:
     if samples < d.world:
-        raise TrainError(f"{samples} training samples cannot be shared by {d.world} processes: "
-                         f"use at most {samples}")
+        raise TrainError(f"{samples} training samples cannot be shared by {d.world} processes: use at most {samples}")
     if batch_size < d.world:
-        raise TrainError(f"--batch-size {batch_size} is the global batch: give each of the {d.world} "
-                         "processes at least one image")
+        raise TrainError(
+            f"--batch-size {batch_size} is the global batch: give each of the {d.world} processes at least one image"
+        )
     if mixed and (batch_size // d.world) % 2:
-        raise TrainError(f"--batch-size {batch_size} gives each of {d.world} processes {batch_size // d.world} "
-                         "images: mixed views pair positions 2i and 2i + 1 in one batch, so each process needs an "
-                         "even number")
+        raise TrainError(
+            f"--batch-size {batch_size} gives each of {d.world} processes {batch_size // d.world} "
+            "images: mixed views pair positions 2i and 2i + 1 in one batch, so each process needs an "
+            "even number"
+        )
 
 
 def make_student(arch: str, source: ReplaySource, device: torch.device) -> nn.Module:
@@ -199,8 +234,9 @@ def make_student(arch: str, source: ReplaySource, device: torch.device) -> nn.Mo
     student = create_model(arch, num_classes=source.num_classes).to(device)
     got = output_classes(student.eval(), source.recipe.size, device, f"student {arch}")
     if got != source.num_classes:
-        raise TrainError(f"student {arch} has {got} outputs, the teacher {source.num_classes}: "
-                         "use a student with as many classes")
+        raise TrainError(
+            f"student {arch} has {got} outputs, the teacher {source.num_classes}: use a student with as many classes"
+        )
     return place(student, device)
 
 
@@ -228,15 +264,24 @@ def start_or_resume(cfg: TrainConfig, out: Path, run: Run, student, optimizer, s
     return first_epoch, history
 
 
-def record_epoch(cfg: TrainConfig, out: Path, run: Run, student, optimizer, scaler, history: list[dict],
-                 board) -> None:
+def record_epoch(cfg: TrainConfig, out: Path, run: Run, student, optimizer, scaler, history: list[dict], board) -> None:
     """Replace the checkpoint, then append the epoch's metrics (rank 0): a resume rewrites metrics.jsonl from the
     checkpoint, so a failed append loses nothing."""
     metrics = history[-1]
-    save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": metrics["epoch"], "identity": run.identity, "settings": cfg.settings(),
-                 "source": str(cfg.cache or cfg.teacher), "args": {k: str(v) for k, v in asdict(cfg).items()},
-                 "metrics": [json.dumps(m) for m in history]}, out / CHECKPOINT)
+    save_atomic(
+        {
+            "model": student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": metrics["epoch"],
+            "identity": run.identity,
+            "settings": cfg.settings(),
+            "source": str(cfg.cache or cfg.teacher),
+            "args": {k: str(v) for k, v in asdict(cfg).items()},
+            "metrics": [json.dumps(m) for m in history],
+        },
+        out / CHECKPOINT,
+    )
     append_line(out / "metrics.jsonl", json.dumps(metrics))
     if board is not None:
         for key, value in metrics.items():
@@ -261,8 +306,9 @@ def rank_range(n: int, d: Dist, local_batch: int, mixed: bool = False) -> tuple[
     return d.rank * per, d.rank * per + used
 
 
-def teacher_logits(run: Run, cached, teacher_batches, batch, images: torch.Tensor, device: torch.device, amp: str,
-                   kd: str):
+def teacher_logits(
+    run: Run, cached, teacher_batches, batch, images: torch.Tensor, device: torch.device, amp: str, kd: str
+):
     """The teacher's float32 logits of a batch: the next cached rows (of an ensemble, their `ensemble_target`),
     or the teacher run online on the same windows (at its own recipe when `teacher_batches` decodes them so)."""
     if cached is not None:
@@ -279,34 +325,74 @@ def teacher_logits(run: Run, cached, teacher_batches, batch, images: torch.Tenso
     return None
 
 
-def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int, base_lr: float, d: Dist,
-                device: torch.device, progress: bool, on_step) -> dict:
+def train_epoch(
+    cfg: TrainConfig,
+    run: Run,
+    model,
+    optimizer,
+    scaler,
+    epoch: int,
+    base_lr: float,
+    d: Dist,
+    device: torch.device,
+    progress: bool,
+    on_step,
+) -> dict:
     """One pass over this rank's part of view `epoch mod K`; returns the epoch's metrics (all ranks)."""
     view = epoch % run.source.num_views
     local_batch = max(1, cfg.batch_size // d.world)
     start, stop = rank_range(len(run.source.train.paths), d, local_batch, run.source.mix is not None)
-    loader = run.source.loader(view, np.arange(start, stop), batch_size=local_batch, workers=cfg.workers,
-                               device=device)
-    cached = [cached_logits(store, view, start, stop, local_batch, device) for store in run.stores] \
-        if run.stores and cfg.kd != "none" else None
-    teacher_batches = iter(run.source.loader(view, np.arange(start, stop), batch_size=local_batch,
-                                             workers=cfg.workers, device=device, recipe=run.teacher_recipe)) \
-        if run.teacher is not None and cfg.kd != "none" and run.teacher_recipe != run.source.recipe else None
+    loader = run.source.loader(view, np.arange(start, stop), batch_size=local_batch, workers=cfg.workers, device=device)
+    cached = (
+        [cached_logits(store, view, start, stop, local_batch, device) for store in run.stores]
+        if run.stores and cfg.kd != "none"
+        else None
+    )
+    teacher_batches = (
+        iter(
+            run.source.loader(
+                view,
+                np.arange(start, stop),
+                batch_size=local_batch,
+                workers=cfg.workers,
+                device=device,
+                recipe=run.teacher_recipe,
+            )
+        )
+        if run.teacher is not None and cfg.kd != "none" and run.teacher_recipe != run.source.recipe
+        else None
+    )
     alpha = alpha_at(cfg.alpha, epoch, cfg.epochs)
-    loss_fn = kd_loss(cfg.kd, temperature=cfg.temperature, multiplier=run.multiplier, alpha=alpha,
-                      teacher_normalized=len(run.stores) > 1)
+    loss_fn = kd_loss(
+        cfg.kd,
+        temperature=cfg.temperature,
+        multiplier=run.multiplier,
+        alpha=alpha,
+        teacher_normalized=len(run.stores) > 1,
+    )
     steps = len(loader) if cfg.steps_per_epoch is None else min(len(loader), cfg.steps_per_epoch)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, ce (sample-weighted), samples
     model.train()
     began = time.perf_counter()
-    bar = tqdm(total=min(steps * local_batch, stop - start) * d.world, desc=f"epoch {epoch}", unit="img",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=min(steps * local_batch, stop - start) * d.world,
+        desc=f"epoch {epoch}",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
-            lr = learning_rate(base_lr, epoch + step / steps, epochs=cfg.epochs, schedule=cfg.schedule,
-                               milestones=cfg.milestones, warmup_epochs=cfg.warmup_epochs)
+            lr = learning_rate(
+                base_lr,
+                epoch + step / steps,
+                epochs=cfg.epochs,
+                schedule=cfg.schedule,
+                milestones=cfg.milestones,
+                warmup_epochs=cfg.warmup_epochs,
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, target = images_to(batch.images, device), batch.labels.to(device, non_blocking=True)
@@ -323,23 +409,37 @@ def train_epoch(cfg: TrainConfig, run: Run, model, optimizer, scaler, epoch: int
             run.steps_run += 1
             fault("train-step", run.steps_run)
             b = len(target)
-            sums += torch.stack([parts.loss.detach().double() * b, parts.kd.double() * b, parts.ce.double() * b,
-                                 torch.tensor(b, dtype=torch.float64, device=device)])
+            sums += torch.stack(
+                [
+                    parts.loss.detach().double() * b,
+                    parts.kd.double() * b,
+                    parts.ce.double() * b,
+                    torch.tensor(b, dtype=torch.float64, device=device),
+                ]
+            )
             bar.update(b * d.world)
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{parts.loss.item():.4f}", lr=f"{lr:.4g}")
     except OSError as exc:  # an image that went missing or unreadable after the start of the run
-        raise TrainError(f"reading the images of epoch {epoch} failed ({pipelines.read_error(exc)}): "
-                         f"check {run.source.root}, then rerun with --resume to continue from the last epoch") from None
+        raise TrainError(
+            f"reading the images of epoch {epoch} failed ({pipelines.read_error(exc)}): "
+            f"check {run.source.root}, then rerun with --resume to continue from the last epoch"
+        ) from None
     finally:  # also on an exception, so no reader thread outlives the epoch
         bar.close()
         for reader in cached or []:
             reader.close()
     seconds = time.perf_counter() - began
     totals = d.all_reduce(sums)
-    metrics = {"epoch": epoch, "view": view, "train_loss": float(totals[0] / totals[3]),
-               "kd_loss": float(totals[1] / totals[3]), "ce_loss": float(totals[2] / totals[3]),
-               "images_per_sec": float(totals[3]) / seconds, "lr": lr}
+    metrics = {
+        "epoch": epoch,
+        "view": view,
+        "train_loss": float(totals[0] / totals[3]),
+        "kd_loss": float(totals[1] / totals[3]),
+        "ce_loss": float(totals[2] / totals[3]),
+        "images_per_sec": float(totals[3]) / seconds,
+        "lr": lr,
+    }
     used = {"skd": {"alpha": alpha, "multiplier": run.multiplier}, "hinton": {"alpha": alpha}}.get(cfg.kd, {})
     return {**metrics, **used}
 
@@ -359,19 +459,28 @@ def cached_val_top1(run: Run, kd: str, start: int, stop: int, device: torch.devi
     if not run.stores or not all(store.has_val for store in run.stores):
         return None
     readers = [cached_logits(store, None, start, stop, 4096, device) for store in run.stores]
-    tops = [(parts[0][1] if len(parts) == 1 else ensemble_target(kd, [p[1] for p in parts], run.weights)).argmax(1)
-            for parts in zip(*readers)]
+    tops = [
+        (parts[0][1] if len(parts) == 1 else ensemble_target(kd, [p[1] for p in parts], run.weights)).argmax(1)
+        for parts in zip(*readers)
+    ]
     return torch.cat(tops) if tops else torch.zeros(0, dtype=torch.int64, device=device)
 
 
 @torch.no_grad()
-def evaluate(student: nn.Module, source: ReplaySource, teacher_top1: torch.Tensor | None, cfg: TrainConfig,
-             d: Dist, device: torch.device) -> dict:
+def evaluate(
+    student: nn.Module,
+    source: ReplaySource,
+    teacher_top1: torch.Tensor | None,
+    cfg: TrainConfig,
+    d: Dist,
+    device: torch.device,
+) -> dict:
     """Top-1/top-5 on the validation split (centre windows) and top-1 agreement with the cached teacher."""
     student.eval()
     start, stop = val_range(len(source.val.paths), d)
-    loader = source.loader(None, np.arange(start, stop), batch_size=max(1, cfg.batch_size // d.world),
-                           workers=cfg.workers, device=device)
+    loader = source.loader(
+        None, np.arange(start, stop), batch_size=max(1, cfg.batch_size // d.world), workers=cfg.workers, device=device
+    )
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, agree, n
     for batch in loader if stop > start else []:
         images, target = images_to(batch.images, device), batch.labels.to(device)

@@ -5,6 +5,7 @@ mismatch is named by its cause. Then the recorded teacher is re-created and run 
 stored rows, replayed through the recorded windows, flips, loader and AMP, and its outputs are compared
 with the stored logits after the layer norm the SKD loss applies. `integrity` also reads every chunk.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -74,14 +75,20 @@ class VerifyReport:
         return ", ".join(dict.fromkeys(c.cause for c in self.checks if not c.ok))
 
     def to_json(self) -> dict:
-        return {"cache": self.cache, "ok": self.ok, "checks": [asdict(c) for c in self.checks],
-                "comparison": asdict(self.comparison) if self.comparison else None}
+        return {
+            "cache": self.cache,
+            "ok": self.ok,
+            "checks": [asdict(c) for c in self.checks],
+            "comparison": asdict(self.comparison) if self.comparison else None,
+        }
 
 
 def report_lines(report: VerifyReport) -> list[str]:
     """One line per check: name, verdict, cause and what was found."""
-    return [f"{c.name:<10} {'ok' if c.ok else 'FAILED':<7} {c.cause + ': ' if c.cause else ''}{c.detail}"
-            for c in report.checks]
+    return [
+        f"{c.name:<10} {'ok' if c.ok else 'FAILED':<7} {c.cause + ': ' if c.cause else ''}{c.detail}"
+        for c in report.checks
+    ]
 
 
 def _named(items: list[str]) -> str:
@@ -101,6 +108,7 @@ def split_label(view: int | None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Data and weights
 
+
 def recorded_paths(store: Store, split: str) -> list[str]:
     """The stored sample paths, unchecked: only the ones opened go through check_relative_path."""
     return [str(p) for p in store.group[f"{split}/path"][:]]
@@ -109,8 +117,9 @@ def recorded_paths(store: Store, split: str) -> list[str]:
 def check_data(store: Store, root: Path) -> Check:
     """Compare the dataset's file list and file sizes with the fingerprints the cache recorded."""
     if not (root / "train").is_dir():
-        raise VerifyError(f"dataset {root} has no train/ folder: pass --data ROOT where cache {store.path}'s "
-                          "images live")
+        raise VerifyError(
+            f"dataset {root} has no train/ folder: pass --data ROOT where cache {store.path}'s images live"
+        )
     skipped = store.meta["dataset"].get("skipped", [])  # files a `--on-bad-image skip` build left out
     found = quick_fingerprints(root, store.has_val, skipped)
     recorded = (store.meta["dataset"]["fingerprint"], store.meta["dataset"].get("val_fingerprint"))
@@ -142,13 +151,16 @@ def teacher_weights(store: Store, override: str | None) -> str | None:
     if override is not None:
         return override
     if recorded == "none":
-        raise VerifyError(f"cache {store.path} was built with --weights none (random weights that were not "
-                          "saved): its teacher cannot be re-created, so it cannot be verified")
+        raise VerifyError(
+            f"cache {store.path} was built with --weights none (random weights that were not "
+            "saved): its teacher cannot be re-created, so it cannot be verified"
+        )
     if recorded in ("torchvision-default", "py"):
         return None
     if not Path(recorded).is_file():
-        raise VerifyError(f"the teacher weights {recorded} recorded by cache {store.path} are not there: "
-                          "pass --weights FILE")
+        raise VerifyError(
+            f"the teacher weights {recorded} recorded by cache {store.path} are not there: pass --weights FILE"
+        )
     return recorded
 
 
@@ -158,14 +170,22 @@ def check_weights(store: Store, teacher) -> Check:
     now = teacher.weights_sha256
     if now != then:
         now = now or "no file"
-        return Check("weights", False, f"{teacher.weights} has sha256 {now[:16]}, cache {store.path} was built "
-                                       f"with {(then or 'no file')[:16]}", "different weights")
-    return Check("weights", True, f"{teacher.name} from {teacher.weights}" +
-                 (f", sha256 {then[:16]} as recorded" if then else ""))
+        return Check(
+            "weights",
+            False,
+            f"{teacher.weights} has sha256 {now[:16]}, cache {store.path} was built with {(then or 'no file')[:16]}",
+            "different weights",
+        )
+    return Check(
+        "weights",
+        True,
+        f"{teacher.name} from {teacher.weights}" + (f", sha256 {then[:16]} as recorded" if then else ""),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Replaying rows
+
 
 def complete_ranges(store: Store) -> list[tuple[int | None, int, int, int]]:
     """(view or None for val, shard, first row, end row) of every complete shard."""
@@ -204,8 +224,14 @@ class Rows:
     labels: np.ndarray
 
     def take(self, keep: list[int]) -> "Rows":
-        return Rows(self.positions[keep], [self.paths[i] for i in keep], self.sizes[keep], self.boxes[keep],
-                    self.flips[keep], self.labels[keep])
+        return Rows(
+            self.positions[keep],
+            [self.paths[i] for i in keep],
+            self.sizes[keep],
+            self.boxes[keep],
+            self.flips[keep],
+            self.labels[keep],
+        )
 
 
 def plan_rows(store: Store, view: int | None, positions: np.ndarray) -> Rows:
@@ -219,8 +245,14 @@ def plan_rows(store: Store, view: int | None, positions: np.ndarray) -> Rows:
     paths = [str(p) for p in g["path"].get_orthogonal_selection(ids)]  # one read, not one per row
     for p in paths:
         check_relative_path(p, store.path)
-    return Rows(positions, paths, g["size"].get_orthogonal_selection((ids, slice(None))), boxes, flips,
-                g["label"].get_orthogonal_selection(ids).astype(np.int64))
+    return Rows(
+        positions,
+        paths,
+        g["size"].get_orthogonal_selection((ids, slice(None))),
+        boxes,
+        flips,
+        g["label"].get_orthogonal_selection(ids).astype(np.int64),
+    )
 
 
 def size_problems(root: Path, rows: Rows) -> dict[int, str]:
@@ -237,8 +269,18 @@ def size_problems(root: Path, rows: Rows) -> dict[int, str]:
     return problems
 
 
-def run_teacher(model, source: ReplaySource, view: int | None, positions: np.ndarray, *, batch_size: int,
-                workers: int, device: torch.device, amp: str, bar) -> torch.Tensor:
+def run_teacher(
+    model,
+    source: ReplaySource,
+    view: int | None,
+    positions: np.ndarray,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    amp: str,
+    bar,
+) -> torch.Tensor:
     """The teacher's float32 logits of the recorded views at `positions` of `view` (None: val), in order.
 
     A mixed view's row is its image mixed with its partner's (position p XOR 1): whole pairs are replayed.
@@ -288,6 +330,7 @@ def compare(new: torch.Tensor, stored: torch.Tensor) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Integrity
 
+
 def check_integrity(store: Store, progress: bool = False) -> Check:
     """Read every array, and every chunk of every complete shard; name the shards whose files are missing
     and the chunks that fail to decode or hold non-finite logits."""
@@ -334,6 +377,7 @@ def unreadable_arrays(store: Store) -> list[tuple[str, Exception]]:
 # ---------------------------------------------------------------------------------------------
 # The whole check
 
+
 class ClassCountMismatch(Exception):
     """The re-created teacher gives another number of classes than the cache holds."""
 
@@ -347,8 +391,9 @@ class Replay:
     broken: list[str]
 
 
-def replay(store: Store, view: int | None, rows: Rows, model, source: ReplaySource, tolerance: float, bar,
-           **options) -> Replay:
+def replay(
+    store: Store, view: int | None, rows: Rows, model, source: ReplaySource, tolerance: float, bar, **options
+) -> Replay:
     """Run the teacher on the rows' recorded views and compare with the stored rows."""
     new = run_teacher(model, source, view, rows.positions, bar=bar, **options)
     if new.shape[1] != store.num_classes:
@@ -358,15 +403,31 @@ def replay(store: Store, view: int | None, rows: Rows, model, source: ReplaySour
     figures = compare(new[torch.from_numpy(keep)], stored[torch.from_numpy(keep)])
     label = split_label(view)
     over = np.flatnonzero(keep)[(figures["kl"] > tolerance).numpy()]
-    return Replay(figures, [f"{label} shard {rows.positions[i] // store.shard_rows} row {rows.positions[i]} "
-                            f"({rows.paths[i]})" for i in over],
-                  [f"{label} shard {shard}: {error}" for shard, error in broken.items()])
+    return Replay(
+        figures,
+        [
+            f"{label} shard {rows.positions[i] // store.shard_rows} row {rows.positions[i]} ({rows.paths[i]})"
+            for i in over
+        ],
+        [f"{label} shard {shard}: {error}" for shard, error in broken.items()],
+    )
 
 
-def verify_cache(store: Store, *, data: Path | None = None, weights: str | None = None, samples: int = 256,
-                 loader: str | None = None, device: str = "cpu", batch_size: int = 64, workers: int = 2,
-                 seed: int = 0, tolerance: float = TOLERANCE, integrity: bool = False,
-                 progress: bool = False) -> VerifyReport:
+def verify_cache(
+    store: Store,
+    *,
+    data: Path | None = None,
+    weights: str | None = None,
+    samples: int = 256,
+    loader: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    workers: int = 2,
+    seed: int = 0,
+    tolerance: float = TOLERANCE,
+    integrity: bool = False,
+    progress: bool = False,
+) -> VerifyReport:
     """Check the data, the weights and `samples` random stored rows of the cache (and every chunk with
     `integrity`); the report says which check failed and why."""
     meta = store.meta
@@ -388,8 +449,9 @@ def verify_cache(store: Store, *, data: Path | None = None, weights: str | None 
     named = sorted({p for found in problems.values() for p in found.values()})
     if named:
         note = f"sampled files that changed ({len(named)}): {_named(named)}"
-        data_check = Check("data", False, f"{data_check.detail}; {note}" if not data_check.ok else note,
-                           "different data")
+        data_check = Check(
+            "data", False, f"{data_check.detail}; {note}" if not data_check.ok else note, "different data"
+        )
     options = dict(batch_size=batch_size, workers=workers, device=dev, amp=meta["teacher"]["amp"])
     model = place(teacher.model, dev)
     replays, total = {}, sum(len(r.positions) - len(problems[v]) for v, r in plans.items())
@@ -398,11 +460,17 @@ def verify_cache(store: Store, *, data: Path | None = None, weights: str | None 
             for view, rows in plans.items():
                 keep = [i for i in range(len(rows.positions)) if i not in problems[view]]
                 if keep:
-                    replays[split_label(view)] = replay(store, view, rows.take(keep), model, source, tolerance,
-                                                        bar, **options)
+                    replays[split_label(view)] = replay(
+                        store, view, rows.take(keep), model, source, tolerance, bar, **options
+                    )
         except ClassCountMismatch as exc:
-            weights_check = Check("weights", False, f"the re-created {teacher.name} gives {exc.args[0]} classes, "
-                                  f"cache {store.path} holds {store.num_classes}", "different weights")
+            weights_check = Check(
+                "weights",
+                False,
+                f"the re-created {teacher.name} gives {exc.args[0]} classes, "
+                f"cache {store.path} holds {store.num_classes}",
+                "different weights",
+            )
             replays = {}
     checks = [data_check, weights_check]
     comparison = summarize_comparison(replays, tolerance)
@@ -420,11 +488,16 @@ def summarize_comparison(replays: dict[str, Replay], tolerance: float) -> Compar
     cat = {k: torch.cat([f[k] for f in figures]) for k in figures[0]}
     finite = torch.isfinite(cat["kl"])
     kl = cat["kl"][finite] if finite.any() else torch.full((1,), float("inf"))
-    return Comparison(rows=len(cat["kl"]), rows_per_split={k: len(r.figures["kl"]) for k, r in replays.items()},
-                      max_abs_diff=float(cat["max"].max()), mean_abs_diff=float(cat["mean"].mean()),
-                      kl_mean=float(kl.mean()), kl_max=float(kl.max()),
-                      top1_agreement=float(cat["agree"].float().mean()),
-                      differing_rows=int((cat["kl"] > tolerance).sum()))
+    return Comparison(
+        rows=len(cat["kl"]),
+        rows_per_split={k: len(r.figures["kl"]) for k, r in replays.items()},
+        max_abs_diff=float(cat["max"].max()),
+        mean_abs_diff=float(cat["mean"].mean()),
+        kl_mean=float(kl.mean()),
+        kl_max=float(kl.max()),
+        top1_agreement=float(cat["agree"].float().mean()),
+        differing_rows=int((cat["kl"] > tolerance).sum()),
+    )
 
 
 def logits_check(c: Comparison | None, replays: dict[str, Replay], checks: list[Check], tolerance: float) -> Check:
@@ -432,17 +505,26 @@ def logits_check(c: Comparison | None, replays: dict[str, Replay], checks: list[
     broken = [b for r in replays.values() for b in r.broken]
     differing = [d for r in replays.values() for d in r.differing]
     if broken or c is None:  # c is None only when every sampled row sits in a broken shard
-        return Check("logits", False, f"shards that cannot be decoded ({len(broken)}): {_named(broken)}",
-                     "corrupted shard")
-    figures = (f"{c.rows} rows ({', '.join(f'{k}: {v}' for k, v in c.rows_per_split.items())}): layer-normalised "
-               f"|difference| max {c.max_abs_diff:.2e}, mean {c.mean_abs_diff:.2e}; KL(T={TEMPERATURE:g}, "
-               f"m={MULTIPLIER:g}) mean {c.kl_mean:.2e}, max {c.kl_max:.2e}; top-1 agreement {c.top1_agreement:.2%}")
+        return Check(
+            "logits", False, f"shards that cannot be decoded ({len(broken)}): {_named(broken)}", "corrupted shard"
+        )
+    figures = (
+        f"{c.rows} rows ({', '.join(f'{k}: {v}' for k, v in c.rows_per_split.items())}): layer-normalised "
+        f"|difference| max {c.max_abs_diff:.2e}, mean {c.mean_abs_diff:.2e}; KL(T={TEMPERATURE:g}, "
+        f"m={MULTIPLIER:g}) mean {c.kl_mean:.2e}, max {c.kl_max:.2e}; top-1 agreement {c.top1_agreement:.2%}"
+    )
     if not differing:
         return Check("logits", True, figures)
     if all(k.ok for k in checks):
-        hint = ("data and weights match, so the shards holding them are corrupted, or this loader, AMP or "
-                "software differs from the build's")
+        hint = (
+            "data and weights match, so the shards holding them are corrupted, or this loader, AMP or "
+            "software differs from the build's"
+        )
     else:
         hint = "see the other failed checks"
-    return Check("logits", False, f"{len(differing)} of {c.rows} rows differ (KL > {tolerance:g}): "
-                                  f"{_named(differing)}; {hint}. {figures}", "teacher outputs differ")
+    return Check(
+        "logits",
+        False,
+        f"{len(differing)} of {c.rows} rows differ (KL > {tolerance:g}): {_named(differing)}; {hint}. {figures}",
+        "teacher outputs differ",
+    )

@@ -8,6 +8,7 @@ it and writes it in one call, then records it complete, so a kill leaves it inco
 cache, a `Lease` (an object beside the prefix, created with a conditional put and renewed) for a cache in
 an object store, where no kernel releases a lock when its holder dies.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -38,8 +39,7 @@ class ShardWriter:
     filling memory. Errors in the writer surface in the producer's next `put` or in `close`.
     """
 
-    def __init__(self, store: Store, view: int | None, shards: list[int], rows: int, depth: int = 8,
-                 lock=None):
+    def __init__(self, store: Store, view: int | None, shards: list[int], rows: int, depth: int = 8, lock=None):
         self.store, self.view, self.rows = store, view, rows
         self.lock = lock  # a Lease is checked before each shard: one lost (taken over) stops the writes
         self.shards = list(shards)
@@ -101,9 +101,11 @@ class ShardWriter:
             fault("mid-shard", self.shards_written + 1)
             self.store.mark_complete(self.view, shard)
         except OSError as exc:
-            raise WriteError(f"cannot write shard {shard} of {where} to {self.store.path} "
-                             f"({exc.strerror or exc}): free space or fix the disk, then rerun the same "
-                             "command to resume") from None
+            raise WriteError(
+                f"cannot write shard {shard} of {where} to {self.store.path} "
+                f"({exc.strerror or exc}): free space or fix the disk, then rerun the same "
+                "command to resume"
+            ) from None
         self.shards_written += 1
         fault("after-shard", self.shards_written)
 
@@ -127,8 +129,9 @@ class BuildLock:
                 self.file.seek(0)
                 holder = self.file.read().strip() or "another process"
                 self.file.close()
-                raise WriteError(f"{out} is being built by {holder}: wait for it to finish or stop it, "
-                                 "then rerun to resume") from None
+                raise WriteError(
+                    f"{out} is being built by {holder}: wait for it to finish or stop it, then rerun to resume"
+                ) from None
             if self._still_at_path():
                 break
             self.file.close()  # the holder released (and removed) it while we waited: lock the new file
@@ -163,8 +166,9 @@ class Lease:
     def __init__(self, where: str | Path | Location, ttl: float | None = None):
         self.location = parse_location(where)
         if self.location.is_local or not self.location.prefix:
-            raise WriteError(f"{self.location}: a lease is for a cache under a prefix of an object store "
-                             "(s3://BUCKET/NAME)")
+            raise WriteError(
+                f"{self.location}: a lease is for a cache under a prefix of an object store (s3://BUCKET/NAME)"
+            )
         self.ttl = float(ttl or os.environ.get("SKD_LEASE_TTL") or LEASE_TTL)
         self.key = self.location.prefix + ".lock"
         self.host, self.pid, self.token = socket.gethostname(), os.getpid(), os.urandom(8).hex()
@@ -175,9 +179,17 @@ class Lease:
         self.thread.start()
 
     def _body(self) -> bytes:
-        return json.dumps({"owner": f"pid {self.pid} on {self.host}", "host": self.host, "pid": self.pid,
-                           "token": self.token, "ttl": self.ttl, "expires": time.time() + self.ttl,
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        return json.dumps(
+            {
+                "owner": f"pid {self.pid} on {self.host}",
+                "host": self.host,
+                "pid": self.pid,
+                "token": self.token,
+                "ttl": self.ttl,
+                "expires": time.time() + self.ttl,
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        ).encode()
 
     def _acquire(self) -> str:
         import obstore
@@ -198,16 +210,18 @@ class Lease:
                 continue  # released meanwhile: create it again
             if not self._expired(holder, meta):
                 until = time.strftime("%H:%M:%S", time.localtime(holder.get("expires", 0)))
-                raise WriteError(f"{self.location} is being built by {holder.get('owner', 'another process')} "
-                                 f"(lease {self.key} renewed until {until}): wait for it to finish or stop it, "
-                                 "then rerun to resume; a killed build's lease expires by itself")
+                raise WriteError(
+                    f"{self.location} is being built by {holder.get('owner', 'another process')} "
+                    f"(lease {self.key} renewed until {until}): wait for it to finish or stop it, "
+                    "then rerun to resume; a killed build's lease expires by itself"
+                )
             try:
-                return obstore.put(objects, self.key, self._body(), mode=_version(meta),
-                                   use_multipart=False)["e_tag"]
+                return obstore.put(objects, self.key, self._body(), mode=_version(meta), use_multipart=False)["e_tag"]
             except (PreconditionError, FileNotFoundError):
                 continue  # someone else took it over first: look again
-        raise WriteError(f"{self.location}: the lease {self.key} keeps changing hands: another build is starting; "
-                         "rerun later")
+        raise WriteError(
+            f"{self.location}: the lease {self.key} keeps changing hands: another build is starting; rerun later"
+        )
 
     def _expired(self, holder: dict, meta: dict) -> bool:
         """Past its expiry (by the holder's record and by the store's clock), or held by a dead process here."""
@@ -226,8 +240,10 @@ class Lease:
                 deadline = time.time() + self.ttl
             except Exception:  # the store is unreachable for now: try again, unless the lease has run out
                 if time.time() > deadline:
-                    self.lost = f"{self.location}: the lease {self.key} could not be renewed before it expired: " \
-                                "check the connection to the store, then rerun to resume"
+                    self.lost = (
+                        f"{self.location}: the lease {self.key} could not be renewed before it expired: "
+                        "check the connection to the store, then rerun to resume"
+                    )
                     return
 
     def renew(self) -> bool:
@@ -236,12 +252,15 @@ class Lease:
         from obstore.exceptions import PreconditionError
 
         try:
-            self.etag = obstore.put(self.location.bucket_objects, self.key, self._body(),
-                                    mode={"e_tag": self.etag}, use_multipart=False)["e_tag"]
+            self.etag = obstore.put(
+                self.location.bucket_objects, self.key, self._body(), mode={"e_tag": self.etag}, use_multipart=False
+            )["e_tag"]
             return True
         except (PreconditionError, FileNotFoundError):
-            self.lost = f"{self.location}: the build lost its lease {self.key} (it was taken over after it " \
-                        "expired): another build now writes this cache; rerun once it is done"
+            self.lost = (
+                f"{self.location}: the build lost its lease {self.key} (it was taken over after it "
+                "expired): another build now writes this cache; rerun once it is done"
+            )
             return False
 
     def check(self) -> None:
@@ -259,8 +278,10 @@ class Lease:
         self.thread.join()
         if self.lost is None:
             try:
-                if _holder(bytes(obstore.get(self.location.bucket_objects, self.key).bytes())).get("token") \
-                        == self.token:
+                if (
+                    _holder(bytes(obstore.get(self.location.bucket_objects, self.key).bytes())).get("token")
+                    == self.token
+                ):
                     obstore.delete(self.location.bucket_objects, self.key)
             except Exception:  # gone already, or unreachable: it expires by itself
                 pass

@@ -1,4 +1,5 @@
 """Shared fixtures: small ImageFolders of real JPEG files, written on the fly."""
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,22 @@ def small_build_config(root, out, teacher_file, **overrides):
     """The build options the tests share: 2 views at 32 px, fp32, shards of 8 rows, CPU, no AMP."""
     from skd.build import BuildConfig
 
-    base = dict(teacher="resnet18", weights=str(teacher_file), data=root, out=out, views=2, image_size=32,
-                batch_size=8, codec="fp32", loader="torchvision", workers=0, shard_rows=8, chunk_rows=4,
-                amp="none", device="cpu")
+    base = dict(
+        teacher="resnet18",
+        weights=str(teacher_file),
+        data=root,
+        out=out,
+        views=2,
+        image_size=32,
+        batch_size=8,
+        codec="fp32",
+        loader="torchvision",
+        workers=0,
+        shard_rows=8,
+        chunk_rows=4,
+        amp="none",
+        device="cpu",
+    )
     return BuildConfig(**{**base, **overrides})
 
 
@@ -78,4 +92,5 @@ def in_process(monkeypatch, capsys):
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         return code, capsys.readouterr().err
+
     return run

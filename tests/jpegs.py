@@ -2,6 +2,7 @@
 
 No pytest here, so benchmark scripts can import it on machines without the test extra.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,9 @@ def photo_like(height: int, width: int, seed) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_jpeg(path: Path, array: np.ndarray, *, mode: str = "RGB", exif_orientation: int | None = None,
-               quality: int = 90) -> Path:
+def write_jpeg(
+    path: Path, array: np.ndarray, *, mode: str = "RGB", exif_orientation: int | None = None, quality: int = 90
+) -> Path:
     """Save an HxWx3 uint8 array as a JPEG in `mode` (RGB, L or CMYK), optionally with an EXIF rotation."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(array, "RGB")
@@ -45,8 +47,16 @@ def write_jpeg(path: Path, array: np.ndarray, *, mode: str = "RGB", exif_orienta
     return path
 
 
-def make_image_folder(root: Path, *, per_class: int = 6, val_per_class: int = 2, classes=CLASSES,
-                      min_side: int = 40, max_side: int = 96, seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path,
+    *,
+    per_class: int = 6,
+    val_per_class: int = 2,
+    classes=CLASSES,
+    min_side: int = 40,
+    max_side: int = 96,
+    seed: int = 0,
+) -> Path:
     """ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG with varied sizes and aspect ratios."""
     rng = np.random.default_rng(seed)
     for split_id, (split, count) in enumerate((("train", per_class), ("val", val_per_class))):
@@ -55,6 +65,7 @@ def make_image_folder(root: Path, *, per_class: int = 6, val_per_class: int = 2,
         for label, name in enumerate(classes):
             for i in range(count):
                 h, w = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
-                write_jpeg(root / split / name / f"{name}_{i:03d}.JPEG",
-                           photo_like(h, w, seed=[seed, split_id, label, i]))
+                write_jpeg(
+                    root / split / name / f"{name}_{i:03d}.JPEG", photo_like(h, w, seed=[seed, split_id, label, i])
+                )
     return root

@@ -8,6 +8,7 @@ turn credential checks on (moto accepts any key by default).
 A child process, not moto's ThreadedMotoServer in this one: zarrs keeps the GIL while it waits on some
 requests (a shard's size before a partial read), so a server in the reading process never answers it.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,12 +38,21 @@ class S3Server:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.initial_delay = delay
         self.process: subprocess.Popen | None = None
-        self.env = {"AWS_ACCESS_KEY_ID": DUMMY_KEY, "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET, "AWS_REGION": "us-east-1",
-                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+        self.env = {
+            "AWS_ACCESS_KEY_ID": DUMMY_KEY,
+            "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET,
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }
 
     def start(self, timeout: float = 60.0) -> S3Server:
-        self.process = subprocess.Popen([sys.executable, __file__, str(self.port), str(self.initial_delay)],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, str(self.port), str(self.initial_delay)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -90,8 +100,13 @@ class S3Server:
         """A boto3 S3 client on this server (for buckets and tampering in tests)."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=DUMMY_KEY, aws_secret_access_key=DUMMY_SECRET)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=DUMMY_KEY,
+            aws_secret_access_key=DUMMY_SECRET,
+        )
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
@@ -103,18 +118,26 @@ class S3Server:
 
         keys = ("", "")
         if on:
-            iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
-                               aws_access_key_id=DUMMY_KEY, aws_secret_access_key=DUMMY_SECRET)
+            iam = boto3.client(
+                "iam",
+                endpoint_url=self.endpoint,
+                region_name="us-east-1",
+                aws_access_key_id=DUMMY_KEY,
+                aws_secret_access_key=DUMMY_SECRET,
+            )
             name = f"skd{time.monotonic_ns()}"
             iam.create_user(UserName=name)
-            everything = {"Version": "2012-10-17",
-                          "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+            everything = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
             policy = iam.create_policy(PolicyName=name, PolicyDocument=json.dumps(everything))["Policy"]["Arn"]
             iam.attach_user_policy(UserName=name, PolicyArn=policy)
             key = iam.create_access_key(UserName=name)["AccessKey"]
             keys = key["AccessKeyId"], key["SecretAccessKey"]
-        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0" if on else b"inf",
-                                         method="POST", headers={"Content-Type": "text/plain"})
+        request = urllib.request.Request(
+            f"{self.endpoint}/moto-api/reset-auth",
+            data=b"0" if on else b"inf",
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
         urllib.request.urlopen(request, timeout=10).close()
         return keys
 
@@ -134,7 +157,7 @@ def serve(port: int, delay: float) -> None:
     def wrapped(environ, start_response):
         path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
         if path.startswith(CONTROL + "/"):
-            what = path[len(CONTROL) + 1:]
+            what = path[len(CONTROL) + 1 :]
             with lock:
                 if what == "delay" and method == "POST":
                     state["delay"] = float(environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)))

@@ -1,4 +1,5 @@
 """Bad images are found by the index pass, before any teacher work; unusual ones build; untrusted caches are refused."""
+
 from __future__ import annotations
 
 import os
@@ -22,19 +23,52 @@ REPO = Path(__file__).resolve().parents[1]
 
 def skd(*args, tool="cache", env=None):
     main = "main_cache" if tool == "cache" else "main_train"
-    return subprocess.run([sys.executable, "-c", f"from skd.cli import {main}; {main}()", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", f"from skd.cli import {main}; {main}()", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def build(root, out, teacher, *extra):
-    return skd("build", "--teacher", "resnet18", "--weights", teacher, "--data", root, "--out", out, "--views", 1,
-               "--image-size", 32, "--batch-size", 8, "--codec", "fp32", "--loader", "dali", "--workers", 1,
-               "--shard-size", 8, "--chunk-size", 4, "--device", "cpu", *extra)
+    return skd(
+        "build",
+        "--teacher",
+        "resnet18",
+        "--weights",
+        teacher,
+        "--data",
+        root,
+        "--out",
+        out,
+        "--views",
+        1,
+        "--image-size",
+        32,
+        "--batch-size",
+        8,
+        "--codec",
+        "fp32",
+        "--loader",
+        "dali",
+        "--workers",
+        1,
+        "--shard-size",
+        8,
+        "--chunk-size",
+        4,
+        "--device",
+        "cpu",
+        *extra,
+    )
 
 
 def unusual_images(cls: Path) -> list[str]:
     """Images that are odd but valid: all must build."""
     from PIL import Image
+
     write_jpeg(cls / "cmyk.JPEG", photo_like(50, 70, 1), mode="CMYK")
     write_jpeg(cls / "gray.JPEG", photo_like(60, 40, 2), mode="L")
     write_jpeg(cls / "rotated.JPEG", photo_like(40, 80, 3), exif_orientation=6)
@@ -53,8 +87,12 @@ def bad_root(tmp_path_factory) -> tuple[Path, dict]:
     (cls / "notes.JPEG").write_text("this is not an image\n")
     (cls / "unreadable.JPEG").symlink_to(cls / "gone.JPEG")  # root reads any mode bits: a dangling link instead
     (root / "train" / "dog").mkdir()  # an empty class folder
-    bad = {"train/ant/truncated.JPEG": "truncated", "train/ant/empty.JPEG": "cannot identify",
-           "train/ant/notes.JPEG": "cannot identify", "train/ant/unreadable.JPEG": "No such file"}
+    bad = {
+        "train/ant/truncated.JPEG": "truncated",
+        "train/ant/empty.JPEG": "cannot identify",
+        "train/ant/notes.JPEG": "cannot identify",
+        "train/ant/unreadable.JPEG": "No such file",
+    }
     return root, bad
 
 
@@ -98,8 +136,9 @@ def test_skip_leaves_bad_files_out_and_records_them(bad_root, tmp_path):
     assert rerun.returncode == 0 and "0 written now" in rerun.stdout, "a finished skip build must resume as complete"
     info = skd("info", out)
     assert info.returncode == 0, info.stderr[-500:]
-    assert "truncated.JPEG" in info.stdout and "train/dog" in info.stdout, \
+    assert "truncated.JPEG" in info.stdout and "train/dog" in info.stdout, (
         f"info does not show the skipped files: {info.stdout}"
+    )
 
 
 def test_unusual_images_build_normally(tmp_path, teacher_file):
@@ -126,29 +165,39 @@ def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, t
     afile.write_text("x")
     embeddings = tmp_path / "embeddings"  # somebody else's zarr store
     zarr.open_group(str(embeddings), mode="w-", zarr_format=3).create_array("emb", data=np.ones((4, 2), "f4"))
-    cases = {data: "overlaps the dataset", data / "train" / "new": "overlaps the dataset",
-             tmp_path: "overlaps the dataset", notes: "is not an skd cache", afile: "is a file",
-             afile / "sub": "is a file", embeddings: "a zarr group skd did not create"}
+    cases = {
+        data: "overlaps the dataset",
+        data / "train" / "new": "overlaps the dataset",
+        tmp_path: "overlaps the dataset",
+        notes: "is not an skd cache",
+        afile: "is a file",
+        afile / "sub": "is a file",
+        embeddings: "a zarr group skd did not create",
+    }
     for out, needle in cases.items():
         with pytest.raises(BuildError, match=needle):
             build_cache(small_build_config(data, out, teacher_file, overwrite=True))
     assert sorted(data.rglob("*.JPEG")) == images, "a refused --overwrite removed images"
     assert (notes / "thesis.txt").read_text() == "important", "a refused --overwrite removed a user's file"
-    assert zarr.open_group(str(embeddings), mode="r")["emb"][...].sum() == 8, \
+    assert zarr.open_group(str(embeddings), mode="r")["emb"][...].sum() == 8, (
         "a refused --overwrite removed a zarr array"
+    )
     assert not list(tmp_path.glob("*.lock")), "a refused build left its lock file behind"
     result = build(data, notes, teacher_file, "--overwrite")  # and as the command says it
-    assert result.returncode == 2 and "is not an skd cache" in result.stderr and "Traceback" not in result.stderr, \
+    assert result.returncode == 2 and "is not an skd cache" in result.stderr and "Traceback" not in result.stderr, (
         f"exit {result.returncode}: {result.stderr[-500:]}"
+    )
 
 
 def test_an_interrupted_cache_creation_is_restarted_only_with_overwrite(image_root, teacher_file, tmp_path):
     """A creation stopped before its `skd` attribute is recognised as skd's own by its marker: refused, then
     replaced on --overwrite."""
     from skd.store import CREATING_KEY
+
     out = tmp_path / "cache"
-    zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}
-                    ).create_array("samples/path", shape=(3,), dtype=str)
+    zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}).create_array(
+        "samples/path", shape=(3,), dtype=str
+    )
     with pytest.raises(BuildError, match="unfinished cache creation: pass --overwrite"):
         build_cache(small_build_config(image_root, out, teacher_file))
     build_cache(small_build_config(image_root, out, teacher_file, overwrite=True))
@@ -178,14 +227,44 @@ def test_images_vanishing_during_the_build_are_one_line_and_resumable(image_root
     gone = data / "train" / "cat"
     backup = tmp_path / "backup"
     shutil.copytree(gone, backup)
-    args = ["build", "--teacher", "py:deleter:teacher", "--weights", "none", "--data", data, "--out",
-            tmp_path / "cache", "--views", 1, "--image-size", 16, "--batch-size", 4, "--codec", "fp32", "--loader",
-            "torchvision", "--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--device", "cpu", "--no-val"]
+    args = [
+        "build",
+        "--teacher",
+        "py:deleter:teacher",
+        "--weights",
+        "none",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "cache",
+        "--views",
+        1,
+        "--image-size",
+        16,
+        "--batch-size",
+        4,
+        "--codec",
+        "fp32",
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--shard-size",
+        4,
+        "--chunk-size",
+        4,
+        "--device",
+        "cpu",
+        "--no-val",
+    ]
     env = {"PYTHONPATH": str(tmp_path), "DELETE_DIR": str(gone)}
     failed = skd(*args, env=env)
     assert failed.returncode == 2, f"exit {failed.returncode}: {failed.stderr[-800:]}"
-    assert "reading the images of view 0/1 failed" in failed.stderr and "cat" in failed.stderr \
-        and "Traceback" not in failed.stderr, failed.stderr[-800:]
+    assert (
+        "reading the images of view 0/1 failed" in failed.stderr
+        and "cat" in failed.stderr
+        and "Traceback" not in failed.stderr
+    ), failed.stderr[-800:]
     shutil.copytree(backup, gone, dirs_exist_ok=True)
     resumed = skd(*args, env={**env, "DELETE_DIR": str(tmp_path / "nothing-here")})
     assert resumed.returncode == 0, resumed.stderr[-800:]
@@ -206,19 +285,53 @@ def teacher(num_classes=3):
 """
 
 
-@pytest.mark.parametrize("expression, codec, says", [
-    ("self.fc(x.mean((2, 3))) / 0.0", "int8", "inf or nan logits"),
-    ("self.fc(x.mean((2, 3))) * 0.0 + 1e5", "fp16", "beyond what --codec fp16 stores (65504)"),
-    ("self.fc(x.mean((2, 3))) * 1e20", "compact", "beyond what --codec compact stores (1e+18)"),  # its std overflows
-])
+@pytest.mark.parametrize(
+    "expression, codec, says",
+    [
+        ("self.fc(x.mean((2, 3))) / 0.0", "int8", "inf or nan logits"),
+        ("self.fc(x.mean((2, 3))) * 0.0 + 1e5", "fp16", "beyond what --codec fp16 stores (65504)"),
+        (
+            "self.fc(x.mean((2, 3))) * 1e20",
+            "compact",
+            "beyond what --codec compact stores (1e+18)",
+        ),  # its std overflows
+    ],
+)
 def test_teacher_logits_the_cache_cannot_hold_are_never_stored(image_root, tmp_path, expression, codec, says):
     (tmp_path / "broken.py").write_text(BROKEN_TEACHER.replace("{EXPRESSION}", expression))
-    result = skd("build", "--teacher", "py:broken:teacher", "--weights", "none", "--data", image_root, "--out",
-                 tmp_path / "cache", "--views", 1, "--image-size", 16, "--batch-size", 4, "--codec", codec,
-                 "--loader", "torchvision", "--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--device", "cpu",
-                 env={"PYTHONPATH": str(tmp_path)})
-    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, \
+    result = skd(
+        "build",
+        "--teacher",
+        "py:broken:teacher",
+        "--weights",
+        "none",
+        "--data",
+        image_root,
+        "--out",
+        tmp_path / "cache",
+        "--views",
+        1,
+        "--image-size",
+        16,
+        "--batch-size",
+        4,
+        "--codec",
+        codec,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--shard-size",
+        4,
+        "--chunk-size",
+        4,
+        "--device",
+        "cpu",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, (
         f"exit {result.returncode}: {result.stderr[-800:]}"
+    )
     complete = zarr.open_group(str(tmp_path / "cache"), mode="r")["views/complete"][...]
     assert not complete.any(), f"shards holding unstorable logits were recorded complete: {complete}"
 
@@ -230,8 +343,21 @@ def cache_copy(fp32_cache, tmp_path) -> Path:
     return copy
 
 
-TRAIN = ["--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 1, "--loader", "torchvision", "--workers", 0,
-         "--device", "cpu", "--no-val"]
+TRAIN = [
+    "--epochs",
+    1,
+    "--batch-size",
+    4,
+    "--steps-per-epoch",
+    1,
+    "--loader",
+    "torchvision",
+    "--workers",
+    0,
+    "--device",
+    "cpu",
+    "--no-val",
+]
 
 
 @pytest.mark.parametrize("evil", ["/etc/passwd", "../../outside.JPEG"])
@@ -247,17 +373,23 @@ def test_cache_with_paths_outside_the_dataset_is_refused(cache_copy, tmp_path, e
 
 def test_other_formats_and_missing_arrays_are_one_line_errors(cache_copy, tmp_path):
     from skd.schema import FORMAT_VERSION
+
     g = zarr.open_group(str(cache_copy), mode="r+")
     for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
         g.attrs["skd"] = {**g.attrs["skd"], "format": other}
         refused = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "a", tool="train")
-        assert refused.returncode == 2 and f"format {other}" in refused.stderr and "rebuild" in refused.stderr \
-            and "Traceback" not in refused.stderr, refused.stderr
+        assert (
+            refused.returncode == 2
+            and f"format {other}" in refused.stderr
+            and "rebuild" in refused.stderr
+            and "Traceback" not in refused.stderr
+        ), refused.stderr
     g.attrs["skd"] = {**g.attrs["skd"], "format": FORMAT_VERSION}
     shutil.rmtree(cache_copy / "views" / "order")
     missing = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "b", tool="train")
-    assert missing.returncode == 2 and "views/order" in missing.stderr and "Traceback" not in missing.stderr, \
+    assert missing.returncode == 2 and "views/order" in missing.stderr and "Traceback" not in missing.stderr, (
         missing.stderr
+    )
 
 
 def test_damaged_shard_stops_train_and_stats_with_one_line(cache_copy, tmp_path):
@@ -267,8 +399,10 @@ def test_damaged_shard_stops_train_and_stats_with_one_line(cache_copy, tmp_path)
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    results = {"skd-train": skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "run", tool="train"),
-               "skd-cache stats": skd("stats", cache_copy)}
+    results = {
+        "skd-train": skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "run", tool="train"),
+        "skd-cache stats": skd("stats", cache_copy),
+    }
     for name, result in results.items():
         assert result.returncode == 2, f"{name}: exit {result.returncode}: {result.stderr[-500:]}"
         assert "damaged" in result.stderr and "verify --integrity" in result.stderr, f"{name}: {result.stderr}"
@@ -298,25 +432,37 @@ def test_weights_with_code_are_refused_and_never_run(tmp_path):
     assert list(read_state_dict(tmp_path / "ok.pth")) == ["fc.weight"], "module. prefix not stripped"
 
 
-@pytest.mark.parametrize("tool,args,names", [
-    ("cache", ["build", "--teacher", "resnet18", "--views", "0"], "'--views'"),
-    ("cache", ["build", "--teacher", "resnet18", "--teacher-mean", "0.5,0.5"], "'--teacher-mean'"),
-    ("cache", ["build", "--teacher", "resnet18", "--teacher-std", "0.5,0,0.5"], "'--teacher-std'"),
-    ("cache", ["build", "--teacher", "resnet18", "--teacher-size", "4"], "'--teacher-size'"),
-    ("cache", ["build", "--teacher", "resnet18", "--mixup", "-0.2"], "'--mixup'"),
-    ("cache", ["build", "--teacher", "resnet18", "--mixup-prob", "1.5"], "'--mixup-prob'"),
-    ("train", ["--cache", "somewhere", "--cutmix", "1.0"], "--cutmix: online mode"),
-    ("cache", ["build", "--teacher", "resnet18", "--teacher-interpolation", "lanczos"], "'--teacher-interpolation'"),
-    ("cache", ["info"], "'DIR|URL'"),
-    ("cache", ["bulid"], "'bulid'"),
-    ("train", ["--cache", "somewhere", "--bogus"], "'--bogus'"),
-    ("train", ["--cache", "somewhere", "--teacher-size", "64", "--views", "3"], "--views, --teacher-size: online mode"),
-    ("train", ["--cache", "somewhere", "--resume", "--overwrite"], "--resume and --overwrite"),
-])
+@pytest.mark.parametrize(
+    "tool,args,names",
+    [
+        ("cache", ["build", "--teacher", "resnet18", "--views", "0"], "'--views'"),
+        ("cache", ["build", "--teacher", "resnet18", "--teacher-mean", "0.5,0.5"], "'--teacher-mean'"),
+        ("cache", ["build", "--teacher", "resnet18", "--teacher-std", "0.5,0,0.5"], "'--teacher-std'"),
+        ("cache", ["build", "--teacher", "resnet18", "--teacher-size", "4"], "'--teacher-size'"),
+        ("cache", ["build", "--teacher", "resnet18", "--mixup", "-0.2"], "'--mixup'"),
+        ("cache", ["build", "--teacher", "resnet18", "--mixup-prob", "1.5"], "'--mixup-prob'"),
+        ("train", ["--cache", "somewhere", "--cutmix", "1.0"], "--cutmix: online mode"),
+        (
+            "cache",
+            ["build", "--teacher", "resnet18", "--teacher-interpolation", "lanczos"],
+            "'--teacher-interpolation'",
+        ),
+        ("cache", ["info"], "'DIR|URL'"),
+        ("cache", ["bulid"], "'bulid'"),
+        ("train", ["--cache", "somewhere", "--bogus"], "'--bogus'"),
+        (
+            "train",
+            ["--cache", "somewhere", "--teacher-size", "64", "--views", "3"],
+            "--views, --teacher-size: online mode",
+        ),
+        ("train", ["--cache", "somewhere", "--resume", "--overwrite"], "--resume and --overwrite"),
+    ],
+)
 def test_usage_mistakes_are_one_line_naming_the_option(tool, args, names, in_process):
     """A mistyped option is one `error:` line naming it and where help is, exit 2, as every other user mistake."""
     code, err = in_process(tool, *args)
     lines = err.strip().splitlines()
     assert code == 2, f"{args}: exit {code}: {lines}"
-    assert len(lines) == 1 and lines[0].startswith("error:") and names in lines[0] and "--help" in lines[0], \
+    assert len(lines) == 1 and lines[0].startswith("error:") and names in lines[0] and "--help" in lines[0], (
         f"{args}: not one line naming {names}: {lines}"
+    )

@@ -1,4 +1,5 @@
 """Stage one: the cache holds exactly the teacher's logits of the recorded views, and builds resume."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli(*args, env=None, cwd=None):
     """Run `skd-cache` as a user would (a fresh process)."""
-    return subprocess.run([sys.executable, "-m", "skd.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd or REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "skd.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd or REPO,
+    )
 
 
 def config(root, out, teacher_file, **overrides):
@@ -34,9 +40,38 @@ def config(root, out, teacher_file, **overrides):
 
 
 def build_args(root, out, teacher_file, *extra):
-    return ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", root, "--out", out,
-            "--views", 2, "--image-size", 32, "--batch-size", 8, "--codec", "fp32", "--loader", "torchvision",
-            "--workers", 0, "--shard-size", 8, "--chunk-size", 4, "--amp", "none", "--device", "cpu", *extra]
+    return [
+        "build",
+        "--teacher",
+        "resnet18",
+        "--weights",
+        teacher_file,
+        "--data",
+        root,
+        "--out",
+        out,
+        "--views",
+        2,
+        "--image-size",
+        32,
+        "--batch-size",
+        8,
+        "--codec",
+        "fp32",
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--shard-size",
+        8,
+        "--chunk-size",
+        4,
+        "--amp",
+        "none",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -47,15 +82,25 @@ def reference(fp32_cache) -> Path:
 def arrays(path: Path) -> dict:
     g = zarr.open_group(str(path), mode="r")
     return {name: np.asarray(a[...]) for name, a in g.arrays()} | {
-        f"{grp}/{name}": np.asarray(a[...]) for grp in ("samples", "views", "val") for name, a in g[grp].arrays()}
+        f"{grp}/{name}": np.asarray(a[...]) for grp in ("samples", "views", "val") for name, a in g[grp].arrays()
+    }
 
 
 def test_plain_zarr_sees_the_design_layout(reference):
     g = zarr.open_group(str(reference), mode="r")
     n, k = 18, 2
-    shapes = {"samples/path": (n,), "samples/label": (n,), "samples/size": (n, 2), "views/order": (k, n),
-              "views/box": (k, n, 4), "views/flip": (k, n), "views/logits": (k, n, 3), "val/logits": (6, 3),
-              "val/path": (6,), "val/label": (6,)}
+    shapes = {
+        "samples/path": (n,),
+        "samples/label": (n,),
+        "samples/size": (n, 2),
+        "views/order": (k, n),
+        "views/box": (k, n, 4),
+        "views/flip": (k, n),
+        "views/logits": (k, n, 3),
+        "val/logits": (6, 3),
+        "val/path": (6,),
+        "val/label": (6,),
+    }
     got = {name: g[name].shape for name in shapes}
     assert got == shapes, f"array shapes {got}"
     assert g["views/logits"].shards == (1, 8, 3), f"logits shards {g['views/logits'].shards}"
@@ -82,8 +127,9 @@ def test_replayed_windows_reproduce_cached_logits(reference, teacher_file):
         order, box, flip = store.view_plan(view)
         logits = store.read_logits(view)
         for p in (0, 5, 11, 17):
-            image = load_view(str(root / samples.paths[order[p]]), box[p], bool(flip[p]), 32,
-                              IMAGENET_MEAN, IMAGENET_STD)
+            image = load_view(
+                str(root / samples.paths[order[p]]), box[p], bool(flip[p]), 32, IMAGENET_MEAN, IMAGENET_STD
+            )
             with torch.no_grad():
                 want = teacher(image[None]).numpy()[0]
             worst = max(worst, float(np.abs(want - logits[p]).max()))
@@ -119,8 +165,9 @@ def test_killed_build_resumes_to_identical_cache(image_root, teacher_file, refer
     out = tmp_path / "resumed"
     args = build_args(image_root, out, teacher_file)
     killed = cli(*args, env={"SKD_FAULT": "after-shard:1"})
-    assert killed.returncode == -9, \
+    assert killed.returncode == -9, (
         f"fault injection did not kill the build: {killed.returncode} {killed.stderr[-300:]}"
+    )
     done = open_store(out).complete()
     assert done.sum() == 1, f"after a kill at the first shard, {done.sum()} shards are marked complete"
     rerun = cli(*args)
@@ -174,29 +221,67 @@ def test_resume_without_no_val_is_refused(image_root, teacher_file, tmp_path):
 def test_two_process_build_equals_one_process(image_root, teacher_file, reference, tmp_path):
     """Batches of 5 over shards of 8: a rank's batches span its shards 0 and 2, which are not adjacent."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "skd.cli", *map(str, build_args(image_root, out, teacher_file, "--batch-size", 5))]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "skd.cli",
+        *map(str, build_args(image_root, out, teacher_file, "--batch-size", 5)),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     summary = result.stdout + result.stderr
     assert "rows 42 (42 written now)" in summary, f"the summary must count both processes' rows: {summary[-600:]}"
     want, got = arrays(reference), arrays(out)
     for name in want:
-        close = np.allclose(want[name], got[name], atol=1e-5) if want[name].dtype.kind == "f" else \
-            np.array_equal(want[name], got[name])
+        close = (
+            np.allclose(want[name], got[name], atol=1e-5)
+            if want[name].dtype.kind == "f"
+            else np.array_equal(want[name], got[name])
+        )
         assert close, f"{name} differs between the 2-process and the 1-process build"
 
 
 def test_user_errors_are_one_line(image_root, teacher_file, tmp_path, in_process):
     cases = {
-        "missing data": (["build", "--teacher", "resnet18", "--weights", "none", "--data", tmp_path / "nowhere",
-                          "--out", tmp_path / "new" / "c"], "does not exist"),
+        "missing data": (
+            [
+                "build",
+                "--teacher",
+                "resnet18",
+                "--weights",
+                "none",
+                "--data",
+                tmp_path / "nowhere",
+                "--out",
+                tmp_path / "new" / "c",
+            ],
+            "does not exist",
+        ),
         "no data at all": (["build", "--teacher", "resnet18"], "--data"),
-        "unknown teacher": (["build", "--teacher", "resnet9000", "--data", image_root, "--out", tmp_path / "c"],
-                            "unknown model"),
-        "missing weights": (["build", "--teacher", "resnet18", "--weights", tmp_path / "w.pth", "--data", image_root,
-                             "--out", tmp_path / "c"], "does not exist"),
+        "unknown teacher": (
+            ["build", "--teacher", "resnet9000", "--data", image_root, "--out", tmp_path / "c"],
+            "unknown model",
+        ),
+        "missing weights": (
+            [
+                "build",
+                "--teacher",
+                "resnet18",
+                "--weights",
+                tmp_path / "w.pth",
+                "--data",
+                image_root,
+                "--out",
+                tmp_path / "c",
+            ],
+            "does not exist",
+        ),
     }
     for name, (args, needle) in cases.items():
         code, err = in_process("cache", *args, env={"SKD_DATA": ""})
@@ -207,7 +292,16 @@ def test_user_errors_are_one_line(image_root, teacher_file, tmp_path, in_process
 
 
 def test_missing_pretrained_weights_say_where_to_put_them(image_root, tmp_path):
-    result = cli("build", "--teacher", "resnet152", "--data", image_root, "--out", tmp_path / "c",
-                 env={"TORCH_HOME": str(tmp_path / "hub")})
-    assert result.returncode == 2 and "resnet152-" in result.stderr and str(tmp_path / "hub") in result.stderr, \
+    result = cli(
+        "build",
+        "--teacher",
+        "resnet152",
+        "--data",
+        image_root,
+        "--out",
+        tmp_path / "c",
+        env={"TORCH_HOME": str(tmp_path / "hub")},
+    )
+    assert result.returncode == 2 and "resnet152-" in result.stderr and str(tmp_path / "hub") in result.stderr, (
         result.stderr
+    )

@@ -1,5 +1,6 @@
 """Training's own writes: a checkpoint that does not fit, or a folder that turns read-only, leaves the
 previous checkpoint intact and says what to do in one line."""
+
 import subprocess
 
 import pytest
@@ -14,8 +15,9 @@ def small_tmpfs(tmp_path):
     """A 64 KiB tmpfs mounted on a fresh folder (needs root), unmounted afterwards."""
     folder = tmp_path / "small"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a 64 KiB tmpfs (needs root): {mounted.stderr.strip()}")
     try:
@@ -32,8 +34,9 @@ def assert_previous_checkpoint_intact(path):
     left = sorted(p.name for p in path.parent.iterdir())
     assert left == [path.name], f"files left in {path.parent}: {left}, expected only {path.name}"
     loaded = torch.load(path, weights_only=True)
-    assert loaded["epoch"] == 3 and torch.equal(loaded["weights"], torch.arange(16.0)), \
+    assert loaded["epoch"] == 3 and torch.equal(loaded["weights"], torch.arange(16.0)), (
         f"the previous checkpoint now holds epoch {loaded['epoch']}, weights {loaded['weights'][:4]}..."
+    )
 
 
 def test_a_checkpoint_that_does_not_fit_keeps_the_previous_one(small_tmpfs):
@@ -43,8 +46,9 @@ def test_a_checkpoint_that_does_not_fit_keeps_the_previous_one(small_tmpfs):
         save_atomic({"epoch": 4, "weights": torch.zeros(262_144)}, path)  # 1 MiB into 64 KiB
     message = str(caught.value)
     assert isinstance(caught.value, SkdError) and "\n" not in message, f"not a one-line SkdError: {message!r}"
-    assert message.startswith(f"no space left on device writing {path}: free space, then rerun with --resume"), \
+    assert message.startswith(f"no space left on device writing {path}: free space, then rerun with --resume"), (
         f"message: {message}"
+    )
     assert_previous_checkpoint_intact(path)
 
 
@@ -54,8 +58,9 @@ def test_a_folder_turned_read_only_keeps_the_previous_checkpoint(small_tmpfs):
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     with pytest.raises(CheckpointError) as caught:
         save_atomic({"epoch": 4, "weights": torch.zeros(4)}, path)
-    assert str(caught.value).startswith(f"read-only file system writing {path}: make {small_tmpfs} writable"), \
+    assert str(caught.value).startswith(f"read-only file system writing {path}: make {small_tmpfs} writable"), (
         f"message: {caught.value}"
+    )
     assert_previous_checkpoint_intact(path)
 
 
@@ -64,7 +69,10 @@ def test_free_space_check_refuses_a_checkpoint_larger_than_the_disk(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         check_free_space(out, 10**18)  # an exabyte
     message = str(caught.value)
-    assert message.startswith(f"{out} has ") and "a checkpoint needs about 1,000,000,000,000.0 MB" in message \
-        and message.endswith("free space or choose another --out"), f"message: {message}"
+    assert (
+        message.startswith(f"{out} has ")
+        and "a checkpoint needs about 1,000,000,000,000.0 MB" in message
+        and message.endswith("free space or choose another --out")
+    ), f"message: {message}"
     check_free_space(out, 0)  # nothing needed: passes
     check_free_space(tmp_path, 1)

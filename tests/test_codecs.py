@@ -1,4 +1,5 @@
 """Logit codecs: exactness of fp32, error bounds of fp16, int8 and compact, KL bounds after the layer norm."""
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +65,7 @@ def kl_after_layer_norm(exact: np.ndarray, decoded: np.ndarray, temperature=4.0,
 
     def log_p(x):
         return torch.log_softmax(spherical_normalize(torch.from_numpy(x).double(), multiplier) / temperature, 1)
+
     lp, lq = log_p(exact), log_p(decoded)
     return (lp.exp() * (lp - lq)).sum(1).numpy()
 

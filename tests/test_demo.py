@@ -1,4 +1,5 @@
 """The demo's dataset writer and models (`python -m skd.demo` itself runs in `make demo`, not here)."""
+
 from __future__ import annotations
 
 import hashlib

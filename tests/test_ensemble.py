@@ -1,4 +1,5 @@
 """Several teachers on one plan: --plan-from copies a cache's samples and plan, skd-train reads several caches."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -19,8 +20,20 @@ from skd.pipelines.torchvision_pipeline import load_view
 from skd.store import open_store
 from skd.train import TrainConfig, train
 
-PLAN_ARRAYS = ("samples/path", "samples/label", "samples/size", "views/order", "views/box", "views/flip",
-               "views/mix_lambda", "views/mix_box", "val/path", "val/label", "val/size", "val/box")
+PLAN_ARRAYS = (
+    "samples/path",
+    "samples/label",
+    "samples/size",
+    "views/order",
+    "views/box",
+    "views/flip",
+    "views/mix_lambda",
+    "views/mix_box",
+    "val/path",
+    "val/label",
+    "val/size",
+    "val/box",
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +64,41 @@ def test_plan_from_copies_the_plan_and_the_logits_are_its_own_teachers(fp32_cach
     order, box, flip = store.view_plan(1)
     paths, root = store.split("samples").paths, store.meta["dataset"]["root"]
     with torch.no_grad():
-        want = teacher(torch.stack([load_view(f"{root}/{paths[order[p]]}", box[p], bool(flip[p]), 32,
-                                              IMAGENET_MEAN, IMAGENET_STD) for p in range(len(order))])).numpy()
+        want = teacher(
+            torch.stack(
+                [
+                    load_view(f"{root}/{paths[order[p]]}", box[p], bool(flip[p]), 32, IMAGENET_MEAN, IMAGENET_STD)
+                    for p in range(len(order))
+                ]
+            )
+        ).numpy()
     got = store.read_logits(1)
     step = float(store.read_rows(1, 0, len(order)).scale.max())
     gap = float(np.abs(got - want).max())
     assert gap <= step, f"view 1 of the --plan-from cache is {gap:.2e} from its own teacher (int8 step {step:.2e})"
 
 
-def test_plan_from_refuses_plan_options_and_other_images(fp32_cache, image_root, second_teacher, tmp_path,
-                                                        in_process):
-    code, err = in_process("cache", "build", "--teacher", "resnet18", "--weights", second_teacher, "--data",
-                           image_root, "--out", tmp_path / "c", "--plan-from", fp32_cache, "--views", "3")
+def test_plan_from_refuses_plan_options_and_other_images(fp32_cache, image_root, second_teacher, tmp_path, in_process):
+    code, err = in_process(
+        "cache",
+        "build",
+        "--teacher",
+        "resnet18",
+        "--weights",
+        second_teacher,
+        "--data",
+        image_root,
+        "--out",
+        tmp_path / "c",
+        "--plan-from",
+        fp32_cache,
+        "--views",
+        "3",
+    )
     assert code == 2 and "--views: --plan-from takes the whole plan" in err and len(err.strip().splitlines()) == 1, err
     other = tmp_path / "data"
     import shutil
+
     shutil.copytree(image_root, other)
     next(other.rglob("*.JPEG")).unlink()
     with pytest.raises(BuildError, match="differ from those --plan-from"):
@@ -74,8 +107,22 @@ def test_plan_from_refuses_plan_options_and_other_images(fp32_cache, image_root,
 
 
 def base(out: Path, **overrides) -> TrainConfig:
-    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.4, kd="skd", alpha="0.9", multiplier="2", amp="none",
-                      device="cpu", loader="torchvision", workers=0, out=out, steps_per_epoch=3, val=False, seed=1)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=4,
+        lr=0.4,
+        kd="skd",
+        alpha="0.9",
+        multiplier="2",
+        amp="none",
+        device="cpu",
+        loader="torchvision",
+        workers=0,
+        out=out,
+        steps_per_epoch=3,
+        val=False,
+        seed=1,
+    )
     return replace(cfg, **overrides)
 
 
@@ -90,26 +137,30 @@ def test_an_ensemble_of_one_cache_twice_is_that_cache(fp32_cache, second_cache, 
     one = losses_of(base(tmp_path / "one", cache=fp32_cache, kd=kd))
     twice = losses_of(base(tmp_path / "twice", cache=[fp32_cache, fp32_cache], kd=kd))
     both = losses_of(base(tmp_path / "both", cache=[fp32_cache, second_cache], kd=kd))
-    assert one.shape == (6, 2) and np.array_equal(one, twice), \
+    assert one.shape == (6, 2) and np.array_equal(one, twice), (
         f"{kd}: --cache A --cache A differs from --cache A by {np.abs(one - twice).max():.2e}"
+    )
     moved = float(np.abs(both - one).max())
     assert moved > 1e-3, f"{kd}: a second teacher changed the losses by only {moved:.2e}"
 
 
 def test_the_loss_receives_the_weighted_mean_of_normalised_teachers(fp32_cache, second_cache, tmp_path, monkeypatch):
     import skd.schedule
+
     received = []
     original = skd.schedule.spherical_kd_loss
 
     def spy(s, t, y, **kwargs):
         received.append((t.clone(), kwargs["teacher_normalized"]))
         return original(s, t, y, **kwargs)
+
     monkeypatch.setattr(skd.schedule, "spherical_kd_loss", spy)
     train(base(tmp_path / "run", cache=[fp32_cache, second_cache], teacher_weights=[1.0, 3.0], epochs=1))
     a, b = open_store(fp32_cache).read_logits(0), open_store(second_cache).read_logits(0)
 
     def norm(x):
         return F.layer_norm(torch.from_numpy(x), (x.shape[1],), eps=1e-7)
+
     for step, (target, normalized) in enumerate(received):
         rows = slice(4 * step, 4 * step + 4)
         want = 0.25 * norm(a[rows]) + 0.75 * norm(b[rows])
@@ -129,6 +180,7 @@ def test_stats_compares_teachers_on_identical_views(fp32_cache, second_cache):
     import json
 
     from skd.compare import compare_teachers
+
     a, b = open_store(fp32_cache), open_store(second_cache)
     report = compare_teachers([a, b], (0, 1))
     val_a, val_b = a.read_logits(None), b.read_logits(None)
@@ -145,7 +197,9 @@ def test_stats_compares_teachers_on_identical_views(fp32_cache, second_cache):
     from click.testing import CliRunner
 
     from skd.cli import cache as cli
+
     result = CliRunner().invoke(cli, ["stats", str(fp32_cache), str(second_cache), "--json"])
     printed = json.loads(result.stdout)
-    assert result.exit_code == 0 and printed["val"]["ensemble_top1"] == ensemble, \
+    assert result.exit_code == 0 and printed["val"]["ensemble_top1"] == ensemble, (
         f"exit {result.exit_code}: {printed.get('val')}"
+    )

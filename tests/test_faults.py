@@ -1,4 +1,5 @@
 """Crashes, full disks and concurrent builds cost minutes, never data: kill -9 at every stage, then resume."""
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,48 @@ REPO = Path(__file__).resolve().parents[1]
 
 def skd(*args, env=None, tool="cache", preexec_fn=None):
     main = "main_cache" if tool == "cache" else "main_train"
-    return subprocess.run([sys.executable, "-c", f"from skd.cli import {main}; {main}()", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO,
-                          preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-c", f"from skd.cli import {main}; {main}()", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        preexec_fn=preexec_fn,
+    )
 
 
 def build_args(root, out, teacher, codec="fp32", batch=4, views=2):
-    return ["build", "--teacher", "resnet18", "--weights", teacher, "--data", root, "--out", out, "--views", views,
-            "--image-size", 32, "--batch-size", batch, "--codec", codec, "--loader", "torchvision", "--workers", 0,
-            "--shard-size", 8, "--chunk-size", 4, "--amp", "none", "--device", "cpu"]
+    return [
+        "build",
+        "--teacher",
+        "resnet18",
+        "--weights",
+        teacher,
+        "--data",
+        root,
+        "--out",
+        out,
+        "--views",
+        views,
+        "--image-size",
+        32,
+        "--batch-size",
+        batch,
+        "--codec",
+        codec,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--shard-size",
+        8,
+        "--chunk-size",
+        4,
+        "--amp",
+        "none",
+        "--device",
+        "cpu",
+    ]
 
 
 def arrays(path: Path) -> dict:
@@ -58,10 +92,13 @@ def complete_shards_hold_final_rows(partial: Path, reference: Path) -> list[str]
     return wrong
 
 
-@pytest.mark.parametrize("fault,codec", [("after-batch:1", "fp32"), ("mid-shard:1", "int8"),
-                                         ("after-shard:2", "fp32"), ("val-batch:1", "int8")])
-def test_kill_9_then_rerun_gives_the_uninterrupted_cache(fault, codec, image_root, teacher_file, fp32_cache,
-                                                         int8_cache, tmp_path):
+@pytest.mark.parametrize(
+    "fault,codec",
+    [("after-batch:1", "fp32"), ("mid-shard:1", "int8"), ("after-shard:2", "fp32"), ("val-batch:1", "int8")],
+)
+def test_kill_9_then_rerun_gives_the_uninterrupted_cache(
+    fault, codec, image_root, teacher_file, fp32_cache, int8_cache, tmp_path
+):
     reference = fp32_cache if codec == "fp32" else int8_cache
     out = tmp_path / "cache"
     args = build_args(image_root, out, teacher_file, codec)
@@ -88,12 +125,30 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(tool, image_root, teacher_fil
         args = build_args(image_root, tmp_path / "cache", teacher_file)
         point, again, hint = "after-batch:2", args, "rerun the same command to resume"
     else:
-        args = ["--cache", fp32_cache, "--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 2, "--loader",
-                "torchvision", "--workers", 0, "--device", "cpu", "--no-val", "--out", tmp_path / "run"]
+        args = [
+            "--cache",
+            fp32_cache,
+            "--epochs",
+            2,
+            "--batch-size",
+            4,
+            "--steps-per-epoch",
+            2,
+            "--loader",
+            "torchvision",
+            "--workers",
+            0,
+            "--device",
+            "cpu",
+            "--no-val",
+            "--out",
+            tmp_path / "run",
+        ]
         point, again, hint = "after-epoch:0", [*args, "--resume"], "with --resume to continue"
     # A child inherits an ignored SIGINT (Python then never raises KeyboardInterrupt): as from a terminal, not so
-    stopped = skd(*args, env={"SKD_INTERRUPT": point}, tool=tool,
-                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    stopped = skd(
+        *args, env={"SKD_INTERRUPT": point}, tool=tool, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     lines = [line for line in stopped.stderr.splitlines() if line.strip() and "\r" not in line]
     assert stopped.returncode == 130 and hint in lines[-1], f"exit {stopped.returncode}: {stopped.stderr[-800:]}"
     assert "Traceback" not in stopped.stderr and "Task was destroyed" not in stopped.stderr, stopped.stderr[-1500:]
@@ -136,8 +191,9 @@ def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tm
     try:
         out = mount / "cache"
         full = skd(*build_args(image_root, out, wide, views=4))
-        assert full.returncode == 2, \
+        assert full.returncode == 2, (
             f"exit {full.returncode} with {used} bytes on a {size_kib} KiB disk: {full.stderr[-500:]}"
+        )
         assert "cannot write shard" in full.stderr and "No space left" in full.stderr, full.stderr[-500:]
         assert "Traceback" not in full.stderr, full.stderr[-500:]
         done = int(open_store(out).complete().sum())
@@ -153,14 +209,32 @@ def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tm
 
 
 def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(fp32_cache, tmp_path):
-    args = ["--cache", fp32_cache, "--epochs", 3, "--batch-size", 4, "--steps-per-epoch", 3, "--loader",
-            "torchvision", "--workers", 0, "--device", "cpu", "--alpha", "0.9", "--no-val"]
+    args = [
+        "--cache",
+        fp32_cache,
+        "--epochs",
+        3,
+        "--batch-size",
+        4,
+        "--steps-per-epoch",
+        3,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--alpha",
+        "0.9",
+        "--no-val",
+    ]
     straight = skd(*args, "--out", tmp_path / "straight", tool="train")
     assert straight.returncode == 0, straight.stderr[-800:]
     run = tmp_path / "run"
     killed = skd(*args, "--out", run, env={"SKD_FAULT": "train-step:5"}, tool="train")  # epoch 1, step 2
     assert killed.returncode == -9, f"not killed ({killed.returncode})"
     import torch
+
     ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 0, f"last checkpoint is from epoch {ckpt['epoch']}, expected 0"
     resumed = skd(*args, "--out", run, "--resume", tool="train")

@@ -1,4 +1,5 @@
 """The dataset index: ImageFolder order and labels, header-only sizes, fingerprints, user errors."""
+
 from __future__ import annotations
 
 import os
@@ -42,10 +43,10 @@ def assert_same_index(a, b):
 
 # --- order and labels ------------------------------------------------------------------------------
 
+
 def test_order_and_labels_are_sorted_imagefolder_order_whatever_the_creation_order(tmp_path):
     classes = ["zebra", "Ant", "bee"]
-    names = ["b.JPEG", "a10.jpg", "a2.jpeg", "B.png", "a.JPEG", "sub/c.JPEG", "sub/deeper/a.jpg",
-             "sub b.JPEG"]
+    names = ["b.JPEG", "a10.jpg", "a2.jpeg", "B.png", "a.JPEG", "sub/c.JPEG", "sub/deeper/a.jpg", "sub b.JPEG"]
     rng = np.random.default_rng(3)
     jobs = [(c, n) for c in classes for n in names]
     for k in rng.permutation(len(jobs)):  # files and class folders appear in shuffled order
@@ -59,8 +60,7 @@ def test_order_and_labels_are_sorted_imagefolder_order_whatever_the_creation_ord
     first = index_dataset(tmp_path, workers=2)
     second = index_dataset(tmp_path, workers=2)
 
-    expected_names = ["B.png", "a.JPEG", "a10.jpg", "a2.jpeg", "b.JPEG", "sub b.JPEG", "sub/c.JPEG",
-                      "sub/deeper/a.jpg"]
+    expected_names = ["B.png", "a.JPEG", "a10.jpg", "a2.jpeg", "b.JPEG", "sub b.JPEG", "sub/c.JPEG", "sub/deeper/a.jpg"]
     assert first.classes == ["Ant", "bee", "zebra"]
     expected = [f"train/{c}/{n}" for c in ["Ant", "bee", "zebra"] for n in expected_names]
     assert first.train.paths == expected, f"got {first.train.paths[:8]}..., expected {expected[:8]}..."
@@ -73,8 +73,9 @@ def test_order_and_labels_are_sorted_imagefolder_order_whatever_the_creation_ord
     reference = ImageFolder(str(tmp_path / "train"))
     assert reference.classes == first.classes
     ours = [(str(tmp_path / p), int(y)) for p, y in zip(first.train.paths, first.train.labels)]
-    assert ours == [(os.path.normpath(p), y) for p, y in reference.samples], \
+    assert ours == [(os.path.normpath(p), y) for p, y in reference.samples], (
         "order or labels differ from torchvision ImageFolder"
+    )
 
 
 def test_indexing_twice_gives_identical_results(image_root):
@@ -136,6 +137,7 @@ def test_extension_match_is_case_insensitive_torchvision_list(tmp_path):
 
 # --- sizes -----------------------------------------------------------------------------------------
 
+
 def test_sizes_and_file_bytes_equal_full_decode(image_root):
     index = index_dataset(image_root, workers=2)
     for split in (index.train, index.val):
@@ -150,8 +152,7 @@ def test_sizes_and_file_bytes_equal_full_decode(image_root):
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_swaps_height_and_width_for_5_to_8(tmp_path, orientation):
-    path = write_jpeg(tmp_path / "r.JPEG", photo_like(40, 80, seed=orientation),
-                      exif_orientation=orientation)
+    path = write_jpeg(tmp_path / "r.JPEG", photo_like(40, 80, seed=orientation), exif_orientation=orientation)
     with Image.open(path) as image:
         assert image.size == (80, 40), "stored pixels are 40 high x 80 wide"
     expected = (80, 40) if orientation >= 5 else (40, 80)
@@ -215,6 +216,7 @@ def test_read_sizes_keeps_input_order_across_chunks_and_worker_counts(image_root
 
 # --- fingerprint -----------------------------------------------------------------------------------
 
+
 def test_fingerprint_tracks_sizes_and_names_and_nothing_else(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
     base = index_dataset(root, workers=2)
@@ -229,20 +231,23 @@ def test_fingerprint_tracks_sizes_and_names_and_nothing_else(tmp_path):
     write_jpeg(target, photo_like(50, 60, seed=99), quality=50)
     assert target.stat().st_size != old_bytes
     resized = index_dataset(root, workers=2)
-    assert resized.train.fingerprint != base.train.fingerprint, \
+    assert resized.train.fingerprint != base.train.fingerprint, (
         f"file size {old_bytes} -> {target.stat().st_size} bytes left the fingerprint unchanged"
+    )
     assert resized.val.fingerprint == base.val.fingerprint, "val fingerprint changed with a train file"
 
     renamed = target.with_name("renamed.JPEG")
     target.rename(renamed)
     after_rename = index_dataset(root, workers=2)
-    assert after_rename.train.fingerprint not in (base.train.fingerprint, resized.train.fingerprint), \
+    assert after_rename.train.fingerprint not in (base.train.fingerprint, resized.train.fingerprint), (
         "renaming a file left the fingerprint unchanged"
+    )
     renamed.rename(target)
     assert index_dataset(root, workers=2).train.fingerprint == resized.train.fingerprint
 
 
 # --- user errors -----------------------------------------------------------------------------------
+
 
 def _missing_root(tmp):
     return tmp / "nope", tmp / "nope"
@@ -316,11 +321,24 @@ def _name_not_utf8(tmp):
     return tmp, tmp / "train"
 
 
-@pytest.mark.parametrize("case", [_missing_root, _missing_train, _train_without_class_folders,
-                                  _train_with_loose_images, _class_folder_without_images,
-                                  _val_class_not_in_train, _empty_val, _unsorted_imagenet_val,
-                                  _not_an_image, _truncated_header, _empty_file, _name_not_utf8],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "case",
+    [
+        _missing_root,
+        _missing_train,
+        _train_without_class_folders,
+        _train_with_loose_images,
+        _class_folder_without_images,
+        _val_class_not_in_train,
+        _empty_val,
+        _unsorted_imagenet_val,
+        _not_an_image,
+        _truncated_header,
+        _empty_file,
+        _name_not_utf8,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_dataset_mistakes_raise_one_line_errors_naming_the_path(tmp_path, case):
     root, offending = case(tmp_path)
     with pytest.raises(DatasetError) as caught:
@@ -395,11 +413,13 @@ def test_a_fifo_named_like_an_image_is_reported_not_opened(tmp_path):
     assert not isinstance(skipped, Exception), f"on_bad='skip' with a FIFO in train/bee gave {skipped!r}"
     assert "train/bee/pipe.JPEG" not in skipped.train.paths, f"the FIFO was indexed: {skipped.train.paths}"
     assert len(skipped.train) == 7, f"{len(skipped.train)} train images indexed, expected 6 files and 1 symlink"
-    assert skipped.skipped == (("train/bee/pipe.JPEG", "not a regular file (fifo)"),), \
+    assert skipped.skipped == (("train/bee/pipe.JPEG", "not a regular file (fifo)"),), (
         f"skipped records {skipped.skipped}"
+    )
 
 
 # --- images over PIL's decompression-bomb limit ----------------------------------------------------------
+
 
 def _bomb_warnings(record) -> tuple[list[str], list[str]]:
     """(skd's warnings, PIL's DecompressionBombWarnings) among recorded warnings, as text."""
@@ -422,8 +442,9 @@ def test_an_image_over_the_decompression_bomb_limit_is_named_once_by_the_index(t
         index = index_dataset(tmp_path, workers=2)
     ours, pils = _bomb_warnings(record)
     assert len(ours) == 1, f"{len(ours)} skd warnings for one image over PIL's limit 1000: {ours}"
-    assert str(big) in ours[0] and "1600 pixels" in ours[0] and "limit of 1000" in ours[0], \
+    assert str(big) in ours[0] and "1600 pixels" in ours[0] and "limit of 1000" in ours[0], (
         f"the warning does not name {big}, its 1600 pixels and the limit 1000: {ours[0]}"
+    )
     assert not pils, f"PIL's own DecompressionBombWarning escaped the index: {pils}"
     assert "train/large/big.png" in index.train.paths, f"an image over the warning limit is indexed: {index.train}"
     with pytest.warns(SkdWarning) as record:

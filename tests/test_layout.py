@@ -1,4 +1,5 @@
 """The codebase stays readable top to bottom: size limits of skd/ and pipelines/, and the package as installed."""
+
 import ast
 import subprocess
 import sys
@@ -16,23 +17,33 @@ def test_modules_and_functions_fit_the_limits(path):
     text = path.read_text()
     lines = text.count("\n")
     assert lines <= MAX_MODULE_LINES, f"{path.name} has {lines} lines, the limit is {MAX_MODULE_LINES}"
-    long = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(ast.parse(text))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+    long = {
+        node.name: node.end_lineno - node.lineno + 1
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    }
     assert not long, f"{path.name}: functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
 def test_pipelines_install_inside_skd():
     """The wheel claims no top-level `pipelines` package: the input pipelines are skd.pipelines."""
     import skd.pipelines
+
     assert Path(skd.pipelines.__file__).parent == ROOT / "pipelines", f"skd.pipelines is {skd.pipelines.__file__}"
 
 
 @pytest.mark.parametrize("command", ["skd-cache", "skd-train"])
 def test_version(command):
     import skd
+
     main = "main_cache" if command == "skd-cache" else "main_train"
-    result = subprocess.run([sys.executable, "-c", f"from skd.cli import {main}; {main}()", "--version"],
-                            capture_output=True, text=True, cwd="/")
-    assert result.returncode == 0 and skd.__version__ in result.stdout, \
+    result = subprocess.run(
+        [sys.executable, "-c", f"from skd.cli import {main}; {main}()", "--version"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    assert result.returncode == 0 and skd.__version__ in result.stdout, (
         f"{command} --version: exit {result.returncode}, {result.stdout!r} {result.stderr[-300:]!r}"
+    )

@@ -1,4 +1,5 @@
 """The SKD and Hinton losses against an independent computation written out by hand."""
+
 import math
 
 import pytest
@@ -19,8 +20,11 @@ def by_hand_skd(s, t, y, T, m, a):
     zs, zt = ln(s), ln(t)
 
     def log_softmax(x):
-        return (x - torch.log(torch.exp(x - x.max(1, keepdim=True).values).sum(1, keepdim=True))
-                - x.max(1, keepdim=True).values)
+        return (
+            x
+            - torch.log(torch.exp(x - x.max(1, keepdim=True).values).sum(1, keepdim=True))
+            - x.max(1, keepdim=True).values
+        )
 
     lps, lpt = log_softmax(zs / T), log_softmax(zt / T)
     kd = (torch.exp(lpt) * (lpt - lps)).sum() / s.shape[0] * T * T
@@ -107,6 +111,7 @@ def test_seed_alpha_schedule():
 def test_alpha_switches_where_the_lr_drops(epochs):
     """The seed recipe switches alpha at the 60% and 80% lr drops: a shorter run keeps them together."""
     from skd.schedule import default_milestones
+
     switches = [e for e in range(1, epochs) if seed_alpha(e, epochs) != seed_alpha(e - 1, epochs)]
     drops = default_milestones(epochs)
     assert switches == drops[1:3], f"{epochs} epochs: alpha switches at {switches}, lr drops at {drops}"

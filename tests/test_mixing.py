@@ -1,4 +1,5 @@
 """Consistent mixing: planned lambdas and boxes follow timm's MixUp/CutMix, and applying them is batch-independent."""
+
 import json
 import math
 
@@ -55,8 +56,9 @@ def test_plan_is_deterministic_per_seed_view_and_pair():
     other_view = plan_mixing(3, 2, 1000, BOTH, 224)
     other_seed = plan_mixing(4, 1, 1000, BOTH, 224)
     assert all(np.array_equal(a, b) for a, b in zip(first, again)), "the same seed and view planned differently"
-    assert all(np.array_equal(a, b[:1000]) for a, b in zip(first, longer)), \
+    assert all(np.array_equal(a, b[:1000]) for a, b in zip(first, longer)), (
         "a pair's draw depends on how many positions the view has"
+    )
     same_view = int((first[0] == other_view[0]).sum())
     same_seed = int((first[0] == other_seed[0]).sum())
     assert same_view < 100, f"{same_view} of 1000 lambdas repeat in another view"
@@ -131,14 +133,21 @@ def test_cutmix_pastes_the_partner_region(size):
 
 def test_mix_batch_is_independent_of_batch_split():
     lam, box = plan_mixing(4, 0, 64, MixParams(0.8, 1.0, prob=0.8), 24)
-    start = next(p for p in range(0, 56, 2)
-                 if cutmix_rows(box[p:p + 8]).any() and ((lam[p:p + 8] < 1) & ~cutmix_rows(box[p:p + 8])).any())
+    start = next(
+        p
+        for p in range(0, 56, 2)
+        if cutmix_rows(box[p : p + 8]).any() and ((lam[p : p + 8] < 1) & ~cutmix_rows(box[p : p + 8])).any()
+    )
     images = torch.randn(8, 3, 24, 24)
-    lam_t, box_t = torch.from_numpy(lam[start:start + 8]), torch.from_numpy(box[start:start + 8])
+    lam_t, box_t = torch.from_numpy(lam[start : start + 8]), torch.from_numpy(box[start : start + 8])
     whole = mix_batch(images, lam_t, box_t, start)
     for split in (2, 4, 6):
-        parts = torch.cat([mix_batch(images[:split], lam_t[:split], box_t[:split], start),
-                           mix_batch(images[split:], lam_t[split:], box_t[split:], start + split)])
+        parts = torch.cat(
+            [
+                mix_batch(images[:split], lam_t[:split], box_t[:split], start),
+                mix_batch(images[split:], lam_t[split:], box_t[split:], start + split),
+            ]
+        )
         assert torch.equal(parts, whole), f"split {split}+{8 - split}: {int((parts != whole).sum())} values differ"
 
 
@@ -178,10 +187,17 @@ def test_mixed_cross_entropy_without_mixing_is_cross_entropy():
     assert torch.equal(got, plain), f"{got.item():.9f} vs cross_entropy {plain.item():.9f}: not bit-identical"
 
 
-@pytest.mark.parametrize("field, value, option", [
-    ("mixup_alpha", -0.2, "--mixup"), ("cutmix_alpha", -1.0, "--cutmix"), ("mixup_alpha", math.nan, "--mixup"),
-    ("prob", 1.5, "--mixup-prob"), ("switch_prob", 1.5, "--mixup-switch-prob"), ("prob", -0.1, "--mixup-prob"),
-])
+@pytest.mark.parametrize(
+    "field, value, option",
+    [
+        ("mixup_alpha", -0.2, "--mixup"),
+        ("cutmix_alpha", -1.0, "--cutmix"),
+        ("mixup_alpha", math.nan, "--mixup"),
+        ("prob", 1.5, "--mixup-prob"),
+        ("switch_prob", 1.5, "--mixup-switch-prob"),
+        ("prob", -0.1, "--mixup-prob"),
+    ],
+)
 def test_check_names_the_option(field, value, option):
     with pytest.raises(MixError) as caught:
         MixParams(**{field: value}).check()
@@ -195,8 +211,9 @@ def test_params_round_trip_through_json_and_enabled():
     params.check()
     again = MixParams.from_dict(json.loads(json.dumps(params.to_dict())))
     assert again == params, f"round trip gave {again}"
-    assert params.enabled and not MixParams().enabled and not MixParams(mixup_alpha=1.0, prob=0.0).enabled, \
+    assert params.enabled and not MixParams().enabled and not MixParams(mixup_alpha=1.0, prob=0.0).enabled, (
         "enabled should need an alpha above 0 and prob above 0"
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -229,6 +246,7 @@ def mixed_cache(image_root, teacher_file, tmp_path_factory):
     from conftest import small_build_config
 
     from skd.build import build_cache
+
     out = tmp_path_factory.mktemp("mixed") / "cache"
     build_cache(small_build_config(image_root, out, teacher_file, mixup=0.8, cutmix=1.0, batch_size=4))
     return out
@@ -240,6 +258,7 @@ def test_cached_logits_are_the_teachers_on_the_mixed_images(mixed_cache, teacher
     from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
     from skd.pipelines.torchvision_pipeline import load_view
     from skd.store import open_store
+
     store = open_store(mixed_cache)
     teacher = torchvision.models.resnet18(num_classes=3)
     teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
@@ -247,8 +266,12 @@ def test_cached_logits_are_the_teachers_on_the_mixed_images(mixed_cache, teacher
     paths, root = store.split("samples").paths, store.meta["dataset"]["root"]
     order, box, flip = store.view_plan(0)
     lam, mix_box = store.view_mix(0)
-    views = np.stack([load_view(f"{root}/{paths[order[p]]}", box[p], bool(flip[p]), 32, IMAGENET_MEAN,
-                                IMAGENET_STD).numpy() for p in range(len(order))])
+    views = np.stack(
+        [
+            load_view(f"{root}/{paths[order[p]]}", box[p], bool(flip[p]), 32, IMAGENET_MEAN, IMAGENET_STD).numpy()
+            for p in range(len(order))
+        ]
+    )
     partner = [min(p ^ 1, len(order) - 1) for p in range(len(order))]
     mixed = np.stack([hand_mix(views[p], views[partner[p]], float(lam[p]), mix_box[p]) for p in range(len(order))])
     with torch.no_grad():
@@ -268,6 +291,7 @@ def test_batch_size_does_not_change_a_mixed_cache(mixed_cache, image_root, teach
 
     from skd.build import build_cache
     from skd.store import open_store
+
     build_cache(small_build_config(image_root, tmp_path / "b8", teacher_file, mixup=0.8, cutmix=1.0, batch_size=8))
     a, b = open_store(mixed_cache).read_logits(0), open_store(tmp_path / "b8").read_logits(0)
     diff = float(np.abs(a - b).max())
@@ -278,14 +302,46 @@ def test_online_mixed_training_equals_cached(mixed_cache, image_root, teacher_fi
     from dataclasses import replace
 
     from skd.train import TrainConfig, train
-    base = TrainConfig(epochs=2, batch_size=4, lr=0.4, kd="skd", alpha="0.5", multiplier="2", amp="none",
-                       device="cpu", loader="torchvision", workers=0, steps_per_epoch=3, val=False, seed=1)
+
+    base = TrainConfig(
+        epochs=2,
+        batch_size=4,
+        lr=0.4,
+        kd="skd",
+        alpha="0.5",
+        multiplier="2",
+        amp="none",
+        device="cpu",
+        loader="torchvision",
+        workers=0,
+        steps_per_epoch=3,
+        val=False,
+        seed=1,
+    )
     runs = {}
-    for mode, cfg in {"cached": replace(base, cache=mixed_cache, out=tmp_path / "cached"),
-                      "online": replace(base, teacher="resnet18", weights=str(teacher_file), data=image_root,
-                                        views=2, image_size=32, mixup=0.8, cutmix=1.0, out=tmp_path / "online"),
-                      "unmixed": replace(base, teacher="resnet18", weights=str(teacher_file), data=image_root,
-                                         views=2, image_size=32, out=tmp_path / "unmixed")}.items():
+    for mode, cfg in {
+        "cached": replace(base, cache=mixed_cache, out=tmp_path / "cached"),
+        "online": replace(
+            base,
+            teacher="resnet18",
+            weights=str(teacher_file),
+            data=image_root,
+            views=2,
+            image_size=32,
+            mixup=0.8,
+            cutmix=1.0,
+            out=tmp_path / "online",
+        ),
+        "unmixed": replace(
+            base,
+            teacher="resnet18",
+            weights=str(teacher_file),
+            data=image_root,
+            views=2,
+            image_size=32,
+            out=tmp_path / "unmixed",
+        ),
+    }.items():
         losses = []
         train(cfg, on_step=lambda epoch, step, parts: losses.append((parts.kd.item(), parts.ce.item())))
         runs[mode] = np.array(losses)
@@ -298,6 +354,7 @@ def test_online_mixed_training_equals_cached(mixed_cache, image_root, teacher_fi
 def test_verify_replays_mixed_rows(mixed_cache, teacher_file):
     from skd.store import open_store
     from skd.verify import verify_cache
+
     report = verify_cache(open_store(mixed_cache), weights=str(teacher_file), samples=42, seed=3)
     logits = next(c for c in report.checks if c.name == "logits")
     assert report.ok and report.comparison.kl_max < 1e-6, f"verify on a mixed cache: {report.checks}"
@@ -306,28 +363,70 @@ def test_verify_replays_mixed_rows(mixed_cache, teacher_file):
 
 def test_info_and_stats_report_the_mixing(mixed_cache, in_process):
     from skd.store import open_store
+
     lam, box = open_store(mixed_cache).view_mix(0)
     share = float((lam < 1).mean())
     code, _ = in_process("cache", "info", mixed_cache)
     assert code == 0, f"info exit {code}"
     from skd.info import describe
+
     info = describe(open_store(mixed_cache))["mixing"]
     mixed = info["view 0"]["mixup"] + info["view 0"]["cutmix"]
-    assert info["options"]["mixup_alpha"] == 0.8 and abs(mixed - share) < 1e-9, \
+    assert info["options"]["mixup_alpha"] == 0.8 and abs(mixed - share) < 1e-9, (
         f"info's shares {info['view 0']} vs {share:.3f} of rows mixed"
+    )
     from skd.stats import logit_stats, stats_lines
+
     text = "\n".join(stats_lines(logit_stats(open_store(mixed_cache), (0,))))
     assert "mixing:" in text and "MixUp" in text, f"stats text lacks the mixing line: {text[-400:]}"
 
 
 def test_mixing_with_an_odd_batch_is_one_line(image_root, teacher_file, tmp_path, in_process):
-    code, err = in_process("cache", "build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root,
-                           "--out", tmp_path / "c", "--mixup", "0.2", "--batch-size", "5", "--device", "cpu")
+    code, err = in_process(
+        "cache",
+        "build",
+        "--teacher",
+        "resnet18",
+        "--weights",
+        teacher_file,
+        "--data",
+        image_root,
+        "--out",
+        tmp_path / "c",
+        "--mixup",
+        "0.2",
+        "--batch-size",
+        "5",
+        "--device",
+        "cpu",
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "--batch-size (5)" in lines[0] and "even" in lines[0], lines
     assert not (tmp_path / "c").exists(), "a refused build wrote its --out"
-    code, err = in_process("train", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root,
-                           "--out", tmp_path / "r", "--mixup", "0.2", "--batch-size", "5", "--device", "cpu",
-                           "--image-size", "32", "--views", "1", "--loader", "torchvision", "--workers", "0")
+    code, err = in_process(
+        "train",
+        "--teacher",
+        "resnet18",
+        "--weights",
+        teacher_file,
+        "--data",
+        image_root,
+        "--out",
+        tmp_path / "r",
+        "--mixup",
+        "0.2",
+        "--batch-size",
+        "5",
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--views",
+        "1",
+        "--loader",
+        "torchvision",
+        "--workers",
+        "0",
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "even number" in lines[0], lines

@@ -1,6 +1,7 @@
 """Caches on object storage: a real S3 server (moto, in a child process on 127.0.0.1) holds caches written and
 read through zarr's ObjectStore over obstore, with the zarrs pipeline; they read back byte for byte like local
 ones, lost objects are named, the build lease is exclusive and expires, and bad URLs are one-line errors."""
+
 import itertools
 import subprocess
 import sys
@@ -69,10 +70,14 @@ def test_a_cache_on_s3_reads_back_like_the_local_one(server, pair, monkeypatch):
     assert str(remote.path) == "s3://skd-pair/caches/c", f"shown as {remote.path}"
     objects = server.client().list_objects_v2(Bucket="skd-pair", Prefix="caches/c/")["Contents"]
     files = {str(f.relative_to(local.path)) for f in local.path.rglob("*") if f.is_file()}
-    keys = {o["Key"][len("caches/c/"):] for o in objects}
+    keys = {o["Key"][len("caches/c/") :] for o in objects}
     assert keys == files, f"objects differ from files: {sorted(keys ^ files)[:5]}"
-    different = [k for k in sorted(keys) if server.client().get_object(Bucket="skd-pair", Key=f"caches/c/{k}")
-                 ["Body"].read() != (local.path / k).read_bytes()]
+    different = [
+        k
+        for k in sorted(keys)
+        if server.client().get_object(Bucket="skd-pair", Key=f"caches/c/{k}")["Body"].read()
+        != (local.path / k).read_bytes()
+    ]
     assert not different, f"objects whose bytes differ from the local files: {different[:5]}"
     for view, n in [(0, 50), (1, 50), (None, 13)]:
         reader = RowReader(remote, view, 0, n)
@@ -85,8 +90,9 @@ def test_a_cache_on_s3_reads_back_like_the_local_one(server, pair, monkeypatch):
             for (_, g), (_, e) in zip(got, expected):
                 assert_same(g, e)
     assert codec_pipeline(remote.group["views/logits"]) == "ZarrsCodecPipeline"
-    assert remote.storage() == local.storage() and remote.bytes_on_disk() == local.bytes_on_disk(), \
+    assert remote.storage() == local.storage() and remote.bytes_on_disk() == local.bytes_on_disk(), (
         f"storage {remote.storage()} vs {local.storage()}, bytes {remote.bytes_on_disk()} vs {local.bytes_on_disk()}"
+    )
 
 
 @pytest.mark.parametrize("parallel", [1, 3])
@@ -113,8 +119,10 @@ def test_a_shard_is_one_put_and_no_read(server, bucket):
     server.clear()
     store.write_shard(0, 1, encoded)
     shard_requests = [r for r in server.requests if "/c/0/1" in r[1]]
-    want = [("PUT", f"/{bucket}/c/views/{name}/c/0/1{'/0' if name == 'logits' else ''}")
-            for name in ("logits", "scale", "offset")] + [("PUT", f"/{bucket}/c/views/complete/c/0/1")]
+    want = [
+        ("PUT", f"/{bucket}/c/views/{name}/c/0/1{'/0' if name == 'logits' else ''}")
+        for name in ("logits", "scale", "offset")
+    ] + [("PUT", f"/{bucket}/c/views/complete/c/0/1")]
     assert sorted(shard_requests) == sorted(want), f"requests on the shard: {shard_requests}"
     assert_same(RowReader(open_store(f"s3://{bucket}/c"), 0, 16, 32)._read(16, 32), encoded)
 
@@ -202,8 +210,14 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(server, bucket)
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    body = {"owner": f"pid {pid} on {socket.gethostname()}", "host": socket.gethostname(), "pid": pid,
-            "token": "x", "ttl": 3600, "expires": time.time() + 3600}
+    body = {
+        "owner": f"pid {pid} on {socket.gethostname()}",
+        "host": socket.gethostname(),
+        "pid": pid,
+        "token": "x",
+        "ttl": 3600,
+        "expires": time.time() + 3600,
+    }
     server.client().put_object(Bucket=bucket, Key="c.lock", Body=json.dumps(body).encode())
     Lease(f"s3://{bucket}/c", ttl=60).release()
     body["host"] = "another-host"
@@ -221,22 +235,26 @@ def test_acquire_lock_picks_the_kind(tmp_path, bucket):
     lease.release()
 
 
-@pytest.mark.parametrize("url,needle", [
-    ("ftp://host/c", "unknown scheme ftp://"),
-    ("s3:///c", "names no bucket"),
-    ("s3://skd-no-such-bucket/c", "bucket skd-no-such-bucket does not exist"),
-    ("s3://BUCKET/c/../d", "'..' part"),
-    (f"s3://{DUMMY_KEY}:{DUMMY_SECRET}@b/c", "user info"),
-    ("s3://skd-bad/empty", "does not exist \\(no object under it\\)"),
-    ("s3://skd-bad/text", "is not a zarr v3 cache"),
-    ("s3://skd-bad/group", "is not an skd cache"),
-])
+@pytest.mark.parametrize(
+    "url,needle",
+    [
+        ("ftp://host/c", "unknown scheme ftp://"),
+        ("s3:///c", "names no bucket"),
+        ("s3://skd-no-such-bucket/c", "bucket skd-no-such-bucket does not exist"),
+        ("s3://BUCKET/c/../d", "'..' part"),
+        (f"s3://{DUMMY_KEY}:{DUMMY_SECRET}@b/c", "user info"),
+        ("s3://skd-bad/empty", "does not exist \\(no object under it\\)"),
+        ("s3://skd-bad/text", "is not a zarr v3 cache"),
+        ("s3://skd-bad/group", "is not an skd cache"),
+    ],
+)
 def test_bad_urls_are_one_line_errors(server, bucket, url, needle):
     import zarr
 
     if "skd-bad" in url:
-        server.create_bucket("skd-bad") if "skd-bad" not in {b["Name"] for b in server.client().list_buckets()
-                                                             ["Buckets"]} else None
+        server.create_bucket("skd-bad") if "skd-bad" not in {
+            b["Name"] for b in server.client().list_buckets()["Buckets"]
+        } else None
         server.client().put_object(Bucket="skd-bad", Key="text/readme.txt", Body=b"not a cache")
         zarr.open_group(parse_location("s3://skd-bad/group").zarr_store(read_only=False), mode="a", zarr_format=3)
     with pytest.raises(StoreError, match=needle) as exc:
@@ -277,9 +295,12 @@ def test_object_listings_are_checked_like_folders():
     """check_objects: keys stay inside the prefix, and no key is both an object and a folder of others."""
     where = parse_location("s3://b/c")
     check_objects(where, {"zarr.json": 5, "views/zarr.json": 3})
-    for listing, needle in [({"views/../x": 1}, "leaves the prefix"), ({"a//b": 1}, "leaves the prefix"),
-                            ({"views": 1, "views/zarr.json": 2}, "views is an object and a folder"),
-                            ({"views/zarr.json": 2**21}, "more than zarr metadata")]:
+    for listing, needle in [
+        ({"views/../x": 1}, "leaves the prefix"),
+        ({"a//b": 1}, "leaves the prefix"),
+        ({"views": 1, "views/zarr.json": 2}, "views is an object and a folder"),
+        ({"views/zarr.json": 2**21}, "more than zarr metadata"),
+    ]:
         with pytest.raises(SchemaError, match=needle):
             check_objects(where, listing)
 
@@ -287,7 +308,9 @@ def test_object_listings_are_checked_like_folders():
 def test_object_paths_join_and_relativise_like_paths():
     root = ObjectPath("s3://b/c")
     f = root / "views/logits" / "c/0/1/0"
-    assert str(f) == "s3://b/c/views/logits/c/0/1/0" and f.name == "0" and str(f.parent) == "s3://b/c/views/logits/c/0/1"
+    assert (
+        str(f) == "s3://b/c/views/logits/c/0/1/0" and f.name == "0" and str(f.parent) == "s3://b/c/views/logits/c/0/1"
+    )
     assert str(f.relative_to(root)) == "views/logits/c/0/1/0"
     with pytest.raises(ValueError):
         f.relative_to(ObjectPath("s3://b/d"))
@@ -350,26 +373,65 @@ def test_credentials_in_the_environment_are_masked_in_messages(monkeypatch):
 
 def zarr_arrays(where) -> dict:
     import zarr
+
     group = zarr.open_group(parse_location(where).zarr_store(read_only=True), mode="r")
-    return {f"{prefix}/{name}": array[...] for prefix in ("samples", "views", "val") if prefix in group
-            for name, array in group[prefix].arrays()}
+    return {
+        f"{prefix}/{name}": array[...]
+        for prefix in ("samples", "views", "val")
+        if prefix in group
+        for name, array in group[prefix].arrays()
+    }
 
 
-def test_build_kill_resume_and_train_on_s3_equal_the_local_cache(bucket, server, fp32_cache, image_root,
-                                                                   teacher_file, tmp_path):
+def test_build_kill_resume_and_train_on_s3_equal_the_local_cache(
+    bucket, server, fp32_cache, image_root, teacher_file, tmp_path
+):
     import os
 
     from conftest import small_build_config
 
     from skd.build import build_cache
     from skd.train import TrainConfig, train
+
     url = f"s3://{bucket}/caches/r18"
-    args = ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", url,
-            "--views", 2, "--image-size", 32, "--batch-size", 8, "--codec", "fp32", "--loader", "torchvision",
-            "--workers", 0, "--shard-size", 8, "--chunk-size", 4, "--amp", "none", "--device", "cpu"]
+    args = [
+        "build",
+        "--teacher",
+        "resnet18",
+        "--weights",
+        teacher_file,
+        "--data",
+        image_root,
+        "--out",
+        url,
+        "--views",
+        2,
+        "--image-size",
+        32,
+        "--batch-size",
+        8,
+        "--codec",
+        "fp32",
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--shard-size",
+        8,
+        "--chunk-size",
+        4,
+        "--amp",
+        "none",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, **server.env, "SKD_FAULT": "after-shard:2"}
-    killed = subprocess.run([sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args)],
-                            capture_output=True, text=True, env=env)
+    killed = subprocess.run(
+        [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert killed.returncode == -9, f"the build was not killed ({killed.returncode}): {killed.stderr[-500:]}"
     build_cache(small_build_config(image_root, url, teacher_file))  # the rerun takes the dead build's lease
     local, remote = zarr_arrays(fp32_cache), zarr_arrays(url)
@@ -378,18 +440,32 @@ def test_build_kill_resume_and_train_on_s3_equal_the_local_cache(bucket, server,
     runs = {}
     for name, cache in (("local", fp32_cache), ("s3", url)):
         losses = []
-        train(TrainConfig(cache=cache, epochs=1, batch_size=4, amp="none", device="cpu", loader="torchvision",
-                          workers=0, steps_per_epoch=3, val=False, out=tmp_path / name),
-              on_step=lambda epoch, step, parts: losses.append(parts.loss.item()))
+        train(
+            TrainConfig(
+                cache=cache,
+                epochs=1,
+                batch_size=4,
+                amp="none",
+                device="cpu",
+                loader="torchvision",
+                workers=0,
+                steps_per_epoch=3,
+                val=False,
+                out=tmp_path / name,
+            ),
+            on_step=lambda epoch, step, parts: losses.append(parts.loss.item()),
+        )
         runs[name] = losses
     assert runs["local"] == runs["s3"] and len(runs["s3"]) == 3, f"losses local {runs['local']} vs s3 {runs['s3']}"
 
 
-def test_stats_and_verify_work_on_a_url_and_print_no_secret(bucket, server, image_root, teacher_file, in_process,
-                                                           capsys):
+def test_stats_and_verify_work_on_a_url_and_print_no_secret(
+    bucket, server, image_root, teacher_file, in_process, capsys
+):
     from conftest import small_build_config
 
     from skd.build import build_cache
+
     url = f"s3://{bucket}/caches/v"
     build_cache(small_build_config(image_root, url, teacher_file, views=1))
     for args in (("stats", url), ("verify", url, "--data", image_root, "--weights", teacher_file, "--samples", 8)):

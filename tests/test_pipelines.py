@@ -4,6 +4,7 @@ Everything a student replay relies on: an item's tensor is the same whatever the
 thread count or run, both pipelines cut the same window out of the same (EXIF-rotated) frame,
 and odd JPEGs (grayscale, CMYK) come out as the same RGB view.
 """
+
 from __future__ import annotations
 
 import struct
@@ -30,9 +31,17 @@ def load(kind, files, boxes, flip=None, *, batch_size=4, workers=1, image_size=S
     """All batches of a loader over `files`, plus the concatenated images and positions."""
     n = len(files)
     positions = np.arange(n) if positions is None else positions
-    loader = make_loader(kind, files=[str(f) for f in files], boxes=boxes,
-                         flips=np.zeros(n, np.uint8) if flip is None else flip, labels=np.arange(n) % 3,
-                         positions=positions, image_size=image_size, batch_size=batch_size, workers=workers)
+    loader = make_loader(
+        kind,
+        files=[str(f) for f in files],
+        boxes=boxes,
+        flips=np.zeros(n, np.uint8) if flip is None else flip,
+        labels=np.arange(n) % 3,
+        positions=positions,
+        image_size=image_size,
+        batch_size=batch_size,
+        workers=workers,
+    )
     batches = list(loader)
     assert len(batches) == len(loader), f"{kind} loader says {len(loader)} batches, delivered {len(batches)}"
     return batches, torch.cat([b.images for b in batches]), torch.cat([b.positions for b in batches])
@@ -62,8 +71,9 @@ def test_dali_replay_is_exact_for_any_batch_size_threads_and_run(planned):
     positions = np.random.default_rng(0).permutation(1000)[: len(files)]
     runs = {}
     for batch_size, workers in ((1, 1), (3, 2), (3, 2), (8, 1), (8, 2)):
-        batches, images, got = load("dali", files, boxes, flip, batch_size=batch_size, workers=workers,
-                                    positions=positions)
+        batches, images, got = load(
+            "dali", files, boxes, flip, batch_size=batch_size, workers=workers, positions=positions
+        )
         sizes = [len(b.positions) for b in batches]
         expected = {1: [1] * 10, 3: [3, 3, 3, 1], 8: [8, 2]}[batch_size]
         assert sizes == expected, f"batch size {batch_size}: delivered batches of {sizes}, expected {expected}"
@@ -75,8 +85,16 @@ def test_dali_replay_is_exact_for_any_batch_size_threads_and_run(planned):
             assert torch.equal(images, other), f"batch size/threads {(batch_size, workers)} vs {key}: max diff {worst}"
         runs[(batch_size, workers)] = images
 
-    loader = make_loader("dali", files=[str(f) for f in files], boxes=boxes, flips=flip, labels=np.zeros(10),
-                         positions=positions, image_size=SIZE, batch_size=4)
+    loader = make_loader(
+        "dali",
+        files=[str(f) for f in files],
+        boxes=boxes,
+        flips=flip,
+        labels=np.zeros(10),
+        positions=positions,
+        image_size=SIZE,
+        batch_size=4,
+    )
     first, second = (torch.cat([b.images for b in loader]) for _ in range(2))
     assert torch.equal(first, second), f"iterating one loader twice: max diff {(first - second).abs().max().item()}"
     assert torch.equal(first, images), "a second loader with batch size 4 differs from batch size 8"
@@ -162,9 +180,11 @@ def test_all_exif_orientations_agree(tmp_path):
     assert apart.max() < 1, f"EXIF orientations 1-8: DALI vs torchvision {apart.tolist()} grey levels"
 
 
-XMP_ORIENTATION_6 = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-                     b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
-                     b'</rdf:RDF></x:xmpmeta>')
+XMP_ORIENTATION_6 = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+    b"</rdf:RDF></x:xmpmeta>"
+)
 
 
 def png_with_exif_after_pixels(path, array, orientation):
@@ -188,9 +208,11 @@ def test_every_container_is_turned_as_dali_turns_it(tmp_path):
     Image.fromarray(base).save(tiff, tiffinfo={0x0112: 6})
     xmp = tmp_path / "xmp.jpg"
     Image.fromarray(base).save(xmp, "JPEG", quality=90, xmp=XMP_ORIENTATION_6)
-    cases = {"TIFF orientation 6": (tiff, (80, 40)),
-             "PNG eXIf after IDAT": (png_with_exif_after_pixels(tmp_path / "late.png", base, 6), (80, 40)),
-             "JPEG with XMP orientation only": (xmp, (40, 80))}
+    cases = {
+        "TIFF orientation 6": (tiff, (80, 40)),
+        "PNG eXIf after IDAT": (png_with_exif_after_pixels(tmp_path / "late.png", base, 6), (80, 40)),
+        "JPEG with XMP orientation only": (xmp, (40, 80)),
+    }
     for what, (path, frame) in cases.items():
         assert image_size(path) == frame, f"{what}: index says (h, w) {image_size(path)}, decoders give {frame}"
     files = [path for path, _ in cases.values()]
@@ -240,7 +262,7 @@ def test_grayscale_and_cmyk_decode_to_the_same_rgb(tmp_path):
 
 def test_16_bit_grey_png_agrees_and_is_not_white(tmp_path):
     """PIL's convert("RGB") clips 16-bit grey to 255: the reference must scale it as DALI does."""
-    grey = (photo_like(40, 50, seed=4)[..., 0].astype(np.uint16) * 200 + 3000)
+    grey = photo_like(40, 50, seed=4)[..., 0].astype(np.uint16) * 200 + 3000
     path = tmp_path / "deep.png"
     Image.fromarray(grey).save(path)
     assert Image.open(path).mode.startswith("I"), "the test image should open as 16-bit grey"
@@ -248,8 +270,9 @@ def test_16_bit_grey_png_agrees_and_is_not_white(tmp_path):
     _, reference, _ = load("torchvision", [path], [(2, 3, 36, 44)])
     apart = grey_levels_apart(dali, reference).max().item()
     spread = (levels(reference).amax() - levels(reference).amin()).item()
-    assert apart < 1 and spread > 50, \
+    assert apart < 1 and spread > 50, (
         f"DALI vs torchvision {apart:.2f} grey levels apart; reference spread {spread:.0f}"
+    )
 
 
 def test_torchvision_workers_do_not_change_batches(planned):
@@ -277,5 +300,6 @@ def test_missing_dali_says_to_use_torchvision(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     monkeypatch.delitem(sys.modules, "skd.pipelines.dali_pipeline", raising=False)
     with pytest.raises(LoaderUnavailable, match="--loader torchvision"):
-        make_loader("dali", files=[], boxes=np.zeros((0, 4)), flips=[], labels=[], positions=[], image_size=SIZE,
-                    batch_size=1)
+        make_loader(
+            "dali", files=[], boxes=np.zeros((0, 4)), flips=[], labels=[], positions=[], image_size=SIZE, batch_size=1
+        )

@@ -1,4 +1,5 @@
 """The recorded augmentation plan: windows, flips and order are valid, deterministic and chunk-independent."""
+
 import math
 import time
 
@@ -29,9 +30,10 @@ def test_windows_inside_image_with_bounded_area_and_ratio():
     big = np.minimum(h, w) >= 200
     assert area[big].min() >= 0.08 * 0.97, f"area fraction down to {area[big].min():.4f} (bound 0.08)"
     inside = ratio[big]
-    fallback = (area[big] > 0.999)
-    assert ((inside >= 0.75 * 0.97) & (inside <= 4 / 3 * 1.03) | fallback).all(), \
+    fallback = area[big] > 0.999
+    assert ((inside >= 0.75 * 0.97) & (inside <= 4 / 3 * 1.03) | fallback).all(), (
         f"aspect ratio range {inside.min():.3f}-{inside.max():.3f} (bounds 0.75-1.333)"
+    )
 
 
 def test_distribution_matches_torchvision_random_resized_crop():
@@ -41,9 +43,11 @@ def test_distribution_matches_torchvision_random_resized_crop():
     torch.manual_seed(0)
     img = torch.zeros(3, h, w)
     tv = np.array([T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])
-    for name, a, b in (("area", ours[:, 2] * ours[:, 3] / (h * w), tv[:, 2] * tv[:, 3] / (h * w)),
-                       ("log-aspect", np.log(ours[:, 3] / ours[:, 2]), np.log(tv[:, 3] / tv[:, 2])),
-                       ("y centre", ours[:, 0] + ours[:, 2] / 2, tv[:, 0] + tv[:, 2] / 2)):
+    for name, a, b in (
+        ("area", ours[:, 2] * ours[:, 3] / (h * w), tv[:, 2] * tv[:, 3] / (h * w)),
+        ("log-aspect", np.log(ours[:, 3] / ours[:, 2]), np.log(tv[:, 3] / tv[:, 2])),
+        ("y centre", ours[:, 0] + ours[:, 2] / 2, tv[:, 0] + tv[:, 2] / 2),
+    ):
         se = math.sqrt(a.var() / n + b.var() / n)
         assert abs(a.mean() - b.mean()) < 4 * se, f"{name}: ours {a.mean():.4f}, torchvision {b.mean():.4f}"
 
@@ -74,7 +78,7 @@ def test_independent_of_chunking_and_global_rng():
     whole = crop_windows(5, 2, ids, sizes)
     torch.manual_seed(123)
     np.random.seed(123)
-    pieces = np.concatenate([crop_windows(5, 2, ids[a:a + 700], sizes[a:a + 700]) for a in range(0, 3000, 700)])
+    pieces = np.concatenate([crop_windows(5, 2, ids[a : a + 700], sizes[a : a + 700]) for a in range(0, 3000, 700)])
     assert np.array_equal(whole, pieces), "windows depend on how samples are chunked"
     assert np.array_equal(flips(5, 2, ids[1000:]), flips(5, 2, ids)[1000:]), "flips depend on chunking"
 

@@ -1,5 +1,6 @@
 """RowReader: reads through the zarrs pipeline give exactly what zarr's own gives, in any range, block size and
 batch size; lost or damaged shard files are one-line StoreErrors naming them."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,17 +19,25 @@ from skd.store import (
 )
 
 
-def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_rows=4, views=2, val=13,
-               skip_shards=()):
+def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_rows=4, views=2, val=13, skip_shards=()):
     rng = np.random.default_rng(0)
-    meta = cache_meta(codec=codec, views=views, num_samples=rows, num_val=val, classes=[str(i) for i in range(classes)],
-                      shard_rows=shard_rows, chunk_rows=chunk_rows)
+    meta = cache_meta(
+        codec=codec,
+        views=views,
+        num_samples=rows,
+        num_val=val,
+        classes=[str(i) for i in range(classes)],
+        shard_rows=shard_rows,
+        chunk_rows=chunk_rows,
+    )
     split = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), 8))
-    plans = [SimpleNamespace(order=rng.permutation(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows))
-             for _ in range(views)]
+    plans = [
+        SimpleNamespace(order=rng.permutation(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows)) for _ in range(views)
+    ]
     vsplit = Split([f"val/c/{i}.JPEG" for i in range(val)], rng.integers(0, classes, val), np.full((val, 2), 8))
-    store = create_store(path, meta, train=split, plans=plans, val=vsplit, val_boxes=np.zeros((val, 4)),
-                         num_classes=classes)
+    store = create_store(
+        path, meta, train=split, plans=plans, val=vsplit, val_boxes=np.zeros((val, 4)), num_classes=classes
+    )
     enc = get_codec(codec)
     for view, n in [(k, rows) for k in range(views)] + [(None, val)]:
         for shard in range(store.num_shards(n)):
@@ -44,8 +53,9 @@ def assert_same(got, want):
         assert (g is None) == (w is None), f"reader gives {type(g).__name__}, zarr {type(w).__name__}"
         if g is not None:
             differ = int((g != w).sum()) if g.shape == w.shape else -1
-            assert g.dtype == w.dtype and differ == 0, \
+            assert g.dtype == w.dtype and differ == 0, (
                 f"reader's {g.dtype} {g.shape} differs from zarr's {w.dtype} {w.shape} in {differ} values (-1: shape)"
+            )
 
 
 @pytest.mark.parametrize("codec", ["int8", "fp16", "fp32", "compact"])
@@ -62,8 +72,10 @@ def test_reads_match_zarr(tmp_path, codec):
             assert_same(got, store.read_rows(view, a, b))
 
 
-@pytest.mark.parametrize("block_rows,batch,threads", [(None, 5, 2), (None, 16, 1), (7, 3, 2), (4, 64, 3),
-                                                      (16, 1, 1), (None, 100, 4), (48, 5, 3)])
+@pytest.mark.parametrize(
+    "block_rows,batch,threads",
+    [(None, 5, 2), (None, 16, 1), (7, 3, 2), (4, 64, 3), (16, 1, 1), (None, 100, 4), (48, 5, 3)],
+)
 def test_batches_cover_the_range_in_order(tmp_path, block_rows, batch, threads):
     store = make_store(tmp_path / "c")
     start, stop = 3, 47
@@ -71,8 +83,9 @@ def test_batches_cover_the_range_in_order(tmp_path, block_rows, batch, threads):
     firsts = [f for f, _ in got]
     sizes = [len(e.logits) for _, e in got]
     assert firsts == list(range(start, stop, batch)), f"batches start at {firsts}, not every {batch} rows"
-    assert all(s == batch for s in sizes[:-1]) and sum(sizes) == stop - start, \
+    assert all(s == batch for s in sizes[:-1]) and sum(sizes) == stop - start, (
         f"batch sizes {sizes} (sum {sum(sizes)}) for {stop - start} rows in batches of {batch}"
+    )
     whole = [np.concatenate([e[i] for _, e in got]) for i in range(3)]
     assert_same(whole, store.read_rows(1, start, stop))
 
@@ -155,9 +168,9 @@ def test_damaged_chunk_is_an_error(tmp_path, threads):
     store = make_store(tmp_path / "c")
     shard = tmp_path / "c" / "views" / "logits" / "c" / "0" / "0" / "0"
     data = bytearray(shard.read_bytes())
-    index = np.frombuffer(bytes(data[-(4 * 16 + 4):-4]), "<u8").reshape(4, 2)
+    index = np.frombuffer(bytes(data[-(4 * 16 + 4) : -4]), "<u8").reshape(4, 2)
     offset, nbytes = (int(v) for v in index[1])
-    data[offset + 6:offset + nbytes - 4] = bytes(nbytes - 10)
+    data[offset + 6 : offset + nbytes - 4] = bytes(nbytes - 10)
     shard.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="rows 0-16 of view 0 .*views/logits/c/0/0/0: .*damaged"):
         list(RowReader(store, 0, 0, 16, threads=threads).batches(8))
@@ -196,7 +209,7 @@ def test_chunks_of_fill_values_read_as_fill_value(tmp_path, writer):
         for name, data in zip(("logits", "scale", "offset"), encoded):
             store.group[f"views/{name}"][0, 16:32] = data  # an integer index: zarr's own pipeline writes
     store = open_store(tmp_path / "c")
-    index = (tmp_path / "c" / "views" / "logits" / "c" / "0" / "1" / "0").read_bytes()[-(4 * 16 + 4):-4]
+    index = (tmp_path / "c" / "views" / "logits" / "c" / "0" / "1" / "0").read_bytes()[-(4 * 16 + 4) : -4]
     offsets = np.frombuffer(index, "<u8").reshape(4, 2)[:, 0]
     stored = [int(o != 2**64 - 1) for o in offsets]
     want = [1, 1, 1, 1] if writer == "skd" else [1, 0, 1, 1]
@@ -219,9 +232,15 @@ def test_a_shard_of_fill_values_is_written_and_reads_back(tmp_path):
     assert not got.logits.any(), f"{int(got.logits.astype(bool).sum())} non-zero levels"
 
 
-@pytest.mark.parametrize("view,start,stop,needle", [(2, 0, 10, "outside the cache's 2 views"),
-                                                    (0, 0, 51, "outside the 50 rows of view 0"),
-                                                    (0, 8, 4, "outside"), (None, 0, 14, "13 rows of val")])
+@pytest.mark.parametrize(
+    "view,start,stop,needle",
+    [
+        (2, 0, 10, "outside the cache's 2 views"),
+        (0, 0, 51, "outside the 50 rows of view 0"),
+        (0, 8, 4, "outside"),
+        (None, 0, 14, "13 rows of val"),
+    ],
+)
 def test_ranges_outside_the_cache_are_refused(tmp_path, view, start, stop, needle):
     """Never the fill value for rows that do not exist (zarr itself refuses or clips them)."""
     with pytest.raises(ValueError, match=needle):

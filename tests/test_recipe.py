@@ -1,4 +1,5 @@
 """A teacher sees each recorded window at its own published recipe; the student at its own size."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -55,12 +56,21 @@ def student_at_64(num_classes: int = 3) -> StudentAt64:
 
 def test_fields_resolve_from_the_first_source_that_states_them():
     published = {"size": 232, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    recipe, origin = resolve({"size": None, "interpolation": None, "mean": (0.1, 0.2, 0.3), "std": None},
-                             CFG_96, published, 64)
-    assert (recipe.size, recipe.interpolation, recipe.mean, recipe.std) == (96, "bicubic", (0.1, 0.2, 0.3),
-                                                                            (0.5, 0.5, 0.5)), f"{recipe}"
-    assert origin == {"size": "pretrained_cfg", "interpolation": "pretrained_cfg", "mean": "option",
-                      "std": "pretrained_cfg"}, f"{origin}"
+    recipe, origin = resolve(
+        {"size": None, "interpolation": None, "mean": (0.1, 0.2, 0.3), "std": None}, CFG_96, published, 64
+    )
+    assert (recipe.size, recipe.interpolation, recipe.mean, recipe.std) == (
+        96,
+        "bicubic",
+        (0.1, 0.2, 0.3),
+        (0.5, 0.5, 0.5),
+    ), f"{recipe}"
+    assert origin == {
+        "size": "pretrained_cfg",
+        "interpolation": "pretrained_cfg",
+        "mean": "option",
+        "std": "pretrained_cfg",
+    }, f"{origin}"
     recipe, origin = resolve({}, None, published, 64)
     assert recipe.size == 232 and set(origin.values()) == {"torchvision weights"}, f"{recipe} {origin}"
     recipe, origin = resolve({}, None, None, 64)
@@ -87,8 +97,18 @@ TOLERANCE = {"torchvision": 1e-4, "dali": 5e-3}
 
 
 def build_sized(image_root, out, loader):
-    build_cache(small_build_config(image_root, out, None, teacher="py:test_recipe:sized_teacher", weights=None,
-                                   image_size=64, loader=loader, workers=1 if loader == "dali" else 0))
+    build_cache(
+        small_build_config(
+            image_root,
+            out,
+            None,
+            teacher="py:test_recipe:sized_teacher",
+            weights=None,
+            image_size=64,
+            loader=loader,
+            workers=1 if loader == "dali" else 0,
+        )
+    )
     return out
 
 
@@ -111,25 +131,49 @@ def test_teacher_sees_its_own_recipe_and_the_student_size_is_recorded(loader, si
     stored = g["views/logits"][0]
     files = [image_root / paths[i] for i in order]
     with torch.no_grad():
-        own = teacher(torch.stack([pil_view(f, b, v, 96, (0.5,) * 3, (0.5,) * 3)
-                                   for f, b, v in zip(files, box, flip)])).numpy()
-        imagenet = teacher(torch.stack([pil_view(f, b, v, 96, IMAGENET_MEAN, IMAGENET_STD)
-                                        for f, b, v in zip(files, box, flip)])).numpy()
+        own = teacher(
+            torch.stack([pil_view(f, b, v, 96, (0.5,) * 3, (0.5,) * 3) for f, b, v in zip(files, box, flip)])
+        ).numpy()
+        imagenet = teacher(
+            torch.stack([pil_view(f, b, v, 96, IMAGENET_MEAN, IMAGENET_STD) for f, b, v in zip(files, box, flip)])
+        ).numpy()
     same = float(np.abs(stored - own).max())
     other = float(np.abs(stored - imagenet).max())
-    assert same < TOLERANCE[loader], \
+    assert same < TOLERANCE[loader], (
         f"{loader}: stored logits are {same:.2e} from the teacher at its own recipe (96 px, bicubic, 0.5)"
+    )
     assert other > 10 * TOLERANCE[loader], f"{loader}: ImageNet-normalised views give logits only {other:.2e} away"
 
 
 def test_student_trains_at_its_own_size_and_online_equals_cached(sized_cache, image_root, tmp_path):
-    base = TrainConfig(epochs=1, batch_size=4, lr=0.4, kd="skd", alpha="0.9", multiplier="2", amp="none",
-                       device="cpu", loader="torchvision", workers=0, steps_per_epoch=3, val=False, seed=1,
-                       arch="py:test_recipe:student_at_64")
+    base = TrainConfig(
+        epochs=1,
+        batch_size=4,
+        lr=0.4,
+        kd="skd",
+        alpha="0.9",
+        multiplier="2",
+        amp="none",
+        device="cpu",
+        loader="torchvision",
+        workers=0,
+        steps_per_epoch=3,
+        val=False,
+        seed=1,
+        arch="py:test_recipe:student_at_64",
+    )
     runs = {}
-    for mode, cfg in {"cached": replace(base, cache=sized_cache, out=tmp_path / "cached"),
-                      "online": replace(base, teacher="py:test_recipe:sized_teacher", data=image_root, views=2,
-                                        image_size=64, out=tmp_path / "online")}.items():
+    for mode, cfg in {
+        "cached": replace(base, cache=sized_cache, out=tmp_path / "cached"),
+        "online": replace(
+            base,
+            teacher="py:test_recipe:sized_teacher",
+            data=image_root,
+            views=2,
+            image_size=64,
+            out=tmp_path / "online",
+        ),
+    }.items():
         losses = []
         train(cfg, on_step=lambda epoch, step, parts: losses.append((parts.kd.item(), parts.ce.item())))
         runs[mode] = np.array(losses)
@@ -144,10 +188,24 @@ def test_a_timm_teacher_records_its_own_recipe(image_root, tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", num_classes=3)
     torch.save(model.state_dict(), tmp_path / "vit.pth")
     out = tmp_path / "cache"
-    build_cache(small_build_config(image_root, out, tmp_path / "vit.pth", teacher="timm:vit_tiny_patch16_224",
-                                   views=1, image_size=32, codec="fp16", batch_size=6))
+    build_cache(
+        small_build_config(
+            image_root,
+            out,
+            tmp_path / "vit.pth",
+            teacher="timm:vit_tiny_patch16_224",
+            views=1,
+            image_size=32,
+            codec="fp16",
+            batch_size=6,
+        )
+    )
     teacher = zarr.open_group(str(out), mode="r").attrs["skd"]["teacher"]
     recipe = teacher["input"]
-    assert (recipe["size"], recipe["interpolation"], recipe["mean"], recipe["std"]) == \
-        (224, "bicubic", [0.5] * 3, [0.5] * 3), f"recorded {recipe}"
+    assert (recipe["size"], recipe["interpolation"], recipe["mean"], recipe["std"]) == (
+        224,
+        "bicubic",
+        [0.5] * 3,
+        [0.5] * 3,
+    ), f"recorded {recipe}"
     assert teacher["pretrained_cfg"]["hf_hub_id"].startswith("timm/vit_tiny"), f"{teacher['pretrained_cfg']}"

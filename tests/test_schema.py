@@ -1,5 +1,6 @@
 """A tampered cache is refused on open by every command: one `error:` line naming the cache and the field or
 file, exit status 2, no traceback, no large allocation, no hang (a FIFO), and never a `verify` that says ok."""
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,14 @@ def _edit_attrs(path: Path, edit) -> None:
 
 def _set(*keys, value):
     """An attribute edit setting skd.<keys...> to `value`."""
+
     def edit(meta):
         node = meta
         for key in keys[:-1]:
             node[key] = dict(node[key])
             node = node[key]
         node[keys[-1]] = value
+
     return lambda path: _edit_attrs(path, edit)
 
 
@@ -47,11 +50,13 @@ def _drop(key: str):
 
 def _edit_json(name: str, edit):
     """An edit of the zarr.json of array `name` (what zarr 3 reads for its shape and data type)."""
+
     def tamper(path: Path) -> None:
         file = path / name / "zarr.json"
         doc = json.loads(file.read_text())
         edit(doc)
         file.write_text(json.dumps(doc))
+
     return tamper
 
 
@@ -102,16 +107,19 @@ def _val_hidden(path: Path) -> None:
 
 def _labels(value: int):
     """Sample 0's label set to `value` (samples_sha256 recomputed): labels must index skd.dataset.classes."""
+
     def tamper(path: Path) -> None:
         group = zarr.open_group(str(path), mode="r+")
         group["samples/label"][0:1] = np.array([value], np.int32)
         _rehash(group)
+
     return tamper
 
 
 def _rehash(group) -> None:
-    digest = samples_sha256([str(p) for p in group["samples/path"][:]], group["samples/label"][:],
-                            group["samples/size"][:])
+    digest = samples_sha256(
+        [str(p) for p in group["samples/path"][:]], group["samples/label"][:], group["samples/size"][:]
+    )
     meta = dict(group.attrs["skd"])
     meta["dataset"] = {**meta["dataset"], "samples_sha256": digest}
     group.attrs["skd"] = meta
@@ -119,8 +127,10 @@ def _rehash(group) -> None:
 
 def _plan(name: str, value):
     """Position 0 of view 0 of plan array views/<name> set to `value` (no hash covers the plan arrays)."""
+
     def tamper(path: Path) -> None:
         zarr.open_group(str(path), mode="r+")[f"views/{name}"][0, 0:1] = np.array([value], np.int32)
+
     return tamper
 
 
@@ -132,10 +142,12 @@ def _swap_paths(path: Path) -> None:
 
 def _sample_path(new: str):
     """Sample 0's path set to `new`, with samples_sha256 recomputed: the path itself must be refused."""
+
     def tamper(path: Path) -> None:
         group = zarr.open_group(str(path), mode="r+")
         group["samples/path"][0:1] = np.array([new], dtype=object)
         _rehash(group)
+
     return tamper
 
 
@@ -197,12 +209,33 @@ def tampered(built: Path, tmp_path: Path, case: str) -> Path:
 
 def command(name: str, cache: Path, image_root: Path, teacher_file: Path, tmp_path: Path) -> tuple[str, list]:
     """(tool, arguments) of one command on `cache`."""
-    return {"info": ("cache", ["info", cache]),
-            "stats": ("cache", ["stats", cache, "--views", "all"]),
-            "verify": ("cache", ["verify", cache, "--data", image_root, "--weights", teacher_file]),
-            "train": ("train", ["--cache", cache, "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 4,
-                                "--device", "cpu", "--loader", "torchvision", "--workers", 0, "--steps-per-epoch", 1,
-                                "--no-val"])}[name]
+    return {
+        "info": ("cache", ["info", cache]),
+        "stats": ("cache", ["stats", cache, "--views", "all"]),
+        "verify": ("cache", ["verify", cache, "--data", image_root, "--weights", teacher_file]),
+        "train": (
+            "train",
+            [
+                "--cache",
+                cache,
+                "--out",
+                tmp_path / "run",
+                "--epochs",
+                1,
+                "--batch-size",
+                4,
+                "--device",
+                "cpu",
+                "--loader",
+                "torchvision",
+                "--workers",
+                0,
+                "--steps-per-epoch",
+                1,
+                "--no-val",
+            ],
+        ),
+    }[name]
 
 
 FIFO_PATIENCE = 3.0  # seconds a command may take before the FIFOs in its cache are opened for it
@@ -249,14 +282,17 @@ def run_traced(in_process, tool: str, args: list, cache: Path) -> tuple[int, str
         finally:
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-    assert not blocked, (f"skd-{tool} {args[0]} blocked on a FIFO in {cache} for {time.monotonic() - start:.1f} s "
-                         f"(unblocked by the test); stderr:\n{err}")
+    assert not blocked, (
+        f"skd-{tool} {args[0]} blocked on a FIFO in {cache} for {time.monotonic() - start:.1f} s "
+        f"(unblocked by the test); stderr:\n{err}"
+    )
     return code, err, peak
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("case,name", [(case, name) for case in CASES for name in COMMANDS
-                                       if NOT_READ_BY.get(case) != name])
+@pytest.mark.parametrize(
+    "case,name", [(case, name) for case in CASES for name in COMMANDS if NOT_READ_BY.get(case) != name]
+)
 def test_tampered_cache_is_refused_in_one_line(case, name, built, image_root, teacher_file, tmp_path, in_process):
     cache = tampered(built, tmp_path, case)
     code, err, peak = run_traced(in_process, *command(name, cache, image_root, teacher_file, tmp_path), cache)
@@ -278,8 +314,10 @@ def test_verify_never_passes_a_cache_training_refuses(case, built, image_root, t
     verify = ["verify", cache, "--data", image_root, "--weights", teacher_file, "--integrity"]
     verified, verify_err, _ = run_traced(in_process, "cache", verify, cache)
     assert trained != 0, f"skd-train accepted the cache tampered by {case}:\n{train_err}"
-    assert verified != 0, (f"skd-cache verify --integrity reported ok (exit 0) for the cache tampered by {case}, "
-                           f"which skd-train refuses:\n{train_err}\nverify's stderr:\n{verify_err}")
+    assert verified != 0, (
+        f"skd-cache verify --integrity reported ok (exit 0) for the cache tampered by {case}, "
+        f"which skd-train refuses:\n{train_err}\nverify's stderr:\n{verify_err}"
+    )
 
 
 def test_untampered_copy_opens(built, tmp_path, in_process):

@@ -1,4 +1,5 @@
 """`skd-cache info` and `skd-cache stats` on caches written from hand-made logits with known statistics."""
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,14 +55,19 @@ def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = 
     views = [by_sample[orders[0]], teacher_rows(labels, 1)[orders[1]]]
     views[1][::3] = by_sample[orders[1]][::3]  # a third of view 1 repeats view 0's rows: known consistency
     val = teacher_rows(val_labels, 2)
-    meta = cache_meta(codec=codec, views=2, num_samples=N, num_val=VAL, classes=CLASSES, shard_rows=64,
-                      chunk_rows=16)
+    meta = cache_meta(codec=codec, views=2, num_samples=N, num_val=VAL, classes=CLASSES, shard_rows=64, chunk_rows=16)
     split = lambda n, lab, hw: Split([f"x/{i}.JPEG" for i in range(n)], lab, hw)  # noqa: E731
     boxes = [random_windows(sizes, o, k) for k, o in enumerate(orders)]
     plans = [SimpleNamespace(order=o, box=b, flip=np.zeros(N)) for o, b in zip(orders, boxes)]
-    store = create_store(path, meta, train=split(N, labels, sizes), plans=plans,
-                         val=split(VAL, val_labels, np.full((VAL, 2), 32)),
-                         val_boxes=np.zeros((VAL, 4)), num_classes=C)
+    store = create_store(
+        path,
+        meta,
+        train=split(N, labels, sizes),
+        plans=plans,
+        val=split(VAL, val_labels, np.full((VAL, 2), 32)),
+        val_boxes=np.zeros((VAL, 4)),
+        num_classes=C,
+    )
     enc = get_codec(codec)
     for view, rows in [(0, views[0]), (1, views[1]), (None, val)]:
         for shard in range(store.num_shards(len(rows))):
@@ -69,8 +75,9 @@ def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = 
                 continue
             a, b = store.shard_bounds(shard, len(rows))
             store.write_shard(view, shard, enc.encode(rows[a:b]))
-    return SimpleNamespace(path=path, views=views, orders=orders, labels=labels, val=val, val_labels=val_labels,
-                           sizes=sizes, boxes=boxes)
+    return SimpleNamespace(
+        path=path, views=views, orders=orders, labels=labels, val=val, val_labels=val_labels, sizes=sizes, boxes=boxes
+    )
 
 
 def ece_reference(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -98,18 +105,22 @@ def fp32_stats(fp32):
 
 def test_accuracy_std_and_ece_match_an_independent_computation(fp32, fp32_stats):
     view0, view1, val = fp32_stats.splits
-    for got, rows, labels in [(view0, fp32.views[0], fp32.labels[fp32.orders[0]]),
-                              (val, fp32.val, fp32.val_labels)]:
+    for got, rows, labels in [(view0, fp32.views[0], fp32.labels[fp32.orders[0]]), (val, fp32.val, fp32.val_labels)]:
         top1 = float((rows.argmax(1) == labels).mean())
         assert got.top1 == pytest.approx(top1, abs=1e-12), f"{got.name}: top-1 {got.top1:.4f}, expected {top1:.4f}"
         top5 = float((np.argsort(-rows, 1)[:, :5] == labels[:, None]).any(1).mean())
         assert got.top5 == pytest.approx(top5, abs=1e-12), f"{got.name}: top-5 {got.top5:.4f}, expected {top5:.4f}"
         std = torch.from_numpy(rows).double().std(1).numpy()
-        for name, expected in [("mean", std.mean()), ("median", np.median(std)),
-                               ("p5", np.percentile(std, 5)), ("p95", np.percentile(std, 95))]:
+        for name, expected in [
+            ("mean", std.mean()),
+            ("median", np.median(std)),
+            ("p5", np.percentile(std, 5)),
+            ("p95", np.percentile(std, 95)),
+        ]:
             value = getattr(got, f"std_{name}")
-            assert value == pytest.approx(expected, rel=1e-5), \
+            assert value == pytest.approx(expected, rel=1e-5), (
                 f"{got.name}: std {name} {value:.5f}, expected {expected:.5f}"
+            )
     expected = ece_reference(fp32.val, fp32.val_labels)
     assert val.ece == pytest.approx(expected, abs=1e-6), f"val ECE {val.ece:.5f}, expected {expected:.5f}"
     assert view0.ece is None and view1.ece is None, "ECE is a val/ figure: views are augmented training crops"
@@ -121,18 +132,21 @@ def test_confidence_of_logits_and_of_the_skd_target(fp32, fp32_stats):
     target = torch.softmax(spherical_normalize(torch.from_numpy(fp32.val), 2.0).double() / 4.0, 1)
     got = fp32_stats.splits[2]
     for name, value, expected in [
-            ("max-probability", got.max_prob, p.max(1).values.mean()),
-            ("entropy", got.entropy, -(p * p.log()).sum(1).mean()),
-            ("SKD target max-probability", got.target_max_prob, target.max(1).values.mean()),
-            ("SKD target entropy", got.target_entropy, -(target * target.log()).sum(1).mean())]:
-        assert value == pytest.approx(float(expected), rel=1e-5), \
+        ("max-probability", got.max_prob, p.max(1).values.mean()),
+        ("entropy", got.entropy, -(p * p.log()).sum(1).mean()),
+        ("SKD target max-probability", got.target_max_prob, target.max(1).values.mean()),
+        ("SKD target entropy", got.target_entropy, -(target * target.log()).sum(1).mean()),
+    ]:
+        assert value == pytest.approx(float(expected), rel=1e-5), (
             f"val {name} {value:.5f}, expected {float(expected):.5f}"
+        )
 
 
 def test_suggested_multiplier_is_what_training_uses(fp32, fp32_stats):
     used = auto_multiplier([open_store(fp32.path)])
-    assert fp32_stats.auto_multiplier == pytest.approx(used, rel=1e-5), \
+    assert fp32_stats.auto_multiplier == pytest.approx(used, rel=1e-5), (
         f"stats suggests m={fp32_stats.auto_multiplier:.4f}, skd-train --multiplier auto uses {used:.4f}"
+    )
 
 
 def test_consistency_worst_classes_and_confusions(fp32, fp32_stats):
@@ -140,14 +154,16 @@ def test_consistency_worst_classes_and_confusions(fp32, fp32_stats):
     for k in range(2):
         top1[k][fp32.orders[k]] = fp32.views[k].argmax(1)
     expected = float((top1[0] == top1[1]).mean())
-    assert fp32_stats.consistency == pytest.approx(expected), \
+    assert fp32_stats.consistency == pytest.approx(expected), (
         f"consistency {fp32_stats.consistency:.4f}, expected {expected:.4f}"
+    )
     view0 = fp32_stats.splits[0]
     worst = view0.worst_classes[0]
     assert (worst["class"], worst["accuracy"]) == (f"c{CONFUSED}", 0.0), f"worst class: {worst}, expected c3 at 0%"
     pair = view0.confused_pairs[0]
-    assert (pair["true"], pair["predicted"], pair["count"]) == (f"c{CONFUSED}", f"c{AS}", N // C), \
+    assert (pair["true"], pair["predicted"], pair["count"]) == (f"c{CONFUSED}", f"c{AS}", N // C), (
         f"most confused pair: {pair}, expected c3->c5 {N // C} times"
+    )
 
 
 def test_int8_statistics_match_the_decoded_logits(tmp_path):
@@ -161,17 +177,24 @@ def test_int8_statistics_match_the_decoded_logits(tmp_path):
     std = float(decoded.std(1).mean())
     assert got.std_mean == pytest.approx(std, rel=1e-5), f"int8 mean std {got.std_mean:.5f}, decoded {std:.5f}"
     target = torch.softmax(spherical_normalize(decoded, 2.0).double() / 4.0, 1).max(1).values.mean()
-    assert got.target_max_prob == pytest.approx(float(target), rel=1e-5), \
+    assert got.target_max_prob == pytest.approx(float(target), rel=1e-5), (
         f"int8 SKD target max-probability {got.target_max_prob:.5f}, decoded {float(target):.5f}"
+    )
 
 
 def test_storage_figures(fp32, fp32_stats):
-    files = [f for d in ("views", "val") for a in ("logits", "scale", "offset")  # the shard files, not zarr.json
-             for f in (fp32.path / d / a / "c").rglob("*") if f.is_file()]
+    files = [
+        f
+        for d in ("views", "val")
+        for a in ("logits", "scale", "offset")  # the shard files, not zarr.json
+        for f in (fp32.path / d / a / "c").rglob("*")
+        if f.is_file()
+    ]
     per_row = sum(f.stat().st_size for f in files) / (2 * N + VAL)
     got = fp32_stats.storage
-    assert got["bytes_per_row"] == pytest.approx(per_row), \
+    assert got["bytes_per_row"] == pytest.approx(per_row), (
         f"{got['bytes_per_row']:.1f} B per row, expected {per_row:.1f}"
+    )
     assert got["ratio_vs_fp32"] == pytest.approx(4 * C / per_row), f"ratio vs float32 {got['ratio_vs_fp32']:.3f}"
     assert got["ratio_vs_fp16"] == pytest.approx(2 * C / per_row), f"ratio vs float16 {got['ratio_vs_fp16']:.3f}"
 
@@ -187,8 +210,9 @@ def test_cli_stats_json_text_and_plot(fp32, fp32_stats, tmp_path):
     head = plot.read_bytes()[:8] if plot.exists() else b""
     assert head == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000, f"--plot wrote {head!r}, not a PNG figure"
     text = runner.invoke(cli, ["stats", str(fp32.path)])
-    assert text.exit_code == 0 and "teacher top-1" in text.stdout and "suggested SKD multiplier" in text.stdout, \
+    assert text.exit_code == 0 and "teacher top-1" in text.stdout and "suggested SKD multiplier" in text.stdout, (
         f"text report:\n{text.stdout}{text.stderr}"
+    )
     assert "consistency" not in text.stdout, "consistency needs two views; the default streams view 0 only"
 
 
@@ -212,10 +236,12 @@ def test_top1_and_confidence_by_crop_area_match_a_hand_computation(fp32, fp32_st
         for bucket, (rows, top1, max_prob) in zip(got, crop_area_reference(fp32, view)):
             where = f"view {view}, crop area {bucket['bucket']}"
             assert bucket["rows"] == rows and rows > 0, f"{where}: {bucket['rows']} rows, expected {rows}"
-            assert bucket["top1"] == pytest.approx(top1, abs=1e-12), \
+            assert bucket["top1"] == pytest.approx(top1, abs=1e-12), (
                 f"{where}: top-1 {bucket['top1']:.4f}, expected {top1:.4f}"
-            assert bucket["max_prob"] == pytest.approx(max_prob, rel=1e-5), \
+            )
+            assert bucket["max_prob"] == pytest.approx(max_prob, rel=1e-5), (
                 f"{where}: max-probability {bucket['max_prob']:.5f}, expected {max_prob:.5f}"
+            )
     assert [b["bucket"] for b in got] == ["8-25%", "25-50%", "50-75%", "75-100%"], f"buckets: {got}"
     assert fp32_stats.splits[2].crop_areas is None, "val has centre crops: no crop-area buckets"
 
@@ -240,10 +266,19 @@ def svg_text(stats, path: Path) -> str:
 def test_plot_labels_classes_names_the_cache_and_shows_crop_areas(fp32, fp32_stats, tmp_path):
     text = svg_text(fp32_stats, tmp_path / "stats.svg")
     (rows, top1, _), *_ = crop_area_reference(fp32, 0)
-    for expected in ("skd-cache stats of cache", f"view 0: {N} rows", f"val: {VAL} rows",
-                     f"teacher top-1 per class on val: all {C} classes, worst first", f"c{CONFUSED} ({VAL // C} rows)",
-                     "teacher top-1 by crop area", "8-25%", "75-100%", f">{top1:.0%}<", f">{rows} rows<",
-                     "logit std per row"):
+    for expected in (
+        "skd-cache stats of cache",
+        f"view 0: {N} rows",
+        f"val: {VAL} rows",
+        f"teacher top-1 per class on val: all {C} classes, worst first",
+        f"c{CONFUSED} ({VAL // C} rows)",
+        "teacher top-1 by crop area",
+        "8-25%",
+        "75-100%",
+        f">{top1:.0%}<",
+        f">{rows} rows<",
+        "logit std per row",
+    ):
         assert expected in text, f"the plot lacks {expected!r}"
 
 
@@ -272,13 +307,15 @@ def test_info_on_an_unfinished_cache_names_what_is_missing(tmp_path):
     for expected in ("UNFINISHED", "1 of 2 complete", "view 1: shards 2-4 missing", "shards 0 missing"):
         assert expected in result.stdout, f"info lacks {expected!r}:\n{result.stdout}"
     doc = json.loads(runner.invoke(cli, ["info", str(made.path), "--json"]).stdout)
-    assert doc["views"]["missing_shards"] == {"1": [2, 3, 4]} and doc["complete"] is False, \
+    assert doc["views"]["missing_shards"] == {"1": [2, 3, 4]} and doc["complete"] is False, (
         f"info --json: {doc['views']}"
+    )
     written = 2 * N + VAL - (N - 2 * 64) - 64  # view 1 lacks rows 128-299, val its first 64 rows
     assert doc["rows_written"] == written, f"rows written {doc['rows_written']}, expected {written}"
     stats = runner.invoke(cli, ["stats", str(made.path), "--views", "1"])
-    assert stats.exit_code == 2 and stats.stderr.count("\n") == 1 and "views 1" in stats.stderr, \
+    assert stats.exit_code == 2 and stats.stderr.count("\n") == 1 and "views 1" in stats.stderr, (
         f"stats on an unfinished view: exit {stats.exit_code}, {stats.stderr!r}"
+    )
 
 
 def test_bytes_per_row_count_complete_shards_only(tmp_path):
@@ -291,19 +328,24 @@ def test_bytes_per_row_count_complete_shards_only(tmp_path):
     (made.path / "views" / "logits" / "c" / "1" / "2" / "0.0123abcd.partial").write_bytes(b"x" * 50_000)
     unfinished = open_store(made.path).storage()
     assert unfinished["rows_written"] == finished["rows_written"] - 64, f"rows written {unfinished['rows_written']}"
-    assert abs(unfinished["bytes_per_row"] - finished["bytes_per_row"]) < 0.05 * finished["bytes_per_row"], \
+    assert abs(unfinished["bytes_per_row"] - finished["bytes_per_row"]) < 0.05 * finished["bytes_per_row"], (
         f"{unfinished['bytes_per_row']:.1f} B per row unfinished vs {finished['bytes_per_row']:.1f} finished"
+    )
 
 
-@pytest.mark.parametrize("args, says", [
-    (["stats", "{missing}"], "does not exist"),
-    (["info", "{missing}"], "does not exist"),
-    (["stats", "{cache}", "--views", "0,7"], "not 7"),
-    (["stats", "{cache}", "--plot", "{missing}.xyz"], "name a .png"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["stats", "{missing}"], "does not exist"),
+        (["info", "{missing}"], "does not exist"),
+        (["stats", "{cache}", "--views", "0,7"], "not 7"),
+        (["stats", "{cache}", "--plot", "{missing}.xyz"], "name a .png"),
+    ],
+)
 def test_user_errors_are_one_line(fp32, tmp_path, args, says):
     args = [a.format(missing=tmp_path / "nothing", cache=fp32.path) for a in args]
     result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and says in result.stderr, \
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and says in result.stderr, (
         f"{args}: exit {result.exit_code}, stderr {result.stderr!r}"
+    )
     assert result.stderr.startswith("error: "), f"{args}: {result.stderr!r}"

@@ -1,5 +1,6 @@
 """Teachers: the same weights are the same teacher however they were saved; torchvision's defaults load as
 torchvision builds them; a wrong `py:` callable is a one-line error."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,19 @@ def test_weights_hash_ignores_how_the_file_was_saved(resnet, tmp_path):
     """A DDP checkpoint with training arguments, a torch.compile state_dict and the plain one are one teacher."""
     state = resnet.state_dict()
     torch.save(state, tmp_path / "plain.pth")
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 89,
-                "args": argparse.Namespace(lr=0.1, arch="resnet18")}, tmp_path / "reference_training.pth")
+    torch.save(
+        {
+            "state_dict": {f"module.{k}": v for k, v in state.items()},
+            "epoch": 89,
+            "args": argparse.Namespace(lr=0.1, arch="resnet18"),
+        },
+        tmp_path / "reference_training.pth",
+    )
     torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")
-    hashes = {f: load_teacher("resnet18", str(tmp_path / f)).weights_sha256
-              for f in ("plain.pth", "reference_training.pth", "compiled.pth")}
+    hashes = {
+        f: load_teacher("resnet18", str(tmp_path / f)).weights_sha256
+        for f in ("plain.pth", "reference_training.pth", "compiled.pth")
+    }
     assert set(hashes.values()) == {state_sha256(resnet)}, f"one set of weights, several hashes: {hashes}"
     other = torchvision.models.resnet18(num_classes=3)
     assert state_sha256(other) != state_sha256(resnet), "different weights must hash differently"
@@ -33,6 +42,7 @@ def test_weights_hash_ignores_how_the_file_was_saved(resnet, tmp_path):
 
 def test_other_pickled_objects_are_refused_with_a_way_out(resnet, tmp_path):
     import numpy as np
+
     torch.save({"model": resnet.state_dict(), "best_acc": np.float64(0.7)}, tmp_path / "numpy.pth")
     with pytest.raises(ModelError, match=r"Unsupported global.*save its state_dict alone"):
         load_teacher("resnet18", str(tmp_path / "numpy.pth"))
@@ -45,18 +55,27 @@ def test_torchvision_default_weights_get_torchvision_s_builder_settings(tmp_path
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     url = torchvision.models.get_model_weights("googlenet").DEFAULT.url
     (tmp_path / "checkpoints").mkdir()
-    torch.save(torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False,
-                                            transform_input=True).state_dict(),
-               tmp_path / "checkpoints" / url.rsplit("/", 1)[1])
+    torch.save(
+        torchvision.models.googlenet(
+            weights=None, aux_logits=True, init_weights=False, transform_input=True
+        ).state_dict(),
+        tmp_path / "checkpoints" / url.rsplit("/", 1)[1],
+    )
     teacher = load_teacher("googlenet")
-    assert teacher.weights == "torchvision-default" and teacher.model.transform_input, \
+    assert teacher.weights == "torchvision-default" and teacher.model.transform_input, (
         "the default GoogLeNet weights were loaded without transform_input"
+    )
     assert teacher.model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
 
 
-@pytest.mark.parametrize("spec, says", [("py:os:getcwd", "must accept num_classes="),
-                                        ("py:skd.demo:__doc__", "not a callable"),
-                                        ("py:os:no_such_thing", "use py:package.module:callable")])
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ("py:os:getcwd", "must accept num_classes="),
+        ("py:skd.demo:__doc__", "not a callable"),
+        ("py:os:no_such_thing", "use py:package.module:callable"),
+    ],
+)
 def test_wrong_py_callables_are_one_line_errors(spec, says):
     with pytest.raises(ModelError, match=says):
         create_model(spec, num_classes=3)
@@ -81,6 +100,7 @@ def test_timm_pretrained_weights_come_from_the_local_hugging_face_cache(tmp_path
     import os
     import subprocess
     import sys
+
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
 
@@ -89,8 +109,12 @@ def test_timm_pretrained_weights_come_from_the_local_hugging_face_cache(tmp_path
         return subprocess.run([sys.executable, "-c", TIMM_LOAD], capture_output=True, text=True, env=env)
 
     missing = load(tmp_path / "empty")
-    assert missing.returncode == 2 and "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" in missing.stderr \
-        and "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert (
+        missing.returncode == 2
+        and "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" in missing.stderr
+        and "Traceback" not in missing.stderr
+        and len(missing.stderr.strip().splitlines()) == 1
+    ), missing.stderr
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224")
     repo = tmp_path / "home" / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"

@@ -1,4 +1,5 @@
 """Stage two: training from the cache is training online with the teacher, minus the teacher."""
+
 from __future__ import annotations
 
 import json
@@ -23,21 +24,42 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-c", "from skd.cli import main_train; main_train()", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", "from skd.cli import main_train; main_train()", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
 
 
 def base_config(out: Path, **overrides) -> TrainConfig:
-    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.4, kd="skd", alpha="0.9", multiplier="2", amp="none",
-                      device="cpu", loader="torchvision", workers=0, out=out, steps_per_epoch=3, val=False,
-                      image_size=32, views=2, seed=1)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=4,
+        lr=0.4,
+        kd="skd",
+        alpha="0.9",
+        multiplier="2",
+        amp="none",
+        device="cpu",
+        loader="torchvision",
+        workers=0,
+        out=out,
+        steps_per_epoch=3,
+        val=False,
+        image_size=32,
+        views=2,
+        seed=1,
+    )
     return replace(cfg, **overrides)
 
 
 def run(cfg: TrainConfig):
     losses = []
-    metrics = train(cfg, on_step=lambda epoch, step, parts: losses.append(
-        (parts.loss.item(), parts.kd.item(), parts.ce.item())))
+    metrics = train(
+        cfg, on_step=lambda epoch, step, parts: losses.append((parts.loss.item(), parts.kd.item(), parts.ce.item()))
+    )
     weights = torch.load(Path(cfg.out) / "student.pth", weights_only=True)
     return np.array(losses), weights, metrics
 
@@ -49,8 +71,9 @@ def max_weight_diff(a: dict, b: dict) -> float:
 def test_cached_training_equals_online_training(fp32_cache, image_root, teacher_file, tmp_path):
     """The product's central claim: same views, same per-step losses, same weights."""
     cached_losses, cached_w, _ = run(base_config(tmp_path / "cached", cache=fp32_cache))
-    online_losses, online_w, _ = run(base_config(tmp_path / "online", teacher="resnet18",
-                                                 weights=str(teacher_file), data=image_root))
+    online_losses, online_w, _ = run(
+        base_config(tmp_path / "online", teacher="resnet18", weights=str(teacher_file), data=image_root)
+    )
     assert cached_losses.shape == (6, 3), f"{cached_losses.shape[0]} steps logged, expected 6"
     loss_diff = float(np.abs(cached_losses - online_losses).max())
     assert loss_diff < 1e-5, f"per-step losses differ by up to {loss_diff:.2e} (cached vs online)"
@@ -89,8 +112,24 @@ def test_no_kd_differs_from_skd(fp32_cache, tmp_path):
 
 def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
     out = tmp_path / "run"
-    result = cli("--cache", fp32_cache, "--epochs", 3, "--batch-size", 4, "--steps-per-epoch", 2,
-                 "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--out", out)
+    result = cli(
+        "--cache",
+        fp32_cache,
+        "--epochs",
+        3,
+        "--batch-size",
+        4,
+        "--steps-per-epoch",
+        2,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr[-1500:]
     assert "views are reused" in result.stderr, "3 epochs over 2 views must say that views are reused"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -105,24 +144,71 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
     other = shutil.copytree(fp32_cache, tmp_path / "other")
     g = zarr.open_group(str(other), mode="r+")  # as if rebuilt in place with another --seed
     g.attrs["skd"] = {**g.attrs["skd"], "plan": {**g.attrs["skd"]["plan"], "seed": 7}}
-    refused = cli("--cache", other, "--epochs", 3, "--loader", "torchvision", "--workers", 0, "--device", "cpu",
-                  "--out", out, "--resume")
-    assert refused.returncode == 2 and "same cache" in refused.stderr and "Traceback" not in refused.stderr, \
+    refused = cli(
+        "--cache",
+        other,
+        "--epochs",
+        3,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--resume",
+    )
+    assert refused.returncode == 2 and "same cache" in refused.stderr and "Traceback" not in refused.stderr, (
         refused.stderr[-500:]
-    other_arch = cli("--cache", fp32_cache, "--arch", "resnet34", "--epochs", 3, "--loader", "torchvision",
-                     "--workers", 0, "--device", "cpu", "--out", out, "--resume")
-    assert other_arch.returncode == 2 and "--arch resnet18" in other_arch.stderr \
-        and "Traceback" not in other_arch.stderr, other_arch.stderr[-500:]
-    longer = cli("--cache", fp32_cache, "--epochs", 10, "--batch-size", 4, "--loader", "torchvision", "--workers", 0,
-                 "--device", "cpu", "--out", out, "--resume")
-    assert longer.returncode == 2 and "--epochs 3, not 10" in longer.stderr, \
+    )
+    other_arch = cli(
+        "--cache",
+        fp32_cache,
+        "--arch",
+        "resnet34",
+        "--epochs",
+        3,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--resume",
+    )
+    assert (
+        other_arch.returncode == 2 and "--arch resnet18" in other_arch.stderr and "Traceback" not in other_arch.stderr
+    ), other_arch.stderr[-500:]
+    longer = cli(
+        "--cache",
+        fp32_cache,
+        "--epochs",
+        10,
+        "--batch-size",
+        4,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--resume",
+    )
+    assert longer.returncode == 2 and "--epochs 3, not 10" in longer.stderr, (
         f"a resume that reshapes the lr and alpha schedule must be refused: {longer.stderr[-500:]}"
+    )
 
 
 def test_a_run_is_replaced_only_on_overwrite_and_a_moved_cache_resumes(fp32_cache, tmp_path):
     """Rerunning without --resume (as after a Ctrl-C) keeps the run; --overwrite starts it again; a copy of the
     cache elsewhere is the same cache for --resume."""
     from skd.train import TrainError
+
     out = tmp_path / "run"
     run(base_config(out, cache=fp32_cache, epochs=1))
     with pytest.raises(TrainError, match="holds a run .*pass --resume to continue it, --overwrite"):
@@ -139,8 +225,24 @@ def test_a_run_is_replaced_only_on_overwrite_and_a_moved_cache_resumes(fp32_cach
 
 
 def test_killed_run_resumes_with_the_same_metrics(fp32_cache, tmp_path):
-    args = ["--cache", fp32_cache, "--epochs", 3, "--batch-size", 4, "--steps-per-epoch", 2, "--loader",
-            "torchvision", "--workers", 0, "--device", "cpu", "--alpha", "0.9"]
+    args = [
+        "--cache",
+        fp32_cache,
+        "--epochs",
+        3,
+        "--batch-size",
+        4,
+        "--steps-per-epoch",
+        2,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--alpha",
+        "0.9",
+    ]
     straight = cli(*args, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-1500:]
     killed = cli(*args, "--out", tmp_path / "resumed", env={"SKD_FAULT": "after-epoch:1"})
@@ -162,6 +264,7 @@ def test_failed_step_leaves_no_reader_threads(fp32_cache, tmp_path):
 
     def fail(epoch, step, parts):
         raise ArithmeticError("stop here")
+
     with pytest.raises(ArithmeticError) as kept:
         train(base_config(tmp_path / "run", cache=fp32_cache), on_step=fail)
     alive = [t.name for t in threading.enumerate() if t.name.startswith("skd-")]
@@ -187,23 +290,56 @@ def test_images_vanishing_during_training_are_one_line(fp32_cache, image_root, t
     data = tmp_path / "data"
     shutil.copytree(image_root, data)
     (tmp_path / "deleting.py").write_text(DELETING_STUDENT)
-    result = cli("--cache", fp32_cache, "--data", data, "--arch", "py:deleting:student", "--epochs", 1,
-                 "--batch-size", 4, "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--no-val",
-                 "--out", tmp_path / "run", env={"PYTHONPATH": str(tmp_path), "DELETE_DIR": str(data / "train/cat")})
+    result = cli(
+        "--cache",
+        fp32_cache,
+        "--data",
+        data,
+        "--arch",
+        "py:deleting:student",
+        "--epochs",
+        1,
+        "--batch-size",
+        4,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--no-val",
+        "--out",
+        tmp_path / "run",
+        env={"PYTHONPATH": str(tmp_path), "DELETE_DIR": str(data / "train/cat")},
+    )
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-800:]}"
-    assert "reading the images of epoch 0 failed" in result.stderr and "--resume" in result.stderr \
-        and "Traceback" not in result.stderr, result.stderr[-800:]
+    assert (
+        "reading the images of epoch 0 failed" in result.stderr
+        and "--resume" in result.stderr
+        and "Traceback" not in result.stderr
+    ), result.stderr[-800:]
 
 
 def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
     from skd.runtime import Dist
     from skd.train import TrainError, _train
+
     with pytest.raises(TrainError, match="18 training samples cannot be shared by 20 processes"):
-        _train(base_config(tmp_path / "run", cache=fp32_cache), Dist(rank=0, world=20), progress=False,
-               log=lambda m: None, on_step=None)
+        _train(
+            base_config(tmp_path / "run", cache=fp32_cache),
+            Dist(rank=0, world=20),
+            progress=False,
+            log=lambda m: None,
+            on_step=None,
+        )
     with pytest.raises(TrainError, match="--batch-size 4 is the global batch"):
-        _train(base_config(tmp_path / "run", cache=fp32_cache), Dist(rank=0, world=8), progress=False,
-               log=lambda m: None, on_step=None)
+        _train(
+            base_config(tmp_path / "run", cache=fp32_cache),
+            Dist(rank=0, world=8),
+            progress=False,
+            log=lambda m: None,
+            on_step=None,
+        )
 
 
 def test_training_decodes_with_the_loader_the_cache_was_built_with(fp32_cache, tmp_path):
@@ -211,6 +347,7 @@ def test_training_decodes_with_the_loader_the_cache_was_built_with(fp32_cache, t
     default_losses, _, _ = run(base_config(tmp_path / "default", cache=fp32_cache, loader=None))
     recorded_losses, _, _ = run(base_config(tmp_path / "recorded", cache=fp32_cache, loader="torchvision"))
     from skd.errors import SkdWarning
+
     with pytest.warns(SkdWarning, match="built with torchvision"):
         other_losses, _, _ = run(base_config(tmp_path / "other", cache=fp32_cache, loader="dali"))
     same = float(np.abs(default_losses - recorded_losses).max())
@@ -222,6 +359,7 @@ def test_training_decodes_with_the_loader_the_cache_was_built_with(fp32_cache, t
 def test_a_training_copy_without_val_trains_with_no_val(fp32_cache, image_root, tmp_path):
     """A machine may hold only train/: --no-val neither checks nor needs val/; validation asks for it by name."""
     from skd.errors import SkdError
+
     data = tmp_path / "data"
     shutil.copytree(image_root / "train", data / "train")
     losses, _, _ = run(base_config(tmp_path / "run", cache=fp32_cache, data=data, val=False, epochs=1))
@@ -232,23 +370,37 @@ def test_a_training_copy_without_val_trains_with_no_val(fp32_cache, image_root, 
 
 def test_a_last_batch_of_one_image_does_not_stop_the_epoch(fp32_cache, tmp_path):
     """18 samples in batches of 17 would end in a batch of one, which BatchNorm cannot train on: it is left out."""
-    losses, _, metrics = run(base_config(tmp_path / "run", cache=fp32_cache, batch_size=17, epochs=1,
-                                         steps_per_epoch=None))
+    losses, _, metrics = run(
+        base_config(tmp_path / "run", cache=fp32_cache, batch_size=17, epochs=1, steps_per_epoch=None)
+    )
     assert len(losses) == 1 and np.isfinite(losses).all(), f"{len(losses)} steps, losses {losses.tolist()}"
 
 
-@pytest.mark.parametrize("option,value", [("--multiplier", "nan"), ("--multiplier", "0"), ("--multiplier", "inf"),
-                                          ("--lr", "-1"), ("--momentum", "-0.5"), ("--weight-decay", "nan"),
-                                          ("--temperature", "inf"), ("--warmup-epochs", "-1")])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--multiplier", "nan"),
+        ("--multiplier", "0"),
+        ("--multiplier", "inf"),
+        ("--lr", "-1"),
+        ("--momentum", "-0.5"),
+        ("--weight-decay", "nan"),
+        ("--temperature", "inf"),
+        ("--warmup-epochs", "-1"),
+    ],
+)
 def test_bad_numbers_are_refused_before_any_work(option, value, fp32_cache, tmp_path):
     """NaN or negative settings would train to NaN weights (exit 0) or fail deep in torch: refuse them up front."""
     from click.testing import CliRunner
 
     from skd.cli import train as train_command
-    result = CliRunner().invoke(train_command,
-                                ["--cache", str(fp32_cache), option, value, "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and option in result.output, \
+
+    result = CliRunner().invoke(
+        train_command, ["--cache", str(fp32_cache), option, value, "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and option in result.output, (
         f"{option} {value}: exit {result.exit_code}: {result.output}"
+    )
     assert not (tmp_path / "r").exists(), f"{option} {value}: a run folder was created"
 
 
@@ -265,12 +417,41 @@ def test_two_processes_match_one_with_the_same_global_batch(fp32_cache, tmp_path
     """One epoch over all 18 samples; the 2-process run averages gradients over the same global batch."""
     (tmp_path / "tiny.py").write_text(TINY_STUDENT)
     env = {"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    common = ["--cache", fp32_cache, "--arch", "py:tiny:student", "--epochs", 1, "--batch-size", 6,
-              "--lr", 0.1, "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--alpha", "0.9"]
+    common = [
+        "--cache",
+        fp32_cache,
+        "--arch",
+        "py:tiny:student",
+        "--epochs",
+        1,
+        "--batch-size",
+        6,
+        "--lr",
+        0.1,
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--alpha",
+        "0.9",
+    ]
     one = cli(*common, "--out", tmp_path / "one", env=env)
     assert one.returncode == 0, one.stderr[-1500:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(Path(sys.executable).parent / "skd-train"), *map(str, common), "--out", tmp_path / "two"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(Path(sys.executable).parent / "skd-train"),
+        *map(str, common),
+        "--out",
+        tmp_path / "two",
+    ]
     two = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **env})
     assert two.returncode == 0, two.stderr[-2000:]
     a = json.loads((tmp_path / "one/metrics.jsonl").read_text())
@@ -289,24 +470,60 @@ def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tm
         args += ["--cache", tmp_path / "no-cache"]
         needle = "does not exist"
     elif case == "unfinished":
-        killed = subprocess.run([sys.executable, "-m", "skd.cli", *[str(a) for a in [
-                                 "build", "--teacher", "resnet18", "--weights",
-                                 teacher_file, "--data", image_root, "--out", tmp_path / "part", "--views", 2,
-                                 "--image-size", 32, "--codec", "fp32", "--loader", "torchvision", "--workers", 0,
-                                 "--shard-size", 8, "--chunk-size", 4, "--device", "cpu"]]],
-                                capture_output=True, env={**os.environ, "SKD_FAULT": "after-shard:1"}, cwd=REPO)
+        killed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "skd.cli",
+                *[
+                    str(a)
+                    for a in [
+                        "build",
+                        "--teacher",
+                        "resnet18",
+                        "--weights",
+                        teacher_file,
+                        "--data",
+                        image_root,
+                        "--out",
+                        tmp_path / "part",
+                        "--views",
+                        2,
+                        "--image-size",
+                        32,
+                        "--codec",
+                        "fp32",
+                        "--loader",
+                        "torchvision",
+                        "--workers",
+                        0,
+                        "--shard-size",
+                        8,
+                        "--chunk-size",
+                        4,
+                        "--device",
+                        "cpu",
+                    ]
+                ],
+            ],
+            capture_output=True,
+            env={**os.environ, "SKD_FAULT": "after-shard:1"},
+            cwd=REPO,
+        )
         assert killed.returncode == -9
         args += ["--cache", tmp_path / "part"]
         needle = "unfinished"
     elif case == "wrong data":
         from conftest import make_image_folder
+
         other = make_image_folder(tmp_path / "other", per_class=5)
         args += ["--cache", fp32_cache, "--data", other]
         needle = "differ"
     elif case == "wrong classes":
         (tmp_path / "tenway.py").write_text(
             "import torch\ndef student(num_classes=10):\n"
-            "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))\n")
+            "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))\n"
+        )
         args += ["--cache", fp32_cache, "--arch", "py:tenway:student"]
         monkeypatch.syspath_prepend(str(tmp_path))
         needle = "outputs"
@@ -318,11 +535,14 @@ def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tm
 
 def test_metrics_name_only_what_the_loss_uses_and_another_loader_is_warned(fp32_cache, tmp_path):
     from skd.errors import SkdWarning
-    fields = {kd: set(train(base_config(tmp_path / kd, cache=fp32_cache, kd=kd, epochs=1)))
-              for kd in ("none", "hinton")}
+
+    fields = {
+        kd: set(train(base_config(tmp_path / kd, cache=fp32_cache, kd=kd, epochs=1))) for kd in ("none", "hinton")
+    }
     assert not {"alpha", "multiplier"} & fields["none"], f"--kd none logs {sorted(fields['none'])}"
-    assert "alpha" in fields["hinton"] and "multiplier" not in fields["hinton"], \
+    assert "alpha" in fields["hinton"] and "multiplier" not in fields["hinton"], (
         f"hinton logs {sorted(fields['hinton'])}"
+    )
     with pytest.warns(SkdWarning, match="built with torchvision.*grey levels"):
         train(base_config(tmp_path / "dali", cache=fp32_cache, loader="dali", epochs=1))
 
@@ -356,15 +576,37 @@ def test_a_disk_filling_up_during_training_is_one_line_and_resumes(fp32_cache, t
         pytest.skip("cannot mount a tmpfs here (needs root): the disk-full test needs a real small disk")
     try:
         (tmp_path / "filling.py").write_text(FILLING_STUDENT)
-        args = ["--cache", fp32_cache, "--arch", "py:filling:student", "--epochs", 2, "--batch-size", 4,
-                "--steps-per-epoch", 2, "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--no-val",
-                "--out", mount / "run"]
+        args = [
+            "--cache",
+            fp32_cache,
+            "--arch",
+            "py:filling:student",
+            "--epochs",
+            2,
+            "--batch-size",
+            4,
+            "--steps-per-epoch",
+            2,
+            "--loader",
+            "torchvision",
+            "--workers",
+            0,
+            "--device",
+            "cpu",
+            "--no-val",
+            "--out",
+            mount / "run",
+        ]
         env = {"PYTHONPATH": str(tmp_path), "FILL_DIR": str(mount)}
         full = cli(*args, env=env)
         assert full.returncode == 2, f"exit {full.returncode}: {full.stderr[-800:]}"
         lines = [line for line in full.stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and "no space left on device" in lines[0] and "--resume" in lines[0] \
-            and "Traceback" not in full.stderr, full.stderr[-800:]
+        assert (
+            len(lines) == 1
+            and "no space left on device" in lines[0]
+            and "--resume" in lines[0]
+            and "Traceback" not in full.stderr
+        ), full.stderr[-800:]
         assert not list((mount / "run").glob("*.tmp")), f"temporary files left: {list((mount / 'run').iterdir())}"
         saved = torch.load(mount / "run" / "checkpoint.pth", weights_only=True)
         assert saved["epoch"] == 0, f"the kept checkpoint is of epoch {saved['epoch']}, not 0"

@@ -1,4 +1,5 @@
 """`skd-cache verify`: passes on a fresh cache; fails, naming the cause, on changed data, weights or bytes."""
+
 import json
 import shutil
 
@@ -25,9 +26,24 @@ def built(tmp_path_factory):
     make_image_folder(base / "data", per_class=4, val_per_class=1)
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), base / "t.pth")
-    build_cache(BuildConfig(teacher="resnet18", weights=str(base / "t.pth"), data=base / "data", out=base / "cache",
-                            views=2, image_size=32, batch_size=8, codec="fp32", loader="torchvision", workers=0,
-                            shard_rows=8, chunk_rows=4, amp="none", device="cpu"))
+    build_cache(
+        BuildConfig(
+            teacher="resnet18",
+            weights=str(base / "t.pth"),
+            data=base / "data",
+            out=base / "cache",
+            views=2,
+            image_size=32,
+            batch_size=8,
+            codec="fp32",
+            loader="torchvision",
+            workers=0,
+            shard_rows=8,
+            chunk_rows=4,
+            amp="none",
+            device="cpu",
+        )
+    )
     return base
 
 
@@ -53,9 +69,10 @@ def test_fresh_cache_passes(built):
     assert code == 0 and report["ok"], f"exit {code}: {err}"
     c = report["comparison"]
     assert c["rows"] == 2 * 12 + 3, f"compared {c['rows']} rows, the cache holds 27 (--samples 256 covers all)"
-    assert c["max_abs_diff"] < 1e-4 and c["top1_agreement"] == 1.0, \
-        f"re-computed logits differ from the stored ones: max |diff| {c['max_abs_diff']:.2e}, " \
+    assert c["max_abs_diff"] < 1e-4 and c["top1_agreement"] == 1.0, (
+        f"re-computed logits differ from the stored ones: max |diff| {c['max_abs_diff']:.2e}, "
         f"top-1 agreement {c['top1_agreement']}"
+    )
 
 
 def test_changed_image_is_different_data(copy):
@@ -107,8 +124,9 @@ def test_missing_shard_files_and_damaged_plan_chunks_are_named(copy):
     order.write_bytes(b"not zstd at all")
     code, report, err = verify(copy / "cache", "--data", copy / "data", "--weights", copy / "t.pth", "--integrity")
     detail = check(report, "integrity")["detail"]
-    assert code == 1 and "view 1 shard 0 (missing views/logits/c/1/0/0)" in detail and "views/order" in detail, \
+    assert code == 1 and "view 1 shard 0 (missing views/logits/c/1/0/0)" in detail and "views/order" in detail, (
         f"exit {code}, integrity: {detail!r}"
+    )
 
 
 def test_every_flipped_byte_of_a_shard_is_found_by_integrity(copy):
