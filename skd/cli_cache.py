@@ -1,0 +1,276 @@
+"""`skd-cache`: build a teacher-logit cache and inspect one (info, stats, verify). Parse, validate, call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .cli_common import (
+    NON_NEGATIVE,
+    POSITIVE,
+    data_root,
+    mix_options,
+    options_given,
+    prints_summary,
+    teacher_input_options,
+    user_errors,
+)
+from .codecs import CODECS
+from .config import BuildConfig
+
+# The options of a cache's plan: --plan-from takes them all from another cache.
+PLAN_OPTIONS = ("views", "image_size", "seed", "loader", "val", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="skd-cache")
+def cache():
+    """Build and inspect offline teacher-logit caches for spherical knowledge distillation."""
+
+
+B = BuildConfig  # option defaults come from the config, declared once
+
+
+@cache.command()
+@click.option("--teacher", required=True, help="torchvision model name (resnet152), timm:NAME or py:module:callable")
+@click.option(
+    "--weights",
+    help="state_dict file; 'none' for random init; default: torchvision's pretrained file "
+    "(a py: teacher: the weights its callable builds)",
+)
+@click.option("--data", help="dataset root holding train/<class>/<images> (and val/); default: $SKD_DATA")
+@click.option(
+    "--out",
+    metavar="DIR|URL",
+    help="cache folder or object-store prefix (s3://BUCKET/PREFIX, gs://, az://); "
+    "default cache/<alias> (resnet152 -> cache/r152)",
+)
+@click.option(
+    "--views",
+    default=B.views,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="augmented views (epochs' worth) to cache",
+)
+@click.option(
+    "--image-size",
+    default=B.image_size,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="the student's input side: the cache's default for skd-train",
+)
+@teacher_input_options
+@mix_options
+@click.option("--batch-size", default=B.batch_size, show_default=True, type=click.IntRange(min=1))
+@click.option("--codec", default=B.codec, show_default=True, type=click.Choice(list(CODECS)))
+@click.option(
+    "--amp",
+    default=B.amp,
+    show_default=True,
+    type=click.Choice(["auto", "bf16", "fp16", "none"]),
+    help="autocast dtype of the teacher; auto = bf16 on CUDA, none on CPU",
+)
+@click.option("--device", default=B.device, show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--loader", default=B.loader, show_default=True, type=click.Choice(["dali", "torchvision"]))
+@click.option("--seed", default=B.seed, show_default=True, type=int, help="seed of the augmentation plan")
+@click.option(
+    "--workers", default=B.workers, show_default=True, type=click.IntRange(min=0), help="decoding threads/processes"
+)
+@click.option(
+    "--shard-size",
+    "shard_rows",
+    default=B.shard_rows,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="rows per shard: the unit of writing and of resuming",
+)
+@click.option(
+    "--chunk-size",
+    "chunk_rows",
+    default=B.chunk_rows,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="rows per chunk inside a shard: the unit of reading",
+)
+@click.option(
+    "--plan-from",
+    metavar="DIR|URL",
+    help="take the samples and the whole recorded plan of this cache (views, windows, flips, mixing, "
+    "image size): a second teacher on identical views",
+)
+@click.option("--compile", is_flag=True, help="torch.compile the teacher")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="delete an existing cache at --out and rebuild (never a folder that is not a cache)",
+)
+@click.option("--val/--no-val", default=B.val, show_default=True, help="cache centre-crop logits of ROOT/val")
+@click.option(
+    "--on-bad-image",
+    default=B.on_bad_image,
+    show_default=True,
+    type=click.Choice(["error", "skip"]),
+    help="error: list every unreadable or truncated image and stop before any teacher work; "
+    "skip: leave them out (recorded in the cache, shown by skd-cache info)",
+)
+@user_errors
+def build(data, out, **options):
+    """Run the teacher over recorded augmented views and store its logits (resumable)."""
+    from .build import build_cache, summary_lines
+    from .teachers import alias
+
+    given = options_given(PLAN_OPTIONS) if options["plan_from"] is not None else []
+    if given:
+        raise click.UsageError(
+            f"{', '.join(given)}: --plan-from takes the whole plan of its cache (see "
+            "skd-cache info); only the teacher, its input and the codec may differ"
+        )
+    options["chunk_rows"] = min(options["chunk_rows"], options["shard_rows"])
+    if options["shard_rows"] % options["chunk_rows"]:
+        raise click.BadParameter(
+            f"{options['shard_rows']} is not a multiple of --chunk-size {options['chunk_rows']}",
+            param_hint="--shard-size",
+        )
+    cfg = BuildConfig(data=data_root(data), out=out or Path("cache") / alias(options["teacher"]), **options)
+    summary = build_cache(cfg, progress=True)
+    if prints_summary():
+        click.echo(f"cache {cfg.out}")
+        for line in summary_lines(summary):
+            click.echo(f"  {line}")
+
+
+CACHE_DIR = click.argument("cache_dir", metavar="DIR|URL")
+JSON = click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of text")
+
+
+def _views(value: str) -> list[int] | None:
+    if value == "all":
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("'all' or comma-separated view numbers, e.g. 0,3") from None
+
+
+@cache.command()
+@CACHE_DIR
+@JSON
+@user_errors
+def info(cache_dir, as_json):
+    """What a cache holds and costs: teacher, dataset, plan, codec, completion, bytes (unfinished caches too)."""
+    from .info import describe, info_lines
+    from .store import open_store
+
+    report = describe(open_store(cache_dir))
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(info_lines(report)))
+
+
+@cache.command()
+@click.argument("cache_dirs", metavar="DIR|URL [DIR|URL ...]", nargs=-1, required=True)
+@click.option(
+    "--views",
+    default="0",
+    show_default=True,
+    callback=lambda c, p, v: _views(v),
+    help="views to read: 'all' or comma-separated numbers, e.g. 0,3",
+)
+@click.option("--no-val", is_flag=True, help="skip the validation logits (val/)")
+@click.option(
+    "--temperature",
+    default=4.0,
+    show_default=True,
+    type=POSITIVE,
+    help="T of the SKD target softmax(layer_norm(logits) * m / T) whose confidence is reported",
+)
+@click.option(
+    "--multiplier",
+    default=2.0,
+    show_default=True,
+    type=POSITIVE,
+    help="m of that SKD target (the suggested m, --multiplier auto, is reported from view 0)",
+)
+@JSON
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write histograms of std, max-probability and per-class accuracy to this PNG",
+)
+@user_errors
+def stats(cache_dirs, views, no_val, temperature, multiplier, as_json, plot):
+    """Teacher accuracy, logit scale, confidence, calibration, view consistency and storage cost of a cache;
+    of several caches on one plan, the teachers compared on identical views."""
+    from .stats import check_plot_path, logit_stats, plot_stats, stats_lines
+    from .store import open_store
+
+    if len(cache_dirs) > 1:
+        from .compare import compare_lines, compare_teachers
+
+        report = compare_teachers([open_store(d) for d in cache_dirs], views, progress=True)
+        click.echo(json.dumps(report, indent=2) if as_json else "\n".join(compare_lines(report)))
+        return
+    if plot is not None:
+        check_plot_path(plot)
+    report = logit_stats(
+        open_store(cache_dirs[0]), views, val=not no_val, temperature=temperature, multiplier=multiplier, progress=True
+    )
+    if plot is not None:
+        plot_stats(report, plot)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else "\n".join(stats_lines(report)))
+
+
+@cache.command()
+@CACHE_DIR
+@click.option(
+    "--samples",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="stored rows (views and val) to re-compute, drawn at random",
+)
+@click.option("--data", help="dataset root; default: the root recorded in the cache")
+@click.option("--weights", help="teacher weights file; default: the file recorded in the cache")
+@click.option("--loader", type=click.Choice(["dali", "torchvision"]), help="default: the loader recorded in the cache")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the random choice of rows")
+@click.option(
+    "--tolerance",
+    default=1e-2,
+    show_default=True,
+    type=NON_NEGATIVE,
+    help="KL (T=4, m=2) above which a re-computed row differs from the stored one",
+)
+@click.option("--integrity", is_flag=True, help="also read every chunk and report those that fail to decode")
+@JSON
+@user_errors
+def verify(cache_dir, samples, data, weights, loader, device, batch_size, workers, seed, tolerance, integrity, as_json):
+    """Check a cache against its data and teacher: fingerprint, weights, re-computed rows (exit 1 on mismatch)."""
+    from .store import open_store
+    from .verify import report_lines, verify_cache
+
+    report = verify_cache(
+        open_store(cache_dir),
+        data=Path(data) if data else None,
+        weights=weights,
+        samples=samples,
+        loader=loader,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        seed=seed,
+        tolerance=tolerance,
+        integrity=integrity,
+        progress=True,
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo("\n".join(report_lines(report)))
+    if not report.ok:
+        click.echo(f"error: cache {cache_dir} does not match: {report.cause} (details above)", err=True)
+        sys.exit(1)
