@@ -11,7 +11,8 @@ from PIL import Image
 
 pytest.importorskip("sklearn")
 
-from skd import demo  # noqa: E402
+from skd import demo, demo_digits  # noqa: E402
+from skd.demo_models import IMAGE_SIZE  # noqa: E402
 from skd.index import index_dataset  # noqa: E402
 from skd.teachers import create_model  # noqa: E402
 
@@ -27,7 +28,7 @@ def _digest(root) -> str:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "digits"
-    return root, demo.write_digits(root)
+    return root, demo_digits.write_digits(root)
 
 
 def test_writes_an_imagefolder_of_all_digits(digits):
@@ -37,7 +38,7 @@ def test_writes_an_imagefolder_of_all_digits(digits):
     assert index.classes == [str(d) for d in range(10)]
     assert len(index.train.paths) == 1438 and len(index.val.paths) == 359
     assert set(np.unique(index.val.labels)) == set(range(10))
-    assert (index.train.sizes == demo.CANVAS).all() and (index.val.sizes == demo.CANVAS).all()
+    assert (index.train.sizes == demo_digits.CANVAS).all() and (index.val.sizes == demo_digits.CANVAS).all()
     # the folder name is the digit, and each scikit-learn image is in exactly one split
     ids = [p.split("/")[-1] for p in index.train.paths + index.val.paths]
     assert len(set(ids)) == 1797
@@ -53,30 +54,30 @@ def test_writes_an_imagefolder_of_all_digits(digits):
 def test_deterministic_and_left_alone_when_present(digits, tmp_path):
     root, counts = digits
     again = tmp_path / "digits"
-    assert demo.write_digits(again) == counts
+    assert demo_digits.write_digits(again) == counts
     assert _digest(again) == _digest(root)
     stamp = {f: f.stat().st_mtime_ns for f in again.rglob("*.JPEG")}
-    demo.write_digits(again)  # same manifest: nothing rewritten
+    demo_digits.write_digits(again)  # same manifest: nothing rewritten
     assert {f: f.stat().st_mtime_ns for f in again.rglob("*.JPEG")} == stamp
 
 
 def test_the_digit_is_inside_the_validation_crop():
     rng = np.random.default_rng(0)
     pixels = np.full(64, 16.0)  # a full white 8x8 square shows where the digit lands
-    margin = (demo.CANVAS - round(demo.CANVAS * 224 / 256)) // 2
+    margin = (demo_digits.CANVAS - round(demo_digits.CANVAS * 224 / 256)) // 2
     for _ in range(50):
-        image = demo.render_digit(pixels, rng)
-        assert image.shape == (demo.CANVAS, demo.CANVAS, 3) and image.dtype == np.uint8
+        image = demo_digits.render_digit(pixels, rng)
+        assert image.shape == (demo_digits.CANVAS, demo_digits.CANVAS, 3) and image.dtype == np.uint8
         ink = image.max(axis=2) > 120
         ys, xs = np.nonzero(ink)
         assert ys.min() >= margin and xs.min() >= margin
-        assert ys.max() < demo.CANVAS - margin and xs.max() < demo.CANVAS - margin
+        assert ys.max() < demo_digits.CANVAS - margin and xs.max() < demo_digits.CANVAS - margin
 
 
 def test_models_load_by_the_py_form():
     teacher = create_model("py:skd.demo:teacher")
     student = create_model("py:skd.demo:student", num_classes=10)
-    x = torch.zeros(2, 3, demo.IMAGE_SIZE, demo.IMAGE_SIZE)
+    x = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert teacher.eval()(x).shape == (2, 10) and student.eval()(x).shape == (2, 10)
     assert sum(p.numel() for p in student.parameters()) * 10 < sum(p.numel() for p in teacher.parameters())
 
@@ -85,7 +86,7 @@ def test_a_folder_the_demo_did_not_write_is_never_deleted(tmp_path):
     (tmp_path / "digits").mkdir()
     (tmp_path / "digits" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="not written by the demo"):
-        demo.write_digits(tmp_path / "digits")
+        demo_digits.write_digits(tmp_path / "digits")
     assert (tmp_path / "digits" / "notes.txt").read_text() == "mine", "the demo deleted a user's file"
     with pytest.raises(SystemExit):
         demo.main(["--dir", str(tmp_path), "--epochs", "0"])
@@ -93,9 +94,9 @@ def test_a_folder_the_demo_did_not_write_is_never_deleted(tmp_path):
 
 def test_a_demo_stopped_while_writing_images_reruns(tmp_path, digits):
     root = tmp_path / "digits"
-    demo.write_digits(root)
+    demo_digits.write_digits(root)
     manifest = (root / "manifest.json").read_text()
     (root / "manifest.json").write_text('{"source": "sklearn.datasets.load_digits"}\n')  # what a stop leaves
     next(root.rglob("*.JPEG")).unlink()
-    assert demo.write_digits(root) == digits[1], "the rerun should write the digits again"
+    assert demo_digits.write_digits(root) == digits[1], "the rerun should write the digits again"
     assert (root / "manifest.json").read_text() == manifest
