@@ -144,12 +144,15 @@ def mix_options(command):
 
 
 def options_given(names: tuple[str, ...]) -> list[str]:
-    """Which of the current command's options `names` the user set rather than left at their default, as typed."""
+    """Which of the current command's options `names` the user set rather than left at their default, in the order
+    of `names`, as typed (--no-val, not --val, for a flag turned off)."""
     ctx = click.get_current_context()
+    params = {param.name: param for param in ctx.command.params}
     given = []
-    for param in ctx.command.params:
-        if param.name in names and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT:
-            negated = bool(param.secondary_opts) and ctx.params[param.name] is False  # --no-val, not --val
+    for name in names:
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
+            param = params[name]
+            negated = bool(param.secondary_opts) and ctx.params[name] is False
             given.append((param.secondary_opts if negated else param.opts)[0])
     return given
 
