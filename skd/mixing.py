@@ -2,8 +2,8 @@
 
 Positions pair up (the partner of position p is p XOR 1, timm's 'pair' mode with fixed pairs): one draw
 per pair, and both rows of a pair share the same lambda and the same box, each row keeping its own image
-outside the box (or with weight lambda) and taking the partner's inside it. The draws are a function of
-(seed, view, pair index) only, so the plan does not depend on batch size; the build stores the arrays
+outside the box (or with weight lambda) and taking the partner's inside it. The draws come from skd.draws
+keyed by (seed, view, pair index), so the plan does not depend on batch size; the build stores the arrays
 and replay reads them back. Boxes are stored as fractions of the view, so any output size pastes the
 same region; lambda is corrected to the pixels actually pasted at the plan's image size.
 """
@@ -17,13 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from skd import draws
 from skd.errors import SkdError
-
-# Stream identifiers of the mixing draws, above plan.py's (0-41), each its own Philox stream so that
-# a pair's values depend only on its index, not on how many pairs the view has.
-_STREAM_MIX = 64  # + {0: mixed?, 1: CutMix?, 2: MixUp lambda, 3: CutMix lambda, 4: centre y, 5: centre x}
-
-_MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
 class MixError(SkdError):
@@ -70,21 +65,11 @@ class MixParams:
                 raise MixError(f"{option} {value}: a probability between 0 and 1")
 
 
-def _generator(seed: int, view: int, stream: int) -> np.random.Generator:
-    """A Philox generator keyed by (seed, view, stream): its k-th draw belongs to pair k."""
-    key = [seed & _MASK64, ((view & 0xFFFFFFFF) << 32 | stream) & _MASK64]
-    return np.random.Generator(np.random.Philox(key=np.array(key, dtype=np.uint64)))
-
-
-def _uniform(seed: int, view: int, pairs: int, stream: int) -> np.ndarray:
-    return _generator(seed, view, _STREAM_MIX + stream).random(pairs)
-
-
-def _beta(seed: int, view: int, pairs: int, stream: int, alpha: float) -> np.ndarray:
+def _beta(seed: int, view: int, pair_ids: np.ndarray, stream: int, alpha: float) -> np.ndarray:
     """Beta(alpha, alpha) per pair (all ones when alpha is 0: that kind is off and never chosen)."""
     if alpha <= 0:
-        return np.ones(pairs)
-    return _generator(seed, view, _STREAM_MIX + stream).beta(alpha, alpha, pairs)
+        return np.ones(len(pair_ids))
+    return draws.beta(seed, view, stream, pair_ids, alpha)
 
 
 def box_pixels(mix_box: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
@@ -104,15 +89,18 @@ def _cut_boxes(lam: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
     return np.clip(np.stack([cy - half, cx - half, cy + half, cx + half], axis=1), 0.0, 1.0)
 
 
-def _pair_draws(seed: int, view: int, pairs: int, params: MixParams) -> tuple[np.ndarray, np.ndarray]:
+def _pair_draws(seed: int, view: int, pair_ids: np.ndarray, params: MixParams) -> tuple[np.ndarray, np.ndarray]:
     """Per pair: whether it is CutMix, and the drawn (uncorrected) lambda, 1 for pairs left unmixed."""
-    mixed = _uniform(seed, view, pairs, 0) < params.prob
+    mixed_u, cut_u = draws.uniform(seed, view, draws.MIX_CHOICE, pair_ids, count=2).T
+    mixed = mixed_u < params.prob
     if params.mixup_alpha > 0 and params.cutmix_alpha > 0:
-        cut = _uniform(seed, view, pairs, 1) < params.switch_prob
+        cut = cut_u < params.switch_prob
     else:
-        cut = np.full(pairs, params.cutmix_alpha > 0)
+        cut = np.full(len(pair_ids), params.cutmix_alpha > 0)
     lam = np.where(
-        cut, _beta(seed, view, pairs, 3, params.cutmix_alpha), _beta(seed, view, pairs, 2, params.mixup_alpha)
+        cut,
+        _beta(seed, view, pair_ids, draws.CUTMIX_LAMBDA, params.cutmix_alpha),
+        _beta(seed, view, pair_ids, draws.MIXUP_LAMBDA, params.mixup_alpha),
     )
     return cut & mixed, np.where(mixed, lam, 1.0)
 
@@ -130,8 +118,9 @@ def plan_mixing(seed: int, view: int, n: int, params: MixParams, image_size: int
     pairs = n // 2
     if not params.enabled or pairs == 0:
         return lam, box
-    cut, pair_lam = _pair_draws(seed, view, pairs, params)
-    centre_y, centre_x = _uniform(seed, view, pairs, 4), _uniform(seed, view, pairs, 5)
+    pair_ids = np.arange(pairs)
+    cut, pair_lam = _pair_draws(seed, view, pair_ids, params)
+    centre_y, centre_x = draws.uniform(seed, view, draws.CUTMIX_CENTRE, pair_ids, count=2).T
     pair_box = np.where(cut[:, None], _cut_boxes(pair_lam, centre_y, centre_x), 0.0).astype(np.float32)
     y0, x0, y1, x1 = box_pixels(pair_box, image_size).T
     area = (y1 - y0) * (x1 - x0) / float(image_size * image_size)

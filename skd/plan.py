@@ -1,9 +1,9 @@
 """The recorded augmentation plan: sample order, RandomResizedCrop windows and flips of each view.
 
 Everything here is a pure function of (seed, view, sample id, image height, width). Random numbers
-come from a counter-based hash keyed by those values, so a sample's window does not depend on how
-many samples are planned at once, on batch size, or on any library's global RNG. The build stores
-the resulting integers; replay reads them back and never re-derives them.
+come from skd.draws, counter-based by (seed, view, stream, sample id), so a sample's window does not
+depend on how many samples are planned at once, on batch size, or on any library's global RNG. The
+build stores the resulting integers; replay reads them back and never re-derives them.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import draws
+
 VAL_CROP_FRACTION = 224 / 256  # validation: resize to 256, centre crop 224 (scaled with the image size)
 TRIES = 10  # torchvision RandomResizedCrop's number of attempts before the centre fallback
-
-# Stream identifiers: distinct counters for each use of randomness.
-_STREAM_ORDER = 0
-_STREAM_FLIP = 1
-_STREAM_CROP = 2  # + 4 * try + {0: area, 1: log-ratio, 2: y, 3: x}
 
 
 @dataclass(frozen=True)
@@ -50,26 +47,6 @@ class ViewPlan:
     mix: tuple[np.ndarray, np.ndarray] | None = None  # (mix_lambda, mix_box) by position when mixed (skd.mixing)
 
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a bijective avalanche mix of uint64 values."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def uniform(seed: int, view: int, sample_ids: np.ndarray, stream: int) -> np.ndarray:
-    """Uniform [0, 1) floats, one per sample id, from a hash of (seed, view, sample id, stream)."""
-    ids = np.asarray(sample_ids, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        key = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ _mix64(np.full(1, view, np.uint64)))
-        key = _mix64(key ^ np.uint64(stream) * np.uint64(0x9E3779B97F4A7C15))
-        x = _mix64(ids * np.uint64(0xD1B54A32D192ED03) + key)
-    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
 def _randint(u: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Integers in [0, high) from uniforms u (high >= 1)."""
     return np.minimum((u * high).astype(np.int64), high - 1)
@@ -93,17 +70,18 @@ def crop_windows(
     box = np.zeros((n, 4), dtype=np.int64)
     found = np.zeros(n, dtype=bool)
     for t in range(TRIES):
-        base = _STREAM_CROP + 4 * t
-        target = area * (params.scale[0] + (params.scale[1] - params.scale[0]) * uniform(seed, view, ids, base))
-        aspect = np.exp(log_lo + (log_hi - log_lo) * uniform(seed, view, ids, base + 1))
+        pending = np.flatnonzero(~found)
+        area_u, ratio_u, y_u, x_u = draws.uniform(seed, view, draws.CROP + t, ids[pending], count=4).T
+        target = area[pending] * (params.scale[0] + (params.scale[1] - params.scale[0]) * area_u)
+        aspect = np.exp(log_lo + (log_hi - log_lo) * ratio_u)
         cw = np.round(np.sqrt(target * aspect)).astype(np.int64)
         ch = np.round(np.sqrt(target / aspect)).astype(np.int64)
-        ok = ~found & (cw > 0) & (ch > 0) & (cw <= width) & (ch <= height)
-        if ok.any():
-            y = _randint(uniform(seed, view, ids[ok], base + 2), height[ok] - ch[ok] + 1)
-            x = _randint(uniform(seed, view, ids[ok], base + 3), width[ok] - cw[ok] + 1)
-            box[ok] = np.stack([y, x, ch[ok], cw[ok]], axis=1)
-            found |= ok
+        fits = (cw > 0) & (ch > 0) & (cw <= width[pending]) & (ch <= height[pending])
+        hit = pending[fits]
+        y = _randint(y_u[fits], height[hit] - ch[fits] + 1)
+        x = _randint(x_u[fits], width[hit] - cw[fits] + 1)
+        box[hit] = np.stack([y, x, ch[fits], cw[fits]], axis=1)
+        found[hit] = True
     rest = ~found
     if rest.any():
         box[rest] = center_fallback(height[rest], width[rest], params.ratio)
@@ -126,21 +104,26 @@ def center_fallback(height: np.ndarray, width: np.ndarray, ratio: tuple[float, f
 
 def flips(seed: int, view: int, sample_ids: np.ndarray, prob: float = 0.5) -> np.ndarray:
     """1 where the sample is mirrored in this view."""
-    return (uniform(seed, view, sample_ids, _STREAM_FLIP) < prob).astype(np.uint8)
+    return (draws.uniform(seed, view, draws.FLIP, sample_ids) < prob).astype(np.uint8)
 
 
 def sample_order(seed: int, view: int, n: int) -> np.ndarray:
     """The order in which view `view` visits the n samples: a permutation of range(n)."""
-    keys = uniform(seed, view, np.arange(n), _STREAM_ORDER)
+    keys = draws.uniform(seed, view, draws.ORDER, np.arange(n))
     return np.argsort(keys, kind="stable").astype(np.int32)
 
 
 def plan_view(seed: int, view: int, sizes: np.ndarray, params: CropParams = CropParams()) -> ViewPlan:
-    """Plan one view over all samples; `sizes[i]` is (height, width) of sample i."""
+    """Plan one view over all samples; `sizes[i]` is (height, width) of sample i.
+
+    Windows and flips are drawn in sample-id order, where the draws read memory in sequence, then put
+    in the view's order: a sample's draws do not depend on its position.
+    """
     sizes = np.asarray(sizes)
+    ids = np.arange(len(sizes))
     order = sample_order(seed, view, len(sizes))
-    box = crop_windows(seed, view, order, sizes[order], params)
-    flip = flips(seed, view, order, params.flip_prob)
+    box = crop_windows(seed, view, ids, sizes, params)[order]
+    flip = flips(seed, view, ids, params.flip_prob)[order]
     return ViewPlan(order=order, box=box, flip=flip)
 
 

@@ -23,7 +23,7 @@ from .codecs import CODECS
 from .errors import SkdError
 from .pipelines import INTERPOLATIONS
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAX_SAMPLES = 10**8  # ImageNet-21k has 1.4e7
 MAX_VIEWS = 10**4
 MAX_CLASSES = 10**6
@@ -110,7 +110,7 @@ class Plan(_Model):
 class Meta(_Model):
     """The `skd` group attribute of a cache (cache/README.md)."""
 
-    format: Literal[2]
+    format: Literal[FORMAT_VERSION]
     teacher: Teacher
     dataset: Dataset
     plan: Plan

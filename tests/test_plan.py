@@ -83,6 +83,17 @@ def test_independent_of_chunking_and_global_rng():
     assert np.array_equal(flips(5, 2, ids[1000:]), flips(5, 2, ids)[1000:]), "flips depend on chunking"
 
 
+def test_a_samples_window_and_flip_do_not_depend_on_its_position():
+    """plan_view's window and flip of a sample equal those drawn for that sample alone."""
+    sizes = sizes_for(2000)
+    plan = plan_view(4, 3, sizes)
+    positions = [0, 1, 999, 1999]
+    alone = [crop_windows(4, 3, plan.order[[p]], sizes[plan.order[[p]]])[0].tolist() for p in positions]
+    assert plan.box[positions].tolist() == alone, f"windows {plan.box[positions].tolist()}, alone {alone}"
+    flip_alone = [int(flips(4, 3, plan.order[[p]])[0]) for p in positions]
+    assert plan.flip[positions].tolist() == flip_alone, f"flips {plan.flip[positions].tolist()}, alone {flip_alone}"
+
+
 def test_plans_imagenet_scale_in_seconds():
     sizes = sizes_for(1_281_167)
     start = time.perf_counter()
