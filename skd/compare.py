@@ -11,22 +11,14 @@ from itertools import combinations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from .loss import LAYER_NORM_EPS
+from .loss import kl_per_row, skd_log_target, spherical_normalize
 from .reader import RowReader
 from .replay import check_ensemble
 from .store import Store
 
 TEMPERATURE, MULTIPLIER = 4.0, 2.0  # of the reported KL, as the codec table and verify
-
-
-def _log_targets(logits: np.ndarray) -> torch.Tensor:
-    """log softmax(layer_norm(logits) * m / T): the SKD target of each row, in float64."""
-    x = torch.from_numpy(logits).double()
-    z = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) * MULTIPLIER / TEMPERATURE
-    return F.log_softmax(z, dim=1)
 
 
 def _stream(stores: list[Store], view: int | None):
@@ -46,14 +38,14 @@ def split_figures(stores: list[Store], view: int | None, labels: np.ndarray | No
     with tqdm(total=total, desc="val" if view is None else f"view {view}", unit="row", disable=not progress) as bar:
         for blocks in _stream(stores, view):
             preds = [b.argmax(1) for b in blocks]
-            logs = [_log_targets(b) for b in blocks]
+            logs = [skd_log_target(torch.from_numpy(b), MULTIPLIER, TEMPERATURE, torch.float64) for b in blocks]
             for i, j in combinations(range(k), 2):
                 agree[i, j] += (preds[i] == preds[j]).sum()
-                kl[i, j] += float((logs[i].exp() * (logs[i] - logs[j])).sum(1).clamp_min(0).sum())
+                kl[i, j] += float(kl_per_row(logs[i], logs[j]).clamp_min(0).sum())
             if labels is not None:
                 y = labels[seen : seen + len(blocks[0])]
                 hits += [(p == y).sum() for p in preds]
-                mean = sum(F.layer_norm(torch.from_numpy(b), b.shape[-1:], eps=LAYER_NORM_EPS) for b in blocks) / k
+                mean = sum(spherical_normalize(torch.from_numpy(b), 1.0) for b in blocks) / k
                 ensemble_hits += int((mean.argmax(1).numpy() == y).sum())
             seen += len(blocks[0])
             bar.update(len(blocks[0]))

@@ -1,6 +1,8 @@
 """Knowledge-distillation losses: spherical KD (layer-normalised logits) and Hinton KD.
 
-All arithmetic runs in float32 whatever the input dtype, so the loss is the same under AMP.
+The losses run in float32 whatever the input dtype, so they are the same under AMP. The SKD target and
+the KL between the targets of two logits (`skd_log_target`, `skd_kl`) are also what `skd-cache verify`
+and the teacher comparison of `skd-cache stats` report, in the dtype their caller picks.
 """
 
 from __future__ import annotations
@@ -24,18 +26,47 @@ class KDLoss(NamedTuple):
     ce: torch.Tensor
 
 
-def spherical_normalize(logits: torch.Tensor, multiplier: float) -> torch.Tensor:
-    """Layer-normalise logits over the classes (no affine, eps 1e-7), then scale by `multiplier`."""
-    logits = logits.float()
+def spherical_normalize(logits: torch.Tensor, multiplier: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Layer-normalise logits over the classes (no affine, eps 1e-7), then scale by `multiplier`; in `dtype`
+    (float32 for the loss under AMP, float64 where a damaged stored value must still normalise)."""
+    logits = logits.to(dtype)
     return F.layer_norm(logits, logits.shape[-1:], eps=LAYER_NORM_EPS) * multiplier
+
+
+def skd_log_target(
+    logits: torch.Tensor, multiplier: float, temperature: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """log softmax(layer_norm(logits) * m / T): the distribution the SKD loss matches, per row, in `dtype`."""
+    return F.log_softmax(spherical_normalize(logits, multiplier, dtype) / temperature, dim=-1)
+
+
+def kl_per_row(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of each row, from the log-probabilities of p and q over the last dimension."""
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def skd_kl(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    *,
+    multiplier: float,
+    temperature: float,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-row KL between the SKD targets of two logits of the same rows (no T^2 factor), in `dtype`.
+
+    Rounding makes the KL of two equal rows a hair negative: it is clamped at zero, as a reported figure.
+    """
+    log_p = skd_log_target(p_logits, multiplier, temperature, dtype)
+    log_q = skd_log_target(q_logits, multiplier, temperature, dtype)
+    return kl_per_row(log_p, log_q).clamp_min(0.0)
 
 
 def _kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher/T) || softmax(student/T)), batch mean, times T^2."""
     log_p_student = F.log_softmax(student / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    return kl_per_row(log_p_teacher, log_p_student).mean() * temperature**2
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, mix_lambda: torch.Tensor | None) -> torch.Tensor:

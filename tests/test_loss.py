@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from skd.loss import hard_label_loss, hinton_kd_loss, seed_alpha, spherical_kd_loss
+from skd.loss import hard_label_loss, hinton_kd_loss, seed_alpha, skd_kl, spherical_kd_loss
 
 
 def by_hand_skd(s, t, y, T, m, a):
@@ -56,6 +56,19 @@ def test_skd_runs_in_float32_for_half_inputs(dtype):
     want, _, _ = by_hand_skd(s.float(), t.float(), y, 4.0, 2.0, 0.5)
     assert out.loss.dtype == torch.float32, f"loss dtype {out.loss.dtype}, expected float32"
     assert abs(out.loss.item() - want.item()) < 1e-5, f"{dtype} loss {out.loss.item()} vs float32 {want.item()}"
+
+
+def test_reported_kl_is_the_losss_kd_term():
+    """The per-row KL that verify and the teacher comparison report averages to the loss's KD term / T^2."""
+    s, t, y = batch()
+    kd = spherical_kd_loss(s, t, y, temperature=4.0, multiplier=2.0, alpha=1.0).kd
+    reported = skd_kl(t, s, multiplier=2.0, temperature=4.0).mean() * 16
+    assert abs(reported.item() - kd.item()) < 1e-5, f"reported KL x T^2 {reported.item()} vs the loss's KD {kd.item()}"
+    _, by_hand, _ = by_hand_skd(s, t, y, 4.0, 2.0, 1.0)
+    exact = skd_kl(t, s, multiplier=2.0, temperature=4.0, dtype=torch.float64).mean() * 16
+    assert abs(exact.item() - by_hand.item()) < 1e-9, f"float64 KL x T^2 {exact.item()} vs by hand {by_hand.item()}"
+    same = skd_kl(s, s * 3.0 + 1.0, multiplier=2.0, temperature=4.0)
+    assert (same >= 0).all() and same.max() < 1e-6, f"KL of a row with its affine copy: max {same.max().item():.2e}"
 
 
 def test_ce_is_on_normalised_student_logits():
