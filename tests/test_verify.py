@@ -134,7 +134,7 @@ def test_every_flipped_byte_of_a_shard_is_found_by_integrity(copy):
 
     A flip is either reported or harmless (e.g. zstd's frame-header bit 4 is unused by the format).
     """
-    from skd.verify import check_integrity
+    from skd.verify_checks import check_integrity
 
     path = copy / "cache" / SHARD
     pristine = path.read_bytes()
