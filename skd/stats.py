@@ -1,9 +1,7 @@
 """What a cache's teacher logits look like (`skd-cache stats`): accuracy, scale, confidence, calibration.
 
-Statistics stream each chosen view once through RowReader and never decode a row: argmax, ranks and
-the layer norm ignore the int8 codec's per-row affine (positive scale, any offset), the standard
-deviation and the softmax need only the row's scale, so one float32 copy of the stored values is the
-only full-size conversion (>= 50k rows/s at 1000 classes, see benchmarks/stats_throughput.py).
+Each chosen view, and val, is streamed once into per-row figures (skd.stats_rows); this module reduces
+them to each split's figures, and writes them as text lines and as one plot.
 """
 
 from __future__ import annotations
@@ -12,14 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from .codecs import Encoded
 from .errors import SkdError
-from .loss import LAYER_NORM_EPS
 from .mixing import mix_summary, summary_line
-from .reader import RowReader
 from .replay import mean_row_std
+from .stats_rows import RowStats, stream_rows
 from .store import Store
 
 ECE_BINS = 15
@@ -27,113 +22,10 @@ SHOWN = 10  # worst classes and most confused pairs listed
 PLOTTED_CLASSES = 30  # per-class bars in the plot: all classes up to this many, else the worst this many
 AREA_EDGES = (0.25, 0.50, 0.75)  # crop-area buckets [lower edge, next edge): below 8% counts as 8-25%
 AREA_BUCKETS = ("8-25%", "25-50%", "50-75%", "75-100%")
-BATCH_ROWS = 256  # rows per kernel step: the float32 work buffers (1 MiB at 1000 classes) stay in cache
-MIN_EXPONENT = -80.0  # exp() of anything lower is 0 for the sums here; below -87 it is slow (denormals)
 
 
 class StatsError(SkdError):
     """Statistics cannot be computed as asked: one line saying what to change."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-row statistics of stored rows
-
-
-@dataclass
-class RowStats:
-    """Per-row figures of a run of stored rows (all arrays (n,))."""
-
-    pred: np.ndarray  # teacher top-1 class
-    above: np.ndarray  # classes scoring strictly higher than the label (top-5 correct: above < 5)
-    std: np.ndarray  # standard deviation over classes (unbiased, as torch.std)
-    max_prob: np.ndarray  # max of softmax(logits)
-    entropy: np.ndarray  # of softmax(logits), nats
-    target_max_prob: np.ndarray  # max of the SKD target softmax(layer_norm(logits) * m / T)
-    target_entropy: np.ndarray
-
-    @classmethod
-    def empty(cls, n: int) -> "RowStats":
-        return cls(np.zeros(n, np.int64), np.zeros(n, np.int64), *(np.zeros(n, np.float64) for _ in range(5)))
-
-    def put(self, start: int, part: "RowStats") -> None:
-        for name in self.__dataclass_fields__:
-            getattr(self, name)[start : start + len(part.pred)] = getattr(part, name)
-
-
-def _softmax_figures(d: np.ndarray, lowest: np.ndarray, k: np.ndarray, work: np.ndarray):
-    """Max probability and entropy of softmax(k * d) per row, where d = stored - row max (<= 0, lowest: row min)."""
-    e = np.multiply(d, k[:, None].astype(np.float32), out=work)
-    if (lowest * k).min(initial=0.0) < MIN_EXPONENT:
-        np.maximum(e, MIN_EXPONENT, out=e)
-    np.exp(e, out=e)
-    z = e.sum(1).astype(np.float64)
-    dot = np.einsum("ij,ij->i", e, d).astype(np.float64) * k
-    return 1.0 / z, np.log(z) - dot / z
-
-
-def row_stats(
-    rows: Encoded, labels: np.ndarray, *, temperature: float, multiplier: float, work: tuple[np.ndarray, np.ndarray]
-) -> RowStats:
-    """Per-row figures of stored rows (any codec) whose true classes are `labels`.
-
-    `work` is two float32 buffers of at least (len(labels), C), reused between calls: fresh
-    multi-MiB arrays cost page faults that would halve the throughput.
-    """
-    n, c = rows.logits.shape
-    r = np.arange(n)
-    scale = np.ones(n, np.float64) if rows.scale is None else rows.scale.astype(np.float64)
-    x = work[0][:n]
-    np.copyto(x, rows.logits, casting="unsafe")
-    pred = x.argmax(1)
-    known = labels < c  # a dataset class the teacher does not have is never predicted
-    label_score = x[r, np.where(known, labels, 0)]
-    above = np.where(known, np.count_nonzero(x > label_score[:, None], axis=1), np.iinfo(np.int64).max)
-    d = np.subtract(x, x[r, pred][:, None], out=x)
-    lowest = d.min(1).astype(np.float64)
-    mean = d.sum(1).astype(np.float64) / c  # float32 sums: float64 ones would cost a third of the throughput
-    var = np.maximum(np.einsum("ij,ij->i", d, d).astype(np.float64) / c - mean**2, 0.0)  # biased, stored units
-    std = np.sqrt(var * c / max(c - 1, 1)) * scale
-    max_prob, entropy = _softmax_figures(d, lowest, scale, work[1][:n])
-    ln_k = (multiplier / temperature) * scale / np.sqrt(scale**2 * var + LAYER_NORM_EPS)
-    target_max_prob, target_entropy = _softmax_figures(d, lowest, ln_k, work[1][:n])
-    return RowStats(pred, above, std, max_prob, entropy, target_max_prob, target_entropy)
-
-
-def stream_rows(
-    store: Store,
-    view: int | None,
-    labels: np.ndarray,
-    *,
-    temperature: float,
-    multiplier: float,
-    progress: bool = False,
-    desc: str = "",
-) -> RowStats:
-    """RowStats of every row of view `view` (None: val), streamed once in order with RowReader."""
-    n = len(labels)
-    out = RowStats.empty(n)
-    work = tuple(np.empty((BATCH_ROWS, store.num_classes), np.float32) for _ in range(2))
-    with tqdm(total=n, desc=desc, unit="row", disable=not progress, dynamic_ncols=True) as bar:
-        for first, block in RowReader(store, view, 0, n).blocks():
-            for a in range(0, len(block.logits), BATCH_ROWS):
-                part = Encoded(*(None if v is None else v[a : a + BATCH_ROWS] for v in block))
-                b = first + a
-                out.put(
-                    b,
-                    row_stats(
-                        part,
-                        labels[b : b + len(part.logits)],
-                        temperature=temperature,
-                        multiplier=multiplier,
-                        work=work,
-                    ),
-                )
-                bar.update(len(part.logits))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Summaries
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -205,7 +97,7 @@ def crop_area_buckets(area: np.ndarray, correct: np.ndarray, max_prob: np.ndarra
     return out
 
 
-def summarize(
+def split_summary(
     name: str, rows: RowStats, labels: np.ndarray, classes: list[str], *, ece: bool, area: np.ndarray | None = None
 ) -> SplitStats:
     """Reduce one split's RowStats to the reported figures; `area` (views): each row's crop-area fraction."""
@@ -330,7 +222,7 @@ def logit_stats(
         labels = stored_labels(store, "samples")[order]
         rows = stream_rows(store, k, labels, desc=f"view {k}", **kwargs)
         area = crop_area_fraction(box, sizes[order])
-        splits.append(summarize(f"view {k}", rows, labels, classes, ece=False, area=area))
+        splits.append(split_summary(f"view {k}", rows, labels, classes, ece=False, area=area))
         splits[-1].mixing = mix_summary(*store.view_mix(k))
         by_sample = np.empty_like(rows.pred)
         by_sample[order] = rows.pred
@@ -345,7 +237,7 @@ def logit_stats(
     if use_val:
         labels = stored_labels(store, "val")
         rows = stream_rows(store, None, labels, desc="val", **kwargs)
-        splits.append(summarize("val", rows, labels, classes, ece=True))
+        splits.append(split_summary("val", rows, labels, classes, ece=True))
     if not splits:
         raise StatsError(f"nothing to do: choose --views (cache {store.path} has {store.num_views})")
     return CacheStats(

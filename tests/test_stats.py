@@ -14,7 +14,8 @@ from skd.cli import cache as cli
 from skd.codecs import get_codec
 from skd.loss import spherical_normalize
 from skd.replay import auto_multiplier
-from skd.stats import CacheStats, RowStats, logit_stats, plot_stats, summarize
+from skd.stats import CacheStats, logit_stats, plot_stats, split_summary
+from skd.stats_rows import RowStats
 from skd.store import Split, create_store, open_store
 
 N, C, VAL, CLASSES = 300, 10, 200, [f"c{i}" for i in range(10)]
@@ -288,7 +289,7 @@ def test_plot_of_many_classes_shows_the_worst_30_sorted(tmp_path):
     accuracy = labels / 200  # class i: about i/200 of its rows right, so the low ids are the worst
     pred = np.where(np.random.default_rng(0).random(n) < accuracy, labels, (labels + 1) % 200)
     rows = RowStats(pred, (pred != labels).astype(np.int64), *(np.full(n, 0.5) for _ in range(5)))
-    split = summarize("val", rows, labels, classes, ece=True)
+    split = split_summary("val", rows, labels, classes, ece=True)
     stats = CacheStats([split], 4.0, 2.0, None, None, [], {}, cache="/data/r152", classes=classes)
     text = svg_text(stats, tmp_path / "many.svg")
     assert "worst 30 of 200 classes, worst first" in text, "the subplot title does not say only the worst are shown"
