@@ -207,7 +207,7 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
 def test_a_run_is_replaced_only_on_overwrite_and_a_moved_cache_resumes(fp32_cache, tmp_path):
     """Rerunning without --resume (as after a Ctrl-C) keeps the run; --overwrite starts it again; a copy of the
     cache elsewhere is the same cache for --resume."""
-    from skd.train import TrainError
+    from skd.training_run import TrainError
 
     out = tmp_path / "run"
     run(base_config(out, cache=fp32_cache, epochs=1))
@@ -322,7 +322,8 @@ def test_images_vanishing_during_training_are_one_line(fp32_cache, image_root, t
 
 def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
     from skd.runtime import Dist
-    from skd.train import TrainError, _train
+    from skd.train import _train
+    from skd.training_run import TrainError
 
     with pytest.raises(TrainError, match="18 training samples cannot be shared by 20 processes"):
         _train(

@@ -1,0 +1,187 @@
+"""What a training run is made of before its first step: the views and where the teacher's logits come from
+(a cache, an ensemble of caches, or the teacher online), the student, and what updates it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from .config import TrainConfig
+from .errors import SkdError
+from .loss import KDLoss
+from .pipelines import Recipe
+from .recipe import resolve
+from .replay import (
+    ReplaySource,
+    auto_multiplier,
+    cached_source,
+    check_ensemble,
+    check_replayable,
+    online_source,
+    student_recipe,
+    warn_other_loader,
+)
+from .runtime import Dist, autocast, place
+from .store import Store, open_store
+from .teachers import create_model, load_teacher, output_classes
+
+ONLINE_IMAGE_SIZE = 224  # the student's size in online mode unless --image-size says
+
+
+class TrainError(SkdError):
+    """Training cannot go ahead as asked: one line saying what to change."""
+
+
+@dataclass
+class Run:
+    """What the loop needs besides the student: the views, where teacher logits come from, and the run's identity."""
+
+    source: ReplaySource
+    stores: list[Store]  # cached teacher logits: one cache, or an ensemble's (empty online)
+    weights: list[float]  # of the ensemble's teachers, summing to 1
+    teacher: nn.Module | None  # online mode: the teacher in the loop
+    teacher_recipe: Recipe | None  # online mode: how the teacher sees each window (may differ from the student)
+    multiplier: float
+    identity: dict  # recorded in the checkpoint: a resume must replay the same views and teacher
+    steps_run: int = 0  # steps this process has run (the train-step fault point counts them)
+
+
+@dataclass
+class Learner:
+    """The student and what updates it: SGD, torch's lr scheduler (stepped once per batch), AMP's grad scaler."""
+
+    student: nn.Module  # the weights that are saved
+    model: nn.Module  # what runs the batches: the student, wrapped by DDP over several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+
+    def step(
+        self, images, target, teacher, mix_lambda, loss_fn, device: torch.device, amp: str
+    ) -> tuple[KDLoss, float]:
+        """One optimizer step on a batch, then one scheduler step: (its losses, the learning rate it used)."""
+        lr = self.scheduler.get_last_lr()[0]
+        with autocast(device, amp):
+            student_logits = self.model(images)
+        parts = loss_fn(student_logits, teacher, target, mix_lambda)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return parts, lr
+
+
+def open_run(cfg: TrainConfig, device: torch.device) -> Run:
+    """The views and teacher logits of this run: a cache's, or an online plan's with the teacher in the loop."""
+    if cfg.caches():
+        return cached_run(cfg)
+    if cfg.teacher is None or cfg.data is None:
+        raise TrainError("pass --cache DIR, or --teacher NAME with --data ROOT for online distillation")
+    if cfg.multiplier == "auto":
+        raise TrainError("--multiplier auto reads the cache's logits: pass a number in online mode")
+    return online_run(cfg, device)
+
+
+def cached_run(cfg: TrainConfig) -> Run:
+    """The views of one cache (or an ensemble's, built on one plan), their images checked against the data."""
+    stores = [open_store(path) for path in cfg.caches()]
+    check_ensemble(stores)
+    weights = ensemble_weights(cfg.teacher_weights, len(stores))
+    store = stores[0]
+    root = Path(cfg.data or store.meta["dataset"]["root"])
+    for each in stores:
+        check_replayable(each, root, cfg.val)
+    recipe = student_recipe(cfg.image_size or int(store.meta["plan"]["image_size"]), cfg.mean, cfg.std)
+    warn_other_loader(cfg.loader, store)
+    source = cached_source(store, recipe=recipe, root=root, loader=cfg.loader, val=cfg.val)
+    multiplier = auto_multiplier(stores, weights) if cfg.multiplier == "auto" else float(cfg.multiplier)
+    # what the caches hold, not where: a moved cache resumes, one rebuilt with another plan does not
+    identity = {
+        "caches": [
+            {
+                "plan": s.meta["plan"],
+                "codec": s.meta["codec"],
+                "views": s.num_views,
+                "teacher": s.meta["teacher"]["weights_sha256"],
+            }
+            for s in stores
+        ],
+        "weights": weights,
+        "fingerprint": source.fingerprint,
+    }
+    return Run(source, stores, weights, None, None, multiplier, identity)
+
+
+def online_run(cfg: TrainConfig, device: torch.device) -> Run:
+    """The views of a plan made here from the data, the teacher loaded to run in the loop on each of them."""
+    cfg.mix_params().check()
+    teacher = load_teacher(cfg.teacher, cfg.weights)
+    size = cfg.image_size or ONLINE_IMAGE_SIZE
+    recipe, _ = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, size)
+    model = place(teacher.model, device)
+    num_classes = output_classes(model, recipe.size, device, f"teacher {cfg.teacher}")
+    source = online_source(
+        cfg.data,
+        views=cfg.views,
+        recipe=student_recipe(size, cfg.mean, cfg.std),
+        seed=cfg.plan_seed,
+        crop=cfg.crop,
+        mix=cfg.mix_params(),
+        plan_size=size,
+        loader=cfg.loader or "dali",
+        val=cfg.val,
+        workers=cfg.workers,
+        num_classes=num_classes,
+    )
+    identity = {
+        "online": cfg.teacher,
+        "fingerprint": source.fingerprint,
+        "teacher": teacher.weights_sha256,
+        "views": cfg.views,
+        "teacher input": list(recipe.options().values()),
+        "mixing": cfg.mix_params().to_dict(),
+    }
+    return Run(source, [], [], model, recipe, float(cfg.multiplier), identity)
+
+
+def ensemble_weights(given: list[float] | None, count: int) -> list[float]:
+    """The teachers' weights, normalised to sum 1 (equal by default)."""
+    if given is None:
+        return [1.0 / count] * count
+    if len(given) != count or min(given) < 0 or sum(given) <= 0:
+        raise TrainError(
+            f"--teacher-weights {','.join(map(str, given))}: {count} numbers >= 0, one per --cache, not all 0"
+        )
+    return [w / sum(given) for w in given]
+
+
+def check_world(samples: int, batch_size: int, d: Dist, mixed: bool) -> None:
+    """TrainError unless every process gets samples, images in each batch and, for mixed views, whole pairs."""
+    if samples < d.world:
+        raise TrainError(f"{samples} training samples cannot be shared by {d.world} processes: use at most {samples}")
+    if batch_size < d.world:
+        raise TrainError(
+            f"--batch-size {batch_size} is the global batch: give each of the {d.world} processes at least one image"
+        )
+    if mixed and (batch_size // d.world) % 2:
+        raise TrainError(
+            f"--batch-size {batch_size} gives each of {d.world} processes {batch_size // d.world} "
+            "images: mixed views pair positions 2i and 2i + 1 in one batch, so each process needs an "
+            "even number"
+        )
+
+
+def make_student(arch: str, source: ReplaySource, device: torch.device) -> nn.Module:
+    """The untrained student on `device`, checked to have as many outputs as the teacher."""
+    student = create_model(arch, num_classes=source.num_classes).to(device)
+    got = output_classes(student.eval(), source.recipe.size, device, f"student {arch}")
+    if got != source.num_classes:
+        raise TrainError(
+            f"student {arch} has {got} outputs, the teacher {source.num_classes}: use a student with as many classes"
+        )
+    return place(student, device)
