@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +73,21 @@ class Learner:
         self.scaler.scale(parts.loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        self.step_scheduler()
         return parts, lr
+
+    def step_scheduler(self) -> None:
+        """The lr of the next batch. Under fp16 the grad scaler skips the optimizer step of a batch whose gradients
+        overflowed; that batch still counts in the schedule (the lr stays a function of the step), so torch's
+        warning that the scheduler stepped before the optimizer ever did does not apply and is not shown."""
+        if not self.scaler.is_enabled():
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"Detected call of `lr_scheduler\.step\(\)`", category=UserWarning
+            )
+            self.scheduler.step()
 
 
 def open_run(cfg: TrainConfig, device: torch.device) -> Run:
