@@ -1,5 +1,5 @@
-"""What a training run is made of before its first step: the views and where the teacher's logits come from
-(a cache, an ensemble of caches, or the teacher online), the student, and what updates it."""
+"""What a training run is made of: the views and where the teacher's logits come from (a cache, an ensemble of
+caches, or the teacher online), the student, and what updates it at each step."""
 
 from __future__ import annotations
 
