@@ -2,7 +2,7 @@
 
 Modes, measured side by side in rounds (the machine is shared: compare ratios, not absolutes):
   stored   RowReader(...).batches(B): uint8 rows + scale/offset as stored (the GPU path decodes on the device)
-  decoded  skd.replay.cached_logits(..., device=cpu): float32 logits decoded on the CPU
+  decoded  skd.cached_logits.cached_logits(..., device=cpu): float32 logits decoded on the CPU
   decoded-1  the same loop with RowReader(threads=1): zarrs decodes one chunk at a time
   memory   the same float32 decode from uncompressed arrays already in memory (the ceiling)
   memory-3op  the decode as first written (convert, multiply, add), from memory
@@ -33,8 +33,8 @@ import torch
 import zarr
 from bench_common import git_state, machine, synthetic_store, table
 
+from skd.cached_logits import cached_logits
 from skd.reader import RowReader
-from skd.replay import cached_logits
 from skd.store import Store, open_store
 
 

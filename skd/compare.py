@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .loss import kl_per_row, skd_log_target, spherical_normalize
 from .reader import RowReader
-from .replay import check_ensemble
+from .replay_checks import check_ensemble
 from .store import Store
 
 TEMPERATURE, MULTIPLIER = 4.0, 2.0  # of the reported KL, as the codec table and verify

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .cached_logits import mean_row_std
 from .errors import SkdError
 from .mixing import mix_summary, summary_line
-from .replay import mean_row_std
 from .stats_rows import RowStats, stream_rows
 from .store import Store
 

@@ -18,11 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from . import pipelines
+from .cached_logits import cached_logits
 from .checkpoint import STUDENT, save_atomic
 from .config import TrainConfig
 from .errors import fault
 from .loss import KDLoss, ensemble_target
-from .replay import cached_logits
 from .run_folder import check_run_folder, record_epoch, start_or_resume
 from .runtime import Dist, amp_name, device_kind, images_to, init_distributed, resolve_device, shutdown
 from .schedule import alpha_at, kd_loss, lr_scheduler

@@ -11,21 +11,14 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from .cached_logits import auto_multiplier
 from .config import TrainConfig
 from .errors import SkdError
 from .loss import KDLoss
 from .pipelines import Recipe
 from .recipe import resolve
-from .replay import (
-    ReplaySource,
-    auto_multiplier,
-    cached_source,
-    check_ensemble,
-    check_replayable,
-    online_source,
-    student_recipe,
-    warn_other_loader,
-)
+from .replay import ReplaySource, cached_source, online_source, student_recipe
+from .replay_checks import check_ensemble, check_replayable, warn_other_loader
 from .runtime import Dist, autocast, place
 from .store import Store, open_store
 from .teachers import create_model, load_teacher, output_classes

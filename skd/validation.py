@@ -7,9 +7,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cached_logits import cached_logits
 from .config import TrainConfig
 from .loss import ensemble_target
-from .replay import ReplaySource, cached_logits
+from .replay import ReplaySource
 from .runtime import Dist, autocast, images_to
 from .store import Store
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .replay import cached_source, teacher_recipe, warn_other_loader
+from .replay import cached_source, teacher_recipe
+from .replay_checks import warn_other_loader
 from .runtime import Dist, place, resolve_device
 from .store import Store, StoreError
 from .teachers import load_teacher
