@@ -168,9 +168,15 @@ def ensemble_weights(given: list[float] | None, count: int) -> list[float]:
 
 
 def check_world(samples: int, batch_size: int, d: Dist, mixed: bool) -> None:
-    """TrainError unless every process gets samples, images in each batch and, for mixed views, whole pairs."""
+    """TrainError unless every process gets samples (for mixed views, at least one pair) and images in each batch
+    (for mixed views, whole pairs)."""
     if samples < d.world:
         raise TrainError(f"{samples} training samples cannot be shared by {d.world} processes: use at most {samples}")
+    if mixed and d.world > 1 and samples // d.world < 2:
+        raise TrainError(
+            f"{samples} training samples give each of {d.world} processes {samples // d.world}: mixed views pair "
+            f"positions 2i and 2i + 1, so each process needs at least one pair: use at most {samples // 2} processes"
+        )
     if batch_size < d.world:
         raise TrainError(
             f"--batch-size {batch_size} is the global batch: give each of the {d.world} processes at least one image"

@@ -1,4 +1,5 @@
-"""The learner's step: one optimizer step and one lr-scheduler step per batch, also when fp16 skips a step."""
+"""A training run's parts: the learner's step (one optimizer step and one lr-scheduler step per batch, also when
+fp16 skips a step) and the check that every process gets something to train on."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from skd.runtime import Dist
 from skd.schedule import lr_scheduler
-from skd.training_run import Learner
+from skd.train import rank_range
+from skd.training_run import Learner, TrainError, check_world
 
 
 def test_a_first_step_skipped_by_the_fp16_scaler_keeps_the_schedule_and_warns_nothing():
@@ -36,3 +39,32 @@ def test_a_first_step_skipped_by_the_fp16_scaler_keeps_the_schedule_and_warns_no
     assert rates == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-12), f"lr per step: {rates}"
     shown = [str(w.message)[:80] for w in caught]
     assert not shown, f"warnings shown during the steps: {shown}"
+
+
+def test_too_few_samples_for_mixed_pairs_on_every_process_is_a_clear_error():
+    """Mixed views share out whole pairs: 18 samples over 10 processes leave each process no pair to train on."""
+    with pytest.raises(TrainError, match="18 training samples give each of 10 processes 1: .* use at most 9 processes"):
+        check_world(18, 20, Dist(rank=0, world=10), mixed=True)
+    check_world(18, 20, Dist(rank=0, world=10), mixed=False)  # unmixed, one sample each is a share
+    check_world(18, 18, Dist(rank=0, world=9), mixed=True)  # one pair each
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["unmixed", "mixed"])
+def test_every_process_check_world_accepts_gets_positions_to_train_on(mixed):
+    """Whatever the number of processes, check_world refuses the run or every rank gets a non-empty share."""
+    samples = 18
+    for world in range(1, samples + 1):
+        batch_size = 2 * world
+        try:
+            check_world(samples, batch_size, Dist(rank=0, world=world), mixed)
+        except TrainError:
+            continue
+        sizes = [
+            stop - start
+            for start, stop in (
+                rank_range(samples, Dist(rank=r, world=world), batch_size // world, mixed) for r in range(world)
+            )
+        ]
+        assert min(sizes) > 0, (
+            f"{samples} samples over {world} processes ({'mixed' if mixed else 'unmixed'}): shares {sizes}"
+        )
