@@ -49,8 +49,10 @@ def synthetic_store(
         shard_rows=shard_rows,
         chunk_rows=chunk_rows,
     )
-    train = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), 64))
-    plan = SimpleNamespace(order=rng.permutation(rows), box=np.zeros((rows, 4), np.int32), flip=np.zeros(rows))
+    side = 64  # every image 64 x 64 pixels; each window is the whole image (the store checks windows lie inside)
+    train = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), side))
+    whole_image = np.tile(np.array([0, 0, side, side], np.int32), (rows, 1))
+    plan = SimpleNamespace(order=rng.permutation(rows), box=whole_image, flip=np.zeros(rows))
     store = create_store(path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes)
     enc = get_codec(codec)
     for shard in range(store.num_shards(rows)):
