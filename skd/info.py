@@ -6,9 +6,11 @@ Works on an unfinished cache too, and reads no logits.
 from __future__ import annotations
 
 import numpy as np
+from tqdm import tqdm
 
 from .mixing import MixParams, mix_summary, summary_line
-from .store import Store, codec_pipeline
+from .store import Store
+from .zarr_internals import codec_pipeline
 
 SHOWN = 10  # skipped files listed
 
@@ -34,7 +36,7 @@ def describe(store: Store) -> dict:
     val_complete = store.val_complete()
     return {
         "path": str(store.path),  # a URL is shown without user info or query strings; credentials never
-        "local": store.location.is_local,
+        "kind": store.location.kind,  # "folder" or "object store"
         "complete": store.is_complete(),
         "teacher": {
             k: teacher.get(k)
@@ -53,7 +55,7 @@ def describe(store: Store) -> dict:
         "codec": store.codec.name,
         "shard_rows": store.shard_rows,
         "chunk_rows": meta.get("chunk_rows"),
-        "codec_pipeline": codec_pipeline(store.group["views/logits"]),
+        "codec_pipeline": codec_pipeline(store.array("views/logits")),
         "mixing": {"options": plan.get("mix"), "view 0": mix_summary(*store.view_mix(0))},
         "views": {
             "total": store.num_views,
@@ -112,9 +114,8 @@ def info_lines(info: dict) -> list[str]:
     else:
         lines.append("val       not cached")
     per_row = info["bytes_per_row"]
-    where = "on disk" if info.get("local", True) else "stored"
     lines.append(
-        f"{where:<10}{human_bytes(info['bytes_on_disk'])}, logits {human_bytes(info['logit_bytes'])}"
+        f"{'stored':<10}{human_bytes(info['bytes_on_disk'])}, logits {human_bytes(info['logit_bytes'])}"
         + (
             f" for {info['rows_written']:,} rows: {per_row:,.0f} B per row, compression "
             f"{info['ratio_vs_fp32']:.2f}x vs float32"
@@ -160,8 +161,5 @@ def reader_line(pipeline: str) -> str:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} TiB"
+    """Bytes in SI units (kB, MB, GB: powers of 1000), as tqdm's progress bars show them."""
+    return tqdm.format_sizeof(n, "B", 1000)

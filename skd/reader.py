@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import errno
-import os
 import posixpath
 import queue
 import threading
@@ -13,15 +11,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import zarr
 
 from .codecs import Encoded
-from .location import scrub
-from .store import Store, StoreError, as_os_error, codec_pipeline, shard_file, shard_key
-
-# blocks read at once from an object store (benchmarks/README.md, "Caches on object storage": 4 hide most of 20 ms
-# a request, 8 most of 50 ms); a local cache reads one block at a time, `prefetch` ahead
-REMOTE_PARALLEL = 8
+from .objectstore import scrub
+from .store import Store, StoreError, as_os_error, shard_key
+from .zarr_internals import codec_pipeline, zarrs_reads
 
 
 class RowReader:
@@ -29,19 +23,19 @@ class RowReader:
 
     Reads are shard-aligned blocks of up to `block_rows` rows (large reads amortise per-call costs), each
     one slice read per array (logits, and scale and offset for the affine codecs) through zarr with the
-    zarrs codec pipeline that `skd.store` selects; `pipelines` names the pipeline serving each array.
+    zarrs codec pipeline (skd.zarr_internals); `pipelines` names the pipeline serving each array.
     `batches(batch_size)` slices the blocks into consumer batches of stored (encoded) rows, as views of
     the blocks wherever a batch lies inside one block. `threads` is how many chunks zarrs decodes at once
     per read (its `threading.max_workers`, on zarrs' pool of one thread per core).
 
     zarr and zarrs read a missing shard file as fill values; every shard is written whole, so the reader
-    lists the shard files of its range once, up front, and a missing one is a StoreError naming it (for an
-    object store: one listing of the prefix of each array's shards).
+    lists the shard files of its range once, up front (one listing of the folder or prefix of each array's
+    shards), and a missing one is a StoreError naming it.
 
-    `parallel` blocks are read at once, by a pool of threads, and `prefetch` more are queued: 1 for a local
-    cache (one background thread), `REMOTE_PARALLEL` for an object store, where each read waits on requests;
-    there the arrays of a block are read at once too, and zarrs gets a thread for each read in flight (its
-    threads wait on the requests).
+    `parallel` blocks are read at once, by a pool of threads, and `prefetch` more are queued: the Location's
+    `read_parallelism` (1 for a folder: one background thread; more for an object store, where each read
+    waits on requests; there the arrays of a block are read at once too, and zarrs gets a thread for each
+    read in flight, since its threads wait on the requests).
     """
 
     def __init__(
@@ -58,8 +52,8 @@ class RowReader:
     ):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.remote = not store.location.is_local
-        self.parallel = parallel or (REMOTE_PARALLEL if self.remote else 1)
+        self.location = store.location
+        self.parallel = parallel or self.location.read_parallelism
         if self.parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
         rows = store.num_samples if view is not None else store.num_val
@@ -73,51 +67,45 @@ class RowReader:
         self.threads = threads
         group, self._prefix = store._logit_group(view)
         names = ("logits", "scale", "offset") if store.codec.affine else ("logits",)
-        workers = max(threads, 2 * self.parallel * len(names)) if self.remote else threads  # they wait on requests
-        with zarr.config.set({"threading.max_workers": workers}):  # zarrs reads it when the array opens
+        workers = max(threads, 2 * self.parallel * len(names)) if self.parallel > 1 else threads  # waiting on I/O
+        with zarrs_reads(**{"threading.max_workers": workers}):  # zarrs reads it when the array opens
             self._arrays = {name: group[name] for name in names}
         self._lead = tuple(slice(i, i + 1) for i in self._prefix)  # slices: zarrs hands integer indexes to zarr
         self.pipelines = {name: codec_pipeline(array) for name, array in self._arrays.items()}
-        self._check_objects() if self.remote else self._check_files()
+        self._check_shards()
 
     def _shards(self) -> range:
         size = self.store.shard_rows
         return range(self.start // size, -(-self.stop // size))
 
-    def _check_objects(self) -> None:
-        """StoreError naming the first shard object of rows [start, stop) that is missing: one listing of
-        the prefix of each array's shards, compared with the keys the shards need."""
-        shards = self._shards()
-        for name, array in self._arrays.items():
-            needed = [shard_key(array, self._prefix, s) for s in shards]
-            if not needed:
-                return
-            found = self.store.location.listing(posixpath.commonpath([posixpath.dirname(k) for k in needed]))
-            for shard, key in zip(shards, needed):
-                if key not in found:
-                    bounds = self.store.shard_bounds(shard, self.rows)
-                    raise self._damaged(f"{self.store.path / key} is missing", *bounds)
-
-    def _check_files(self) -> None:
-        """StoreError naming the first shard file of rows [start, stop) that is missing or a folder: one
-        listing of each array's shard folders, compared with the files the shards need."""
+    def _check_shards(self) -> None:
+        """StoreError naming the first shard file of rows [start, stop) that is missing or unreadable: one
+        listing of each array's shard folder (or prefix), compared with the keys the shards need."""
         shards = self._shards()
         if not shards:
             return
-        needed = {
-            name: [str(shard_file(array, self._prefix, s)) for s in shards] for name, array in self._arrays.items()
-        }
-        listed = {
-            name: _listing(os.path.commonpath([os.path.dirname(f) for f in files])) for name, files in needed.items()
-        }
-        for i, shard in enumerate(shards):
-            a, b = self.store.shard_bounds(shard, self.rows)
-            for name, files in needed.items():
-                found, folders = listed[name]
-                if files[i] in folders:  # zarrs reads that as a missing file too
-                    raise self._os_error(IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), files[i]), a, b)
-                if files[i] not in found:
-                    raise self._damaged(f"{files[i]} is missing", a, b)
+        for name, array in self._arrays.items():
+            needed = [shard_key(array, self._prefix, s) for s in shards]
+            found = self.location.listing(posixpath.commonpath([posixpath.dirname(k) for k in needed]))
+            for shard, key in zip(shards, needed):
+                if key not in found:
+                    bounds = self.store.shard_bounds(shard, self.rows)
+                    raise self._unreadable(key, *bounds) or self._damaged(
+                        f"{self.location.name(key)} is missing", *bounds
+                    )
+
+    def _unreadable(self, key: str, a: int, b: int) -> StoreError | None:
+        """The error for the shard file `key`, which a listing or a read failed on: gone (damage), an OS error
+        (a folder in its place, a permission, EIO), or a store that cannot be asked; None if it reads."""
+        try:
+            self.location.probe(key)
+        except FileNotFoundError:
+            return self._damaged(f"{self.location.name(key)} is missing", a, b)
+        except OSError as exc:
+            return self._os_error(exc, a, b)
+        except StoreError as exc:  # no connection, refused credentials
+            return StoreError(f"rows {a}-{b} of {_split_name(self.view)} cannot be read: {exc}")
+        return None
 
     def _read(self, a: int, b: int) -> Encoded:
         """Rows [a, b) of every array, each a new C-contiguous array; failures are one-line StoreErrors.
@@ -128,7 +116,7 @@ class RowReader:
 
     def _read_array(self, array, a: int, b: int) -> np.ndarray:
         """Rows [a, b) of one array (see `_read`)."""
-        if self.remote:
+        if self.location.reads_whole_shards:
             size = self.store.shard_rows
             lo, hi = a // size * size, min(self.rows, -(-b // size) * size)
             if (lo, hi) != (a, b):
@@ -143,46 +131,19 @@ class RowReader:
             raise self._diagnose(array, exc, a, b) from exc
 
     def _diagnose(self, array, exc: Exception, a: int, b: int) -> StoreError:
-        """The error for a failed read of rows [a, b) of `array`: an OS error if reading its shard files
-        gives one (zarrs' messages do not tell I/O from damage, nor name the file), else damage."""
-        size = self.store.shard_rows
-        if self.remote:
-            return self._diagnose_objects(array, exc, a, b)
-        files = [shard_file(array, self._prefix, s) for s in range(a // size, -(-b // size))]
-        named = as_os_error(exc, ", ".join(map(str, files))) if isinstance(exc, RuntimeError) else None
-        if isinstance(named, OSError):  # zarrs' "... (os error N)": a failed system call
-            return self._os_error(named, a, b)
-        for f in files:
-            try:
-                with open(f, "rb") as fh:
-                    while fh.read(1 << 20):
-                        pass
-            except FileNotFoundError:
-                return self._damaged(f"{f} is missing", a, b)
-            except OSError as os_exc:
-                return self._os_error(os_exc, a, b)
-        detail = " ".join(str(exc).split())  # one line
-        return self._damaged(f"{', '.join(map(str, files))}: {detail or type(exc).__name__}", a, b)
-
-    def _diagnose_objects(self, array, exc: Exception, a: int, b: int) -> StoreError:
-        """As `_diagnose`, for an object store: a shard object that is gone, a request that failed (asking
-        for the store's reachability and credentials, not a rebuild), or damage."""
-        import obstore
-
+        """The error for a failed read of rows [a, b) of `array`: what reading its shard files gives (zarrs'
+        messages do not tell I/O from damage, nor name the file), else damage."""
         size = self.store.shard_rows
         keys = [shard_key(array, self._prefix, s) for s in range(a // size, -(-b // size))]
+        names = ", ".join(self.location.name(k) for k in keys)
+        named = as_os_error(exc, names) if isinstance(exc, RuntimeError) else None
+        if isinstance(named, OSError):  # zarrs' "... (os error N)": a failed system call
+            return self._os_error(named, a, b)
         for key in keys:
-            try:
-                obstore.head(self.store.location.objects, key)
-            except FileNotFoundError:
-                return self._damaged(f"{self.store.path / key} is missing", a, b)
-            except Exception as head_exc:  # no connection, refused credentials
-                error = self.store.location.error(head_exc)
-                return StoreError(f"rows {a}-{b} of {_split_name(self.view)} cannot be read: {error}")
-        detail = scrub(" ".join(str(exc).split()))[:300]
-        return self._damaged(
-            f"{', '.join(str(self.store.path / k) for k in keys)}: {detail or type(exc).__name__}", a, b
-        )
+            if (error := self._unreadable(key, a, b)) is not None:
+                return error
+        detail = scrub(" ".join(str(exc).split()))[:300]  # one line
+        return self._damaged(f"{names}: {detail or type(exc).__name__}", a, b)
 
     def _damaged(self, detail: str, a: int, b: int) -> StoreError:
         return StoreError(
@@ -209,7 +170,7 @@ class RowReader:
 
     def blocks(self) -> Iterator[tuple[int, Encoded]]:
         """(first row, Encoded block) in order, read ahead by a background thread (`parallel` threads)."""
-        if self.remote or self.parallel > 1:
+        if self.parallel > 1:
             yield from self._parallel_blocks()
             return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -310,12 +271,3 @@ def _concat(parts: list[Encoded]) -> Encoded:
 
 def _slice(e: Encoded, a: int, b: int | None) -> Encoded:
     return Encoded(*(None if x is None else x[a:b] for x in e))
-
-
-def _listing(folder: str) -> tuple[set[str], set[str]]:
-    """(files, folders) under `folder`, as paths joined onto it: one walk, no stat per file."""
-    files, folders = set(), set()
-    for root, dirs, names in os.walk(folder):
-        files.update(os.path.join(root, n) for n in names)
-        folders.update(os.path.join(root, d) for d in dirs)
-    return files, folders

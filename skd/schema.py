@@ -210,11 +210,9 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
 def check_arrays(path: Path, group, meta: dict) -> None:
     """Every array the attributes promise, with the shape, dtype and chunking they imply, and labels inside the
     classes: SchemaError naming the first that is missing or differs (a shape or chunk edited to 10^10 rows is
-    refused here, never allocated). A local cache's zarr.json files are checked before zarr reads them."""
+    refused here, never allocated). The files themselves were checked before zarr read them (check_files)."""
     has_val = meta["dataset"]["num_val"] > 0
     arrays = expected_arrays(meta, has_val)
-    if isinstance(path, Path):  # an object store (location.ObjectPath) has no FIFOs or symlinks
-        check_metadata_files(path, [*arrays, *([] if has_val else ["val"])])
     for name, (shape, dtype, shards) in arrays.items():
         _check_array(path, _node(path, group, name), name, shape, dtype, shards)
     if not has_val and _has_node(path, group, "val"):
@@ -276,25 +274,6 @@ def _check_labels(path: Path, group, name: str, classes: int) -> None:
 MAX_METADATA_BYTES = 2**20  # an array's zarr.json is about 1 KB; zarr reads it whole
 
 
-def check_metadata_files(path: Path, names) -> None:
-    """The zarr.json of every array in `names` and of the groups above it is a regular file inside the cache, of
-    at most 1 MiB, or absent: zarr reads it whole, so a FIFO would hang the open and a link to /dev/zero (or a
-    huge file) would fill memory. (The group's own zarr.json is read before any check, by zarr.open_group.)"""
-    root = Path(os.path.realpath(path))
-    files = {f"{'/'.join(name.split('/')[:i])}/zarr.json" for name in names for i in range(1, name.count("/") + 2)}
-    for file in sorted(files):
-        entry = Path(path) / file
-        if not os.path.lexists(entry):
-            continue  # a missing array is named by check_arrays
-        mode, size = _entry_stat(path, root, entry)
-        if not stat.S_ISREG(mode):
-            raise SchemaError(rebuild(f"cache {path}: {entry} is not a regular file ({_kind(mode)})"))
-        if size > MAX_METADATA_BYTES:
-            raise SchemaError(
-                rebuild(f"cache {path}: {entry} has {size} bytes, more than zarr metadata's {MAX_METADATA_BYTES}")
-            )
-
-
 def _entry_stat(path: Path, root: Path, entry) -> tuple[int, int]:
     """(mode, size) of a file or folder of the cache, links followed; SchemaError for a link out of the cache
     or an entry that cannot be stat'ed (a link loop, a permission)."""
@@ -309,20 +288,32 @@ def _entry_stat(path: Path, root: Path, entry) -> tuple[int, int]:
     return info.st_mode, info.st_size
 
 
-def check_files(path: Path) -> None:
-    """Every entry under the cache is a folder or a regular file inside it: a FIFO would hang a reader, a
-    device or socket is no cache file, and a symlink must not lead out of the cache."""
+def check_files(path: Path) -> dict[str, int]:
+    """Every entry under the cache is a folder or a regular file inside it, and no zarr.json is over
+    MAX_METADATA_BYTES: a FIFO would hang a reader, a device or socket is no cache file, a symlink must not
+    lead out of the cache, and zarr reads metadata whole. Returns {key: bytes} of the files, keys relative
+    to the cache (the listing the shard checks and storage figures use)."""
     root = Path(os.path.realpath(path))
-    stack = [root]
+    stack, files = [root], {}
     while stack:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:
-                mode, _ = _entry_stat(path, root, entry.path)
+                mode, size = _entry_stat(path, root, entry.path)
                 if stat.S_ISDIR(mode):
                     if not entry.is_symlink():
                         stack.append(Path(entry.path))
-                elif not stat.S_ISREG(mode):
+                    continue
+                if not stat.S_ISREG(mode):
                     raise SchemaError(rebuild(f"cache {path}: {entry.path} is not a regular file ({_kind(mode)})"))
+                if entry.name == "zarr.json" and size > MAX_METADATA_BYTES:
+                    raise SchemaError(
+                        rebuild(
+                            f"cache {path}: {entry.path} has {size} bytes, more than zarr metadata's "
+                            f"{MAX_METADATA_BYTES}"
+                        )
+                    )
+                files[Path(entry.path).relative_to(root).as_posix()] = size
+    return files
 
 
 def _kind(mode: int) -> str:

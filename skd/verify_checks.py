@@ -178,7 +178,7 @@ def check_integrity(store: Store, progress: bool = False) -> Check:
     for view, shard, start, stop in tqdm(ranges, desc="integrity", unit="shard", disable=not progress):
         missing = store.missing_shard_files(view, shard)
         if missing:
-            names = ", ".join(str(f.relative_to(store.path)) for f in missing)
+            names = ", ".join(missing)
             bad.append(f"{split_label(view)} shard {shard} (missing {names})")
             continue
         for a in range(start, stop, chunk):

@@ -16,8 +16,8 @@ import zarr
 from conftest import small_build_config
 
 from skd.build import build_cache
+from skd.locks import FolderLock
 from skd.store import open_store
-from skd.writer import BuildLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(tool, image_root, teacher_fil
 
 def test_second_build_on_the_same_cache_is_refused_naming_the_holder(image_root, teacher_file, tmp_path):
     out = tmp_path / "cache"
-    lock = BuildLock(out)
+    lock = FolderLock(out)
     try:
         result = skd(*build_args(image_root, out, teacher_file))
     finally:

@@ -15,11 +15,13 @@ from test_reader import assert_same, make_store
 
 from skd.codecs import get_codec
 from skd.info import describe, info_lines
-from skd.location import ObjectPath, check_objects, parse_location
+from skd.location import LocalFolder, parse_location
+from skd.locks import FolderLock, Lease, LockError
+from skd.objectstore import ObjectPrefix, check_objects
 from skd.reader import RowReader
 from skd.schema import SchemaError
-from skd.store import StoreError, cache_state, codec_pipeline, open_store
-from skd.writer import BuildLock, Lease, WriteError, acquire_lock
+from skd.store import StoreError, cache_state, open_store
+from skd.zarr_internals import codec_pipeline
 
 # zarrs rebuilds obstore's store in its own copy of object_store, and warns for every array it opens
 pytestmark = pytest.mark.filterwarnings("ignore:Successfully reconstructed a store:RuntimeWarning")
@@ -89,7 +91,7 @@ def test_a_cache_on_s3_reads_back_like_the_local_one(server, pair, monkeypatch):
             assert [f for f, _ in got] == [f for f, _ in expected], f"batch starts differ, view {view}"
             for (_, g), (_, e) in zip(got, expected):
                 assert_same(g, e)
-    assert codec_pipeline(remote.group["views/logits"]) == "ZarrsCodecPipeline"
+    assert codec_pipeline(remote.array("views/logits")) == "ZarrsCodecPipeline"
     assert remote.storage() == local.storage() and remote.bytes_on_disk() == local.bytes_on_disk(), (
         f"storage {remote.storage()} vs {local.storage()}, bytes {remote.bytes_on_disk()} vs {local.bytes_on_disk()}"
     )
@@ -132,8 +134,8 @@ def test_a_deleted_shard_object_is_named(server, bucket):
     server.client().delete_object(Bucket=bucket, Key="c/views/logits/c/0/1/0")
     store = open_store(f"s3://{bucket}/c")
     missing = store.missing_shard_files(0, 1)
-    assert [str(f) for f in missing] == [f"s3://{bucket}/c/views/logits/c/0/1/0"], f"missing: {missing}"
-    assert [str(f.relative_to(store.path)) for f in missing] == ["views/logits/c/0/1/0"]
+    assert missing == ["views/logits/c/0/1/0"], f"missing: {missing}"
+    assert store.location.name(missing[0]) == f"s3://{bucket}/c/views/logits/c/0/1/0", store.location.name(missing[0])
     assert store.missing_shard_files(0, 2) == []
     with pytest.raises(StoreError, match=f"rows 16-32 of view 0 .*s3://{bucket}/c/views/logits/c/0/1/0 is missing"):
         RowReader(store, 0, 0, 50)
@@ -178,26 +180,26 @@ def test_create_refuses_a_prefix_that_holds_objects_and_overwrite_clears_it(serv
 
 def test_the_lease_is_exclusive_renewed_and_taken_over_after_expiry(server, bucket):
     url = f"s3://{bucket}/c"
-    first = acquire_lock(url, ttl=1.5)
+    first = parse_location(url).lock(ttl=1.5)
     assert isinstance(first, Lease), type(first)
-    with pytest.raises(WriteError, match=f"{url} is being built by pid \\d+ on .*wait for it") as refused:
-        Lease(url, ttl=1.5)
+    with pytest.raises(LockError, match=f"{url} is being built by pid \\d+ on .*wait for it") as refused:
+        parse_location(url).lock(ttl=1.5)
     one_line(refused)
     time.sleep(3.2)  # two ttls: renewed meanwhile, so still held
-    with pytest.raises(WriteError, match="is being built by"):
-        Lease(url, ttl=1.5)
+    with pytest.raises(LockError, match="is being built by"):
+        parse_location(url).lock(ttl=1.5)
     first._stop.set()  # the holder stalls: no more renewals
     first.thread.join()
     time.sleep(1.7)
-    second = Lease(url, ttl=1.5)  # expired: taken over
+    second = parse_location(url).lock(ttl=1.5)  # expired: taken over
     assert not first.renew() and first.lost is not None
-    with pytest.raises(WriteError, match="lost its lease"):
+    with pytest.raises(LockError, match="lost its lease"):
         first.check()
     first.release()  # not ours any more: left alone
-    with pytest.raises(WriteError, match="is being built by"):
-        Lease(url, ttl=1.5)
+    with pytest.raises(LockError, match="is being built by"):
+        parse_location(url).lock(ttl=1.5)
     second.release()
-    third = Lease(url, ttl=1.5)  # released: free at once
+    third = parse_location(url).lock(ttl=1.5)  # released: free at once
     third.release()
     keys = server.client().list_objects_v2(Bucket=bucket).get("KeyCount")
     assert keys == 0, f"{keys} objects left after release"
@@ -219,18 +221,20 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(server, bucket)
         "expires": time.time() + 3600,
     }
     server.client().put_object(Bucket=bucket, Key="c.lock", Body=json.dumps(body).encode())
-    Lease(f"s3://{bucket}/c", ttl=60).release()
+    parse_location(f"s3://{bucket}/c").lock(ttl=60).release()
     body["host"] = "another-host"
     server.client().put_object(Bucket=bucket, Key="c.lock", Body=json.dumps(body).encode())
-    with pytest.raises(WriteError, match=f"being built by pid {pid} on"):
-        Lease(f"s3://{bucket}/c", ttl=60)
+    with pytest.raises(LockError, match=f"being built by pid {pid} on"):
+        parse_location(f"s3://{bucket}/c").lock(ttl=60)
 
 
-def test_acquire_lock_picks_the_kind(tmp_path, bucket):
-    lock = acquire_lock(tmp_path / "c")
-    assert isinstance(lock, BuildLock), type(lock)
+def test_each_location_locks_its_own_way(tmp_path, bucket):
+    """A folder gets a file lock beside it, removed on release; an object-store prefix a lease beside it."""
+    lock = parse_location(tmp_path / "c").lock()
+    assert isinstance(lock, FolderLock) and (tmp_path / "c.lock").exists(), type(lock)
     lock.release()
-    lease = acquire_lock(f"s3://{bucket}/c", ttl=30)
+    assert not (tmp_path / "c.lock").exists(), "the lock file stayed after release"
+    lease = parse_location(f"s3://{bucket}/c").lock(ttl=30)
     assert isinstance(lease, Lease), type(lease)
     lease.release()
 
@@ -305,15 +309,13 @@ def test_object_listings_are_checked_like_folders():
             check_objects(where, listing)
 
 
-def test_object_paths_join_and_relativise_like_paths():
-    root = ObjectPath("s3://b/c")
-    f = root / "views/logits" / "c/0/1/0"
-    assert (
-        str(f) == "s3://b/c/views/logits/c/0/1/0" and f.name == "0" and str(f.parent) == "s3://b/c/views/logits/c/0/1"
-    )
-    assert str(f.relative_to(root)) == "views/logits/c/0/1/0"
-    with pytest.raises(ValueError):
-        f.relative_to(ObjectPath("s3://b/d"))
+def test_locations_name_their_keys():
+    """Messages name a cache's file or object in full: the path in a folder, the URL in an object store."""
+    remote, local = parse_location("s3://b/c"), parse_location("/data/c")
+    assert isinstance(remote, ObjectPrefix) and isinstance(local, LocalFolder), (remote, local)
+    key = "views/logits/c/0/1/0"
+    assert remote.name(key) == "s3://b/c/views/logits/c/0/1/0" and str(remote) == "s3://b/c", remote.name(key)
+    assert local.name(key) == "/data/c/views/logits/c/0/1/0" and str(local) == "/data/c", local.name(key)
 
 
 def test_create_store_on_a_url_records_the_url_nowhere(server, bucket):
@@ -361,7 +363,7 @@ def test_a_cache_on_s3_resumes_and_is_marked_complete(server, bucket):
 
 
 def test_credentials_in_the_environment_are_masked_in_messages(monkeypatch):
-    from skd.location import scrub
+    from skd.objectstore import scrub
 
     monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
     assert scrub("denied for FwoGZXIvYXdzEXAMPLETOKEN at s3://b/c") == "denied for *** at s3://b/c"

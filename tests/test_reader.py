@@ -9,14 +9,10 @@ import zarr
 from handmade import cache_meta
 
 from skd.codecs import get_codec
+from skd.creation import create_store
 from skd.reader import RowReader, _split_name
-from skd.store import (
-    Split,
-    StoreError,
-    codec_pipeline,
-    create_store,
-    open_store,
-)
+from skd.store import Split, StoreError, open_store
+from skd.zarr_internals import codec_pipeline
 
 
 def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_rows=4, views=2, val=13, skip_shards=()):
@@ -188,7 +184,7 @@ def test_local_caches_are_read_by_zarrs(tmp_path):
         reader = RowReader(store, view, 0, 5)
         want = {name: "ZarrsCodecPipeline" for name in ("logits", "scale", "offset")}
         assert reader.pipelines == want, f"{_split_name(view)}: pipelines {reader.pipelines}"
-    paths = codec_pipeline(store.group["samples/path"])
+    paths = codec_pipeline(store.array("samples/path"))
     assert paths == "BatchedCodecPipeline", f"string arrays are zarr's own to read, not {paths}"
     memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), dtype="uint8", chunks=(2,))
     assert codec_pipeline(memory) == "BatchedCodecPipeline", f"a memory store: {codec_pipeline(memory)}"

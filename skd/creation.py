@@ -1,0 +1,137 @@
+"""Laying out a new cache: the samples, the plan of every view and empty, sharded logit arrays.
+
+The group starts with only the `skd_creating` attribute and gets `skd` last, so an interrupted creation is
+recognisable as ours (`store.cache_state`). Array names and chunking are the contract in cache/README.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from .codecs import Codec, get_codec
+from .location import Location, parse_location
+from .schema import check_meta, samples_sha256
+from .store import ATTR_KEY, CREATING_KEY, Split, Store
+
+
+def _zstd():
+    """zstd with a content checksum per chunk: a flipped byte anywhere fails to decode, never
+    decodes silently to another value (the shard index has its own crc32c)."""
+    return zarr.codecs.ZstdCodec(level=3, checksum=True)
+
+
+def _create(
+    group: zarr.Group, name: str, data=None, *, shape=None, dtype=None, chunks, shards=None, compress=True
+) -> zarr.Array:
+    text = data is not None and data.dtype.kind in "UTO"
+    if data is not None:
+        shape, dtype = data.shape, (str if text else data.dtype)
+    arr = group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        shards=shards,
+        compressors=_zstd() if compress else None,
+        fill_value=None if text else 0,
+        overwrite=True,
+    )
+    if data is not None:
+        arr[...] = data
+    return arr
+
+
+def _write_split(group: zarr.Group, name: str, split: Split, chunk: int) -> None:
+    n = len(split.paths)
+    c = max(1, min(chunk * 64, n))
+    _create(group, f"{name}/path", np.array(split.paths, dtype=object), chunks=(c,))
+    _create(group, f"{name}/label", np.asarray(split.labels, np.int32), chunks=(c,))
+    _create(group, f"{name}/size", np.asarray(split.sizes, np.int32), chunks=(c, 2))
+
+
+def _logit_arrays(
+    group: zarr.Group, prefix: str, lead: tuple, rows: int, classes: int, codec: Codec, shard_rows: int, chunk_rows: int
+) -> None:
+    """Create logits (+ scale/offset) of shape lead + (rows, C), sharded along rows, and `complete`."""
+    ones = (1,) * len(lead)
+    shard, chunk = shard_rows, chunk_rows  # a shard may overhang the array's end; zarr trims it
+    _create(
+        group,
+        f"{prefix}/logits",
+        shape=lead + (rows, classes),
+        dtype=codec.dtype,
+        chunks=ones + (chunk, classes),
+        shards=ones + (shard, classes),
+    )
+    if codec.affine:
+        for name in ("scale", "offset"):
+            _create(
+                group,
+                f"{prefix}/{name}",
+                shape=lead + (rows,),
+                dtype="float32",
+                chunks=ones + (chunk,),
+                shards=ones + (shard,),
+            )
+    _create(
+        group,
+        f"{prefix}/complete",
+        shape=lead + (-(-rows // shard_rows),),
+        dtype="uint8",
+        chunks=ones + (1,),
+        compress=False,
+    )
+
+
+def create_store(
+    path: Path | str | Location,
+    meta: dict,
+    *,
+    train: Split,
+    plans: list,
+    val: Split | None,
+    val_boxes: np.ndarray | None,
+    num_classes: int,
+) -> Store:
+    """Write a new, empty cache: samples, the plan of every view, empty logit arrays.
+
+    The group starts with only the `skd_creating` attribute and gets `skd` last, so an interrupted
+    creation is recognisable as ours. `path` (a folder or an object-store URL) must be absent or empty
+    (mode w-: nothing already there is ever cleared).
+    """
+    location = parse_location(path)
+    codec = get_codec(meta["codec"])
+    shard_rows, chunk_rows = int(meta["shard_rows"]), int(meta["chunk_rows"])
+    group = zarr.open_group(
+        location.zarr_store(read_only=False), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}
+    )
+    n, k = len(train.paths), len(plans)
+    if shard_rows % chunk_rows:
+        raise ValueError(f"shard rows {shard_rows} must be a multiple of chunk rows {chunk_rows}")
+    _write_split(group, "samples", train, chunk_rows)
+    shard = min(shard_rows, n)
+    order = np.stack([p.order for p in plans]).astype(np.int32)
+    box = np.stack([p.box for p in plans]).astype(np.int32)
+    flip = np.stack([p.flip for p in plans]).astype(np.uint8)
+    unmixed = np.ones(n, np.float32), np.zeros((n, 4), np.float32)
+    mixes = [getattr(p, "mix", None) or unmixed for p in plans]  # plans without mixing: every row unmixed
+    _create(group, "views/order", order, chunks=(1, shard))
+    _create(group, "views/box", box, chunks=(1, shard, 4))
+    _create(group, "views/flip", flip, chunks=(1, shard))
+    _create(group, "views/mix_lambda", np.stack([m[0] for m in mixes]).astype(np.float32), chunks=(1, shard))
+    _create(group, "views/mix_box", np.stack([m[1] for m in mixes]).astype(np.float32), chunks=(1, shard, 4))
+    _logit_arrays(group, "views", (k,), n, num_classes, codec, shard_rows, chunk_rows)
+    if val is not None:
+        _write_split(group, "val", val, chunk_rows)
+        _create(group, "val/box", np.asarray(val_boxes, np.int32), chunks=(min(shard_rows, len(val.paths)), 4))
+        _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
+    hashes = {
+        "samples_sha256": samples_sha256(train.paths, train.labels, train.sizes),
+        "val_sha256": None if val is None else samples_sha256(val.paths, val.labels, val.sizes),
+    }
+    group.attrs.put({ATTR_KEY: check_meta(location.path, {**meta, "dataset": {**meta["dataset"], **hashes}})})
+    return Store(location, group)

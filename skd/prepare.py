@@ -1,0 +1,285 @@
+"""What a build decides before any logits: its identity, its samples and plan, and the cache it writes.
+
+`prepare_store` opens the cache at --out to resume it (refusing other settings) or lays out a new one:
+the dataset indexed (or --plan-from's samples and plan copied), every view planned, the arrays created.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import zarr
+
+from . import __version__
+from .config import BuildConfig
+from .creation import create_store
+from .errors import SkdError, SkdWarning
+from .index import index_dataset, quick_fingerprints
+from .location import Location, parse_location
+from .mixing import MixParams
+from .plan import VAL_CROP_FRACTION, ViewPlan, center_boxes, plan_id
+from .replay import planned_view
+from .schema import FORMAT_VERSION, samples_sha256
+from .store import Split, Store, cache_state, open_store
+
+
+class BuildError(SkdError):
+    """The build cannot go ahead as asked: one line saying what to change."""
+
+
+# The recorded settings a rerun must repeat to resume; anything else may change between runs.
+IDENTITY = {
+    "teacher": ("teacher", "name"),
+    "weights": ("teacher", "weights_sha256"),
+    "amp": ("teacher", "amp"),
+    "teacher input": ("teacher", "input"),
+    "data": ("dataset", "fingerprint"),
+    "val data": ("dataset", "val_fingerprint"),
+    "seed": ("plan", "seed"),
+    "image-size": ("plan", "image_size"),
+    "crop": ("plan", "crop"),
+    "mixing": ("plan", "mix"),
+    "loader": ("plan", "loader"),
+    "codec": ("codec",),
+    "views": ("views",),
+    "shard-size": ("shard_rows",),
+}
+
+
+def differences(recorded: dict, wanted: dict) -> list[str]:
+    """Names of the identity settings in which two cache descriptions differ."""
+
+    def get(d, keys):
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    return [name for name, keys in IDENTITY.items() if get(recorded, keys) != get(wanted, keys)]
+
+
+def software_versions() -> dict:
+    versions = {
+        "skd": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+    }
+    try:
+        import nvidia.dali
+
+        versions["dali"] = nvidia.dali.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def recorded_plan(cfg: BuildConfig) -> tuple[dict, int]:
+    """The plan attributes and view count of the new cache: from the options, or --plan-from's own."""
+    if cfg.plan_from is not None:
+        source = open_store(cfg.plan_from)
+        return {k: v for k, v in source.meta["plan"].items() if k != "id"}, source.num_views
+    return {
+        "seed": cfg.seed,
+        "image_size": cfg.image_size,
+        "crop": cfg.crop.to_dict(),
+        "val_crop_fraction": VAL_CROP_FRACTION,
+        "loader": cfg.loader,
+        "mix": cfg.mix_params().to_dict(),
+    }, cfg.views
+
+
+def check_pairs(cfg: BuildConfig, plan: dict) -> None:
+    """A mixed plan pairs positions 2i and 2i + 1, and a pair must share a batch."""
+    if MixParams.from_dict(plan["mix"]).enabled and (cfg.batch_size % 2 or cfg.shard_rows % 2):
+        raise BuildError(
+            f"mixing pairs positions 2i and 2i + 1 in one batch: --batch-size ({cfg.batch_size}) and "
+            f"--shard-size ({cfg.shard_rows}) must be even"
+        )
+
+
+def cache_meta(cfg: BuildConfig, teacher, amp: str, recipe: dict, plan: dict, views: int) -> dict:
+    """The cache's attributes as far as the options decide them: what decides its contents (compared on
+    resume) and the software that wrote it."""
+    return {
+        "format": FORMAT_VERSION,
+        "teacher": {
+            "name": cfg.teacher,
+            "weights": teacher.weights,
+            "weights_sha256": teacher.weights_sha256,
+            "amp": amp,
+            "input": recipe,
+            "pretrained_cfg": teacher.pretrained_cfg,
+        },
+        "dataset": {"root": str(Path(cfg.data).resolve())},
+        "plan": dict(plan),
+        "codec": cfg.codec,
+        "views": views,
+        "shard_rows": cfg.shard_rows,
+        "chunk_rows": cfg.chunk_rows,
+        "software": software_versions(),
+    }
+
+
+def check_out(where: Location, data: Path) -> None:
+    """Refuse an --out that is not a cache's home, so that neither a build nor --overwrite can touch other files:
+    one that overlaps the dataset or sits under a file, or that holds something other than an skd cache."""
+    where.check_new_home(data)
+    if where.is_empty() or cache_state(where) is not None:
+        return
+    what = (
+        "a zarr group skd did not create (or one whose zarr.json is damaged)"
+        if "zarr.json" in where.listing()
+        else "not an skd cache"
+    )
+    raise BuildError(
+        f"{where} holds files and is {what}: choose another --out "
+        "(--overwrite replaces only a cache; remove other files yourself)"
+    )
+
+
+def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> Store:
+    """Open the cache at cfg.out for resuming, or lay out its samples and plan and create it.
+
+    Refuses a cache built with different identity settings. `num_classes()` runs the teacher
+    once; it is called only after the dataset index found no bad image.
+    """
+    where = parse_location(cfg.out)
+    if not where.is_empty() and not cfg.overwrite:
+        return _resume(where, cfg, meta)
+    layout = copied_layout(cfg) if cfg.plan_from is not None else planned_layout(cfg, progress)
+    classes = num_classes()
+    dataset_classes = len(layout.dataset["classes"])
+    if classes < dataset_classes:
+        raise BuildError(
+            f"teacher {cfg.teacher} has {classes} outputs but {cfg.data}/train has "
+            f"{dataset_classes} classes: use a teacher trained on these classes"
+        )
+    if classes > dataset_classes:
+        warnings.warn(
+            f"teacher {cfg.teacher} has {classes} outputs and {cfg.data}/train {dataset_classes} classes: "
+            "class i of the dataset is taken to be output i (its accuracy in skd-cache stats says "
+            "whether that holds)",
+            SkdWarning,
+            stacklevel=2,
+        )
+    meta["teacher"]["num_classes"] = classes
+    meta["dataset"].update(layout.dataset)
+    meta["plan"]["id"] = layout.plan_id(meta["plan"])
+    if cfg.overwrite and not where.is_empty():
+        where.remove_all()
+    return create_store(
+        where,
+        meta,
+        train=layout.train,
+        plans=layout.plans,
+        val=layout.val,
+        val_boxes=layout.val_boxes,
+        num_classes=classes,
+    )
+
+
+@dataclass
+class Layout:
+    """What a new cache holds besides logits: its samples, the plan of every view, the validation windows."""
+
+    train: Split
+    plans: list
+    val: Split | None
+    val_boxes: np.ndarray | None
+    dataset: dict  # the dataset attributes: counts, classes, fingerprints, skipped files
+
+    def plan_id(self, plan_meta: dict) -> str:
+        params = {k: v for k, v in plan_meta.items() if k not in ("id", "loader")}
+        n = len(self.train.paths)
+        unmixed = (np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+        arrays = [
+            np.asarray(a, dtype)
+            for p in self.plans
+            for a, dtype in zip(
+                (p.order, p.box, p.flip, *(p.mix or unmixed)), ("int32", "int32", "uint8", "float32", "float32")
+            )
+        ]
+        if self.val is not None:
+            arrays.append(np.asarray(self.val_boxes, "int32"))
+        return plan_id(
+            samples_sha256(self.train.paths, self.train.labels, self.train.sizes),
+            None if self.val is None else samples_sha256(self.val.paths, self.val.labels, self.val.sizes),
+            params,
+            arrays,
+        )
+
+
+def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
+    """Index the dataset and plan every view."""
+    index = index_dataset(
+        cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress, on_bad=cfg.on_bad_image
+    )
+    plans = [
+        planned_view(cfg.seed, k, index.train.sizes, cfg.crop, cfg.mix_params(), cfg.image_size)
+        for k in range(cfg.views)
+    ]
+    val = None if index.val is None else Split(index.val.paths, index.val.labels, index.val.sizes)
+    return Layout(
+        train=Split(index.train.paths, index.train.labels, index.train.sizes),
+        plans=plans,
+        val=val,
+        val_boxes=None if val is None else center_boxes(index.val.sizes, VAL_CROP_FRACTION),
+        dataset={
+            "num_samples": len(index.train),
+            "classes": index.classes,
+            "num_val": len(index.val) if index.val is not None else 0,
+            "fingerprint": index.train.fingerprint,
+            "val_fingerprint": index.val.fingerprint if index.val is not None else None,
+            "skipped": [list(item) for item in index.skipped],
+        },
+    )
+
+
+def copied_layout(cfg: BuildConfig) -> Layout:
+    """The samples and the whole recorded plan of the cache at --plan-from, byte for byte, once the images
+    under --data are checked to be the ones it was built on."""
+    source = open_store(cfg.plan_from)
+    recorded = source.meta["dataset"]
+    found = quick_fingerprints(Path(cfg.data), source.has_val, recorded.get("skipped", []))
+    if found != (recorded["fingerprint"], recorded["val_fingerprint"]):
+        raise BuildError(
+            f"the images under {cfg.data} differ from those --plan-from {cfg.plan_from} was built on "
+            "(file list or sizes): pass its --data"
+        )
+    plans = [ViewPlan(*source.view_plan(k), mix=source.view_mix(k)) for k in range(source.num_views)]
+    keys = ("num_samples", "classes", "num_val", "fingerprint", "val_fingerprint", "skipped")
+    return Layout(
+        train=source.split("samples"),
+        plans=plans,
+        val=source.split("val") if source.has_val else None,
+        val_boxes=source.val_boxes() if source.has_val else None,
+        dataset={k: recorded.get(k) for k in keys},
+    )
+
+
+def _resume(out: Location, cfg: BuildConfig, meta: dict) -> Store:
+    """The cache at `out`, opened to continue writing, if it was built with the same identity settings."""
+    if cache_state(out) == "creating":
+        raise BuildError(f"{out} holds an unfinished cache creation: pass --overwrite to start it again")
+    store = open_store(out, mode="r+")
+    if cfg.val and not store.has_val and (Path(cfg.data) / "val").is_dir():
+        raise BuildError(
+            f"{out} was built with --no-val: pass --no-val to resume, or --overwrite to rebuild "
+            "it with the validation logits"
+        )
+    skipped = store.meta["dataset"].get("skipped", [])
+    train_fp, val_fp = quick_fingerprints(Path(cfg.data), store.has_val, skipped)
+    changed = differences(store.meta, {**meta, "dataset": {"fingerprint": train_fp, "val_fingerprint": val_fp}})
+    if changed:
+        raise BuildError(
+            f"{out} was built with other settings ({', '.join(changed)}): pass the same "
+            "arguments to resume, another --out, or --overwrite to rebuild"
+        )
+    out.discard_partial_writes()  # temporary files a killed write left
+    return store
