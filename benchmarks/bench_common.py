@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from handmade import cache_meta  # noqa: E402  (a handmade cache's attributes)
 from jpegs import photo_like  # noqa: E402  (the tests' JPEG content, one definition)
 
-from skd.store import Split, Store, create_store
+from skd.creation import create_store
+from skd.store import Split, Store
 
 
 def teacher_like_rows(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:

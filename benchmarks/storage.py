@@ -29,7 +29,8 @@ from bench_common import git_state, machine, photo_folder, table, teacher_like_r
 from handmade import cache_meta
 
 from skd.codecs import CODECS, Codec, Encoded, get_codec
-from skd.store import Split, _logit_arrays, create_store
+from skd.creation import _logit_arrays, create_store
+from skd.store import Split
 
 T, M, EPS = 4.0, 2.0, 1e-7
 SHARD_ROWS, CHUNK_ROWS = 16384, 1024  # BuildConfig's defaults
