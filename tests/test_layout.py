@@ -47,3 +47,17 @@ def test_version(command):
     assert result.returncode == 0 and skd.__version__ in result.stdout, (
         f"{command} --version: exit {result.returncode}, {result.stdout!r} {result.stderr[-300:]!r}"
     )
+
+
+def test_every_module_has_a_place_in_the_import_layers():
+    """A module missing from setup.cfg's layer contract would escape import-linter's checks: each one is named in
+    the layers, and each skd module in the list the input pipelines may not import."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    layered = set(config["importlinter:contract:layers"]["layers"].replace("|", " ").replace(":", " ").split())
+    forbidden = set(config["importlinter:contract:pipelines"]["forbidden_modules"].split())
+    modules = {f"skd.{p.stem}" for p in ROOT.glob("skd/*.py") if p.stem not in ("__init__", "errors")}
+    assert not modules - layered, f"modules outside the layer contract: {sorted(modules - layered)}"
+    assert not modules - forbidden, f"modules the pipelines contract does not forbid: {sorted(modules - forbidden)}"
