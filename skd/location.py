@@ -26,6 +26,7 @@ URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # pathlib turns "s3://b/p" into "s3:/b/p": a Path made of a URL is read as that URL
 COLLAPSED = re.compile(r"^(s3|s3a|gs|gcs|az|azure|abfs|abfss|file):/(?!/)")
 USER = re.compile(r"^[A-Za-z0-9._-]+@[^/@:]+(/|$)")  # abfss://container@account.dfs.core.windows.net/...
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 HINT = "use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX, file:///PATH or a local path"
 
 
@@ -160,6 +161,12 @@ def parse_location(where) -> LocalFolder | ObjectPrefix:
         raise StoreError(
             f"cache {scheme}://...: the URL carries user info (an '@'): put credentials in the "
             "environment (AWS_*, GOOGLE_*, AZURE_*), not in the URL"
+        )
+    if "#" in text or CONTROL.search(text):
+        shown = CONTROL.sub("?", text.split("?", 1)[0].split("#", 1)[0])
+        raise StoreError(
+            f"cache {shown}...: the URL holds a '#' or a control character, which do not survive as object keys "
+            "(a URL ends its path at '#'): name the prefix without them"
         )
     parts = urlsplit(text)
     host = parts.hostname or ""
