@@ -27,3 +27,14 @@ def test_plain_paths_and_urls_parse_to_their_home():
     remote = parse_location("s3://bucket/caches/r152/")
     assert isinstance(remote, ObjectPrefix) and (remote.bucket, remote.prefix) == ("bucket", "caches/r152"), remote
     assert str(remote) == "s3://bucket/caches/r152", str(remote)
+
+
+def test_an_oversized_zarr_json_in_a_folder_is_refused_before_zarr_reads_it(tmp_path):
+    """zarr reads metadata whole: a folder's zarr.json over 1 MiB is refused as an object store's is, the
+    group's own included (it is the first file zarr opens)."""
+    from skd.schema import MAX_METADATA_BYTES, SchemaError
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "zarr.json").write_bytes(b" " * (MAX_METADATA_BYTES + 1))
+    with pytest.raises(SchemaError, match=f"zarr.json has {MAX_METADATA_BYTES + 1} bytes, more than"):
+        LocalFolder(tmp_path / "c").inspect()
