@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from .locks import FolderLock, Lease
 from .objectstore import SCHEMES, ObjectPrefix, StoreError
-from .schema import check_files
+from .schema import check_entry, check_files
 
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # pathlib turns "s3://b/p" into "s3:/b/p": a Path made of a URL is read as that URL
@@ -44,8 +44,9 @@ class Location(Protocol):
     def zarr_store(self, *, read_only: bool): ...  # what zarr.open_group opens
     def listing(self, under: str = "") -> dict[str, int]: ...  # {key: bytes} of everything (under `under`)
     def inspect(self) -> dict[str, int]: ...  # the listing of an existing cache, checked as untrusted input
+    def check_metadata(self) -> None: ...  # SchemaError unless the group's zarr.json is absent or fit to read
     def is_empty(self) -> bool: ...
-    def probe(self, key: str) -> None: ...  # FileNotFoundError if gone, OSError or StoreError if unreadable
+    def probe(self, key: str) -> int: ...  # its size; FileNotFoundError if gone, OSError or StoreError if unreadable
     def put(self, key: str, data: bytes) -> None: ...  # one whole object, atomically
     def remove_all(self) -> None: ...
     def discard_partial_writes(self) -> None: ...  # temporary files a killed write left behind
@@ -101,14 +102,22 @@ class LocalFolder:
             raise StoreError(f"cache {self} does not exist: build it with `skd-cache build --out {self}`")
         return check_files(self.folder) if self.folder.is_dir() else {}
 
+    def check_metadata(self) -> None:
+        """The group's zarr.json, if there, is a regular file inside the folder within zarr metadata's size."""
+        entry = self.folder / "zarr.json"
+        if os.path.lexists(entry):
+            check_entry(self.folder, Path(os.path.realpath(self.folder)), entry)
+
     def is_empty(self) -> bool:
         return not self.folder.exists() or (self.folder.is_dir() and not any(self.folder.iterdir()))
 
-    def probe(self, key: str) -> None:
-        """Read the file `key` through: the OS error it gives (a folder, a permission, EIO), if any."""
+    def probe(self, key: str) -> int:
+        """Read the file `key` through (its size): the OS error it gives (a folder, a permission, EIO), if any."""
+        size = 0
         with open(self.folder / key, "rb") as fh:
-            while fh.read(1 << 20):
-                pass
+            while block := fh.read(1 << 20):
+                size += len(block)
+        return size
 
     def put(self, key: str, data: bytes) -> None:
         """Write the file `key` whole: a temporary file beside it, then renamed over it (readers see the old

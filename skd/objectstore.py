@@ -113,6 +113,17 @@ class ObjectPrefix:
         check_objects(self, listing)
         return listing
 
+    def check_metadata(self) -> None:
+        """The group's zarr.json, if there, is within zarr metadata's size (one HEAD; zarr reads it whole)."""
+        try:
+            size = self.probe("zarr.json")
+        except FileNotFoundError:
+            return
+        if size > MAX_METADATA_BYTES:
+            raise SchemaError(
+                rebuild(f"cache {self}: zarr.json has {size} bytes, more than zarr metadata's {MAX_METADATA_BYTES}")
+            )
+
     def is_empty(self) -> bool:
         """True where the prefix holds no object (a cache there does not exist yet)."""
         import obstore
@@ -122,12 +133,12 @@ class ObjectPrefix:
         except Exception as exc:
             raise self.error(exc) from None
 
-    def probe(self, key: str) -> None:
-        """FileNotFoundError if the object `key` is gone, StoreError if the store cannot be asked."""
+    def probe(self, key: str) -> int:
+        """The size of the object `key`; FileNotFoundError if it is gone, StoreError if the store cannot be asked."""
         import obstore
 
         try:
-            obstore.head(self.objects, key)
+            return int(obstore.head(self.objects, key)["size"])
         except FileNotFoundError:
             raise
         except Exception as exc:  # no connection, refused credentials

@@ -289,31 +289,35 @@ def _entry_stat(path: Path, root: Path, entry) -> tuple[int, int]:
 
 
 def check_files(path: Path) -> dict[str, int]:
-    """Every entry under the cache is a folder or a regular file inside it, and no zarr.json is over
-    MAX_METADATA_BYTES: a FIFO would hang a reader, a device or socket is no cache file, a symlink must not
-    lead out of the cache, and zarr reads metadata whole. Returns {key: bytes} of the files, keys relative
-    to the cache (the listing the shard checks and storage figures use)."""
+    """Every entry under the cache passes `check_entry`. Returns {key: bytes} of the files, keys relative to
+    the cache (the listing the shard checks and storage figures use)."""
     root = Path(os.path.realpath(path))
     stack, files = [root], {}
     while stack:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:
-                mode, size = _entry_stat(path, root, entry.path)
-                if stat.S_ISDIR(mode):
-                    if not entry.is_symlink():
-                        stack.append(Path(entry.path))
-                    continue
-                if not stat.S_ISREG(mode):
-                    raise SchemaError(rebuild(f"cache {path}: {entry.path} is not a regular file ({_kind(mode)})"))
-                if entry.name == "zarr.json" and size > MAX_METADATA_BYTES:
-                    raise SchemaError(
-                        rebuild(
-                            f"cache {path}: {entry.path} has {size} bytes, more than zarr metadata's "
-                            f"{MAX_METADATA_BYTES}"
-                        )
-                    )
-                files[Path(entry.path).relative_to(root).as_posix()] = size
+                mode, size = check_entry(path, root, entry.path)
+                if not stat.S_ISDIR(mode):
+                    files[Path(entry.path).relative_to(root).as_posix()] = size
+                elif not entry.is_symlink():
+                    stack.append(Path(entry.path))
     return files
+
+
+def check_entry(path: Path, root: Path, entry) -> tuple[int, int]:
+    """(mode, size) of a folder or a regular file inside the cache `path` (real path `root`), where a zarr.json
+    is at most MAX_METADATA_BYTES; SchemaError otherwise: a FIFO would hang a reader, a device or socket is no
+    cache file, a symlink must not lead out of the cache, and zarr reads metadata whole."""
+    mode, size = _entry_stat(path, root, entry)
+    if stat.S_ISDIR(mode):
+        return mode, size
+    if not stat.S_ISREG(mode):
+        raise SchemaError(rebuild(f"cache {path}: {entry} is not a regular file ({_kind(mode)})"))
+    if os.path.basename(entry) == "zarr.json" and size > MAX_METADATA_BYTES:
+        raise SchemaError(
+            rebuild(f"cache {path}: {entry} has {size} bytes, more than zarr metadata's {MAX_METADATA_BYTES}")
+        )
+    return mode, size
 
 
 def _kind(mode: int) -> str:
