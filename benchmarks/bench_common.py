@@ -20,7 +20,8 @@ from handmade import cache_meta  # noqa: E402  (a handmade cache's attributes)
 from jpegs import photo_like  # noqa: E402  (the tests' JPEG content, one definition)
 
 from skd.creation import create_store
-from skd.store import Split, Store
+from skd.index import Split
+from skd.store import Store
 
 
 def teacher_like_rows(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from handmade import cache_meta
 
 from skd.codecs import CODECS, Codec, Encoded, get_codec
 from skd.creation import _logit_arrays, create_store
-from skd.store import Split
+from skd.index import Split
 
 T, M, EPS = 4.0, 2.0, 1e-7
 SHARD_ROWS, CHUNK_ROWS = 16384, 1024  # BuildConfig's defaults

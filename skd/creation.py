@@ -13,9 +13,10 @@ import zarr
 import zarr.codecs
 
 from .codecs import Codec, get_codec
+from .index import Split
 from .location import Location, parse_location
 from .schema import check_meta, samples_sha256
-from .store import ATTR_KEY, CREATING_KEY, Split, Store
+from .store import ATTR_KEY, CREATING_KEY, Store
 
 
 def _zstd():

@@ -38,14 +38,14 @@ class DatasetError(SkdError):
 
 @dataclass(frozen=True)
 class Split:
-    """One split of the dataset, in sorted ImageFolder order."""
+    """One split's samples in sample-id order (sorted ImageFolder order), as indexing finds them or as a cache
+    records them; `file_bytes` and `fingerprint` are None for samples read from a cache."""
 
-    name: str  # "train" or "val"
     paths: list[str]  # POSIX paths relative to the dataset root, e.g. "train/n01440764/a.JPEG"
-    labels: np.ndarray  # (N,) int64 index into DatasetIndex.classes
-    sizes: np.ndarray  # (N, 2) int32 (height, width) of the decoded frame after EXIF rotation
-    file_bytes: np.ndarray  # (N,) int64 file sizes
-    fingerprint: str  # sha256 hex of the relative paths and file sizes, see fingerprint()
+    labels: np.ndarray  # (N,) int64 index into the dataset's classes
+    sizes: np.ndarray  # (N, 2) (height, width) of the decoded frame after EXIF rotation
+    file_bytes: np.ndarray | None = None  # (N,) int64 file sizes
+    fingerprint: str | None = None  # sha256 hex of the relative paths and file sizes, see fingerprint()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -101,7 +101,6 @@ def index_dataset(
                 f"{root / name} has no readable images left: replace the bad files listed by --on-bad-image error"
             )
         built[name] = Split(
-            name=name,
             paths=paths,
             labels=labels[kept],
             sizes=sizes[start:stop][kept],

@@ -19,13 +19,13 @@ from . import __version__
 from .config import BuildConfig
 from .creation import create_store
 from .errors import SkdError, SkdWarning
-from .index import index_dataset, quick_fingerprints
+from .index import Split, index_dataset, quick_fingerprints
 from .location import Location, parse_location
 from .mixing import MixParams
 from .plan import VAL_CROP_FRACTION, ViewPlan, center_boxes, plan_id
 from .replay import planned_view
 from .schema import FORMAT_VERSION, samples_sha256
-from .store import Split, Store, cache_state, open_store
+from .store import Store, cache_state, open_store
 
 
 class BuildError(SkdError):
@@ -224,12 +224,11 @@ def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
         planned_view(cfg.seed, k, index.train.sizes, cfg.crop, cfg.mix_params(), cfg.image_size)
         for k in range(cfg.views)
     ]
-    val = None if index.val is None else Split(index.val.paths, index.val.labels, index.val.sizes)
     return Layout(
-        train=Split(index.train.paths, index.train.labels, index.train.sizes),
+        train=index.train,
         plans=plans,
-        val=val,
-        val_boxes=None if val is None else center_boxes(index.val.sizes, VAL_CROP_FRACTION),
+        val=index.val,
+        val_boxes=None if index.val is None else center_boxes(index.val.sizes, VAL_CROP_FRACTION),
         dataset={
             "num_samples": len(index.train),
             "classes": index.classes,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import pipelines
-from .index import index_dataset
+from .index import Split, index_dataset
 from .mixed_loader import MixedLoader
 from .mixing import MixParams, plan_mixing
 from .pipelines import Recipe
@@ -26,21 +26,13 @@ from .recipe import from_meta
 from .store import Store
 
 
-@dataclass(frozen=True)
-class Samples:
-    """One split's samples in sample-id order: paths relative to the dataset root, labels."""
-
-    paths: list[str]
-    labels: np.ndarray
-
-
 @dataclass
 class ReplaySource:
     """The recorded views of a cache or of an online plan, and the validation split."""
 
     root: Path
-    train: Samples
-    val: Samples | None
+    train: Split
+    val: Split | None
     val_boxes: np.ndarray | None
     num_views: int
     num_classes: int
@@ -116,13 +108,11 @@ def cached_source(
     """The views a cache recorded, seen at `recipe`; `root` overrides the recorded dataset root (a moved
     dataset), `loader` the recorded loader (the other one decodes the same windows to within resampling noise)."""
     meta = store.meta
-    samples = store.split("samples")
     use_val = val and store.has_val
-    val_split = store.split("val") if use_val else None
     return ReplaySource(
         root=Path(root or meta["dataset"]["root"]),
-        train=Samples(samples.paths, samples.labels),
-        val=Samples(val_split.paths, val_split.labels) if use_val else None,
+        train=store.split("samples"),
+        val=store.split("val") if use_val else None,
         val_boxes=store.val_boxes() if use_val else None,
         num_views=store.num_views,
         num_classes=store.num_classes,
@@ -160,12 +150,11 @@ def online_source(
     def mixing(view: int) -> tuple[np.ndarray, np.ndarray]:
         return plan_mixing(seed, view, len(sizes), mix, plan_size)
 
-    v = index.val
     return ReplaySource(
         root=index.root,
-        train=Samples(index.train.paths, index.train.labels),
-        val=Samples(v.paths, v.labels) if v else None,
-        val_boxes=center_boxes(v.sizes) if v else None,
+        train=index.train,
+        val=index.val,
+        val_boxes=None if index.val is None else center_boxes(index.val.sizes),
         num_views=views,
         num_classes=num_classes,
         recipe=recipe,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import zarr.storage
 from zarr.core.buffer import default_buffer_prototype
 
 from .codecs import Codec, Encoded, get_codec
+from .index import Split
 from .location import Location, parse_location
 from .objectstore import StoreError, scrub
 from .schema import check_arrays, check_meta, check_relative_path, samples_sha256
@@ -28,15 +28,6 @@ from .zarr_internals import zarr_writes, zarrs_reads
 
 ATTR_KEY = "skd"
 CREATING_KEY = "skd_creating"  # set while create_store runs: a folder with only this is our unfinished creation
-
-
-@dataclass(frozen=True)
-class Split:
-    """What the store records of one split: its samples and, per view, its windows."""
-
-    paths: list[str]
-    labels: np.ndarray
-    sizes: np.ndarray
 
 
 class Store:

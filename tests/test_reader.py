@@ -10,8 +10,9 @@ from handmade import cache_meta
 
 from skd.codecs import get_codec
 from skd.creation import create_store
+from skd.index import Split
 from skd.reader import RowReader, _split_name
-from skd.store import Split, StoreError, open_store
+from skd.store import StoreError, open_store
 from skd.zarr_internals import codec_pipeline
 
 

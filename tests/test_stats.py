@@ -14,10 +14,11 @@ from skd.cached_logits import auto_multiplier
 from skd.cli import cache as cli
 from skd.codecs import get_codec
 from skd.creation import create_store
+from skd.index import Split
 from skd.loss import spherical_normalize
 from skd.stats import CacheStats, logit_stats, plot_stats, split_summary
 from skd.stats_rows import RowStats
-from skd.store import Split, open_store
+from skd.store import open_store
 
 N, C, VAL, CLASSES = 300, 10, 200, [f"c{i}" for i in range(10)]
 CONFUSED, AS = 3, 5  # every sample of class c3 is predicted c5
