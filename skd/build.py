@@ -25,7 +25,7 @@ from .prepare import BuildError, cache_meta, check_out, check_pairs, prepare_sto
 from .recipe import resolve, to_meta
 from .replay import ReplaySource, cached_source
 from .runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
-from .store import Store, open_store
+from .store import VAL, Store, View, open_store
 from .teachers import forward, load_teacher, output_classes
 from .writer import ShardWriter
 
@@ -77,10 +77,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
         store = store or open_store(cfg.out, mode="r+")  # the other ranks open what rank 0 made
         source = cached_source(store, recipe=recipe, root=Path(cfg.data))
         model = torch.compile(model) if cfg.compile else model
-        rows = sum(
-            fill_view(store, source, view, model, cfg, d, device, amp, progress, lock)
-            for view in [*range(store.num_views), *([None] if store.has_val else [])]
-        )
+        rows = sum(fill_view(store, source, view, model, cfg, d, device, amp, progress, lock) for view in store.parts())
         rows = d.total(rows)  # also the barrier: every rank has written its shards
         if d.main:
             mark_finished(store)
@@ -118,7 +115,7 @@ def open_on_main(cfg: BuildConfig, d: Dist, meta: dict, num_classes, progress: b
 def fill_view(
     store: Store,
     source: ReplaySource,
-    view: int | None,
+    view: View,
     model,
     cfg: BuildConfig,
     d: Dist,
@@ -127,19 +124,19 @@ def fill_view(
     progress: bool,
     lock=None,
 ) -> int:
-    """Compute this rank's incomplete shards of one view (None: val); returns the rows written."""
-    rows = store.num_samples if view is not None else store.num_val
-    complete = store.complete()[view] if view is not None else store.val_complete()
+    """Compute this rank's incomplete shards of one view (or of VAL); returns the rows written."""
+    rows = store.part_rows(view)
+    complete = store.part_complete(view)
     shards = [j for j in range(len(complete)) if not complete[j] and j % d.world == d.rank]
     if not shards:
         return 0
     positions = np.concatenate([np.arange(*store.shard_bounds(j, rows)) for j in shards])
     loader = source.loader(view, positions, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
-    label = "val" if view is None else f"view {view}/{store.num_views}"
+    label = "val" if view == VAL else f"view {view}/{store.num_views}"
     writer = ShardWriter(store, view, shards, rows, lock=lock)  # a lost lease stops the writes
     with tqdm(total=len(positions), desc=label, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         try:
-            fault_point = "val-batch" if view is None else "after-batch"
+            fault_point = "val-batch" if view == VAL else "after-batch"
             done = write_teacher_logits(model, loader, writer, device, amp, bar, fault_point)
         except OSError as exc:  # an image that went missing or unreadable after the index pass
             writer.abort()

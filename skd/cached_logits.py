@@ -9,13 +9,13 @@ import numpy as np
 import torch
 
 from .reader import RowReader
-from .store import Store
+from .store import Store, View
 
 AUTO_MULTIPLIER_ROWS = 65536  # rows of view 0 whose mean logit std is `--multiplier auto`
 
 
 def cached_logits(
-    store: Store, view: int | None, start: int, stop: int, batch_size: int, device: torch.device
+    store: Store, view: View, start: int, stop: int, batch_size: int, device: torch.device
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first position, float32 logits on `device`) per batch of rows [start, stop), read ahead and decoded
     on the device (a uint8 copy crosses the bus, not float32)."""

@@ -16,26 +16,25 @@ from tqdm import tqdm
 from .loss import kl_per_row, skd_log_target, spherical_normalize
 from .reader import RowReader
 from .replay_checks import check_ensemble
-from .store import Store
+from .store import VAL, Store, View, part_name
 
 TEMPERATURE, MULTIPLIER = 4.0, 2.0  # of the reported KL, as the codec table and verify
 
 
-def _stream(stores: list[Store], view: int | None):
-    """Decoded float32 blocks of every cache's rows of `view` (None: val), in lockstep."""
-    rows = stores[0].num_samples if view is not None else stores[0].num_val
-    readers = [RowReader(store, view, 0, rows).blocks() for store in stores]
+def _stream(stores: list[Store], view: View):
+    """Decoded float32 blocks of every cache's rows of `view` (a view, or VAL), in lockstep."""
+    readers = [RowReader(store, view, 0, stores[0].part_rows(view)).blocks() for store in stores]
     for parts in zip(*readers):
         yield [store.codec.decode(block) for store, (_, block) in zip(stores, parts)]
 
 
-def split_figures(stores: list[Store], view: int | None, labels: np.ndarray | None, progress: bool) -> dict:
+def split_figures(stores: list[Store], view: View, labels: np.ndarray | None, progress: bool) -> dict:
     """Pairwise agreement and KL of one split; with `labels`, each teacher's and the ensemble's top-1."""
     k = len(stores)
     agree, kl = np.zeros((k, k)), np.zeros((k, k))
     hits, ensemble_hits, seen = np.zeros(k), 0, 0
-    total = stores[0].num_samples if view is not None else stores[0].num_val
-    with tqdm(total=total, desc="val" if view is None else f"view {view}", unit="row", disable=not progress) as bar:
+    total = stores[0].part_rows(view)
+    with tqdm(total=total, desc=part_name(view), unit="row", disable=not progress) as bar:
         for blocks in _stream(stores, view):
             preds = [b.argmax(1) for b in blocks]
             logs = [skd_log_target(torch.from_numpy(b), MULTIPLIER, TEMPERATURE, torch.float64) for b in blocks]
@@ -81,7 +80,7 @@ def compare_teachers(stores: list[Store], views: list[int] | None = (0,), *, pro
     for view in chosen:
         report["views"][str(view)] = split_figures(stores, view, None, progress)
     if all(store.has_val for store in stores):
-        report["val"] = split_figures(stores, None, stores[0].split("val").labels, progress)
+        report["val"] = split_figures(stores, VAL, stores[0].split("val").labels, progress)
     return report
 
 

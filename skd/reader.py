@@ -14,12 +14,12 @@ import numpy as np
 
 from .codecs import Encoded
 from .objectstore import scrub
-from .store import Store, StoreError, as_os_error, shard_key
+from .store import VAL, Store, StoreError, View, as_os_error, part_name, shard_key
 from .zarr_internals import codec_pipeline, zarrs_reads
 
 
 class RowReader:
-    """Streams stored rows [start, stop) of one view in order, reading ahead in a background thread.
+    """Streams stored rows [start, stop) of one view (or of VAL) in order, reading ahead in a background thread.
 
     Reads are shard-aligned blocks of up to `block_rows` rows (large reads amortise per-call costs), each
     one slice read per array (logits, and scale and offset for the affine codecs) through zarr with the
@@ -41,7 +41,7 @@ class RowReader:
     def __init__(
         self,
         store: Store,
-        view: int | None,
+        view: View,
         start: int,
         stop: int,
         *,
@@ -56,11 +56,11 @@ class RowReader:
         self.parallel = parallel or self.location.read_parallelism
         if self.parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
-        rows = store.num_samples if view is not None else store.num_val
-        if view is not None and not 0 <= view < store.num_views:
+        rows = store.part_rows(view)
+        if view != VAL and not 0 <= view < store.num_views:
             raise ValueError(f"view {view} is outside the cache's {store.num_views} views")
         if not 0 <= start <= stop <= rows:
-            raise ValueError(f"rows [{start}, {stop}) are outside the {rows} rows of {_split_name(view)}")
+            raise ValueError(f"rows [{start}, {stop}) are outside the {rows} rows of {part_name(view)}")
         self.store, self.view, self.start, self.stop, self.rows = store, view, start, stop, rows
         self.block_rows = block_rows or store.shard_rows
         self.prefetch = prefetch
@@ -104,7 +104,7 @@ class RowReader:
         except OSError as exc:
             return self._os_error(exc, a, b)
         except StoreError as exc:  # no connection, refused credentials
-            return StoreError(f"rows {a}-{b} of {_split_name(self.view)} cannot be read: {exc}")
+            return StoreError(f"rows {a}-{b} of {part_name(self.view)} cannot be read: {exc}")
         return None
 
     def _read(self, a: int, b: int) -> Encoded:
@@ -147,7 +147,7 @@ class RowReader:
 
     def _damaged(self, detail: str, a: int, b: int) -> StoreError:
         return StoreError(
-            f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read ({detail}): "
+            f"{self.store.path}: rows {a}-{b} of {part_name(self.view)} cannot be read ({detail}): "
             "the cache is damaged; `skd-cache verify --integrity` lists every bad shard, "
             "and rebuilding with --overwrite replaces it"
         )
@@ -155,7 +155,7 @@ class RowReader:
     def _os_error(self, exc: OSError, a: int, b: int) -> StoreError:
         """Permissions, I/O errors, stale network mounts: the cache's files, not the images."""
         return StoreError(
-            f"{self.store.path}: rows {a}-{b} of {_split_name(self.view)} cannot be read "
+            f"{self.store.path}: rows {a}-{b} of {part_name(self.view)} cannot be read "
             f"({exc.strerror or exc}: {exc.filename or 'a cache file'}): check the cache's "
             "files and their permissions"
         )
@@ -257,10 +257,6 @@ class RowReader:
                 carry = _slice(block, pos, None)
         if carry is not None:
             yield first, carry
-
-
-def _split_name(view: int | None) -> str:
-    return "val" if view is None else f"view {view}"
 
 
 def _concat(parts: list[Encoded]) -> Encoded:

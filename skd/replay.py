@@ -23,7 +23,7 @@ from .mixing import MixParams, plan_mixing
 from .pipelines import Recipe
 from .plan import CropParams, ViewPlan, center_boxes, plan_view
 from .recipe import from_meta
-from .store import Store
+from .store import VAL, Store, View
 
 
 @dataclass
@@ -42,9 +42,9 @@ class ReplaySource:
     loader_kind: str  # dali or torchvision
     mix: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None  # view -> (mix_lambda, mix_box); None: unmixed
 
-    def items(self, view: int | None, positions: np.ndarray) -> dict:
-        """files, boxes, flips, labels and positions of the given positions of `view` (None: val)."""
-        if view is None:
+    def items(self, view: View, positions: np.ndarray) -> dict:
+        """files, boxes, flips, labels and positions of the given positions of `view` (a view, or VAL)."""
+        if view == VAL:
             ids, split = positions, self.val
             boxes, flips = self.val_boxes[positions], np.zeros(len(positions), np.uint8)
         else:
@@ -60,7 +60,7 @@ class ReplaySource:
 
     def loader(
         self,
-        view: int | None,
+        view: View,
         positions: np.ndarray,
         *,
         batch_size: int,
@@ -68,7 +68,7 @@ class ReplaySource:
         device: torch.device,
         recipe: Recipe | None = None,
     ):
-        """Batches of the views at `positions` of `view` (None: val), in position order, at `recipe`
+        """Batches of the windows at `positions` of `view` (a view, or VAL), in position order, at `recipe`
         (default: the source's own)."""
         loader = pipelines.make_loader(
             self.loader_kind,
@@ -78,7 +78,7 @@ class ReplaySource:
             workers=workers,
             device=device,
         )
-        if view is None or self.mix is None:
+        if view == VAL or self.mix is None:
             return loader
         lam, box = self.mix(view)
         return MixedLoader(loader, lam[positions], box[positions], batch_size)

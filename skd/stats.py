@@ -15,7 +15,7 @@ from .cached_logits import mean_row_std
 from .errors import SkdError
 from .mixing import mix_summary, summary_line
 from .stats_rows import RowStats, stream_rows
-from .store import Store
+from .store import VAL, Store, part_name
 
 ECE_BINS = 15
 SHOWN = 10  # worst classes and most confused pairs listed
@@ -220,9 +220,9 @@ def logit_stats(
         order, box, _ = store.view_plan(k)
         order = order.astype(np.int64)
         labels = stored_labels(store, "samples")[order]
-        rows = stream_rows(store, k, labels, desc=f"view {k}", **kwargs)
+        rows = stream_rows(store, k, labels, desc=part_name(k), **kwargs)
         area = crop_area_fraction(box, sizes[order])
-        splits.append(split_summary(f"view {k}", rows, labels, classes, ece=False, area=area))
+        splits.append(split_summary(part_name(k), rows, labels, classes, ece=False, area=area))
         splits[-1].mixing = mix_summary(*store.view_mix(k))
         by_sample = np.empty_like(rows.pred)
         by_sample[order] = rows.pred
@@ -236,8 +236,8 @@ def logit_stats(
         )
     if use_val:
         labels = stored_labels(store, "val")
-        rows = stream_rows(store, None, labels, desc="val", **kwargs)
-        splits.append(split_summary("val", rows, labels, classes, ece=True))
+        rows = stream_rows(store, VAL, labels, desc=part_name(VAL), **kwargs)
+        splits.append(split_summary(part_name(VAL), rows, labels, classes, ece=True))
     if not splits:
         raise StatsError(f"nothing to do: choose --views (cache {store.path} has {store.num_views})")
     return CacheStats(

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .codecs import Encoded
 from .loss import LAYER_NORM_EPS
 from .reader import RowReader
-from .store import Store
+from .store import Store, View
 
 BATCH_ROWS = 256  # rows per kernel step: the float32 work buffers (1 MiB at 1000 classes) stay in cache
 MIN_EXPONENT = -80.0  # exp() of anything lower is 0 for the sums here; below -87 it is slow (denormals)
@@ -83,7 +83,7 @@ def row_stats(
 
 def stream_rows(
     store: Store,
-    view: int | None,
+    view: View,
     labels: np.ndarray,
     *,
     temperature: float,
@@ -91,7 +91,7 @@ def stream_rows(
     progress: bool = False,
     desc: str = "",
 ) -> RowStats:
-    """RowStats of every row of view `view` (None: val), streamed once in order with RowReader."""
+    """RowStats of every row of `view` (a view, or VAL), streamed once in order with RowReader."""
     n = len(labels)
     out = RowStats.empty(n)
     work = tuple(np.empty((BATCH_ROWS, store.num_classes), np.float32) for _ in range(2))

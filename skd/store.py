@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import zarr
@@ -28,6 +29,13 @@ from .zarr_internals import zarr_writes, zarrs_reads
 
 ATTR_KEY = "skd"
 CREATING_KEY = "skd_creating"  # set while create_store runs: a folder with only this is our unfinished creation
+VAL = "val"  # names the validation split's logits wherever a view number names a training view's
+View = int | Literal["val"]  # a part of the cache that holds logits: a view number, or VAL
+
+
+def part_name(view: View) -> str:
+    """How messages name a part of the cache: "view 3", or "val"."""
+    return "val" if view == VAL else f"view {view}"
 
 
 class Store:
@@ -68,6 +76,14 @@ class Store:
     @property
     def num_val(self) -> int:
         return int(self.group["val/label"].shape[0]) if self.has_val else 0
+
+    def parts(self) -> list[View]:
+        """Every part that holds logits: the views in order, then VAL when the cache has validation logits."""
+        return [*range(self.num_views), *([VAL] if self.has_val else [])]
+
+    def part_rows(self, view: View) -> int:
+        """Rows of logits of a part: one per training sample for a view, one per validation image for VAL."""
+        return self.num_val if view == VAL else self.num_samples
 
     def num_shards(self, rows: int) -> int:
         return -(-rows // self.shard_rows)
@@ -148,26 +164,39 @@ class Store:
     def val_complete(self) -> np.ndarray:
         return self._read("val/complete").astype(bool) if self.has_val else np.zeros(0, bool)
 
+    def part_complete(self, view: View) -> np.ndarray:
+        """(shards,) bool: which shards of one part hold final logits."""
+        return self.val_complete() if view == VAL else self._read("views/complete", view).astype(bool)
+
     def is_complete(self) -> bool:
         return bool(self.complete().all() and self.val_complete().all())
 
+    def complete_ranges(self) -> list[tuple[View, int, int, int]]:
+        """(part, shard, first row, end row) of every complete shard, the views' first, then val's."""
+        done = [*self.complete(), *([self.val_complete()] if self.has_val else [])]
+        return [
+            (view, shard, *self.shard_bounds(shard, self.part_rows(view)))
+            for view, complete in zip(self.parts(), done)
+            for shard in np.flatnonzero(complete).tolist()
+        ]
+
     # -- logits ----------------------------------------------------------------------------
-    def _logit_group(self, view: int | None) -> tuple[zarr.Group, tuple]:
-        """The group holding the logits and the index prefix: views[k] or val (view None)."""
-        if view is None:
+    def _logit_group(self, view: View) -> tuple[zarr.Group, tuple]:
+        """The group holding a part's logits and the index prefix: views[k], or val."""
+        if view == VAL:
             return self.group["val"], ()
         return self.group["views"], (view,)
 
-    def write_shard(self, view: int | None, shard: int, encoded: Encoded) -> None:
+    def write_shard(self, view: View, shard: int, encoded: Encoded) -> None:
         """Write one whole shard of logits (and scale/offset) and then mark it complete."""
         self.write_shard_data(view, shard, encoded)
         self.mark_complete(view, shard)
 
-    def mark_complete(self, view: int | None, shard: int) -> None:
+    def mark_complete(self, view: View, shard: int) -> None:
         g, prefix = self._logit_group(view)
         g["complete"][prefix + (shard,)] = 1
 
-    def write_shard_data(self, view: int | None, shard: int, encoded: Encoded) -> None:
+    def write_shard_data(self, view: View, shard: int, encoded: Encoded) -> None:
         """Write one whole shard of logits (and scale/offset), each array's shard as one whole object: encoded
         in memory, then handed to the Location in one write (a PUT, or a file renamed into place), so neither
         an old, possibly damaged file nor a read-modify-write is ever involved."""
@@ -185,13 +214,13 @@ class Store:
             array = g[name]
             self.location.put(shard_key(array, prefix, shard), encode_shard(array, selection, data))
 
-    def shard_keys(self, view: int | None, shard: int) -> list[str]:
-        """The keys of shard `shard` of view `view` (None: val): logits, and scale and offset when affine."""
+    def shard_keys(self, view: View, shard: int) -> list[str]:
+        """The keys of shard `shard` of a part: logits, and scale and offset when affine."""
         g, prefix = self._logit_group(view)
         names = ("logits", "scale", "offset") if self.codec.affine else ("logits",)
         return [shard_key(g[name], prefix, shard) for name in names]
 
-    def missing_shard_files(self, view: int | None, shard: int) -> list[str]:
+    def missing_shard_files(self, view: View, shard: int) -> list[str]:
         """Keys of a complete shard's files that were lost (not in the listing): every shard is written
         whole, so a missing one is damage."""
         listed = self.listing()
@@ -204,19 +233,18 @@ class Store:
             self._listed = self.location.listing()
         return self._listed
 
-    def read_rows(self, view: int | None, start: int, stop: int) -> Encoded:
-        """Stored rows [start, stop) of view `view` (None: validation), in the codec's form."""
+    def read_rows(self, view: View, start: int, stop: int) -> Encoded:
+        """Stored rows [start, stop) of a part (a view, or VAL), in the codec's form."""
         g, prefix = self._logit_group(view)
         sl = prefix + (slice(start, stop),)
         if self.codec.affine:
             return Encoded(g["logits"][sl], g["scale"][sl], g["offset"][sl])
         return Encoded(g["logits"][sl])
 
-    def read_logits(self, view: int | None, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read_logits(self, view: View, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Decoded float32 logits of rows [start, stop)."""
         if stop is None:
-            g, _ = self._logit_group(view)
-            stop = g["logits"].shape[-2]
+            stop = self.part_rows(view)
         return self.codec.decode(self.read_rows(view, start, stop))
 
     # -- storage figures -------------------------------------------------------------------
@@ -225,18 +253,12 @@ class Store:
 
     def rows_written(self) -> int:
         """Rows of logits in complete shards, over all views and val."""
-        parts = [(done, self.num_samples) for done in self.complete()] + [(self.val_complete(), self.num_val)]
-        return sum(
-            stop - start
-            for done, n in parts
-            for start, stop in (self.shard_bounds(int(j), n) for j in np.flatnonzero(done))
-        )
+        return sum(stop - start for _, _, start, stop in self.complete_ranges())
 
     def logit_bytes(self) -> int:
         """Bytes of the complete shards' logits (and scale and offset for the affine codecs), views and val:
         the same rows as `rows_written`, so an unfinished cache's bytes per row are right too."""
-        parts = [(view, done) for view, done in enumerate(self.complete())] + [(None, self.val_complete())]
-        keys = [k for view, done in parts for shard in np.flatnonzero(done) for k in self.shard_keys(view, int(shard))]
+        keys = [k for view, shard, _, _ in self.complete_ranges() for k in self.shard_keys(view, shard)]
         listed = self.listing(fresh=True)
         return sum(listed.get(k, 0) for k in keys)
 

@@ -12,7 +12,7 @@ from .config import TrainConfig
 from .loss import ensemble_target
 from .replay import ReplaySource
 from .runtime import Dist, autocast, images_to
-from .store import Store
+from .store import VAL, Store
 
 
 def val_range(n: int, d: Dist) -> tuple[int, int]:
@@ -27,7 +27,7 @@ def cached_val_top1(
     """The cached teacher's (an ensemble's) top-1 class of validation rows [start, stop), read once per run."""
     if not stores or not all(store.has_val for store in stores):
         return None
-    readers = [cached_logits(store, None, start, stop, 4096, device) for store in stores]
+    readers = [cached_logits(store, VAL, start, stop, 4096, device) for store in stores]
     tops = [
         (parts[0][1] if len(parts) == 1 else ensemble_target(kd, [p[1] for p in parts], weights)).argmax(1)
         for parts in zip(*readers)
@@ -48,7 +48,7 @@ def evaluate(
     student.eval()
     start, stop = val_range(len(source.val.paths), d)
     loader = source.loader(
-        None, np.arange(start, stop), batch_size=max(1, cfg.batch_size // d.world), workers=cfg.workers, device=device
+        VAL, np.arange(start, stop), batch_size=max(1, cfg.batch_size // d.world), workers=cfg.workers, device=device
     )
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, agree, n
     for batch in loader if stop > start else []:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .replay import cached_source, teacher_recipe
 from .replay_checks import warn_other_loader
 from .runtime import Dist, place, resolve_device
-from .store import Store, StoreError
+from .store import Store, StoreError, part_name
 from .teachers import load_teacher
 from .verify_checks import (
     Check,
@@ -26,7 +26,6 @@ from .verify_checks import (
     check_weights,
     named,
     size_problems,
-    split_label,
     teacher_weights,
     with_changed_files,
 )
@@ -120,7 +119,7 @@ def verify_cache(
             for view, rows in plans.items():
                 keep = [i for i in range(len(rows.positions)) if i not in problems[view]]
                 if keep:
-                    replays[split_label(view)] = replay_split(
+                    replays[part_name(view)] = replay_split(
                         store, view, rows.take(keep), model, source, tolerance, bar, **options
                     )
         except ClassCountMismatch as exc:

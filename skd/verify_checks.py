@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .errors import SkdError
 from .index import image_size, quick_fingerprints, scan_split
-from .store import Store
+from .store import Store, part_name
 
 NAMED = 5  # files, rows or chunks named in a message; the rest are counted
 
@@ -45,19 +45,6 @@ def first_line(exc: BaseException) -> str:
     """An error as its type and the start of its first line: zarr's and numcodecs' messages run long."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
-
-
-def split_label(view: int | None) -> str:
-    return "val" if view is None else f"view {view}"
-
-
-def complete_ranges(store: Store) -> list[tuple[int | None, int, int, int]]:
-    """(view or None for val, shard, first row, end row) of every complete shard."""
-    out = []
-    for view, done in enumerate(store.complete()):
-        out += [(view, int(j), *store.shard_bounds(int(j), store.num_samples)) for j in np.flatnonzero(done)]
-    out += [(None, int(j), *store.shard_bounds(int(j), store.num_val)) for j in np.flatnonzero(store.val_complete())]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,18 +159,18 @@ def check_weights(store: Store, teacher) -> Check:
 def check_integrity(store: Store, progress: bool = False) -> Check:
     """Read every array, and every chunk of every complete shard; name the shards whose files are missing
     and the chunks that fail to decode or hold non-finite logits."""
-    ranges = complete_ranges(store)
+    ranges = store.complete_ranges()
     chunk = int(store.meta.get("chunk_rows") or store.shard_rows)
     bad = [f"{name} ({first_line(exc)})" for name, exc in unreadable_arrays(store)]
     for view, shard, start, stop in tqdm(ranges, desc="integrity", unit="shard", disable=not progress):
         missing = store.missing_shard_files(view, shard)
         if missing:
             names = ", ".join(missing)
-            bad.append(f"{split_label(view)} shard {shard} (missing {names})")
+            bad.append(f"{part_name(view)} shard {shard} (missing {names})")
             continue
         for a in range(start, stop, chunk):
             b = min(stop, a + chunk)
-            where = f"{split_label(view)} shard {shard} rows {a}-{b - 1}"
+            where = f"{part_name(view)} shard {shard} rows {a}-{b - 1}"
             try:
                 logits = store.read_logits(view, a, b)
             except Exception as exc:  # zarr and numcodecs raise many kinds on damaged bytes

@@ -15,9 +15,9 @@ import torch
 from .loss import skd_kl, spherical_normalize
 from .replay import ReplaySource
 from .schema import check_relative_path
-from .store import Store
+from .store import VAL, Store, View, part_name
 from .teachers import forward
-from .verify_checks import VerifyError, complete_ranges, first_line, split_label
+from .verify_checks import VerifyError, first_line
 
 TEMPERATURE, MULTIPLIER = 4.0, 2.0  # of the reported KL, as in DESIGN's codec table
 
@@ -37,8 +37,8 @@ class Comparison:
 
 
 def sample_rows(store: Store, count: int, seed: int) -> dict:
-    """{view or None: sorted positions}: `count` rows drawn without replacement from the complete shards."""
-    ranges = complete_ranges(store)
+    """{view or VAL: sorted positions}: `count` rows drawn without replacement from the complete shards."""
+    ranges = store.complete_ranges()
     sizes = np.array([b - a for _, _, a, b in ranges], np.int64)
     if not sizes.sum():
         raise VerifyError(f"cache {store.path} has no complete shard to verify: run its `skd-cache build` command")
@@ -65,9 +65,9 @@ class SampledRows:
         return SampledRows(self.positions[keep], [self.paths[i] for i in keep], self.sizes[keep])
 
 
-def plan_rows(store: Store, view: int | None, positions: np.ndarray) -> SampledRows:
-    """The sample behind each position of `view` (None: val) as recorded, its path checked."""
-    if view is None:
+def plan_rows(store: Store, view: View, positions: np.ndarray) -> SampledRows:
+    """The sample behind each position of `view` (a view, or VAL) as recorded, its path checked."""
+    if view == VAL:
         split, ids = "val", positions
     else:
         split, ids = "samples", store.view_plan(view)[0][positions].astype(np.int64)
@@ -81,7 +81,7 @@ def plan_rows(store: Store, view: int | None, positions: np.ndarray) -> SampledR
 def replay_teacher(
     model,
     source: ReplaySource,
-    view: int | None,
+    view: View,
     positions: np.ndarray,
     *,
     batch_size: int,
@@ -90,12 +90,12 @@ def replay_teacher(
     amp: str,
     bar,
 ) -> torch.Tensor:
-    """The teacher's float32 logits of the recorded views at `positions` of `view` (None: val), in order.
+    """The teacher's float32 logits of the recorded views at `positions` of `view` (a view, or VAL), in order.
 
     A mixed view's row is its image mixed with its partner's (position p XOR 1): whole pairs are replayed.
     """
     wanted = np.asarray(positions)
-    if view is not None and source.mix is not None:
+    if view != VAL and source.mix is not None:
         n = len(source.train.paths)
         positions = np.unique(np.concatenate([wanted & ~1, np.minimum(wanted | 1, n - 1)]))
         batch_size += batch_size % 2
@@ -107,7 +107,7 @@ def replay_teacher(
     return logits[torch.from_numpy(np.searchsorted(positions, wanted))] if len(logits) else logits
 
 
-def stored_rows(store: Store, view: int | None, positions: np.ndarray) -> tuple[torch.Tensor, dict[int, str]]:
+def stored_rows(store: Store, view: View, positions: np.ndarray) -> tuple[torch.Tensor, dict[int, str]]:
     """Stored logits of the positions (NaN where unreadable) and {shard: error} of shards that fail to decode."""
     out = np.full((len(positions), store.num_classes), np.nan, np.float32)
     broken: dict[int, str] = {}
@@ -148,7 +148,7 @@ class Replay:
 
 
 def replay_split(
-    store: Store, view: int | None, rows: SampledRows, model, source: ReplaySource, tolerance: float, bar, **options
+    store: Store, view: View, rows: SampledRows, model, source: ReplaySource, tolerance: float, bar, **options
 ) -> Replay:
     """Run the teacher on the rows' recorded views and compare with the stored rows."""
     new = replay_teacher(model, source, view, rows.positions, bar=bar, **options)
@@ -157,7 +157,7 @@ def replay_split(
     stored, broken = stored_rows(store, view, rows.positions)
     keep = ~np.isin(rows.positions // store.shard_rows, list(broken))
     figures = compare_logits(new[torch.from_numpy(keep)], stored[torch.from_numpy(keep)])
-    label = split_label(view)
+    label = part_name(view)
     over = np.flatnonzero(keep)[(figures["kl"] > tolerance).numpy()]
     return Replay(
         figures,

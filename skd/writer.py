@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import SkdError, fault
 from .locks import FolderLock, Lease
-from .store import Store
+from .store import Store, View, part_name
 
 
 class WriteError(SkdError):
@@ -31,7 +31,7 @@ class ShardWriter:
     def __init__(
         self,
         store: Store,
-        view: int | None,
+        view: View,
         shards: list[int],
         rows: int,
         lock: FolderLock | Lease | None = None,
@@ -90,7 +90,6 @@ class ShardWriter:
 
     def _write(self, shard: int, logits: np.ndarray) -> None:
         """Encode and write a shard's rows, then mark it complete: a kill in between leaves it incomplete."""
-        where = "val" if self.view is None else f"view {self.view}"
         if self.lock is not None:
             self.lock.check()
         try:
@@ -99,7 +98,7 @@ class ShardWriter:
             self.store.mark_complete(self.view, shard)
         except OSError as exc:
             raise WriteError(
-                f"cannot write shard {shard} of {where} to {self.store.path} "
+                f"cannot write shard {shard} of {part_name(self.view)} to {self.store.path} "
                 f"({exc.strerror or exc}): free space or fix the disk, then rerun the same "
                 "command to resume"
             ) from None

@@ -17,7 +17,7 @@ from skd.build import BuildError, build_cache
 from skd.errors import SkdError
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from skd.pipelines.torchvision_pipeline import load_view
-from skd.store import open_store
+from skd.store import VAL, open_store
 from skd.train import TrainConfig, train
 
 PLAN_ARRAYS = (
@@ -183,7 +183,7 @@ def test_stats_compares_teachers_on_identical_views(fp32_cache, second_cache):
 
     a, b = open_store(fp32_cache), open_store(second_cache)
     report = compare_teachers([a, b], (0, 1))
-    val_a, val_b = a.read_logits(None), b.read_logits(None)
+    val_a, val_b = a.read_logits(VAL), b.read_logits(VAL)
     labels = a.split("val").labels
     want = {"a": float((val_a.argmax(1) == labels).mean()), "b": float((val_b.argmax(1) == labels).mean())}
     got = report["val"]["top1"]

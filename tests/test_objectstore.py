@@ -20,7 +20,7 @@ from skd.locks import FolderLock, Lease, LockError
 from skd.objectstore import ObjectPrefix, check_objects
 from skd.reader import RowReader
 from skd.schema import SchemaError
-from skd.store import StoreError, cache_state, open_store
+from skd.store import VAL, StoreError, cache_state, open_store
 from skd.zarr_internals import codec_pipeline
 
 # zarrs rebuilds obstore's store in its own copy of object_store, and warns for every array it opens
@@ -81,7 +81,7 @@ def test_a_cache_on_s3_reads_back_like_the_local_one(server, pair, monkeypatch):
         != (local.path / k).read_bytes()
     ]
     assert not different, f"objects whose bytes differ from the local files: {different[:5]}"
-    for view, n in [(0, 50), (1, 50), (None, 13)]:
+    for view, n in [(0, 50), (1, 50), (VAL, 13)]:
         reader = RowReader(remote, view, 0, n)
         want = {name: "ZarrsCodecPipeline" for name in ("logits", "scale", "offset")}
         assert reader.pipelines == want, f"pipelines of {view}: {reader.pipelines}"

@@ -11,8 +11,8 @@ from handmade import cache_meta
 from skd.codecs import get_codec
 from skd.creation import create_store
 from skd.index import Split
-from skd.reader import RowReader, _split_name
-from skd.store import StoreError, open_store
+from skd.reader import RowReader
+from skd.store import VAL, StoreError, open_store, part_name
 from skd.zarr_internals import codec_pipeline
 
 
@@ -36,7 +36,7 @@ def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_r
         path, meta, train=split, plans=plans, val=vsplit, val_boxes=np.zeros((val, 4)), num_classes=classes
     )
     enc = get_codec(codec)
-    for view, n in [(k, rows) for k in range(views)] + [(None, val)]:
+    for view, n in [(k, rows) for k in range(views)] + [(VAL, val)]:
         for shard in range(store.num_shards(n)):
             if (view, shard) in skip_shards:
                 continue
@@ -59,7 +59,7 @@ def assert_same(got, want):
 def test_reads_match_zarr(tmp_path, codec):
     """The reader's zarrs reads against Store.read_rows (zarr's own pipeline: an integer view index)."""
     store = make_store(tmp_path / "c", codec=codec)
-    for view, n in [(0, 50), (1, 50), (None, 13)]:
+    for view, n in [(0, 50), (1, 50), (VAL, 13)]:
         reader = RowReader(store, view, 0, n)
         for a, b in [(0, n), (3, n - 2), (5, 6), (16, 32), (15, 17), (n - 1, n)]:
             if b > n:
@@ -114,7 +114,7 @@ def test_a_lost_scale_file_is_named(tmp_path):
     (tmp_path / "c" / "val" / "offset" / "c" / "0").unlink()
     assert_same(RowReader(store, 1, 0, 50)._read(0, 50), store.read_rows(1, 0, 50))
     with pytest.raises(StoreError, match="rows 0-13 of val .*val/offset/c/0 is missing"):
-        RowReader(store, None, 0, 13)
+        RowReader(store, VAL, 0, 13)
 
 
 def test_a_shard_that_cannot_be_opened_names_the_file_not_the_images(tmp_path):
@@ -181,10 +181,10 @@ def test_threads_must_be_positive(tmp_path):
 def test_local_caches_are_read_by_zarrs(tmp_path):
     """zarrs falls back to zarr's own pipeline without an error: the reader says which one serves it."""
     store = make_store(tmp_path / "c", codec="int8")
-    for view in (0, None):
+    for view in (0, VAL):
         reader = RowReader(store, view, 0, 5)
         want = {name: "ZarrsCodecPipeline" for name in ("logits", "scale", "offset")}
-        assert reader.pipelines == want, f"{_split_name(view)}: pipelines {reader.pipelines}"
+        assert reader.pipelines == want, f"{part_name(view)}: pipelines {reader.pipelines}"
     paths = codec_pipeline(store.array("samples/path"))
     assert paths == "BatchedCodecPipeline", f"string arrays are zarr's own to read, not {paths}"
     memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), dtype="uint8", chunks=(2,))
@@ -235,7 +235,7 @@ def test_a_shard_of_fill_values_is_written_and_reads_back(tmp_path):
         (2, 0, 10, "outside the cache's 2 views"),
         (0, 0, 51, "outside the 50 rows of view 0"),
         (0, 8, 4, "outside"),
-        (None, 0, 14, "13 rows of val"),
+        (VAL, 0, 14, "13 rows of val"),
     ],
 )
 def test_ranges_outside_the_cache_are_refused(tmp_path, view, start, stop, needle):

@@ -18,9 +18,9 @@ from skd.index import Split
 from skd.loss import spherical_normalize
 from skd.stats import CacheStats, logit_stats, plot_stats, split_summary
 from skd.stats_rows import RowStats
-from skd.store import open_store
+from skd.store import VAL, open_store
 
-N, C, VAL, CLASSES = 300, 10, 200, [f"c{i}" for i in range(10)]
+N, C, NUM_VAL, CLASSES = 300, 10, 200, [f"c{i}" for i in range(10)]
 CONFUSED, AS = 3, 5  # every sample of class c3 is predicted c5
 
 
@@ -52,13 +52,15 @@ def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = 
     left empty."""
     labels = np.arange(N) % C
     sizes = 4 * np.random.default_rng(9).integers(5, 30, (N, 2))  # (height, width) by sample id
-    val_labels = np.arange(VAL) % C
+    val_labels = np.arange(NUM_VAL) % C
     orders = [np.random.default_rng(k).permutation(N) for k in range(2)]
     by_sample = teacher_rows(labels, 0)
     views = [by_sample[orders[0]], teacher_rows(labels, 1)[orders[1]]]
     views[1][::3] = by_sample[orders[1]][::3]  # a third of view 1 repeats view 0's rows: known consistency
     val = teacher_rows(val_labels, 2)
-    meta = cache_meta(codec=codec, views=2, num_samples=N, num_val=VAL, classes=CLASSES, shard_rows=64, chunk_rows=16)
+    meta = cache_meta(
+        codec=codec, views=2, num_samples=N, num_val=NUM_VAL, classes=CLASSES, shard_rows=64, chunk_rows=16
+    )
     split = lambda n, lab, hw: Split([f"x/{i}.JPEG" for i in range(n)], lab, hw)  # noqa: E731
     boxes = [random_windows(sizes, o, k) for k, o in enumerate(orders)]
     plans = [SimpleNamespace(order=o, box=b, flip=np.zeros(N)) for o, b in zip(orders, boxes)]
@@ -67,12 +69,12 @@ def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = 
         meta,
         train=split(N, labels, sizes),
         plans=plans,
-        val=split(VAL, val_labels, np.full((VAL, 2), 32)),
-        val_boxes=np.zeros((VAL, 4)),
+        val=split(NUM_VAL, val_labels, np.full((NUM_VAL, 2), 32)),
+        val_boxes=np.zeros((NUM_VAL, 4)),
         num_classes=C,
     )
     enc = get_codec(codec)
-    for view, rows in [(0, views[0]), (1, views[1]), (None, val)]:
+    for view, rows in [(0, views[0]), (1, views[1]), (VAL, val)]:
         for shard in range(store.num_shards(len(rows))):
             if shard in (unwritten or {}).get(view, []):
                 continue
@@ -193,7 +195,7 @@ def test_storage_figures(fp32, fp32_stats):
         for f in (fp32.path / d / a / "c").rglob("*")
         if f.is_file()
     ]
-    per_row = sum(f.stat().st_size for f in files) / (2 * N + VAL)
+    per_row = sum(f.stat().st_size for f in files) / (2 * N + NUM_VAL)
     got = fp32_stats.storage
     assert got["bytes_per_row"] == pytest.approx(per_row), (
         f"{got['bytes_per_row']:.1f} B per row, expected {per_row:.1f}"
@@ -272,9 +274,9 @@ def test_plot_labels_classes_names_the_cache_and_shows_crop_areas(fp32, fp32_sta
     for expected in (
         "skd-cache stats of cache",
         f"view 0: {N} rows",
-        f"val: {VAL} rows",
+        f"val: {NUM_VAL} rows",
         f"teacher top-1 per class on val: all {C} classes, worst first",
-        f"c{CONFUSED} ({VAL // C} rows)",
+        f"c{CONFUSED} ({NUM_VAL // C} rows)",
         "teacher top-1 by crop area",
         "8-25%",
         "75-100%",
@@ -303,7 +305,7 @@ def test_plot_of_many_classes_shows_the_worst_30_sorted(tmp_path):
 
 
 def test_info_on_an_unfinished_cache_names_what_is_missing(tmp_path):
-    made = handmade_cache(tmp_path / "cache", unwritten={1: [2, 3, 4], None: [0]})
+    made = handmade_cache(tmp_path / "cache", unwritten={1: [2, 3, 4], VAL: [0]})
     runner = CliRunner()
     result = runner.invoke(cli, ["info", str(made.path)])
     assert result.exit_code == 0, f"exit {result.exit_code}: {result.stderr}"
@@ -313,7 +315,7 @@ def test_info_on_an_unfinished_cache_names_what_is_missing(tmp_path):
     assert doc["views"]["missing_shards"] == {"1": [2, 3, 4]} and doc["complete"] is False, (
         f"info --json: {doc['views']}"
     )
-    written = 2 * N + VAL - (N - 2 * 64) - 64  # view 1 lacks rows 128-299, val its first 64 rows
+    written = 2 * N + NUM_VAL - (N - 2 * 64) - 64  # view 1 lacks rows 128-299, val its first 64 rows
     assert doc["rows_written"] == written, f"rows written {doc['rows_written']}, expected {written}"
     stats = runner.invoke(cli, ["stats", str(made.path), "--views", "1"])
     assert stats.exit_code == 2 and stats.stderr.count("\n") == 1 and "views 1" in stats.stderr, (
