@@ -241,14 +241,14 @@ def train_rate(cfg, warmup: int, steps_per_epoch: int) -> float:
 def teacher_loop_timer():
     """Time the build's teacher loop (and the writer's final flush) from outside, while a build runs.
 
-    Yields [seconds, images]: filled in as `skd.build.run_teacher` and `ShardWriter.close` return.
+    Yields [seconds, images]: filled in as `skd.build.write_teacher_logits` and `ShardWriter.close` return.
     """
     import skd.build
 
     spent = [0.0, 0]
-    original_run, original_close = skd.build.run_teacher, skd.build.ShardWriter.close
+    original_run, original_close = skd.build.write_teacher_logits, skd.build.ShardWriter.close
 
-    def run_teacher(*a, **k):
+    def write_teacher_logits(*a, **k):
         t = time.perf_counter()
         n = original_run(*a, **k)
         spent[0] += time.perf_counter() - t
@@ -260,8 +260,8 @@ def teacher_loop_timer():
         original_close(self)
         spent[0] += time.perf_counter() - t
 
-    skd.build.run_teacher, skd.build.ShardWriter.close = run_teacher, close
+    skd.build.write_teacher_logits, skd.build.ShardWriter.close = write_teacher_logits, close
     try:
         yield spent
     finally:
-        skd.build.run_teacher, skd.build.ShardWriter.close = original_run, original_close
+        skd.build.write_teacher_logits, skd.build.ShardWriter.close = original_run, original_close

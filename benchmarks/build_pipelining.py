@@ -2,7 +2,7 @@
 
 Three measurements alternate in rounds on the same views (the machine is shared: compare within a round):
   build    skd.build.build_cache over fresh caches; images/s inside its decode -> teacher -> encode/write
-           loop (time spent in skd.build.run_teacher, the writer's last flush included)
+           loop (time spent in skd.build.write_teacher_logits, the writer's last flush included)
   loader   the same loader (pipelines.make_loader, torchvision, same views, batch and workers), no teacher
   teacher  the teacher's forward on in-memory tensors of the same shape, no loader
 Target (issue 6): build / min(loader, teacher) >= 0.85. On a CPU-only machine the loader's workers and the
