@@ -16,12 +16,13 @@
 #   --work DIR    scratch folder (default: a new temporary folder); results also go to $OUT when it is set
 #   --cpu-test    tiny sizes on the CPU, to test this script where there is no GPU (not a measurement)
 #
-# The wheels (zarr, numcodecs, donfig, google-crc32c, typing-extensions, packaging, pyyaml, click, tqdm,
-# numpy, and setuptools + wheel to install skd itself), on a machine with network, for Python 3.12 on
+# The wheels (zarr, zarrs, numcodecs, obstore, pydantic and what it needs, filelock, donfig, google-crc32c,
+# typing-extensions, packaging, pyyaml, click, tqdm, numpy, and setuptools + wheel to install skd itself), on a machine with network, for Python 3.12 on
 # x86-64 Linux; pinned to the versions skd is tested with:
 #   pip download --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
 #       --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d benchmarks/wheels \
-#       zarr==3.1.6 zarrs==0.2.3 numcodecs==0.16.6 click tqdm setuptools wheel
+#       zarr==3.1.6 zarrs==0.2.3 numcodecs==0.16.6 obstore==0.12.1 pydantic filelock==4.3.2 click tqdm \
+#       setuptools wheel
 # (about 27 MB; without the pins pip picks zarr 3.4, which skd's reader also handles).
 set -euo pipefail
 
@@ -74,7 +75,7 @@ fi
 MISSING=$("$PY" - <<'PYEOF'
 import importlib.util
 need = {"zarr": "zarr", "zarrs": "zarrs", "numcodecs": "numcodecs", "click": "click", "tqdm": "tqdm", "PIL": "pillow",
-        "numpy": "numpy"}
+        "numpy": "numpy", "obstore": "obstore", "pydantic": "pydantic", "filelock": "filelock"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PYEOF
 )
