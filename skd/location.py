@@ -50,7 +50,7 @@ class Location(Protocol):
     def put(self, key: str, data: bytes) -> None: ...  # one whole object, atomically
     def remove_all(self) -> None: ...
     def discard_partial_writes(self) -> None: ...  # temporary files a killed write left behind
-    def check_new_home(self, data: Path) -> None: ...  # StoreError where a new cache here would be unsafe
+    def new_home_problem(self, data: Path) -> str | None: ...  # why a new cache here would be unsafe, if it would
     def lock(self, ttl: float | None = None) -> FolderLock | Lease: ...
     def absolute(self) -> Location: ...  # the same home, named independently of the working directory
 
@@ -140,14 +140,16 @@ class LocalFolder:
         for leftover in self.folder.rglob("*.partial"):  # left by a killed write (ours or zarr's)
             leftover.unlink()
 
-    def check_new_home(self, data: Path) -> None:
-        """StoreError where the folder overlaps the dataset's train/ or val/, or a file stands in its path."""
+    def new_home_problem(self, data: Path) -> str | None:
+        """Why a cache here would be unsafe: the folder overlaps the dataset's train/ or val/, or a file stands
+        in its path; None where it would not."""
         o, d = self.folder.resolve(), data.resolve()
         if o == d or o in d.parents or any(o == d / s or d / s in o.parents for s in ("train", "val")):
-            raise StoreError(f"--out {self} overlaps the dataset {data}: choose a folder outside its train/ and val/")
+            return f"--out {self} overlaps the dataset {data}: choose a folder outside its train/ and val/"
         for path in (self.folder, *self.folder.parents):
             if path.exists() and not path.is_dir():
-                raise StoreError(f"--out {self}: {path} is a file: choose a folder for the cache")
+                return f"--out {self}: {path} is a file: choose a folder for the cache"
+        return None
 
     def lock(self, ttl: float | None = None) -> FolderLock:
         """The file lock `DIR.lock` beside the folder (`ttl` is for leases: a kernel lock needs none)."""

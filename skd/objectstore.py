@@ -167,8 +167,8 @@ class ObjectPrefix:
     def discard_partial_writes(self) -> None:
         """Nothing to do: a PUT leaves no partial object behind."""
 
-    def check_new_home(self, data) -> None:
-        """Nothing to check: a prefix cannot overlap a local dataset nor sit under a file."""
+    def new_home_problem(self, data) -> None:
+        """None: a prefix can neither overlap a local dataset nor sit under a file."""
 
     def lock(self, ttl: float | None = None) -> Lease:
         """The build's lease: the object `<prefix>.lock` beside the prefix (a WriteError names its holder)."""

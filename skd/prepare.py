@@ -129,7 +129,8 @@ def cache_meta(cfg: BuildConfig, teacher, amp: str, recipe: dict, plan: dict, vi
 def check_out(where: Location, data: Path) -> None:
     """Refuse an --out that is not a cache's home, so that neither a build nor --overwrite can touch other files:
     one that overlaps the dataset or sits under a file, or that holds something other than an skd cache."""
-    where.check_new_home(data)
+    if problem := where.new_home_problem(data):
+        raise BuildError(problem)
     if where.is_empty() or cache_state(where) is not None:
         return
     what = (

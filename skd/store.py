@@ -50,6 +50,7 @@ class Store:
         self.location: Location = parse_location(path)
         self.path: Path | str = self.location.path
         self._listed = listing
+        self._opened: dict[str, zarr.Array] = {}  # arrays opened for reading, once each (see `array`)
         self.group = group
         self.meta: dict = dict(group.attrs[ATTR_KEY])
         self.codec: Codec = get_codec(self.meta["codec"])
@@ -141,9 +142,11 @@ class Store:
         return self._read("val/box")
 
     def array(self, name: str) -> zarr.Array:
-        """The array `name`, opened to decode through zarrs (Rust) wherever zarrs supports it."""
-        with zarrs_reads():
-            return self.group[name]
+        """The array `name`, opened once, to decode through zarrs (Rust) wherever zarrs supports it."""
+        if name not in self._opened:
+            with zarrs_reads():
+                self._opened[name] = self.group[name]
+        return self._opened[name]
 
     def _read(self, name: str, selection=slice(None)) -> np.ndarray:
         """Values of a plan, sample or flag array; a damaged or missing one is a StoreError naming it."""
@@ -236,10 +239,10 @@ class Store:
     def read_rows(self, view: View, start: int, stop: int) -> Encoded:
         """Stored rows [start, stop) of a part (a view, or VAL), in the codec's form."""
         g, prefix = self._logit_group(view)
-        sl = prefix + (slice(start, stop),)
-        if self.codec.affine:
-            return Encoded(g["logits"][sl], g["scale"][sl], g["offset"][sl])
-        return Encoded(g["logits"][sl])
+        lead = tuple(slice(i, i + 1) for i in prefix)  # slices: zarrs hands integer indexes to zarr's own pipeline
+        names = ("logits", "scale", "offset") if self.codec.affine else ("logits",)
+        arrays = [self.array(f"{g.path}/{name}") for name in names]
+        return Encoded(*(array[lead + (slice(start, stop),)][(0,) * len(lead)] for array in arrays))
 
     def read_logits(self, view: View, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Decoded float32 logits of rows [start, stop)."""
@@ -312,7 +315,7 @@ def cache_state(path: Path | str | Location) -> str | None:
     prefix; `Location.is_empty` tells an unreachable bucket from an empty one)."""
     try:
         location = parse_location(path)
-        location.inspect()  # a FIFO as zarr.json would block zarr's read
+        location.check_metadata()  # the group's zarr.json only: a FIFO there would block zarr's read
         group = zarr.open_group(location.zarr_store(read_only=True), mode="r", zarr_format=3)
         attrs = group.attrs
         if ATTR_KEY in attrs:
