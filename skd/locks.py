@@ -1,4 +1,4 @@
-"""The lock a build holds on its cache, so two builds never write one cache.
+"""The lock a build holds on its cache, and a training run on its run folder, so two never write one.
 
 `FolderLock` is a file lock beside a local folder (filelock: released by the kernel when its holder dies,
 even by kill -9). `Lease` is an expiring object beside an object-store prefix, created with a conditional
@@ -31,9 +31,10 @@ def _holder_line() -> str:
 
 
 class FolderLock:
-    """An exclusive lock on the file `DIR.lock` beside the cache folder, holding its holder's name."""
+    """An exclusive lock on the file `DIR.lock` beside a folder, holding its holder's name; `activity` says in
+    the refusal what the holder does with the folder ("built" for a cache, "trained into" for a run)."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, activity: str = "built"):
         out = out.resolve()  # `--out .` has no name to put a lock beside
         out.parent.mkdir(parents=True, exist_ok=True)
         self.path = out.with_name(out.name + ".lock")
@@ -43,7 +44,7 @@ class FolderLock:
         except filelock.Timeout:
             holder = self._read_holder() or "another process"
             raise LockError(
-                f"{out} is being built by {holder}: wait for it to finish or stop it, then rerun to resume"
+                f"{out} is being {activity} by {holder}: wait for it to finish or stop it, then rerun to resume"
             ) from None
 
     @staticmethod
@@ -65,6 +66,12 @@ class FolderLock:
         if self._lock.is_locked:
             self.path.unlink(missing_ok=True)
             self._lock.release()
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Lease:

@@ -4,13 +4,40 @@ written at the end of every epoch (checkpoint, metrics.jsonl, tensorboard)."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT, STUDENT, append_line, check_free_space, load_for_resume, save_atomic
 from .config import TrainConfig
+from .locks import FolderLock, LockError
 from .runtime import Dist
 from .training_run import Learner, TrainError
+
+
+@contextmanager
+def run_folder_lock(out: Path, d: Dist):
+    """Hold the run folder for this run (rank 0 locks `OUT.lock` beside it; the kernel frees it if the run
+    dies), so a second run or a concurrent --resume into the same --out is refused in one line on every rank."""
+    lock, problem = None, None
+    if d.main:
+        try:
+            if out.exists() and not out.is_dir():
+                raise TrainError(f"--out {out} is a file: choose a folder for the run")
+            lock = FolderLock(out, activity="trained into")
+        except (TrainError, LockError) as exc:
+            problem = TrainError(str(exc))
+        except OSError as exc:  # a read-only mount, a permission
+            where = f" ({exc.filename})" if exc.filename else ""
+            problem = TrainError(f"--out {out}: {exc.strerror or exc}{where}: choose a folder you can write")
+    problem = d.broadcast(problem)
+    if problem is not None:
+        raise problem
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def check_run_folder(cfg: TrainConfig, out: Path):

@@ -23,7 +23,7 @@ from .checkpoint import STUDENT, save_atomic
 from .config import TrainConfig
 from .errors import fault
 from .loss import KDLoss, ensemble_target
-from .run_folder import check_run_folder, record_epoch, start_or_resume
+from .run_folder import check_run_folder, record_epoch, run_folder_lock, start_or_resume
 from .runtime import Dist, amp_name, device_kind, images_to, init_distributed, resolve_device, shutdown
 from .schedule import alpha_at, kd_loss, lr_scheduler
 from .teachers import forward
@@ -39,7 +39,10 @@ def train(cfg: TrainConfig, *, progress: bool = False, log=None, on_step=None) -
     d = init_distributed(device_kind(cfg.device))
     quiet = lambda message: None  # noqa: E731
     try:
-        return _train(cfg, d, progress=progress and d.main, log=(log or quiet) if d.main else quiet, on_step=on_step)
+        with run_folder_lock(Path(cfg.out), d):
+            return _train(
+                cfg, d, progress=progress and d.main, log=(log or quiet) if d.main else quiet, on_step=on_step
+            )
     finally:
         shutdown(d)
 

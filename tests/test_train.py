@@ -211,6 +211,7 @@ def test_a_run_is_replaced_only_on_overwrite_and_a_moved_cache_resumes(fp32_cach
 
     out = tmp_path / "run"
     run(base_config(out, cache=fp32_cache, epochs=1))
+    assert not (tmp_path / "run.lock").exists(), "a finished run left its lock file beside --out"
     with pytest.raises(TrainError, match="holds a run .*pass --resume to continue it, --overwrite"):
         run(base_config(out, cache=fp32_cache, epochs=1))
     kept = (out / "metrics.jsonl").read_text().count("\n")
@@ -618,3 +619,26 @@ def test_a_disk_filling_up_during_training_is_one_line_and_resumes(fp32_cache, t
         assert epochs == [0, 1], f"metrics.jsonl holds epochs {epochs} after the resume"
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_a_run_folder_in_use_or_not_a_folder_is_refused_in_one_line(fp32_cache, tmp_path, in_process):
+    """A requeued job, or --resume while the first run still trains: the second run is refused naming the
+    holder, and the first run's metrics are untouched; an --out that is a file is refused before any work."""
+    from skd.locks import FolderLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    args = ["--cache", fp32_cache, "--epochs", 1, "--loader", "torchvision", "--workers", 0, "--device", "cpu"]
+    with FolderLock(out, activity="trained into"):
+        code, err = in_process("train", *args, "--out", out, "--resume")
+    assert code == 2 and f"is being trained into by pid {os.getpid()}" in err and err.count("\n") == 1, (
+        f"exit {code}: {err[-500:]}"
+    )
+    kept = (out / "metrics.jsonl").read_text()
+    assert kept == '{"epoch": 0}\n', f"the refused run touched metrics.jsonl: {kept!r}"
+    assert not (tmp_path / "run.lock").exists(), "the holder's lock file stayed after it released"
+    (tmp_path / "file").write_text("notes")
+    code, err = in_process("train", *args, "--out", tmp_path / "file")
+    assert code == 2 and "is a file" in err and err.count("\n") == 1, f"--out a file: exit {code}: {err[-500:]}"
+    assert (tmp_path / "file").read_text() == "notes", "the file given as --out was changed"
