@@ -12,7 +12,7 @@ import click
 
 from .cli_cache import cache
 from .cli_train import train
-from .errors import SkdWarning
+from .errors import SkdWarning, raise_on_sigterm
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -24,8 +24,10 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def run_command(command: click.Command, prog_name: str) -> None:
-    """Run a click command; a usage mistake is one `error:` line naming the option and where help is."""
+    """Run a click command; a usage mistake is one `error:` line naming the option and where help is; SIGTERM
+    stops the command as Ctrl-C does (one line saying how to continue), with exit status 143."""
     warnings.showwarning = show_warning
+    raise_on_sigterm()
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:  # the group's help, not a mistake

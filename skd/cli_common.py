@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .errors import SkdError
+from .errors import SkdError, Terminated
 
 INTERRUPT_HINTS = {
     "build": ": rerun the same command to resume",
@@ -29,13 +29,14 @@ def user_errors(fn):
         except SkdError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo(f"interrupted{INTERRUPT_HINTS.get(fn.__name__, '')}", err=True)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
+            stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            click.echo(f"{stopped}{INTERRUPT_HINTS.get(fn.__name__, '')}", err=True)
             # The library's finally blocks have run (lock released, writes aborted). Skip interpreter shutdown:
             # zarr's event-loop thread would print its cut-off tasks' tracebacks under the line above.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(143 if isinstance(exc, Terminated) else 130)
 
     return wrapper
 

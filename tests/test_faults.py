@@ -118,9 +118,15 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_cache(
 
 
 @pytest.mark.parametrize("tool", ["cache", "train"])
-def test_ctrl_c_is_one_line_saying_how_to_continue(tool, image_root, teacher_file, fp32_cache, tmp_path):
-    """A real SIGINT mid-build or mid-training: one line (no traceback from zarr's or torch's threads), exit 130,
-    and the command it names continues the work."""
+@pytest.mark.parametrize(
+    "signal_name, variable, status, word",
+    [("SIGINT", "SKD_INTERRUPT", 130, "interrupted"), ("SIGTERM", "SKD_TERMINATE", 143, "terminated")],
+)
+def test_ctrl_c_is_one_line_saying_how_to_continue(
+    tool, signal_name, variable, status, word, image_root, teacher_file, fp32_cache, tmp_path
+):
+    """A real SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) mid-build or mid-training: one line (no
+    traceback from zarr's or torch's threads), exit 130 or 143, and the command it names continues the work."""
     if tool == "cache":
         args = build_args(image_root, tmp_path / "cache", teacher_file)
         point, again, hint = "after-batch:2", args, "rerun the same command to resume"
@@ -147,10 +153,12 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(tool, image_root, teacher_fil
         point, again, hint = "after-epoch:0", [*args, "--resume"], "with --resume to continue"
     # A child inherits an ignored SIGINT (Python then never raises KeyboardInterrupt): as from a terminal, not so
     stopped = skd(
-        *args, env={"SKD_INTERRUPT": point}, tool=tool, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+        *args, env={variable: point}, tool=tool, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     )
     lines = [line for line in stopped.stderr.splitlines() if line.strip() and "\r" not in line]
-    assert stopped.returncode == 130 and hint in lines[-1], f"exit {stopped.returncode}: {stopped.stderr[-800:]}"
+    assert stopped.returncode == status and lines[-1].startswith(word) and hint in lines[-1], (
+        f"{signal_name}: exit {stopped.returncode}: {stopped.stderr[-800:]}"
+    )
     assert "Traceback" not in stopped.stderr and "Task was destroyed" not in stopped.stderr, stopped.stderr[-1500:]
     resumed = skd(*again, tool=tool)
     assert resumed.returncode == 0, f"the command the hint names failed: {resumed.stderr[-800:]}"
