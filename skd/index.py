@@ -327,13 +327,37 @@ def _class_folders(root: Path, split: str) -> list[str]:
 
 
 def _class_files(class_dir: Path, prefix: str) -> list[str]:
-    """Image paths under `class_dir` (recursively, torchvision order), as `prefix`/<relative path>."""
+    """Image paths under `class_dir` (recursively, torchvision order), as `prefix`/<relative path>.
+
+    Folder links are followed (torchvision does) only while they stay inside the class folder and lead somewhere
+    not walked yet: a link to `..` or to another class would label that class's images as this one, and a loop
+    would be walked ~40 levels deep. Such links are left out with one warning naming them.
+    """
+    top = os.path.realpath(class_dir)
+    walked, refused = {top}, []
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        kept = []
+        for d in sorted(dirnames, key=lambda d: os.path.islink(os.path.join(dirpath, d))):  # folders before links
+            if d.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in walked or not real.startswith(top + os.sep):
+                refused.append(os.path.join(dirpath, d))
+                continue
+            walked.add(real)
+            kept.append(d)
+        dirnames[:] = kept
         names = sorted(n for n in filenames if _is_image_name(n))
         if names:
             found.append((dirpath, names))
+    if refused:
+        warnings.warn(
+            f"{len(refused)} folder links under {class_dir} lead out of it or back into a folder already read "
+            f"(first: {refused[0]}): not followed",
+            SkdWarning,
+            stacklevel=3,
+        )
     base = len(str(class_dir))
     paths = []
     for dirpath, names in sorted(found):

@@ -467,3 +467,25 @@ def test_an_image_over_the_decompression_bomb_limit_is_named_once_by_the_torchvi
     assert len(ours) == 1, f"{len(ours)} skd warnings for two views of one image over PIL's limit 1000: {ours}"
     assert str(big) in ours[0] and "1600 pixels" in ours[0], f"the warning does not name {big} (1600 pixels): {ours}"
     assert not pils, f"PIL's own DecompressionBombWarning escaped load_view: {pils}"
+
+
+def test_folder_links_that_loop_or_leave_the_class_are_not_followed(tmp_path):
+    """`train/ant/loop -> ..` would index every class again ~40 levels deep, labelled ant; a link to another
+    class would label its images as this one. Such links are left out with a warning; a link to a folder inside
+    the class folder is followed as torchvision follows it."""
+    from skd.errors import SkdWarning
+
+    make_image_folder(tmp_path, per_class=3, val_per_class=1)
+    ant = tmp_path / "train" / "ant"
+    (ant / "loop").symlink_to("..")
+    (ant / "bees").symlink_to(tmp_path / "train" / "bee")
+    (ant / "more").mkdir()
+    write_jpeg(ant / "more" / "a.JPEG", photo_like(24, 24, 0))
+    (ant / "again").symlink_to(ant / "more")  # a second path to a folder already read
+    with pytest.warns(SkdWarning, match="3 folder links under .*ant lead out of it or back into"):
+        index = index_dataset(tmp_path, workers=2, with_val=False)
+    ant_paths = [p for p, label in zip(index.train.paths, index.train.labels) if index.classes[label] == "ant"]
+    assert sorted(ant_paths) == sorted([*(f"train/ant/ant_00{i}.JPEG" for i in range(3)), "train/ant/more/a.JPEG"]), (
+        f"ant's images: {ant_paths}"
+    )
+    assert len(index.train) == 3 * len(index.classes) + 1, f"{len(index.train)} train images indexed"
