@@ -77,7 +77,11 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
         store = store or open_store(cfg.out, mode="r+")  # the other ranks open what rank 0 made
         source = cached_source(store, recipe=recipe, root=Path(cfg.data))
         model = torch.compile(model) if cfg.compile else model
-        rows = sum(fill_view(store, source, view, model, cfg, d, device, amp, progress, lock) for view in store.parts())
+        lost = store.lost_shards()  # from the listing taken at open: one lookup per complete shard
+        rows = sum(
+            fill_view(store, source, view, model, cfg, d, device, amp, progress, lock, lost.get(view, []))
+            for view in store.parts()
+        )
         rows = d.total(rows)  # also the barrier: every rank has written its shards
         if d.main:
             mark_finished(store)
@@ -123,10 +127,13 @@ def fill_view(
     amp: str,
     progress: bool,
     lock=None,
+    lost: list[int] = (),
 ) -> int:
-    """Compute this rank's incomplete shards of one view (or of VAL); returns the rows written."""
+    """Compute this rank's incomplete shards of one view (or of VAL), and those `lost` (recorded complete but
+    whose files are gone); returns the rows written."""
     rows = store.part_rows(view)
     complete = store.part_complete(view)
+    complete[list(lost)] = False
     shards = [j for j in range(len(complete)) if not complete[j] and j % d.world == d.rank]
     if not shards:
         return 0

@@ -64,6 +64,7 @@ def describe(store: Store) -> dict:
             "shards_total": int(complete.size),
             "missing_shards": {str(k): v for k, v in missing.items()},
         },
+        "lost_shards": {str(part): shards for part, shards in store.lost_shards().items()},
         "val": {
             "rows": store.num_val,
             "shards_complete": int(val_complete.sum()),
@@ -105,6 +106,11 @@ def info_lines(info: dict) -> list[str]:
         f"views     {v['complete']} of {v['total']} complete, {v['shards_complete']} of {v['shards_total']} shards",
     ]
     lines += [f"          view {k}: shards {shard_ranges(s)} missing" for k, s in v["missing_shards"].items()]
+    lines += [
+        f"lost      {part if part == 'val' else f'view {part}'}: shards {shard_ranges(s)} recorded complete but "
+        "their files are gone: rerun the cache's `skd-cache build` command to rebuild them"
+        for part, s in info["lost_shards"].items()
+    ]
     if info["val"] is not None:
         val = info["val"]
         lines.append(

@@ -91,7 +91,7 @@ class RowReader:
                 if key not in found:
                     bounds = self.store.shard_bounds(shard, self.rows)
                     raise self._unreadable(key, *bounds) or self._damaged(
-                        f"{self.location.name(key)} is missing", *bounds
+                        f"{self.location.name(key)} is missing", *bounds, lost=True
                     )
 
     def _unreadable(self, key: str, a: int, b: int) -> StoreError | None:
@@ -100,7 +100,7 @@ class RowReader:
         try:
             self.location.probe(key)
         except FileNotFoundError:
-            return self._damaged(f"{self.location.name(key)} is missing", a, b)
+            return self._damaged(f"{self.location.name(key)} is missing", a, b, lost=True)
         except OSError as exc:
             return self._os_error(exc, a, b)
         except StoreError as exc:  # no connection, refused credentials
@@ -145,11 +145,16 @@ class RowReader:
         detail = scrub(" ".join(str(exc).split()))[:300]  # one line
         return self._damaged(f"{names}: {detail or type(exc).__name__}", a, b)
 
-    def _damaged(self, detail: str, a: int, b: int) -> StoreError:
+    def _damaged(self, detail: str, a: int, b: int, lost: bool = False) -> StoreError:
+        """Damage found in rows [a, b): a lost shard file (a rerun of the build rewrites it) or a damaged one."""
+        remedy = (
+            "rerun the cache's `skd-cache build` command (the same options) to rebuild the lost shards"
+            if lost
+            else "`skd-cache verify --integrity` lists every bad shard, and rebuilding with --overwrite replaces it"
+        )
         return StoreError(
             f"{self.store.path}: rows {a}-{b} of {part_name(self.view)} cannot be read ({detail}): "
-            "the cache is damaged; `skd-cache verify --integrity` lists every bad shard, "
-            "and rebuilding with --overwrite replaces it"
+            f"the cache is damaged; {remedy}"
         )
 
     def _os_error(self, exc: OSError, a: int, b: int) -> StoreError:

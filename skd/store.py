@@ -183,6 +183,15 @@ class Store:
             for shard in np.flatnonzero(complete).tolist()
         ]
 
+    def lost_shards(self) -> dict[View, list[int]]:
+        """{part: shards} recorded complete whose files are not in the listing (a half-done copy, a deleted
+        object): every shard is written whole, so they are damage a rerun of the build rewrites."""
+        lost: dict[View, list[int]] = {}
+        for view, shard, _, _ in self.complete_ranges():
+            if self.missing_shard_files(view, shard):
+                lost.setdefault(view, []).append(shard)
+        return lost
+
     # -- logits ----------------------------------------------------------------------------
     def _logit_group(self, view: View) -> tuple[zarr.Group, tuple]:
         """The group holding a part's logits and the index prefix: views[k], or val."""

@@ -19,7 +19,7 @@ from skd.build import BuildError, build_cache
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from skd.pipelines.torchvision_pipeline import load_view
 from skd.schema import FORMAT_VERSION
-from skd.store import open_store
+from skd.store import StoreError, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,3 +305,27 @@ def test_missing_pretrained_weights_say_where_to_put_them(image_root, tmp_path):
     assert result.returncode == 2 and "resnet152-" in result.stderr and str(tmp_path / "hub") in result.stderr, (
         result.stderr
     )
+
+
+def test_a_lost_shard_is_named_by_info_and_rebuilt_by_a_rerun(image_root, teacher_file, tmp_path):
+    """A shard file deleted from a finished cache (a half-done copy, a lost object): info names it, reading it
+    names the rerun, and rerunning the same build rewrites just that shard, equal to what it was."""
+    from skd.info import describe, info_lines
+    from skd.reader import RowReader
+
+    out = tmp_path / "cache"
+    build_cache(config(image_root, out, teacher_file))
+    want = open_store(out).read_logits(1)
+    lost = out / "views" / "logits" / "c" / "1" / "1" / "0"
+    lost.unlink()
+    store = open_store(out)
+    info = describe(store)
+    assert info["lost_shards"] == {"1": [1]}, f"lost shards: {info['lost_shards']}"
+    assert any(line.startswith("lost      view 1: shards 1") for line in info_lines(info)), info_lines(info)
+    with pytest.raises(StoreError, match="views/logits/c/1/1/0 is missing.*rerun the cache's `skd-cache build`"):
+        list(RowReader(store, 1, 0, store.num_samples).batches(8))
+    summary = build_cache(config(image_root, out, teacher_file))
+    assert summary.rows_written == 8, f"the rerun wrote {summary.rows_written} rows, expected the lost shard's 8"
+    got = open_store(out).read_logits(1)
+    assert np.array_equal(got, want), f"the rebuilt view differs by up to {np.abs(got - want).max()}"
+    assert describe(open_store(out))["lost_shards"] == {}, "the rebuilt shard is still reported lost"
