@@ -174,7 +174,30 @@ class RowReader:
             pos = end
 
     def blocks(self) -> Iterator[tuple[int, Encoded]]:
-        """(first row, Encoded block) in order, read ahead by a background thread (`parallel` threads)."""
+        """(first row, Encoded block) in order, read ahead by a background thread (`parallel` threads); a block
+        holding a row that would decode to nan or inf is a StoreError naming the row (a student step on it
+        would turn every weight into NaN)."""
+        for first, block in self._read_ahead():
+            self._check_finite(first, block)
+            yield first, block
+
+    def _check_finite(self, first: int, block: Encoded) -> None:
+        """StoreError naming the first row whose stored floats (fp16 and fp32 logits; the affine codecs' scale
+        and offset) are not all finite: min and max are nan or inf exactly then, without a mask per value."""
+        for values in block:
+            if values is None or values.dtype.kind != "f" or not values.size:
+                continue
+            if np.isfinite(values.min()) and np.isfinite(values.max()):
+                continue
+            row = first + int(np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0])
+            raise StoreError(
+                f"{self.store.path}: row {row} of {part_name(self.view)} holds non-finite logits (nan or inf): "
+                "the cache is damaged; `skd-cache verify --integrity` lists every bad shard, and rebuilding "
+                "with --overwrite replaces it"
+            )
+
+    def _read_ahead(self) -> Iterator[tuple[int, Encoded]]:
+        """`blocks` as read: in order, ahead of the consumer."""
         if self.parallel > 1:
             yield from self._parallel_blocks()
             return

@@ -242,3 +242,19 @@ def test_ranges_outside_the_cache_are_refused(tmp_path, view, start, stop, needl
     """Never the fill value for rows that do not exist (zarr itself refuses or clips them)."""
     with pytest.raises(ValueError, match=needle):
         RowReader(make_store(tmp_path / "c"), view, start, stop)
+
+
+@pytest.mark.parametrize("codec, array", [("fp32", "logits"), ("fp16", "logits"), ("int8", "scale")])
+def test_a_row_that_decodes_to_nan_or_inf_is_named_not_trained_on(tmp_path, codec, array):
+    """A non-finite stored value (a damaged or hand-edited cache) would make every student step NaN and stats
+    print numpy warnings: reading it is one StoreError naming the view and the row."""
+    make_store(tmp_path / "c", codec=codec)
+    store = open_store(tmp_path / "c", mode="r+")
+    values = store.group[f"views/{array}"][0:1, 16:32]
+    values[0, 5] = np.inf if array == "scale" else np.nan
+    store.group[f"views/{array}"][0:1, 16:32] = values
+    store = open_store(tmp_path / "c")
+    with pytest.raises(StoreError, match="row 21 of view 0 holds non-finite logits") as refused:
+        list(RowReader(store, 0, 0, 50).batches(8))
+    assert "\n" not in str(refused.value), str(refused.value)
+    assert len(list(RowReader(store, 1, 0, 50).batches(8))) == 7, "view 1 is intact and reads in full"
