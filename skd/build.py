@@ -8,6 +8,7 @@ completion recorded per shard: a rerun of the same command resumes.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from . import pipelines
 from .codecs import get_codec
 from .config import BuildConfig
-from .errors import fault
+from .errors import SkdWarning, fault
 from .index import check_root
 from .location import parse_location
 from .prepare import BuildError, cache_meta, check_out, check_pairs, prepare_store, recorded_plan
@@ -28,6 +29,8 @@ from .runtime import Dist, amp_name, device_kind, init_distributed, place, resol
 from .store import VAL, Store, View, open_store
 from .teachers import forward, load_teacher, output_classes
 from .writer import ShardWriter
+
+LARGEST_PUBLISHED_SIZE = 800  # timm's largest ImageNet recipes (e.g. EfficientNet-L2 at 800 px)
 
 
 @dataclass
@@ -69,6 +72,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     recipe, origin = resolve(
         cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, plan["image_size"]
     )
+    warn_large_input(recipe.size, cfg.batch_size)
     model = place(teacher.model, device)
     meta = cache_meta(cfg, teacher, amp, to_meta(recipe, origin), plan, views)
     classes = lambda: output_classes(model, recipe.size, device, f"teacher {cfg.teacher}")  # noqa: E731
@@ -89,6 +93,19 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     finally:
         if lock is not None:
             lock.release()
+
+
+def warn_large_input(size: int, batch_size: int) -> None:
+    """One warning where the teacher's input is beyond any published recipe: each batch's images alone take
+    batch x 3 x size^2 float32 before the teacher's activations, which grow with size^2 too."""
+    if size > LARGEST_PUBLISHED_SIZE:
+        warnings.warn(
+            f"teacher input {size} px is beyond published recipes (up to {LARGEST_PUBLISHED_SIZE} px): a batch of "
+            f"{batch_size} images takes {batch_size * 3 * size * size * 4 / 1e9:,.1f} GB before the teacher runs, "
+            "its activations many times that: check --teacher-size",
+            SkdWarning,
+            stacklevel=2,
+        )
 
 
 def open_on_main(cfg: BuildConfig, d: Dist, meta: dict, num_classes, progress: bool):

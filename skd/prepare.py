@@ -6,6 +6,7 @@ the dataset indexed (or --plan-from's samples and plan copied), every view plann
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,22 @@ from .replay import planned_view
 from .schema import FORMAT_VERSION, samples_sha256
 from .store import Store, cache_state, open_store
 
+PLAN_BYTES_PER_ROW = 75  # plan arrays of one row and view held in memory while a cache is created (DESIGN.md)
+
 
 class BuildError(SkdError):
     """The build cannot go ahead as asked: one line saying what to change."""
+
+
+def check_plan_memory(views: int, samples: int) -> None:
+    """BuildError, before any planning, where the plans of every view would not fit in this machine's memory."""
+    need = views * samples * PLAN_BYTES_PER_ROW
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise BuildError(
+            f"--views {views:,} of {samples:,} images hold ~{need / 1e9:,.1f} GB of plans in memory while the cache "
+            f"is created, more than this machine's {have / 1e9:,.1f} GB: build fewer views"
+        )
 
 
 # The recorded settings a rerun must repeat to resume; anything else may change between runs.
@@ -221,6 +235,7 @@ def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
     index = index_dataset(
         cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress, on_bad=cfg.on_bad_image
     )
+    check_plan_memory(cfg.views, len(index.train))
     plans = [
         planned_view(cfg.seed, k, index.train.sizes, cfg.crop, cfg.mix_params(), cfg.image_size)
         for k in range(cfg.views)

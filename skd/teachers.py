@@ -263,13 +263,13 @@ def output_classes(model: nn.Module, image_size: int, device: torch.device, name
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, 3, image_size, image_size, device=device))
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError) as exc:  # timm asserts a fixed-size model's input size
         line = _first_line(exc)
         too_small = any(s in line.lower() for s in ("too small", "kernel size", "larger than the input"))
-        raise ModelError(
-            f"{name} cannot run on a {image_size}-pixel image ({line[:300]})"
-            + (": choose a larger --image-size" if too_small else "")
-        ) from None
+        hint = ": choose a larger --image-size" if too_small else ""
+        if isinstance(exc, AssertionError):
+            hint = ": it takes only the input size it was built for: leave --teacher-size out or pass that size"
+        raise ModelError(f"{name} cannot run on a {image_size}-pixel image ({line[:300]}){hint}") from None
     return int(out.shape[-1])
 
 

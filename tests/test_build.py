@@ -329,3 +329,22 @@ def test_a_lost_shard_is_named_by_info_and_rebuilt_by_a_rerun(image_root, teache
     got = open_store(out).read_logits(1)
     assert np.array_equal(got, want), f"the rebuilt view differs by up to {np.abs(got - want).max()}"
     assert describe(open_store(out))["lost_shards"] == {}, "the rebuilt shard is still reported lost"
+
+
+def test_views_whose_plans_cannot_fit_in_memory_are_refused_before_planning(image_root, teacher_file, tmp_path):
+    """--views 1000000000 sat silent at 1 GB and growing: the plans' memory is estimated from the image count
+    before any view is planned, and a build that cannot fit is one line naming the figure."""
+    with pytest.raises(BuildError, match="--views 1,000,000,000 of .* GB of plans in memory .*build fewer views"):
+        build_cache(config(image_root, tmp_path / "cache", teacher_file, views=10**9))
+    assert not (tmp_path / "cache" / "zarr.json").exists(), "a cache was created for a plan that cannot fit"
+
+
+def test_a_teacher_input_beyond_published_recipes_is_warned_before_work(image_root, teacher_file, tmp_path):
+    """--teacher-size 5000 allocated 21 GB with no word: a size beyond any published recipe is one warning with
+    the batch's memory, before the teacher runs (here the plan check then stops the build at once)."""
+    from skd.errors import SkdWarning
+
+    cfg = config(image_root, tmp_path / "cache", teacher_file, teacher_size=5000, views=10**9)
+    with pytest.warns(SkdWarning, match="teacher input 5000 px is beyond published recipes .* 2.4 GB"):
+        with pytest.raises(BuildError, match="build fewer views"):
+            build_cache(cfg)

@@ -126,3 +126,16 @@ def test_timm_pretrained_weights_come_from_the_local_hugging_face_cache(tmp_path
     assert found.returncode == 0, found.stderr[-800:]
     got = json.loads(found.stdout)
     assert got["weights"] == "timm-pretrained" and got["sha"] == state_sha256(model), f"loaded {got}"
+
+
+def test_a_fixed_size_timm_teacher_at_another_size_is_one_line():
+    """A ViT built for 224 px asserts its input size deep in timm: the build says so in one line, naming the
+    option, instead of timm's traceback."""
+    pytest.importorskip("timm")
+    from skd.teachers import output_classes
+
+    model = create_model("timm:vit_tiny_patch16_224", num_classes=10).eval()
+    assert output_classes(model, 224, torch.device("cpu"), "teacher vit") == 10, "its own size runs"
+    with pytest.raises(ModelError, match="cannot run on a 384-pixel image .*leave --teacher-size out") as refused:
+        output_classes(model, 384, torch.device("cpu"), "teacher vit")
+    assert "\n" not in str(refused.value), str(refused.value)
