@@ -25,6 +25,7 @@ SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "azure"
 MISSING_BUCKET_CODES = ("NoSuchBucket", "ContainerNotFound")
 ACCESS_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
 ACCESS_CODES += ("AuthenticationFailed",)
+STORE_TIMEOUT = 60.0  # seconds after which a failing request is not retried (SKD_STORE_TIMEOUT overrides)
 READ_PARALLELISM = 8  # blocks in flight per reader (benchmarks/README.md: 4 hide most of 20 ms a request, 8 of 50)
 SECRET_NAMES = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL|SAS", re.IGNORECASE)
 
@@ -75,7 +76,7 @@ class ObjectPrefix:
         import obstore.store
 
         try:
-            return obstore.store.from_url(url)
+            return obstore.store.from_url(url, **request_limits())
         except Exception as exc:  # obstore raises its own kinds for a bad configuration
             raise StoreError(
                 f"{self}: the object store cannot be configured ({cause(exc)}): "
@@ -200,6 +201,17 @@ class ObjectPrefix:
             f"{self}: the object store {what} ({cause(exc)}): check the URL, the endpoint "
             "(AWS_ENDPOINT_URL, AWS_ALLOW_HTTP) and the network"
         )
+
+
+def request_limits() -> dict:
+    """obstore's retry options: no retry starts after SKD_STORE_TIMEOUT seconds (default STORE_TIMEOUT), so an
+    endpoint that accepts connections and never answers is one line after that and one request's own timeout
+    (object_store's default: 30 s); object_store alone retries for 3 minutes. (Client options are left to the
+    environment: passing any replaces those it reads, AWS_ALLOW_HTTP among them.)"""
+    from datetime import timedelta
+
+    seconds = float(os.environ.get("SKD_STORE_TIMEOUT") or STORE_TIMEOUT)
+    return {"retry_config": {"max_retries": 3, "retry_timeout": timedelta(seconds=seconds)}}
 
 
 def check_objects(location: ObjectPrefix, listing: dict[str, int]) -> None:

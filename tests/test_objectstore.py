@@ -475,3 +475,20 @@ def test_stats_and_verify_work_on_a_url_and_print_no_secret(
         out = capsys.readouterr().out
         assert code == 0, f"skd-cache {args[0]} on {url}: exit {code}: {err[-500:]}"
         assert DUMMY_SECRET not in err + out and DUMMY_KEY not in err + out, f"{args[0]} printed a credential"
+
+
+def test_an_endpoint_that_never_answers_is_one_line_within_the_timeout(server, bucket, monkeypatch):
+    """An endpoint that accepts connections and does not answer was silent for 184 s (object_store's retries):
+    no retry starts after SKD_STORE_TIMEOUT seconds, so the open ends after one request's timeout (30 s)."""
+    make_store(f"s3://{bucket}/c", views=1)
+    monkeypatch.setenv("SKD_STORE_TIMEOUT", "1")
+    server.set_delay(30)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreError, match="cannot be reached") as exc:
+            open_store(f"s3://{bucket}/c")
+    finally:
+        server.set_delay(0)
+    waited = time.monotonic() - started
+    one_line(exc)
+    assert waited < 60, f"the unanswering store held the open for {waited:.0f} s with SKD_STORE_TIMEOUT=1"
