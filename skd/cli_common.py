@@ -12,6 +12,7 @@ import click
 from click.core import ParameterSource
 
 from .errors import SkdError, Terminated
+from .objectstore import store_failure
 
 INTERRUPT_HINTS = {
     "build": ": rerun the same command to resume",
@@ -28,6 +29,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except SkdError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except Exception as exc:  # an object store that failed inside zarr or zarrs
+            failure = store_failure(exc)
+            if failure is None:
+                raise
+            click.echo(f"error: {failure}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
             stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"

@@ -203,6 +203,24 @@ class ObjectPrefix:
         )
 
 
+def store_failure(exc: BaseException) -> StoreError | None:
+    """The one-line StoreError for a failed object-store request that surfaced through zarr or zarrs rather than
+    through an ObjectPrefix method (a plan, sample or metadata read, a completion flag written), or None where
+    `exc` is no such failure. What a build or training wrote before it stays: the rerun resumes."""
+    from obstore.exceptions import BaseError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, BaseError) or (isinstance(exc, RuntimeError) and "object_store" in str(exc)):
+            return StoreError(
+                f"a request to the object store failed ({cause(exc)}): check the connection and the endpoint "
+                "(AWS_ENDPOINT_URL), then rerun the same command: what was written is kept"
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def request_limits() -> dict:
     """obstore's retry options: no retry starts after SKD_STORE_TIMEOUT seconds (default STORE_TIMEOUT), so an
     endpoint that accepts connections and never answers is one line after that and one request's own timeout

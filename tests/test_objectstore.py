@@ -492,3 +492,31 @@ def test_an_endpoint_that_never_answers_is_one_line_within_the_timeout(server, b
     waited = time.monotonic() - started
     one_line(exc)
     assert waited < 60, f"the unanswering store held the open for {waited:.0f} s with SKD_STORE_TIMEOUT=1"
+
+
+def test_a_store_that_goes_away_mid_build_is_one_line(image_root, teacher_file, tmp_path):
+    """The S3 server stops while a build writes view 1 (its own server: the others' stay up): the build ends
+    with one `error:` line naming the remedy and exit 2, not an obstore traceback."""
+    import os
+
+    args = ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", "s3://gone/c"]
+    args += ["--views", 4, "--image-size", 32, "--batch-size", 4, "--codec", "fp32", "--loader", "torchvision"]
+    args += ["--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--amp", "none", "--device", "cpu"]
+    with S3Server() as own:
+        own.create_bucket("gone")
+        env = {**os.environ, **own.env, "SKD_STORE_TIMEOUT": "2"}
+        build = subprocess.Popen(
+            [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        deadline = time.monotonic() + 120
+        while not any(method == "PUT" and "/logits/c/1/" in path for method, path in own.requests):
+            assert build.poll() is None and time.monotonic() < deadline, "the build ended before writing view 1"
+            time.sleep(0.05)
+    _, err = build.communicate(timeout=240)
+    lines = [line for line in err.splitlines() if line.strip() and "\r" not in line]
+    assert build.returncode == 2 and "Traceback" not in err, f"exit {build.returncode}: {err[-1500:]}"
+    assert lines[-1].startswith("error: ") and "rerun the same command" in lines[-1], lines[-1]
