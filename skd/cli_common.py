@@ -14,7 +14,8 @@ from click.core import ParameterSource
 from .errors import SkdError, Terminated
 from .objectstore import store_failure
 
-INTERRUPT_HINTS = {
+# how to continue a command stopped part way (Ctrl-C, SIGTERM, a failed object store): its work so far is kept
+CONTINUE_HINTS = {
     "build": ": rerun the same command to resume",
     "train": ": rerun the same command with --resume to continue from the last finished epoch",
 }
@@ -34,11 +35,11 @@ def user_errors(fn):
             failure = store_failure(exc)
             if failure is None:
                 raise
-            click.echo(f"error: {failure}", err=True)
+            click.echo(f"error: {failure}{CONTINUE_HINTS.get(fn.__name__, '')}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
             stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
-            click.echo(f"{stopped}{INTERRUPT_HINTS.get(fn.__name__, '')}", err=True)
+            click.echo(f"{stopped}{CONTINUE_HINTS.get(fn.__name__, '')}", err=True)
             # The library's finally blocks have run (lock released, writes aborted). Skip interpreter shutdown:
             # zarr's event-loop thread would print its cut-off tasks' tracebacks under the line above.
             sys.stdout.flush()

@@ -215,7 +215,7 @@ def store_failure(exc: BaseException) -> StoreError | None:
         if isinstance(exc, BaseError) or (isinstance(exc, RuntimeError) and "object_store" in str(exc)):
             return StoreError(
                 f"a request to the object store failed ({cause(exc)}): check the connection and the endpoint "
-                "(AWS_ENDPOINT_URL), then rerun the same command: what was written is kept"
+                "(AWS_ENDPOINT_URL); what was written is kept"
             )
         exc = exc.__cause__ or exc.__context__
     return None

@@ -520,3 +520,37 @@ def test_a_store_that_goes_away_mid_build_is_one_line(image_root, teacher_file, 
     lines = [line for line in err.splitlines() if line.strip() and "\r" not in line]
     assert build.returncode == 2 and "Traceback" not in err, f"exit {build.returncode}: {err[-1500:]}"
     assert lines[-1].startswith("error: ") and "rerun the same command" in lines[-1], lines[-1]
+
+
+def test_a_store_that_goes_away_mid_training_is_one_line(image_root, teacher_file, tmp_path, monkeypatch):
+    """The S3 server holding the cache stops after training has read its first logits: the run ends with one
+    `error:` line and exit 2, its run folder intact for --resume."""
+    import os
+
+    from conftest import small_build_config
+
+    from skd.build import build_cache
+
+    with S3Server() as own:
+        for key, value in own.env.items():
+            monkeypatch.setenv(key, value)
+        own.create_bucket("gone")
+        build_cache(small_build_config(image_root, "s3://gone/c", teacher_file, views=4, val=False))
+        own.clear()
+        args = ["--cache", "s3://gone/c", "--epochs", 4, "--batch-size", 4, "--steps-per-epoch", 2, "--no-val"]
+        args += ["--loader", "torchvision", "--workers", 0, "--device", "cpu", "--out", tmp_path / "run"]
+        run = subprocess.Popen(
+            [sys.executable, "-c", "from skd.cli import main_train; main_train()", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **own.env, "SKD_STORE_TIMEOUT": "2"},
+        )
+        deadline = time.monotonic() + 120
+        while not any(method == "GET" and "/logits/c/0/" in path for method, path in own.requests):
+            assert run.poll() is None and time.monotonic() < deadline, "training ended before reading view 0"
+            time.sleep(0.05)
+    _, err = run.communicate(timeout=240)
+    lines = [line for line in err.splitlines() if line.strip() and "\r" not in line]
+    assert run.returncode == 2 and "Traceback" not in err, f"exit {run.returncode}: {err[-1500:]}"
+    assert lines[-1].startswith("error: ") and "with --resume to continue" in lines[-1], lines[-1]
