@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -21,6 +20,7 @@ from jpegs import photo_like  # noqa: E402  (the tests' JPEG content, one defini
 
 from skd.creation import create_store
 from skd.index import Split
+from skd.plan import ViewPlan
 from skd.store import Store
 
 
@@ -54,7 +54,7 @@ def synthetic_store(
     side = 64  # every image 64 x 64 pixels; each window is the whole image (the store checks windows lie inside)
     train = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), side))
     whole_image = np.tile(np.array([0, 0, side, side], np.int32), (rows, 1))
-    plan = SimpleNamespace(order=rng.permutation(rows), box=whole_image, flip=np.zeros(rows))
+    plan = ViewPlan(order=rng.permutation(rows), box=whole_image, flip=np.zeros(rows))
     store = create_store(path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes)
     enc = get_codec(codec)
     for shard in range(store.num_shards(rows)):

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import lite0_teacher
 import numpy as np
@@ -31,6 +30,7 @@ from handmade import cache_meta
 from skd.codecs import CODECS, Codec, Encoded, get_codec
 from skd.creation import _logit_arrays, create_store
 from skd.index import Split
+from skd.plan import ViewPlan
 
 T, M, EPS = 4.0, 2.0, 1e-7
 SHARD_ROWS, CHUNK_ROWS = 16384, 1024  # BuildConfig's defaults
@@ -98,7 +98,7 @@ def store_bytes_per_row(codec_name: str, logits: np.ndarray, workdir: Path) -> t
         chunk_rows=CHUNK_ROWS,
     )
     train = Split([f"train/c/{i}.JPEG" for i in range(rows)], np.zeros(rows, np.int64), np.full((rows, 2), 224))
-    plan = SimpleNamespace(order=np.arange(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows))
+    plan = ViewPlan(order=np.arange(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows))
     path = workdir / f"store-{codec_name}"
     store = create_store(path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes)
     codec = get_codec(codec_name)

@@ -6,6 +6,7 @@ recognisable as ours (`store.cache_state`). Array names and chunking are the con
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import zarr.codecs
 from .codecs import Codec, get_codec
 from .index import Split
 from .location import Location, parse_location
+from .plan import PlanId, ViewPlan
 from .schema import check_meta, samples_sha256
 from .store import ATTR_KEY, CREATING_KEY, Store
 
@@ -93,16 +95,18 @@ def create_store(
     meta: dict,
     *,
     train: Split,
-    plans: list,
+    plans: Sequence[ViewPlan],
     val: Split | None,
     val_boxes: np.ndarray | None,
     num_classes: int,
 ) -> Store:
-    """Write a new, empty cache: samples, the plan of every view, empty logit arrays.
+    """Write a new, empty cache: samples, the plan of every view, empty logit arrays; the plan's id (skd.plan.PlanId)
+    is recorded in `skd.plan.id`.
 
-    The group starts with only the `skd_creating` attribute and gets `skd` last, so an interrupted
-    creation is recognisable as ours. `path` (a folder or an object-store URL) must be absent or empty
-    (mode w-: nothing already there is ever cleared).
+    `plans` may make each view's plan when asked (`ViewPlans`): views are written and hashed one at a time, so
+    creating a cache of K views holds one view's plan, not K. The group starts with only the `skd_creating`
+    attribute and gets `skd` last, so an interrupted creation is recognisable as ours. `path` (a folder or an
+    object-store URL) must be absent or empty (mode w-: nothing already there is ever cleared).
     """
     location = parse_location(path)
     codec = get_codec(meta["codec"])
@@ -114,25 +118,58 @@ def create_store(
     if shard_rows % chunk_rows:
         raise ValueError(f"shard rows {shard_rows} must be a multiple of chunk rows {chunk_rows}")
     _write_split(group, "samples", train, chunk_rows)
+    hashes = {
+        "samples_sha256": samples_sha256(train.paths, train.labels, train.sizes),
+        "val_sha256": None if val is None else samples_sha256(val.paths, val.labels, val.sizes),
+    }
+    params = {key: value for key, value in meta["plan"].items() if key not in ("id", "loader")}
+    plan_id = PlanId(hashes["samples_sha256"], hashes["val_sha256"], params)
     shard = min(shard_rows, n)
-    order = np.stack([p.order for p in plans]).astype(np.int32)
-    box = np.stack([p.box for p in plans]).astype(np.int32)
-    flip = np.stack([p.flip for p in plans]).astype(np.uint8)
-    unmixed = np.ones(n, np.float32), np.zeros((n, 4), np.float32)
-    mixes = [getattr(p, "mix", None) or unmixed for p in plans]  # plans without mixing: every row unmixed
-    _create(group, "views/order", order, chunks=(1, shard))
-    _create(group, "views/box", box, chunks=(1, shard, 4))
-    _create(group, "views/flip", flip, chunks=(1, shard))
-    _create(group, "views/mix_lambda", np.stack([m[0] for m in mixes]).astype(np.float32), chunks=(1, shard))
-    _create(group, "views/mix_box", np.stack([m[1] for m in mixes]).astype(np.float32), chunks=(1, shard, 4))
+    for name, dtype, row in PLAN_ARRAYS:
+        _create(group, f"views/{name}", shape=(k, n, *row), dtype=dtype, chunks=(1, shard, *row))
+    for view, plan in enumerate(plans):
+        _write_view(group, view, plan, plan_id)
     _logit_arrays(group, "views", (k,), n, num_classes, codec, shard_rows, chunk_rows)
     if val is not None:
         _write_split(group, "val", val, chunk_rows)
         _create(group, "val/box", np.asarray(val_boxes, np.int32), chunks=(min(shard_rows, len(val.paths)), 4))
         _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
-    hashes = {
-        "samples_sha256": samples_sha256(train.paths, train.labels, train.sizes),
-        "val_sha256": None if val is None else samples_sha256(val.paths, val.labels, val.sizes),
-    }
-    group.attrs.put({ATTR_KEY: check_meta(location.path, {**meta, "dataset": {**meta["dataset"], **hashes}})})
+        plan_id.add(np.asarray(val_boxes, np.int32))
+    meta = {**meta, "dataset": {**meta["dataset"], **hashes}, "plan": {**meta["plan"], "id": plan_id.hexdigest()}}
+    group.attrs.put({ATTR_KEY: check_meta(location.path, meta)})
     return Store(location, group)
+
+
+# the plan arrays of a view: name, dtype and the shape of each row (cache/README.md)
+PLAN_ARRAYS = (
+    ("order", "int32", ()),
+    ("box", "int32", (4,)),
+    ("flip", "uint8", ()),
+    ("mix_lambda", "float32", ()),
+    ("mix_box", "float32", (4,)),
+)
+
+
+def _write_view(group: zarr.Group, view: int, plan: ViewPlan, plan_id: PlanId) -> None:
+    """Write one view's plan arrays (a view without mixing: every row unmixed) and add them to the plan's id."""
+    n = len(plan.order)
+    mix = plan.mix or (np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+    for (name, dtype, _), values in zip(PLAN_ARRAYS, (plan.order, plan.box, plan.flip, *mix)):
+        values = np.asarray(values, dtype)
+        group[f"views/{name}"][view] = values
+        plan_id.add(values)
+
+
+class ViewPlans(Sequence):
+    """The plans of `count` views, each made by `plan_of(view)` only when it is asked for."""
+
+    def __init__(self, count: int, plan_of: Callable[[int], ViewPlan]):
+        self.count, self.plan_of = count, plan_of
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, view: int) -> ViewPlan:
+        if not 0 <= view < self.count:
+            raise IndexError(view)
+        return self.plan_of(view)

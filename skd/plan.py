@@ -142,15 +142,21 @@ def center_boxes(sizes: np.ndarray, crop_fraction: float = VAL_CROP_FRACTION) ->
     return np.stack([y, x, side, side], axis=1).astype(np.int32)
 
 
-def plan_id(samples_sha256: str, val_sha256: str | None, params: dict, arrays) -> str:
-    """sha256 naming a recorded plan: the samples' hash, the plan's parameters and every plan array's bytes.
+class PlanId:
+    """sha256 naming a recorded plan: the samples' hash, the plan's parameters and every plan array's bytes,
+    taken array by array as a cache is created, so no more than one view's plan is ever held for it.
 
     Caches built from one plan (`skd-cache build --plan-from`) share it, so their rows line up and
     several teachers can be read together.
     """
-    h = hashlib.sha256(f"{samples_sha256}\n{val_sha256}\n{json.dumps(params, sort_keys=True)}\n".encode())
-    for array in arrays:
+
+    def __init__(self, samples_sha256: str, val_sha256: str | None, params: dict):
+        self._hash = hashlib.sha256(f"{samples_sha256}\n{val_sha256}\n{json.dumps(params, sort_keys=True)}\n".encode())
+
+    def add(self, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
-        h.update(f"{array.dtype.str}{array.shape}".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()
+        self._hash.update(f"{array.dtype.str}{array.shape}".encode())
+        self._hash.update(array.tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()

@@ -6,7 +6,6 @@ the dataset indexed (or --plan-from's samples and plan copied), every view plann
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,32 +17,28 @@ import zarr
 
 from . import __version__
 from .config import BuildConfig
-from .creation import create_store
+from .creation import ViewPlans, create_store
 from .errors import SkdError, SkdWarning
 from .index import Split, index_dataset, quick_fingerprints
 from .location import Location, parse_location
 from .mixing import MixParams
-from .plan import VAL_CROP_FRACTION, ViewPlan, center_boxes, plan_id
+from .plan import VAL_CROP_FRACTION, ViewPlan, center_boxes
 from .replay import planned_view
-from .schema import FORMAT_VERSION, samples_sha256
+from .schema import FORMAT_VERSION
 from .store import Store, cache_state, open_store
 
-PLAN_BYTES_PER_ROW = 75  # plan arrays of one row and view held in memory while a cache is created (DESIGN.md)
+MAX_VIEWS = 100_000  # far beyond use (FKD records 500 crops an image, function matching runs thousands of epochs)
 
 
 class BuildError(SkdError):
     """The build cannot go ahead as asked: one line saying what to change."""
 
 
-def check_plan_memory(views: int, samples: int) -> None:
-    """BuildError, before any planning, where the plans of every view would not fit in this machine's memory."""
-    need = views * samples * PLAN_BYTES_PER_ROW
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have:
-        raise BuildError(
-            f"--views {views:,} of {samples:,} images hold ~{need / 1e9:,.1f} GB of plans in memory while the cache "
-            f"is created, more than this machine's {have / 1e9:,.1f} GB: build fewer views"
-        )
+def check_views(views: int) -> None:
+    """BuildError, before any planning, for a view count out of all proportion: each view is planned and written
+    in turn (one view's plan in memory at a time), so such a count would run for days without a word."""
+    if views > MAX_VIEWS:
+        raise BuildError(f"--views {views:,} is more than {MAX_VIEWS:,}, far beyond any recipe: build fewer views")
 
 
 # The recorded settings a rerun must repeat to resume; anything else may change between runs.
@@ -185,7 +180,6 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
         )
     meta["teacher"]["num_classes"] = classes
     meta["dataset"].update(layout.dataset)
-    meta["plan"]["id"] = layout.plan_id(meta["plan"])
     if cfg.overwrite and not where.is_empty():
         where.remove_all()
     return create_store(
@@ -204,42 +198,22 @@ class Layout:
     """What a new cache holds besides logits: its samples, the plan of every view, the validation windows."""
 
     train: Split
-    plans: list
+    plans: ViewPlans  # each view's plan, made when creation writes it
     val: Split | None
     val_boxes: np.ndarray | None
     dataset: dict  # the dataset attributes: counts, classes, fingerprints, skipped files
 
-    def plan_id(self, plan_meta: dict) -> str:
-        params = {k: v for k, v in plan_meta.items() if k not in ("id", "loader")}
-        n = len(self.train.paths)
-        unmixed = (np.ones(n, np.float32), np.zeros((n, 4), np.float32))
-        arrays = [
-            np.asarray(a, dtype)
-            for p in self.plans
-            for a, dtype in zip(
-                (p.order, p.box, p.flip, *(p.mix or unmixed)), ("int32", "int32", "uint8", "float32", "float32")
-            )
-        ]
-        if self.val is not None:
-            arrays.append(np.asarray(self.val_boxes, "int32"))
-        return plan_id(
-            samples_sha256(self.train.paths, self.train.labels, self.train.sizes),
-            None if self.val is None else samples_sha256(self.val.paths, self.val.labels, self.val.sizes),
-            params,
-            arrays,
-        )
-
 
 def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
     """Index the dataset and plan every view."""
+    check_views(cfg.views)
     index = index_dataset(
         cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress, on_bad=cfg.on_bad_image
     )
-    check_plan_memory(cfg.views, len(index.train))
-    plans = [
-        planned_view(cfg.seed, k, index.train.sizes, cfg.crop, cfg.mix_params(), cfg.image_size)
-        for k in range(cfg.views)
-    ]
+    mix = cfg.mix_params()
+    plans = ViewPlans(
+        cfg.views, lambda view: planned_view(cfg.seed, view, index.train.sizes, cfg.crop, mix, cfg.image_size)
+    )
     return Layout(
         train=index.train,
         plans=plans,
@@ -267,7 +241,7 @@ def copied_layout(cfg: BuildConfig) -> Layout:
             f"the images under {cfg.data} differ from those --plan-from {cfg.plan_from} was built on "
             "(file list or sizes): pass its --data"
         )
-    plans = [ViewPlan(*source.view_plan(k), mix=source.view_mix(k)) for k in range(source.num_views)]
+    plans = ViewPlans(source.num_views, lambda view: ViewPlan(*source.view_plan(view), mix=source.view_mix(view)))
     keys = ("num_samples", "classes", "num_val", "fingerprint", "val_fingerprint", "skipped")
     return Layout(
         train=source.split("samples"),

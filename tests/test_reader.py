@@ -1,8 +1,6 @@
 """RowReader: reads through the zarrs pipeline give exactly what zarr's own gives, in any range, block size and
 batch size; lost or damaged shard files are one-line StoreErrors naming them."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import zarr
@@ -11,6 +9,7 @@ from handmade import cache_meta
 from skd.codecs import get_codec
 from skd.creation import create_store
 from skd.index import Split
+from skd.plan import ViewPlan
 from skd.reader import RowReader
 from skd.store import VAL, StoreError, open_store, part_name
 from skd.zarr_internals import codec_pipeline
@@ -28,9 +27,7 @@ def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_r
         chunk_rows=chunk_rows,
     )
     split = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), 8))
-    plans = [
-        SimpleNamespace(order=rng.permutation(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows)) for _ in range(views)
-    ]
+    plans = [ViewPlan(order=rng.permutation(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows)) for _ in range(views)]
     vsplit = Split([f"val/c/{i}.JPEG" for i in range(val)], rng.integers(0, classes, val), np.full((val, 2), 8))
     store = create_store(
         path, meta, train=split, plans=plans, val=vsplit, val_boxes=np.zeros((val, 4)), num_classes=classes

@@ -16,6 +16,7 @@ from skd.codecs import get_codec
 from skd.creation import create_store
 from skd.index import Split
 from skd.loss import spherical_normalize
+from skd.plan import ViewPlan
 from skd.stats import CacheStats, logit_stats, plot_stats, split_summary
 from skd.stats_rows import RowStats
 from skd.store import VAL, open_store
@@ -63,7 +64,7 @@ def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = 
     )
     split = lambda n, lab, hw: Split([f"x/{i}.JPEG" for i in range(n)], lab, hw)  # noqa: E731
     boxes = [random_windows(sizes, o, k) for k, o in enumerate(orders)]
-    plans = [SimpleNamespace(order=o, box=b, flip=np.zeros(N)) for o, b in zip(orders, boxes)]
+    plans = [ViewPlan(order=o, box=b, flip=np.zeros(N)) for o, b in zip(orders, boxes)]
     store = create_store(
         path,
         meta,
