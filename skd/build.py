@@ -67,7 +67,8 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     amp = amp_name(cfg.amp, device)
     check_root(Path(cfg.data))  # before the lock and --out's parents are created
     teacher = load_teacher(cfg.teacher, cfg.weights)
-    plan, views = recorded_plan(cfg)
+    plan_source = open_store(cfg.plan_from) if cfg.plan_from is not None else None
+    plan, views = recorded_plan(cfg, plan_source)
     check_pairs(cfg, plan)
     recipe, origin = resolve(
         cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, plan["image_size"]
@@ -76,7 +77,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     model = place(teacher.model, device)
     meta = cache_meta(cfg, teacher, amp, to_meta(recipe, origin), plan, views)
     classes = lambda: output_classes(model, recipe.size, device, f"teacher {cfg.teacher}")  # noqa: E731
-    lock, store = open_on_main(cfg, d, meta, classes, progress)
+    lock, store = open_on_main(cfg, d, meta, classes, progress, plan_source)
     try:
         store = store or open_store(cfg.out, mode="r+")  # the other ranks open what rank 0 made
         source = cached_source(store, recipe=recipe, root=Path(cfg.data))
@@ -108,7 +109,7 @@ def warn_large_input(size: int, batch_size: int) -> None:
         )
 
 
-def open_on_main(cfg: BuildConfig, d: Dist, meta: dict, num_classes, progress: bool):
+def open_on_main(cfg: BuildConfig, d: Dist, meta: dict, num_classes, progress: bool, plan_source: Store | None):
     """(lock, store) on rank 0: --out checked, locked, and the cache resumed or created; (None, None) on the
     other ranks. A problem on rank 0 is raised on every rank (and releases the lock)."""
     lock, store, problem = None, None, None
@@ -117,7 +118,7 @@ def open_on_main(cfg: BuildConfig, d: Dist, meta: dict, num_classes, progress: b
         try:
             check_out(where, Path(cfg.data))
             lock = where.lock()
-            store = prepare_store(cfg, meta, num_classes, progress)
+            store = prepare_store(cfg, meta, num_classes, progress, plan_source)
         except OSError as exc:
             problem = BuildError(
                 f"--out {cfg.out}: {exc.strerror or exc}"

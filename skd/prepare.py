@@ -88,10 +88,10 @@ def software_versions() -> dict:
     return versions
 
 
-def recorded_plan(cfg: BuildConfig) -> tuple[dict, int]:
-    """The plan attributes and view count of the new cache: from the options, or --plan-from's own."""
-    if cfg.plan_from is not None:
-        source = open_store(cfg.plan_from)
+def recorded_plan(cfg: BuildConfig, source: Store | None) -> tuple[dict, int]:
+    """The plan attributes and view count of the new cache: from the options, or those of `source`, the cache
+    at --plan-from."""
+    if source is not None:
         return {k: v for k, v in source.meta["plan"].items() if k != "id"}, source.num_views
     return {
         "seed": cfg.seed,
@@ -153,8 +153,9 @@ def check_out(where: Location, data: Path) -> None:
     )
 
 
-def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> Store:
-    """Open the cache at cfg.out for resuming, or lay out its samples and plan and create it.
+def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool, plan_source: Store | None) -> Store:
+    """Open the cache at cfg.out for resuming, or lay out its samples and plan (`plan_source`'s: the cache at
+    --plan-from, opened once by the build) and create it.
 
     Refuses a cache built with different identity settings. `num_classes()` runs the teacher
     once; it is called only after the dataset index found no bad image.
@@ -162,7 +163,7 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool) -> 
     where = parse_location(cfg.out)
     if not where.is_empty() and not cfg.overwrite:
         return _resume(where, cfg, meta)
-    layout = copied_layout(cfg) if cfg.plan_from is not None else planned_layout(cfg, progress)
+    layout = copied_layout(cfg, plan_source) if plan_source is not None else planned_layout(cfg, progress)
     classes = num_classes()
     dataset_classes = len(layout.dataset["classes"])
     if classes < dataset_classes:
@@ -230,10 +231,9 @@ def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
     )
 
 
-def copied_layout(cfg: BuildConfig) -> Layout:
-    """The samples and the whole recorded plan of the cache at --plan-from, byte for byte, once the images
-    under --data are checked to be the ones it was built on."""
-    source = open_store(cfg.plan_from)
+def copied_layout(cfg: BuildConfig, source: Store) -> Layout:
+    """The samples and the whole recorded plan of `source`, the cache at --plan-from, byte for byte, once the
+    images under --data are checked to be the ones it was built on."""
     recorded = source.meta["dataset"]
     found = quick_fingerprints(Path(cfg.data), source.has_val, recorded.get("skipped", []))
     if found != (recorded["fingerprint"], recorded["val_fingerprint"]):
