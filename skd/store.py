@@ -199,6 +199,13 @@ class Store:
             return self.group["val"], ()
         return self.group["views"], (view,)
 
+    def _logit_arrays(self, view: View) -> tuple[list[zarr.Array], tuple]:
+        """A part's logits (and scale and offset for the affine codecs), each opened once per Store, and the index
+        prefix: no metadata read per shard, however many views and shards are asked about."""
+        path, prefix = ("val", ()) if view == VAL else ("views", (view,))
+        names = ("logits", "scale", "offset") if self.codec.affine else ("logits",)
+        return [self.array(f"{path}/{name}") for name in names], prefix
+
     def write_shard(self, view: View, shard: int, encoded: Encoded) -> None:
         """Write one whole shard of logits (and scale/offset) and then mark it complete."""
         self.write_shard_data(view, shard, encoded)
@@ -228,9 +235,8 @@ class Store:
 
     def shard_keys(self, view: View, shard: int) -> list[str]:
         """The keys of shard `shard` of a part: logits, and scale and offset when affine."""
-        g, prefix = self._logit_group(view)
-        names = ("logits", "scale", "offset") if self.codec.affine else ("logits",)
-        return [shard_key(g[name], prefix, shard) for name in names]
+        arrays, prefix = self._logit_arrays(view)
+        return [shard_key(array, prefix, shard) for array in arrays]
 
     def missing_shard_files(self, view: View, shard: int) -> list[str]:
         """Keys of a complete shard's files that were lost (not in the listing): every shard is written
@@ -247,10 +253,8 @@ class Store:
 
     def read_rows(self, view: View, start: int, stop: int) -> Encoded:
         """Stored rows [start, stop) of a part (a view, or VAL), in the codec's form."""
-        g, prefix = self._logit_group(view)
+        arrays, prefix = self._logit_arrays(view)
         lead = tuple(slice(i, i + 1) for i in prefix)  # slices: zarrs hands integer indexes to zarr's own pipeline
-        names = ("logits", "scale", "offset") if self.codec.affine else ("logits",)
-        arrays = [self.array(f"{g.path}/{name}") for name in names]
         return Encoded(*(array[lead + (slice(start, stop),)][(0,) * len(lead)] for array in arrays))
 
     def read_logits(self, view: View, start: int = 0, stop: int | None = None) -> np.ndarray:
