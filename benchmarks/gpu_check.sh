@@ -9,24 +9,24 @@
 #
 # Usage: bash benchmarks/gpu_check.sh [--python PY] [--venv DIR | --no-venv] [--wheels DIR] [--work DIR]
 #                                    [--cpu-test] [-- ARGS for gpu_check.py, e.g. --images 8192 --steps 400]
+#        bash benchmarks/gpu_check.sh --download   (where there is network: fetch the wheels, then stop)
 #   --python PY   interpreter that has torch and torchvision (default: python3)
 #   --venv DIR    virtual environment to create on top of it (--system-site-packages, so torch comes along);
 #                 default WORK/venv. --no-venv installs into PY's own environment instead.
-#   --wheels DIR  wheels of the missing packages (default: benchmarks/wheels), installed with --no-index
+#   --wheels DIR  wheels of benchmarks/gpu_check_wheels.txt (default: benchmarks/wheels), installed offline
 #   --work DIR    scratch folder (default: a new temporary folder); results also go to $OUT when it is set
 #   --cpu-test    tiny sizes on the CPU, to test this script where there is no GPU (not a measurement)
+#   --download    pip download the wheels of gpu_check_wheels.txt for Python 3.12 on x86-64 Linux into
+#                 --wheels (about 45 MB), for a device machine that has no network: carry that folder
 #
-# The wheels (zarr, zarrs, numcodecs, obstore, pydantic and what it needs, filelock, donfig, google-crc32c,
-# typing-extensions, packaging, pyyaml, click, tqdm, numpy, and setuptools + wheel to install skd itself), on a machine with network, for Python 3.12 on
-# x86-64 Linux; pinned to the versions skd is tested with:
-#   pip download --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
-#       --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d benchmarks/wheels \
-#       zarr==3.1.6 zarrs==0.2.3 numcodecs==0.16.6 obstore==0.12.1 pydantic filelock==4.3.2 click tqdm \
-#       setuptools wheel
-# (about 27 MB; without the pins pip picks zarr 3.4, which skd's reader also handles).
+# Everything skd imports beyond torch and torchvision comes from the wheels (gpu_check_wheels.txt, pinned; the
+# test suite checks it against setup.cfg's install_requires), then skd itself is installed from this checkout
+# (pip install --no-deps: skd.pipelines is the top-level pipelines/ folder, mapped only by installation).
+# DALI is not installed (its wheel is 424 MB): the check measures --loader torchvision and says so.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LIST="$REPO/benchmarks/gpu_check_wheels.txt"
 PY=python3
 VENV=""
 USE_VENV=1
@@ -34,6 +34,7 @@ WHEELS="$REPO/benchmarks/wheels"
 WORK=""
 EXTRA=()
 CPU_TEST=0
+DOWNLOAD=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --python) PY="$2"; shift 2 ;;
@@ -42,14 +43,28 @@ while [ $# -gt 0 ]; do
         --wheels) WHEELS="$2"; shift 2 ;;
         --work) WORK="$2"; shift 2 ;;
         --cpu-test) CPU_TEST=1; shift ;;
+        --download) DOWNLOAD=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+
+if [ "$DOWNLOAD" = 1 ]; then
+    PLATFORMS=()
+    for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+        PLATFORMS+=(--platform "$p")
+    done
+    "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \
+        -d "$WHEELS" -r "$LIST"
+    exit 0
+fi
+
 STARTED=$SECONDS
 WORK="${WORK:-$(mktemp -d /tmp/skd-gpu-check.XXXXXX)}"
 mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"
+cd "$WORK"  # never the checkout: python - and -c would import its skd/ instead of the installed one
 log() { echo "[gpu_check $((SECONDS - STARTED)) s] $*"; }
 
 if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
@@ -71,37 +86,39 @@ if [ "$USE_VENV" = 1 ]; then
     PY="$VENV/bin/python"
 fi
 
-# Packages skd needs that the interpreter lacks: install them from the wheels folder, offline.
-MISSING=$("$PY" - <<'PYEOF'
-import importlib.util
-need = {"zarr": "zarr", "zarrs": "zarrs", "numcodecs": "numcodecs", "click": "click", "tqdm": "tqdm", "PIL": "pillow",
-        "numpy": "numpy", "obstore": "obstore", "pydantic": "pydantic", "filelock": "filelock"}
-print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
-PYEOF
-)
-if [ -n "$MISSING" ]; then
-    if [ ! -d "$WHEELS" ]; then
-        echo "gpu_check.sh: missing Python packages ($MISSING) and no wheels folder $WHEELS: see the pip download" \
-             "command at the top of this script" >&2
-        exit 1
-    fi
-    log "installing $MISSING from $WHEELS (offline)"
-    "$PY" -m pip install -q --no-index --find-links "$WHEELS" $MISSING
+if [ ! -d "$WHEELS" ]; then
+    echo "gpu_check.sh: no wheels folder $WHEELS: run bash benchmarks/gpu_check.sh --download where there is" \
+         "network, and carry benchmarks/wheels" >&2
+    exit 1
 fi
-
-# skd itself, without its dependencies (no DALI here); the source tree on PYTHONPATH if pip cannot build it.
-if "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-deps -e "$REPO" 2>"$WORK/pip-skd.log" \
-    || "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e "$REPO" 2>>"$WORK/pip-skd.log"; then
-    log "skd installed (pip install --no-deps -e .)"
-else
-    log "pip could not install skd offline (see $WORK/pip-skd.log): using the source tree on PYTHONPATH"
-fi
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+log "installing $(grep -c '^[a-z]' "$LIST") packages of $LIST from $WHEELS (offline)"
+# what the base already has at the pinned version stays; anything missing from the wheels stops here, by name
+"$PY" -m pip install -q --no-index --find-links "$WHEELS" -r "$LIST"
+# skd itself, without its dependencies (no DALI, and torch is the machine's own); not editable: the venv
+# holds a snapshot of this checkout
+"$PY" -m pip install -q --no-index --no-build-isolation --no-deps "$REPO" 2>"$WORK/pip-skd.log" || {
+    echo "gpu_check.sh: pip could not install skd from $REPO offline (setuptools missing?); see $WORK/pip-skd.log" >&2
+    tail -5 "$WORK/pip-skd.log" >&2
+    exit 1
+}
+log "skd installed (pip install --no-deps $REPO)"
+# import every module skd ships, so a missing dependency stops here rather than halfway through a measurement
 "$PY" - <<'PYEOF'
-import torch, torchvision, zarr, numcodecs, skd
+import importlib, pkgutil
+import numcodecs, torch, torchvision, zarr
+import skd
+skipped = {"skd.pipelines.dali_pipeline", "skd.demo", "skd.demo_digits", "skd.demo_models"}  # DALI; scikit-learn
+names = [m.name for m in pkgutil.walk_packages(skd.__path__, "skd.") if m.name not in skipped]
+for name in names:
+    importlib.import_module(name)
 cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
 print(f"python ok: torch {torch.__version__} ({cuda}), torchvision {torchvision.__version__}, zarr {zarr.__version__}, "
-      f"numcodecs {numcodecs.__version__}, skd {skd.__version__}")
+      f"numcodecs {numcodecs.__version__}, skd {skd.__version__} from {skd.__path__[0]} ({len(names)} modules imported)")
+try:
+    import nvidia.dali
+    print(f"DALI {nvidia.dali.__version__} is importable, but this check measures --loader torchvision")
+except ImportError:
+    print("not run: DALI (not installed: its wheel is 424 MB, over what a device call carries); the loader is torchvision")
 PYEOF
 
 ARGS=(--work "$WORK" --json "$WORK/gpu_check.json")
