@@ -23,7 +23,6 @@ from .config import TrainConfig
 
 # The options of online distillation: a cache replays the plan and teacher input it was built with.
 ONLINE_ONLY_OPTIONS = (
-    "views",
     "plan_seed",
     "teacher_size",
     "teacher_interpolation",
@@ -174,7 +173,10 @@ T = TrainConfig  # option defaults come from the config, declared once
 @teacher_input_options
 @mix_options
 @click.option(
-    "--views", default=T.views, show_default=True, type=click.IntRange(min=1), help="online mode: plan option"
+    "--views",
+    default=T.views,
+    type=click.IntRange(min=1),
+    help="with --cache: train on the first N views (default all); online mode: views to plan (default 10)",
 )
 @click.option(
     "--plan-seed", default=T.plan_seed, show_default=True, type=int, help="online mode: the --seed of skd-cache build"

@@ -75,6 +75,9 @@ class BuildConfig(TeacherInput, MixOptions):
     plan_from: Path | None = None  # copy the samples and the whole plan of this cache (a second teacher)
 
 
+ONLINE_VIEWS = 10
+
+
 @dataclass
 class TrainConfig(TeacherInput, MixOptions):
     """Everything `skd-train` takes (the teacher-input and mixing options: online mode only)."""
@@ -112,10 +115,15 @@ class TrainConfig(TeacherInput, MixOptions):
     image_size: int | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # with --cache: read the first `views` views (default all); online mode: the plan's views (default 10)
+    views: int | None = None
     # plan options of online mode (a cache carries its own)
-    views: int = 10
     plan_seed: int = 0
     crop: CropParams = field(default_factory=CropParams)
+
+    def online_views(self) -> int:
+        """The number of views an online run plans."""
+        return self.views or ONLINE_VIEWS
 
     def caches(self) -> list[Path]:
         """The caches to read, in order (none in online mode)."""

@@ -1,8 +1,11 @@
-"""Knowledge-distillation losses: spherical KD (layer-normalised logits) and Hinton KD.
+"""Knowledge-distillation losses: spherical KD (layer-normalised logits) and Hinton KD, as functions and as
+modules (`SphericalKD`, `HintonKD`, `LabelCE`) for any training loop.
 
-The losses run in float32 whatever the input dtype, so they are the same under AMP. The SKD target and
-the KL between the targets of two logits (`skd_log_target`, `skd_kl`) are also what `skd-cache verify`
-and the teacher comparison of `skd-cache stats` report, in the dtype their caller picks.
+The losses run in float32 whatever the input dtype, so they are the same under AMP. Labels are class
+indices (B,) or class probabilities (B, C): a mixed batch's soft targets (`skd.mixing.soft_labels`, as
+timm's mixup makes them). The SKD target and the KL between the targets of two logits (`skd_log_target`,
+`skd_kl`) are also what `skd-cache verify` and the teacher comparison of `skd-cache stats` report, in the
+dtype their caller picks.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-from .mixing import mixed_cross_entropy
+from torch import nn
 
 LAYER_NORM_EPS = 1e-7
 
@@ -69,9 +71,9 @@ def _kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
     return kl_per_row(log_p_teacher, log_p_student).mean() * temperature**2
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, mix_lambda: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy with the labels; of a mixed batch, each row's own and partner's labels weighted by lambda."""
-    return F.cross_entropy(logits, target) if mix_lambda is None else mixed_cross_entropy(logits, target, mix_lambda)
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Batch mean cross-entropy with class indices (B,) or class probabilities (B, C), in float32."""
+    return F.cross_entropy(logits, labels.float() if labels.is_floating_point() else labels)
 
 
 def spherical_kd_loss(
@@ -82,20 +84,19 @@ def spherical_kd_loss(
     temperature: float,
     multiplier: float,
     alpha: float,
-    mix_lambda: torch.Tensor | None = None,
     teacher_normalized: bool = False,
 ) -> KDLoss:
     """SKD loss (arXiv 2010.07485): a * KD on normalised logits + (1 - a) * CE on normalised student.
 
-    The teacher never receives gradients. `mix_lambda`: the batch is mixed (skd.mixing), and the CE term
-    mixes each row's own and partner's labels. `teacher_normalized`: the teacher logits are already
-    layer-normalised (an ensemble's mean, `ensemble_target`) and are only scaled by the multiplier.
+    The teacher never receives gradients. `target`: class indices, or a mixed batch's class probabilities.
+    `teacher_normalized`: the teacher logits are already layer-normalised (an ensemble's mean,
+    `ensemble_target`) and are only scaled by the multiplier.
     """
     z_student = spherical_normalize(student_logits, multiplier)
     teacher = teacher_logits.detach().float()
     z_teacher = teacher * multiplier if teacher_normalized else spherical_normalize(teacher, multiplier)
     kd = _kd_term(z_student, z_teacher, temperature)
-    ce = cross_entropy(z_student, target, mix_lambda)
+    ce = cross_entropy(z_student, target)
     return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd.detach(), ce.detach())
 
 
@@ -115,21 +116,76 @@ def hinton_kd_loss(
     *,
     temperature: float,
     alpha: float,
-    mix_lambda: torch.Tensor | None = None,
 ) -> KDLoss:
     """Hinton KD: a * KD on raw logits + (1 - a) * CE on raw student logits."""
     student = student_logits.float()
     kd = _kd_term(student, teacher_logits.detach().float(), temperature)
-    ce = cross_entropy(student, target, mix_lambda)
+    ce = cross_entropy(student, target)
     return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd.detach(), ce.detach())
 
 
-def hard_label_loss(
-    student_logits: torch.Tensor, target: torch.Tensor, mix_lambda: torch.Tensor | None = None
-) -> KDLoss:
+def hard_label_loss(student_logits: torch.Tensor, target: torch.Tensor) -> KDLoss:
     """Plain cross-entropy (`--kd none`; of a mixed batch, the mixed labels), in the same shape as the KD losses."""
-    ce = cross_entropy(student_logits.float(), target, mix_lambda)
+    ce = cross_entropy(student_logits.float(), target)
     return KDLoss(ce, torch.zeros((), device=ce.device), ce.detach())
+
+
+class SphericalKD(nn.Module):
+    """The SKD loss as a module: `SphericalKD(temperature=4.0, multiplier=2.0, alpha=0.9)(student, teacher, labels)`.
+
+    `alpha` (and the other settings) are plain attributes a schedule may change between steps. For a cache of
+    several teachers pass `teacher_normalized=cache.teacher_normalized`: its SKD target is already on the sphere.
+    """
+
+    def __init__(
+        self, temperature: float = 4.0, multiplier: float = 2.0, alpha: float = 0.9, teacher_normalized: bool = False
+    ):
+        super().__init__()
+        self.temperature, self.multiplier, self.alpha = temperature, multiplier, alpha
+        self.teacher_normalized = teacher_normalized
+
+    def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> KDLoss:
+        """The loss and its KD and CE terms (for logging)."""
+        return spherical_kd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature=self.temperature,
+            multiplier=self.multiplier,
+            alpha=self.alpha,
+            teacher_normalized=self.teacher_normalized,
+        )
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor):
+        return self.parts(student_logits, teacher_logits, labels).loss
+
+
+class HintonKD(nn.Module):
+    """Hinton KD as a module: `HintonKD(temperature=4.0, alpha=0.9)(student, teacher, labels)`; `alpha` may change."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9):
+        super().__init__()
+        self.temperature, self.alpha = temperature, alpha
+
+    def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> KDLoss:
+        """The loss and its KD and CE terms (for logging)."""
+        return hinton_kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor):
+        return self.parts(student_logits, teacher_logits, labels).loss
+
+
+class LabelCE(nn.Module):
+    """Cross-entropy with the labels only, in the KD modules' shape (the teacher's logits are ignored)."""
+
+    alpha = 0.0
+
+    def parts(self, student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor) -> KDLoss:
+        """The loss, a zero KD term and the CE term."""
+        return hard_label_loss(student_logits, labels)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor):
+        return self.parts(student_logits, teacher_logits, labels).loss
 
 
 def seed_epoch(fraction: float, epochs: int) -> int:

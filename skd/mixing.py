@@ -167,19 +167,14 @@ def mix_batch(images: torch.Tensor, lam: torch.Tensor, boxes: torch.Tensor, firs
     return torch.where(mixup, blend, out)
 
 
-def mixed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Batch mean of lam * CE(own label) + (1 - lam) * CE(partner's label), in float32.
-
-    The batch starts at an even position, so row i's partner is row i XOR 1; an unpaired last row
-    (lambda 1) counts its own label only. Written as plain cross-entropy plus the mean of
-    (1 - lam) * (CE(partner's) - CE(own)) = (1 - lam) * (logit of own label - logit of partner's),
-    so that with every lambda 1 it is bit-identical to `F.cross_entropy`.
-    """
-    logits = logits.float()
-    lam = lam.to(device=logits.device, dtype=torch.float32)
-    partner = target[_partners(len(target), target.device)]
-    gap = logits.gather(1, target[:, None])[:, 0] - logits.gather(1, partner[:, None])[:, 0]
-    return F.cross_entropy(logits, target) + ((1 - lam) * gap).mean()
+def soft_labels(labels: torch.Tensor, lam: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The class probabilities (B, C) float32 of a mixed batch of consecutive positions from an even one:
+    lam of the row's own label plus 1 - lam of its partner's (row i XOR 1; an unpaired last row has lam 1),
+    as timm's mixup makes targets. Cross-entropy with them is the lam-weighted CE of the two labels."""
+    lam = lam.to(device=labels.device, dtype=torch.float32)[:, None]
+    own = F.one_hot(labels, num_classes).float()
+    partner = own[_partners(len(labels), labels.device)]
+    return lam * own + (1 - lam) * partner
 
 
 def mix_summary(lam: np.ndarray, box: np.ndarray) -> dict:

@@ -42,6 +42,10 @@ class ReplaySource:
     loader_kind: str  # dali or torchvision
     mix: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None  # view -> (mix_lambda, mix_box); None: unmixed
 
+    def with_loader(self, loader_kind: str) -> ReplaySource:
+        """The same views decoded by another loader (dali or torchvision)."""
+        return replace(self, loader_kind=loader_kind)
+
     def items(self, view: View, positions: np.ndarray) -> dict:
         """files, boxes, flips, labels and positions of the given positions of `view` (a view, or VAL)."""
         if view == VAL:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .loss import KDLoss, hard_label_loss, hinton_kd_loss, seed_alpha, seed_epoch, spherical_kd_loss
+from .loss import HintonKD, LabelCE, SphericalKD, seed_alpha, seed_epoch
 
 
 def default_milestones(epochs: int) -> list[int]:
@@ -73,20 +72,11 @@ def alpha_at(alpha: str, epoch: int, epochs: int) -> float:
 
 def kd_loss(
     kd: str, *, temperature: float, multiplier: float, alpha: float, teacher_normalized: bool = False
-) -> Callable[..., KDLoss]:
-    """The loss function (student logits, teacher logits, target, mix lambda or None) -> KDLoss of
-    `--kd skd|hinton|none`; `teacher_normalized`: SKD teacher logits are an ensemble's normalised mean."""
+) -> SphericalKD | HintonKD | LabelCE:
+    """The loss module of `--kd skd|hinton|none`; `teacher_normalized`: SKD teacher logits are an ensemble's
+    normalised mean."""
     if kd == "skd":
-        return lambda s, t, y, lam=None: spherical_kd_loss(
-            s,
-            t,
-            y,
-            temperature=temperature,
-            multiplier=multiplier,
-            alpha=alpha,
-            mix_lambda=lam,
-            teacher_normalized=teacher_normalized,
-        )
+        return SphericalKD(temperature, multiplier, alpha, teacher_normalized)
     if kd == "hinton":
-        return lambda s, t, y, lam=None: hinton_kd_loss(s, t, y, temperature=temperature, alpha=alpha, mix_lambda=lam)
-    return lambda s, t, y, lam=None: hard_label_loss(s, y, lam)
+        return HintonKD(temperature, alpha)
+    return LabelCE()

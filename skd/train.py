@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -18,17 +18,17 @@ from torch import nn
 from tqdm import tqdm
 
 from . import pipelines
-from .cached_logits import cached_logits
 from .checkpoint import STUDENT, save_atomic
 from .config import TrainConfig
 from .errors import fault
-from .loss import KDLoss, ensemble_target
+from .loss import KDLoss
 from .run_folder import check_run_folder, record_epoch, run_folder_lock, start_or_resume
-from .runtime import Dist, amp_name, device_kind, images_to, init_distributed, resolve_device, shutdown
+from .runtime import Dist, amp_name, device_kind, init_distributed, resolve_device, shutdown
 from .schedule import alpha_at, kd_loss, lr_scheduler
 from .teachers import forward
 from .training_run import Learner, Run, TrainError, check_world, make_student, open_run
 from .validation import cached_val_top1, evaluate, val_range
+from .view_loader import TrainBatch, ViewLoader, rank_range
 
 
 def train(cfg: TrainConfig, *, progress: bool = False, log=None, on_step=None) -> dict:
@@ -112,20 +112,6 @@ def start_learner(
 # One epoch
 
 
-def rank_range(n: int, d: Dist, local_batch: int, mixed: bool = False) -> tuple[int, int]:
-    """This rank's contiguous part of a view's positions; equal parts so all ranks take equal steps.
-
-    A part that would end in a batch of one image leaves that image out (BatchNorm cannot train on
-    one); each view's order differs, so it is a different sample in each view. With mixing, parts
-    hold whole pairs (an even count from an even position).
-    """
-    per = n // d.world
-    if mixed and d.world > 1:
-        per -= per % 2
-    used = per - 1 if per > 1 and per % local_batch == 1 else per
-    return d.rank * per, d.rank * per + used
-
-
 @dataclass(frozen=True)
 class RankShare:
     """This rank's share of every epoch: view positions [start, stop) in batches of `batch_size`, `steps` of them."""
@@ -139,7 +125,7 @@ class RankShare:
 def rank_share(cfg: TrainConfig, run: Run, d: Dist) -> RankShare:
     """This rank's positions and steps per epoch: its part of a view in batches, capped by --steps-per-epoch."""
     local_batch = max(1, cfg.batch_size // d.world)
-    start, stop = rank_range(len(run.source.train.paths), d, local_batch, run.source.mix is not None)
+    start, stop = rank_range(len(run.source.train.paths), d.rank, d.world, local_batch, run.source.mix is not None)
     batches = -(-(stop - start) // local_batch)
     steps = batches if cfg.steps_per_epoch is None else min(batches, cfg.steps_per_epoch)
     return RankShare(start, stop, local_batch, steps)
@@ -147,57 +133,70 @@ def rank_share(cfg: TrainConfig, run: Run, d: Dist) -> RankShare:
 
 @dataclass
 class EpochInputs:
-    """What one rank reads in an epoch: the student's batches and, in step with them, the teacher's logits."""
+    """What one rank reads in an epoch: the student's batches (with the cached teacher logits of a cache) and,
+    online, the same windows at the teacher's own recipe where it differs."""
 
-    batches: Iterable
-    cached: list[Iterator] | None  # readers of cached teacher logits, one per cache (None: online or --kd none)
-    teacher_batches: Iterator | None  # online: the same windows at the teacher's own recipe, where it differs
+    batches: ViewLoader
+    teacher_batches: Iterator | None
 
-    def teacher_logits(self, run: Run, batch, images: torch.Tensor, device: torch.device, amp: str, kd: str):
-        """The teacher's float32 logits of a batch: the next cached rows (of an ensemble, their `ensemble_target`),
-        or the teacher run online on the same windows (at its own recipe when `teacher_batches` decodes them so)."""
-        if self.cached is not None:
-            parts = []
-            for reader in self.cached:
-                first, logits = next(reader)
-                if first != int(batch.positions[0]) or len(logits) != len(batch.positions):
-                    raise RuntimeError(f"logits at position {first} do not match images at {int(batch.positions[0])}")
-                parts.append(logits)
-            return parts[0] if len(parts) == 1 else ensemble_target(kd, parts, run.weights)
-        if run.teacher is not None:
-            own = next(self.teacher_batches).images if self.teacher_batches is not None else images
-            return forward(run.teacher, own, device, amp).clone()  # a normal tensor, usable beside autograd
-        return None
+    def teacher_logits(self, run: Run, batch: TrainBatch, device: torch.device, amp: str) -> torch.Tensor | None:
+        """The teacher's float32 logits of a batch: the cached rows, or the teacher run online on the same windows
+        (at its own recipe when `teacher_batches` decodes them so)."""
+        if batch.logits is not None or run.teacher is None:
+            return batch.logits
+        own = next(self.teacher_batches).images if self.teacher_batches is not None else batch.images
+        return forward(run.teacher, own, device, amp).clone()  # a normal tensor, usable beside autograd
 
-    def close(self) -> None:
-        """Stop the cached-logit readers, so no reader thread outlives the epoch."""
-        for reader in self.cached or []:
-            reader.close()
+    def close(self, batches: Iterator) -> None:
+        """Stop the readers and decoding workers of the epoch's batches."""
+        for each in (batches, self.teacher_batches):
+            if hasattr(each, "close"):
+                each.close()
 
 
-def epoch_inputs(cfg: TrainConfig, run: Run, view: int, share: RankShare, device: torch.device) -> EpochInputs:
-    """The batches of this rank's part of `view` and the matching source of teacher logits."""
-    positions = np.arange(share.start, share.stop)
+def epoch_inputs(cfg: TrainConfig, run: Run, epoch: int, share: RankShare, d: Dist, device) -> EpochInputs:
+    """The batches of this rank's part of view `epoch mod K` and, online, the teacher's own view of them."""
     kd = cfg.kd != "none"
-    batches = run.source.loader(view, positions, batch_size=share.batch_size, workers=cfg.workers, device=device)
-    cached = (
-        [cached_logits(store, view, share.start, share.stop, share.batch_size, device) for store in run.stores]
-        if run.stores and kd
-        else None
+    view = epoch % run.source.num_views
+    if run.cache is not None:
+        batches = run.cache.loader(
+            epoch,
+            batch_size=share.batch_size,
+            image_size=run.source.recipe.size,
+            mean=cfg.mean,
+            std=cfg.std,
+            device=device,
+            rank=d.rank,
+            world_size=d.world,
+            loader=run.source.loader_kind,
+            workers=cfg.workers,
+            steps=share.steps,
+            with_logits=kd,
+        )
+        return EpochInputs(batches, None)
+    batches = ViewLoader(
+        run.source,
+        view,
+        share.start,
+        share.stop,
+        batch_size=share.batch_size,
+        device=device,
+        workers=cfg.workers,
+        steps=share.steps,
     )
     teacher_batches = None
     if run.teacher is not None and kd and run.teacher_recipe != run.source.recipe:
         teacher_batches = iter(
             run.source.loader(
                 view,
-                positions,
+                np.arange(share.start, share.stop),
                 batch_size=share.batch_size,
                 workers=cfg.workers,
                 device=device,
                 recipe=run.teacher_recipe,
             )
         )
-    return EpochInputs(batches, cached, teacher_batches)
+    return EpochInputs(batches, teacher_batches)
 
 
 def weighted_sums(parts: KDLoss, images: int, device: torch.device) -> torch.Tensor:
@@ -220,7 +219,6 @@ def train_epoch(
     on_step,
 ) -> dict:
     """One pass over this rank's part of view `epoch mod K`; returns the epoch's metrics (all ranks)."""
-    view = epoch % run.source.num_views
     alpha = alpha_at(cfg.alpha, epoch, cfg.epochs)
     loss_fn = kd_loss(
         cfg.kd,
@@ -229,23 +227,23 @@ def train_epoch(
         alpha=alpha,
         teacher_normalized=len(run.stores) > 1,
     )
-    inputs = epoch_inputs(cfg, run, view, share, device)
+    inputs = epoch_inputs(cfg, run, epoch, share, d, device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, ce (sample-weighted), samples
     learner.model.train()
     began = time.perf_counter()
     images_seen = min(share.steps * share.batch_size, share.stop - share.start) * d.world
+    batches = iter(inputs.batches)
     bar = tqdm(total=images_seen, desc=f"epoch {epoch}", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for step, batch in zip(range(share.steps), inputs.batches):
-            images, target = images_to(batch.images, device), batch.labels.to(device, non_blocking=True)
-            teacher = inputs.teacher_logits(run, batch, images, device, cfg.amp, cfg.kd)
-            parts, lr = learner.step(images, target, teacher, batch.mix_lambda, loss_fn, device, cfg.amp)
+        for step, batch in enumerate(batches):
+            teacher = inputs.teacher_logits(run, batch, device, cfg.amp)
+            parts, lr = learner.step(batch.images, batch.labels, teacher, loss_fn, device, cfg.amp)
             if on_step is not None:
                 on_step(epoch, step, parts)
             run.steps_run += 1
             fault("train-step", run.steps_run)
-            sums += weighted_sums(parts, len(target), device)
-            bar.update(len(target) * d.world)
+            sums += weighted_sums(parts, len(batch.labels), device)
+            bar.update(len(batch.labels) * d.world)
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{parts.loss.item():.4f}", lr=f"{lr:.4g}")
     except OSError as exc:  # an image that went missing or unreadable after the start of the run
@@ -253,14 +251,14 @@ def train_epoch(
             f"reading the images of epoch {epoch} failed ({pipelines.read_error(exc)}): "
             f"check {run.source.root}, then rerun with --resume to continue from the last epoch"
         ) from None
-    finally:  # also on an exception, so no reader thread outlives the epoch
+    finally:  # also on an exception, so no reader thread or decoding worker outlives the epoch
         bar.close()
-        inputs.close()
+        inputs.close(batches)
     seconds = time.perf_counter() - began
     totals = d.all_reduce(sums)
     metrics = {
         "epoch": epoch,
-        "view": view,
+        "view": inputs.batches.view,
         "train_loss": float(totals[0] / totals[3]),
         "kd_loss": float(totals[1] / totals[3]),
         "ce_loss": float(totals[2] / totals[3]),

@@ -4,24 +4,24 @@ caches, or the teacher online), the student, and what updates it at each step.""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .cached_logits import auto_multiplier
+from .cache import Cache, open_cache
 from .config import TrainConfig
 from .errors import SkdError
 from .loss import KDLoss
 from .pipelines import Recipe
 from .recipe import resolve
-from .replay import ReplaySource, cached_source, online_source, student_recipe
-from .replay_checks import check_ensemble, check_replayable, warn_other_loader
+from .replay import ReplaySource, online_source, student_recipe
+from .replay_checks import warn_other_loader
 from .runtime import Dist, autocast, place
-from .store import Store, open_store
+from .store import Store
 from .teachers import create_model, load_teacher, output_classes
+from .view_loader import check_shares
 
 ONLINE_IMAGE_SIZE = 224  # the student's size in online mode unless --image-size says
 
@@ -35,7 +35,8 @@ class Run:
     """What the loop needs besides the student: the views, where teacher logits come from, and the run's identity."""
 
     source: ReplaySource
-    stores: list[Store]  # cached teacher logits: one cache, or an ensemble's (empty online)
+    cache: Cache | None  # cached teacher logits: one cache, or an ensemble's (None online)
+    stores: list[Store]  # the cache's stores (empty online)
     weights: list[float]  # of the ensemble's teachers, summing to 1
     teacher: nn.Module | None  # online mode: the teacher in the loop
     teacher_recipe: Recipe | None  # online mode: how the teacher sees each window (may differ from the student)
@@ -54,14 +55,13 @@ class Learner:
     scheduler: LambdaLR
     scaler: torch.amp.GradScaler
 
-    def step(
-        self, images, target, teacher, mix_lambda, loss_fn, device: torch.device, amp: str
-    ) -> tuple[KDLoss, float]:
-        """One optimizer step on a batch, then one scheduler step: (its losses, the learning rate it used)."""
+    def step(self, images, labels, teacher, loss_fn, device: torch.device, amp: str) -> tuple[KDLoss, float]:
+        """One optimizer step on a batch, then one scheduler step: (its losses, the learning rate it used).
+        `loss_fn`: a loss module of skd.loss (its `parts` give the KD and CE terms)."""
         lr = self.scheduler.get_last_lr()[0]
         with autocast(device, amp):
             student_logits = self.model(images)
-        parts = loss_fn(student_logits, teacher, target, mix_lambda)
+        parts = loss_fn.parts(student_logits, teacher, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts.loss).backward()
         self.scaler.step(self.optimizer)
@@ -96,17 +96,13 @@ def open_run(cfg: TrainConfig, device: torch.device) -> Run:
 
 def cached_run(cfg: TrainConfig) -> Run:
     """The views of one cache (or an ensemble's, built on one plan), their images checked against the data."""
-    stores = [open_store(path) for path in cfg.caches()]
-    check_ensemble(stores)
-    weights = ensemble_weights(cfg.teacher_weights, len(stores))
-    store = stores[0]
-    root = Path(cfg.data or store.meta["dataset"]["root"])
-    for each in stores:
-        check_replayable(each, root, cfg.val)
-    recipe = student_recipe(cfg.image_size or int(store.meta["plan"]["image_size"]), cfg.mean, cfg.std)
-    warn_other_loader(cfg.loader, store)
-    source = cached_source(store, recipe=recipe, root=root, loader=cfg.loader, val=cfg.val)
-    multiplier = auto_multiplier(stores, weights) if cfg.multiplier == "auto" else float(cfg.multiplier)
+    cache = open_cache(
+        cfg.caches(), weights=cfg.teacher_weights, kd=cfg.kd, data=cfg.data, views=cfg.views, val=cfg.val
+    )
+    warn_other_loader(cfg.loader, cache.stores[0])
+    recipe = student_recipe(cfg.image_size or cache.image_size, cfg.mean, cfg.std)
+    source = replace(cache.source, recipe=recipe, loader_kind=cfg.loader or cache.source.loader_kind)
+    multiplier = cache.multiplier() if cfg.multiplier == "auto" else float(cfg.multiplier)
     # what the caches hold, not where: a moved cache resumes, one rebuilt with another plan does not
     identity = {
         "caches": [
@@ -116,12 +112,14 @@ def cached_run(cfg: TrainConfig) -> Run:
                 "views": s.num_views,
                 "teacher": s.meta["teacher"]["weights_sha256"],
             }
-            for s in stores
+            for s in cache.stores
         ],
-        "weights": weights,
+        "weights": cache.weights,
         "fingerprint": source.fingerprint,
     }
-    return Run(source, stores, weights, None, None, multiplier, identity)
+    if cache.num_views < cache.stores[0].num_views:
+        identity["views read"] = cache.num_views
+    return Run(source, cache, cache.stores, cache.weights, None, None, multiplier, identity)
 
 
 def online_run(cfg: TrainConfig, device: torch.device) -> Run:
@@ -134,7 +132,7 @@ def online_run(cfg: TrainConfig, device: torch.device) -> Run:
     num_classes = output_classes(model, recipe.size, device, f"teacher {cfg.teacher}")
     source = online_source(
         cfg.data,
-        views=cfg.views,
+        views=cfg.online_views(),
         recipe=student_recipe(size, cfg.mean, cfg.std),
         seed=cfg.plan_seed,
         crop=cfg.crop,
@@ -149,34 +147,17 @@ def online_run(cfg: TrainConfig, device: torch.device) -> Run:
         "online": cfg.teacher,
         "fingerprint": source.fingerprint,
         "teacher": teacher.weights_sha256,
-        "views": cfg.views,
+        "views": cfg.online_views(),
         "teacher input": list(recipe.options().values()),
         "mixing": cfg.mix_params().to_dict(),
     }
-    return Run(source, [], [], model, recipe, float(cfg.multiplier), identity)
-
-
-def ensemble_weights(given: list[float] | None, count: int) -> list[float]:
-    """The teachers' weights, normalised to sum 1 (equal by default)."""
-    if given is None:
-        return [1.0 / count] * count
-    if len(given) != count or min(given) < 0 or sum(given) <= 0:
-        raise TrainError(
-            f"--teacher-weights {','.join(map(str, given))}: {count} numbers >= 0, one per --cache, not all 0"
-        )
-    return [w / sum(given) for w in given]
+    return Run(source, None, [], [], model, recipe, float(cfg.multiplier), identity)
 
 
 def check_world(samples: int, batch_size: int, d: Dist, mixed: bool) -> None:
-    """TrainError unless every process gets samples (for mixed views, at least one pair) and images in each batch
-    (for mixed views, whole pairs)."""
-    if samples < d.world:
-        raise TrainError(f"{samples} training samples cannot be shared by {d.world} processes: use at most {samples}")
-    if mixed and d.world > 1 and samples // d.world < 2:
-        raise TrainError(
-            f"{samples} training samples give each of {d.world} processes {samples // d.world}: mixed views pair "
-            f"positions 2i and 2i + 1, so each process needs at least one pair: use at most {samples // 2} processes"
-        )
+    """An error unless every process gets samples (for mixed views, at least one pair) and the global --batch-size
+    gives every process images (for mixed views, whole pairs)."""
+    check_shares(samples, d.world, mixed)
     if batch_size < d.world:
         raise TrainError(
             f"--batch-size {batch_size} is the global batch: give each of the {d.world} processes at least one image"

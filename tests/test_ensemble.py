@@ -145,16 +145,16 @@ def test_an_ensemble_of_one_cache_twice_is_that_cache(fp32_cache, second_cache, 
 
 
 def test_the_loss_receives_the_weighted_mean_of_normalised_teachers(fp32_cache, second_cache, tmp_path, monkeypatch):
-    import skd.schedule
+    import skd.loss
 
     received = []
-    original = skd.schedule.spherical_kd_loss
+    original = skd.loss.spherical_kd_loss
 
     def spy(s, t, y, **kwargs):
         received.append((t.clone(), kwargs["teacher_normalized"]))
         return original(s, t, y, **kwargs)
 
-    monkeypatch.setattr(skd.schedule, "spherical_kd_loss", spy)
+    monkeypatch.setattr(skd.loss, "spherical_kd_loss", spy)
     train(base(tmp_path / "run", cache=[fp32_cache, second_cache], teacher_weights=[1.0, 3.0], epochs=1))
     a, b = open_store(fp32_cache).read_logits(0), open_store(second_cache).read_logits(0)
 

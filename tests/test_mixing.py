@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from skd.errors import SkdError
-from skd.mixing import MixError, MixParams, box_pixels, mix_batch, mixed_cross_entropy, plan_mixing
+from skd.mixing import MixError, MixParams, box_pixels, mix_batch, plan_mixing, soft_labels
 
 BOTH = MixParams(mixup_alpha=0.8, cutmix_alpha=1.0)
 
@@ -161,7 +161,8 @@ def test_mix_batch_refuses_broken_pairs():
     assert torch.equal(out[2], images[2] + 1), "the unpaired last row changed"
 
 
-def test_mixed_cross_entropy_matches_hand_computation():
+def test_cross_entropy_with_soft_labels_is_the_lambda_weighted_ce_of_both_labels():
+    """A mixed batch's soft labels make the student's CE lam * CE(own label) + (1 - lam) * CE(partner's)."""
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
     target = torch.tensor([0, 1, 2, 0, 1])
     lam = torch.tensor([0.3, 0.3, 0.9, 0.9, 1.0])
@@ -173,18 +174,19 @@ def test_mixed_cross_entropy_matches_hand_computation():
         other = log_z - logits[i, target[partner[i]]].item()
         rows.append(lam[i].item() * own + (1 - lam[i].item()) * other)
     expected = sum(rows) / 5
-    got = mixed_cross_entropy(logits, target, lam).item()
-    assert abs(got - expected) < 1e-6, f"mixed CE {got:.7f}, by hand {expected:.7f}"
+    soft = soft_labels(target, lam, 3)
+    got = F.cross_entropy(logits, soft).item()
+    assert torch.allclose(soft.sum(1), torch.ones(5)), f"soft label rows sum to {soft.sum(1).tolist()}"
+    assert abs(got - expected) < 1e-6, f"CE with soft labels {got:.7f}, by hand {expected:.7f}"
 
 
-def test_mixed_cross_entropy_without_mixing_is_cross_entropy():
+def test_soft_labels_without_mixing_give_plain_cross_entropy():
     torch.manual_seed(0)
-    logits = torch.randn(33, 10, dtype=torch.float16)
+    logits = torch.randn(33, 10)
     target = torch.randint(0, 10, (33,))
-    got = mixed_cross_entropy(logits, target, torch.ones(33))
-    plain = F.cross_entropy(logits.float(), target)
-    assert got.dtype == torch.float32, f"dtype {got.dtype}"
-    assert torch.equal(got, plain), f"{got.item():.9f} vs cross_entropy {plain.item():.9f}: not bit-identical"
+    soft = soft_labels(target, torch.ones(33), 10)
+    got, plain = F.cross_entropy(logits, soft), F.cross_entropy(logits, target)
+    assert abs(got.item() - plain.item()) < 1e-6, f"{got.item():.9f} vs cross_entropy {plain.item():.9f}"
 
 
 @pytest.mark.parametrize(

@@ -322,11 +322,12 @@ def test_images_vanishing_during_training_are_one_line(fp32_cache, image_root, t
 
 
 def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
+    from skd.errors import SkdError
     from skd.runtime import Dist
     from skd.train import _train
     from skd.training_run import TrainError
 
-    with pytest.raises(TrainError, match="18 training samples cannot be shared by 20 processes"):
+    with pytest.raises(SkdError, match="18 training samples cannot be shared by 20 processes"):
         _train(
             base_config(tmp_path / "run", cache=fp32_cache),
             Dist(rank=0, world=20),

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from skd.errors import SkdError
 from skd.runtime import Dist
 from skd.schedule import lr_scheduler
-from skd.train import rank_range
-from skd.training_run import Learner, TrainError, check_world
+from skd.training_run import Learner, check_world
+from skd.view_loader import rank_range
 
 
 def test_a_first_step_skipped_by_the_fp16_scaler_keeps_the_schedule_and_warns_nothing():
@@ -24,15 +25,14 @@ def test_a_first_step_skipped_by_the_fp16_scaler_keeps_the_schedule_and_warns_no
     scheduler = lr_scheduler(optimizer, steps_per_epoch=2, epochs=3, milestones=[1, 2])
     learner = Learner(model, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=True))
 
-    def loss_fn(logits, teacher, target, mix_lambda):
-        return SimpleNamespace(loss=logits.sum())
+    loss_fn = SimpleNamespace(parts=lambda logits, teacher, labels: SimpleNamespace(loss=logits.sum()))
 
     rates = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(6):
             images = torch.full((2, 4), 1e36 if step == 0 else 1.0)  # the first batch's gradients overflow
-            _, lr = learner.step(images, None, None, None, loss_fn, torch.device("cpu"), "none")
+            _, lr = learner.step(images, None, None, loss_fn, torch.device("cpu"), "none")
             if step == 0:
                 assert torch.equal(model.weight, before), "the overflowing first step changed the weights"
             rates.append(lr)
@@ -43,7 +43,7 @@ def test_a_first_step_skipped_by_the_fp16_scaler_keeps_the_schedule_and_warns_no
 
 def test_too_few_samples_for_mixed_pairs_on_every_process_is_a_clear_error():
     """Mixed views share out whole pairs: 18 samples over 10 processes leave each process no pair to train on."""
-    with pytest.raises(TrainError, match="18 training samples give each of 10 processes 1: .* use at most 9 processes"):
+    with pytest.raises(SkdError, match="18 training samples give each of 10 processes 1: .* use at most 9 processes"):
         check_world(18, 20, Dist(rank=0, world=10), mixed=True)
     check_world(18, 20, Dist(rank=0, world=10), mixed=False)  # unmixed, one sample each is a share
     check_world(18, 18, Dist(rank=0, world=9), mixed=True)  # one pair each
@@ -57,13 +57,11 @@ def test_every_process_check_world_accepts_gets_positions_to_train_on(mixed):
         batch_size = 2 * world
         try:
             check_world(samples, batch_size, Dist(rank=0, world=world), mixed)
-        except TrainError:
+        except SkdError:
             continue
         sizes = [
             stop - start
-            for start, stop in (
-                rank_range(samples, Dist(rank=r, world=world), batch_size // world, mixed) for r in range(world)
-            )
+            for start, stop in (rank_range(samples, r, world, batch_size // world, mixed) for r in range(world))
         ]
         assert min(sizes) > 0, (
             f"{samples} samples over {world} processes ({'mixed' if mixed else 'unmixed'}): shares {sizes}"
