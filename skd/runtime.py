@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,10 +18,23 @@ from torch import nn
 from .errors import SkdError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+# How long a rank waits in a collective before the process group gives up. torch's own default (10 minutes for
+# NCCL) is shorter than rank 0 indexing ImageNet's 1.28 million files and creating the store while the other
+# ranks wait in a broadcast; --dist-timeout sets it.
+DIST_TIMEOUT_MINUTES = 60.0
+_dist_timeout = DIST_TIMEOUT_MINUTES
 
 
 class DeviceError(SkdError):
     """The requested device is not available here: one line saying what to pass instead."""
+
+
+def set_dist_timeout(minutes: float) -> None:
+    """The process-group timeout `init_distributed` uses from now on in this process (--dist-timeout)."""
+    global _dist_timeout
+    if not minutes > 0:
+        raise DeviceError(f"--dist-timeout {minutes}: give a positive number of minutes")
+    _dist_timeout = float(minutes)
 
 
 @dataclass(frozen=True)
@@ -67,8 +81,9 @@ def device_kind(requested: str) -> str:
     return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def init_distributed(kind: str) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+def init_distributed(kind: str, timeout_minutes: float | None = None) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), with a collective
+    timeout of `timeout_minutes` (default: the --dist-timeout of this process, 60 minutes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -81,7 +96,8 @@ def init_distributed(kind: str) -> Dist:
             "torchrun --nproc-per-node N, or unset WORLD_SIZE"
         )
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        minutes = _dist_timeout if timeout_minutes is None else timeout_minutes
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timedelta(minutes=minutes))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
