@@ -1,26 +1,55 @@
-"""The DALI pipeline: ROI-decode each recorded window, resize it, mirror and normalise.
+"""The DALI pipeline: decode each recorded window, resize it, mirror and normalise.
 
-Chain: batch-mode `external_source` (encoded bytes, anchors, shapes, flips) ->
-`decoders.image_slice` -> `resize` (linear or cubic, antialiased) -> `crop_mirror_normalize`.
-Windows and flips come from the caller, never from DALI's RNG, so the output of an item does
-not depend on batch size or thread count. Measured on DALI 2.4 (CPU decoder):
-`image_slice` applies the EXIF orientation before slicing, so windows live in the rotated frame
-for orientations 1-8, and grayscale and CMYK JPEGs decode to the same RGB pixels as PIL.
+Chain: batch-mode `external_source` (encoded bytes, anchors, shapes, flips) -> the window's pixels ->
+`resize` (linear or cubic, antialiased) -> `crop_mirror_normalize`. The window's pixels come, by
+`DaliOptions.decode`, from `decoders.image_slice` (roi: only the window is decoded, on the GPU where there is
+one), `decoders.image` then `slice` (full), or the CPU's `image_slice` (cpu); a CPU-only run decodes on the CPU
+in every mode. Windows and flips come from the caller, never from DALI's RNG, so the output of an item does
+not depend on batch size or thread count. Measured on DALI 2.4 (CPU decoder): the decoders apply the EXIF
+orientation before slicing, so windows live in the rotated frame for orientations 1-8, and grayscale and
+CMYK JPEGs decode to the same RGB pixels as PIL.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from . import Batch, DecodeError, Items
+from . import Batch, DaliOptions, DecodeError, Items
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+READ_AHEAD = 3  # batches of files read ahead of the one DALI asks for
+
+
+def _read(path: str) -> np.ndarray:
+    return np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)  # the read releases the GIL
+
+
+class FileReader:
+    """The encoded files of each batch, read on a few threads up to READ_AHEAD batches before DALI asks for
+    them: reading overlaps decoding and the teacher instead of running inside `pipe.run()` on its thread."""
+
+    def __init__(self, files: Sequence[str], batch_size: int, threads: int):
+        self.files, self.batch_size = files, batch_size
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="skd-read")
+        self.pending: dict[int, list[Future]] = {}
+
+    def batch(self, b: int) -> list[np.ndarray]:
+        for ahead in range(b, b + READ_AHEAD + 1):
+            start = ahead * self.batch_size
+            if ahead not in self.pending and start < len(self.files):
+                self.pending[ahead] = [self.pool.submit(_read, f) for f in self.files[start : start + self.batch_size]]
+        return [future.result() for future in self.pending.pop(b)]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class DaliLoader:
@@ -37,16 +66,18 @@ class DaliLoader:
         mean: Sequence[float],
         std: Sequence[float],
         interpolation: str,
+        dali: DaliOptions,
     ):
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"the DALI loader runs on cpu or cuda, not {device}")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.items, self.image_size, self.batch_size = items, image_size, batch_size
-        self.threads, self.device = max(1, workers), device
+        self.threads, self.device, self.dali = max(1, workers), device, dali
         self.mean, self.std = [255 * m for m in mean], [255 * s for s in std]
         self.interp = INTERP[interpolation]
         self.batches = math.ceil(len(items) / batch_size)
+        self.reader: FileReader | None = None
 
     def __len__(self) -> int:
         return self.batches
@@ -54,8 +85,8 @@ class DaliLoader:
     def _source(self, info: types.BatchInfo):
         """Batch `info.iteration`: file bytes, anchors (y, x), shapes (h, w), flips; StopIteration past the end.
 
-        Batch mode lets the last batch be short (a per-sample source would drop it), and the file
-        is read only when DALI asks for its batch, so nothing beyond the last item is touched.
+        Batch mode lets the last batch be short (a per-sample source would drop it); files are read ahead by
+        the FileReader, never beyond the last item.
         """
         start = info.iteration * self.batch_size
         stop = min(start + self.batch_size, len(self.items))
@@ -63,11 +94,29 @@ class DaliLoader:
             raise StopIteration
         boxes = self.items.boxes[start:stop].astype(np.int32)
         return (
-            [np.fromfile(path, dtype=np.uint8) for path in self.items.files[start:stop]],
+            self.reader.batch(info.iteration),
             list(boxes[:, :2]),
             list(boxes[:, 2:]),
             list(self.items.flips[start:stop].astype(np.int32)),
         )
+
+    def _windows(self, encoded, anchor, shape):
+        """Each window's RGB pixels, decoded as `self.dali.decode` says (on the GPU where there is one)."""
+        gpu = self.device.type == "cuda"
+        decoder = "mixed" if gpu and self.dali.decode != "cpu" else "cpu"
+        # jpeg_fancy_upsampling: the GPU decoder upsamples chroma like the CPU one (libjpeg-turbo, PIL).
+        common = dict(
+            device=decoder,
+            output_type=types.RGB,
+            jpeg_fancy_upsampling=True,
+            hw_decoder_load=self.dali.hw_decoder_load,
+        )
+        window = dict(axis_names="HW", normalized_anchor=False, normalized_shape=False)
+        if self.dali.decode == "full":
+            images = fn.decoders.image(encoded, **common)
+            return fn.slice(images, anchor, shape, **window)
+        images = fn.decoders.image_slice(encoded, anchor, shape, **common, **window)
+        return images.gpu() if gpu and decoder == "cpu" else images
 
     def _pipeline(self):
         gpu = self.device.type == "cuda"
@@ -80,21 +129,7 @@ class DaliLoader:
         )
         def views():
             encoded, anchor, shape, flip = fn.external_source(self._source, num_outputs=4, batch=True, batch_info=True)
-            # jpeg_fancy_upsampling: the GPU decoder upsamples chroma like the CPU one (libjpeg-turbo, PIL).
-            # hw_decoder_load=0: the hardware JPEG decoder takes a fixed fraction of each batch's slots,
-            # so which decoder (and which rounding) an item gets would depend on the batch size.
-            images = fn.decoders.image_slice(
-                encoded,
-                anchor,
-                shape,
-                device="mixed" if gpu else "cpu",
-                axis_names="HW",
-                normalized_anchor=False,
-                normalized_shape=False,
-                output_type=types.RGB,
-                jpeg_fancy_upsampling=True,
-                hw_decoder_load=0.0,
-            )
+            images = self._windows(encoded, anchor, shape)
             images = fn.resize(images, size=[self.image_size, self.image_size], interp_type=self.interp, antialias=True)
             return fn.crop_mirror_normalize(
                 images, mirror=flip, mean=self.mean, std=self.std, output_layout="CHW", dtype=types.FLOAT
@@ -107,7 +142,17 @@ class DaliLoader:
     def __iter__(self) -> Iterator[Batch]:
         if not self.batches:
             return
-        pipe = self._pipeline()
+        if self.device.type == "cuda" and self.dali.decode == "roi":
+            from .dali_smoke import check_roi_decoder
+
+            check_roi_decoder(self.device.index)
+        self.reader = FileReader(self.items.files, self.batch_size, min(8, max(2, self.threads)))
+        try:
+            yield from self._batches(self._pipeline())
+        finally:
+            self.reader.close()
+
+    def _batches(self, pipe) -> Iterator[Batch]:
         # On CUDA, outputs are made ready on torch's current stream and copied there (as DALI's torch iterator does).
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for b in range(self.batches):

@@ -19,6 +19,7 @@ from .cli_common import (
     teacher_input_options,
     user_errors,
 )
+from .cli_machine import machine_options
 from .codecs import CODECS
 from .config import BuildConfig
 
@@ -117,6 +118,7 @@ B = BuildConfig  # option defaults come from the config, declared once
     help="error: list every unreadable or truncated image and stop before any teacher work; "
     "skip: leave them out (recorded in the cache, shown by skd-cache info)",
 )
+@machine_options
 @user_errors
 def build(data, out, **options):
     """Run the teacher over recorded augmented views and store its logits (resumable)."""
@@ -247,6 +249,7 @@ def stats(cache_dirs, views, no_val, temperature, multiplier, as_json, plot):
 )
 @click.option("--integrity", is_flag=True, help="also read every chunk and report those that fail to decode")
 @JSON
+@machine_options
 @user_errors
 def verify(cache_dir, samples, data, weights, loader, device, batch_size, workers, seed, tolerance, integrity, as_json):
     """Check a cache against its data and teacher: fingerprint, weights, re-computed rows (exit 1 on mismatch)."""

@@ -19,6 +19,7 @@ from .cli_common import (
     teacher_input_options,
     user_errors,
 )
+from .cli_machine import machine_options
 from .config import TrainConfig
 
 # The options of online distillation: a cache replays the plan and teacher input it was built with.
@@ -181,6 +182,7 @@ T = TrainConfig  # option defaults come from the config, declared once
 @click.option(
     "--plan-seed", default=T.plan_seed, show_default=True, type=int, help="online mode: the --seed of skd-cache build"
 )
+@machine_options
 @user_errors
 def train(cache, teacher, data, out, **options):
     """Train a student from cached teacher logits with the spherical KD loss (or online with --teacher)."""
