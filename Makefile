@@ -27,8 +27,8 @@ $(STAMP): setup.cfg pyproject.toml
 # then one pytest worker per core (pytest-xdist): most tests wait on a subprocess importing torch
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/ruff check skd pipelines tests benchmarks
-	$(BIN)/ruff format --check skd pipelines tests benchmarks
+	$(BIN)/ruff check skd pipelines tests benchmarks examples
+	$(BIN)/ruff format --check skd pipelines tests benchmarks examples
 	$(BIN)/python -m pytest -q -n auto
 
 demo: $(STAMP)

@@ -128,3 +128,42 @@ def test_alpha_switches_where_the_lr_drops(epochs):
     switches = [e for e in range(1, epochs) if seed_alpha(e, epochs) != seed_alpha(e - 1, epochs)]
     drops = default_milestones(epochs)
     assert switches == drops[1:3], f"{epochs} epochs: alpha switches at {switches}, lr drops at {drops}"
+
+
+def test_the_loss_modules_equal_the_functions_and_follow_a_changed_alpha():
+    """skd.SphericalKD and skd.HintonKD are the loss functions; `alpha` set between steps is the one used."""
+    import skd
+
+    s, t, y = batch()
+    skd_module = skd.SphericalKD(temperature=4.0, multiplier=2.0, alpha=0.9)
+    hinton_module = skd.HintonKD(temperature=3.0, alpha=0.7)
+    pairs = [
+        (skd_module(s, t, y), spherical_kd_loss(s, t, y, temperature=4.0, multiplier=2.0, alpha=0.9).loss),
+        (hinton_module(s, t, y), hinton_kd_loss(s, t, y, temperature=3.0, alpha=0.7).loss),
+    ]
+    skd_module.alpha = 0.1
+    pairs.append((skd_module(s, t, y), spherical_kd_loss(s, t, y, temperature=4.0, multiplier=2.0, alpha=0.1).loss))
+    for got, want in pairs:
+        assert torch.equal(got, want), f"module {got.item():.7f} vs function {want.item():.7f}"
+    assert not torch.equal(pairs[0][0], pairs[2][0]), "changing alpha did not change the loss"
+
+
+def test_the_losses_take_a_mixed_batchs_soft_labels():
+    """Class probabilities (B, C) as labels: the CE term is the probability-weighted CE on the normalised
+    student logits, as written out by hand."""
+    import skd
+
+    s, t, y = batch(n=8, c=10)
+    lam = torch.tensor([0.3, 0.3, 1.0, 1.0, 0.6, 0.6, 0.9, 0.9])
+    soft = skd.soft_labels(y, lam, 10)
+    parts = skd.SphericalKD(temperature=4.0, multiplier=2.0, alpha=0.0).parts(s, t, soft)
+    partner = y[torch.arange(8) ^ 1]
+    _, _, ce_own = by_hand_skd(s, t, y, 4.0, 2.0, 0.0)
+    rows = []
+    for i in range(8):
+        _, _, own = by_hand_skd(s[i : i + 1], t[i : i + 1], y[i : i + 1], 4.0, 2.0, 0.0)
+        _, _, other = by_hand_skd(s[i : i + 1], t[i : i + 1], partner[i : i + 1], 4.0, 2.0, 0.0)
+        rows.append(lam[i] * own + (1 - lam[i]) * other)
+    want = float(sum(rows) / 8)
+    assert abs(parts.ce.item() - want) < 1e-5, f"CE with soft labels {parts.ce.item():.6f}, by hand {want:.6f}"
+    assert abs(parts.loss.item() - want) < 1e-5, "alpha 0: the loss is the CE term"
