@@ -25,7 +25,8 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from . import Batch, DaliOptions, DecodeError, Items
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
-READ_AHEAD = 3  # batches of files read ahead of the one DALI asks for
+DEFAULT_READ_AHEAD = 3  # batches of files read ahead of the one DALI asks for
+READ_AHEAD = DEFAULT_READ_AHEAD  # what FileReaders use (benchmarks/build_pipelining.py sets 0 to compare)
 
 
 def _read(path: str) -> np.ndarray:
