@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,17 @@ def test_skd_train_views_reads_the_first_views_of_a_cache(fp32_cache, tmp_path):
     views = [m.split(" view ")[1].split()[0] for m in metrics if m.startswith("epoch ")]
     assert views == ["0", "0", "0"], f"views of the 3 epochs with --views 1: {views}"
     assert any("views are reused from epoch 1 on" in m for m in metrics), f"log: {metrics}"
+
+
+def test_the_readme_loop_runs_as_written(fp32_cache):
+    """The README's own-training-loop example, on the test cache and the CPU, two epochs."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Your own training loop") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n", section.index("```python"))]
+    for old, new in [('"cache/r152"', repr(str(fp32_cache))), ("cuda", "cpu"), ("range(100)", "range(2)")]:
+        assert old in code, f"the README loop no longer has {old}"
+        code = code.replace(old, new)
+    code = code.replace("image_size=224", "image_size=32").replace(".cpu()", "")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["loss"].item() > 0 and namespace["epoch"] == 1, "the README loop did not run its two epochs"
