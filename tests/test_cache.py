@@ -191,3 +191,22 @@ def test_the_readme_loop_runs_as_written(fp32_cache):
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["loss"].item() > 0 and namespace["epoch"] == 1, "the README loop did not run its two epochs"
+
+
+@pytest.mark.filterwarnings("ignore:Successfully reconstructed a store:RuntimeWarning")
+def test_a_cache_on_an_object_store_opens_and_loads_like_a_folder(image_root, teacher_file, tmp_path, monkeypatch):
+    """The same build in a folder and in a bucket of a real S3 server: the API reads the same rows and batches."""
+    from s3server import S3Server
+
+    local = tmp_path / "c"
+    build_cache(small_build_config(image_root, local, teacher_file, views=1, val=False))
+    with S3Server() as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        server.create_bucket("api")
+        build_cache(small_build_config(image_root, "s3://api/c", teacher_file, views=1, val=False))
+        remote, here = skd.open_cache("s3://api/c"), skd.open_cache(local)
+        assert torch.equal(remote.logits(0), here.logits(0)), "rows read from S3 differ from the folder's"
+        options = dict(batch_size=4, loader="torchvision", workers=0, device="cpu")
+        for a, b in zip(remote.loader(0, **options), here.loader(0, **options)):
+            assert torch.equal(a.images, b.images) and torch.equal(a.logits, b.logits), "batches differ"
