@@ -1,7 +1,8 @@
 """Laying out a new cache: the samples, the plan of every view and empty, sharded logit arrays.
 
 The group starts with only the `skd_creating` attribute and gets `skd` last, so an interrupted creation is
-recognisable as ours (`store.cache_state`). Array names and chunking are the contract in cache/README.md.
+recognisable as ours (`store.cache_state`). A cache grows by views (`grow_store`): its arrays keep their names and
+get longer along the view axis. Array names and chunking are the contract in cache/README.md.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import zarr
 import zarr.codecs
 
 from .codecs import Codec, get_codec
+from .errors import fault
 from .index import Split
 from .location import Location, parse_location
 from .plan import PlanId, ViewPlan
-from .schema import check_meta, samples_sha256
+from .schema import check_meta, expected_arrays, samples_sha256
 from .store import ATTR_KEY, CREATING_KEY, Store
 
 
@@ -123,7 +125,8 @@ def create_store(
         "val_sha256": None if val is None else samples_sha256(val.paths, val.labels, val.sizes),
     }
     params = {key: value for key, value in meta["plan"].items() if key not in ("id", "loader")}
-    plan_id = PlanId(hashes["samples_sha256"], hashes["val_sha256"], params)
+    val_boxes = None if val is None else np.asarray(val_boxes, np.int32)
+    plan_id = PlanId(hashes["samples_sha256"], hashes["val_sha256"], params, val_boxes)
     shard = min(shard_rows, n)
     for name, dtype, row in PLAN_ARRAYS:
         _create(group, f"views/{name}", shape=(k, n, *row), dtype=dtype, chunks=(1, shard, *row))
@@ -132,9 +135,8 @@ def create_store(
     _logit_arrays(group, "views", (k,), n, num_classes, codec, shard_rows, chunk_rows)
     if val is not None:
         _write_split(group, "val", val, chunk_rows)
-        _create(group, "val/box", np.asarray(val_boxes, np.int32), chunks=(min(shard_rows, len(val.paths)), 4))
+        _create(group, "val/box", val_boxes, chunks=(min(shard_rows, len(val.paths)), 4))
         _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
-        plan_id.add(np.asarray(val_boxes, np.int32))
     meta = {**meta, "dataset": {**meta["dataset"], **hashes}, "plan": {**meta["plan"], "id": plan_id.hexdigest()}}
     group.attrs.put({ATTR_KEY: check_meta(location.path, meta)})
     return Store(location, group)
@@ -151,13 +153,41 @@ PLAN_ARRAYS = (
 
 
 def _write_view(group: zarr.Group, view: int, plan: ViewPlan, plan_id: PlanId) -> None:
-    """Write one view's plan arrays (a view without mixing: every row unmixed) and add them to the plan's id."""
+    """Write one view's plan arrays (a view without mixing: every row unmixed) and extend the plan's id by them."""
     n = len(plan.order)
     mix = plan.mix or (np.ones(n, np.float32), np.zeros((n, 4), np.float32))
-    for (name, dtype, _), values in zip(PLAN_ARRAYS, (plan.order, plan.box, plan.flip, *mix)):
-        values = np.asarray(values, dtype)
+    arrays = [np.asarray(v, dtype) for (_, dtype, _), v in zip(PLAN_ARRAYS, (plan.order, plan.box, plan.flip, *mix))]
+    for (name, _, _), values in zip(PLAN_ARRAYS, arrays):
         group[f"views/{name}"][view] = values
-        plan_id.add(values)
+    plan_id.add_view(arrays)
+
+
+def grow_store(store: Store, views: int, plans: Sequence[ViewPlan], check_id: Callable[[str], None] = None) -> None:
+    """Append views `store.num_views` .. `views` - 1 to a cache, or finish a growth a kill interrupted (`views`
+    may then equal the recorded count): every array with a view axis gets longer along it (zarr rewrites only its
+    zarr.json, no file of an existing view is touched), each new view's plan is written and the plan's id extended
+    by it, and the attributes take the new count and id last. Until then `skd.growing` names the count the arrays
+    may have, and the cache reads as the views it had. `check_id(new id)` may refuse the new plan before it counts.
+
+    Logits of the new views are then missing, as in an unfinished build: the build's rerun computes them.
+    """
+    meta, group, old = dict(store.meta), store.group, store.num_views
+    group.attrs[ATTR_KEY] = check_meta(store.path, {**meta, "growing": views})
+    for name in expected_arrays(meta, store.has_val):
+        if name.startswith("views/"):
+            array = group[name]
+            array.resize((views, *array.shape[1:]))
+    plan_id = PlanId.extending(meta["plan"]["id"])
+    for view in range(old, views):
+        _write_view(group, view, plans[view], plan_id)
+        fault("grow-view", view - old + 1)  # a kill here: the attributes still say `old` views
+    meta.pop("growing", None)
+    if views > old:
+        if check_id is not None:
+            check_id(plan_id.hexdigest())
+        meta.update(views=views, complete=False, plan={**meta["plan"], "id": plan_id.hexdigest()})
+    group.attrs[ATTR_KEY] = check_meta(store.path, meta)
+    store.reopen(meta)
 
 
 class ViewPlans(Sequence):

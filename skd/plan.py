@@ -143,20 +143,41 @@ def center_boxes(sizes: np.ndarray, crop_fraction: float = VAL_CROP_FRACTION) ->
 
 
 class PlanId:
-    """sha256 naming a recorded plan: the samples' hash, the plan's parameters and every plan array's bytes,
-    taken array by array as a cache is created, so no more than one view's plan is ever held for it.
+    """sha256 naming a recorded plan, extended view by view: the head hashes the samples' and val's hashes, the
+    plan's parameters and the validation windows; each view then makes the id `sha256(previous id, that view's
+    plan arrays: dtype, shape and bytes of each)`. The id of K views is therefore the id of K - 1 views extended
+    by view K - 1, so a cache grows (skd.creation.grow_store) from its recorded id alone, holding one view's plan.
 
     Caches built from one plan (`skd-cache build --plan-from`) share it, so their rows line up and
     several teachers can be read together.
     """
 
-    def __init__(self, samples_sha256: str, val_sha256: str | None, params: dict):
-        self._hash = hashlib.sha256(f"{samples_sha256}\n{val_sha256}\n{json.dumps(params, sort_keys=True)}\n".encode())
+    def __init__(self, samples_sha256: str, val_sha256: str | None, params: dict, val_boxes: np.ndarray | None):
+        head = hashlib.sha256(f"{samples_sha256}\n{val_sha256}\n{json.dumps(params, sort_keys=True)}\n".encode())
+        if val_boxes is not None:
+            _update(head, val_boxes)
+        self._id = head.hexdigest()
 
-    def add(self, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array)
-        self._hash.update(f"{array.dtype.str}{array.shape}".encode())
-        self._hash.update(array.tobytes())
+    @classmethod
+    def extending(cls, recorded: str) -> PlanId:
+        """The id of a recorded plan (`skd.plan.id`), to be extended by the views appended to it."""
+        plan_id = cls.__new__(cls)
+        plan_id._id = recorded
+        return plan_id
+
+    def add_view(self, arrays) -> None:
+        """Extend the id by one view, given its plan arrays in the cache's order (order, box, flip, mix_lambda,
+        mix_box)."""
+        step = hashlib.sha256(self._id.encode())
+        for array in arrays:
+            _update(step, array)
+        self._id = step.hexdigest()
 
     def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+        return self._id
+
+
+def _update(digest, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())

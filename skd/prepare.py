@@ -1,7 +1,8 @@
 """What a build decides before any logits: its identity, its samples and plan, and the cache it writes.
 
-`prepare_store` opens the cache at --out to resume it (refusing other settings) or lays out a new one:
-the dataset indexed (or --plan-from's samples and plan copied), every view planned, the arrays created.
+`prepare_store` opens the cache at --out to resume it (refusing other settings; a larger --views, or a
+--plan-from cache that grew, appends views) or lays out a new one: the dataset indexed (or --plan-from's samples
+and plan copied), every view planned, the arrays created.
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ import zarr
 
 from . import __version__
 from .config import BuildConfig
-from .creation import ViewPlans, create_store
+from .creation import ViewPlans, create_store, grow_store
 from .errors import SkdError, SkdWarning
 from .index import Split, index_dataset, quick_fingerprints
 from .location import Location, parse_location
 from .mixing import MixParams
 from .plan import VAL_CROP_FRACTION, ViewPlan, center_boxes
 from .replay import planned_view
-from .schema import FORMAT_VERSION
+from .schema import FORMAT_VERSION, MAX_VIEWS
 from .store import Store, cache_state, open_store
-
-MAX_VIEWS = 100_000  # far beyond use (FKD records 500 crops an image, function matching runs thousands of epochs)
 
 
 class BuildError(SkdError):
@@ -162,7 +161,7 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool, pla
     """
     where = parse_location(cfg.out)
     if not where.is_empty() and not cfg.overwrite:
-        return _resume(where, cfg, meta)
+        return _resume(where, cfg, meta, plan_source)
     layout = copied_layout(cfg, plan_source) if plan_source is not None else planned_layout(cfg, progress)
     classes = num_classes()
     dataset_classes = len(layout.dataset["classes"])
@@ -252,8 +251,9 @@ def copied_layout(cfg: BuildConfig, source: Store) -> Layout:
     )
 
 
-def _resume(out: Location, cfg: BuildConfig, meta: dict) -> Store:
-    """The cache at `out`, opened to continue writing, if it was built with the same identity settings."""
+def _resume(out: Location, cfg: BuildConfig, meta: dict, plan_source: Store | None) -> Store:
+    """The cache at `out`, opened to continue writing, if it was built with the same identity settings; grown
+    first where more views are asked for than it holds."""
     if cache_state(out) == "creating":
         raise BuildError(f"{out} holds an unfinished cache creation: pass --overwrite to start it again")
     store = open_store(out, mode="r+")
@@ -265,10 +265,42 @@ def _resume(out: Location, cfg: BuildConfig, meta: dict) -> Store:
     skipped = store.meta["dataset"].get("skipped", [])
     train_fp, val_fp = quick_fingerprints(Path(cfg.data), store.has_val, skipped)
     changed = differences(store.meta, {**meta, "dataset": {"fingerprint": train_fp, "val_fingerprint": val_fp}})
+    changed = [name for name in changed if name != "views"]  # more views grow the cache (`grow`)
     if changed:
         raise BuildError(
             f"{out} was built with other settings ({', '.join(changed)}): pass the same "
             "arguments to resume, another --out, or --overwrite to rebuild"
         )
     out.discard_partial_writes()  # temporary files a killed write left
+    grow(store, cfg, int(meta["views"]), plan_source)
     return store
+
+
+def grow(store: Store, cfg: BuildConfig, views: int, source: Store | None) -> None:
+    """Append views to the cache up to `views` (those of --plan-from's cache `source`, copied, or planned as a
+    fresh build plans them), or finish a growth a kill interrupted; BuildError for fewer views than it holds."""
+    held = store.num_views
+    if views < held:
+        asked = f"--plan-from {cfg.plan_from} holds {views} views" if source is not None else f"--views {views}"
+        raise BuildError(
+            f"{asked}, fewer than the {held} of {store.path}: a cache never shrinks: pass --views {held} "
+            "or more to resume or grow it, or another --out"
+        )
+    if views == held and not store.meta.get("growing"):
+        return
+    check_views(views)
+    if source is None:
+        sizes, mix = store.split("samples").sizes, cfg.mix_params()
+        plans = ViewPlans(views, lambda view: planned_view(cfg.seed, view, sizes, cfg.crop, mix, cfg.image_size))
+        grow_store(store, views, plans)
+        return
+
+    def same_plan(grown_id: str) -> None:
+        if grown_id != source.meta["plan"]["id"]:
+            raise BuildError(
+                f"--plan-from {cfg.plan_from} holds another plan than the one {store.path} was built on "
+                "(its views differ): pass the cache it was built from"
+            )
+
+    plans = ViewPlans(views, lambda view: ViewPlan(*source.view_plan(view), mix=source.view_mix(view)))
+    grow_store(store, views, plans, same_plan)

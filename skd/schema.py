@@ -25,7 +25,7 @@ from .pipelines import INTERPOLATIONS
 
 FORMAT_VERSION = 3
 MAX_SAMPLES = 10**8  # ImageNet-21k has 1.4e7
-MAX_VIEWS = 10**4
+MAX_VIEWS = 10**5  # far beyond use (FKD records 500 crops an image, function matching runs thousands of epochs)
 MAX_CLASSES = 10**6
 MAX_SIDE = 8192
 
@@ -120,6 +120,7 @@ class Meta(_Model):
     chunk_rows: Annotated[int, Field(ge=1, le=2**24, strict=True)]
     software: dict[str, str] = {}
     complete: bool = False
+    growing: Annotated[int, Field(ge=1, le=MAX_VIEWS, strict=True)] | None = None  # skd.creation.grow_store
 
     @model_validator(mode="after")
     def chunks_divide_shards(self):
@@ -213,8 +214,13 @@ def check_arrays(path: Path, group, meta: dict) -> None:
     refused here, never allocated). The files themselves were checked before zarr read them (check_files)."""
     has_val = meta["dataset"]["num_val"] > 0
     arrays = expected_arrays(meta, has_val)
+    # a growth a kill interrupted (skd.creation.grow_store) left arrays of either count along the view axis
+    growing = expected_arrays({**meta, "views": meta["growing"]}, has_val) if meta.get("growing") else {}
     for name, (shape, dtype, shards) in arrays.items():
-        _check_array(path, _node(path, group, name), name, shape, dtype, shards)
+        node = _node(path, group, name)
+        if name in growing and tuple(node.shape) == growing[name][0]:
+            shape = growing[name][0]
+        _check_array(path, node, name, shape, dtype, shards)
     if not has_val and _has_node(path, group, "val"):
         raise SchemaError(rebuild(f"cache {path}: group val is present but attribute skd.dataset.num_val is 0"))
     for split in ("samples", "val") if has_val else ("samples",):

@@ -56,6 +56,8 @@ class Store:
         self.codec: Codec = get_codec(self.meta["codec"])
         self.shard_rows: int = int(self.meta["shard_rows"])
         self._splits: dict[str, Split] = {}  # sample arrays, read once (open_store checks them, replay uses them)
+        self._flag_arrays: dict[str, zarr.Array] = {}  # completion flags opened for writing (`mark_complete`)
+        self._done: dict[View, np.ndarray] | None = None  # completion flags by part, from the listing (`part_complete`)
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -72,11 +74,21 @@ class Store:
 
     @property
     def has_val(self) -> bool:
-        return "val" in self.group and "logits" in self.group["val"]
+        """Whether the cache holds validation logits: the attributes say so (num_val > 0 exactly when `val/*` is
+        there, which open_store checks), so asking costs no request."""
+        return self.num_val > 0
 
     @property
     def num_val(self) -> int:
-        return int(self.group["val/label"].shape[0]) if self.has_val else 0
+        return int(self.meta["dataset"].get("num_val") or 0)
+
+    def reopen(self, meta: dict) -> None:
+        """Take the attributes `meta` just written (a cache grown by views): arrays are opened again when next
+        asked for, at their new shapes."""
+        self.meta = meta
+        self._opened.clear()
+        self._flag_arrays.clear()
+        self._done = None
 
     def parts(self) -> list[View]:
         """Every part that holds logits: the views in order, then VAL when the cache has validation logits."""
@@ -162,14 +174,26 @@ class Store:
     # -- completion ------------------------------------------------------------------------
     def complete(self) -> np.ndarray:
         """(K, shards) bool: which shards of which view hold final logits."""
-        return self._read("views/complete").astype(bool)
+        shards = self.num_shards(self.num_samples)
+        return np.array([self.part_complete(view) for view in range(self.num_views)], bool).reshape(-1, shards)
 
     def val_complete(self) -> np.ndarray:
-        return self._read("val/complete").astype(bool) if self.has_val else np.zeros(0, bool)
+        return self.part_complete(VAL) if self.has_val else np.zeros(0, bool)
 
     def part_complete(self, view: View) -> np.ndarray:
-        """(shards,) bool: which shards of one part hold final logits."""
-        return self.val_complete() if view == VAL else self._read("views/complete", view).astype(bool)
+        """(shards,) bool: which shards of one part hold final logits, from the listing: a flag is an object of its
+        own only while it is 1 (zarr deletes a chunk set to its fill value 0), so no flag is read, however many
+        views there are. Flags this Store sets are added as it sets them."""
+        listed = self.listing()  # first: a new listing forgets the flags taken from the last
+        if self._done is None:
+            self._done = {}
+        if view not in self._done:
+            array, prefix = self.array("val/complete" if view == VAL else "views/complete"), self._prefix(view)
+            base = array.store_path.path
+            encode = array.metadata.encode_chunk_key
+            shards = self.num_shards(self.part_rows(view))
+            self._done[view] = np.array([f"{base}/{encode(prefix + (j,))}" in listed for j in range(shards)], bool)
+        return self._done[view]
 
     def is_complete(self) -> bool:
         return bool(self.complete().all() and self.val_complete().all())
@@ -195,9 +219,12 @@ class Store:
     # -- logits ----------------------------------------------------------------------------
     def _logit_group(self, view: View) -> tuple[zarr.Group, tuple]:
         """The group holding a part's logits and the index prefix: views[k], or val."""
-        if view == VAL:
-            return self.group["val"], ()
-        return self.group["views"], (view,)
+        return (self.group["val"] if view == VAL else self.group["views"]), self._prefix(view)
+
+    @staticmethod
+    def _prefix(view: View) -> tuple:
+        """The index of a part in its arrays: (k,) along the view axis, () for val."""
+        return () if view == VAL else (view,)
 
     def _logit_arrays(self, view: View) -> tuple[list[zarr.Array], tuple]:
         """A part's logits (and scale and offset for the affine codecs), each opened once per Store, and the index
@@ -212,26 +239,34 @@ class Store:
         self.mark_complete(view, shard)
 
     def mark_complete(self, view: View, shard: int) -> None:
-        g, prefix = self._logit_group(view)
-        g["complete"][prefix + (shard,)] = 1
+        name = "val/complete" if view == VAL else "views/complete"
+        if name not in self._flag_arrays:  # opened once, through zarr's own pipeline (as every write of skd's)
+            with zarr_writes():
+                self._flag_arrays[name] = self.group[name]
+        flags = self._flag_arrays[name]
+        flags[self._prefix(view) + (shard,)] = 1
+        self._listed_put(f"{flags.store_path.path}/{flags.metadata.encode_chunk_key(self._prefix(view) + (shard,))}", 1)
+        if self._done is not None and view in self._done:
+            self._done[view][shard] = True
+
+    def _listed_put(self, key: str, size: int) -> None:
+        """Keep the listing true to what this Store wrote (no listing again after each shard)."""
+        if self._listed is not None:
+            self._listed[key] = size
 
     def write_shard_data(self, view: View, shard: int, encoded: Encoded) -> None:
         """Write one whole shard of logits (and scale/offset), each array's shard as one whole object: encoded
         in memory, then handed to the Location in one write (a PUT, or a file renamed into place), so neither
         an old, possibly damaged file nor a read-modify-write is ever involved."""
-        g, prefix = self._logit_group(view)
-        rows = g["logits"].shape[-2]
-        start, stop = self.shard_bounds(shard, rows)
+        arrays, prefix = self._logit_arrays(view)
+        start, stop = self.shard_bounds(shard, self.part_rows(view))
         if encoded.logits.shape[0] != stop - start:
             raise ValueError(f"shard {shard} needs {stop - start} rows, got {encoded.logits.shape[0]}")
         selection = prefix + (slice(start, stop),)
-        parts = {"logits": encoded.logits}
-        if self.codec.affine:
-            parts.update(scale=encoded.scale, offset=encoded.offset)
-        self._listed = None
-        for name, data in parts.items():
-            array = g[name]
-            self.location.put(shard_key(array, prefix, shard), encode_shard(array, selection, data))
+        for array, data in zip(arrays, (encoded.logits, encoded.scale, encoded.offset)):
+            key, whole = shard_key(array, prefix, shard), encode_shard(array, selection, data)
+            self.location.put(key, whole)
+            self._listed_put(key, len(whole))
 
     def shard_keys(self, view: View, shard: int) -> list[str]:
         """The keys of shard `shard` of a part: logits, and scale and offset when affine."""
@@ -245,10 +280,10 @@ class Store:
         return [key for key in self.shard_keys(view, shard) if key not in listed]
 
     def listing(self, fresh: bool = False) -> dict[str, int]:
-        """{key: bytes} of the cache's files or objects: one listing, kept until this Store writes a shard
-        (or `fresh`)."""
+        """{key: bytes} of the cache's files or objects: one listing (taken at open, or again when `fresh`: what
+        other processes wrote since), with what this Store wrote since added."""
         if self._listed is None or fresh:
-            self._listed = self.location.listing()
+            self._listed, self._done = self.location.listing(), None
         return self._listed
 
     def read_rows(self, view: View, start: int, stop: int) -> Encoded:
@@ -265,7 +300,9 @@ class Store:
 
     # -- storage figures -------------------------------------------------------------------
     def bytes_on_disk(self) -> int:
-        return sum(self.listing(fresh=True).values())
+        """Bytes of every file or object of the cache, by the listing (`listing(fresh=True)` first for what other
+        processes wrote since it was taken)."""
+        return sum(self.listing().values())
 
     def rows_written(self) -> int:
         """Rows of logits in complete shards, over all views and val."""
@@ -275,7 +312,7 @@ class Store:
         """Bytes of the complete shards' logits (and scale and offset for the affine codecs), views and val:
         the same rows as `rows_written`, so an unfinished cache's bytes per row are right too."""
         keys = [k for view, shard, _, _ in self.complete_ranges() for k in self.shard_keys(view, shard)]
-        listed = self.listing(fresh=True)
+        listed = self.listing()
         return sum(listed.get(k, 0) for k in keys)
 
     def storage(self) -> dict:

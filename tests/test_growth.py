@@ -1,0 +1,117 @@
+"""A cache grows by views: rerunning the build with a larger --views appends views, leaves every file of the views
+it had untouched, and gives the cache a fresh build of that many views gives; a kill during the append resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import small_build_config
+from test_faults import build_args, skd
+
+from skd.build import build_cache
+from skd.store import open_store
+
+
+def arrays(path: Path) -> dict:
+    g = zarr.open_group(str(path), mode="r")
+    return {f"{grp}/{name}": np.asarray(a[...]) for grp in ("samples", "views", "val") for name, a in g[grp].arrays()}
+
+
+def file_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every file of the cache but the zarr.json metadata (which records the shapes)."""
+    return {
+        f.relative_to(path).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in path.rglob("*")
+        if f.is_file() and f.name != "zarr.json"
+    }
+
+
+def same_cache(got: Path, want: Path) -> list[str]:
+    """What differs between two caches: arrays (plan, logits, completion) and the plan id."""
+    a, b = arrays(got), arrays(want)
+    differ = sorted(set(a) ^ set(b)) + [n for n in a if n in b and not np.array_equal(a[n], b[n])]
+    ids = [open_store(p).meta["plan"]["id"] for p in (got, want)]
+    return differ + (["plan id"] if ids[0] != ids[1] else [])
+
+
+@pytest.fixture(scope="module")
+def fresh4(image_root, teacher_file, tmp_path_factory) -> Path:
+    """A cache built with --views 4 in one go."""
+    out = tmp_path_factory.mktemp("fresh4") / "cache"
+    build_cache(small_build_config(image_root, out, teacher_file, views=4))
+    return out
+
+
+def test_a_larger_views_appends_views_equal_to_a_fresh_build(image_root, teacher_file, fp32_cache, fresh4, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(fp32_cache, out)
+    before = file_hashes(out)
+    summary = build_cache(small_build_config(image_root, out, teacher_file, views=4))
+    n = open_store(out).num_samples
+    assert summary.rows_written == 2 * n, f"the grown build wrote {summary.rows_written} rows, not 2 views of {n}"
+    after = file_hashes(out)
+    changed = [key for key, digest in before.items() if after.get(key) != digest]
+    assert not changed, f"{len(changed)} files of the 2 views the cache had changed or went: {changed[:5]}"
+    differ = same_cache(out, fresh4)
+    assert not differ, f"the cache grown from 2 to 4 views differs from a fresh 4-view build in {differ}"
+    store = open_store(out)
+    assert store.num_views == 4 and store.is_complete() and store.meta["complete"], store.meta["views"]
+    assert build_cache(small_build_config(image_root, out, teacher_file, views=4)).rows_written == 0
+
+
+def test_fewer_views_than_the_cache_holds_are_refused_in_one_line(
+    image_root, teacher_file, fp32_cache, tmp_path, in_process
+):
+    out = tmp_path / "cache"
+    shutil.copytree(fp32_cache, out)
+    before = file_hashes(out) | {"zarr.json": (out / "zarr.json").read_text()}
+    args = build_args(image_root, out, teacher_file, views=1)
+    code, err = in_process("cache", *args)
+    assert code == 2 and err.count("\n") == 1, f"exit {code}: {err}"
+    assert "--views 1, fewer than the 2 of" in err and "never shrinks" in err, err
+    assert file_hashes(out) | {"zarr.json": (out / "zarr.json").read_text()} == before, "the refused build wrote"
+
+
+def test_kill_9_during_the_append_resumes_to_the_fresh_build(image_root, teacher_file, fp32_cache, fresh4, tmp_path):
+    """Killed while the new views' plans are written (the cache still reads as its 2 views), then while their
+    logits are computed: each rerun of the same command carries on, to the cache a fresh 4-view build gives."""
+    out = tmp_path / "cache"
+    shutil.copytree(fp32_cache, out)
+    args = build_args(image_root, out, teacher_file, views=4)
+    killed = skd(*args, env={"SKD_FAULT": "grow-view:1"})
+    assert killed.returncode == -9, f"not killed while growing ({killed.returncode}): {killed.stderr[-500:]}"
+    store = open_store(out)
+    assert store.num_views == 2 and store.is_complete() and store.meta.get("growing") == 4, (
+        f"a growth killed half-way reads as {store.num_views} views, growing {store.meta.get('growing')}"
+    )
+    assert np.array_equal(store.read_logits(1), open_store(fp32_cache).read_logits(1)), "view 1 changed"
+    killed = skd(*args, env={"SKD_FAULT": "after-shard:1"})
+    assert killed.returncode == -9, f"not killed after a shard ({killed.returncode}): {killed.stderr[-500:]}"
+    done = open_store(out).complete()
+    assert done.shape == (4, 3) and done[:2].all() and done[2:].sum() == 1, f"complete after the kill:\n{done}"
+    rerun = skd(*args)
+    assert rerun.returncode == 0, rerun.stderr[-800:]
+    differ = same_cache(out, fresh4)
+    assert not differ, f"the resumed growth differs from a fresh 4-view build in {differ}"
+
+
+def test_plan_from_follows_a_grown_plan(image_root, teacher_file, fp32_cache, fresh4, tmp_path):
+    """A second teacher's cache built --plan-from a 2-view cache grows with it: rerun once the first has 4 views,
+    it appends them, copied, and shares the grown plan id (the two can be read together)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(fp32_cache, first)
+    build_cache(small_build_config(image_root, second, teacher_file, codec="int8", plan_from=first))
+    build_cache(small_build_config(image_root, first, teacher_file, views=4))
+    summary = build_cache(small_build_config(image_root, second, teacher_file, codec="int8", plan_from=first))
+    a, b = arrays(first), arrays(second)
+    plan = [f"views/{name}" for name in ("order", "box", "flip", "mix_lambda", "mix_box")]
+    differ = [name for name in plan if not np.array_equal(a[name], b[name])]
+    assert not differ and b["views/order"].shape[0] == 4, f"the second cache's plan differs in {differ}"
+    ids = {p.name: open_store(p).meta["plan"]["id"] for p in (first, second, fresh4)}
+    assert len(set(ids.values())) == 1, f"plan ids differ: {ids}"
+    assert summary.rows_written == 2 * open_store(second).num_samples, f"{summary.rows_written} rows written"
