@@ -27,7 +27,7 @@ from .recipe import resolve, to_meta
 from .replay import ReplaySource, cached_source
 from .runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
 from .store import VAL, Store, View, open_store
-from .teachers import forward, load_teacher, output_classes
+from .teachers import CompiledTeacher, forward, load_teacher, output_classes
 from .writer import ShardWriter
 
 LARGEST_PUBLISHED_SIZE = 800  # timm's largest ImageNet recipes (e.g. EfficientNet-L2 at 800 px)
@@ -81,7 +81,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     try:
         store = store or open_store(cfg.out, mode="r+")  # the other ranks open what rank 0 made
         source = cached_source(store, recipe=recipe, root=Path(cfg.data))
-        model = torch.compile(model) if cfg.compile else model
+        model = CompiledTeacher(model, cfg.batch_size) if cfg.compile else model  # one graph per rank
         lost = store.lost_shards()  # from the listing taken at open: one lookup per complete shard
         rows = sum(
             fill_view(store, source, view, model, cfg, d, device, amp, progress, lock, lost.get(view, []))
@@ -205,15 +205,13 @@ def write_teacher_logits(
 
 
 def mark_finished(store: Store) -> None:
-    """Record `complete` in the attributes once every shard is (by a listing taken now: other ranks wrote too)."""
-    store.listing(fresh=True)
+    """Record `complete` in the attributes once every shard is."""
     if store.is_complete() and not store.meta.get("complete"):
         store.meta = {**store.meta, "complete": True}
         store.group.attrs["skd"] = store.meta
 
 
 def summarize(store: Store, rows_written: int, seconds: float) -> BuildSummary:
-    store.listing(fresh=True)  # what every rank wrote
     total = store.num_views * store.num_samples + store.num_val
     return BuildSummary(
         views=store.num_views,

@@ -247,6 +247,31 @@ def _classes_in(state: dict) -> int | None:
     return int(last[-1].shape[0]) if last else None
 
 
+class CompiledTeacher(nn.Module):
+    """`model` under torch.compile for batches of exactly `batch_size` (dynamic=False), so each process compiles
+    it once: a shorter batch (a view's or a rank's last) is padded with zeros to that size and the padding's
+    outputs dropped, instead of a recompile (dynamo's automatic dynamic shapes would compile a second, dynamic
+    graph). The model runs in eval mode, where each row's output depends on that row alone."""
+
+    def __init__(self, model: nn.Module, batch_size: int, backend="inductor"):
+        super().__init__()
+        self.batch_size = batch_size
+        self.compiled = torch.compile(model, dynamic=False, backend=backend)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n = len(images)
+        if n >= self.batch_size:
+            return self.compiled(images)
+        # a tensor of the same kind as a full batch (an inference tensor or not, channels_last or not): any
+        # difference fails a guard of the compiled graph and compiles it again
+        with torch.inference_mode(images.is_inference()):
+            padded = images.new_zeros((self.batch_size, *images.shape[1:]))
+            if images.dim() == 4 and not images.is_contiguous():
+                padded = padded.contiguous(memory_format=torch.channels_last)
+            padded[:n] = images
+        return self.compiled(padded)[:n]
+
+
 @torch.inference_mode()
 def forward(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
     """A teacher's float32 logits of a batch of images, under the run's autocast and memory format.
