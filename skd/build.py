@@ -205,13 +205,15 @@ def write_teacher_logits(
 
 
 def mark_finished(store: Store) -> None:
-    """Record `complete` in the attributes once every shard is."""
+    """Record `complete` in the attributes once every shard is (by a listing taken now: other ranks wrote too)."""
+    store.listing(fresh=True)
     if store.is_complete() and not store.meta.get("complete"):
         store.meta = {**store.meta, "complete": True}
         store.group.attrs["skd"] = store.meta
 
 
 def summarize(store: Store, rows_written: int, seconds: float) -> BuildSummary:
+    store.listing(fresh=True)  # what every rank wrote
     total = store.num_views * store.num_samples + store.num_val
     return BuildSummary(
         views=store.num_views,
