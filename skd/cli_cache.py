@@ -236,7 +236,13 @@ def stats(cache_dirs, views, no_val, temperature, multiplier, as_json, plot):
 @click.option("--data", help="dataset root; default: the root recorded in the cache")
 @click.option("--weights", help="teacher weights file; default: the file recorded in the cache")
 @click.option("--loader", type=click.Choice(["dali", "torchvision"]), help="default: the loader recorded in the cache")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cuda", "cpu"]),
+    help="auto: this machine's GPU when it has one (the teacher runs under the cache's recorded AMP)",
+)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the random choice of rows")

@@ -84,7 +84,7 @@ def verify_cache(
     weights: str | None = None,
     samples: int = 256,
     loader: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = 64,
     workers: int = 2,
     seed: int = 0,
