@@ -53,8 +53,26 @@ class FileReader:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+class _Feed:
+    """The external source of a pipeline: the batches of whichever loader iterates it now."""
+
+    loader: DaliLoader | None = None
+
+    def __call__(self, info: types.BatchInfo):
+        return self.loader._source(info)
+
+
+# The pipelines of this process not iterated at the moment, by configuration: a loader of the same configuration
+# (each view of a build, each epoch of training, with the same batch size and input recipe) takes one instead of
+# building and warming up another. At most MAX_IDLE are kept (each holds its decoder's buffers).
+MAX_IDLE = 2
+_idle: dict[tuple, tuple] = {}
+built = {"pipelines": 0}  # how many this process built (tests/test_dali_decode.py counts them)
+
+
 class DaliLoader:
-    """Iterates the items in order as `Batch`es; each iteration runs a fresh DALI pipeline."""
+    """Iterates the items in order as `Batch`es, through a DALI pipeline of its configuration that this process
+    built once (one that finished its last iteration is reset and reused; one left part way is dropped)."""
 
     def __init__(
         self,
@@ -119,8 +137,9 @@ class DaliLoader:
         images = fn.decoders.image_slice(encoded, anchor, shape, **common, **window)
         return images.gpu() if gpu and decoder == "cpu" else images
 
-    def _pipeline(self):
-        gpu = self.device.type == "cuda"
+    def _pipeline(self) -> tuple:
+        """A new pipeline of this loader's configuration, and the feed its external source reads."""
+        gpu, feed = self.device.type == "cuda", _Feed()
 
         @pipeline_def(
             batch_size=self.batch_size,
@@ -129,7 +148,7 @@ class DaliLoader:
             prefetch_queue_depth=2,
         )
         def views():
-            encoded, anchor, shape, flip = fn.external_source(self._source, num_outputs=4, batch=True, batch_info=True)
+            encoded, anchor, shape, flip = fn.external_source(feed, num_outputs=4, batch=True, batch_info=True)
             images = self._windows(encoded, anchor, shape)
             images = fn.resize(images, size=[self.image_size, self.image_size], interp_type=self.interp, antialias=True)
             return fn.crop_mirror_normalize(
@@ -138,7 +157,8 @@ class DaliLoader:
 
         pipe = views()
         pipe.build()
-        return pipe
+        built["pipelines"] += 1
+        return pipe, feed
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.batches:
@@ -147,11 +167,23 @@ class DaliLoader:
             from .dali_smoke import check_roi_decoder
 
             check_roi_decoder(self.device.index)
+        key = (self.batch_size, self.threads, str(self.device), self.image_size, self.interp, *self.mean, *self.std)
+        key += (self.dali,)
+        pipe, feed = _idle.pop(key, None) or self._pipeline()
+        feed.loader = self
         self.reader = FileReader(self.items.files, self.batch_size, min(8, max(2, self.threads)))
+        finished = False
         try:
-            yield from self._batches(self._pipeline())
+            yield from self._batches(pipe)
+            finished = True
         finally:
             self.reader.close()
+            feed.loader = None
+            if finished:  # DALI asked for the batch past the last, so the pipeline is at the end of an epoch
+                pipe.reset()
+                _idle[key] = (pipe, feed)
+                while len(_idle) > MAX_IDLE:
+                    _idle.pop(next(iter(_idle)))
 
     def _batches(self, pipe) -> Iterator[Batch]:
         # On CUDA, outputs are made ready on torch's current stream and copied there (as DALI's torch iterator does).

@@ -92,3 +92,40 @@ def test_the_commands_options_reach_every_loader_of_the_process():
     finally:
         set_dali_options(DaliOptions())
         runtime.set_dist_timeout(runtime.DIST_TIMEOUT_MINUTES)
+
+
+def test_one_pipeline_serves_every_view_of_a_configuration(tmp_path):
+    """A build's views and a training run's epochs reuse the pipeline their configuration built first; views of
+    other lengths (a short last batch, a single batch) come out as the first view cut them."""
+    from skd.pipelines import dali_pipeline
+
+    files, boxes = smoke_images(tmp_path, 10)
+    n = len(files)
+
+    def loader(order):
+        return make_loader(
+            "dali",
+            files=[files[i] for i in order],
+            boxes=boxes[order],
+            flips=np.zeros(len(order), np.uint8),
+            labels=np.zeros(len(order)),
+            positions=np.asarray(order),
+            image_size=36,  # a configuration no other test uses, so this one builds its pipeline
+            batch_size=4,
+            workers=1,
+        )
+
+    before = dali_pipeline.built["pipelines"]
+    first = torch.cat([b.images for b in loader(list(range(n)))])
+    orders = [list(range(n - 1, 2, -1)), [3, 1, 4, 2], [5], list(range(n))]
+    for order in orders:
+        images = torch.cat([b.images for b in loader(order)])
+        assert torch.equal(images, first[order]), f"a reused pipeline cut view {order} differently"
+    built = dali_pipeline.built["pipelines"] - before
+    assert built == 1, f"{len(orders) + 1} views of one configuration built {built} pipelines"
+    partly = iter(loader(list(range(n))))
+    next(partly)
+    partly.close()  # left part way: that pipeline is dropped, the next view builds one
+    again = torch.cat([b.images for b in loader(list(range(n)))])
+    assert torch.equal(again, first), "the view after an abandoned one differs"
+    assert dali_pipeline.built["pipelines"] - before == 2, "an abandoned pipeline was reused or none was built"
