@@ -55,7 +55,7 @@ B = BuildConfig  # option defaults come from the config, declared once
     default=B.views,
     show_default=True,
     type=click.IntRange(min=1),
-    help="augmented views (epochs' worth) to cache",
+    help="augmented views (epochs' worth) to cache; more than an existing cache holds appends views to it",
 )
 @click.option(
     "--image-size",
