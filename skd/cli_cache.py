@@ -171,6 +171,48 @@ def info(cache_dir, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else "\n".join(info_lines(report)))
 
 
+def _codec_names(value: str) -> list[str]:
+    from .codecs import get_codec
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        try:
+            get_codec(name)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
+    return names
+
+
+@cache.command()
+@CACHE_DIR
+@click.option("--rows", default=4096, show_default=True, type=click.IntRange(min=1), help="rows of view 0 measured")
+@click.option(
+    "--codecs",
+    "codec_names",
+    default="fp32,fp16,int8,compact,topk:10,topk:100",
+    show_default=True,
+    callback=lambda c, p, v: _codec_names(v),
+    help="comma-separated codecs to measure (topk:K for any K)",
+)
+@click.option("--temperature", default=4.0, show_default=True, type=POSITIVE, help="T of both targets")
+@click.option("--multiplier", default=2.0, show_default=True, type=POSITIVE, help="m of the SKD target")
+@JSON
+@user_errors
+def codecs(cache_dir, rows, codec_names, temperature, multiplier, as_json):
+    """What each codec would cost and lose on this cache's rows: bytes per row on disk, KL of the SKD and Hinton
+    targets against the stored rows, top-1 and top-5 agreement."""
+    from .codec_table import cache_codec_table, table_lines
+    from .store import open_store
+
+    measured, figures = cache_codec_table(
+        open_store(cache_dir), rows, codec_names, temperature=temperature, multiplier=multiplier
+    )
+    if as_json:
+        click.echo(json.dumps([f.to_dict() for f in figures], indent=2))
+    else:
+        click.echo("\n".join(table_lines(figures, measured, temperature, multiplier)))
+
+
 @cache.command()
 @click.argument("cache_dirs", metavar="DIR|URL [DIR|URL ...]", nargs=-1, required=True)
 @click.option(

@@ -13,7 +13,7 @@ per value, which zstd in the store turns into ~640 B per row of 1000 classes (in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -21,14 +21,18 @@ import torch
 
 
 class Encoded(NamedTuple):
-    """Stored form of some rows: `logits` in the codec's dtype, `scale`/`offset` for affine codecs."""
+    """Stored form of some rows: `logits` in the codec's dtype, `scale`/`offset` for affine codecs; for top-k
+    codecs `logits` are the K largest (n, K), `index` their classes (n, K) and `offset` the value of every other
+    class (n,)."""
 
     logits: np.ndarray
     scale: np.ndarray | None = None
     offset: np.ndarray | None = None
+    index: np.ndarray | None = None
 
 
 AFFINE_LIMIT = 1e18
+TOPK_INDEX_DTYPE = "uint16"  # class indices of top-k codecs: up to 65,536 classes
 
 
 @dataclass(frozen=True)
@@ -40,16 +44,35 @@ class Codec:
     affine: bool  # True: per-row float32 scale and offset arrays accompany the logits
     levels: int = 0  # number of quantisation levels of an affine codec (at most, when `step` is set)
     step: float = 0.0  # affine step as a fraction of the row's std; 0: the row's range / (levels - 1)
+    top: int = 0  # top-k codecs: classes kept per row (the rest decode to one value per row); 0: whole rows
+    classes: int = 0  # classes of a whole row (a top-k decode needs it; `for_classes` sets it)
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """The stored arrays of this codec, as the store names them (`views/<name>`, `val/<name>`)."""
+        if self.top:
+            return ("logits", "offset", "index")
+        return ("logits", "scale", "offset") if self.affine else ("logits",)
+
+    def width(self, classes: int) -> int:
+        """Stored values per row of `classes` logits."""
+        return min(self.top, classes) if self.top else classes
+
+    def for_classes(self, classes: int) -> Codec:
+        """This codec for rows of `classes` logits."""
+        return replace(self, classes=classes)
 
     @property
     def limit(self) -> float:
-        """Largest logit magnitude the stored form keeps: fp16 65504 (beyond it inf); affine 1e18 (beyond
-        about 1.8e19 a row's float32 std overflows and the row is stored as NaN)."""
+        """Largest logit magnitude the stored form keeps: fp16 and top-k 65504 (beyond it inf); affine 1e18
+        (beyond about 1.8e19 a row's float32 std overflows and the row is stored as NaN)."""
         return AFFINE_LIMIT if self.affine else float(np.finfo(self.dtype).max)
 
     def encode(self, logits: np.ndarray) -> Encoded:
         """Float rows (n, C) to the stored form."""
         logits = np.asarray(logits, dtype=np.float32)
+        if self.top:
+            return self._encode_top(logits)
         if not self.affine:
             return Encoded(logits.astype(self.dtype))
         low = logits.min(axis=1)
@@ -62,8 +85,28 @@ class Codec:
         q = np.clip(q, 0, self.levels - 1).astype(self.dtype)
         return Encoded(q, scale, low.astype(np.float32))
 
+    def _encode_top(self, logits: np.ndarray) -> Encoded:
+        """The K largest logits of each row, largest first (fp16), their classes, and the value the other classes
+        decode to: the mean of the rest, which keeps the row's mean, so the layer norm centres the row as before."""
+        n, classes = logits.shape
+        k = self.width(classes)
+        index = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(logits, index, 1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        index, values = np.take_along_axis(index, order, 1), np.take_along_axis(values, order, 1)
+        rest = classes - k
+        total = logits.sum(1, dtype=np.float64) - values.sum(1, dtype=np.float64)
+        offset = (total / rest if rest else np.zeros(n)).astype(np.float32)
+        return Encoded(values.astype(self.dtype), None, offset, index.astype(TOPK_INDEX_DTYPE))
+
     def decode(self, encoded: Encoded) -> np.ndarray:
-        """Stored rows back to float32 (n, C): `logits * scale + offset` for affine codecs."""
+        """Stored rows back to float32 (n, C): `logits * scale + offset` for affine codecs; for top-k codecs
+        `offset` everywhere but the stored classes."""
+        if self.top:
+            out = np.repeat(np.asarray(encoded.offset, np.float32)[:, None], self.classes, axis=1)
+            index = np.asarray(encoded.index, np.int64)
+            np.put_along_axis(out, index, np.asarray(encoded.logits, np.float32), axis=1)
+            return out
         out = np.asarray(encoded.logits).astype(np.float32)  # a new array: scaled in place below
         if not self.affine:
             return out
@@ -72,13 +115,20 @@ class Codec:
         return out
 
     def decode_torch(
-        self, logits: torch.Tensor, scale: torch.Tensor | None = None, offset: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The same decode in torch, so it can run on the training device after a uint8 copy.
 
         Affine codecs: one new float32 tensor, scaled and shifted in place (a fused addcmul on the
         uint8 tensor takes torch's unvectorised mixed-dtype path and is 2-7x slower on a CPU).
         """
+        if self.top:
+            out = offset.float()[:, None].repeat(1, self.classes)
+            return out.scatter_(1, index.long(), logits.float())
         if not self.affine:
             return logits.float()
         out = logits.to(torch.float32, copy=True)
@@ -93,9 +143,20 @@ CODECS = {
 }
 
 
-def get_codec(name: str) -> Codec:
-    """The codec called `name`; ValueError naming the choices otherwise."""
+TOPK_PREFIX = "topk:"
+
+
+def get_codec(name: str, classes: int = 0) -> Codec:
+    """The codec called `name` (one of CODECS, or `topk:K`), for rows of `classes` logits (0: not known yet);
+    ValueError naming the choices otherwise."""
+    if name.startswith(TOPK_PREFIX):
+        k = name[len(TOPK_PREFIX) :]
+        if not k.isdigit() or not 1 <= int(k) <= 65536:
+            raise ValueError(f"codec {name!r}: topk:K keeps the K largest logits of a row, K from 1 to 65536")
+        return Codec(f"topk:{int(k)}", "float16", affine=False, top=int(k), classes=classes)
     try:
-        return CODECS[name]
+        return CODECS[name].for_classes(classes)
     except KeyError:
-        raise ValueError(f"unknown codec {name!r}: choose one of {', '.join(CODECS)}") from None
+        raise ValueError(
+            f"unknown codec {name!r}: choose one of {', '.join(CODECS)} or topk:K (e.g. topk:10)"
+        ) from None

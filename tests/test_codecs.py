@@ -114,3 +114,31 @@ def test_compact_decode_is_the_affine_stored_form():
     assert codec.affine and codec.dtype == "uint8"
     manual = enc.logits.astype(np.float32) * enc.scale[:, None] + enc.offset[:, None]
     assert np.allclose(codec.decode(enc), manual, rtol=1e-6, atol=1e-6)
+
+
+def test_topk_rows_rebuild_to_the_top_k_in_fp16_and_the_rest_to_its_mean():
+    x = teacher_like(32, 1000)
+    codec = get_codec("topk:10", classes=1000)
+    enc = codec.encode(x)
+    assert enc.logits.shape == (32, 10) and enc.logits.dtype == np.float16 and enc.index.dtype == np.uint16
+    decoded = codec.decode(enc)
+    best = np.argsort(-x, axis=1, kind="stable")[:, :10]
+    kept = np.take_along_axis(decoded, best, 1)
+    want = np.take_along_axis(x, best, 1).astype(np.float16).astype(np.float32)
+    assert np.array_equal(kept, want), f"top-10 decode off by {np.abs(kept - want).max():.3g} from the fp16 values"
+    rest = np.ones_like(x, bool)
+    np.put_along_axis(rest, best, False, 1)
+    means = np.array([x[i][rest[i]].mean() for i in range(32)], np.float32)
+    gap = np.abs(np.where(rest, decoded - means[:, None], 0)).max()
+    assert gap < 1e-5, f"the other 990 classes decode {gap:.3g} away from their mean"
+    torch_decoded = codec.decode_torch(*(None if a is None else torch.from_numpy(a) for a in enc))
+    assert torch.equal(torch_decoded, torch.from_numpy(decoded)), "torch and numpy top-k decodes differ"
+
+
+def test_topk_names_are_checked_and_k_is_capped_by_the_classes():
+    for bad in ("topk:0", "topk:x", "topk:70000"):
+        with pytest.raises(ValueError, match="topk:K keeps the K largest"):
+            get_codec(bad)
+    codec = get_codec("topk:100", classes=7)
+    x = teacher_like(4, 7)
+    assert np.allclose(codec.decode(codec.encode(x)), x, atol=1e-2), "top-100 of 7 classes is every class"

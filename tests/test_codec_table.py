@@ -1,0 +1,82 @@
+"""`skd-cache codecs`: each codec's bytes per row and fidelity on a cache's own rows, against an independent
+computation (numpy, float64) and the bytes the cache itself holds on disk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from skd.store import open_store
+
+
+def layer_norm(x: np.ndarray) -> np.ndarray:
+    mean = x.mean(1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(1, keepdims=True) + 1e-7)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    top = x.max(1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(1, keepdims=True))
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    log_p, log_q = log_softmax(p_logits), log_softmax(q_logits)
+    return float(np.maximum((np.exp(log_p) * (log_p - log_q)).sum(1), 0).mean())
+
+
+def top_k_by_hand(x: np.ndarray, k: int) -> np.ndarray:
+    """Top-k decoding written out: the k largest in fp16, every other class at the mean of the others."""
+    out = np.empty_like(x, dtype=np.float64)
+    for i, row in enumerate(x.astype(np.float64)):
+        best = np.argsort(-row, kind="stable")[:k]
+        rest = np.setdiff1d(np.arange(len(row)), best)
+        out[i, rest] = row[rest].mean()
+        out[i, best] = row[best].astype(np.float16)
+    return out
+
+
+def test_codecs_figures_equal_an_independent_computation(fp32_cache):
+    """KL of both targets and agreement figures as written out by hand; the fp32 row size is what the cache's own
+    shard of those 8 rows takes on disk (same layout: 8-row shards of 4-row chunks, zstd)."""
+    from skd.codec_table import cache_codec_table
+
+    store = open_store(fp32_cache)
+    rows = store.read_logits(0, 0, 8).astype(np.float64)
+    measured, figures = cache_codec_table(store, 8, ["fp32", "topk:2"], temperature=4.0, multiplier=2.0)
+    fp32, top2 = figures
+    shard_file = fp32_cache / "views" / "logits" / "c" / "0" / "0" / "0"
+    assert measured == 8 and fp32.bytes_per_row == shard_file.stat().st_size / 8, (
+        f"fp32 row {fp32.bytes_per_row} B; the cache's shard holds {shard_file.stat().st_size / 8} B per row"
+    )
+    assert fp32.kl_skd == 0 and fp32.top1_agreement == 1, f"fp32 against itself: {fp32}"
+    decoded = top_k_by_hand(rows, 2)
+    want_skd = kl(layer_norm(rows) * 2.0 / 4.0, layer_norm(decoded) * 2.0 / 4.0)
+    want_hinton = kl(rows / 4.0, decoded / 4.0)
+    assert abs(top2.kl_skd - want_skd) <= 1e-6 * max(1.0, want_skd), f"SKD KL {top2.kl_skd:.6g}, by hand {want_skd:.6g}"
+    assert abs(top2.kl_hinton - want_hinton) <= 1e-6 * max(1.0, want_hinton), (
+        f"Hinton KL {top2.kl_hinton:.6g}, by hand {want_hinton:.6g}"
+    )
+    top1 = float((rows.argmax(1) == decoded.argmax(1)).mean())
+    assert top2.top1_agreement == top1, f"top-1 agreement {top2.top1_agreement}, by hand {top1}"
+
+
+def test_codecs_prints_a_table_and_json_objects(fp32_cache):
+    import subprocess
+    import sys
+
+    def run(*args):
+        command = [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", "codecs", str(fp32_cache)]
+        return subprocess.run([*command, *args], capture_output=True, text=True)
+
+    as_json = run("--rows", "8", "--json")
+    assert as_json.returncode == 0, as_json.stderr[-800:]
+    figures = json.loads(as_json.stdout)
+    names = [f["codec"] for f in figures]
+    assert names == ["fp32", "fp16", "int8", "compact", "topk:10", "topk:100"], names
+    keys = {"codec", "bytes_per_row", "kl_skd", "kl_hinton", "top1_agreement", "top5_agreement"}
+    assert all(set(f) == keys for f in figures), f"JSON keys {sorted(figures[0])}"
+    table = run("--rows", "8", "--codecs", "int8,topk:2")
+    assert table.returncode == 0 and table.stdout.splitlines()[2].startswith("int8"), table.stdout
+    bad = run("--codecs", "int4")
+    assert bad.returncode == 2 and "unknown codec 'int4'" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
