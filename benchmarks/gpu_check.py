@@ -9,6 +9,8 @@ On one GPU, in this order, printing one table at the end (and writing it as JSON
   5. `skd.train.train` of the student from the cache with --kd skd, with --kd none, and online SKD with
      the teacher in the loop (same views), images/s of the steady part of each epoch
   6. the compute ratio (student step + teacher forward) / student step on in-memory tensors
+  7. what else a GPU build uses: a build with --amp fp16 --compile, and the build as two processes under
+     torchrun where there are two GPUs; the table says what was not run (DALI: not installed, 424 MB)
 --device cpu with tiny sizes runs the same steps on a CPU (to test the script, not to measure).
 """
 
@@ -18,6 +20,8 @@ import argparse
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,11 +62,9 @@ def teacher_synthetic_rate(name: str, batch: int, size: int, device: torch.devic
     return steps * batch / (time.perf_counter() - t)
 
 
-def cli_build(args, root: Path, cache: Path) -> tuple[float, float]:
-    """Run `skd-cache build ...` in this process; (images/s inside its teacher loop, for the whole command)."""
-    from skd.cli import cache as cache_group
-
-    argv = [
+def build_argv(args, root: Path, cache: Path, amp: str | None = None, compile: bool = False) -> list[str]:
+    """The `skd-cache build` arguments of the check (AMP `amp` instead of --amp's where given)."""
+    return [
         "build",
         "--teacher",
         args.teacher,
@@ -81,7 +83,7 @@ def cli_build(args, root: Path, cache: Path) -> tuple[float, float]:
         "--codec",
         "int8",
         "--amp",
-        args.amp,
+        amp or args.amp,
         "--device",
         args.device,
         "--loader",
@@ -90,7 +92,14 @@ def cli_build(args, root: Path, cache: Path) -> tuple[float, float]:
         str(args.workers),
         "--no-val",
         "--overwrite",
-    ]
+    ] + (["--compile"] if compile else [])
+
+
+def cli_build(args, root: Path, cache: Path, amp: str | None = None, compile: bool = False) -> tuple[float, float]:
+    """Run `skd-cache build ...` in this process; (images/s inside its teacher loop, for the whole command)."""
+    from skd.cli import cache as cache_group
+
+    argv = build_argv(args, root, cache, amp, compile)
     say("skd-cache " + " ".join(argv))
     with teacher_loop_timer() as spent:
         t = time.perf_counter()
@@ -101,6 +110,39 @@ def cli_build(args, root: Path, cache: Path) -> tuple[float, float]:
                 raise SystemExit(f"skd-cache build failed (exit {exc.code})") from None
         whole = time.perf_counter() - t
     return spent[1] / spent[0], spent[1] / whole
+
+
+def other_builds(args, root: Path) -> list[list[str]]:
+    """What a GPU build also uses, as table rows: fp16 with --compile, and two processes under torchrun where two
+    GPUs are (on the CPU rehearsal: --amp none without --compile, and two gloo processes); what could not run
+    says so."""
+    rows = []
+    cuda = args.device != "cpu"
+    amp, compile = ("fp16", True) if cuda else ("none", False)
+    try:
+        loop, whole = cli_build(args, root, args.work / "cache-other", amp, compile)
+        what = f"build --amp {amp}" + (" --compile" if compile else " (CPU rehearsal: no --compile)")
+        rows.append([what, f"{loop:,.0f}", f"{whole:,.0f} for the whole command, compiling included"])
+    except (Exception, SystemExit) as error:  # a failure here is a finding, not the end of the check
+        rows.append([f"build --amp {amp}{' --compile' if compile else ''}", "FAILED", str(error).splitlines()[0]])
+    if cuda and torch.cuda.device_count() < 2:
+        rows.append(["two processes under torchrun", "not run", f"{torch.cuda.device_count()} GPU here"])
+        return rows
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    script = Path(sys.executable).parent / "skd-cache"
+    script = script if script.exists() else Path(shutil.which("skd-cache") or "skd-cache")
+    command += [str(script), *build_argv(args, root, args.work / "cache-2")]
+    say(" ".join(command[2:]))
+    t = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t
+    if run.returncode:
+        tail = [line for line in run.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+        rows.append(["two processes under torchrun", "FAILED", f"exit {run.returncode}: {tail[0][:150]}"])
+    else:
+        rate = args.images * args.views / seconds
+        rows.append(["two processes under torchrun (whole command)", f"{rate:,.0f}", f"{seconds:.1f} s"])
+    return rows
 
 
 def main() -> None:
@@ -191,6 +233,7 @@ def main() -> None:
     )
     compute = 1 + s_rate / t_rate
     say(f"in memory: student step {s_rate:,.0f} images/s, teacher forward {t_rate:,.0f} images/s")
+    others = other_builds(args, root)
 
     cached, none, online = student["cached SKD"], student["hard labels (--kd none)"], student["online SKD"]
     rows = [
@@ -218,6 +261,8 @@ def main() -> None:
             f"{online:,.0f}",
             f"cached / online = {cached / online:.2f}; compute ratio {compute:.2f}",
         ],
+        *others,
+        ["DALI loader", "not run", "DALI is not installed here (424 MB wheel); the loader was torchvision"],
     ]
     print()
     print(
@@ -239,6 +284,7 @@ def main() -> None:
                     "student_step_memory": s_rate,
                     "teacher_forward_memory": t_rate,
                     "compute_ratio": compute,
+                    "other_builds": others,
                     "seconds": time.perf_counter() - STARTED,
                 },
                 indent=1,

@@ -29,7 +29,7 @@ def test_a_dependency_left_out_of_the_list_is_named():
 
 
 def test_the_cpu_rehearsal_runs_on_torch_and_the_carried_wheels_alone(tmp_path):
-    """About 30 s on 2 cores: a torch-only base (links), the wheels packed from this environment, the script."""
+    """About 45 s on 2 cores: a torch-only base (links), the wheels packed from this environment, the script."""
     base = torch_only_base(tmp_path / "base")
     bare = subprocess.run([base, "-c", "import pydantic"], capture_output=True, text=True)
     assert bare.returncode != 0, "the base must not hold pydantic, or the rehearsal proves nothing"
@@ -55,4 +55,6 @@ def test_the_cpu_rehearsal_runs_on_torch_and_the_carried_wheels_alone(tmp_path):
     assert f"from {venv}" in ok, f"skd was not imported from the script's venv: {ok}"
     assert "not run: DALI" in out, "the check must say it could not run DALI"
     assert "| student, online SKD (teacher in the loop) |" in out, out[-2000:]
+    assert "| two processes under torchrun (whole command) |" in out, "the torchrun build did not run:\n" + out[-2000:]
+    assert "FAILED" not in out, out[-2000:]
     print(f"gpu_check.sh --cpu-test: {seconds:.0f} s with {len(wheels)} wheels on {sys.platform}")
