@@ -17,7 +17,7 @@
 #   --work DIR    scratch folder (default: a new temporary folder); results also go to $OUT when it is set
 #   --cpu-test    tiny sizes on the CPU, to test this script where there is no GPU (not a measurement)
 #   --download    pip download the wheels of gpu_check_wheels.txt for Python 3.12 on x86-64 Linux into
-#                 --wheels (about 45 MB), for a device machine that has no network: carry that folder
+#                 --wheels (48 MB), for a device machine that has no network: carry that folder
 #
 # Everything skd imports beyond torch and torchvision comes from the wheels (gpu_check_wheels.txt, pinned; the
 # test suite checks it against setup.cfg's install_requires), then skd itself is installed from this checkout
