@@ -56,7 +56,9 @@ def run_decoded_with(reader_class, store, n, batch, **kw):
     """cached_logits' CPU path with another reader class or its options."""
     rows = 0
     for _, enc in reader_class(store, 0, 0, n, **kw).batches(batch):
-        logits = store.codec.decode_torch(*(torch.from_numpy(np.ascontiguousarray(a)) for a in enc))
+        logits = store.codec.decode_torch(
+            *(None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in enc)
+        )
         rows += logits.shape[0]
     return rows
 

@@ -36,6 +36,19 @@ def cache():
 B = BuildConfig  # option defaults come from the config, declared once
 
 
+def _codec_name(value: str) -> str:
+    from .codecs import get_codec
+
+    try:
+        return get_codec(value.strip()).name
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _codec_names(value: str) -> list[str]:
+    return [_codec_name(v) for v in value.split(",") if v.strip()]
+
+
 @cache.command()
 @click.option("--teacher", required=True, help="torchvision model name (resnet152), timm:NAME or py:module:callable")
 @click.option(
@@ -67,7 +80,13 @@ B = BuildConfig  # option defaults come from the config, declared once
 @teacher_input_options
 @mix_options
 @click.option("--batch-size", default=B.batch_size, show_default=True, type=click.IntRange(min=1))
-@click.option("--codec", default=B.codec, show_default=True, type=click.Choice(list(CODECS)))
+@click.option(
+    "--codec",
+    default=B.codec,
+    show_default=True,
+    callback=lambda c, p, v: _codec_name(v),
+    help=f"how logits are stored: {', '.join(CODECS)} or topk:K (the K largest per row; skd-cache codecs compares)",
+)
 @click.option(
     "--amp",
     default=B.amp,
@@ -169,18 +188,6 @@ def info(cache_dir, as_json):
 
     report = describe(open_store(cache_dir))
     click.echo(json.dumps(report, indent=2) if as_json else "\n".join(info_lines(report)))
-
-
-def _codec_names(value: str) -> list[str]:
-    from .codecs import get_codec
-
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    for name in names:
-        try:
-            get_codec(name)
-        except ValueError as error:
-            raise click.BadParameter(str(error)) from None
-    return names
 
 
 @cache.command()

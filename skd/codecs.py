@@ -54,6 +54,15 @@ class Codec:
             return ("logits", "offset", "index")
         return ("logits", "scale", "offset") if self.affine else ("logits",)
 
+    def array_specs(self, classes: int) -> dict[str, tuple[tuple, str]]:
+        """{stored array: (shape of one row's entry, dtype)} for rows of `classes` logits."""
+        specs = {"logits": ((self.width(classes),), self.dtype)}
+        if self.top:
+            return {**specs, "offset": ((), "float32"), "index": ((self.width(classes),), TOPK_INDEX_DTYPE)}
+        if self.affine:
+            return {**specs, "scale": ((), "float32"), "offset": ((), "float32")}
+        return specs
+
     def width(self, classes: int) -> int:
         """Stored values per row of `classes` logits."""
         return min(self.top, classes) if self.top else classes

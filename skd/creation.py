@@ -61,27 +61,19 @@ def _write_split(group: zarr.Group, name: str, split: Split, chunk: int) -> None
 def _logit_arrays(
     group: zarr.Group, prefix: str, lead: tuple, rows: int, classes: int, codec: Codec, shard_rows: int, chunk_rows: int
 ) -> None:
-    """Create logits (+ scale/offset) of shape lead + (rows, C), sharded along rows, and `complete`."""
+    """Create the codec's arrays (logits, + scale/offset or offset/index) of shape lead + (rows, ...), sharded
+    along rows, and `complete`."""
     ones = (1,) * len(lead)
     shard, chunk = shard_rows, chunk_rows  # a shard may overhang the array's end; zarr trims it
-    _create(
-        group,
-        f"{prefix}/logits",
-        shape=lead + (rows, classes),
-        dtype=codec.dtype,
-        chunks=ones + (chunk, classes),
-        shards=ones + (shard, classes),
-    )
-    if codec.affine:
-        for name in ("scale", "offset"):
-            _create(
-                group,
-                f"{prefix}/{name}",
-                shape=lead + (rows,),
-                dtype="float32",
-                chunks=ones + (chunk,),
-                shards=ones + (shard,),
-            )
+    for name, (row, dtype) in codec.array_specs(classes).items():
+        _create(
+            group,
+            f"{prefix}/{name}",
+            shape=lead + (rows, *row),
+            dtype=dtype,
+            chunks=ones + (chunk, *row),
+            shards=ones + (shard, *row),
+        )
     _create(
         group,
         f"{prefix}/complete",

@@ -66,7 +66,7 @@ class RowReader:
         self.prefetch = prefetch
         self.threads = threads
         group, self._prefix = store._logit_group(view)
-        names = ("logits", "scale", "offset") if store.codec.affine else ("logits",)
+        names = store.codec.arrays
         workers = max(threads, 2 * self.parallel * len(names)) if self.parallel > 1 else threads  # waiting on I/O
         with zarrs_reads(**{"threading.max_workers": workers}):  # zarrs reads it when the array opens
             self._arrays = {name: group[name] for name in names}
@@ -112,7 +112,7 @@ class RowReader:
 
         From an object store, whole shards only (then sliced): zarrs fetches the index of a shard it reads
         in part while holding the GIL, which would stall every other thread for two requests."""
-        return Encoded(*(self._read_array(array, a, b) for array in self._arrays.values()))
+        return Encoded(**{name: self._read_array(array, a, b) for name, array in self._arrays.items()})
 
     def _read_array(self, array, a: int, b: int) -> np.ndarray:
         """Rows [a, b) of one array (see `_read`)."""
@@ -252,7 +252,7 @@ class RowReader:
                     break
             while pending:
                 a, futures = pending.popleft()
-                block = Encoded(*(f.result() for f in futures))
+                block = Encoded(**{name: f.result() for name, f in zip(self._arrays, futures)})
                 following = next(spans, None)
                 if following is not None:
                     submit(*following)
@@ -290,7 +290,9 @@ class RowReader:
 def _concat(parts: list[Encoded]) -> Encoded:
     if len(parts) == 1:
         return parts[0]
-    return Encoded(*(None if parts[0][i] is None else np.concatenate([p[i] for p in parts]) for i in range(3)))
+    return Encoded(
+        *(None if parts[0][i] is None else np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
+    )
 
 
 def _slice(e: Encoded, a: int, b: int | None) -> Encoded:

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .codecs import CODECS
+from .codecs import get_codec
 from .errors import SkdError
 from .pipelines import INTERPOLATIONS
 
@@ -114,13 +114,20 @@ class Meta(_Model):
     teacher: Teacher
     dataset: Dataset
     plan: Plan
-    codec: Literal[tuple(CODECS)]  # type: ignore[valid-type]
+    codec: str  # a name get_codec knows: fp32, fp16, int8, compact, topk:K
     views: Annotated[int, Field(ge=1, le=MAX_VIEWS, strict=True)]
     shard_rows: Annotated[int, Field(ge=1, le=2**24, strict=True)]
     chunk_rows: Annotated[int, Field(ge=1, le=2**24, strict=True)]
     software: dict[str, str] = {}
     complete: bool = False
     growing: Annotated[int, Field(ge=1, le=MAX_VIEWS, strict=True)] | None = None  # skd.creation.grow_store
+
+    @field_validator("codec")
+    @classmethod
+    def known_codec(cls, name: str) -> str:
+        if get_codec(name).name != name:  # ValueError naming the choices for an unknown one
+            raise ValueError(f"codec {name!r} is written {get_codec(name).name!r}")
+        return name
 
     @model_validator(mode="after")
     def chunks_divide_shards(self):
@@ -176,7 +183,7 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
     """{name: (shape, dtype, shard shape or None)} of every array a cache with these attributes holds;
     dtype "str" for the path arrays."""
     n, k, c = meta["dataset"]["num_samples"], meta["views"], meta["teacher"]["num_classes"]
-    rows, codec = meta["shard_rows"], CODECS[meta["codec"]]
+    rows, specs = meta["shard_rows"], get_codec(meta["codec"]).array_specs(c)
     arrays = {
         "samples/path": ((n,), "str", None),
         "samples/label": ((n,), "int32", None),
@@ -186,11 +193,9 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
         "views/flip": ((k, n), "uint8", None),
         "views/mix_lambda": ((k, n), "float32", None),
         "views/mix_box": ((k, n, 4), "float32", None),
-        "views/logits": ((k, n, c), codec.dtype, (1, rows, c)),
         "views/complete": ((k, -(-n // rows)), "uint8", None),
     }
-    if codec.affine:
-        arrays.update({f"views/{name}": ((k, n), "float32", (1, rows)) for name in ("scale", "offset")})
+    arrays.update({f"views/{name}": ((k, n, *row), dtype, (1, rows, *row)) for name, (row, dtype) in specs.items()})
     if has_val:
         v = meta["dataset"]["num_val"]
         arrays.update(
@@ -199,12 +204,10 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
                 "val/label": ((v,), "int32", None),
                 "val/size": ((v, 2), "int32", None),
                 "val/box": ((v, 4), "int32", None),
-                "val/logits": ((v, c), codec.dtype, (rows, c)),
                 "val/complete": ((-(-v // rows),), "uint8", None),
             }
         )
-        if codec.affine:
-            arrays.update({f"val/{name}": ((v,), "float32", (rows,)) for name in ("scale", "offset")})
+        arrays.update({f"val/{name}": ((v, *row), dtype, (rows, *row)) for name, (row, dtype) in specs.items()})
     return arrays
 
 

@@ -97,6 +97,8 @@ def stream_rows(
     work = tuple(np.empty((BATCH_ROWS, store.num_classes), np.float32) for _ in range(2))
     with tqdm(total=n, desc=desc, unit="row", disable=not progress, dynamic_ncols=True) as bar:
         for first, block in RowReader(store, view, 0, n).blocks():
+            if store.codec.top:  # the classes not stored take part in every figure: whole rows first
+                block = Encoded(store.codec.decode(block))
             for a in range(0, len(block.logits), BATCH_ROWS):
                 part = Encoded(*(None if v is None else v[a : a + BATCH_ROWS] for v in block))
                 b = first + a

@@ -53,7 +53,7 @@ class Store:
         self._opened: dict[str, zarr.Array] = {}  # arrays opened for reading, once each (see `array`)
         self.group = group
         self.meta: dict = dict(group.attrs[ATTR_KEY])
-        self.codec: Codec = get_codec(self.meta["codec"])
+        self.codec: Codec = get_codec(self.meta["codec"], classes=int(self.meta["teacher"]["num_classes"]))
         self.shard_rows: int = int(self.meta["shard_rows"])
         self._splits: dict[str, Split] = {}  # sample arrays, read once (open_store checks them, replay uses them)
         self._flag_arrays: dict[str, zarr.Array] = {}  # completion flags opened for writing (`mark_complete`)
@@ -227,11 +227,11 @@ class Store:
         return () if view == VAL else (view,)
 
     def _logit_arrays(self, view: View) -> tuple[list[zarr.Array], tuple]:
-        """A part's logits (and scale and offset for the affine codecs), each opened once per Store, and the index
+        """A part's stored arrays (`Codec.arrays`: logits, and scale/offset or offset/index), each opened once per
+        Store, and the index
         prefix: no metadata read per shard, however many views and shards are asked about."""
         path, prefix = ("val", ()) if view == VAL else ("views", (view,))
-        names = ("logits", "scale", "offset") if self.codec.affine else ("logits",)
-        return [self.array(f"{path}/{name}") for name in names], prefix
+        return [self.array(f"{path}/{name}") for name in self.codec.arrays], prefix
 
     def write_shard(self, view: View, shard: int, encoded: Encoded) -> None:
         """Write one whole shard of logits (and scale/offset) and then mark it complete."""
@@ -263,7 +263,8 @@ class Store:
         if encoded.logits.shape[0] != stop - start:
             raise ValueError(f"shard {shard} needs {stop - start} rows, got {encoded.logits.shape[0]}")
         selection = prefix + (slice(start, stop),)
-        for array, data in zip(arrays, (encoded.logits, encoded.scale, encoded.offset)):
+        for array, name in zip(arrays, self.codec.arrays):
+            data = getattr(encoded, name)
             key, whole = shard_key(array, prefix, shard), encode_shard(array, selection, data)
             self.location.put(key, whole)
             self._listed_put(key, len(whole))
@@ -290,7 +291,8 @@ class Store:
         """Stored rows [start, stop) of a part (a view, or VAL), in the codec's form."""
         arrays, prefix = self._logit_arrays(view)
         lead = tuple(slice(i, i + 1) for i in prefix)  # slices: zarrs hands integer indexes to zarr's own pipeline
-        return Encoded(*(array[lead + (slice(start, stop),)][(0,) * len(lead)] for array in arrays))
+        rows = (array[lead + (slice(start, stop),)][(0,) * len(lead)] for array in arrays)
+        return Encoded(**dict(zip(self.codec.arrays, rows)))
 
     def read_logits(self, view: View, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Decoded float32 logits of rows [start, stop)."""

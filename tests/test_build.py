@@ -154,6 +154,38 @@ def test_int8_within_one_quantisation_step(image_root, teacher_file, reference, 
     assert store.group["views/logits"].dtype == np.uint8
 
 
+def test_a_topk_cache_stores_the_k_largest_and_every_reader_rebuilds_whole_rows(
+    image_root, teacher_file, reference, tmp_path, in_process
+):
+    """topk:2 of 3 classes: the two largest logits in fp16 with their classes, the third at the mean of the rest
+    (itself); the store, the API's rows and batches, stats and info read whole rows."""
+    import skd
+
+    build_cache(config(image_root, tmp_path / "top2", teacher_file, codec="topk:2"))
+    g = zarr.open_group(str(tmp_path / "top2"), mode="r")
+    layout = {name: (g[f"views/{name}"].shape, str(g[f"views/{name}"].dtype)) for name in ("logits", "index", "offset")}
+    assert (
+        layout
+        == {
+            "logits": ((2, 18, 2), "float16"),
+            "index": ((2, 18, 2), "uint16"),
+            "offset": ((2, 18), "float32"),
+        }
+        and "scale" not in g["views"]
+    ), f"top-2 arrays {layout}"
+    exact = open_store(reference).read_logits(1)
+    best = np.argsort(-exact, axis=1, kind="stable")[:, :2]
+    want = exact.copy()
+    np.put_along_axis(want, best, np.take_along_axis(exact, best, 1).astype(np.float16).astype(np.float32), 1)
+    decoded = open_store(tmp_path / "top2").read_logits(1)
+    assert np.abs(decoded - want).max() < 1e-5, f"top-2 rows {np.abs(decoded - want).max():.3g} from the fp32 rows"
+    batches = list(skd.open_cache(tmp_path / "top2").loader(1, batch_size=4, loader="torchvision", workers=0))
+    assert torch.equal(torch.cat([b.logits for b in batches]), torch.from_numpy(decoded)), "the loader's rows differ"
+    for command in ("stats", "info"):
+        code, err = in_process("cache", command, tmp_path / "top2")
+        assert code == 0, f"skd-cache {command} on a top-k cache: {err[-600:]}"
+
+
 def test_dali_build_matches_torchvision_build(image_root, teacher_file, reference, tmp_path):
     build_cache(config(image_root, tmp_path / "dali", teacher_file, loader="dali", workers=1))
     a, b = open_store(reference).read_logits(0), open_store(tmp_path / "dali").read_logits(0)

@@ -89,7 +89,7 @@ def test_only_batches_that_straddle_blocks_are_copied(tmp_path):
     store = make_store(tmp_path / "c")
     got = list(RowReader(store, 0, 0, 50, block_rows=16).batches(5))
     straddling = [first for first, _ in got if first // 16 != (first + 4) // 16 and first + 5 <= 50]
-    views = [first for first, e in got if all(x.base is not None for x in e)]
+    views = [first for first, e in got if all(x.base is not None for x in e if x is not None)]
     copies = [first for first, _ in got if first not in views]
     assert copies == straddling, f"copied batches start at {copies}, the straddling ones at {straddling}"
 
@@ -219,7 +219,7 @@ def test_a_shard_of_fill_values_is_written_and_reads_back(tmp_path):
     make_store(tmp_path / "c", views=1)
     store = open_store(tmp_path / "c", mode="r+")
     zeros = get_codec("int8").encode(np.zeros((16, 7), np.float32))
-    nonzero = sum(int(a.astype(bool).sum()) for a in zeros)
+    nonzero = sum(int(a.astype(bool).sum()) for a in zeros if a is not None)
     assert nonzero == 0, f"int8 of zero rows holds {nonzero} values other than the fill value"
     store.write_shard(0, 1, zeros)
     got = RowReader(open_store(tmp_path / "c"), 0, 16, 32)._read(16, 32)
