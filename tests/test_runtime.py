@@ -17,7 +17,9 @@ if sys.argv[1] != "default":
     set_dist_timeout(float(sys.argv[1]))
 d = init_distributed("cpu")
 group = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
-print(f"rank {d.rank} of {d.world}: timeout {group.options._timeout.total_seconds() / 60:g} minutes", flush=True)
+minutes = group.options._timeout.total_seconds() / 60
+with open(f"{sys.argv[2]}/rank{d.rank}.txt", "w") as out:  # a file each: the ranks' stdout lines interleave
+    out.write(f"rank {d.rank} of {d.world}: timeout {minutes:g} minutes")
 shutdown(d)
 """
 
@@ -27,15 +29,25 @@ def test_every_rank_joins_with_the_timeout_asked_for(minutes, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, minutes],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            script,
+            minutes,
+            tmp_path,
+        ],
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     expected = DIST_TIMEOUT_MINUTES if minutes == "default" else float(minutes)
-    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
-    assert lines == [f"rank {r} of 2: timeout {expected:g} minutes" for r in (0, 1)], run.stdout
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert lines == [f"rank {r} of 2: timeout {expected:g} minutes" for r in (0, 1)], lines
     assert expected >= 60, f"the default timeout {expected} minutes is shorter than indexing ImageNet on rank 0"
 
 
