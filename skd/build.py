@@ -28,7 +28,7 @@ from .replay import ReplaySource, cached_source
 from .runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
 from .store import VAL, Store, View, open_store
 from .teachers import CompiledTeacher, forward, load_teacher, output_classes
-from .writer import ShardWriter
+from .writer import ShardWriter, mark_finished
 
 LARGEST_PUBLISHED_SIZE = 800  # timm's largest ImageNet recipes (e.g. EfficientNet-L2 at 800 px)
 
@@ -202,14 +202,6 @@ def write_teacher_logits(
         bar.update(len(logits))
         fault(fault_point, count)
     return done
-
-
-def mark_finished(store: Store) -> None:
-    """Record `complete` in the attributes once every shard is (by a listing taken now: other ranks wrote too)."""
-    store.listing(fresh=True)
-    if store.is_complete() and not store.meta.get("complete"):
-        store.meta = {**store.meta, "complete": True}
-        store.group.attrs["skd"] = store.meta
 
 
 def summarize(store: Store, rows_written: int, seconds: float) -> BuildSummary:

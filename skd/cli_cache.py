@@ -191,6 +191,22 @@ def info(cache_dir, as_json):
 
 
 @cache.command()
+@click.argument("source", metavar="SRC_DIR|URL")
+@click.option("--codec", required=True, callback=lambda c, p, v: _codec_name(v), help="the new codec (see codecs)")
+@click.option("--out", required=True, help="the new cache: a folder or an object-store URL")
+@click.option("--overwrite", is_flag=True, help="replace the cache at --out instead of resuming it")
+@user_errors
+def recode(source, codec, out, overwrite):
+    """Store a cache's logits with another codec, without the teacher or the images (resumable)."""
+    from .recode import recode_cache
+
+    store = recode_cache(source, out, codec, overwrite=overwrite, progress=True)
+    if prints_summary():
+        storage = store.storage()
+        click.echo(f"cache {store.path}: {codec}, {storage['bytes_per_row'] or 0:,.0f} B per row of logits")
+
+
+@cache.command()
 @CACHE_DIR
 @click.option("--rows", default=4096, show_default=True, type=click.IntRange(min=1), help="rows of view 0 measured")
 @click.option(

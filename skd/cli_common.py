@@ -17,6 +17,7 @@ from .objectstore import store_failure
 # how to continue a command stopped part way (Ctrl-C, SIGTERM, a failed object store): its work so far is kept
 CONTINUE_HINTS = {
     "build": ": rerun the same command to resume",
+    "recode": ": rerun the same command to resume",
     "train": ": rerun the same command with --resume to continue from the last finished epoch",
 }
 

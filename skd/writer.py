@@ -104,3 +104,11 @@ class ShardWriter:
             ) from None
         self.shards_written += 1
         fault("after-shard", self.shards_written)
+
+
+def mark_finished(store: Store) -> None:
+    """Record `complete` in the attributes once every shard is (by a listing taken now: other ranks wrote too)."""
+    store.listing(fresh=True)
+    if store.is_complete() and not store.meta.get("complete"):
+        store.meta = {**store.meta, "complete": True}
+        store.group.attrs["skd"] = store.meta
