@@ -193,10 +193,14 @@ class DaliLoader:
             try:
                 (output,) = pipe.run(stream)
             except RuntimeError as error:  # DALI's message names the window, not the file
+                other = (
+                    {"roi": "full or cpu", "full": "cpu"}.get(self.dali.decode) if self.device.type == "cuda" else None
+                )
                 raise DecodeError(
                     f"DALI could not decode one of items {start}..{stop - 1} (first "
-                    f"{self.items.files[start]}): {_reason(error)}; --loader torchvision "
-                    "decodes with PIL"
+                    f"{self.items.files[start]}): {_reason(error)}; "
+                    + (f"--dali-decode {other} decodes otherwise, " if other else "")
+                    + "--loader torchvision decodes with PIL"
                 ) from error
             images = torch.empty(
                 (stop - start, 3, self.image_size, self.image_size), dtype=torch.float32, device=self.device
