@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
         --cpu-test) CPU_TEST=1; shift ;;
         --download) DOWNLOAD=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
