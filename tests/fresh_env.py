@@ -123,12 +123,13 @@ def wheels_of(names, folder: Path) -> list[Path]:
 
 
 def uncovered(pins: dict[str, str]) -> list[str]:
-    """What skd needs beyond torch, torchvision and DALI that `pins` leaves out or pins to another version than
-    the one installed here, one 'name (why)' each."""
+    """What skd needs beyond torch, torchvision and DALI that `pins` leaves out, or pins outside the range
+    setup.cfg's install_requires gives it, one 'name (why)' each."""
+    asked = {canonicalize_name(r.name): r.specifier for r in install_requires()}
     out = []
-    for name, version in sorted(needed().items()):
+    for name in sorted(needed()):
         if name not in pins:
             out.append(f"{name} (missing)")
-        elif pins[name] != version:
-            out.append(f"{name} (pinned {pins[name]}, {version} installed and tested)")
+        elif name in asked and pins[name] not in asked[name]:
+            out.append(f"{name} (pinned {pins[name]}, setup.cfg asks {asked[name]})")
     return out
