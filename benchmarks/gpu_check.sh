@@ -14,6 +14,7 @@
 #   --venv DIR    virtual environment to create on top of it (--system-site-packages, so torch comes along);
 #                 default WORK/venv. --no-venv installs into PY's own environment instead.
 #   --wheels DIR  wheels of benchmarks/gpu_check_wheels.txt (default: benchmarks/wheels), installed offline
+#   --requirements FILE  another list of the same packages (the test suite's rehearsal pins what it has)
 #   --work DIR    scratch folder (default: a new temporary folder); results also go to $OUT when it is set
 #   --cpu-test    tiny sizes on the CPU, to test this script where there is no GPU (not a measurement)
 #   --download    pip download the wheels of gpu_check_wheels.txt for Python 3.12 on x86-64 Linux into
@@ -41,11 +42,12 @@ while [ $# -gt 0 ]; do
         --venv) VENV="$2"; shift 2 ;;
         --no-venv) USE_VENV=0; shift ;;
         --wheels) WHEELS="$2"; shift 2 ;;
+        --requirements) LIST="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
         --work) WORK="$2"; shift 2 ;;
         --cpu-test) CPU_TEST=1; shift ;;
         --download) DOWNLOAD=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done

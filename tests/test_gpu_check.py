@@ -34,11 +34,13 @@ def test_the_cpu_rehearsal_runs_on_torch_and_the_carried_wheels_alone(tmp_path):
     bare = subprocess.run([base, "-c", "import pydantic"], capture_output=True, text=True)
     assert bare.returncode != 0, "the base must not hold pydantic, or the rehearsal proves nothing"
     wheels = wheels_of(carried_list(), tmp_path / "wheels")
+    pinned = tmp_path / "requirements.txt"  # the list's packages at the versions installed (and packed) here
+    pinned.write_text("".join(f"{name}=={version}\n" for name, version in needed().items()))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "OUT")}
     started = time.perf_counter()
     run = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--python", str(base), "--wheels", str(wheels[0].parent)]
-        + ["--work", str(tmp_path / "work"), "--cpu-test"],
+        + ["--requirements", str(pinned), "--work", str(tmp_path / "work"), "--cpu-test"],
         capture_output=True,
         text=True,
         env=env,
