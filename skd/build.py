@@ -17,12 +17,13 @@ import torch
 from tqdm import tqdm
 
 from . import pipelines
+from .codec_table import AUTO, FIDELITY_ROWS, codec_fidelity
 from .codecs import get_codec
 from .config import BuildConfig
 from .errors import SkdWarning, fault
 from .index import check_root
 from .location import parse_location
-from .prepare import BuildError, cache_meta, check_out, check_pairs, prepare_store, recorded_plan
+from .prepare import BuildError, Layout, cache_meta, check_out, check_pairs, prepare_store, recorded_plan
 from .recipe import resolve, to_meta
 from .replay import ReplaySource, cached_source
 from .runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
@@ -48,9 +49,11 @@ def build_cache(cfg: BuildConfig, *, progress: bool = False) -> BuildSummary:
     """Build (or resume) the cache described by `cfg`; returns what this run did."""
     cfg = replace(cfg, out=parse_location(cfg.out).absolute())  # a folder (`--out .`: by its name) or a URL
     try:
-        get_codec(cfg.codec)
+        get_codec(cfg.codec) if cfg.codec != AUTO else None
     except ValueError as exc:
         raise BuildError(f"--codec: {exc}") from None
+    if cfg.max_kl is not None and cfg.codec != AUTO:
+        raise BuildError(f"--max-kl picks the codec: pass --codec auto with it, not --codec {cfg.codec}")
     cfg.mix_params().check()
     d = init_distributed(device_kind(cfg.device))
     try:
@@ -77,7 +80,8 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     model = place(teacher.model, device)
     meta = cache_meta(cfg, teacher, amp, to_meta(recipe, origin), plan, views)
     classes = lambda: output_classes(model, recipe.size, device, f"teacher {cfg.teacher}")  # noqa: E731
-    lock, store = open_on_main(cfg, d, meta, classes, progress, plan_source)
+    measure = lambda layout: measure_codec(layout, cfg, model, recipe, meta, device, amp)  # noqa: E731
+    lock, store = open_on_main(cfg, d, meta, classes, measure, progress, plan_source)
     try:
         store = store or open_store(cfg.out, mode="r+")  # the other ranks open what rank 0 made
         source = cached_source(store, recipe=recipe, root=Path(cfg.data))
@@ -109,7 +113,9 @@ def warn_large_input(size: int, batch_size: int) -> None:
         )
 
 
-def open_on_main(cfg: BuildConfig, d: Dist, meta: dict, num_classes, progress: bool, plan_source: Store | None):
+def open_on_main(
+    cfg: BuildConfig, d: Dist, meta: dict, num_classes, measure, progress: bool, plan_source: Store | None
+):
     """(lock, store) on rank 0: --out checked, locked, and the cache resumed or created; (None, None) on the
     other ranks. A problem on rank 0 is raised on every rank (and releases the lock)."""
     lock, store, problem = None, None, None
@@ -118,7 +124,7 @@ def open_on_main(cfg: BuildConfig, d: Dist, meta: dict, num_classes, progress: b
         try:
             check_out(where, Path(cfg.data))
             lock = where.lock()
-            store = prepare_store(cfg, meta, num_classes, progress, plan_source)
+            store = prepare_store(cfg, meta, num_classes, progress, plan_source, measure)
         except OSError as exc:
             problem = BuildError(
                 f"--out {cfg.out}: {exc.strerror or exc}"
@@ -132,6 +138,36 @@ def open_on_main(cfg: BuildConfig, d: Dist, meta: dict, num_classes, progress: b
             lock.release()
         raise problem
     return lock, store
+
+
+def measure_codec(layout: Layout, cfg: BuildConfig, model, recipe, meta: dict, device, amp: str) -> tuple[str, dict]:
+    """(codec, its fidelity record): the teacher's logits of the first rows of view 0, as the build will compute
+    them, stored with --codec (or, for auto, with the smallest codec within --max-kl) and compared with their
+    exact values. One teacher pass over FIDELITY_ROWS images, once per cache."""
+    plan = layout.plans[0]
+    rows = min(FIDELITY_ROWS, len(layout.train.paths), cfg.shard_rows)
+    source = ReplaySource(
+        root=Path(cfg.data),
+        train=layout.train,
+        val=None,
+        val_boxes=None,
+        num_views=1,
+        num_classes=0,
+        recipe=recipe,
+        plan=lambda view: (plan.order, plan.box, plan.flip),
+        fingerprint="",
+        loader_kind=meta["plan"]["loader"],
+        mix=None if plan.mix is None else lambda view: plan.mix,
+    )
+    loader = source.loader(0, np.arange(rows), batch_size=cfg.batch_size, workers=cfg.workers, device=device)
+    try:
+        logits = np.concatenate([forward(model, batch.images, device, amp).cpu().numpy() for batch in loader])
+    except OSError as exc:  # an image that went missing or unreadable after the index pass
+        raise BuildError(
+            f"reading the images of view 0/{meta['views']} failed ({pipelines.read_error(exc)}): "
+            f"check {cfg.data}, then rerun the same command"
+        ) from None
+    return codec_fidelity(cfg.codec, logits, max_kl=cfg.max_kl, shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows)
 
 
 def fill_view(

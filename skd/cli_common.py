@@ -12,7 +12,7 @@ import click
 from click.core import ParameterSource
 
 from .errors import SkdError, Terminated
-from .objectstore import store_failure
+from .objectstore import StoreUnreachable, store_failure
 
 # how to continue a command stopped part way (Ctrl-C, SIGTERM, a failed object store): its work so far is kept
 CONTINUE_HINTS = {
@@ -30,7 +30,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SkdError as exc:
-            click.echo(f"error: {exc}", err=True)
+            hint = CONTINUE_HINTS.get(fn.__name__, "") if isinstance(exc, StoreUnreachable) else ""
+            click.echo(f"error: {exc}{hint}", err=True)
             sys.exit(2)
         except Exception as exc:  # an object store that failed inside zarr or zarrs
             failure = store_failure(exc)

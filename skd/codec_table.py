@@ -22,6 +22,10 @@ from .store import Store
 
 CANDIDATES = (*CODECS, "topk:10", "topk:100")
 ZSTD_LEVEL = 3  # the store's compression (skd.creation)
+AUTO = "auto"  # build --codec auto: the smallest candidate within --max-kl
+DEFAULT_MAX_KL = 1e-4  # --codec auto without --max-kl: int8's error is 1.2e-5, compact's 1.8e-4 (docs/codecs.md)
+FIDELITY_ROWS = 4096  # first rows of view 0 a build measures its codec on
+TEMPERATURE, MULTIPLIER = 4.0, 2.0  # the SKD recipe's T and m, at which a cache's codec fidelity is recorded
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,43 @@ def cache_codec_table(
         chunk_rows=int(store.meta["chunk_rows"]),
     )
     return rows, figures
+
+
+def codec_fidelity(
+    codec: str,
+    rows: np.ndarray,
+    *,
+    max_kl: float | None,
+    shard_rows: int,
+    chunk_rows: int,
+    reference: str = "the teacher's logits",
+) -> tuple[str, dict]:
+    """(codec, its fidelity record for the cache's attributes) on float32 rows (`reference`: what they are):
+    `codec`, or for "auto" the smallest candidate whose SKD KL is at most `max_kl` (fp32 when none is)."""
+    options = dict(temperature=TEMPERATURE, multiplier=MULTIPLIER, shard_rows=shard_rows, chunk_rows=chunk_rows)
+    if codec == AUTO:
+        limit = DEFAULT_MAX_KL if max_kl is None else max_kl
+        chosen = smallest_within(codec_table(rows, CANDIDATES, **options), limit)
+        figures = chosen or measure(get_codec("fp32"), rows, **options)
+        record = {"chosen_within_kl_skd": limit}
+    else:
+        figures, record = measure(get_codec(codec), rows, **options), {}
+    record.update(
+        reference=reference, rows=len(rows), temperature=TEMPERATURE, multiplier=MULTIPLIER, **figures.to_dict()
+    )
+    del record["codec"]
+    return figures.codec, record
+
+
+def fidelity_line(record: dict | None) -> str:
+    """The recorded fidelity of a cache's codec, in words (info, stats)."""
+    if not record:
+        return "fidelity not recorded (a cache built before skd measured it)"
+    return (
+        f"KL of the SKD target {record['kl_skd']:.2g} (T={record['temperature']:g}, m={record['multiplier']:g}), "
+        f"of the Hinton target {record['kl_hinton']:.2g}, top-1 agreement {record['top1_agreement']:.2%}, "
+        f"on the first {record['rows']:,} rows of view 0, against {record.get('reference', 'the teacher')}"
+    )
 
 
 def smallest_within(figures: Sequence[CodecFigures], max_kl: float) -> CodecFigures | None:

@@ -59,7 +59,8 @@ class BuildConfig(TeacherInput, MixOptions):
     views: int = 10
     image_size: int = 224
     batch_size: int = 256
-    codec: str = "int8"
+    codec: str = "int8"  # or "auto": the smallest codec within max_kl on the first rows (skd.codec_table)
+    max_kl: float | None = None  # with codec "auto": the SKD KL the chosen codec may lose (default 1e-4)
     amp: str = "auto"
     device: str = "auto"
     loader: str = "dali"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from .codec_table import fidelity_line
 from .mixing import MixParams, mix_summary, summary_line
 from .store import Store
 from .zarr_internals import codec_pipeline
@@ -53,6 +54,7 @@ def describe(store: Store) -> dict:
         },
         "plan": {k: plan.get(k) for k in ("seed", "image_size", "crop", "val_crop_fraction", "loader")},
         "codec": store.codec.name,
+        "codec_fidelity": meta.get("codec_fidelity"),
         "shard_rows": store.shard_rows,
         "chunk_rows": meta.get("chunk_rows"),
         "codec_pipeline": codec_pipeline(store.array("views/logits")),
@@ -102,6 +104,7 @@ def info_lines(info: dict) -> list[str]:
         f"{[round(r, 4) for r in crop.get('ratio', [])]}, flip {crop.get('flip_prob')}, loader {p['loader']}",
         f"mixing    {mixing_line(info['mixing'])}",
         f"codec     {info['codec']}, shards of {info['shard_rows']:,} rows, chunks of {info['chunk_rows']:,}",
+        f"          {fidelity_line(info['codec_fidelity'])}",
         f"reader    {reader_line(info['codec_pipeline'])}",
         f"views     {v['complete']} of {v['total']} complete, {v['shards_complete']} of {v['shards_total']} shards",
     ]

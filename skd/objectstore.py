@@ -34,6 +34,11 @@ class StoreError(SkdError):
     """A cache that cannot be used as asked: str(e) is one line naming the folder and what to do."""
 
 
+class StoreUnreachable(StoreError):
+    """The object store did not answer (no connection, a timeout): what was written stays, so the command that
+    met it continues where it stopped when rerun."""
+
+
 @dataclass(frozen=True)
 class ObjectPrefix:
     """A cache under `prefix` of `bucket`; str() is the URL to show (`root/prefix`, no secrets)."""
@@ -197,7 +202,7 @@ class ObjectPrefix:
                 "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN; "
                 "GOOGLE_*, AZURE_*) and their permissions on the bucket"
             )
-        return StoreError(
+        return StoreUnreachable(
             f"{self}: the object store {what} ({cause(exc)}): check the URL, the endpoint "
             "(AWS_ENDPOINT_URL, AWS_ALLOW_HTTP) and the network"
         )

@@ -17,6 +17,7 @@ import torchvision
 import zarr
 
 from . import __version__
+from .codec_table import AUTO
 from .config import BuildConfig
 from .creation import ViewPlans, create_store, grow_store
 from .errors import SkdError, SkdWarning
@@ -152,12 +153,15 @@ def check_out(where: Location, data: Path) -> None:
     )
 
 
-def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool, plan_source: Store | None) -> Store:
+def prepare_store(
+    cfg: BuildConfig, meta: dict, num_classes, progress: bool, plan_source: Store | None, measure_codec
+) -> Store:
     """Open the cache at cfg.out for resuming, or lay out its samples and plan (`plan_source`'s: the cache at
     --plan-from, opened once by the build) and create it.
 
     Refuses a cache built with different identity settings. `num_classes()` runs the teacher
-    once; it is called only after the dataset index found no bad image.
+    once; it is called only after the dataset index found no bad image. `measure_codec(layout)` runs the
+    teacher on the first rows of view 0: (the codec to store with, the record of its measured fidelity).
     """
     where = parse_location(cfg.out)
     if not where.is_empty() and not cfg.overwrite:
@@ -180,6 +184,7 @@ def prepare_store(cfg: BuildConfig, meta: dict, num_classes, progress: bool, pla
         )
     meta["teacher"]["num_classes"] = classes
     meta["dataset"].update(layout.dataset)
+    meta["codec"], meta["codec_fidelity"] = measure_codec(layout)
     if cfg.overwrite and not where.is_empty():
         where.remove_all()
     return create_store(
@@ -262,6 +267,8 @@ def _resume(out: Location, cfg: BuildConfig, meta: dict, plan_source: Store | No
             f"{out} was built with --no-val: pass --no-val to resume, or --overwrite to rebuild "
             "it with the validation logits"
         )
+    if meta["codec"] == AUTO:  # the codec a first run chose is the one to resume with
+        meta = {**meta, "codec": store.meta["codec"]}
     skipped = store.meta["dataset"].get("skipped", [])
     train_fp, val_fp = quick_fingerprints(Path(cfg.data), store.has_val, skipped)
     changed = differences(store.meta, {**meta, "dataset": {"fingerprint": train_fp, "val_fingerprint": val_fp}})

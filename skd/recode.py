@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .codec_table import FIDELITY_ROWS, codec_fidelity
 from .codecs import get_codec
 from .creation import ViewPlans, create_store
 from .errors import SkdError
@@ -48,6 +49,15 @@ def recode_cache(
         raise RecodeError(f"--out {out} is the source cache: write the recoded cache somewhere else")
     check_out(where, Path(source.meta["dataset"]["root"]))
     meta = recoded_meta(source, codec.name)
+    first = source.read_logits(0, 0, min(FIDELITY_ROWS, source.num_samples, source.shard_rows))
+    _, meta["codec_fidelity"] = codec_fidelity(
+        codec.name,
+        first,
+        max_kl=None,
+        shard_rows=source.shard_rows,
+        chunk_rows=int(source.meta["chunk_rows"]),
+        reference=f"the {source.codec.name} rows of {source.path}",
+    )
     lock = where.lock()
     try:
         store = resume(where, meta) if not where.is_empty() and not overwrite else create(where, source, meta)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .cached_logits import mean_row_std
+from .codec_table import fidelity_line
 from .errors import SkdError
 from .mixing import mix_summary, summary_line
 from .stats_rows import RowStats, stream_rows
@@ -247,7 +248,7 @@ def logit_stats(
         auto_multiplier=auto,
         consistency=consistency(preds),
         consistency_views=chosen if len(chosen) > 1 else [],
-        storage=store.storage(),
+        storage={**store.storage(), "codec": store.codec.name, "codec_fidelity": store.meta.get("codec_fidelity")},
         cache=str(store.path),
         classes=classes,
     )
@@ -296,6 +297,7 @@ def stats_lines(s: CacheStats) -> list[str]:
             f"storage: {st['bytes_per_row']:,.0f} B per row, compression {st['ratio_vs_fp32']:.2f}x vs "
             f"float32 rows, {st['ratio_vs_fp16']:.2f}x vs float16"
         )
+        lines.append(f"codec: {st['codec']}, {fidelity_line(st['codec_fidelity'])}")
     return lines
 
 

@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .cache import Cache, open_cache
 from .config import TrainConfig
-from .errors import SkdError
+from .errors import SkdError, SkdWarning
 from .loss import KDLoss
 from .pipelines import Recipe
 from .recipe import resolve
@@ -23,6 +23,7 @@ from .store import Store
 from .teachers import create_model, load_teacher, output_classes
 from .view_loader import check_shares
 
+SKD_KL_WARNING = 1e-3  # a cache's recorded SKD KL above this is worth a warning: int8 loses ~1e-5
 ONLINE_IMAGE_SIZE = 224  # the student's size in online mode unless --image-size says
 
 
@@ -100,6 +101,8 @@ def cached_run(cfg: TrainConfig) -> Run:
         cfg.caches(), weights=cfg.teacher_weights, kd=cfg.kd, data=cfg.data, views=cfg.views, val=cfg.val
     )
     warn_other_loader(cfg.loader, cache.stores[0])
+    if cfg.kd == "skd":
+        warn_lossy_codec(cache.stores)
     recipe = student_recipe(cfg.image_size or cache.image_size, cfg.mean, cfg.std)
     source = replace(cache.source, recipe=recipe, loader_kind=cfg.loader or cache.source.loader_kind)
     multiplier = cache.multiplier() if cfg.multiplier == "auto" else float(cfg.multiplier)
@@ -120,6 +123,20 @@ def cached_run(cfg: TrainConfig) -> Run:
     if cache.num_views < cache.stores[0].num_views:
         identity["views read"] = cache.num_views
     return Run(source, cache, cache.stores, cache.weights, None, None, multiplier, identity)
+
+
+def warn_lossy_codec(stores: list[Store]) -> None:
+    """One warning per cache whose codec loses more of the SKD target than SKD_KL_WARNING (its recorded figure)."""
+    for store in stores:
+        kl = (store.meta.get("codec_fidelity") or {}).get("kl_skd", 0.0)
+        if kl > SKD_KL_WARNING:
+            warnings.warn(
+                f"cache {store.path} stores {store.codec.name} rows whose SKD target is off by KL {kl:.2g} "
+                f"(int8: ~1e-5): the layer norm needs whole rows; use --kd hinton with it, or a cache built "
+                "with --codec int8 for SKD",
+                SkdWarning,
+                stacklevel=2,
+            )
 
 
 def online_run(cfg: TrainConfig, device: torch.device) -> Run:

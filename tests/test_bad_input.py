@@ -452,8 +452,8 @@ def test_weights_with_code_are_refused_and_never_run(tmp_path):
         ("train", ["--cache", "somewhere", "--bogus"], "'--bogus'"),
         (
             "train",
-            ["--cache", "somewhere", "--teacher-size", "64", "--views", "3"],
-            "--views, --teacher-size: online mode",
+            ["--cache", "somewhere", "--teacher-size", "64", "--plan-seed", "3"],
+            "--plan-seed, --teacher-size: online mode",
         ),
         ("train", ["--cache", "somewhere", "--resume", "--overwrite"], "--resume and --overwrite"),
     ],

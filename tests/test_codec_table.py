@@ -80,3 +80,54 @@ def test_codecs_prints_a_table_and_json_objects(fp32_cache):
     assert table.returncode == 0 and table.stdout.splitlines()[2].startswith("int8"), table.stdout
     bad = run("--codecs", "int4")
     assert bad.returncode == 2 and "unknown codec 'int4'" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_build_codec_auto_picks_the_smallest_codec_within_max_kl_and_records_it(
+    fp32_cache, image_root, teacher_file, tmp_path, in_process
+):
+    """--max-kl X: the codec with the fewest bytes per row whose SKD KL on the first rows of view 0 is at most X,
+    as the codec table of those exact rows (the fp32 cache's, same plan and teacher) says; info shows the figure."""
+    from conftest import small_build_config
+
+    from skd.build import build_cache
+    from skd.codec_table import CANDIDATES, codec_table
+
+    exact = open_store(fp32_cache).read_logits(0, 0, 8)  # the first shard of view 0: the rows measured
+    table = codec_table(exact, CANDIDATES, shard_rows=8, chunk_rows=4)
+    for max_kl in (1e-9, 1e-2):
+        out = tmp_path / f"auto{max_kl}"
+        build_cache(small_build_config(image_root, out, teacher_file, codec="auto", max_kl=max_kl, views=1))
+        store = open_store(out)
+        want = min((f for f in table if f.kl_skd <= max_kl), key=lambda f: f.bytes_per_row)
+        record = store.meta["codec_fidelity"]
+        assert store.codec.name == want.codec, f"--max-kl {max_kl}: chose {store.codec.name}, the table {want.codec}"
+        assert abs(record["kl_skd"] - want.kl_skd) <= 1e-6 * max(want.kl_skd, 1e-9) + 1e-12, (
+            f"recorded SKD KL {record['kl_skd']:.3g}, the table's {want.kl_skd:.3g}"
+        )
+        assert record["rows"] == 8 and record["chosen_within_kl_skd"] == max_kl, record
+    args = ["--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", tmp_path / "x"]
+    code, err = in_process("cache", "build", *args, "--max-kl", "1e-3", "--codec", "int8")
+    assert code == 2 and "--max-kl picks the codec" in err, err
+
+
+def test_info_shows_the_codec_fidelity_and_skd_train_warns_of_a_lossy_one(image_root, teacher_file, tmp_path):
+    """A top-1 cache of 3 classes loses most of the SKD target: info says so, skd-train --kd skd warns once."""
+    import warnings
+
+    from conftest import small_build_config
+    from test_train import base_config
+
+    from skd.build import build_cache
+    from skd.info import describe, info_lines
+    from skd.train import train
+
+    out = tmp_path / "top1"
+    build_cache(small_build_config(image_root, out, teacher_file, codec="topk:1", views=1))
+    kl = open_store(out).meta["codec_fidelity"]["kl_skd"]
+    text = "\n".join(info_lines(describe(open_store(out))))
+    assert kl > 1e-3 and f"KL of the SKD target {kl:.2g}" in text, f"SKD KL {kl:.3g}; info:\n{text}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(base_config(tmp_path / "run", cache=out, epochs=1, views=None, steps_per_epoch=1))
+    lossy = [str(w.message) for w in caught if "SKD target is off by KL" in str(w.message)]
+    assert len(lossy) == 1 and f"{kl:.2g}" in lossy[0], f"warnings: {[str(w.message)[:90] for w in caught]}"
