@@ -181,7 +181,7 @@ def test_a_topk_cache_stores_the_k_largest_and_every_reader_rebuilds_whole_rows(
     assert np.abs(decoded - want).max() < 1e-5, f"top-2 rows {np.abs(decoded - want).max():.3g} from the fp32 rows"
     batches = list(skd.open_cache(tmp_path / "top2").loader(1, batch_size=4, loader="torchvision", workers=0))
     assert torch.equal(torch.cat([b.logits for b in batches]), torch.from_numpy(decoded)), "the loader's rows differ"
-    for command in ("stats", "info"):
+    for command in ("stats", "info", "verify"):
         code, err = in_process("cache", command, tmp_path / "top2")
         assert code == 0, f"skd-cache {command} on a top-k cache: {err[-600:]}"
 
