@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .augment import AugmentParams
 from .codecs import get_codec
 from .errors import SkdError
 from .pipelines import INTERPOLATIONS
@@ -179,6 +180,18 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def augment_arrays(plan: dict) -> tuple[tuple[str, str, tuple], ...]:
+    """(name, dtype, shape of a row) of the plan arrays a plan's recorded augmentation adds (skd.augment): the
+    RandAugment ops and their arguments when `aa` is set, the erased boxes and fill values when `reprob` is."""
+    params = AugmentParams.from_dict(plan.get("augment") or {})
+    arrays = ()
+    if params.aa:
+        arrays += (("aug_op", "uint8", (params.layers,)), ("aug_magnitude", "float32", (params.layers,)))
+    if params.reprob > 0:
+        arrays += (("erase_box", "float32", (params.recount, 4)), ("erase_value", "float32", (params.recount, 3)))
+    return arrays
+
+
 def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tuple | None]]:
     """{name: (shape, dtype, shard shape or None)} of every array a cache with these attributes holds;
     dtype "str" for the path arrays."""
@@ -194,6 +207,7 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
         "views/mix_lambda": ((k, n), "float32", None),
         "views/mix_box": ((k, n, 4), "float32", None),
         "views/complete": ((k, -(-n // rows)), "uint8", None),
+        **{f"views/{name}": ((k, n, *row), dtype, None) for name, dtype, row in augment_arrays(meta["plan"])},
     }
     arrays.update({f"views/{name}": ((k, n, *row), dtype, (1, rows, *row)) for name, (row, dtype) in specs.items()})
     if has_val:
@@ -299,18 +313,35 @@ def _entry_stat(path: Path, root: Path, entry) -> tuple[int, int]:
 
 def check_files(path: Path) -> dict[str, int]:
     """Every entry under the cache passes `check_entry`. Returns {key: bytes} of the files, keys relative to
-    the cache (the listing the shard checks and storage figures use)."""
+    the cache (the listing the shard checks and storage figures use).
+
+    One lstat per entry through os.scandir and keys joined as strings: a cache of 1,000 ImageNet views has ~800k
+    files and folders. Links, and anything that is not a folder or a fit regular file, go through
+    `check_entry`, which follows the link or names what is wrong."""
     root = Path(os.path.realpath(path))
-    stack, files = [root], {}
+    stack, files = [(str(root), "")], {}
     while stack:
-        with os.scandir(stack.pop()) as entries:
+        folder, under = stack.pop()
+        with os.scandir(folder) as entries:
             for entry in entries:
-                mode, size = check_entry(path, root, entry.path)
-                if not stat.S_ISDIR(mode):
-                    files[Path(entry.path).relative_to(root).as_posix()] = size
-                elif not entry.is_symlink():
-                    stack.append(Path(entry.path))
+                key = under + entry.name
+                try:
+                    info = None if entry.is_symlink() else entry.stat(follow_symlinks=False)
+                except OSError:
+                    info = None
+                if info is not None and stat.S_ISDIR(info.st_mode):
+                    stack.append((entry.path, key + "/"))
+                elif info is not None and stat.S_ISREG(info.st_mode) and not _oversized(entry.name, info.st_size):
+                    files[key] = info.st_size
+                else:
+                    mode, size = check_entry(path, root, entry.path)  # a link followed (not into), or an error
+                    if not stat.S_ISDIR(mode):
+                        files[key] = size
     return files
+
+
+def _oversized(name: str, size: int) -> bool:
+    return name == "zarr.json" and size > MAX_METADATA_BYTES
 
 
 def check_entry(path: Path, root: Path, entry) -> tuple[int, int]:
@@ -322,7 +353,7 @@ def check_entry(path: Path, root: Path, entry) -> tuple[int, int]:
         return mode, size
     if not stat.S_ISREG(mode):
         raise SchemaError(rebuild(f"cache {path}: {entry} is not a regular file ({_kind(mode)})"))
-    if os.path.basename(entry) == "zarr.json" and size > MAX_METADATA_BYTES:
+    if _oversized(os.path.basename(entry), size):
         raise SchemaError(
             rebuild(f"cache {path}: {entry} has {size} bytes, more than zarr metadata's {MAX_METADATA_BYTES}")
         )
@@ -341,11 +372,15 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
-def samples_sha256(paths, labels, sizes) -> str:
-    """sha256 of one `path<TAB>label<TAB>height<TAB>width` line per sample, in sample-id order."""
+def samples_sha256(paths, labels, sizes, block: int = 1 << 16) -> str:
+    """sha256 of one `path<TAB>label<TAB>height<TAB>width` line per sample, in sample-id order; the lines of
+    `block` samples joined and hashed at once (1.28M samples: 0.4 s, was 1.7 s a line at a time)."""
     h = hashlib.sha256()
-    for path, label, (height, width) in zip(paths, np.asarray(labels).tolist(), np.asarray(sizes).tolist()):
-        h.update(f"{path}\t{label}\t{height}\t{width}\n".encode("utf-8", "surrogateescape"))
+    labels, sizes, line = np.asarray(labels), np.asarray(sizes), "{}\t{}\t{}\t{}\n".format
+    for a in range(0, len(labels), block):
+        b = a + block
+        text = "".join(map(line, paths[a:b], labels[a:b].tolist(), sizes[a:b, 0].tolist(), sizes[a:b, 1].tolist()))
+        h.update(text.encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -366,3 +401,13 @@ def check_relative_path(path: str, cache) -> None:
             f"{cache}: sample path {path!r} is absolute or leaves the dataset root; "
             "refusing to open files from this cache: rebuild or re-download it"
         )
+
+
+def check_relative_paths(paths: list[str], cache) -> None:
+    """`check_relative_path` for every path at once: one search of the paths joined by newlines for what any of
+    the tests looks for (a path with a newline of its own may be tested one by one for nothing; none is missed);
+    the paths are then tested one by one only where it finds something, to name the first offender."""
+    text = "\n" + "\n".join(paths) + "\n"
+    if any(mark in text for mark in ("\n/", "\\", "\n..\n", "\n../", "/..\n", "/../")):
+        for path in paths:
+            check_relative_path(path, cache)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -19,12 +20,14 @@ import numpy as np
 import zarr
 import zarr.storage
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
+from .augment import AugmentParams
 from .codecs import Codec, Encoded, get_codec
 from .index import Split
 from .location import Location, parse_location
 from .objectstore import StoreError, scrub
-from .schema import check_arrays, check_meta, check_relative_path, samples_sha256
+from .schema import augment_arrays, check_arrays, check_meta, check_relative_paths, samples_sha256
 from .zarr_internals import zarr_writes, zarrs_reads
 
 ATTR_KEY = "skd"
@@ -109,9 +112,8 @@ class Store:
     def split(self, name: str = "samples") -> Split:
         """Paths, labels and sizes of the training samples (`samples`) or of `val`, read and checked once."""
         if name not in self._splits:
-            paths = [str(p) for p in self._read(f"{name}/path")]
-            for p in paths:
-                check_relative_path(p, self.path)
+            paths = list(map(str, self._read(f"{name}/path")))
+            check_relative_paths(paths, self.path)
             self._splits[name] = Split(
                 paths, self._read(f"{name}/label").astype(np.int64), self._read(f"{name}/size").astype(np.int64)
             )
@@ -146,6 +148,29 @@ class Store:
         ):
             raise self._bad_plan(f"views/mix_lambda or views/mix_box of view {view} hold values outside [0, 1]")
         return lam, box
+
+    def view_augment(self, view: int) -> dict[str, np.ndarray] | None:
+        """The recorded RandAugment ops and erasing of one view by position (skd.augment's arrays: aug_op,
+        aug_magnitude, erase_box, erase_value, those the plan has), or None when it records none."""
+        names = [name for name, _, _ in augment_arrays(self.meta["plan"])]
+        if not names:
+            return None
+        arrays = {name: self._read(f"views/{name}", view) for name in names}
+        if "aug_op" in arrays and arrays["aug_op"].max(initial=0) >= len(self.augment_params.ops):
+            raise self._bad_plan(
+                f"views/aug_op of view {view} names ops beyond plan.augment's {self.augment_params.ops}"
+            )
+        boxes = arrays.get("erase_box")
+        if boxes is not None and not (
+            np.isfinite(boxes).all() and 0 <= boxes.min(initial=0) and boxes.max(initial=0) <= 1
+        ):
+            raise self._bad_plan(f"views/erase_box of view {view} holds values outside [0, 1]")
+        return arrays
+
+    @property
+    def augment_params(self) -> AugmentParams:
+        """The plan's recorded RandAugment and erasing options (off for a plan that records none)."""
+        return AugmentParams.from_dict(self.meta["plan"].get("augment") or {})
 
     def _bad_plan(self, what: str) -> StoreError:
         return StoreError(f"cache {self.path}: {what}: rebuild or re-download it")
@@ -189,10 +214,8 @@ class Store:
             self._done = {}
         if view not in self._done:
             array, prefix = self.array("val/complete" if view == VAL else "views/complete"), self._prefix(view)
-            base = array.store_path.path
-            encode = array.metadata.encode_chunk_key
-            shards = self.num_shards(self.part_rows(view))
-            self._done[view] = np.array([f"{base}/{encode(prefix + (j,))}" in listed for j in range(shards)], bool)
+            keys = chunk_keys(array, prefix, range(self.num_shards(self.part_rows(view))))
+            self._done[view] = np.array([key in listed for key in keys], bool)
         return self._done[view]
 
     def is_complete(self) -> bool:
@@ -211,10 +234,19 @@ class Store:
         """{part: shards} recorded complete whose files are not in the listing (a half-done copy, a deleted
         object): every shard is written whole, so they are damage a rerun of the build rewrites."""
         lost: dict[View, list[int]] = {}
-        for view, shard, _, _ in self.complete_ranges():
-            if self.missing_shard_files(view, shard):
+        listed = self.listing()
+        for view, shard, keys in self._complete_shard_keys():
+            if any(key not in listed for key in keys):
                 lost.setdefault(view, []).append(shard)
         return lost
+
+    def _complete_shard_keys(self) -> Iterator[tuple[View, int, tuple[str, ...]]]:
+        """(part, shard, the keys of its files) of every complete shard, the views' first, then val's."""
+        for view in self.parts():
+            done = np.flatnonzero(self.part_complete(view)).tolist()
+            arrays, prefix = self._logit_arrays(view)
+            for shard, *keys in zip(done, *(shard_keys(array, prefix, done) for array in arrays)):
+                yield view, shard, tuple(keys)
 
     # -- logits ----------------------------------------------------------------------------
     def _logit_group(self, view: View) -> tuple[zarr.Group, tuple]:
@@ -245,7 +277,7 @@ class Store:
                 self._flag_arrays[name] = self.group[name]
         flags = self._flag_arrays[name]
         flags[self._prefix(view) + (shard,)] = 1
-        self._listed_put(f"{flags.store_path.path}/{flags.metadata.encode_chunk_key(self._prefix(view) + (shard,))}", 1)
+        self._listed_put(chunk_keys(flags, self._prefix(view), [shard])[0], 1)
         if self._done is not None and view in self._done:
             self._done[view][shard] = True
 
@@ -313,9 +345,8 @@ class Store:
     def logit_bytes(self) -> int:
         """Bytes of the complete shards' logits (and scale and offset for the affine codecs), views and val:
         the same rows as `rows_written`, so an unfinished cache's bytes per row are right too."""
-        keys = [k for view, shard, _, _ in self.complete_ranges() for k in self.shard_keys(view, shard)]
         listed = self.listing()
-        return sum(listed.get(k, 0) for k in keys)
+        return sum(listed.get(key, 0) for _, _, keys in self._complete_shard_keys() for key in keys)
 
     def storage(self) -> dict:
         """Bytes of logits per written row and the compression ratios against raw float32 and float16 rows."""
@@ -343,8 +374,23 @@ def as_os_error(exc: RuntimeError, file: Path) -> Exception:
 
 def shard_key(array: zarr.Array, prefix: tuple, shard: int) -> str:
     """The key (relative to the cache) of shard `shard` (along rows) of a logits, scale or offset array."""
-    coords = prefix + (shard,) + (0,) * (array.ndim - len(prefix) - 1)
-    return f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}"
+    return shard_keys(array, prefix, [shard])[0]
+
+
+def shard_keys(array: zarr.Array, prefix: tuple, shards: Iterable[int]) -> list[str]:
+    """The keys of several shards (along rows) of a logits, scale or offset array."""
+    return chunk_keys(array, prefix, shards, (0,) * (array.ndim - len(prefix) - 1))
+
+
+def chunk_keys(array: zarr.Array, prefix: tuple, indexes: Iterable[int], suffix: tuple = ()) -> list[str]:
+    """The keys (relative to the cache) of the chunks (or shards) of `array` at `prefix + (i,) + suffix` for each i:
+    joined here where the array has zarr's default keys (`c/i/j`), else by zarr per key (~3 us each; a cache of
+    1,000 ImageNet views has ~300k shard and flag keys)."""
+    path, encoding = array.store_path.path, array.metadata.chunk_key_encoding
+    if isinstance(encoding, DefaultChunkKeyEncoding) and encoding.separator == "/":
+        head, tail = f"{path}/c/" + "".join(f"{c}/" for c in prefix), "".join(f"/{c}" for c in suffix)
+        return [f"{head}{i}{tail}" for i in indexes]
+    return [f"{path}/{array.metadata.encode_chunk_key(prefix + (i,) + suffix)}" for i in indexes]
 
 
 def encode_shard(array: zarr.Array, selection: tuple, data: np.ndarray) -> bytes:

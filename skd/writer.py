@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import SkdError, fault
 from .locks import FolderLock, Lease
+from .objectstore import StoreError
 from .store import Store, View, part_name
 
 
@@ -102,6 +103,8 @@ class ShardWriter:
                 f"({exc.strerror or exc}): free space or fix the disk, then rerun the same "
                 "command to resume"
             ) from None
+        except StoreError as exc:  # an object store that refused the shard's PUT or could not be reached
+            raise WriteError(f"{exc}, then rerun the same command to resume") from None
         self.shards_written += 1
         fault("after-shard", self.shards_written)
 
