@@ -5,7 +5,7 @@ An id is a sample id (order, crop windows, flips) or a pair index (mixing). Ids 
 by (seed, view, stream) with its counter starting at block b. A value therefore depends on its id only,
 never on which other ids are drawn with it: planning all samples at once, in pieces, per batch or per
 process gives the same numbers, and no library's global generator is touched. Any distribution numpy's
-Generator offers is drawn this way (uniforms, Beta), one block of values at a time.
+Generator offers is drawn this way (uniforms, Beta, standard normals), one block of values at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ MIX_CHOICE = 32  # per pair: (mixed at all?, CutMix rather than MixUp?)
 CUTMIX_CENTRE = 33  # per pair: CutMix box centre (y, x) as fractions of the view
 MIXUP_LAMBDA = 34  # per pair: MixUp's Beta(alpha, alpha) lambda
 CUTMIX_LAMBDA = 35  # per pair: CutMix's Beta(alpha, alpha) lambda
+AUG_OP = 40  # RandAugment, per sample and layer: (which op, applied?, negated?, uniform level for mstd > 100)
+AUG_LEVEL = 41  # RandAugment, per sample and layer: the standard normal of the magnitude noise
+ERASE = 42  # random erasing, per sample: (erased at all?, how many boxes)
+ERASE_VALUE = 43  # random erasing 'rand', per sample, box and channel: the standard normal fill
+ERASE_TRY = 44  # random erasing try t draws stream ERASE_TRY + t (10 tries, up to 53): (area, log-ratio, y, x) per box
 
 
 def _generator(seed: int, view: int, stream: int, block: int) -> np.random.Generator:
@@ -68,3 +73,9 @@ def uniform(seed: int, view: int, stream: int, ids: np.ndarray, count: int | Non
 def beta(seed: int, view: int, stream: int, ids: np.ndarray, alpha: float) -> np.ndarray:
     """Beta(alpha, alpha) for each id, shape (n,)."""
     return _by_id(seed, view, stream, ids, lambda g, out: np.copyto(out, g.beta(alpha, alpha, BLOCK)), ())
+
+
+def normal(seed: int, view: int, stream: int, ids: np.ndarray, count: int | None = None) -> np.ndarray:
+    """Standard normal floats for each id: shape (n,), or (n, count) when each id needs `count` values."""
+    per_id = () if count is None else (count,)
+    return _by_id(seed, view, stream, ids, lambda g, out: g.standard_normal(out=out), per_id)
