@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -130,6 +131,12 @@ class Batch:
     mix_lambda: torch.Tensor | None = None  # (B,) weight of each row's own image once mixed (skd.mixed_loader)
 
 
+class PixelOps(Protocol):
+    """Item i's 8-bit (3, S, S) view -> the same after per-item pixel operations (uint8, same shape)."""
+
+    def __call__(self, index: int, image: torch.Tensor) -> torch.Tensor: ...
+
+
 class DecodeError(OSError):
     """An image the loader cannot decode (an OSError, as an unreadable file is): one line naming the batch."""
 
@@ -197,6 +204,7 @@ def make_loader(
     std: Sequence[float] = IMAGENET_STD,
     interpolation: str = "bilinear",
     dali: DaliOptions | None = None,
+    pixel_ops: PixelOps | None = None,
 ) -> Iterable[Batch]:
     """Batches of the given views, in the given order, the short last batch included.
 
@@ -205,6 +213,8 @@ def make_loader(
     labels: (M,); positions: (M,) int64 ids handed back with each item. The result has
     `len()` = number of batches. An item's tensor does not depend on batch_size or workers (nor, on a GPU
     with hw_decoder_load 0, on the batch slot). dali: how DALI decodes (default: this process's `dali_options()`).
+    pixel_ops(i, image): what item i's 8-bit (3, S, S) view becomes after the flip, before normalisation (the
+    plan's recorded RandAugment ops); it must be picklable, for the torchvision loader's worker processes.
     """
     if kind not in LOADERS:
         raise ValueError(f"unknown loader {kind!r}; choose one of {', '.join(LOADERS)}")
@@ -223,6 +233,7 @@ def make_loader(
         mean=tuple(mean),
         std=tuple(std),
         interpolation=interpolation,
+        pixel_ops=pixel_ops,
     )
     if kind == "torchvision":
         from .torchvision_pipeline import TorchvisionLoader

@@ -22,7 +22,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from . import Batch, DaliOptions, DecodeError, Items
+from . import Batch, DaliOptions, DecodeError, Items, PixelOps
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 DEFAULT_READ_AHEAD = 3  # batches of files read ahead of the one DALI asks for
@@ -86,6 +86,7 @@ class DaliLoader:
         std: Sequence[float],
         interpolation: str,
         dali: DaliOptions,
+        pixel_ops: PixelOps | None = None,
     ):
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"the DALI loader runs on cpu or cuda, not {device}")
@@ -94,6 +95,7 @@ class DaliLoader:
         self.items, self.image_size, self.batch_size = items, image_size, batch_size
         self.threads, self.device, self.dali = max(1, workers), device, dali
         self.mean, self.std = [255 * m for m in mean], [255 * s for s in std]
+        self.pixel_ops = pixel_ops  # applied in torch to DALI's 8-bit views, then normalised in torch
         self.interp = INTERP[interpolation]
         self.batches = math.ceil(len(items) / batch_size)
         self.reader: FileReader | None = None
@@ -151,6 +153,8 @@ class DaliLoader:
             encoded, anchor, shape, flip = fn.external_source(feed, num_outputs=4, batch=True, batch_info=True)
             images = self._windows(encoded, anchor, shape)
             images = fn.resize(images, size=[self.image_size, self.image_size], interp_type=self.interp, antialias=True)
+            if self.pixel_ops is not None:  # 8-bit views: the ops come next, in torch
+                return fn.crop_mirror_normalize(images, mirror=flip, output_layout="CHW", dtype=types.UINT8)
             return fn.crop_mirror_normalize(
                 images, mirror=flip, mean=self.mean, std=self.std, output_layout="CHW", dtype=types.FLOAT
             )
@@ -168,7 +172,7 @@ class DaliLoader:
 
             check_roi_decoder(self.device.index)
         key = (self.batch_size, self.threads, str(self.device), self.image_size, self.interp, *self.mean, *self.std)
-        key += (self.dali,)
+        key += (self.dali, self.pixel_ops is not None)
         pipe, feed = _idle.pop(key, None) or self._pipeline()
         feed.loader = self
         self.reader = FileReader(self.items.files, self.batch_size, min(8, max(2, self.threads)))
@@ -202,15 +206,24 @@ class DaliLoader:
                     + (f"--dali-decode {other} decodes otherwise, " if other else "")
                     + "--loader torchvision decodes with PIL"
                 ) from error
-            images = torch.empty(
-                (stop - start, 3, self.image_size, self.image_size), dtype=torch.float32, device=self.device
-            )
+            dtype = torch.float32 if self.pixel_ops is None else torch.uint8
+            images = torch.empty((stop - start, 3, self.image_size, self.image_size), dtype=dtype, device=self.device)
             feed_ndarray(output.as_tensor(), images, cuda_stream=stream)
+            if self.pixel_ops is not None:
+                images = self._after_ops(images, start)
             yield Batch(
                 images=images,
                 labels=torch.tensor(self.items.labels[start:stop]).to(self.device, non_blocking=True),
                 positions=torch.tensor(self.items.positions[start:stop]),
             )
+
+    def _after_ops(self, views: torch.Tensor, start: int) -> torch.Tensor:
+        """8-bit views through each item's pixel ops, then normalised as crop_mirror_normalize does."""
+        for row in range(len(views)):
+            views[row] = self.pixel_ops(start + row, views[row])
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=views.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=views.device).view(1, 3, 1, 1)
+        return (views.float() - mean) / std
 
 
 def _reason(error: RuntimeError) -> str:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from skd.errors import SkdWarning
 
-from . import Batch, Items, exif_orientation
+from . import Batch, Items, PixelOps, exif_orientation
 
 RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 _NAMED_OVERSIZED: set[str] = set()  # images this process has warned about (one warning per image, not per view)
@@ -31,7 +31,12 @@ def load_view(
     std: Sequence[float],
     interpolation: str = "bilinear",
 ) -> torch.Tensor:
-    """One view as a normalised (3, S, S) float32 tensor.
+    """One view as a normalised (3, S, S) float32 tensor (`load_window`, then `normalize`)."""
+    return normalize(load_window(path, box, flip, image_size, interpolation), mean, std)
+
+
+def load_window(path: str, box: Sequence[int], flip: bool, image_size: int, interpolation: str) -> torch.Tensor:
+    """One view as an 8-bit (3, S, S) tensor: the window cropped, resized and mirrored where recorded.
 
     `box` is (y, x, h, w) in the EXIF-rotated frame, the frame DALI's decoders produce.
     PIL's BILINEAR resize filters with a support scaled to the downscale factor (antialiased),
@@ -47,9 +52,12 @@ def load_view(
         )
     view = image.crop((x, y, x + w, y + h)).resize((image_size, image_size), RESAMPLING[interpolation])
     tensor = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
-    if flip:
-        tensor = tensor.flip(-1)
-    tensor = tensor.to(torch.float32).div_(255)
+    return tensor.flip(-1) if flip else tensor
+
+
+def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """An 8-bit (3, S, S) image as float32, scaled to [0, 1], minus `mean`, over `std`."""
+    tensor = image.to(torch.float32).div_(255)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)
@@ -90,25 +98,27 @@ def _rgb(image: Image.Image) -> Image.Image:
 class WindowDataset(Dataset):
     """Item i = (view tensor, label, position) of the i-th entry of `items`."""
 
-    def __init__(self, items: Items, image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str):
+    def __init__(
+        self,
+        items: Items,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str,
+        pixel_ops: PixelOps | None = None,
+    ):
         self.items, self.image_size, self.mean, self.std = items, image_size, mean, std
-        self.interpolation = interpolation
+        self.interpolation, self.pixel_ops = interpolation, pixel_ops
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         items = self.items
-        image = load_view(
-            items.files[i],
-            items.boxes[i],
-            bool(items.flips[i]),
-            self.image_size,
-            self.mean,
-            self.std,
-            self.interpolation,
-        )
-        return image, int(items.labels[i]), int(items.positions[i])
+        image = load_window(items.files[i], items.boxes[i], bool(items.flips[i]), self.image_size, self.interpolation)
+        if self.pixel_ops is not None:
+            image = self.pixel_ops(i, image)
+        return normalize(image, self.mean, self.std), int(items.labels[i]), int(items.positions[i])
 
 
 class TorchvisionLoader:
@@ -125,10 +135,11 @@ class TorchvisionLoader:
         mean: Sequence[float],
         std: Sequence[float],
         interpolation: str,
+        pixel_ops: PixelOps | None = None,
     ):
         self.device = device
         self.batches = math.ceil(len(items) / batch_size)
-        dataset = WindowDataset(items, image_size, mean, std, interpolation)
+        dataset = WindowDataset(items, image_size, mean, std, interpolation, pixel_ops)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,

@@ -55,6 +55,7 @@ def build_cache(cfg: BuildConfig, *, progress: bool = False) -> BuildSummary:
     if cfg.max_kl is not None and cfg.codec != AUTO:
         raise BuildError(f"--max-kl picks the codec: pass --codec auto with it, not --codec {cfg.codec}")
     cfg.mix_params().check()
+    cfg.augment_params().check()
     d = init_distributed(device_kind(cfg.device))
     try:
         return _build(cfg, d, progress=progress and d.main)

@@ -12,6 +12,7 @@ from . import __version__
 from .cli_common import (
     NON_NEGATIVE,
     POSITIVE,
+    augment_options,
     data_root,
     mix_options,
     options_given,
@@ -24,7 +25,21 @@ from .codecs import CODECS
 from .config import BuildConfig
 
 # The options of a cache's plan: --plan-from takes them all from another cache.
-PLAN_OPTIONS = ("views", "image_size", "seed", "loader", "val", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob")
+PLAN_OPTIONS = (
+    "views",
+    "image_size",
+    "seed",
+    "loader",
+    "val",
+    "mixup",
+    "cutmix",
+    "mixup_prob",
+    "mixup_switch_prob",
+    "aa",
+    "reprob",
+    "remode",
+    "recount",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,6 +94,7 @@ def _codec_names(value: str) -> list[str]:
 )
 @teacher_input_options
 @mix_options
+@augment_options
 @click.option("--batch-size", default=B.batch_size, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--codec",

@@ -137,6 +137,27 @@ MIX_OPTIONS = [
 ]
 
 
+AUGMENT_OPTIONS = [
+    click.option(
+        "--aa",
+        default=None,
+        help="RandAugment as timm writes it, e.g. rand-m9-n2-mstd0.5-inc1 (recorded per image: teacher and student "
+        "see the same ops)",
+    ),
+    click.option("--reprob", default=0.0, show_default=True, type=PROBABILITY, help="random erasing probability"),
+    click.option(
+        "--remode",
+        default="const",
+        show_default=True,
+        type=click.Choice(["const", "rand", "pixel"]),
+        help="erased pixels: const (0 after normalisation) or rand (recorded per-channel values)",
+    ),
+    click.option(
+        "--recount", default=1, show_default=True, type=click.IntRange(min=1), help="at most this many erased boxes"
+    ),
+]
+
+
 def _with_options(command, options: list):
     """Apply click options to a command so that --help lists them in the given order."""
     for option in reversed(options):
@@ -152,6 +173,11 @@ def teacher_input_options(command):
 def mix_options(command):
     """--mixup, --cutmix, --mixup-prob, --mixup-switch-prob: timm's names and meanings (skd/mixing.py)."""
     return _with_options(command, MIX_OPTIONS)
+
+
+def augment_options(command):
+    """--aa, --reprob, --remode, --recount: timm's names and meanings (skd/augment.py)."""
+    return _with_options(command, AUGMENT_OPTIONS)
 
 
 def options_given(names: tuple[str, ...]) -> list[str]:

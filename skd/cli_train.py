@@ -11,6 +11,7 @@ from . import __version__
 from .cli_common import (
     NON_NEGATIVE,
     POSITIVE,
+    augment_options,
     data_root,
     mix_options,
     options_given,
@@ -33,6 +34,10 @@ ONLINE_ONLY_OPTIONS = (
     "cutmix",
     "mixup_prob",
     "mixup_switch_prob",
+    "aa",
+    "reprob",
+    "remode",
+    "recount",
 )
 
 
@@ -173,6 +178,7 @@ T = TrainConfig  # option defaults come from the config, declared once
 )
 @teacher_input_options
 @mix_options
+@augment_options
 @click.option(
     "--views",
     default=T.views,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .augment import AugmentParams
 from .mixing import MixParams
 from .pipelines import IMAGENET_MEAN, IMAGENET_STD
 from .plan import CropParams
@@ -48,8 +49,21 @@ class MixOptions:
         )
 
 
+@dataclass(kw_only=True)
+class AugmentOptions:
+    """RandAugment and random erasing recorded in the plan, timm's option names and meanings (skd/augment.py)."""
+
+    aa: str | None = None  # RandAugment, e.g. rand-m9-n2-mstd0.5-inc1; None: off
+    reprob: float = 0.0  # random erasing probability; 0: off
+    remode: str = "const"  # const (0 in the normalised image) or rand (recorded per-channel values)
+    recount: int = 1  # at most this many erased boxes per image
+
+    def augment_params(self) -> AugmentParams:
+        return AugmentParams(aa=self.aa, reprob=self.reprob, remode=self.remode, recount=self.recount)
+
+
 @dataclass
-class BuildConfig(TeacherInput, MixOptions):
+class BuildConfig(TeacherInput, MixOptions, AugmentOptions):
     """Everything `skd-cache build` takes; the plan-, teacher- and data-defining fields are recorded."""
 
     teacher: str
@@ -80,7 +94,7 @@ ONLINE_VIEWS = 10
 
 
 @dataclass
-class TrainConfig(TeacherInput, MixOptions):
+class TrainConfig(TeacherInput, MixOptions, AugmentOptions):
     """Everything `skd-train` takes (the teacher-input and mixing options: online mode only)."""
 
     cache: Path | list[Path] | None = None  # one cache, or several built on one plan (an ensemble)

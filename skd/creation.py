@@ -19,7 +19,7 @@ from .errors import fault
 from .index import Split
 from .location import Location, parse_location
 from .plan import PlanId, ViewPlan
-from .schema import check_meta, expected_arrays, samples_sha256
+from .schema import augment_arrays, check_meta, expected_arrays, samples_sha256
 from .store import ATTR_KEY, CREATING_KEY, Store
 
 
@@ -120,10 +120,11 @@ def create_store(
     val_boxes = None if val is None else np.asarray(val_boxes, np.int32)
     plan_id = PlanId(hashes["samples_sha256"], hashes["val_sha256"], params, val_boxes)
     shard = min(shard_rows, n)
-    for name, dtype, row in PLAN_ARRAYS:
+    arrays = plan_arrays(meta["plan"])
+    for name, dtype, row in arrays:
         _create(group, f"views/{name}", shape=(k, n, *row), dtype=dtype, chunks=(1, shard, *row))
     for view, plan in enumerate(plans):
-        _write_view(group, view, plan, plan_id)
+        _write_view(group, view, plan, plan_id, arrays)
     _logit_arrays(group, "views", (k,), n, num_classes, codec, shard_rows, chunk_rows)
     if val is not None:
         _write_split(group, "val", val, chunk_rows)
@@ -144,14 +145,22 @@ PLAN_ARRAYS = (
 )
 
 
-def _write_view(group: zarr.Group, view: int, plan: ViewPlan, plan_id: PlanId) -> None:
-    """Write one view's plan arrays (a view without mixing: every row unmixed) and extend the plan's id by them."""
+def plan_arrays(plan: dict) -> tuple[tuple[str, str, tuple], ...]:
+    """The plan arrays of a view of this plan: PLAN_ARRAYS, then those of its recorded augmentation, if any."""
+    return PLAN_ARRAYS + augment_arrays(plan)
+
+
+def _write_view(group: zarr.Group, view: int, plan: ViewPlan, plan_id: PlanId, arrays: tuple) -> None:
+    """Write one view's plan arrays `arrays` (a view without mixing: every row unmixed) and extend the plan's id by
+    them, in that order."""
     n = len(plan.order)
     mix = plan.mix or (np.ones(n, np.float32), np.zeros((n, 4), np.float32))
-    arrays = [np.asarray(v, dtype) for (_, dtype, _), v in zip(PLAN_ARRAYS, (plan.order, plan.box, plan.flip, *mix))]
-    for (name, _, _), values in zip(PLAN_ARRAYS, arrays):
-        group[f"views/{name}"][view] = values
-    plan_id.add_view(arrays)
+    values = {"order": plan.order, "box": plan.box, "flip": plan.flip, "mix_lambda": mix[0], "mix_box": mix[1]}
+    values.update(plan.augment or {})
+    written = [np.asarray(values[name], dtype) for name, dtype, _ in arrays]
+    for (name, _, _), array in zip(arrays, written):
+        group[f"views/{name}"][view] = array
+    plan_id.add_view(written)
 
 
 def grow_store(store: Store, views: int, plans: Sequence[ViewPlan], check_id: Callable[[str], None] = None) -> None:
@@ -171,7 +180,7 @@ def grow_store(store: Store, views: int, plans: Sequence[ViewPlan], check_id: Ca
             array.resize((views, *array.shape[1:]))
     plan_id = PlanId.extending(meta["plan"]["id"])
     for view in range(old, views):
-        _write_view(group, view, plans[view], plan_id)
+        _write_view(group, view, plans[view], plan_id, plan_arrays(meta["plan"]))
         fault("grow-view", view - old + 1)  # a kill here: the attributes still say `old` views
     meta.pop("growing", None)
     if views > old:

@@ -45,6 +45,7 @@ class ViewPlan:
     box: np.ndarray  # (N, 4) int32
     flip: np.ndarray  # (N,) uint8
     mix: tuple[np.ndarray, np.ndarray] | None = None  # (mix_lambda, mix_box) by position when mixed (skd.mixing)
+    augment: dict[str, np.ndarray] | None = None  # aug_op, aug_magnitude, erase_box, erase_value by position
 
 
 def _randint(u: np.ndarray, high: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from .errors import SkdError, SkdWarning
 from .index import Split, index_dataset, quick_fingerprints
 from .location import Location, parse_location
 from .mixing import MixParams
-from .plan import VAL_CROP_FRACTION, ViewPlan, center_boxes
+from .plan import VAL_CROP_FRACTION, center_boxes
 from .replay import planned_view
 from .schema import FORMAT_VERSION, MAX_VIEWS
 from .store import Store, cache_state, open_store
@@ -53,6 +53,7 @@ IDENTITY = {
     "image-size": ("plan", "image_size"),
     "crop": ("plan", "crop"),
     "mixing": ("plan", "mix"),
+    "augmentation": ("plan", "augment"),
     "loader": ("plan", "loader"),
     "codec": ("codec",),
     "views": ("views",),
@@ -100,6 +101,7 @@ def recorded_plan(cfg: BuildConfig, source: Store | None) -> tuple[dict, int]:
         "val_crop_fraction": VAL_CROP_FRACTION,
         "loader": cfg.loader,
         "mix": cfg.mix_params().to_dict(),
+        **({"augment": cfg.augment_params().to_dict()} if cfg.augment_params().enabled else {}),
     }, cfg.views
 
 
@@ -216,8 +218,10 @@ def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
         cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress, on_bad=cfg.on_bad_image
     )
     mix = cfg.mix_params()
+    augment = cfg.augment_params()
     plans = ViewPlans(
-        cfg.views, lambda view: planned_view(cfg.seed, view, index.train.sizes, cfg.crop, mix, cfg.image_size)
+        cfg.views,
+        lambda view: planned_view(cfg.seed, view, index.train.sizes, cfg.crop, mix, cfg.image_size, augment),
     )
     return Layout(
         train=index.train,
@@ -245,7 +249,7 @@ def copied_layout(cfg: BuildConfig, source: Store) -> Layout:
             f"the images under {cfg.data} differ from those --plan-from {cfg.plan_from} was built on "
             "(file list or sizes): pass its --data"
         )
-    plans = ViewPlans(source.num_views, lambda view: ViewPlan(*source.view_plan(view), mix=source.view_mix(view)))
+    plans = ViewPlans(source.num_views, source.recorded_view)
     keys = ("num_samples", "classes", "num_val", "fingerprint", "val_fingerprint", "skipped")
     return Layout(
         train=source.split("samples"),
@@ -298,7 +302,10 @@ def grow(store: Store, cfg: BuildConfig, views: int, source: Store | None) -> No
     check_views(views)
     if source is None:
         sizes, mix = store.split("samples").sizes, cfg.mix_params()
-        plans = ViewPlans(views, lambda view: planned_view(cfg.seed, view, sizes, cfg.crop, mix, cfg.image_size))
+        augment = cfg.augment_params()
+        plans = ViewPlans(
+            views, lambda view: planned_view(cfg.seed, view, sizes, cfg.crop, mix, cfg.image_size, augment)
+        )
         grow_store(store, views, plans)
         return
 
@@ -309,5 +316,5 @@ def grow(store: Store, cfg: BuildConfig, views: int, source: Store | None) -> No
                 "(its views differ): pass the cache it was built from"
             )
 
-    plans = ViewPlans(views, lambda view: ViewPlan(*source.view_plan(view), mix=source.view_mix(view)))
+    plans = ViewPlans(views, source.recorded_view)
     grow_store(store, views, plans, same_plan)

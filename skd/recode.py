@@ -18,7 +18,6 @@ from .codecs import get_codec
 from .creation import ViewPlans, create_store
 from .errors import SkdError
 from .location import Location, parse_location
-from .plan import ViewPlan
 from .prepare import check_out, differences, software_versions
 from .reader import RowReader
 from .store import Store, cache_state, open_store, part_name
@@ -85,7 +84,7 @@ def create(where: Location, source: Store, meta: dict) -> Store:
     """A new cache at `where` holding the source's samples, plan and validation windows, and no logits yet."""
     if not where.is_empty():
         where.remove_all()
-    plans = ViewPlans(source.num_views, lambda view: ViewPlan(*source.view_plan(view), mix=source.view_mix(view)))
+    plans = ViewPlans(source.num_views, source.recorded_view)
     return create_store(
         where,
         meta,

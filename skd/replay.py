@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from . import pipelines
+from .augment import AugmentParams, plan_augment
+from .augmented_loader import ErasedLoader, RecordedOps
 from .index import Split, index_dataset
 from .mixed_loader import MixedLoader
 from .mixing import MixParams, plan_mixing
@@ -41,6 +43,8 @@ class ReplaySource:
     fingerprint: str
     loader_kind: str  # dali or torchvision
     mix: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None  # view -> (mix_lambda, mix_box); None: unmixed
+    augment: Callable[[int], dict[str, np.ndarray] | None] | None = None  # view -> recorded ops and erasing by position
+    augment_ops: tuple[str, ...] = ()  # the op names aug_op indexes (plan.augment's ops)
 
     def with_loader(self, loader_kind: str) -> ReplaySource:
         """The same views decoded by another loader (dali or torchvision)."""
@@ -74,6 +78,11 @@ class ReplaySource:
     ):
         """Batches of the windows at `positions` of `view` (a view, or VAL), in position order, at `recipe`
         (default: the source's own)."""
+        recorded = self.augment(view) if self.augment is not None and view != VAL else None
+        pixel_ops = None
+        if recorded is not None and "aug_op" in recorded:
+            op, magnitude = recorded["aug_op"][positions], recorded["aug_magnitude"][positions]
+            pixel_ops = RecordedOps(op, magnitude, self.augment_ops)
         loader = pipelines.make_loader(
             self.loader_kind,
             **self.items(view, positions),
@@ -81,7 +90,11 @@ class ReplaySource:
             batch_size=batch_size,
             workers=workers,
             device=device,
+            pixel_ops=pixel_ops,
         )
+        if recorded is not None and "erase_box" in recorded:
+            boxes, values = recorded["erase_box"][positions], recorded["erase_value"][positions]
+            loader = ErasedLoader(loader, boxes, values, batch_size)
         if view == VAL or self.mix is None:
             return loader
         lam, box = self.mix(view)
@@ -89,11 +102,36 @@ class ReplaySource:
 
 
 def planned_view(
-    seed: int, view: int, sizes: np.ndarray, crop: CropParams, mix: MixParams, image_size: int
+    seed: int,
+    view: int,
+    sizes: np.ndarray,
+    crop: CropParams,
+    mix: MixParams,
+    image_size: int,
+    augment: AugmentParams = AugmentParams(),
 ) -> ViewPlan:
-    """One view as `skd-cache build` plans it: order, windows, flips and, when mixing is on, its mixing."""
+    """One view as `skd-cache build` plans it: order, windows, flips and, when on, its mixing and its recorded
+    RandAugment ops and erasing."""
     p = plan_view(seed, view, sizes, crop)
-    return replace(p, mix=plan_mixing(seed, view, len(sizes), mix, image_size) if mix.enabled else None)
+    return replace(
+        p,
+        mix=plan_mixing(seed, view, len(sizes), mix, image_size) if mix.enabled else None,
+        augment=augment_by_position(seed, view, p.order, augment),
+    )
+
+
+def augment_by_position(seed: int, view: int, order: np.ndarray, params: AugmentParams) -> dict | None:
+    """The arrays of a view's recorded augmentation by position (drawn per sample id, so a sample's ops do not
+    depend on where the view puts it): those `skd.schema.augment_arrays` names for these options."""
+    if not params.enabled:
+        return None
+    drawn = plan_augment(seed, view, order, params)
+    arrays = {}
+    if params.aa:
+        arrays.update(aug_op=drawn.op, aug_magnitude=drawn.magnitude)
+    if params.reprob > 0:
+        arrays.update(erase_box=drawn.erase_box, erase_value=drawn.erase_value)
+    return arrays
 
 
 def teacher_recipe(store: Store) -> Recipe:
@@ -125,6 +163,8 @@ def cached_source(
         fingerprint=meta["dataset"]["fingerprint"],
         loader_kind=loader or meta["plan"]["loader"],
         mix=store.view_mix if MixParams.from_dict(meta["plan"]["mix"]).enabled else None,
+        augment=store.view_augment if store.augment_params.enabled else None,
+        augment_ops=store.augment_params.ops,
     )
 
 
@@ -141,6 +181,7 @@ def online_source(
     val: bool,
     workers: int,
     num_classes: int,
+    augment: AugmentParams = AugmentParams(),
 ) -> ReplaySource:
     """Views planned exactly as `skd-cache build` plans them (`plan_size`: its --image-size, which sets the
     CutMix area correction), for a run with the teacher in the loop."""
@@ -154,6 +195,9 @@ def online_source(
     def mixing(view: int) -> tuple[np.ndarray, np.ndarray]:
         return plan_mixing(seed, view, len(sizes), mix, plan_size)
 
+    def augmenting(view: int) -> dict | None:
+        return augment_by_position(seed, view, plan(view)[0], augment)
+
     return ReplaySource(
         root=index.root,
         train=index.train,
@@ -166,4 +210,6 @@ def online_source(
         fingerprint=index.train.fingerprint,
         loader_kind=loader,
         mix=mixing if mix.enabled else None,
+        augment=augmenting if augment.enabled else None,
+        augment_ops=augment.ops,
     )

@@ -180,10 +180,15 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def recorded_augment(plan: dict) -> AugmentParams:
+    """A plan's recorded RandAugment and erasing options; off for a plan that records none."""
+    return AugmentParams.from_dict(plan["augment"]) if plan.get("augment") else AugmentParams()
+
+
 def augment_arrays(plan: dict) -> tuple[tuple[str, str, tuple], ...]:
     """(name, dtype, shape of a row) of the plan arrays a plan's recorded augmentation adds (skd.augment): the
     RandAugment ops and their arguments when `aa` is set, the erased boxes and fill values when `reprob` is."""
-    params = AugmentParams.from_dict(plan.get("augment") or {})
+    params = recorded_augment(plan)
     arrays = ()
     if params.aa:
         arrays += (("aug_op", "uint8", (params.layers,)), ("aug_magnitude", "float32", (params.layers,)))

@@ -142,6 +142,7 @@ def warn_lossy_codec(stores: list[Store]) -> None:
 def online_run(cfg: TrainConfig, device: torch.device) -> Run:
     """The views of a plan made here from the data, the teacher loaded to run in the loop on each of them."""
     cfg.mix_params().check()
+    cfg.augment_params().check()
     teacher = load_teacher(cfg.teacher, cfg.weights)
     size = cfg.image_size or ONLINE_IMAGE_SIZE
     recipe, _ = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, size)
@@ -159,6 +160,7 @@ def online_run(cfg: TrainConfig, device: torch.device) -> Run:
         val=cfg.val,
         workers=cfg.workers,
         num_classes=num_classes,
+        augment=cfg.augment_params(),
     )
     identity = {
         "online": cfg.teacher,
@@ -168,6 +170,8 @@ def online_run(cfg: TrainConfig, device: torch.device) -> Run:
         "teacher input": list(recipe.options().values()),
         "mixing": cfg.mix_params().to_dict(),
     }
+    if cfg.augment_params().enabled:  # absent when off: a run from before augmentation resumes
+        identity["augment"] = cfg.augment_params().to_dict()
     return Run(source, None, [], [], model, recipe, float(cfg.multiplier), identity)
 
 

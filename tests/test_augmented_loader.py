@@ -1,0 +1,157 @@
+"""RandAugment and random erasing recorded in a cache: the stored logits are the teacher's on the recorded ops,
+as an independent reconstruction from the arrays shows; cached training equals online training with the same
+options, with mixing too; the DALI loader replays the same ops."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import small_build_config
+from PIL import Image, ImageOps
+from torchvision.transforms.v2 import functional as F
+
+from skd.build import build_cache
+from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
+from skd.store import open_store
+from skd.train import TrainConfig, train
+
+AUGMENT = dict(aa="rand-m9-n2-mstd0.5-inc1", reprob=0.5, remode="rand")
+
+
+@pytest.fixture(scope="module")
+def augmented_cache(image_root, teacher_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("augmented") / "cache"
+    build_cache(small_build_config(image_root, out, teacher_file, **AUGMENT))
+    return out
+
+
+def reconstruct_op(image: torch.Tensor, name: str, m: float) -> torch.Tensor:
+    """One recorded op with torchvision.transforms.v2.functional, as cache/README.md defines its argument."""
+    side, nearest = image.shape[-1], F.InterpolationMode.NEAREST
+    affine = dict(interpolation=nearest, fill=0)
+    if name in ("ShearX", "ShearY"):
+        shear = [math.degrees(math.atan(m)), 0.0] if name == "ShearX" else [0.0, math.degrees(math.atan(m))]
+        return F.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, center=[0, 0], **affine)
+    if name in ("TranslateX", "TranslateY"):
+        pixels = int(round(m * side))
+        shift = [pixels, 0] if name == "TranslateX" else [0, pixels]
+        return F.affine(image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], **affine)
+    enhance = {
+        "Brightness": F.adjust_brightness,
+        "Color": F.adjust_saturation,
+        "Contrast": F.adjust_contrast,
+        "Sharpness": F.adjust_sharpness,
+    }
+    simple = {
+        "Identity": lambda: image,
+        "Rotate": lambda: F.rotate(image, m, **affine),
+        "Posterize": lambda: F.posterize(image, int(m)),
+        "Solarize": lambda: F.solarize(image, m),
+        "SolarizeAdd": lambda: torch.where(image < 128, (image.int() + int(m)).clamp(0, 255).byte(), image),
+        "AutoContrast": lambda: F.autocontrast(image),
+        "Equalize": lambda: F.equalize(image),
+        "Invert": lambda: F.invert(image),
+    }
+    return enhance[name](image, 1.0 + m) if name in enhance else simple[name]()
+
+
+def reconstructed_view(store, view: int, position: int, with_ops: bool = True) -> torch.Tensor:
+    """Position `position` of `view` rebuilt from the recorded arrays with PIL and torchvision only."""
+    order, box, flip = store.view_plan(view)
+    recorded, ops = store.view_augment(view), store.meta["plan"]["augment"]["ops"]
+    path = f"{store.meta['dataset']['root']}/{store.split('samples').paths[order[position]]}"
+    y, x, h, w = (int(v) for v in box[position])
+    with Image.open(path) as image:
+        image = (
+            ImageOps.exif_transpose(image).convert("RGB").crop((x, y, x + w, y + h)).resize((32, 32), Image.BILINEAR)
+        )
+    tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    tensor = tensor.flip(-1) if flip[position] else tensor
+    for index, m in zip(recorded["aug_op"][position], recorded["aug_magnitude"][position]) if with_ops else []:
+        tensor = reconstruct_op(tensor, ops[index], float(m))
+    tensor = (tensor.float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        3, 1, 1
+    )
+    for (y0, x0, y1, x1), value in zip(recorded["erase_box"][position], recorded["erase_value"][position]):
+        top, left, bottom, right = (math.floor(f * 32 + 0.5) for f in (y0, x0, y1, x1))
+        tensor[:, top:bottom, left:right] = torch.from_numpy(value).view(3, 1, 1)
+    return tensor
+
+
+def test_an_independent_reconstruction_from_the_recorded_arrays_gives_the_stored_logits(augmented_cache, teacher_file):
+    store = open_store(augmented_cache)
+    teacher = torchvision.models.resnet18(num_classes=3)
+    teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
+    teacher.eval()
+    recorded = store.view_augment(1)
+    applied = (recorded["aug_op"] > 0).sum()
+    erased = (recorded["erase_box"].sum(axis=(1, 2)) > 0).sum()
+    assert applied >= 10 and erased >= 3, f"only {applied} ops applied and {erased} images erased in 18 samples"
+    stored = torch.from_numpy(store.read_logits(1))
+    with torch.no_grad():
+        full = teacher(torch.stack([reconstructed_view(store, 1, p) for p in range(18)]))
+        bare = teacher(torch.stack([reconstructed_view(store, 1, p, with_ops=False) for p in range(18)]))
+    gap, skipped = float((full - stored).abs().max()), float((bare - stored).abs().max())
+    assert gap < 2e-3, f"the reconstruction's logits are {gap:.2e} from the stored ones"
+    assert skipped > 20 * max(gap, 1e-4), f"without the ops the logits are only {skipped:.2e} off (with: {gap:.2e})"
+
+
+def base(out, **overrides) -> TrainConfig:
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=4,
+        lr=0.4,
+        kd="skd",
+        alpha="0.5",
+        multiplier="2",
+        amp="none",
+        device="cpu",
+        loader="torchvision",
+        workers=0,
+        steps_per_epoch=3,
+        val=False,
+        seed=1,
+        out=out,
+    )
+    return replace(cfg, **overrides)
+
+
+def losses_of(cfg: TrainConfig) -> np.ndarray:
+    losses = []
+    train(cfg, on_step=lambda epoch, step, parts: losses.append((parts.kd.item(), parts.ce.item())))
+    return np.array(losses)
+
+
+@pytest.mark.parametrize("mixing", [{}, dict(mixup=0.8, cutmix=1.0)], ids=["augmented", "augmented-and-mixed"])
+def test_cached_training_equals_online_training_with_the_same_augmentation(image_root, teacher_file, tmp_path, mixing):
+    cache = tmp_path / "cache"
+    build_cache(small_build_config(image_root, cache, teacher_file, **AUGMENT, **mixing))
+    online = dict(teacher="resnet18", weights=str(teacher_file), data=image_root, views=2, image_size=32, **mixing)
+    cached = losses_of(base(tmp_path / "cached", cache=cache))
+    same = losses_of(base(tmp_path / "online", **online, **AUGMENT))
+    plain = losses_of(base(tmp_path / "plain", **online))
+    gap = float(np.abs(cached - same).max())
+    assert cached.shape == (6, 2) and gap < 1e-5, f"online and cached augmented losses differ by {gap:.2e}"
+    other = float(np.abs(cached - plain).max())
+    assert other > 1e-3, f"training without the ops gives the same losses (within {other:.2e}): they were not replayed"
+
+
+def test_the_dali_loader_replays_the_recorded_ops(augmented_cache):
+    """DALI decodes and resizes, the recorded ops then run in torch on its 8-bit views: the same images as the
+    torchvision loader's up to resampling noise, far closer than without the ops."""
+    pytest.importorskip("nvidia.dali")
+    import skd
+
+    cache = skd.open_cache(augmented_cache)
+    options = dict(batch_size=6, workers=1, device="cpu", with_logits=False)
+    dali = torch.cat([b.images for b in cache.loader(1, loader="dali", **options)])
+    reference = torch.cat([b.images for b in cache.loader(1, loader="torchvision", **options)])
+    plain = torch.cat([b.images for b in skd.open_cache(augmented_cache).loader(0, loader="torchvision", **options)])
+    noise = float((dali - reference).abs().mean())
+    assert noise < 0.05, f"DALI's augmented views are {noise:.3f} (normalised units) from the torchvision loader's"
+    assert float((plain - reference).abs().mean()) > 10 * noise, "another view differs as little: nothing compared"
