@@ -59,6 +59,7 @@ def describe(store: Store) -> dict:
         "chunk_rows": meta.get("chunk_rows"),
         "codec_pipeline": codec_pipeline(store.array("views/logits")),
         "mixing": {"options": plan.get("mix"), "view 0": mix_summary(*store.view_mix(0))},
+        "augment": plan.get("augment"),
         "views": {
             "total": store.num_views,
             "complete": store.num_views - len(missing),
@@ -103,6 +104,7 @@ def info_lines(info: dict) -> list[str]:
         f"plan      seed {p['seed']}, {p['image_size']} px, area {crop.get('scale')}, aspect "
         f"{[round(r, 4) for r in crop.get('ratio', [])]}, flip {crop.get('flip_prob')}, loader {p['loader']}",
         f"mixing    {mixing_line(info['mixing'])}",
+        f"augment   {augment_line(info['augment'])}",
         f"codec     {info['codec']}, shards of {info['shard_rows']:,} rows, chunks of {info['chunk_rows']:,}",
         f"          {fidelity_line(info['codec_fidelity'])}",
         f"reader    {reader_line(info['codec_pipeline'])}",
@@ -160,6 +162,16 @@ def mixing_line(mixing: dict) -> str:
         f"--mixup {o['mixup_alpha']:g} --cutmix {o['cutmix_alpha']:g} --mixup-prob {o['prob']:g} "
         f"--mixup-switch-prob {o['switch_prob']:g}; view 0: {summary_line(mixing['view 0'])}"
     )
+
+
+def augment_line(augment: dict | None) -> str:
+    """The plan's recorded RandAugment and erasing options, in words."""
+    if not augment:
+        return "off"
+    parts = [f"--aa {augment['aa']}"] if augment["aa"] else []
+    if augment["reprob"] > 0:
+        parts.append(f"--reprob {augment['reprob']:g} --remode {augment['remode']} --recount {augment['recount']}")
+    return " ".join(parts) + " (recorded per image: views/aug_op, aug_magnitude, erase_box, erase_value)"
 
 
 def reader_line(pipeline: str) -> str:

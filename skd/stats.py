@@ -15,7 +15,7 @@ from .cached_logits import mean_row_std
 from .codec_table import fidelity_line
 from .errors import SkdError
 from .mixing import mix_summary, summary_line
-from .stats_rows import RowStats, stream_rows
+from .stats_rows import RowStats, augment_accuracy, stream_rows
 from .store import VAL, Store, part_name
 
 ECE_BINS = 15
@@ -65,6 +65,7 @@ class SplitStats:
     class_count: np.ndarray = field(repr=False)  # rows of each class
     crop_areas: list[dict] | None = None  # views only: top-1 and max-probability by crop-area bucket
     mixing: dict | None = None  # views only: shares of MixUp, CutMix and unmixed rows, mean lambda
+    augment: list[dict] | None = None  # views only: top-1 on the rows each recorded op touched, worst first
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not isinstance(v, np.ndarray)}
@@ -225,6 +226,7 @@ def logit_stats(
         area = crop_area_fraction(box, sizes[order])
         splits.append(split_summary(part_name(k), rows, labels, classes, ece=False, area=area))
         splits[-1].mixing = mix_summary(*store.view_mix(k))
+        splits[-1].augment = augment_accuracy(store.view_augment(k), store.augment_params.ops, rows.pred == labels)
         by_sample = np.empty_like(rows.pred)
         by_sample[order] = rows.pred
         preds.append(by_sample)
@@ -252,6 +254,10 @@ def logit_stats(
         cache=str(store.path),
         classes=classes,
     )
+
+
+def op_figure(row: dict) -> str:
+    return f"{row['op']} {row['top1']:.1%} ({row['rows']:,})"
 
 
 def stats_lines(s: CacheStats) -> list[str]:
@@ -284,6 +290,9 @@ def stats_lines(s: CacheStats) -> list[str]:
             )
         if p.mixing is not None:
             lines.append(f"  mixing: {summary_line(p.mixing)} (the teacher's logits are of the mixed images)")
+        if p.augment:
+            shown = [a for a in p.augment if a["rows"]]
+            lines.append("  top-1 by recorded op, worst first: " + ", ".join(op_figure(a) for a in shown))
     if s.auto_multiplier is not None:
         lines.append(f"suggested SKD multiplier (--multiplier auto): {s.auto_multiplier:.3f}")
     if s.consistency is not None:

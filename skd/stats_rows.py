@@ -114,3 +114,23 @@ def stream_rows(
                 )
                 bar.update(len(part.logits))
     return out
+
+
+def augment_accuracy(recorded: dict | None, names: tuple[str, ...], correct: np.ndarray) -> list[dict] | None:
+    """The teacher's top-1 on the rows each recorded RandAugment op touched (in any layer), on the rows no op
+    touched, and on erased and untouched rows, worst first: which of the recorded ops hurt the teacher most."""
+    if recorded is None:
+        return None
+    groups = {}
+    if "aug_op" in recorded:
+        op = recorded["aug_op"]
+        groups.update({name: (op == index).any(axis=1) for index, name in enumerate(names) if index})
+        groups["no op"] = (op == 0).all(axis=1)
+    if "erase_box" in recorded:
+        erased = recorded["erase_box"].any(axis=(1, 2))
+        groups.update({"erased": erased, "not erased": ~erased})
+    rows = [
+        {"op": name, "rows": int(mask.sum()), "top1": float(correct[mask].mean()) if mask.any() else None}
+        for name, mask in groups.items()
+    ]
+    return sorted(rows, key=lambda row: (row["top1"] is None, row["top1"] or 0.0))

@@ -155,3 +155,25 @@ def test_the_dali_loader_replays_the_recorded_ops(augmented_cache):
     noise = float((dali - reference).abs().mean())
     assert noise < 0.05, f"DALI's augmented views are {noise:.3f} (normalised units) from the torchvision loader's"
     assert float((plain - reference).abs().mean()) > 10 * noise, "another view differs as little: nothing compared"
+
+
+def test_info_stats_and_verify_know_the_recorded_augmentation(augmented_cache, in_process):
+    """info names the options, stats gives the teacher's top-1 on the rows each op touched (worst first, counted
+    against the recorded arrays), verify replays the ops and finds the rows."""
+    from skd.info import describe, info_lines
+    from skd.stats import logit_stats
+
+    text = "\n".join(info_lines(describe(open_store(augmented_cache))))
+    assert "augment   --aa rand-m9-n2-mstd0.5-inc1 --reprob 0.5 --remode rand" in text, text
+    stats = logit_stats(open_store(augmented_cache), [0], val=False)
+    by_op = {row["op"]: row for row in stats.splits[0].augment}
+    recorded = open_store(augmented_cache).view_augment(0)
+    applied = {int(i) for i in np.unique(recorded["aug_op"]) if i}
+    ops = open_store(augmented_cache).meta["plan"]["augment"]["ops"]
+    for index in applied:
+        rows = int((recorded["aug_op"] == index).any(axis=1).sum())
+        assert by_op[ops[index]]["rows"] == rows, f"{ops[index]}: {by_op[ops[index]]['rows']} rows, recorded {rows}"
+    tops = [row["top1"] for row in stats.splits[0].augment if row["top1"] is not None]
+    assert tops == sorted(tops), f"not worst first: {tops}"
+    code, err = in_process("cache", "verify", augmented_cache, "--samples", "8")
+    assert code == 0, f"verify of an augmented cache: {err[-600:]}"
