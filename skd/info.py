@@ -66,6 +66,7 @@ def describe(store: Store) -> dict:
             "shards_complete": int(complete.sum()),
             "shards_total": int(complete.size),
             "missing_shards": {str(k): v for k, v in missing.items()},
+            "growing_to": meta.get("growing"),  # an append of views a kill interrupted (cache/README.md)
         },
         "lost_shards": {str(part): shards for part, shards in store.lost_shards().items()},
         "val": {
@@ -111,6 +112,11 @@ def info_lines(info: dict) -> list[str]:
         f"views     {v['complete']} of {v['total']} complete, {v['shards_complete']} of {v['shards_total']} shards",
     ]
     lines += [f"          view {k}: shards {shard_ranges(s)} missing" for k, s in v["missing_shards"].items()]
+    if v.get("growing_to"):
+        lines.append(
+            f"          growing to {v['growing_to']} views was interrupted: rerun the build with --views "
+            f"{v['growing_to']} to finish it (the cache reads as its {v['total']} views meanwhile)"
+        )
     lines += [
         f"lost      {part if part == 'val' else f'view {part}'}: shards {shard_ranges(s)} recorded complete but "
         "their files are gone: rerun the cache's `skd-cache build` command to rebuild them"

@@ -14,6 +14,7 @@ from conftest import small_build_config
 from test_faults import build_args, skd
 
 from skd.build import build_cache
+from skd.info import describe, info_lines
 from skd.store import open_store
 
 
@@ -90,6 +91,8 @@ def test_kill_9_during_the_append_resumes_to_the_fresh_build(image_root, teacher
         f"a growth killed half-way reads as {store.num_views} views, growing {store.meta.get('growing')}"
     )
     assert np.array_equal(store.read_logits(1), open_store(fp32_cache).read_logits(1)), "view 1 changed"
+    shown = "\n".join(info_lines(describe(store)))
+    assert "growing to 4 views was interrupted: rerun the build with --views 4" in shown, shown
     killed = skd(*args, env={"SKD_FAULT": "after-shard:1"})
     assert killed.returncode == -9, f"not killed after a shard ({killed.returncode}): {killed.stderr[-500:]}"
     done = open_store(out).complete()
