@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .cli_common import (
+    MIX_AND_AUGMENT,
     NON_NEGATIVE,
     POSITIVE,
     augment_options,
@@ -25,21 +26,7 @@ from .codecs import CODECS
 from .config import BuildConfig
 
 # The options of a cache's plan: --plan-from takes them all from another cache.
-PLAN_OPTIONS = (
-    "views",
-    "image_size",
-    "seed",
-    "loader",
-    "val",
-    "mixup",
-    "cutmix",
-    "mixup_prob",
-    "mixup_switch_prob",
-    "aa",
-    "reprob",
-    "remode",
-    "recount",
-)
+PLAN_OPTIONS = ("views", "image_size", "seed", "loader", "val", *MIX_AND_AUGMENT)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

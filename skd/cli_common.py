@@ -175,6 +175,10 @@ def mix_options(command):
     return _with_options(command, MIX_OPTIONS)
 
 
+# the plan options --mixup ... and --aa ... add, by parameter name (refused beside what replays a recorded plan)
+MIX_AND_AUGMENT = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "aa", "reprob", "remode", "recount")
+
+
 def augment_options(command):
     """--aa, --reprob, --remode, --recount: timm's names and meanings (skd/augment.py)."""
     return _with_options(command, AUGMENT_OPTIONS)

@@ -9,6 +9,7 @@ import click
 
 from . import __version__
 from .cli_common import (
+    MIX_AND_AUGMENT,
     NON_NEGATIVE,
     POSITIVE,
     augment_options,
@@ -30,14 +31,7 @@ ONLINE_ONLY_OPTIONS = (
     "teacher_interpolation",
     "teacher_mean",
     "teacher_std",
-    "mixup",
-    "cutmix",
-    "mixup_prob",
-    "mixup_switch_prob",
-    "aa",
-    "reprob",
-    "remode",
-    "recount",
+    *MIX_AND_AUGMENT,
 )
 
 

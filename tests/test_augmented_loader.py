@@ -5,7 +5,6 @@ options, with mixing too; the DALI loader replays the same ops."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 import torchvision
 from conftest import small_build_config
 from PIL import Image, ImageOps
+from test_train import base_config
 from torchvision.transforms.v2 import functional as F
 
 from skd.build import build_cache
@@ -101,26 +101,6 @@ def test_an_independent_reconstruction_from_the_recorded_arrays_gives_the_stored
     assert skipped > 20 * max(gap, 1e-4), f"without the ops the logits are only {skipped:.2e} off (with: {gap:.2e})"
 
 
-def base(out, **overrides) -> TrainConfig:
-    cfg = TrainConfig(
-        epochs=2,
-        batch_size=4,
-        lr=0.4,
-        kd="skd",
-        alpha="0.5",
-        multiplier="2",
-        amp="none",
-        device="cpu",
-        loader="torchvision",
-        workers=0,
-        steps_per_epoch=3,
-        val=False,
-        seed=1,
-        out=out,
-    )
-    return replace(cfg, **overrides)
-
-
 def losses_of(cfg: TrainConfig) -> np.ndarray:
     losses = []
     train(cfg, on_step=lambda epoch, step, parts: losses.append((parts.kd.item(), parts.ce.item())))
@@ -132,9 +112,9 @@ def test_cached_training_equals_online_training_with_the_same_augmentation(image
     cache = tmp_path / "cache"
     build_cache(small_build_config(image_root, cache, teacher_file, **AUGMENT, **mixing))
     online = dict(teacher="resnet18", weights=str(teacher_file), data=image_root, views=2, image_size=32, **mixing)
-    cached = losses_of(base(tmp_path / "cached", cache=cache))
-    same = losses_of(base(tmp_path / "online", **online, **AUGMENT))
-    plain = losses_of(base(tmp_path / "plain", **online))
+    cached = losses_of(base_config(tmp_path / "cached", cache=cache, views=None))
+    same = losses_of(base_config(tmp_path / "online", **online, **AUGMENT))
+    plain = losses_of(base_config(tmp_path / "plain", **online))
     gap = float(np.abs(cached - same).max())
     assert cached.shape == (6, 2) and gap < 1e-5, f"online and cached augmented losses differ by {gap:.2e}"
     other = float(np.abs(cached - plain).max())
