@@ -13,7 +13,7 @@ import zarr
 from conftest import small_build_config
 from test_faults import build_args, skd
 
-from skd.build import build_cache
+from skd.build import BuildError, build_cache
 from skd.info import describe, info_lines
 from skd.store import open_store
 
@@ -118,3 +118,15 @@ def test_plan_from_follows_a_grown_plan(image_root, teacher_file, fp32_cache, fr
     ids = {p.name: open_store(p).meta["plan"]["id"] for p in (first, second, fresh4)}
     assert len(set(ids.values())) == 1, f"plan ids differ: {ids}"
     assert summary.rows_written == 2 * open_store(second).num_samples, f"{summary.rows_written} rows written"
+
+
+def test_plan_from_a_cache_with_fewer_views_is_refused(image_root, teacher_file, fp32_cache, tmp_path):
+    """A cache that grew past its --plan-from source: rerunning it --plan-from that source would shrink it."""
+    second = tmp_path / "second"
+    build_cache(small_build_config(image_root, second, teacher_file, plan_from=fp32_cache))
+    build_cache(small_build_config(image_root, second, teacher_file, views=3))
+    with pytest.raises(
+        BuildError, match=f"--plan-from {fp32_cache} holds 2 views, fewer than the 3 of .*never shrinks"
+    ):
+        build_cache(small_build_config(image_root, second, teacher_file, plan_from=fp32_cache))
+    assert open_store(second).num_views == 3, "the refused build changed the cache"

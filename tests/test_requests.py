@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
+import zarr
 from conftest import small_build_config
 from s3server import S3Server
 
 from skd.build import build_cache
 from skd.info import describe
+from skd.location import parse_location
 from skd.store import open_store
 from skd.train import TrainConfig, train
 
@@ -42,6 +45,12 @@ def counted(server: S3Server, work) -> Counter:
 KINDS = {"GET": "GET", "HEAD": "HEAD", "PUT": "write", "POST": "write", "DELETE": "write"}
 
 
+def views_arrays(url: str) -> dict:
+    """Every `views/*` array of the cache at `url`, read with plain zarr."""
+    group = zarr.open_group(parse_location(url).zarr_store(read_only=True), mode="r")
+    return {name: array[...] for name, array in group["views"].arrays()}
+
+
 def total(counts: Counter) -> int:
     return sum(counts.values())
 
@@ -62,6 +71,9 @@ def test_requests_per_view_do_not_grow_with_the_views(s3, image_root, teacher_fi
     )
 
     grown_to = {4: "s3://counted/b2", 14: "s3://counted/b12"}  # the caches grown by 2 views
+    fresh, grown_views = views_arrays("s3://counted/b6"), views_arrays(grown_to[4])
+    differ = [name for name, values in grown_views.items() if not np.array_equal(values, fresh[name][:4])]
+    assert not differ, f"the S3 cache grown from 2 to 4 views differs from a fresh build's first 4 in {differ}"
     infos = {views: counted(s3, lambda url=url: describe(open_store(url))) for views, url in grown_to.items()}
     assert infos[4] == infos[14], f"info on 4 views: {infos[4]}, on 14 views: {infos[14]}"
 
