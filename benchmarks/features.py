@@ -1,10 +1,12 @@
-"""What mixing and ensembles cost: build and stage-two images/s with and without them, same run.
+"""What mixing, recorded augmentation and ensembles cost: build and stage-two images/s with and without them.
 
 Side by side in rounds (the machine is shared: ratios within a round are what counts):
   build    the teacher loop of `skd-cache build` (teacher_loop_timer) over one view, plain vs --mixup/--cutmix
-  train    stage-two images/s (train_rate, loader start-up left out): one cache; the same with mixing;
-           an ensemble of two caches on one plan (--plan-from)
-Targets: build and train with mixing / without >= 0.95; two caches / one >= 0.95.
+           vs --aa rand-m9-n2-mstd0.5-inc1 --reprob 0.25
+  train    stage-two images/s (train_rate, loader start-up left out): one cache; the same with mixing; with
+           the recorded augmentation; an ensemble of two caches on one plan (--plan-from)
+  ops      the recorded RandAugment ops alone on 224-px 8-bit views, one thread: images/s per core
+Targets: build and train with mixing / without >= 0.95; two caches / one >= 0.95; augmentation: measured.
 
 Usage: python benchmarks/features.py [--images 512] [--size 32] [--batch 32] [--steps 12] [--rounds 3]
        [--teacher resnet18] [--student resnet18] [--workers 2] [--device cpu]
@@ -34,6 +36,24 @@ from skd.build import BuildConfig, build_cache
 from skd.train import TrainConfig
 
 MIX = dict(mixup=0.8, cutmix=1.0)
+AUGMENT = dict(aa="rand-m9-n2-mstd0.5-inc1", reprob=0.25)
+
+
+def ops_rate(images: int = 300, side: int = 224) -> float:
+    """Images/s of `skd.augment.apply_ops` with recorded RandAugment draws on random 8-bit views, one thread."""
+    import time
+
+    import numpy as np
+
+    from skd.augment import AugmentParams, apply_ops, plan_augment
+
+    params = AugmentParams(aa=AUGMENT["aa"])
+    drawn = plan_augment(0, 0, np.arange(images), params)
+    views = torch.randint(0, 256, (images, 3, side, side), dtype=torch.uint8)
+    began = time.perf_counter()
+    for i in range(images):
+        apply_ops(views[i], drawn.op[i], drawn.magnitude[i], params.ops)
+    return images / (time.perf_counter() - began)
 
 
 def build_rate(cfg: BuildConfig) -> float:
@@ -86,6 +106,7 @@ def main() -> None:
         builds = {
             "plain": BuildConfig(out=work / "plain", **build),
             "mixed": BuildConfig(out=work / "mixed", **build, **MIX),
+            "augmented": BuildConfig(out=work / "augmented", **build, **AUGMENT),
             "second": BuildConfig(out=work / "second", **{**build, "weights": str(weights)}, plan_from=work / "plain"),
         }
         common = dict(
@@ -107,9 +128,11 @@ def main() -> None:
         runs = {
             "one cache": TrainConfig(cache=work / "plain", out=work / "r1", **common),
             "mixed cache": TrainConfig(cache=work / "mixed", out=work / "r2", **common),
+            "augmented cache": TrainConfig(cache=work / "augmented", out=work / "r4", **common),
             "two caches": TrainConfig(cache=[work / "plain", work / "second"], out=work / "r3", **common),
         }
-        rates: dict[str, list[float]] = {f"build {n}": [] for n in ("plain", "mixed")} | {n: [] for n in runs}
+        rates: dict[str, list[float]] = {f"build {n}": [] for n in ("plain", "mixed", "augmented")}
+        rates |= {n: [] for n in runs} | {"ops per core (224 px)": []}
         steps = min(args.steps, steps_in_epoch(args.images, args.batch))
         load = [os.getloadavg()[0]]
         for r in range(args.rounds):
@@ -119,6 +142,7 @@ def main() -> None:
                     rates[f"build {name}"].append(rate)
             for name, cfg in runs.items():
                 rates[name].append(train_rate(cfg, args.warmup, steps))
+            rates["ops per core (224 px)"].append(ops_rate())
             load.append(os.getloadavg()[0])
             print(f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
 
@@ -139,6 +163,8 @@ def main() -> None:
                 ["build with mixing / without", f"{ratio('build mixed', 'build plain'):.3f}", ">= 0.95"],
                 ["train with mixing / without", f"{ratio('mixed cache', 'one cache'):.3f}", ">= 0.95"],
                 ["train from two caches / one", f"{ratio('two caches', 'one cache'):.3f}", ">= 0.95"],
+                ["build with augmentation / without", f"{ratio('build augmented', 'build plain'):.3f}", "measured"],
+                ["train with augmentation / without", f"{ratio('augmented cache', 'one cache'):.3f}", "measured"],
             ],
         )
     )
