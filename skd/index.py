@@ -288,7 +288,8 @@ def quick_fingerprints(root: Path, with_val: bool, skipped=()) -> tuple[str, str
             continue
         paths, _ = scan_split(root, split, empty=[])
         paths = [p for p in paths if p not in leave_out]
-        out.append(fingerprint(paths, [os.stat(root / p).st_size for p in paths]))
+        base = str(root)  # joined as strings: a Path per file costs more than its stat (1.28M files: 6.5 -> 2.8 s)
+        out.append(fingerprint(paths, [os.stat(f"{base}/{p}").st_size for p in paths]))
     return out[0], out[1]
 
 
