@@ -30,7 +30,7 @@ def _zstd():
 
 
 def _create(
-    group: zarr.Group, name: str, data=None, *, shape=None, dtype=None, chunks, shards=None, compress=True
+    group: zarr.Group, name: str, data=None, *, shape=None, dtype=None, chunks, shards=None, compress=True, fill=0
 ) -> zarr.Array:
     text = data is not None and data.dtype.kind in "UTO"
     if data is not None:
@@ -42,7 +42,7 @@ def _create(
         chunks=chunks,
         shards=shards,
         compressors=_zstd() if compress else None,
-        fill_value=None if text else 0,
+        fill_value=None if text else fill,
         overwrite=True,
     )
     if data is not None:
@@ -122,7 +122,8 @@ def create_store(
     shard = min(shard_rows, n)
     arrays = plan_arrays(meta["plan"])
     for name, dtype, row in arrays:
-        _create(group, f"views/{name}", shape=(k, n, *row), dtype=dtype, chunks=(1, shard, *row))
+        fill = PLAN_FILL.get(name, 0)
+        _create(group, f"views/{name}", shape=(k, n, *row), dtype=dtype, chunks=(1, shard, *row), fill=fill)
     for view, plan in enumerate(plans):
         _write_view(group, view, plan, plan_id, arrays)
     _logit_arrays(group, "views", (k,), n, num_classes, codec, shard_rows, chunk_rows)
@@ -145,6 +146,10 @@ PLAN_ARRAYS = (
 )
 
 
+# an unmixed row's mixing is the arrays' fill value, so an unmixed view stores no mixing chunk at all
+PLAN_FILL = {"mix_lambda": 1.0}
+
+
 def plan_arrays(plan: dict) -> tuple[tuple[str, str, tuple], ...]:
     """The plan arrays of a view of this plan: PLAN_ARRAYS, then those of its recorded augmentation, if any."""
     return PLAN_ARRAYS + augment_arrays(plan)
@@ -159,7 +164,9 @@ def _write_view(group: zarr.Group, view: int, plan: ViewPlan, plan_id: PlanId, a
     values.update(plan.augment or {})
     written = [np.asarray(values[name], dtype) for name, dtype, _ in arrays]
     for (name, _, _), array in zip(arrays, written):
-        group[f"views/{name}"][view] = array
+        target = group[f"views/{name}"]
+        if (array != target.fill_value).any():  # all fill: nothing to store (nor, on S3, a request to make)
+            target[view] = array
     plan_id.add_view(written)
 
 
