@@ -242,27 +242,26 @@ def _file_kind(mode: int) -> str:
 
 
 def _header_size(path) -> tuple[int, int]:
-    """image_size without the regular-file check, for callers that have just made it."""
-    with Image.open(path) as image:
+    """image_size without the regular-file check, for callers that have just made it. The file is opened once:
+    PIL reads the header from it, then its tail is read for a JPEG's end marker."""
+    with open(path, "rb") as file, Image.open(file) as image:
         tags = getattr(image, "tag_v2", None)  # TIFF: the stored size (newer PIL reports it already turned)
         width, height = (tags[256], tags[257]) if tags is not None else image.size
         if exif_orientation(image) in (5, 6, 7, 8):
             width, height = height, width
-        if image.format == "JPEG" and not _has_jpeg_end(path):
+        if image.format == "JPEG" and not _has_jpeg_end(file):
             raise OSError(0, "truncated JPEG: no end-of-image marker")
     return height, width
 
 
-def _has_jpeg_end(path) -> bool:
+def _has_jpeg_end(file) -> bool:
     """A complete JPEG has its end-of-image marker (FF D9) near the end; a cut-off download does not.
 
-    One small read of the file's tail: catches truncation without decoding the pixels.
+    One small read of the open file's tail: catches truncation without decoding the pixels.
     """
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - _JPEG_TAIL))
-        return b"\xff\xd9" in f.read()
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - _JPEG_TAIL))
+    return b"\xff\xd9" in file.read()
 
 
 def fingerprint(paths: list[str], file_bytes) -> str:
