@@ -80,18 +80,19 @@ EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image by 90 degrees
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def exif_orientation(image: Image.Image) -> int:
+def exif_orientation(image: Image.Image, path=None) -> int:
     """The EXIF orientation DALI's decoders apply (1 when absent or unreadable), without decoding pixels.
 
     EXIF only: PIL's getexif() also takes XMP's tiff:Orientation, which DALI ignores, and decodes a
-    whole PNG to find an eXIf chunk stored after the pixel data (here the chunk headers are walked).
+    whole PNG to find an eXIf chunk stored after the pixel data (here the chunk headers of the file at `path`,
+    default the image's own file name, are walked).
     """
     tags = getattr(image, "tag_v2", None)  # TIFF keeps the tag in the image's own directory
     if tags is not None:
         return tags.get(EXIF_ORIENTATION, 1)
     raw = image.info.get("exif")
-    if not raw and image.format == "PNG" and image.filename:
-        raw = _png_exif_chunk(image.filename)
+    if not raw and image.format == "PNG" and (path or image.filename):
+        raw = _png_exif_chunk(path or image.filename)
     if not raw:
         return 1
     exif = Image.Exif()

@@ -56,6 +56,8 @@ def _write_split(group: zarr.Group, name: str, split: Split, chunk: int) -> None
     _create(group, f"{name}/path", np.array(split.paths, dtype=object), chunks=(c,))
     _create(group, f"{name}/label", np.asarray(split.labels, np.int32), chunks=(c,))
     _create(group, f"{name}/size", np.asarray(split.sizes, np.int32), chunks=(c, 2))
+    if split.tails is not None:
+        _create(group, f"{name}/tail", np.asarray(split.tails, np.uint64), chunks=(c,))
 
 
 def _logit_arrays(
@@ -131,7 +133,8 @@ def create_store(
         _write_split(group, "val", val, chunk_rows)
         _create(group, "val/box", val_boxes, chunks=(min(shard_rows, len(val.paths)), 4))
         _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
-    meta = {**meta, "dataset": {**meta["dataset"], **hashes}, "plan": {**meta["plan"], "id": plan_id.hexdigest()}}
+    dataset = {**meta["dataset"], **hashes, "tails": train.tails is not None}
+    meta = {**meta, "dataset": dataset, "plan": {**meta["plan"], "id": plan_id.hexdigest()}}
     group.attrs.put({ATTR_KEY: check_meta(location.path, meta)})
     return Store(location, group)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -22,14 +21,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .errors import SkdError, SkdWarning
-from .pipelines import exif_orientation
+from .image_probe import probe, regular_stat, warn_oversized
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 _CHUNK = 256  # images per thread-pool task: keeps the number of futures small for 1.28 M files
 _NAMED_ERRORS = 20  # unreadable files named in the error message; the rest are counted
 _LAYOUT = "train/<class>/<images>"
-_JPEG_TAIL = 4096  # bytes searched for the end-of-image marker (some files carry trailing padding)
 
 
 class DatasetError(SkdError):
@@ -45,6 +43,7 @@ class Split:
     labels: np.ndarray  # (N,) int64 index into the dataset's classes
     sizes: np.ndarray  # (N, 2) (height, width) of the decoded frame after EXIF rotation
     file_bytes: np.ndarray | None = None  # (N,) int64 file sizes
+    tails: np.ndarray | None = None  # (N,) uint64 `tail_digest` of each file: a same-size replacement shows in it
     fingerprint: str | None = None  # sha256 hex of the relative paths and file sizes, see fingerprint()
 
     def __len__(self) -> int:
@@ -84,7 +83,9 @@ def index_dataset(
     if with_val and (root / "val").is_dir():
         splits.append(("val", *scan_split(root, "val", classes, empty=skipped)))
     all_paths = [p for _, paths, _ in splits for p in paths]
-    sizes, file_bytes, bad = _read_headers(root, all_paths, workers=workers, progress=progress, desc="image headers")
+    sizes, file_bytes, tails, bad = _read_headers(
+        root, all_paths, workers=workers, progress=progress, desc="image headers"
+    )
     if (bad or skipped) and not skip:
         raise DatasetError(_bad_files_message(root, all_paths, bad, skipped))
     keep = np.ones(len(all_paths), bool)
@@ -105,6 +106,7 @@ def index_dataset(
             labels=labels[kept],
             sizes=sizes[start:stop][kept],
             file_bytes=file_bytes[start:stop][kept],
+            tails=tails[start:stop][kept],
             fingerprint=fingerprint(paths, file_bytes[start:stop][kept]),
         )
         start = stop
@@ -172,96 +174,10 @@ def read_sizes(
     Reads run in `workers` threads (they wait on storage, not on the CPU). Every unreadable file is
     collected and reported in one DatasetError, so one pass over the dataset finds all of them.
     """
-    sizes, _, bad = _read_headers(Path(root), paths, workers=workers, progress=progress, desc=desc)
+    sizes, _, _, bad = _read_headers(Path(root), paths, workers=workers, progress=progress, desc=desc)
     if bad:
         raise DatasetError(_bad_files_message(Path(root), paths, bad, []))
     return sizes
-
-
-def image_size(path) -> tuple[int, int]:
-    """(height, width) of the decoded frame, from the image header; EXIF orientations 5-8 swap them.
-
-    Anything but a regular file (or a link to one) is an OSError before it is opened: opening a FIFO
-    blocks until a writer appears, and a device may have side effects.
-    """
-    _regular_stat(path)
-    with warnings.catch_warnings():  # PIL's warning names no file: one naming it follows
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        size = _header_size(path)
-    warn_oversized([(str(path), size)])
-    return size
-
-
-def warn_oversized(named_sizes) -> None:
-    """One SkdWarning naming the images, of these (path, (height, width)), whose pixels exceed PIL's
-    decompression-bomb limit: PIL decodes them (it refuses only those above twice the limit), but its own
-    DecompressionBombWarning names neither the file nor the size, and comes once per image open."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is None:
-        return
-    over = [(path, int(h), int(w)) for path, (h, w) in named_sizes if max(1, int(h)) * max(1, int(w)) > limit]
-    if not over:
-        return
-    where = f"more than PIL's decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
-    if len(over) == 1:
-        path, h, w = over[0]
-        text = (
-            f"{path}: {h * w} pixels ({w} wide, {h} high), {where}: every decode of it takes that much memory; "
-            "check that it is an image you mean to use"
-        )
-    else:
-        named = ", ".join(f"{path} ({w} wide, {h} high)" for path, h, w in over[:_NAMED_ERRORS])
-        more = f" and {len(over) - _NAMED_ERRORS} more" if len(over) > _NAMED_ERRORS else ""
-        text = (
-            f"{len(over)} images have {where}: {named}{more}: every decode of them takes that much memory; "
-            "check that they are images you mean to use"
-        )
-    warnings.warn(text, SkdWarning, stacklevel=2)
-
-
-def _regular_stat(path) -> os.stat_result:
-    """os.stat of `path` (links followed); OSError "not a regular file (fifo)" for a FIFO, device, socket..."""
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise OSError(0, f"not a regular file ({_file_kind(info.st_mode)})")
-    return info
-
-
-def _file_kind(mode: int) -> str:
-    """What a non-regular file is, in a user's words."""
-    for test, kind in (
-        (stat.S_ISFIFO, "fifo"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISDIR, "folder"),
-    ):
-        if test(mode):
-            return kind
-    return "special file"
-
-
-def _header_size(path) -> tuple[int, int]:
-    """image_size without the regular-file check, for callers that have just made it. The file is opened once:
-    PIL reads the header from it, then its tail is read for a JPEG's end marker."""
-    with open(path, "rb") as file, Image.open(file) as image:
-        tags = getattr(image, "tag_v2", None)  # TIFF: the stored size (newer PIL reports it already turned)
-        width, height = (tags[256], tags[257]) if tags is not None else image.size
-        if exif_orientation(image) in (5, 6, 7, 8):
-            width, height = height, width
-        if image.format == "JPEG" and not _has_jpeg_end(file):
-            raise OSError(0, "truncated JPEG: no end-of-image marker")
-    return height, width
-
-
-def _has_jpeg_end(file) -> bool:
-    """A complete JPEG has its end-of-image marker (FF D9) near the end; a cut-off download does not.
-
-    One small read of the open file's tail: catches truncation without decoding the pixels.
-    """
-    size = file.seek(0, os.SEEK_END)
-    file.seek(max(0, size - _JPEG_TAIL))
-    return b"\xff\xd9" in file.read()
 
 
 def fingerprint(paths: list[str], file_bytes) -> str:
@@ -384,12 +300,13 @@ def _reason(exc: Exception) -> str:
 
 def _read_headers(
     root: Path, paths: list[str], *, workers: int, progress: bool, desc: str
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """(N, 2) int32 decoded sizes, (N,) int64 file sizes of ROOT/<path>, and the (index, reason) of
-    every file that cannot be read, in input order."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """(N, 2) int32 decoded sizes, (N,) int64 file sizes and (N,) uint64 tail digests of ROOT/<path>, and the
+    (index, reason) of every file that cannot be read, in input order."""
     count = len(paths)
     sizes = np.zeros((count, 2), np.int32)
     file_bytes = np.zeros(count, np.int64)
+    tails = np.zeros(count, np.uint64)
     bad: list[tuple[int, str]] = []
 
     def read_chunk(start: int) -> int:
@@ -397,8 +314,8 @@ def _read_headers(
         for i in range(start, stop):
             path = os.path.join(root, paths[i])
             try:
-                file_bytes[i] = _regular_stat(path).st_size  # before any open: a FIFO would block it
-                sizes[i] = _header_size(path)
+                file_bytes[i] = regular_stat(path).st_size  # before any open: a FIFO would block it
+                sizes[i], tails[i] = probe(path)
             except Exception as exc:  # any failure is this file's problem: collect, report all at once
                 bad.append((i, _reason(exc)))
         return stop - start
@@ -416,7 +333,7 @@ def _read_headers(
         finally:
             pool.shutdown(cancel_futures=True)  # on Ctrl-C, drop the queued chunks instead of reading them
     warn_oversized((os.path.join(root, path), size) for path, size in zip(paths, sizes.tolist()))
-    return sizes, file_bytes, sorted(bad)
+    return sizes, file_bytes, tails, sorted(bad)
 
 
 def _bad_files_message(root: Path, paths: list[str], bad: list[tuple[int, str]], empty: list) -> str:

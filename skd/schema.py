@@ -212,6 +212,7 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
         "views/mix_lambda": ((k, n), "float32", None),
         "views/mix_box": ((k, n, 4), "float32", None),
         "views/complete": ((k, -(-n // rows)), "uint8", None),
+        **({"samples/tail": ((n,), "uint64", None)} if meta["dataset"].get("tails") else {}),
         **{f"views/{name}": ((k, n, *row), dtype, None) for name, dtype, row in augment_arrays(meta["plan"])},
     }
     arrays.update({f"views/{name}": ((k, n, *row), dtype, (1, rows, *row)) for name, (row, dtype) in specs.items()})
@@ -223,6 +224,7 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
                 "val/label": ((v,), "int32", None),
                 "val/size": ((v, 2), "int32", None),
                 "val/box": ((v, 4), "int32", None),
+                **({"val/tail": ((v,), "uint64", None)} if meta["dataset"].get("tails") else {}),
                 "val/complete": ((-(-v // rows),), "uint8", None),
             }
         )

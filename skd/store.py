@@ -114,8 +114,12 @@ class Store(RecordedPlan):
         if name not in self._splits:
             paths = list(map(str, self._read(f"{name}/path")))
             check_relative_paths(paths, self.path)
+            tails = self._read(f"{name}/tail") if self.meta["dataset"].get("tails") else None
             self._splits[name] = Split(
-                paths, self._read(f"{name}/label").astype(np.int64), self._read(f"{name}/size").astype(np.int64)
+                paths,
+                self._read(f"{name}/label").astype(np.int64),
+                self._read(f"{name}/size").astype(np.int64),
+                tails=tails,
             )
         return self._splits[name]
 

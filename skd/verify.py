@@ -109,7 +109,7 @@ def verify_cache(
         if integrity_check is None or integrity_check.ok:
             raise
         return VerifyReport(str(store.path), [data_check, weights_check, integrity_check], None)
-    problems = {view: size_problems(root, rows.paths, rows.sizes) for view, rows in plans.items()}
+    problems = {view: size_problems(root, rows.paths, rows.sizes, rows.tails) for view, rows in plans.items()}
     data_check = with_changed_files(data_check, sorted({p for found in problems.values() for p in found.values()}))
     options = dict(batch_size=batch_size, workers=workers, device=dev, amp=meta["teacher"]["amp"])
     model = place(teacher.model, dev)

@@ -15,7 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import SkdError
-from .index import image_size, quick_fingerprints, scan_split
+from .image_probe import file_tail_digest, image_size
+from .index import quick_fingerprints, scan_split
 from .store import Store, part_name
 
 NAMED = 5  # files, rows or chunks named in a message; the rest are counted
@@ -87,18 +88,22 @@ def check_data(store: Store, root: Path) -> Check:
     return Check("data", True, f"{root}: file list and sizes match the cache's fingerprints")
 
 
-def size_problems(root: Path, paths: list[str], sizes: np.ndarray) -> dict[int, str]:
-    """{index: problem} of the files at `paths` that are missing or whose decoded size is not the recorded
-    (height, width) in `sizes`."""
+def size_problems(root: Path, paths: list[str], sizes: np.ndarray, tails: np.ndarray | None = None) -> dict[int, str]:
+    """{index: problem} of the files at `paths` that are missing, whose decoded size is not the recorded
+    (height, width) in `sizes`, or whose tail digest is not the recorded one in `tails` (another image of the same
+    sizes: a cache built before digests were recorded has none)."""
     problems = {}
     for i, (path, size) in enumerate(zip(paths, sizes)):
         try:
             now = image_size(root / path)
+            tail = None if tails is None else file_tail_digest(root / path)
         except Exception as exc:  # missing or unreadable: this file's problem, reported with the others
             problems[i] = f"{path} cannot be read ({first_line(exc)})"
             continue
         if tuple(now) != tuple(int(v) for v in size):
             problems[i] = f"{path} is now {now[0]}x{now[1]}, the cache recorded {size[0]}x{size[1]}"
+        elif tail is not None and tail != int(tails[i]):
+            problems[i] = f"{path} holds another image than at the build (same byte and pixel size, other content)"
     return problems
 
 

@@ -60,9 +60,11 @@ class SampledRows:
     positions: np.ndarray
     paths: list[str]
     sizes: np.ndarray
+    tails: np.ndarray | None = None  # the files' recorded tail digests (skd.index.tail_digest), where recorded
 
     def take(self, keep: list[int]) -> "SampledRows":
-        return SampledRows(self.positions[keep], [self.paths[i] for i in keep], self.sizes[keep])
+        tails = None if self.tails is None else self.tails[keep]
+        return SampledRows(self.positions[keep], [self.paths[i] for i in keep], self.sizes[keep], tails)
 
 
 def plan_rows(store: Store, view: View, positions: np.ndarray) -> SampledRows:
@@ -75,7 +77,8 @@ def plan_rows(store: Store, view: View, positions: np.ndarray) -> SampledRows:
     paths = [str(p) for p in group["path"].get_orthogonal_selection(ids)]  # one read, not one per row
     for p in paths:
         check_relative_path(p, store.path)
-    return SampledRows(positions, paths, group["size"].get_orthogonal_selection((ids, slice(None))))
+    tails = group["tail"].get_orthogonal_selection(ids) if "tail" in group else None
+    return SampledRows(positions, paths, group["size"].get_orthogonal_selection((ids, slice(None))), tails)
 
 
 def replay_teacher(

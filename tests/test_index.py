@@ -13,7 +13,8 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.datasets import ImageFolder
 
 from skd import index as index_module
-from skd.index import IMAGE_EXTENSIONS, DatasetError, fingerprint, image_size, index_dataset, read_sizes, scan_split
+from skd.image_probe import image_size
+from skd.index import IMAGE_EXTENSIONS, DatasetError, fingerprint, index_dataset, read_sizes, scan_split
 
 
 def decoded_size(path) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import torch
 from conftest import photo_like, write_jpeg
 from PIL import Image, ImageOps
 
-from skd.index import image_size
+from skd.image_probe import image_size
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, make_loader
 from skd.plan import crop_windows, flips
 

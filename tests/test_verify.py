@@ -83,8 +83,31 @@ def test_changed_image_is_different_data(copy):
     code, report, err = verify(copy / "cache", "--data", copy / "data", "--weights", copy / "t.pth")
     assert code == 1 and "different data" in err, f"exit {code}, stderr {err!r}"
     assert not check(report, "data")["ok"] and check(report, "weights")["ok"], f"checks: {report['checks']}"
-    logits = check(report, "logits")
-    assert not logits["ok"] and "bee_001.JPEG" in logits["detail"], f"the changed file is not named: {logits}"
+    data = check(report, "data")
+    assert "bee_001.JPEG" in data["detail"], f"the changed file is not named: {data}"
+
+
+def test_an_image_replaced_by_one_of_the_same_byte_and_pixel_size_is_named(copy, tmp_path):
+    """The folder's fingerprint (paths and byte sizes) and the recorded pixel size all still match: the digest of
+    the file's tail recorded at the build tells the replacement apart, and verify names the image."""
+    image = copy / "data/train/bee/bee_001.JPEG"
+    original = image.read_bytes()
+    with Image.open(image) as opened:
+        width, height = opened.size
+    for quality in range(95, 5, -5):  # another photo, at most as many bytes, padded after its end marker
+        write_jpeg(tmp_path / "other.JPEG", photo_like(height, width, seed=7), quality=quality)
+        other = (tmp_path / "other.JPEG").read_bytes()
+        if len(original) - 3000 < len(other) <= len(original):
+            break
+    else:
+        pytest.fail(f"no re-encoding of another photo fits {len(original)} bytes")
+    image.write_bytes(other + bytes(len(original) - len(other)))
+    assert image.stat().st_size == len(original), "the replacement must keep the byte size"
+    code, report, err = verify(copy / "cache", "--data", copy / "data", "--weights", copy / "t.pth")
+    data = check(report, "data")
+    assert code == 1 and "different data" in err, f"exit {code}, stderr {err!r}"
+    assert not data["ok"] and "bee_001.JPEG holds another image" in data["detail"], f"data check: {data}"
+    assert "shards holding them are corrupted" not in err, f"misdiagnosed as corrupted shards: {err!r}"
 
 
 def test_resaved_weights_verify(copy):
