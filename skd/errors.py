@@ -37,8 +37,9 @@ def fault(point: str, count: int) -> None:
     SKD_INTERRUPT=<point>:<count> sends it SIGINT (a Ctrl-C), SKD_TERMINATE=<point>:<count> SIGTERM.
 
     Points: after-batch (batches fed to the writer), mid-shard (rows written, completion not yet
-    recorded), after-shard (completion recorded), val-batch (batches of the validation pass);
-    in skd-train: train-step (steps since the process started), after-epoch (checkpoint written).
+    recorded), after-shard (completion recorded; recode too), val-batch (batches of the validation pass),
+    grow-view (views appended to a growing cache's plan); in skd-train: train-step (steps since the process
+    started), after-epoch (checkpoint written).
     """
     here = f"{point}:{count}"
     if os.environ.get("SKD_FAULT") == here:
