@@ -38,6 +38,25 @@ RAND_INCREASING_TRANSFORMS = (
 # Recorded names: torchvision's RandAugment names plus timm's Invert and SolarizeAdd; the magnitude carries
 # the variant (an increasing Posterize is just Posterize with its bits), so inc0 and inc1 share one list.
 OPS = ("Identity", *(re.sub("Increasing$|Rel$", "", name) for name in RAND_TRANSFORMS))
+# torchvision's TrivialAugmentWide (`--aa trivial`): one op per image, uniform, at one of 31 magnitude bins of
+# (largest magnitude, signed); Translate in pixels of a 224-px view, recorded as a fraction of the side
+TRIVIAL_BINS = 31
+TRIVIAL_SPACE = {
+    "Identity": (0.0, False),
+    "ShearX": (0.99, True),
+    "ShearY": (0.99, True),
+    "TranslateX": (32.0 / 224, True),
+    "TranslateY": (32.0 / 224, True),
+    "Rotate": (135.0, True),
+    "Brightness": (0.99, True),
+    "Color": (0.99, True),
+    "Contrast": (0.99, True),
+    "Sharpness": (0.99, True),
+    "Posterize": (None, False),  # 8 - round(bin / 5) bits
+    "Solarize": (None, False),  # 255 down to 0
+    "AutoContrast": (0.0, False),
+    "Equalize": (0.0, False),
+}
 ERASE_TRIES = 10  # timm's RandomErasing tries per box
 ERASE_AREA = (0.02, 1 / 3)  # timm's min_area, max_area: fractions of the view, divided by the box count
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))  # timm's min_aspect 0.3 and its inverse
@@ -67,10 +86,12 @@ def _parse(aa: str) -> _RandSpec:
     Stricter than timm: a section without a number, an unknown key or a transform set (`t...`) is refused
     rather than ignored, so a typo cannot silently turn the augmentation into something else.
     """
-    hint = "timm's RandAugment spec such as rand-m9-n2-mstd0.5-inc1 (keys m, n, p, mstd, mmax, inc)"
+    hint = "timm's RandAugment spec such as rand-m9-n2-mstd0.5-inc1 (keys m, n, p, mstd, mmax, inc), or trivial"
+    if aa == "trivial":  # TrivialAugmentWide: one layer, always applied (its Identity is one of the ops)
+        return _RandSpec(n=1, p=1.0)
     sections = aa.split("-")
     if sections[0] != "rand":
-        raise AugmentError(f"--aa {aa}: only RandAugment is recorded; give {hint}")
+        raise AugmentError(f"--aa {aa}: only RandAugment and TrivialAugmentWide are recorded; give {hint}")
     values = {}
     for section in sections[1:]:
         match = re.fullmatch(r"(\D*)(\d.*)", section)  # timm's split: the key, then the value from the first digit
@@ -205,6 +226,8 @@ def _plan_ops(seed: int, view: int, ids: np.ndarray, params: AugmentParams) -> t
     magnitude = np.zeros((n, layers), dtype=np.float32)
     if layers == 0:
         return op, magnitude
+    if params.aa == "trivial":
+        return _plan_trivial(seed, view, ids)
     spec = _parse(params.aa)
     names = RAND_INCREASING_TRANSFORMS if spec.inc else RAND_TRANSFORMS
     choice_u, applied_u, negate_u, uniform_level = (
@@ -223,6 +246,31 @@ def _plan_ops(seed: int, view: int, ids: np.ndarray, params: AugmentParams) -> t
         chosen = applied & (choice == k)
         op[chosen] = k + 1
         magnitude[chosen] = _argument(name, level[chosen], negate_u[chosen] > 0.5)
+    return op, magnitude
+
+
+def _plan_trivial(seed: int, view: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's TrivialAugmentWide as (n, 1) op indices and arguments: an op of TRIVIAL_SPACE uniformly, a
+    magnitude bin uniformly in [0, 30], the sign of a signed op negated with chance 1/2."""
+    names = list(TRIVIAL_SPACE)
+    choice_u, bin_u, negate_u = draws.uniform(seed, view, draws.AUG_OP, ids, 3).T
+    choice = np.minimum((choice_u * len(names)).astype(np.int64), len(names) - 1)
+    level = np.minimum((bin_u * TRIVIAL_BINS).astype(np.int64), TRIVIAL_BINS - 1)
+    op = np.zeros((len(ids), 1), dtype=np.uint8)
+    magnitude = np.zeros((len(ids), 1), dtype=np.float32)
+    for k, name in enumerate(names):
+        chosen = choice == k
+        largest, signed = TRIVIAL_SPACE[name]
+        if name == "Posterize":
+            value = 8 - np.round(level[chosen] / ((TRIVIAL_BINS - 1) / 6))
+        elif name == "Solarize":
+            value = 255.0 * (1 - level[chosen] / (TRIVIAL_BINS - 1))
+        else:
+            value = largest * level[chosen] / (TRIVIAL_BINS - 1)
+        if signed:
+            value = np.where(negate_u[chosen] > 0.5, -value, value)
+        op[chosen, 0] = OPS.index(name)
+        magnitude[chosen, 0] = value
     return op, magnitude
 
 

@@ -141,8 +141,8 @@ AUGMENT_OPTIONS = [
     click.option(
         "--aa",
         default=None,
-        help="RandAugment as timm writes it, e.g. rand-m9-n2-mstd0.5-inc1 (recorded per image: teacher and student "
-        "see the same ops)",
+        help="RandAugment as timm writes it, e.g. rand-m9-n2-mstd0.5-inc1, or trivial (TrivialAugmentWide); "
+        "recorded per image: teacher and student see the same ops",
     ),
     click.option("--reprob", default=0.0, show_default=True, type=PROBABILITY, help="random erasing probability"),
     click.option(

@@ -306,3 +306,25 @@ def test_bad_options_are_one_line_naming_the_option(params, option):
     assert message.startswith(option) and "\n" not in message, f"{params}: {message!r}"
     if params.remode == "pixel":
         assert "size" in message, f"--remode pixel should say why: {message!r}"
+
+
+def test_trivial_augment_draws_torchvisions_ops_and_magnitude_bins():
+    """--aa trivial: one op per image, uniform over TrivialAugmentWide's 14, at one of its 31 bins (signed ops
+    either sign); Translate's pixels of a 224-px view as a fraction of the side."""
+    from torchvision.transforms import TrivialAugmentWide
+
+    params = AugmentParams(aa="trivial")
+    record = plan_augment(0, 0, np.arange(28_000), params)
+    space = TrivialAugmentWide()._augmentation_space(31)
+    assert params.layers == 1 and record.op.shape == (28_000, 1), f"layers {params.layers}, ops {record.op.shape}"
+    counts = {params.ops[i]: int(c) for i, c in zip(*np.unique(record.op, return_counts=True))}
+    assert set(counts) == set(space), f"ops drawn {sorted(counts)}, torchvision's {sorted(space)}"
+    assert max(abs(c - 2000) for c in counts.values()) < 200, f"not uniform over 14 ops: {counts}"
+    for name, (bins, signed) in space.items():
+        drawn = record.magnitude[record.op[:, 0] == params.ops.index(name), 0].astype(np.float64)
+        if name.startswith("Translate"):
+            drawn = drawn * 224
+        allowed = np.atleast_1d(bins.numpy()).astype(np.float64)
+        gap = np.abs(np.abs(drawn)[:, None] - np.abs(allowed)[None, :]).min(axis=1).max()
+        assert gap < 1e-3, f"{name}: a magnitude {gap:.3g} from torchvision's bins"
+        assert (drawn < 0).any() == (signed and allowed.max() > 0), f"{name}: signs {np.unique(np.sign(drawn))}"

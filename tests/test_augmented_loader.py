@@ -157,3 +157,15 @@ def test_info_stats_and_verify_know_the_recorded_augmentation(augmented_cache, i
     assert tops == sorted(tops), f"not worst first: {tops}"
     code, err = in_process("cache", "verify", augmented_cache, "--samples", "8")
     assert code == 0, f"verify of an augmented cache: {err[-600:]}"
+
+
+def test_a_trivial_augment_cache_reproduces_from_its_arrays(image_root, teacher_file, tmp_path):
+    """--aa trivial records TrivialAugmentWide's op and argument per image: the same reconstruction applies."""
+    build_cache(small_build_config(image_root, tmp_path / "c", teacher_file, aa="trivial", reprob=0.5, views=1))
+    store = open_store(tmp_path / "c")
+    teacher = torchvision.models.resnet18(num_classes=3)
+    teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
+    with torch.no_grad():
+        rebuilt = teacher.eval()(torch.stack([reconstructed_view(store, 0, p) for p in range(18)]))
+    gap = float((rebuilt - torch.from_numpy(store.read_logits(0))).abs().max())
+    assert store.view_augment(0)["aug_op"].shape == (18, 1) and gap < 2e-3, f"trivial: logits {gap:.2e} apart"
