@@ -216,29 +216,44 @@ def fill_view(
 def write_teacher_logits(
     model, loader, writer: ShardWriter, device: torch.device, amp: str, bar, fault_point: str = "after-batch"
 ) -> int:
-    """Feed every batch of `loader` through the teacher into `writer`; returns images processed."""
-    done = 0
-    limit = writer.store.codec.limit
+    """Feed every batch of `loader` through the teacher into `writer`; returns images processed.
+
+    One batch behind: batch i's forward is queued before batch i - 1's logits are copied to the host, so on a
+    GPU the copy's wait overlaps the next forward instead of leaving the device idle.
+    """
+    done, pending = 0, None  # pending: (positions, logits on the device) of the batch not yet handed on
     for count, batch in enumerate(loader, 1):
-        logits = forward(model, batch.images, device, amp).cpu().numpy()
-        magnitude = np.abs(logits).max(axis=1, initial=0)  # one pass: nan or inf where a row has any
-        finite = np.isfinite(magnitude)
-        if not finite.all():  # never store them: every student step on such a row would be NaN
-            raise BuildError(
-                f"the teacher gave inf or nan logits for {int((~finite).sum())} of {len(finite)} "
-                f"images (first at position {int(batch.positions[~finite][0])}) with --amp {amp}: "
-                "check the weights, or use --amp bf16 or none (fp16 overflows easily)"
-            )
-        if magnitude.max(initial=0) > limit:
-            raise BuildError(
-                f"the teacher gave logits up to {magnitude.max():.3g}, beyond what --codec "
-                f"{writer.store.codec.name} stores ({limit:.6g}): use --codec fp32"
-            )
-        writer.put(batch.positions.numpy(), logits)
-        done += len(logits)
-        bar.update(len(logits))
+        logits = forward(model, batch.images, device, amp)
+        if pending is not None:
+            done += hand_on(writer, *pending, amp, bar)
+            fault(fault_point, count - 1)
+        pending = (batch.positions, logits)
+    if pending is not None:
+        done += hand_on(writer, *pending, amp, bar)
         fault(fault_point, count)
     return done
+
+
+def hand_on(writer: ShardWriter, positions: torch.Tensor, logits: torch.Tensor, amp: str, bar) -> int:
+    """A batch's logits, copied to the host and checked (finite, within the codec's range), to the writer."""
+    logits = logits.cpu().numpy()
+    limit = writer.store.codec.limit
+    magnitude = np.abs(logits).max(axis=1, initial=0)  # one pass: nan or inf where a row has any
+    finite = np.isfinite(magnitude)
+    if not finite.all():  # never store them: every student step on such a row would be NaN
+        raise BuildError(
+            f"the teacher gave inf or nan logits for {int((~finite).sum())} of {len(finite)} "
+            f"images (first at position {int(positions[~finite][0])}) with --amp {amp}: "
+            "check the weights, or use --amp bf16 or none (fp16 overflows easily)"
+        )
+    if magnitude.max(initial=0) > limit:
+        raise BuildError(
+            f"the teacher gave logits up to {magnitude.max():.3g}, beyond what --codec "
+            f"{writer.store.codec.name} stores ({limit:.6g}): use --codec fp32"
+        )
+    writer.put(positions.numpy(), logits)
+    bar.update(len(logits))
+    return len(logits)
 
 
 def summarize(store: Store, rows_written: int, seconds: float) -> BuildSummary:
