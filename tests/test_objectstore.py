@@ -522,6 +522,51 @@ def test_a_store_that_goes_away_mid_build_is_one_line(image_root, teacher_file, 
     assert lines[-1].startswith("error: ") and "rerun the same command" in lines[-1], lines[-1]
 
 
+def test_a_build_resumes_once_a_store_that_stopped_answering_answers_again(image_root, teacher_file, tmp_path):
+    """The S3 server stops answering while a build writes view 1 (its requests hang): the build ends with one line
+    naming the rerun; when the server answers again, the same command finishes the cache, and its rows are those
+    of the same build in a folder."""
+    import os
+
+    from conftest import small_build_config
+
+    from skd.build import build_cache
+
+    options = ["--views", 3, "--image-size", 32, "--batch-size", 4, "--codec", "fp32", "--loader", "torchvision"]
+    options += ["--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--amp", "none", "--device", "cpu", "--no-val"]
+    args = ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", "s3://paused/c"]
+    command = [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args + options)]
+    with S3Server() as own:
+        own.create_bucket("paused")
+        env = {**os.environ, **own.env, "SKD_STORE_TIMEOUT": "1"}
+        build = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while not any(method == "PUT" and "/logits/c/1/" in path for method, path in own.requests):
+            assert build.poll() is None and time.monotonic() < deadline, "the build ended before writing view 1"
+            time.sleep(0.05)
+        own.set_delay(45)  # beyond a request's own 30 s timeout: every request from now on hangs
+        _, err = build.communicate(timeout=240)
+        own.set_delay(0)
+        last = [line for line in err.splitlines() if line.strip() and "\r" not in line][-1]
+        assert build.returncode == 2 and "rerun the same command" in last, f"exit {build.returncode}: {err[-800:]}"
+        rerun = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert rerun.returncode == 0, f"the rerun after the outage: {rerun.stderr[-800:]}"
+        for key, value in own.env.items():
+            os.environ[key] = value
+        try:
+            remote = open_store("s3://paused/c")
+            rows = [remote.read_logits(view) for view in range(3)]
+            complete = remote.is_complete()
+        finally:
+            for key in own.env:
+                os.environ.pop(key, None)
+    build_cache(small_build_config(image_root, tmp_path / "c", teacher_file, views=3, shard_rows=4, val=False))
+    local = open_store(tmp_path / "c")
+    assert complete, "the resumed build left the cache unfinished"
+    gap = max(float(np.abs(rows[v] - local.read_logits(v)).max()) for v in range(3))
+    assert gap == 0.0, f"the build resumed after the outage differs from a folder build by {gap:.3g}"
+
+
 def test_a_store_that_goes_away_mid_training_is_one_line(image_root, teacher_file, tmp_path, monkeypatch):
     """The S3 server holding the cache stops after training has read its first logits: the run ends with one
     `error:` line and exit 2, its run folder intact for --resume."""
