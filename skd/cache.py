@@ -120,6 +120,13 @@ class Cache:
         if not 0 <= start <= stop <= self.num_samples:
             raise CacheError(f"positions {start}:{stop}: view {view} has positions 0 to {self.num_samples}")
         parts = [torch.from_numpy(store.read_logits(view, start, stop)) for store in self.stores]
+        for store, rows in zip(self.stores, parts):
+            bad = (~torch.isfinite(rows).all(dim=1)).nonzero()
+            if len(bad):
+                raise CacheError(
+                    f"{store.path}: row {start + int(bad[0])} of view {view} holds non-finite logits (nan or inf): "
+                    "the cache is damaged; `skd-cache verify --integrity` lists every bad shard"
+                )
         return parts[0] if len(parts) == 1 else ensemble_target(self.kd, parts, self.weights)
 
     def loader(

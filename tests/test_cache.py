@@ -214,3 +214,23 @@ def test_a_cache_on_an_object_store_opens_and_loads_like_a_folder(image_root, te
         options = dict(batch_size=4, loader="torchvision", workers=0, device="cpu")
         for a, b in zip(remote.loader(0, **options), here.loader(0, **options)):
             assert torch.equal(a.images, b.images) and torch.equal(a.logits, b.logits), "batches differ"
+
+
+def test_non_finite_rows_are_refused_naming_the_view_and_row(fp32_cache, tmp_path):
+    import shutil
+
+    import zarr
+
+    damaged = tmp_path / "cache"
+    shutil.copytree(fp32_cache, damaged)
+    logits = zarr.open_group(str(damaged), mode="r+")["views/logits"]
+    block = logits[1:2, 8:16]
+    block[0, 3, 1] = np.nan
+    logits[1:2, 8:16] = block
+    cache = skd.open_cache(damaged)
+    assert torch.isfinite(cache.logits(0)).all(), "view 0 is intact"
+    with pytest.raises(skd.SkdError, match="row 11 of view 1 holds non-finite logits") as refused:
+        cache.logits(1)
+    assert "\n" not in str(refused.value), str(refused.value)
+    with pytest.raises(skd.SkdError, match="row 11 of view 1 holds non-finite logits"):
+        list(cache.loader(1, batch_size=4, loader="torchvision", workers=0))
