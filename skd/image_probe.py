@@ -29,7 +29,7 @@ def image_size(path) -> tuple[int, int]:
     regular_stat(path)
     with warnings.catch_warnings():  # PIL's warning names no file: one naming it follows
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        size = header_size(path)
+        size = probe(path)[0]
     warn_oversized([(str(path), size)])
     return size
 
@@ -83,11 +83,6 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
-def header_size(path) -> tuple[int, int]:
-    """image_size without the regular-file check, for callers that have just made it."""
-    return probe(path)[0]
-
-
 def probe(path) -> tuple[tuple[int, int], int]:
     """((height, width), tail digest) of an image, the file opened once: PIL reads the header from it, then its
     tail is read, for a JPEG's end marker (a complete JPEG has FF D9 near its end, a cut-off download does not:
@@ -97,9 +92,7 @@ def probe(path) -> tuple[tuple[int, int], int]:
         width, height = (tags[256], tags[257]) if tags is not None else image.size
         if exif_orientation(image, path) in (5, 6, 7, 8):  # the image was opened from a file object
             width, height = height, width
-        size = file.seek(0, os.SEEK_END)
-        file.seek(max(0, size - _JPEG_TAIL))
-        tail = file.read()
+        tail = _tail(file)
         if image.format == "JPEG" and b"\xff\xd9" not in tail:
             raise OSError(0, "truncated JPEG: no end-of-image marker")
     return (height, width), tail_digest(tail)
@@ -115,6 +108,11 @@ def tail_digest(tail: bytes) -> int:
 def file_tail_digest(path) -> int:
     """`tail_digest` of the file at `path` as it is now."""
     with open(path, "rb") as file:
-        size = file.seek(0, os.SEEK_END)
-        file.seek(max(0, size - _JPEG_TAIL))
-        return tail_digest(file.read())
+        return tail_digest(_tail(file))
+
+
+def _tail(file) -> bytes:
+    """The last _JPEG_TAIL bytes of an open file (all of a shorter one)."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - _JPEG_TAIL))
+    return file.read()
