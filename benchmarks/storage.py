@@ -29,7 +29,7 @@ from bench_common import git_state, machine, photo_folder, table, teacher_like_r
 from handmade import cache_meta
 
 from skd.codecs import CODECS, Codec, Encoded
-from skd.creation import _logit_arrays, create_store
+from skd.creation import create_logit_arrays, create_store
 from skd.index import Split
 from skd.plan import ViewPlan
 
@@ -161,12 +161,12 @@ def array_bytes_per_row(arrays: dict[str, np.ndarray], workdir: Path, name: str)
         codec = Codec(key, str(data.dtype), affine=False)
         sub = f"a/{key}"
         if width is None:  # per-row floats: the layout of scale/offset
-            _logit_arrays(
+            create_logit_arrays(
                 group, sub, (1,), rows, 1, Codec("x", "float32", affine=True, levels=2), SHARD_ROWS, CHUNK_ROWS
             )
             group[f"{sub}/scale"][0, :] = data
         else:
-            _logit_arrays(group, sub, (1,), rows, width, codec, SHARD_ROWS, CHUNK_ROWS)
+            create_logit_arrays(group, sub, (1,), rows, width, codec, SHARD_ROWS, CHUNK_ROWS)
             group[f"{sub}/logits"][0] = data
     folder = workdir / f"cand-{name}" / "a"
     size = 0

@@ -16,12 +16,12 @@ import zarr
 import zarr.storage
 
 from .codecs import CODECS, Codec, Encoded, get_codec
+from .creation import create_logit_arrays
 from .errors import SkdError
 from .loss import kl_per_row, skd_kl
 from .store import Store
 
 CANDIDATES = (*CODECS, "topk:10", "topk:100")
-ZSTD_LEVEL = 3  # the store's compression (skd.creation)
 AUTO = "auto"  # build --codec auto: the smallest candidate within --max-kl
 DEFAULT_MAX_KL = 1e-4  # --codec auto without --max-kl: int8's error is 1.2e-5, compact's 1.8e-4 (docs/codecs.md)
 FIDELITY_ROWS = 4096  # first rows of view 0 a build measures its codec on
@@ -44,22 +44,14 @@ class CodecFigures:
 
 
 def stored_bytes(encoded: Encoded, codec: Codec, shard_rows: int, chunk_rows: int) -> int:
-    """Bytes the encoded rows take in arrays of the store's layout (sharded along rows, zstd-compressed chunks)."""
+    """Bytes the encoded rows take in the store's own arrays (skd.creation's layout: sharded along rows,
+    zstd-compressed chunks), laid out in memory."""
     objects: dict = {}
-    memory = zarr.storage.MemoryStore(objects)
+    group = zarr.open_group(zarr.storage.MemoryStore(objects), mode="w", zarr_format=3)
+    rows, classes = len(encoded.logits), codec.classes
+    create_logit_arrays(group, "views", (), rows, classes, codec, shard_rows, chunk_rows)
     for name in codec.arrays:
-        data = getattr(encoded, name)
-        array = zarr.create_array(
-            memory,
-            name=name,
-            shape=data.shape,
-            dtype=data.dtype,
-            chunks=(chunk_rows, *data.shape[1:]),
-            shards=(shard_rows, *data.shape[1:]),
-            compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL, checksum=True),
-            fill_value=0,
-        )
-        array[...] = data
+        group[f"views/{name}"][...] = getattr(encoded, name)
     return sum(len(value) for key, value in objects.items() if not key.endswith("zarr.json"))
 
 

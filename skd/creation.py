@@ -60,7 +60,7 @@ def _write_split(group: zarr.Group, name: str, split: Split, chunk: int) -> None
         _create(group, f"{name}/tail", np.asarray(split.tails, np.uint64), chunks=(c,))
 
 
-def _logit_arrays(
+def create_logit_arrays(
     group: zarr.Group, prefix: str, lead: tuple, rows: int, classes: int, codec: Codec, shard_rows: int, chunk_rows: int
 ) -> None:
     """Create the codec's arrays (logits, + scale/offset or offset/index) of shape lead + (rows, ...), sharded
@@ -128,11 +128,11 @@ def create_store(
         _create(group, f"views/{name}", shape=(k, n, *row), dtype=dtype, chunks=(1, shard, *row), fill=fill)
     for view, plan in enumerate(plans):
         _write_view(group, view, plan, plan_id, arrays)
-    _logit_arrays(group, "views", (k,), n, num_classes, codec, shard_rows, chunk_rows)
+    create_logit_arrays(group, "views", (k,), n, num_classes, codec, shard_rows, chunk_rows)
     if val is not None:
         _write_split(group, "val", val, chunk_rows)
         _create(group, "val/box", val_boxes, chunks=(min(shard_rows, len(val.paths)), 4))
-        _logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
+        create_logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
     dataset = {**meta["dataset"], **hashes, "tails": train.tails is not None}
     meta = {**meta, "dataset": dataset, "plan": {**meta["plan"], "id": plan_id.hexdigest()}}
     group.attrs.put({ATTR_KEY: check_meta(location.path, meta)})
