@@ -9,6 +9,7 @@ see the same windows and flips, each at its own input recipe (size, resampling, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -203,6 +204,7 @@ def online_source(
     index = index_dataset(data, with_val=val, workers=max(4, workers))
     sizes = index.train.sizes
 
+    @functools.lru_cache(maxsize=1)  # an epoch asks for its view's plan for the windows and for the augmentation
     def plan(view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p = plan_view(seed, view, sizes, crop)
         return p.order, p.box, p.flip
