@@ -494,28 +494,33 @@ def test_an_endpoint_that_never_answers_is_one_line_within_the_timeout(server, b
     assert waited < 60, f"the unanswering store held the open for {waited:.0f} s with SKD_STORE_TIMEOUT=1"
 
 
+def s3_build(url: str, teacher_file, image_root, views: int, *extra) -> list[str]:
+    """The `skd-cache build` command line of the small fp32 cache these tests build into `url`."""
+    args = ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", url]
+    args += ["--views", views, "--image-size", 32, "--batch-size", 4, "--codec", "fp32", "--loader", "torchvision"]
+    args += ["--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--amp", "none", "--device", "cpu", *extra]
+    return [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args)]
+
+
+def wait_for_request(server: S3Server, process: subprocess.Popen, method: str, fragment: str, what: str) -> None:
+    """Wait (up to 120 s) until `process` has sent the server a `method` request whose path holds `fragment`."""
+    deadline = time.monotonic() + 120
+    while not any(m == method and fragment in path for m, path in server.requests):
+        assert process.poll() is None and time.monotonic() < deadline, f"the process ended before {what}"
+        time.sleep(0.05)
+
+
 def test_a_store_that_goes_away_mid_build_is_one_line(image_root, teacher_file, tmp_path):
     """The S3 server stops while a build writes view 1 (its own server: the others' stay up): the build ends
     with one `error:` line naming the remedy and exit 2, not an obstore traceback."""
     import os
 
-    args = ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", "s3://gone/c"]
-    args += ["--views", 4, "--image-size", 32, "--batch-size", 4, "--codec", "fp32", "--loader", "torchvision"]
-    args += ["--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--amp", "none", "--device", "cpu"]
     with S3Server() as own:
         own.create_bucket("gone")
         env = {**os.environ, **own.env, "SKD_STORE_TIMEOUT": "2"}
-        build = subprocess.Popen(
-            [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        deadline = time.monotonic() + 120
-        while not any(method == "PUT" and "/logits/c/1/" in path for method, path in own.requests):
-            assert build.poll() is None and time.monotonic() < deadline, "the build ended before writing view 1"
-            time.sleep(0.05)
+        command = s3_build("s3://gone/c", teacher_file, image_root, 4)
+        build = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        wait_for_request(own, build, "PUT", "/logits/c/1/", "writing view 1")
     _, err = build.communicate(timeout=240)
     lines = [line for line in err.splitlines() if line.strip() and "\r" not in line]
     assert build.returncode == 2 and "Traceback" not in err, f"exit {build.returncode}: {err[-1500:]}"
@@ -532,18 +537,12 @@ def test_a_build_resumes_once_a_store_that_stopped_answering_answers_again(image
 
     from skd.build import build_cache
 
-    options = ["--views", 3, "--image-size", 32, "--batch-size", 4, "--codec", "fp32", "--loader", "torchvision"]
-    options += ["--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--amp", "none", "--device", "cpu", "--no-val"]
-    args = ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", "s3://paused/c"]
-    command = [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args + options)]
+    command = s3_build("s3://paused/c", teacher_file, image_root, 3, "--no-val")
     with S3Server() as own:
         own.create_bucket("paused")
         env = {**os.environ, **own.env, "SKD_STORE_TIMEOUT": "1"}
         build = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        deadline = time.monotonic() + 120
-        while not any(method == "PUT" and "/logits/c/1/" in path for method, path in own.requests):
-            assert build.poll() is None and time.monotonic() < deadline, "the build ended before writing view 1"
-            time.sleep(0.05)
+        wait_for_request(own, build, "PUT", "/logits/c/1/", "writing view 1")
         own.set_delay(45)  # beyond a request's own 30 s timeout: every request from now on hangs
         _, err = build.communicate(timeout=240)
         own.set_delay(0)
@@ -591,10 +590,7 @@ def test_a_store_that_goes_away_mid_training_is_one_line(image_root, teacher_fil
             text=True,
             env={**os.environ, **own.env, "SKD_STORE_TIMEOUT": "2"},
         )
-        deadline = time.monotonic() + 120
-        while not any(method == "GET" and "/logits/c/0/" in path for method, path in own.requests):
-            assert run.poll() is None and time.monotonic() < deadline, "training ended before reading view 0"
-            time.sleep(0.05)
+        wait_for_request(own, run, "GET", "/logits/c/0/", "reading view 0")
     _, err = run.communicate(timeout=240)
     lines = [line for line in err.splitlines() if line.strip() and "\r" not in line]
     assert run.returncode == 2 and "Traceback" not in err, f"exit {run.returncode}: {err[-1500:]}"
