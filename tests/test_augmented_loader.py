@@ -169,3 +169,28 @@ def test_a_trivial_augment_cache_reproduces_from_its_arrays(image_root, teacher_
         rebuilt = teacher.eval()(torch.stack([reconstructed_view(store, 0, p) for p in range(18)]))
     gap = float((rebuilt - torch.from_numpy(store.read_logits(0))).abs().max())
     assert store.view_augment(0)["aug_op"].shape == (18, 1) and gap < 2e-3, f"trivial: logits {gap:.2e} apart"
+
+
+def test_plan_from_and_appended_views_carry_the_recorded_augmentation(augmented_cache, image_root, tmp_path):
+    """A second teacher on the plan (--plan-from) gets the same ops and boxes; a cache grown by a view equals a fresh
+    build of as many views, its new view's record included."""
+    import torchvision as tv
+
+    torch.manual_seed(5)
+    other = tmp_path / "other.pth"
+    torch.save(tv.models.resnet18(num_classes=3).state_dict(), other)
+    build_cache(small_build_config(image_root, tmp_path / "second", other, plan_from=augmented_cache))
+    first, second = open_store(augmented_cache), open_store(tmp_path / "second")
+    for view in range(2):
+        a, b = first.view_augment(view), second.view_augment(view)
+        same = all(np.array_equal(a[name], b[name]) for name in a) and a.keys() == b.keys()
+        assert same, f"view {view}: --plan-from recorded other ops or boxes"
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    build_cache(small_build_config(image_root, grown, other, views=1, **AUGMENT))
+    build_cache(small_build_config(image_root, grown, other, views=2, **AUGMENT))
+    build_cache(small_build_config(image_root, fresh, other, views=2, **AUGMENT))
+    g, f = open_store(grown), open_store(fresh)
+    assert g.meta["plan"]["id"] == f.meta["plan"]["id"], "the grown cache's plan id is not the fresh build's"
+    assert all(np.array_equal(g.view_augment(1)[n], f.view_augment(1)[n]) for n in f.view_augment(1)), (
+        "the appended view's recorded augmentation differs from a fresh build's"
+    )
