@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from skd.codecs import get_codec
+from skd.store.codecs import get_codec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from handmade import cache_meta  # noqa: E402  (a handmade cache's attributes)
 from jpegs import photo_like  # noqa: E402  (the tests' JPEG content, one definition)
 
-from skd.creation import create_store
-from skd.index import Split
-from skd.plan import ViewPlan
-from skd.store import Store
+from skd.data.index import Split
+from skd.plan.crops import ViewPlan
+from skd.store.cache_store import Store
+from skd.store.creation import create_store
 
 
 def teacher_like_rows(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
@@ -204,22 +204,22 @@ def synthetic_jpeg_folder(
 
 
 def steps_in_epoch(images: int, batch: int) -> int:
-    """Steps skd.train takes over one view of `images` in one process (it leaves out a last batch of one)."""
-    from skd.view_loader import rank_range
+    """Steps skd.train.loop takes over one view of `images` in one process (it leaves out a last batch of one)."""
+    from skd.replay.view_loader import rank_range
 
     start, stop = rank_range(images, 0, 1, batch)
     return -(-(stop - start) // batch)
 
 
 def train_rate(cfg, warmup: int, steps_per_epoch: int) -> float:
-    """Images/s of one `skd.train.train` run, steps `warmup`..last of every epoch (loader start-up left out).
+    """Images/s of one `skd.train.loop.train` run, steps `warmup`..last of every epoch (loader start-up left out).
 
     On CUDA the device is synchronised at the two ends of each measured stretch (not at every step).
     `steps_per_epoch` is the number of steps each epoch really takes.
     """
     import torch
 
-    from skd.train import train
+    from skd.train.loop import train
 
     cuda = str(cfg.device).startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     marks: dict[int, list[float]] = {}
@@ -240,12 +240,12 @@ def train_rate(cfg, warmup: int, steps_per_epoch: int) -> float:
 def teacher_loop_timer():
     """Time the build's teacher loop (and the writer's final flush) from outside, while a build runs.
 
-    Yields [seconds, images]: filled in as `skd.build.write_teacher_logits` and `ShardWriter.close` return.
+    Yields [seconds, images]: filled in as `skd.build.teacher_pass.write_teacher_logits` and `ShardWriter.close` return.
     """
-    import skd.build
+    import skd.build.teacher_pass
 
     spent = [0.0, 0]
-    original_run, original_close = skd.build.write_teacher_logits, skd.build.ShardWriter.close
+    original_run, original_close = skd.build.teacher_pass.write_teacher_logits, skd.build.teacher_pass.ShardWriter.close
 
     def write_teacher_logits(*a, **k):
         t = time.perf_counter()
@@ -259,8 +259,11 @@ def teacher_loop_timer():
         original_close(self)
         spent[0] += time.perf_counter() - t
 
-    skd.build.write_teacher_logits, skd.build.ShardWriter.close = write_teacher_logits, close
+    skd.build.teacher_pass.write_teacher_logits, skd.build.teacher_pass.ShardWriter.close = write_teacher_logits, close
     try:
         yield spent
     finally:
-        skd.build.write_teacher_logits, skd.build.ShardWriter.close = original_run, original_close
+        skd.build.teacher_pass.write_teacher_logits, skd.build.teacher_pass.ShardWriter.close = (
+            original_run,
+            original_close,
+        )

@@ -1,8 +1,8 @@
 """Stage-one pipelining: build images/s against the slower of its two parts run alone.
 
 Three measurements alternate in rounds on the same views (the machine is shared: compare within a round):
-  build    skd.build.build_cache over fresh caches; images/s inside its decode -> teacher -> encode/write
-           loop (time spent in skd.build.write_teacher_logits, the writer's last flush included)
+  build    skd.build.teacher_pass.build_cache over fresh caches; images/s inside its decode -> teacher -> encode/write
+           loop (time spent in skd.build.teacher_pass.write_teacher_logits, the writer's last flush included)
   loader   the same loader (pipelines.make_loader, torchvision, same views, batch and workers), no teacher
   teacher  the teacher's forward on in-memory tensors of the same shape, no loader
 Target (issue 6): build / min(loader, teacher) >= 0.85. On a CPU-only machine the loader's workers and the
@@ -35,9 +35,9 @@ import torchvision
 from bench_common import git_state, machine, synthetic_jpeg_folder, table, teacher_loop_timer
 
 from skd import pipelines
-from skd.build import BuildConfig, build_cache
-from skd.runtime import AMP_DTYPES
-from skd.store import open_store
+from skd.build.teacher_pass import BuildConfig, build_cache
+from skd.models.runtime import AMP_DTYPES
+from skd.store.cache_store import open_store
 
 CLASSES = 1000  # an ImageNet head: the writer encodes and compresses rows of 1000 logits
 

@@ -32,20 +32,20 @@ from bench_common import (
     train_rate,
 )
 
-from skd.build import BuildConfig, build_cache
-from skd.train import TrainConfig
+from skd.build.teacher_pass import BuildConfig, build_cache
+from skd.train.loop import TrainConfig
 
 MIX = dict(mixup=0.8, cutmix=1.0)
 AUGMENT = dict(aa="rand-m9-n2-mstd0.5-inc1", reprob=0.25)
 
 
 def ops_rate(images: int = 300, side: int = 224) -> float:
-    """Images/s of `skd.augment.apply_ops` with recorded RandAugment draws on random 8-bit views, one thread."""
+    """Images/s of `skd.plan.augment.apply_ops` with recorded RandAugment draws on random 8-bit views, one thread."""
     import time
 
     import numpy as np
 
-    from skd.augment import AugmentParams, apply_ops, plan_augment
+    from skd.plan.augment import AugmentParams, apply_ops, plan_augment
 
     params = AugmentParams(aa=AUGMENT["aa"])
     drawn = plan_augment(0, 0, np.arange(images), params)

@@ -6,7 +6,7 @@ On one GPU, in this order, printing one table at the end (and writing it as JSON
   3. `skd-cache build` (the CLI) with the same teacher, --loader torchvision, --amp bf16, --weights none:
      images/s inside its decode -> teacher -> write loop, and for the whole command
   4. the loader alone over the same views (images/s to the device)
-  5. `skd.train.train` of the student from the cache with --kd skd, with --kd none, and online SKD with
+  5. `skd.train.loop.train` of the student from the cache with --kd skd, with --kd none, and online SKD with
      the teacher in the loop (same views), images/s of the steady part of each epoch
   6. the compute ratio (student step + teacher forward) / student step on in-memory tensors
   7. what else a GPU build uses: a build with --amp fp16 --compile, and the build as two processes under
@@ -34,9 +34,9 @@ from bench_common import machine, steps_in_epoch, synthetic_jpeg_folder, table, 
 from build_pipelining import loader_rate  # noqa: E402
 from train_overhead import compute_rates  # noqa: E402
 
-from skd.build import BuildConfig  # noqa: E402
-from skd.runtime import AMP_DTYPES  # noqa: E402
-from skd.train import TrainConfig  # noqa: E402
+from skd.build.teacher_pass import BuildConfig  # noqa: E402
+from skd.models.runtime import AMP_DTYPES  # noqa: E402
+from skd.train.loop import TrainConfig  # noqa: E402
 
 STARTED = time.perf_counter()
 
@@ -97,7 +97,7 @@ def build_argv(args, root: Path, cache: Path, amp: str | None = None, compile: b
 
 def cli_build(args, root: Path, cache: Path, amp: str | None = None, compile: bool = False) -> tuple[float, float]:
     """Run `skd-cache build ...` in this process; (images/s inside its teacher loop, for the whole command)."""
-    from skd.cli import cache as cache_group
+    from skd.cli.main import cache as cache_group
 
     argv = build_argv(args, root, cache, amp, compile)
     say("skd-cache " + " ".join(argv))

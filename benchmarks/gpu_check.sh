@@ -109,7 +109,7 @@ log "skd installed (pip install --no-deps $REPO)"
 import importlib, pkgutil
 import numcodecs, torch, torchvision, zarr
 import skd
-skipped = {"skd.pipelines.dali_pipeline", "skd.demo", "skd.demo_digits", "skd.demo_models"}  # DALI; scikit-learn
+skipped = {"skd.pipelines.dali_pipeline", "skd.demo.__main__"}  # DALI; running the demo
 names = [m.name for m in pkgutil.walk_packages(skd.__path__, "skd.") if m.name not in skipped]
 for name in names:
     importlib.import_module(name)

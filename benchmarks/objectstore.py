@@ -32,8 +32,8 @@ from bench_common import git_state, machine, synthetic_store, table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from s3server import S3Server  # noqa: E402  (moto in a child process)
 
-from skd.reader import RowReader  # noqa: E402
-from skd.store import open_store  # noqa: E402
+from skd.store.cache_store import open_store  # noqa: E402
+from skd.store.reader import RowReader  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Successfully reconstructed a store")
 

@@ -1,6 +1,6 @@
 """Store.read_rows of whole shards, three ways side by side in one process (alternating passes):
 
-- now: the Store's arrays opened once inside skd.zarr_internals.zarrs_reads, read with slices;
+- now: the Store's arrays opened once inside skd.storage.zarr_internals.zarrs_reads, read with slices;
 - outside zarrs_reads: the arrays opened from the group as plain zarr does (zarr's own Python pipeline), the
   state of commit 791f5ce that benchmarks/README.md section 9 measured at 0.51x;
 - global zarrs config: zarrs set for every array opening and an integer view index, as before issue 19.
@@ -18,8 +18,8 @@ import time
 import zarr
 from bench_common import synthetic_store
 
-from skd.codecs import Encoded
-from skd.store import open_store
+from skd.store.cache_store import open_store
+from skd.store.codecs import Encoded
 
 
 def main() -> None:

@@ -2,14 +2,14 @@
 
 Modes, measured side by side in rounds (the machine is shared: compare ratios, not absolutes):
   stored   RowReader(...).batches(B): uint8 rows + scale/offset as stored (the GPU path decodes on the device)
-  decoded  skd.cached_logits.cached_logits(..., device=cpu): float32 logits decoded on the CPU
+  decoded  skd.replay.cached_logits.cached_logits(..., device=cpu): float32 logits decoded on the CPU
   decoded-1  the same loop with RowReader(threads=1): zarrs decodes one chunk at a time
   memory   the same float32 decode from uncompressed arrays already in memory (the ceiling)
   memory-3op  the decode as first written (convert, multiply, add), from memory
   shards   Store.read_rows of whole shards, one after another, no read-ahead (an integer view index: zarr's
            own pipeline, not zarrs)
   stored-old, decoded-old  the stored and decoded loops with the RowReader of --compare-with FILE (e.g. the
-           hand-written shard parser: `git show bd16f02:skd/reader.py > /tmp/old_reader.py`)
+           hand-written shard parser: `git show bd16f02:skd/store/reader.py > /tmp/old_reader.py`)
 Targets: stored >= 300k rows/s and >= 0.95 x stored-old; decoded >= 150k rows/s.
 
 Usage: python benchmarks/reader.py [--rows 262144] [--batch 256] [--threads 1] [--rounds 5] [--only decoded ...]
@@ -33,9 +33,9 @@ import torch
 import zarr
 from bench_common import git_state, machine, synthetic_store, table
 
-from skd.cached_logits import cached_logits
-from skd.reader import RowReader
-from skd.store import Store, open_store
+from skd.replay.cached_logits import cached_logits
+from skd.store.cache_store import Store, open_store
+from skd.store.reader import RowReader
 
 
 def run_stored(reader_class, store, n, batch, **kw):

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from jpegs import photo_like, write_jpeg  # noqa: E402  (the tests' JPEG content)
 
 from skd.pipelines import IMAGENET_STD, make_loader  # noqa: E402
-from skd.plan import crop_windows  # noqa: E402
+from skd.plan.crops import crop_windows  # noqa: E402
 
 
 def levels(kind: str, interpolation: str, files, boxes, size: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Default: peak memory of creating a cache: `create_store` plans and writes one view at a time, so its peak should
 not grow with the views (it held every view's plan at ~75 B per row and view). Each setting runs in a fresh
-process (peak RSS is per process): synthetic image sizes, every view planned by skd.plan as a build plans it,
+process (peak RSS is per process): synthetic image sizes, every view planned by skd.plan.crops as a build plans it,
 written into a real Zarr store.
 
 `--info`: a finished int8 cache of 1,000 classes and K views in the layout a build leaves (view 0 real: its plan
@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 from bench_common import cache_meta
 
-from skd.creation import ViewPlans, create_store, grow_store
-from skd.index import Split
-from skd.info import describe
-from skd.mixing import MixParams
-from skd.plan import CropParams
-from skd.replay import planned_view
-from skd.schema import expected_arrays
-from skd.store import Store, open_store
+from skd.data.index import Split
+from skd.inspect.info import describe
+from skd.plan.crops import CropParams
+from skd.plan.mixing import MixParams
+from skd.replay.sources import planned_view
+from skd.store.cache_store import Store, open_store
+from skd.store.creation import ViewPlans, create_store, grow_store
+from skd.store.schema import expected_arrays
 
 CLASSES = 1000
 

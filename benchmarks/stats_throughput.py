@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench_common import git_state, machine, synthetic_store
 
-from skd.stats import logit_stats
+from skd.inspect.stats import logit_stats
 
 
 def main() -> None:

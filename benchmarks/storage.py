@@ -28,10 +28,10 @@ import numpy as np
 from bench_common import git_state, machine, photo_folder, table, teacher_like_rows
 from handmade import cache_meta
 
-from skd.codecs import CODECS, Codec, Encoded
-from skd.creation import create_logit_arrays, create_store
-from skd.index import Split
-from skd.plan import ViewPlan
+from skd.data.index import Split
+from skd.plan.crops import ViewPlan
+from skd.store.codecs import CODECS, Codec, Encoded
+from skd.store.creation import create_logit_arrays, create_store
 
 T, M, EPS = 4.0, 2.0, 1e-7
 SHARD_ROWS, CHUNK_ROWS = 16384, 1024  # BuildConfig's defaults
@@ -44,8 +44,8 @@ def real_teacher_logits(rows: int, workdir: Path, workers: int) -> np.ndarray:
     """fp32 logits of EfficientNet-Lite0 on `rows` random-resized crops of scikit-image's photos, via build_cache."""
     import torch
 
-    from skd.build import BuildConfig, build_cache
-    from skd.store import open_store
+    from skd.build.teacher_pass import BuildConfig, build_cache
+    from skd.store.cache_store import open_store
 
     torch.set_num_threads(1)  # more threads spin against other jobs on a shared 2-core machine
     copies = 10
@@ -134,8 +134,8 @@ def reader_rates(names: list[str], logits: np.ndarray, workdir: Path, passes: in
     """Decoded rows/s of `cached_logits` (batches of 256 on the CPU) per codec, passes alternating codecs."""
     import torch
 
-    from skd.cached_logits import cached_logits
-    from skd.store import open_store
+    from skd.replay.cached_logits import cached_logits
+    from skd.store.cache_store import open_store
 
     x = np.tile(logits, (-(-READER_ROWS // len(logits)), 1))[:READER_ROWS]
     for name in names:

@@ -2,7 +2,7 @@
 
 Same student, same loader (torchvision), same views, same batches; the three runs alternate in rounds
 (the machine is shared: ratios within a round are what counts). Images/s is taken from the training
-loop itself (skd.train.train, one epoch capped by steps_per_epoch) between the `warmup`-th and the last
+loop itself (skd.train.loop.train, one epoch capped by steps_per_epoch) between the `warmup`-th and the last
 step, so loader start-up is left out. Beside it, the compute ratio (student step + teacher forward) /
 student step measured on in-memory tensors of the same shape: online SKD should cost about that much more.
 Targets (issue 6): cached SKD / --kd none >= 0.95; none / online within 10% of the compute ratio.
@@ -24,8 +24,8 @@ import torch
 import torchvision
 from bench_common import git_state, machine, steps_in_epoch, synthetic_jpeg_folder, table, train_rate
 
-from skd.build import BuildConfig, build_cache
-from skd.train import TrainConfig
+from skd.build.teacher_pass import BuildConfig, build_cache
+from skd.train.loop import TrainConfig
 
 
 def compute_rates(
@@ -41,7 +41,7 @@ def compute_rates(
 ) -> tuple[float, float]:
     """(student step images/s, teacher forward images/s) on in-memory tensors: the compute-only reference."""
     from skd.loss import spherical_kd_loss
-    from skd.runtime import AMP_DTYPES
+    from skd.models.runtime import AMP_DTYPES
 
     student = torchvision.models.get_model(student_name, num_classes=classes).to(device).train()
     teacher = torchvision.models.get_model(teacher_name, num_classes=classes).to(device).eval()

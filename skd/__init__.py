@@ -20,7 +20,7 @@ _API = {
     "CacheError": "skd.cache",
     "SphericalKD": "skd.loss",
     "HintonKD": "skd.loss",
-    "soft_labels": "skd.mixing",
+    "soft_labels": "skd.plan.mixing",
     "SkdError": "skd.errors",
 }
 __all__ = sorted(_API)

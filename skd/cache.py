@@ -17,15 +17,15 @@ from typing import Sequence
 
 import torch
 
-from . import pipelines
-from .cached_logits import auto_multiplier
-from .errors import SkdError
-from .loss import ensemble_target
-from .mixing import MixParams
-from .replay import ReplaySource, cached_source, student_recipe
-from .replay_checks import check_ensemble, check_replayable
-from .store import Store, open_store
-from .view_loader import ViewLoader, check_shares, rank_range
+from skd import pipelines
+from skd.errors import SkdError
+from skd.loss import ensemble_target
+from skd.plan.mixing import MixParams
+from skd.replay.cached_logits import auto_multiplier
+from skd.replay.checks import check_ensemble, check_replayable
+from skd.replay.sources import ReplaySource, cached_source, student_recipe
+from skd.replay.view_loader import ViewLoader, check_shares, rank_range
+from skd.store.cache_store import Store, open_store
 
 
 class CacheError(SkdError):

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .augment import AugmentParams
-from .mixing import MixParams
-from .pipelines import IMAGENET_MEAN, IMAGENET_STD
-from .plan import CropParams
+from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
+from skd.plan.augment import AugmentParams
+from skd.plan.crops import CropParams
+from skd.plan.mixing import MixParams
 
 
 @dataclass(kw_only=True)
@@ -73,7 +73,7 @@ class BuildConfig(TeacherInput, MixOptions, AugmentOptions):
     views: int = 10
     image_size: int = 224
     batch_size: int = 256
-    codec: str = "int8"  # or "auto": the smallest codec within max_kl on the first rows (skd.codec_table)
+    codec: str = "int8"  # or "auto": the smallest codec within max_kl on the first rows (skd.store.codec_table)
     max_kl: float | None = None  # with codec "auto": the SKD KL the chosen codec may lose (default 1e-4)
     amp: str = "auto"
     device: str = "auto"

@@ -2,7 +2,7 @@
 modules (`SphericalKD`, `HintonKD`, `LabelCE`) for any training loop.
 
 The losses run in float32 whatever the input dtype, so they are the same under AMP. Labels are class
-indices (B,) or class probabilities (B, C): a mixed batch's soft targets (`skd.mixing.soft_labels`, as
+indices (B,) or class probabilities (B, C): a mixed batch's soft targets (`skd.plan.mixing.soft_labels`, as
 timm's mixup makes them). The SKD target and the KL between the targets of two logits (`skd_log_target`,
 `skd_kl`) are also what `skd-cache verify` and the teacher comparison of `skd-cache stats` report, in the
 dtype their caller picks.

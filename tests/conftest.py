@@ -33,7 +33,7 @@ def teacher_file(tmp_path_factory) -> Path:
 
 def small_build_config(root, out, teacher_file, **overrides):
     """The build options the tests share: 2 views at 32 px, fp32, shards of 8 rows, CPU, no AMP."""
-    from skd.build import BuildConfig
+    from skd.build.teacher_pass import BuildConfig
 
     base = dict(
         teacher="resnet18",
@@ -57,7 +57,7 @@ def small_build_config(root, out, teacher_file, **overrides):
 @pytest.fixture(scope="session")
 def fp32_cache(image_root, teacher_file, tmp_path_factory) -> Path:
     """A finished fp32 cache of `image_root` built with `small_build_config`."""
-    from skd.build import build_cache
+    from skd.build.teacher_pass import build_cache
 
     out = tmp_path_factory.mktemp("fp32") / "cache"
     build_cache(small_build_config(image_root, out, teacher_file))
@@ -79,7 +79,7 @@ def in_process(monkeypatch, capsys):
     returns (exit status, stderr). For error paths: a subprocess would spend seconds importing torch."""
     import sys
 
-    from skd import cli
+    from skd.cli import main as cli
 
     def run(tool: str, *args, env: dict | None = None) -> tuple[int, str]:
         monkeypatch.setattr(sys, "argv", [f"skd-{tool}", *map(str, args)])

@@ -5,7 +5,7 @@ No pytest here, so benchmark scripts can import it on machines without the test 
 
 from __future__ import annotations
 
-from skd.schema import FORMAT_VERSION
+from skd.store.schema import FORMAT_VERSION
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -12,8 +12,8 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import InterpolationMode
 
-from skd import mixing
-from skd.augment import AugmentError, AugmentParams, apply_ops, erase, plan_augment
+from skd.plan import mixing
+from skd.plan.augment import AugmentError, AugmentParams, apply_ops, erase, plan_augment
 from tests.jpegs import photo_like
 
 SPEC = "rand-m9-n2-mstd0.5-inc1"
@@ -250,7 +250,7 @@ def test_shear_is_about_the_top_left_corner_and_identity_changes_nothing(image):
 
 
 def test_erase_fills_exactly_the_boxes_pixels():
-    """Each box's pixels floor(f * S + 0.5) (skd.mixing.box_pixels) take its per-channel value, later boxes
+    """Each box's pixels floor(f * S + 0.5) (skd.plan.mixing.box_pixels) take its per-channel value, later boxes
     over earlier ones; every other pixel, an all-zero box's row and the input tensor stay as they were."""
     size, generator = 37, torch.Generator().manual_seed(0)
     images = torch.randn(4, 3, size, size, generator=generator)

@@ -15,10 +15,10 @@ from PIL import Image, ImageOps
 from test_train import base_config
 from torchvision.transforms.v2 import functional as F
 
-from skd.build import build_cache
+from skd.build.teacher_pass import build_cache
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
-from skd.store import open_store
-from skd.train import TrainConfig, train
+from skd.store.cache_store import open_store
+from skd.train.loop import TrainConfig, train
 
 AUGMENT = dict(aa="rand-m9-n2-mstd0.5-inc1", reprob=0.5, remode="rand")
 
@@ -140,8 +140,8 @@ def test_the_dali_loader_replays_the_recorded_ops(augmented_cache):
 def test_info_stats_and_verify_know_the_recorded_augmentation(augmented_cache, in_process):
     """info names the options, stats gives the teacher's top-1 on the rows each op touched (worst first, counted
     against the recorded arrays), verify replays the ops and finds the rows."""
-    from skd.info import describe, info_lines
-    from skd.stats import logit_stats
+    from skd.inspect.info import describe, info_lines
+    from skd.inspect.stats import logit_stats
 
     text = "\n".join(info_lines(describe(open_store(augmented_cache))))
     assert "augment   --aa rand-m9-n2-mstd0.5-inc1 --reprob 0.5 --remode rand" in text, text

@@ -15,8 +15,8 @@ import torch
 import zarr
 from conftest import make_image_folder, photo_like, small_build_config, write_jpeg
 
-from skd.build import BuildError, build_cache
-from skd.teachers import ModelError, read_state_dict
+from skd.build.teacher_pass import BuildError, build_cache
+from skd.models.teachers import ModelError, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def skd(*args, tool="cache", env=None):
     main = "main_cache" if tool == "cache" else "main_train"
     return subprocess.run(
-        [sys.executable, "-c", f"from skd.cli import {main}; {main}()", *map(str, args)],
+        [sys.executable, "-c", f"from skd.cli.main import {main}; {main}()", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -192,7 +192,7 @@ def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, t
 def test_an_interrupted_cache_creation_is_restarted_only_with_overwrite(image_root, teacher_file, tmp_path):
     """A creation stopped before its `skd` attribute is recognised as skd's own by its marker: refused, then
     replaced on --overwrite."""
-    from skd.store import CREATING_KEY
+    from skd.store.cache_store import CREATING_KEY
 
     out = tmp_path / "cache"
     zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}).create_array(
@@ -372,7 +372,7 @@ def test_cache_with_paths_outside_the_dataset_is_refused(cache_copy, tmp_path, e
 
 
 def test_other_formats_and_missing_arrays_are_one_line_errors(cache_copy, tmp_path):
-    from skd.schema import FORMAT_VERSION
+    from skd.store.schema import FORMAT_VERSION
 
     g = zarr.open_group(str(cache_copy), mode="r+")
     for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):

@@ -15,11 +15,11 @@ import torchvision
 import zarr
 from conftest import free_port, small_build_config
 
-from skd.build import BuildError, build_cache
+from skd.build.teacher_pass import BuildError, build_cache
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from skd.pipelines.torchvision_pipeline import load_view
-from skd.schema import FORMAT_VERSION
-from skd.store import StoreError, open_store
+from skd.store.cache_store import StoreError, open_store
+from skd.store.schema import FORMAT_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def cli(*args, env=None, cwd=None):
     """Run `skd-cache` as a user would (a fresh process)."""
     return subprocess.run(
-        [sys.executable, "-m", "skd.cli", *map(str, args)],
+        [sys.executable, "-m", "skd.cli.main", *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -262,7 +262,7 @@ def test_two_process_build_equals_one_process(image_root, teacher_file, referenc
         "--master-port",
         str(free_port()),
         "-m",
-        "skd.cli",
+        "skd.cli.main",
         *map(str, build_args(image_root, out, teacher_file, "--batch-size", 5)),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -342,8 +342,8 @@ def test_missing_pretrained_weights_say_where_to_put_them(image_root, tmp_path):
 def test_a_lost_shard_is_named_by_info_and_rebuilt_by_a_rerun(image_root, teacher_file, tmp_path):
     """A shard file deleted from a finished cache (a half-done copy, a lost object): info names it, reading it
     names the rerun, and rerunning the same build rewrites just that shard, equal to what it was."""
-    from skd.info import describe, info_lines
-    from skd.reader import RowReader
+    from skd.inspect.info import describe, info_lines
+    from skd.store.reader import RowReader
 
     out = tmp_path / "cache"
     build_cache(config(image_root, out, teacher_file))

@@ -16,11 +16,11 @@ from test_train import base_config
 
 import skd
 from skd import pipelines
-from skd.build import build_cache
-from skd.mixing import mix_batch
-from skd.store import open_store
-from skd.train import train
-from skd.training_run import Learner
+from skd.build.teacher_pass import build_cache
+from skd.plan.mixing import mix_batch
+from skd.store.cache_store import open_store
+from skd.train.loop import train
+from skd.train.run import Learner
 
 
 @pytest.fixture(scope="module")

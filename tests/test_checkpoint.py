@@ -6,8 +6,8 @@ import subprocess
 import pytest
 import torch
 
-from skd.checkpoint import CheckpointError, check_free_space, save_atomic
 from skd.errors import SkdError
+from skd.train.checkpoint import CheckpointError, check_free_space, save_atomic
 
 
 @pytest.fixture

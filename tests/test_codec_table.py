@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from skd.store import open_store
+from skd.store.cache_store import open_store
 
 
 def layer_norm(x: np.ndarray) -> np.ndarray:
@@ -39,7 +39,7 @@ def top_k_by_hand(x: np.ndarray, k: int) -> np.ndarray:
 def test_codecs_figures_equal_an_independent_computation(fp32_cache):
     """KL of both targets and agreement figures as written out by hand; the fp32 row size is what the cache's own
     shard of those 8 rows takes on disk (same layout: 8-row shards of 4-row chunks, zstd)."""
-    from skd.codec_table import cache_codec_table
+    from skd.store.codec_table import cache_codec_table
 
     store = open_store(fp32_cache)
     rows = store.read_logits(0, 0, 8).astype(np.float64)
@@ -66,7 +66,7 @@ def test_codecs_prints_a_table_and_json_objects(fp32_cache):
     import sys
 
     def run(*args):
-        command = [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", "codecs", str(fp32_cache)]
+        command = [sys.executable, "-c", "from skd.cli.main import main_cache; main_cache()", "codecs", str(fp32_cache)]
         return subprocess.run([*command, *args], capture_output=True, text=True)
 
     as_json = run("--rows", "8", "--json")
@@ -89,8 +89,8 @@ def test_build_codec_auto_picks_the_smallest_codec_within_max_kl_and_records_it(
     as the codec table of those exact rows (the fp32 cache's, same plan and teacher) says; info shows the figure."""
     from conftest import small_build_config
 
-    from skd.build import build_cache
-    from skd.codec_table import CANDIDATES, codec_table
+    from skd.build.teacher_pass import build_cache
+    from skd.store.codec_table import CANDIDATES, codec_table
 
     exact = open_store(fp32_cache).read_logits(0, 0, 8)  # the first shard of view 0: the rows measured
     table = codec_table(exact, CANDIDATES, shard_rows=8, chunk_rows=4)
@@ -117,9 +117,9 @@ def test_info_shows_the_codec_fidelity_and_skd_train_warns_of_a_lossy_one(image_
     from conftest import small_build_config
     from test_train import base_config
 
-    from skd.build import build_cache
-    from skd.info import describe, info_lines
-    from skd.train import train
+    from skd.build.teacher_pass import build_cache
+    from skd.inspect.info import describe, info_lines
+    from skd.train.loop import train
 
     out = tmp_path / "top1"
     build_cache(small_build_config(image_root, out, teacher_file, codec="topk:1", views=1))

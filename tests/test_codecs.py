@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from skd.codecs import Encoded, get_codec
 from skd.loss import skd_kl
+from skd.store.codecs import Encoded, get_codec
 
 
 def teacher_like(n=64, c=1000, seed=0):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from skd.runtime import place
-from skd.teachers import CompiledTeacher, forward
+from skd.models.runtime import place
+from skd.models.teachers import CompiledTeacher, forward
 
 
 def recording():

@@ -77,8 +77,8 @@ def test_the_commands_options_reach_every_loader_of_the_process():
     import click
     from click.testing import CliRunner
 
-    from skd import runtime
-    from skd.cli_machine import machine_options
+    from skd.cli.machine import machine_options
+    from skd.models import runtime
     from skd.pipelines import dali_options, set_dali_options
 
     @click.command()

@@ -11,10 +11,11 @@ from PIL import Image
 
 pytest.importorskip("sklearn")
 
-from skd import demo, demo_digits  # noqa: E402
-from skd.demo_models import IMAGE_SIZE  # noqa: E402
-from skd.index import index_dataset  # noqa: E402
-from skd.teachers import create_model  # noqa: E402
+from skd.demo import digits as demo_digits  # noqa: E402
+from skd.demo import walkthrough as demo  # noqa: E402
+from skd.data.index import index_dataset  # noqa: E402
+from skd.demo.models import IMAGE_SIZE  # noqa: E402
+from skd.models.teachers import create_model  # noqa: E402
 
 
 def _digest(root) -> str:

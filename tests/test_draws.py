@@ -5,8 +5,8 @@ import time
 import numpy as np
 import torch
 
-from skd import draws
-from skd.plan import TRIES
+from skd.plan import draws
+from skd.plan.crops import TRIES
 
 IMAGENET = 1_281_167
 

@@ -13,12 +13,12 @@ import torchvision
 import zarr
 from conftest import small_build_config
 
-from skd.build import BuildError, build_cache
+from skd.build.teacher_pass import BuildError, build_cache
 from skd.errors import SkdError
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from skd.pipelines.torchvision_pipeline import load_view
-from skd.store import VAL, open_store
-from skd.train import TrainConfig, train
+from skd.store.cache_store import VAL, open_store
+from skd.train.loop import TrainConfig, train
 
 PLAN_ARRAYS = (
     "samples/path",
@@ -179,7 +179,7 @@ def test_caches_on_other_plans_are_refused_naming_both(fp32_cache, image_root, t
 def test_stats_compares_teachers_on_identical_views(fp32_cache, second_cache):
     import json
 
-    from skd.compare import compare_teachers
+    from skd.inspect.compare import compare_teachers
 
     a, b = open_store(fp32_cache), open_store(second_cache)
     report = compare_teachers([a, b], (0, 1))
@@ -196,7 +196,7 @@ def test_stats_compares_teachers_on_identical_views(fp32_cache, second_cache):
     assert pair["top1_agreement"] == pytest.approx(agree) and pair["mean_kl"] > 0, f"view 1: {pair}, by hand {agree}"
     from click.testing import CliRunner
 
-    from skd.cli import cache as cli
+    from skd.cli.main import cache as cli
 
     result = CliRunner().invoke(cli, ["stats", str(fp32_cache), str(second_cache), "--json"])
     printed = json.loads(result.stdout)

@@ -15,9 +15,9 @@ import pytest
 import zarr
 from conftest import small_build_config
 
-from skd.build import build_cache
-from skd.locks import FolderLock
-from skd.store import open_store
+from skd.build.teacher_pass import build_cache
+from skd.storage.locks import FolderLock
+from skd.store.cache_store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def skd(*args, env=None, tool="cache", preexec_fn=None):
     main = "main_cache" if tool == "cache" else "main_train"
     return subprocess.run(
-        [sys.executable, "-c", f"from skd.cli import {main}; {main}()", *map(str, args)],
+        [sys.executable, "-c", f"from skd.cli.main import {main}; {main}()", *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

@@ -13,9 +13,9 @@ import zarr
 from conftest import small_build_config
 from test_faults import build_args, skd
 
-from skd.build import BuildError, build_cache
-from skd.info import describe, info_lines
-from skd.store import open_store
+from skd.build.teacher_pass import BuildError, build_cache
+from skd.inspect.info import describe, info_lines
+from skd.store.cache_store import open_store
 
 
 def arrays(path: Path) -> dict:

@@ -12,9 +12,9 @@ from conftest import make_image_folder, photo_like, write_jpeg
 from PIL import Image, ImageFile, ImageOps
 from torchvision.datasets import ImageFolder
 
-from skd import index as index_module
-from skd.image_probe import image_size
-from skd.index import IMAGE_EXTENSIONS, DatasetError, fingerprint, index_dataset, read_sizes, scan_split
+from skd.data import index as index_module
+from skd.data.image_probe import image_size
+from skd.data.index import IMAGE_EXTENSIONS, DatasetError, fingerprint, index_dataset, read_sizes, scan_split
 
 
 def decoded_size(path) -> tuple[int, int]:

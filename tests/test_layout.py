@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted([*ROOT.glob("skd/*.py"), *ROOT.glob("pipelines/*.py")])
+SOURCES = sorted([*ROOT.glob("skd/**/*.py"), *ROOT.glob("pipelines/*.py")])
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 80
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_modules_and_functions_fit_the_limits(path):
     text = path.read_text()
     lines = text.count("\n")
@@ -39,7 +39,7 @@ def test_version(command):
 
     main = "main_cache" if command == "skd-cache" else "main_train"
     result = subprocess.run(
-        [sys.executable, "-c", f"from skd.cli import {main}; {main}()", "--version"],
+        [sys.executable, "-c", f"from skd.cli.main import {main}; {main}()", "--version"],
         capture_output=True,
         text=True,
         cwd="/",
@@ -49,15 +49,51 @@ def test_version(command):
     )
 
 
-def test_every_module_has_a_place_in_the_import_layers():
-    """A module missing from setup.cfg's layer contract would escape import-linter's checks: each one is named in
-    the layers, and each skd module in the list the input pipelines may not import."""
+def contract_layers() -> list[set[str]]:
+    """setup.cfg's layer contract, top first: one set of packages or modules a layer."""
     import configparser
 
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
-    layered = set(config["importlinter:contract:layers"]["layers"].replace("|", " ").replace(":", " ").split())
+    lines = config["importlinter:contract:layers"]["layers"].split("\n")
+    return [set(line.replace("|", " ").split()) for line in lines if line.strip()]
+
+
+def test_every_package_and_top_module_has_a_place_in_the_import_layers():
+    """A package or top-level module missing from setup.cfg's layer contract would escape import-linter's checks:
+    each one is named in the layers, and in the list the input pipelines may not import."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    layered = set().union(*contract_layers())
     forbidden = set(config["importlinter:contract:pipelines"]["forbidden_modules"].split())
-    modules = {f"skd.{p.stem}" for p in ROOT.glob("skd/*.py") if p.stem not in ("__init__", "errors")}
-    assert not modules - layered, f"modules outside the layer contract: {sorted(modules - layered)}"
-    assert not modules - forbidden, f"modules the pipelines contract does not forbid: {sorted(modules - forbidden)}"
+    packages = {f"skd.{p.parent.name}" for p in ROOT.glob("skd/*/__init__.py")}
+    modules = {f"skd.{p.stem}" for p in ROOT.glob("skd/*.py") if p.stem != "__init__"}
+    assert not (packages | modules) - layered, f"outside the layer contract: {sorted((packages | modules) - layered)}"
+    pipelines_may_not = (packages | modules) - {"skd.errors"}
+    assert not pipelines_may_not - forbidden, (
+        f"packages the pipelines contract does not forbid: {sorted(pipelines_may_not - forbidden)}"
+    )
+
+
+def test_the_shape_of_skd_shows_its_layers():
+    """A newcomer sees the layers in the folders: a few modules at the top, the rest in packages."""
+    top = sorted(p.name for p in ROOT.glob("skd/*.py"))
+    packages = sorted(p.parent.name for p in ROOT.glob("skd/*/__init__.py"))
+    assert len(top) <= 8, f"skd/ has {len(top)} modules at its top: {top}"
+    assert len(packages) >= 6, f"skd/ has {len(packages)} packages: {packages}"
+    undocumented = [p for p in packages if not (ROOT / "skd" / p / "__init__.py").read_text().startswith('"""')]
+    assert not undocumented, f"packages whose __init__ has no docstring saying what they are for: {undocumented}"
+
+
+def test_docs_layout_names_the_contracts_layers():
+    """docs/layout.md lists the layers in the contract's order, each with the same packages."""
+    import re
+
+    text = (ROOT / "docs" / "layout.md").read_text()
+    listed = [
+        set(re.findall(r"`(skd\.[a-z_]+)`", line.split(" - ")[0]))
+        for line in re.findall(r"^\d+\. (`skd\.[^\n]*)", text, flags=re.M)
+    ]
+    assert listed == contract_layers(), f"docs/layout.md lists {listed}, setup.cfg's contract {contract_layers()}"

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from skd.location import LocalFolder, parse_location
-from skd.objectstore import ObjectPrefix, StoreError
+from skd.storage.location import LocalFolder, parse_location
+from skd.storage.objectstore import ObjectPrefix, StoreError
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,7 @@ def test_plain_paths_and_urls_parse_to_their_home():
 def test_an_oversized_zarr_json_in_a_folder_is_refused_before_zarr_reads_it(tmp_path):
     """zarr reads metadata whole: a folder's zarr.json over 1 MiB is refused as an object store's is, the
     group's own included (it is the first file zarr opens)."""
-    from skd.schema import MAX_METADATA_BYTES, SchemaError
+    from skd.storage.files import MAX_METADATA_BYTES, SchemaError
 
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "zarr.json").write_bytes(b" " * (MAX_METADATA_BYTES + 1))

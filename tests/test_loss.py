@@ -123,7 +123,7 @@ def test_seed_alpha_schedule():
 @pytest.mark.parametrize("epochs", [12, 36, 45, 90, 100, 101])
 def test_alpha_switches_where_the_lr_drops(epochs):
     """The seed recipe switches alpha at the 60% and 80% lr drops: a shorter run keeps them together."""
-    from skd.schedule import default_milestones
+    from skd.train.schedule import default_milestones
 
     switches = [e for e in range(1, epochs) if seed_alpha(e, epochs) != seed_alpha(e - 1, epochs)]
     drops = default_milestones(epochs)

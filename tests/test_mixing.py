@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from skd.errors import SkdError
-from skd.mixing import MixError, MixParams, box_pixels, mix_batch, plan_mixing, soft_labels
+from skd.plan.mixing import MixError, MixParams, box_pixels, mix_batch, plan_mixing, soft_labels
 
 BOTH = MixParams(mixup_alpha=0.8, cutmix_alpha=1.0)
 
@@ -247,7 +247,7 @@ def hand_mix(own: np.ndarray, partner: np.ndarray, lam: float, box: np.ndarray) 
 def mixed_cache(image_root, teacher_file, tmp_path_factory):
     from conftest import small_build_config
 
-    from skd.build import build_cache
+    from skd.build.teacher_pass import build_cache
 
     out = tmp_path_factory.mktemp("mixed") / "cache"
     build_cache(small_build_config(image_root, out, teacher_file, mixup=0.8, cutmix=1.0, batch_size=4))
@@ -259,7 +259,7 @@ def test_cached_logits_are_the_teachers_on_the_mixed_images(mixed_cache, teacher
 
     from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
     from skd.pipelines.torchvision_pipeline import load_view
-    from skd.store import open_store
+    from skd.store.cache_store import open_store
 
     store = open_store(mixed_cache)
     teacher = torchvision.models.resnet18(num_classes=3)
@@ -291,8 +291,8 @@ def test_cached_logits_are_the_teachers_on_the_mixed_images(mixed_cache, teacher
 def test_batch_size_does_not_change_a_mixed_cache(mixed_cache, image_root, teacher_file, tmp_path):
     from conftest import small_build_config
 
-    from skd.build import build_cache
-    from skd.store import open_store
+    from skd.build.teacher_pass import build_cache
+    from skd.store.cache_store import open_store
 
     build_cache(small_build_config(image_root, tmp_path / "b8", teacher_file, mixup=0.8, cutmix=1.0, batch_size=8))
     a, b = open_store(mixed_cache).read_logits(0), open_store(tmp_path / "b8").read_logits(0)
@@ -303,7 +303,7 @@ def test_batch_size_does_not_change_a_mixed_cache(mixed_cache, image_root, teach
 def test_online_mixed_training_equals_cached(mixed_cache, image_root, teacher_file, tmp_path):
     from dataclasses import replace
 
-    from skd.train import TrainConfig, train
+    from skd.train.loop import TrainConfig, train
 
     base = TrainConfig(
         epochs=2,
@@ -354,8 +354,8 @@ def test_online_mixed_training_equals_cached(mixed_cache, image_root, teacher_fi
 
 
 def test_verify_replays_mixed_rows(mixed_cache, teacher_file):
-    from skd.store import open_store
-    from skd.verify import verify_cache
+    from skd.inspect.verify import verify_cache
+    from skd.store.cache_store import open_store
 
     report = verify_cache(open_store(mixed_cache), weights=str(teacher_file), samples=42, seed=3)
     logits = next(c for c in report.checks if c.name == "logits")
@@ -364,20 +364,20 @@ def test_verify_replays_mixed_rows(mixed_cache, teacher_file):
 
 
 def test_info_and_stats_report_the_mixing(mixed_cache, in_process):
-    from skd.store import open_store
+    from skd.store.cache_store import open_store
 
     lam, box = open_store(mixed_cache).view_mix(0)
     share = float((lam < 1).mean())
     code, _ = in_process("cache", "info", mixed_cache)
     assert code == 0, f"info exit {code}"
-    from skd.info import describe
+    from skd.inspect.info import describe
 
     info = describe(open_store(mixed_cache))["mixing"]
     mixed = info["view 0"]["mixup"] + info["view 0"]["cutmix"]
     assert info["options"]["mixup_alpha"] == 0.8 and abs(mixed - share) < 1e-9, (
         f"info's shares {info['view 0']} vs {share:.3f} of rows mixed"
     )
-    from skd.stats import logit_stats, stats_lines
+    from skd.inspect.stats import logit_stats, stats_lines
 
     text = "\n".join(stats_lines(logit_stats(open_store(mixed_cache), (0,))))
     assert "mixing:" in text and "MixUp" in text, f"stats text lacks the mixing line: {text[-400:]}"

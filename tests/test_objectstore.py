@@ -13,15 +13,15 @@ import pytest
 from s3server import DUMMY_KEY, DUMMY_SECRET, S3Server
 from test_reader import assert_same, make_store
 
-from skd.codecs import get_codec
-from skd.info import describe, info_lines
-from skd.location import LocalFolder, parse_location
-from skd.locks import FolderLock, Lease, LockError
-from skd.objectstore import ObjectPrefix, check_objects
-from skd.reader import RowReader
-from skd.schema import SchemaError
-from skd.store import VAL, StoreError, cache_state, open_store
-from skd.zarr_internals import codec_pipeline
+from skd.inspect.info import describe, info_lines
+from skd.storage.location import LocalFolder, parse_location
+from skd.storage.locks import FolderLock, Lease, LockError
+from skd.storage.objectstore import ObjectPrefix, check_objects
+from skd.storage.zarr_internals import codec_pipeline
+from skd.store.cache_store import VAL, StoreError, cache_state, open_store
+from skd.store.codecs import get_codec
+from skd.store.reader import RowReader
+from skd.store.schema import SchemaError
 
 # zarrs rebuilds obstore's store in its own copy of object_store, and warns for every array it opens
 pytestmark = pytest.mark.filterwarnings("ignore:Successfully reconstructed a store:RuntimeWarning")
@@ -363,7 +363,7 @@ def test_a_cache_on_s3_resumes_and_is_marked_complete(server, bucket):
 
 
 def test_credentials_in_the_environment_are_masked_in_messages(monkeypatch):
-    from skd.objectstore import scrub
+    from skd.storage.objectstore import scrub
 
     monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
     assert scrub("denied for FwoGZXIvYXdzEXAMPLETOKEN at s3://b/c") == "denied for *** at s3://b/c"
@@ -392,8 +392,8 @@ def test_build_kill_resume_and_train_on_s3_equal_the_local_cache(
 
     from conftest import small_build_config
 
-    from skd.build import build_cache
-    from skd.train import TrainConfig, train
+    from skd.build.teacher_pass import build_cache
+    from skd.train.loop import TrainConfig, train
 
     url = f"s3://{bucket}/caches/r18"
     args = [
@@ -429,7 +429,7 @@ def test_build_kill_resume_and_train_on_s3_equal_the_local_cache(
     ]
     env = {**os.environ, **server.env, "SKD_FAULT": "after-shard:2"}
     killed = subprocess.run(
-        [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args)],
+        [sys.executable, "-c", "from skd.cli.main import main_cache; main_cache()", *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
@@ -466,7 +466,7 @@ def test_stats_and_verify_work_on_a_url_and_print_no_secret(
 ):
     from conftest import small_build_config
 
-    from skd.build import build_cache
+    from skd.build.teacher_pass import build_cache
 
     url = f"s3://{bucket}/caches/v"
     build_cache(small_build_config(image_root, url, teacher_file, views=1))
@@ -499,7 +499,7 @@ def s3_build(url: str, teacher_file, image_root, views: int, *extra) -> list[str
     args = ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", url]
     args += ["--views", views, "--image-size", 32, "--batch-size", 4, "--codec", "fp32", "--loader", "torchvision"]
     args += ["--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--amp", "none", "--device", "cpu", *extra]
-    return [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", *map(str, args)]
+    return [sys.executable, "-c", "from skd.cli.main import main_cache; main_cache()", *map(str, args)]
 
 
 def wait_for_request(server: S3Server, process: subprocess.Popen, method: str, fragment: str, what: str) -> None:
@@ -535,7 +535,7 @@ def test_a_build_resumes_once_a_store_that_stopped_answering_answers_again(image
 
     from conftest import small_build_config
 
-    from skd.build import build_cache
+    from skd.build.teacher_pass import build_cache
 
     command = s3_build("s3://paused/c", teacher_file, image_root, 3, "--no-val")
     with S3Server() as own:
@@ -573,7 +573,7 @@ def test_a_store_that_goes_away_mid_training_is_one_line(image_root, teacher_fil
 
     from conftest import small_build_config
 
-    from skd.build import build_cache
+    from skd.build.teacher_pass import build_cache
 
     with S3Server() as own:
         for key, value in own.env.items():
@@ -584,7 +584,7 @@ def test_a_store_that_goes_away_mid_training_is_one_line(image_root, teacher_fil
         args = ["--cache", "s3://gone/c", "--epochs", 4, "--batch-size", 4, "--steps-per-epoch", 2, "--no-val"]
         args += ["--loader", "torchvision", "--workers", 0, "--device", "cpu", "--out", tmp_path / "run"]
         run = subprocess.Popen(
-            [sys.executable, "-c", "from skd.cli import main_train; main_train()", *map(str, args)],
+            [sys.executable, "-c", "from skd.cli.main import main_train; main_train()", *map(str, args)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

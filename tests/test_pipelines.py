@@ -17,9 +17,9 @@ import torch
 from conftest import photo_like, write_jpeg
 from PIL import Image, ImageOps
 
-from skd.image_probe import image_size
+from skd.data.image_probe import image_size
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, make_loader
-from skd.plan import crop_windows, flips
+from skd.plan.crops import crop_windows, flips
 
 SIZE = 48
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

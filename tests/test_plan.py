@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 
-from skd.plan import CropParams, center_boxes, crop_windows, flips, plan_view, sample_order
+from skd.plan.crops import CropParams, center_boxes, crop_windows, flips, plan_view, sample_order
 
 
 def sizes_for(n, seed=0):

@@ -6,13 +6,13 @@ import pytest
 import zarr
 from handmade import cache_meta
 
-from skd.codecs import get_codec
-from skd.creation import create_store
-from skd.index import Split
-from skd.plan import ViewPlan
-from skd.reader import RowReader
-from skd.store import VAL, StoreError, open_store, part_name
-from skd.zarr_internals import codec_pipeline
+from skd.data.index import Split
+from skd.plan.crops import ViewPlan
+from skd.storage.zarr_internals import codec_pipeline
+from skd.store.cache_store import VAL, StoreError, open_store, part_name
+from skd.store.codecs import get_codec
+from skd.store.creation import create_store
+from skd.store.reader import RowReader
 
 
 def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_rows=4, views=2, val=13, skip_shards=()):

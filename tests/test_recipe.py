@@ -11,10 +11,10 @@ import zarr
 from conftest import small_build_config
 from PIL import Image
 
-from skd.build import build_cache
+from skd.build.teacher_pass import build_cache
+from skd.models.recipe import RecipeError, resolve
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
-from skd.recipe import RecipeError, resolve
-from skd.train import TrainConfig, train
+from skd.train.loop import TrainConfig, train
 
 CFG_96 = {"input_size": (3, 96, 96), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from conftest import small_build_config
 
-from skd.build import build_cache
+from skd.build.recode import recode_cache
+from skd.build.teacher_pass import build_cache
 from skd.errors import SkdError
-from skd.recode import recode_cache
-from skd.store import open_store
+from skd.store.cache_store import open_store
 
 
 def files(path: Path) -> dict[str, bytes]:
@@ -29,7 +29,7 @@ def files(path: Path) -> dict[str, bytes]:
 
 def recode_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-c", "from skd.cli import main_cache; main_cache()", "recode", *map(str, args)],
+        [sys.executable, "-c", "from skd.cli.main import main_cache; main_cache()", "recode", *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

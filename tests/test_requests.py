@@ -11,11 +11,11 @@ import zarr
 from conftest import small_build_config
 from s3server import S3Server
 
-from skd.build import build_cache
-from skd.info import describe
-from skd.location import parse_location
-from skd.store import open_store
-from skd.train import TrainConfig, train
+from skd.build.teacher_pass import build_cache
+from skd.inspect.info import describe
+from skd.storage.location import parse_location
+from skd.store.cache_store import open_store
+from skd.train.loop import TrainConfig, train
 
 # zarrs rebuilds obstore's store in its own copy of object_store, and warns for every array it opens
 pytestmark = pytest.mark.filterwarnings("ignore:Successfully reconstructed a store:RuntimeWarning")

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from skd.runtime import DIST_TIMEOUT_MINUTES, DeviceError, set_dist_timeout
+from skd.models.runtime import DIST_TIMEOUT_MINUTES, DeviceError, set_dist_timeout
 
 RANK = """
 import sys, torch, torch.distributed as dist
-from skd.runtime import init_distributed, set_dist_timeout, shutdown
+from skd.models.runtime import init_distributed, set_dist_timeout, shutdown
 if sys.argv[1] != "default":
     set_dist_timeout(float(sys.argv[1]))
 d = init_distributed("cpu")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from skd.schedule import default_milestones, lr_scheduler
+from skd.train.schedule import default_milestones, lr_scheduler
 
 BASE_LR = 0.4
 

@@ -18,8 +18,8 @@ import pytest
 import zarr
 from conftest import small_build_config
 
-from skd.build import build_cache
-from skd.schema import samples_sha256
+from skd.build.teacher_pass import build_cache
+from skd.store.schema import samples_sha256
 
 PEAK_LIMIT = 64 * 2**20  # bytes of Python and numpy allocation a refused open may take
 
@@ -190,10 +190,10 @@ COMMANDS = ("info", "stats", "verify", "train")
 def built(image_root, teacher_file, tmp_path_factory) -> Path:
     """One finished cache for the module; each test tampers its own copy. The commands' modules are imported
     here, so that their import is not counted in a command's traced memory."""
-    import skd.info  # noqa: F401
-    import skd.stats  # noqa: F401
-    import skd.train  # noqa: F401
-    import skd.verify  # noqa: F401
+    import skd.inspect.info  # noqa: F401
+    import skd.inspect.stats  # noqa: F401
+    import skd.inspect.verify  # noqa: F401
+    import skd.train.loop  # noqa: F401
 
     out = tmp_path_factory.mktemp("schema") / "cache"
     build_cache(small_build_config(image_root, out, teacher_file))

@@ -10,16 +10,16 @@ import torch
 from click.testing import CliRunner
 from handmade import cache_meta
 
-from skd.cached_logits import auto_multiplier
-from skd.cli import cache as cli
-from skd.codecs import get_codec
-from skd.creation import create_store
-from skd.index import Split
+from skd.cli.main import cache as cli
+from skd.data.index import Split
+from skd.inspect.stats import CacheStats, logit_stats, plot_stats, split_summary
+from skd.inspect.stats_rows import RowStats
 from skd.loss import spherical_normalize
-from skd.plan import ViewPlan
-from skd.stats import CacheStats, logit_stats, plot_stats, split_summary
-from skd.stats_rows import RowStats
-from skd.store import VAL, open_store
+from skd.plan.crops import ViewPlan
+from skd.replay.cached_logits import auto_multiplier
+from skd.store.cache_store import VAL, open_store
+from skd.store.codecs import get_codec
+from skd.store.creation import create_store
 
 N, C, NUM_VAL, CLASSES = 300, 10, 200, [f"c{i}" for i in range(10)]
 CONFUSED, AS = 3, 5  # every sample of class c3 is predicted c5

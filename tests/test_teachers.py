@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from skd.teachers import ModelError, create_model, load_teacher, state_sha256
+from skd.models.teachers import ModelError, create_model, load_teacher, state_sha256
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_wrong_py_callables_are_one_line_errors(spec, says):
 TIMM_LOAD = """
 import json, sys
 from skd.errors import SkdError
-from skd.teachers import load_teacher
+from skd.models.teachers import load_teacher
 try:
     t = load_teacher("timm:vit_tiny_patch16_224")
     print(json.dumps({"weights": t.weights, "sha": t.weights_sha256, "hub": t.pretrained_cfg["hf_hub_id"]}))
@@ -132,7 +132,7 @@ def test_a_fixed_size_timm_teacher_at_another_size_is_one_line():
     """A ViT built for 224 px asserts its input size deep in timm: the build says so in one line, naming the
     option, instead of timm's traceback."""
     pytest.importorskip("timm")
-    from skd.teachers import output_classes
+    from skd.models.teachers import output_classes
 
     model = create_model("timm:vit_tiny_patch16_224", num_classes=10).eval()
     assert output_classes(model, 224, torch.device("cpu"), "teacher vit") == 10, "its own size runs"

@@ -17,15 +17,15 @@ import torchvision
 import zarr
 from conftest import free_port, small_build_config
 
-from skd.build import build_cache
-from skd.train import TrainConfig, train
+from skd.build.teacher_pass import build_cache
+from skd.train.loop import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-c", "from skd.cli import main_train; main_train()", *map(str, args)],
+        [sys.executable, "-c", "from skd.cli.main import main_train; main_train()", *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -207,7 +207,7 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
 def test_a_run_is_replaced_only_on_overwrite_and_a_moved_cache_resumes(fp32_cache, tmp_path):
     """Rerunning without --resume (as after a Ctrl-C) keeps the run; --overwrite starts it again; a copy of the
     cache elsewhere is the same cache for --resume."""
-    from skd.training_run import TrainError
+    from skd.train.run import TrainError
 
     out = tmp_path / "run"
     run(base_config(out, cache=fp32_cache, epochs=1))
@@ -323,9 +323,9 @@ def test_images_vanishing_during_training_are_one_line(fp32_cache, image_root, t
 
 def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
     from skd.errors import SkdError
-    from skd.runtime import Dist
-    from skd.train import _train
-    from skd.training_run import TrainError
+    from skd.models.runtime import Dist
+    from skd.train.loop import _train
+    from skd.train.run import TrainError
 
     with pytest.raises(SkdError, match="18 training samples cannot be shared by 20 processes"):
         _train(
@@ -396,7 +396,7 @@ def test_bad_numbers_are_refused_before_any_work(option, value, fp32_cache, tmp_
     """NaN or negative settings would train to NaN weights (exit 0) or fail deep in torch: refuse them up front."""
     from click.testing import CliRunner
 
-    from skd.cli import train as train_command
+    from skd.cli.main import train as train_command
 
     result = CliRunner().invoke(
         train_command, ["--cache", str(fp32_cache), option, value, "--out", str(tmp_path / "r")]
@@ -477,7 +477,7 @@ def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tm
             [
                 sys.executable,
                 "-m",
-                "skd.cli",
+                "skd.cli.main",
                 *[
                     str(a)
                     for a in [
@@ -625,7 +625,7 @@ def test_a_disk_filling_up_during_training_is_one_line_and_resumes(fp32_cache, t
 def test_a_run_folder_in_use_or_not_a_folder_is_refused_in_one_line(fp32_cache, tmp_path, in_process):
     """A requeued job, or --resume while the first run still trains: the second run is refused naming the
     holder, and the first run's metrics are untouched; an --out that is a file is refused before any work."""
-    from skd.locks import FolderLock
+    from skd.storage.locks import FolderLock
 
     out = tmp_path / "run"
     out.mkdir()

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from skd.errors import SkdError
-from skd.runtime import Dist
-from skd.schedule import lr_scheduler
-from skd.training_run import Learner, check_world
-from skd.view_loader import rank_range
+from skd.models.runtime import Dist
+from skd.replay.view_loader import rank_range
+from skd.train.run import Learner, check_world
+from skd.train.schedule import lr_scheduler
 
 
 def test_a_first_step_skipped_by_the_fp16_scaler_keeps_the_schedule_and_warns_nothing():

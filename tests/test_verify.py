@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from conftest import make_image_folder, photo_like, write_jpeg
 from PIL import Image
 
-from skd.build import BuildConfig, build_cache
-from skd.cli import cache as cli
-from skd.store import open_store
+from skd.build.teacher_pass import BuildConfig, build_cache
+from skd.cli.main import cache as cli
+from skd.store.cache_store import open_store
 
 SHARD = "views/logits/c/1/0/0"  # view 1, shard 0 (rows 0-7)
 
@@ -157,7 +157,7 @@ def test_every_flipped_byte_of_a_shard_is_found_by_integrity(copy):
 
     A flip is either reported or harmless (e.g. zstd's frame-header bit 4 is unused by the format).
     """
-    from skd.verify_checks import check_integrity
+    from skd.inspect.verify_checks import check_integrity
 
     path = copy / "cache" / SHARD
     pristine = path.read_bytes()

@@ -1,11 +1,11 @@
-"""The zarr and zarrs internals skd relies on (skd/zarr_internals.py) are still where it reaches for them:
+"""The zarr and zarrs internals skd relies on (skd/storage/zarr_internals.py) are still where it reaches for them:
 these fail on an upgrade that moves one, before a cache is read with the wrong pipeline or too few threads."""
 
 import zarr
 import zarr.core.sync as zsync
 import zarr.storage
 
-from skd.zarr_internals import ZARR_IO_THREADS, codec_pipeline, widen_zarr_thread_pool, zarrs_reads
+from skd.storage.zarr_internals import ZARR_IO_THREADS, codec_pipeline, widen_zarr_thread_pool, zarrs_reads
 
 
 def test_arrays_opened_for_reading_decode_through_zarrs(tmp_path):
