@@ -11,9 +11,9 @@ from PIL import Image
 
 pytest.importorskip("sklearn")
 
+from skd.data.index import index_dataset  # noqa: E402
 from skd.demo import digits as demo_digits  # noqa: E402
 from skd.demo import walkthrough as demo  # noqa: E402
-from skd.data.index import index_dataset  # noqa: E402
 from skd.demo.models import IMAGE_SIZE  # noqa: E402
 from skd.models.teachers import create_model  # noqa: E402
 

@@ -166,7 +166,7 @@ def _with_options(command, options: list):
 
 
 def teacher_input_options(command):
-    """--teacher-size, --teacher-interpolation, --teacher-mean, --teacher-std (skd/models/recipe.py resolves the rest)."""
+    """--teacher-size, --teacher-interpolation, --teacher-mean, --teacher-std (skd.models.recipe resolves the rest)."""
     return _with_options(command, TEACHER_INPUT_OPTIONS)
 
 

@@ -96,8 +96,8 @@ def create_store(
     val_boxes: np.ndarray | None,
     num_classes: int,
 ) -> Store:
-    """Write a new, empty cache: samples, the plan of every view, empty logit arrays; the plan's id (skd.plan.crops.PlanId)
-    is recorded in `skd.plan.id`.
+    """Write a new, empty cache: samples, the plan of every view, empty logit arrays; the plan's id
+    (skd.plan.crops.PlanId) is recorded in `skd.plan.id`.
 
     `plans` may make each view's plan when asked (`ViewPlans`): views are written and hashed one at a time, so
     creating a cache of K views holds one view's plan, not K. The group starts with only the `skd_creating`

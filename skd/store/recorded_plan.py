@@ -12,8 +12,8 @@ from skd.store.schema import augment_arrays, recorded_augment
 
 
 class RecordedPlan:
-    """The plan-reading part of `skd.store.cache_store.Store`: it reads arrays with `_read(name, view)` and knows its `meta`,
-    `path`, `num_samples` and samples (`split`)."""
+    """The plan-reading part of `skd.store.cache_store.Store`: it reads arrays with `_read(name, view)` and knows
+    its `meta`, `path`, `num_samples` and samples (`split`)."""
 
     def view_plan(self, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(order, box, flip) of one view as recorded, checked: the order a permutation of the samples, every
