@@ -51,11 +51,19 @@ def synthetic_store(
         shard_rows=shard_rows,
         chunk_rows=chunk_rows,
     )
-    side = 64  # every image 64 x 64 pixels; each window is the whole image (the store checks windows lie inside)
-    train = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), side))
+    # every image 64 x 64 pixels; each window is the whole image (the store checks windows lie
+    # inside)
+    side = 64
+    train = Split(
+        [f"train/c/{i}.JPEG" for i in range(rows)],
+        rng.integers(0, classes, rows),
+        np.full((rows, 2), side),
+    )
     whole_image = np.tile(np.array([0, 0, side, side], np.int32), (rows, 1))
     plan = ViewPlan(order=rng.permutation(rows), box=whole_image, flip=np.zeros(rows))
-    store = create_store(path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes)
+    store = create_store(
+        path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes
+    )
     enc = get_codec(codec)
     for shard in range(store.num_shards(rows)):
         a, b = store.shard_bounds(shard, rows)
@@ -96,10 +104,16 @@ def machine() -> str:
 def git_state() -> str:
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ["git", "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
         ).stdout.strip()
         return head + ("+changes" if dirty else "")
     except OSError:
@@ -221,7 +235,9 @@ def train_rate(cfg, warmup: int, steps_per_epoch: int) -> float:
 
     from skd.train.loop import train
 
-    cuda = str(cfg.device).startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    cuda = str(cfg.device).startswith("cuda") or (
+        cfg.device == "auto" and torch.cuda.is_available()
+    )
     marks: dict[int, list[float]] = {}
 
     def on_step(epoch, step, parts):
@@ -245,7 +261,10 @@ def teacher_loop_timer():
     import skd.build.teacher_pass
 
     spent = [0.0, 0]
-    original_run, original_close = skd.build.teacher_pass.write_teacher_logits, skd.build.teacher_pass.ShardWriter.close
+    original_run, original_close = (
+        skd.build.teacher_pass.write_teacher_logits,
+        skd.build.teacher_pass.ShardWriter.close,
+    )
 
     def write_teacher_logits(*a, **k):
         t = time.perf_counter()
@@ -259,7 +278,10 @@ def teacher_loop_timer():
         original_close(self)
         spent[0] += time.perf_counter() - t
 
-    skd.build.teacher_pass.write_teacher_logits, skd.build.teacher_pass.ShardWriter.close = write_teacher_logits, close
+    skd.build.teacher_pass.write_teacher_logits, skd.build.teacher_pass.ShardWriter.close = (
+        write_teacher_logits,
+        close,
+    )
     try:
         yield spent
     finally:

@@ -54,7 +54,10 @@ def timed_build(cfg: BuildConfig) -> tuple[float, float, float]:
         build_cache(cfg)
         total = time.perf_counter() - t
         cpu_end = os.times()
-    busy = sum(getattr(cpu_end, f) - getattr(cpu, f) for f in ("user", "system", "children_user", "children_system"))
+    busy = sum(
+        getattr(cpu_end, f) - getattr(cpu, f)
+        for f in ("user", "system", "children_user", "children_system")
+    )
     return spent[1] / spent[0], total, busy / total
 
 
@@ -87,7 +90,10 @@ def teacher_rate(model, cfg: BuildConfig, device: torch.device, steps: int) -> f
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     dtype = AMP_DTYPES[cfg.amp]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+    ):
         model(x).float().cpu()
         t = time.perf_counter()
         for _ in range(steps):
@@ -96,13 +102,18 @@ def teacher_rate(model, cfg: BuildConfig, device: torch.device, steps: int) -> f
 
 
 # name: (loader, batches of files the DALI reader reads ahead: None for its default)
-LOADERS = {"torchvision": ("torchvision", None), "dali": ("dali", None), "dali-no-read-ahead": ("dali", 0)}
+LOADERS = {
+    "torchvision": ("torchvision", None),
+    "dali": ("dali", None),
+    "dali-no-read-ahead": ("dali", 0),
+}
 
 
 def measure_round(cfgs: dict[str, BuildConfig], model, device, steps: int, rates: dict) -> None:
     """One round: build and loader alone for each loader variant, then the teacher alone; appended to `rates`."""
     for name, cfg in cfgs.items():
-        if cfg.loader == "dali":  # imported here: the GPU check uses this module on a machine without DALI
+        # imported here: the GPU check uses this module on a machine without DALI
+        if cfg.loader == "dali":
             from skd.pipelines import dali_pipeline
 
             ahead = LOADERS[name][1]
@@ -127,7 +138,9 @@ def report(args, rates: dict, load: list[float]) -> None:
     for name in args.loaders:
         r = rates[name]
         ratios = [b / min(lo, te) for b, lo, te in zip(r["build"], r["loader"], rates["teacher"])]
-        serial = [1 / (1 / lo + 1 / te) / min(lo, te) for lo, te in zip(r["loader"], rates["teacher"])]
+        serial = [
+            1 / (1 / lo + 1 / te) / min(lo, te) for lo, te in zip(r["loader"], rates["teacher"])
+        ]
         rows.append(
             [name]
             + [f"{statistics.median(r[k]):,.1f}" for k in ("build", "loader")]
@@ -151,7 +164,9 @@ def report(args, rates: dict, load: list[float]) -> None:
         )
     )
     if "dali" in rates and "dali-no-read-ahead" in rates:
-        per_round = [a / b for a, b in zip(rates["dali"]["build"], rates["dali-no-read-ahead"]["build"])]
+        per_round = [
+            a / b for a, b in zip(rates["dali"]["build"], rates["dali-no-read-ahead"]["build"])
+        ]
         print(
             f"\nDALI build with / without read-ahead: {statistics.median(per_round):.2f} (per round "
             f"{', '.join(f'{x:.2f}' for x in per_round)})"
@@ -169,9 +184,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="none")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the teacher (build and alone)")
-    ap.add_argument("--jpeg-size", type=int, default=320, help="side of the source JPEGs (decode cost)")
-    ap.add_argument("--loaders", default="torchvision", type=lambda v: v.split(","), help=", ".join(LOADERS))
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the teacher (build and alone)"
+    )
+    ap.add_argument(
+        "--jpeg-size", type=int, default=320, help="side of the source JPEGs (decode cost)"
+    )
+    ap.add_argument(
+        "--loaders", default="torchvision", type=lambda v: v.split(","), help=", ".join(LOADERS)
+    )
     ap.add_argument("--dir", type=Path)
     args = ap.parse_args()
     unknown = [name for name in args.loaders if name not in LOADERS]
@@ -210,7 +231,9 @@ def main() -> None:
             for name in args.loaders
         }
         steps = max(4, args.images * args.views // args.batch // 2)
-        rates: dict = {name: {"build": [], "whole": [], "cores": [], "loader": []} for name in args.loaders}
+        rates: dict = {
+            name: {"build": [], "whole": [], "cores": [], "loader": []} for name in args.loaders
+        }
         rates["teacher"] = []
         load = [os.getloadavg()[0]]
         for r in range(args.rounds):
@@ -219,7 +242,8 @@ def main() -> None:
             print(
                 f"round {r}: "
                 + ", ".join(
-                    f"{n} build {rates[n]['build'][-1]:,.1f} loader {rates[n]['loader'][-1]:,.1f}" for n in args.loaders
+                    f"{n} build {rates[n]['build'][-1]:,.1f} loader {rates[n]['loader'][-1]:,.1f}"
+                    for n in args.loaders
                 )
                 + f", teacher {rates['teacher'][-1]:,.1f}",
                 flush=True,

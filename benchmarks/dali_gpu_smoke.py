@@ -25,7 +25,15 @@ from bench_common import machine, table
 
 
 def row(decode: str, reference: str, images: int, device_id: int | None, load: float) -> list[str]:
-    command = [sys.executable, "-m", "skd.pipelines.dali_smoke", "--decode", decode, "--reference", reference]
+    command = [
+        sys.executable,
+        "-m",
+        "skd.pipelines.dali_smoke",
+        "--decode",
+        decode,
+        "--reference",
+        reference,
+    ]
     command += ["--images", str(images), "--hw-decoder-load", str(load)]
     command += [] if device_id is None else ["--device-id", str(device_id)]
     started = time.perf_counter()
@@ -34,7 +42,11 @@ def row(decode: str, reference: str, images: int, device_id: int | None, load: f
     what = [decode, reference, f"{load:g}" if device_id is not None else "(CPU)"]
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode or not lines:
-        why = f"killed by signal {-run.returncode}" if run.returncode < 0 else f"exit {run.returncode}"
+        why = (
+            f"killed by signal {-run.returncode}"
+            if run.returncode < 0
+            else f"exit {run.returncode}"
+        )
         tail = [line.strip() for line in run.stderr.splitlines() if line.strip()]
         return what + ["FAILED", why + (f": {tail[-1][:120]}" if tail else ""), seconds]
     report = json.loads(lines[-1])
@@ -55,8 +67,17 @@ def main() -> None:
     for decode, reference, load in pairs:
         rows.append(row(decode, reference, args.images, args.device_id, load))
         print(" | ".join(rows[-1]), flush=True)
-    print(f"\n{machine()}; {args.images} JPEGs (EXIF orientations 1, 3, 6, 8), windows resized to 64 px")
-    header = ["decode", "against", "hw decoder load", "worst image's mean grey levels apart", "max", "seconds"]
+    print(
+        f"\n{machine()}; {args.images} JPEGs (EXIF orientations 1, 3, 6, 8), windows resized to 64 px"
+    )
+    header = [
+        "decode",
+        "against",
+        "hw decoder load",
+        "worst image's mean grey levels apart",
+        "max",
+        "seconds",
+    ]
     print(table(header, rows))
 
 

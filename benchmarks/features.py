@@ -64,7 +64,9 @@ def build_rate(cfg: BuildConfig) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name, value in (
         ("images", 512),
         ("size", 32),
@@ -87,7 +89,9 @@ def main() -> None:
         root = synthetic_jpeg_folder(work / "data", args.images, int(args.size * 1.5), classes=10)
         torch.manual_seed(0)
         weights = work / "teacher.pth"
-        torch.save(torchvision.models.get_model(args.teacher, num_classes=classes).state_dict(), weights)
+        torch.save(
+            torchvision.models.get_model(args.teacher, num_classes=classes).state_dict(), weights
+        )
         build = dict(
             teacher=args.teacher,
             weights=str(weights),
@@ -107,7 +111,9 @@ def main() -> None:
             "plain": BuildConfig(out=work / "plain", **build),
             "mixed": BuildConfig(out=work / "mixed", **build, **MIX),
             "augmented": BuildConfig(out=work / "augmented", **build, **AUGMENT),
-            "second": BuildConfig(out=work / "second", **{**build, "weights": str(weights)}, plan_from=work / "plain"),
+            "second": BuildConfig(
+                out=work / "second", **{**build, "weights": str(weights)}, plan_from=work / "plain"
+            ),
         }
         common = dict(
             arch=args.student,
@@ -129,7 +135,9 @@ def main() -> None:
             "one cache": TrainConfig(cache=work / "plain", out=work / "r1", **common),
             "mixed cache": TrainConfig(cache=work / "mixed", out=work / "r2", **common),
             "augmented cache": TrainConfig(cache=work / "augmented", out=work / "r4", **common),
-            "two caches": TrainConfig(cache=[work / "plain", work / "second"], out=work / "r3", **common),
+            "two caches": TrainConfig(
+                cache=[work / "plain", work / "second"], out=work / "r3", **common
+            ),
         }
         rates: dict[str, list[float]] = {f"build {n}": [] for n in ("plain", "mixed", "augmented")}
         rates |= {n: [] for n in runs} | {"ops per core (224 px)": []}
@@ -144,7 +152,9 @@ def main() -> None:
                 rates[name].append(train_rate(cfg, args.warmup, steps))
             rates["ops per core (224 px)"].append(ops_rate())
             load.append(os.getloadavg()[0])
-            print(f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
+            print(
+                f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True
+            )
 
     def ratio(a: str, b: str) -> float:
         return statistics.median([x / y for x, y in zip(rates[a], rates[b])])
@@ -154,17 +164,42 @@ def main() -> None:
         f"{args.size} px, batch {args.batch}, {args.images} images, {args.rounds} rounds, {args.threads} torch "
         f"threads, loader torchvision with {args.workers} workers; load average {min(load):.1f}-{max(load):.1f}"
     )
-    print(table(["run", "images/s (median)"], [[n, f"{statistics.median(v):,.1f}"] for n, v in rates.items()]))
+    print(
+        table(
+            ["run", "images/s (median)"],
+            [[n, f"{statistics.median(v):,.1f}"] for n, v in rates.items()],
+        )
+    )
     print()
     print(
         table(
             ["measure", "value", "target"],
             [
-                ["build with mixing / without", f"{ratio('build mixed', 'build plain'):.3f}", ">= 0.95"],
-                ["train with mixing / without", f"{ratio('mixed cache', 'one cache'):.3f}", ">= 0.95"],
-                ["train from two caches / one", f"{ratio('two caches', 'one cache'):.3f}", ">= 0.95"],
-                ["build with augmentation / without", f"{ratio('build augmented', 'build plain'):.3f}", "measured"],
-                ["train with augmentation / without", f"{ratio('augmented cache', 'one cache'):.3f}", "measured"],
+                [
+                    "build with mixing / without",
+                    f"{ratio('build mixed', 'build plain'):.3f}",
+                    ">= 0.95",
+                ],
+                [
+                    "train with mixing / without",
+                    f"{ratio('mixed cache', 'one cache'):.3f}",
+                    ">= 0.95",
+                ],
+                [
+                    "train from two caches / one",
+                    f"{ratio('two caches', 'one cache'):.3f}",
+                    ">= 0.95",
+                ],
+                [
+                    "build with augmentation / without",
+                    f"{ratio('build augmented', 'build plain'):.3f}",
+                    "measured",
+                ],
+                [
+                    "train with augmentation / without",
+                    f"{ratio('augmented cache', 'one cache'):.3f}",
+                    "measured",
+                ],
             ],
         )
     )

@@ -30,7 +30,14 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, steps_in_epoch, synthetic_jpeg_folder, table, teacher_loop_timer, train_rate  # noqa: E402
+from bench_common import (
+    machine,
+    steps_in_epoch,
+    synthetic_jpeg_folder,
+    table,
+    teacher_loop_timer,
+    train_rate,
+)  # noqa: E402
 from build_pipelining import loader_rate  # noqa: E402
 from train_overhead import compute_rates  # noqa: E402
 
@@ -45,14 +52,19 @@ def say(message: str) -> None:
     print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", flush=True)
 
 
-def teacher_synthetic_rate(name: str, batch: int, size: int, device: torch.device, amp: str, steps: int) -> float:
+def teacher_synthetic_rate(
+    name: str, batch: int, size: int, device: torch.device, amp: str, steps: int
+) -> float:
     model = torchvision.models.get_model(name, num_classes=1000).eval().to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     dtype = AMP_DTYPES[amp]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+    ):
         for _ in range(3):
             model(x).float().cpu()
         t = time.perf_counter()
@@ -62,7 +74,9 @@ def teacher_synthetic_rate(name: str, batch: int, size: int, device: torch.devic
     return steps * batch / (time.perf_counter() - t)
 
 
-def build_argv(args, root: Path, cache: Path, amp: str | None = None, compile: bool = False) -> list[str]:
+def build_argv(
+    args, root: Path, cache: Path, amp: str | None = None, compile: bool = False
+) -> list[str]:
     """The `skd-cache build` arguments of the check (AMP `amp` instead of --amp's where given)."""
     return [
         "build",
@@ -95,7 +109,9 @@ def build_argv(args, root: Path, cache: Path, amp: str | None = None, compile: b
     ] + (["--compile"] if compile else [])
 
 
-def cli_build(args, root: Path, cache: Path, amp: str | None = None, compile: bool = False) -> tuple[float, float]:
+def cli_build(
+    args, root: Path, cache: Path, amp: str | None = None, compile: bool = False
+) -> tuple[float, float]:
     """Run `skd-cache build ...` in this process; (images/s inside its teacher loop, for the whole command)."""
     from skd.cli.main import cache as cache_group
 
@@ -121,14 +137,34 @@ def other_builds(args, root: Path) -> list[list[str]]:
     amp, compile = ("fp16", True) if cuda else ("none", False)
     try:
         loop, whole = cli_build(args, root, args.work / "cache-other", amp, compile)
-        what = f"build --amp {amp}" + (" --compile" if compile else " (CPU rehearsal: no --compile)")
-        rows.append([what, f"{loop:,.0f}", f"{whole:,.0f} for the whole command, compiling included"])
-    except (Exception, SystemExit) as error:  # a failure here is a finding, not the end of the check
-        rows.append([f"build --amp {amp}{' --compile' if compile else ''}", "FAILED", str(error).splitlines()[0]])
+        what = f"build --amp {amp}" + (
+            " --compile" if compile else " (CPU rehearsal: no --compile)"
+        )
+        rows.append(
+            [what, f"{loop:,.0f}", f"{whole:,.0f} for the whole command, compiling included"]
+        )
+    # a failure here is a finding, not the end of the check
+    except (Exception, SystemExit) as error:
+        rows.append(
+            [
+                f"build --amp {amp}{' --compile' if compile else ''}",
+                "FAILED",
+                str(error).splitlines()[0],
+            ]
+        )
     if cuda and torch.cuda.device_count() < 2:
-        rows.append(["two processes under torchrun", "not run", f"{torch.cuda.device_count()} GPU here"])
+        rows.append(
+            ["two processes under torchrun", "not run", f"{torch.cuda.device_count()} GPU here"]
+        )
         return rows
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
     script = Path(sys.executable).parent / "skd-cache"
     script = script if script.exists() else Path(shutil.which("skd-cache") or "skd-cache")
     command += [str(script), *build_argv(args, root, args.work / "cache-2")]
@@ -138,10 +174,14 @@ def other_builds(args, root: Path) -> list[list[str]]:
     seconds = time.perf_counter() - t
     if run.returncode:
         tail = [line for line in run.stderr.splitlines() if line.strip()][-1:] or ["no output"]
-        rows.append(["two processes under torchrun", "FAILED", f"exit {run.returncode}: {tail[0][:150]}"])
+        rows.append(
+            ["two processes under torchrun", "FAILED", f"exit {run.returncode}: {tail[0][:150]}"]
+        )
     else:
         rate = args.images * args.views / seconds
-        rows.append(["two processes under torchrun (whole command)", f"{rate:,.0f}", f"{seconds:.1f} s"])
+        rows.append(
+            ["two processes under torchrun (whole command)", f"{rate:,.0f}", f"{seconds:.1f} s"]
+        )
     return rows
 
 
@@ -156,8 +196,12 @@ def main() -> None:
     ap.add_argument("--student", default="resnet18")
     ap.add_argument("--teacher-batch", type=int, default=256)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=256, help="student steps per run (over several epochs)")
-    ap.add_argument("--warmup", type=int, default=4, help="steps of each epoch left out of the rate")
+    ap.add_argument(
+        "--steps", type=int, default=256, help="student steps per run (over several epochs)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=4, help="steps of each epoch left out of the rate"
+    )
     ap.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--amp", default="bf16")
@@ -166,21 +210,29 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device: pass --device cpu (with tiny sizes) to test the script")
+            raise SystemExit(
+                "no CUDA device: pass --device cpu (with tiny sizes) to test the script"
+            )
         torch.backends.cudnn.benchmark = True
     else:
         torch.set_num_threads(1)
     say(f"{machine()}; workers {args.workers}")
     root = args.work / "data"
     if not (root / "train").is_dir():
-        synthetic_jpeg_folder(root, args.images, args.jpeg_size, classes=100, processes=max(1, os.cpu_count() or 1))
+        synthetic_jpeg_folder(
+            root, args.images, args.jpeg_size, classes=100, processes=max(1, os.cpu_count() or 1)
+        )
     say(f"{args.images} JPEGs of ~{args.jpeg_size} px in {root}")
 
-    teacher_mem = teacher_synthetic_rate(args.teacher, args.teacher_batch, args.size, device, args.amp, steps=20)
+    teacher_mem = teacher_synthetic_rate(
+        args.teacher, args.teacher_batch, args.size, device, args.amp, steps=20
+    )
     say(f"teacher on in-memory tensors: {teacher_mem:,.0f} images/s")
     cache = args.work / "cache"
     teacher_pipe, build_whole = cli_build(args, root, cache)
-    say(f"build: {teacher_pipe:,.0f} images/s in the loop, {build_whole:,.0f} for the whole command")
+    say(
+        f"build: {teacher_pipe:,.0f} images/s in the loop, {build_whole:,.0f} for the whole command"
+    )
     cfg = BuildConfig(
         teacher=args.teacher,
         data=root,
@@ -212,7 +264,9 @@ def main() -> None:
     )
     runs = {
         "cached SKD": TrainConfig(cache=cache, kd="skd", out=args.work / "run-skd", **common),
-        "hard labels (--kd none)": TrainConfig(cache=cache, kd="none", out=args.work / "run-none", **common),
+        "hard labels (--kd none)": TrainConfig(
+            cache=cache, kd="none", out=args.work / "run-none", **common
+        ),
         "online SKD": TrainConfig(
             teacher=args.teacher,
             weights="none",
@@ -227,15 +281,29 @@ def main() -> None:
     student = {}
     for name, tc in runs.items():
         student[name] = train_rate(tc, min(args.warmup, steps_per_epoch - 2), steps_per_epoch)
-        say(f"student {name}: {student[name]:,.0f} images/s ({epochs} epochs x {steps_per_epoch} steps)")
+        say(
+            f"student {name}: {student[name]:,.0f} images/s ({epochs} epochs x {steps_per_epoch} steps)"
+        )
     s_rate, t_rate = compute_rates(
-        args.student, args.teacher, 1000, args.batch, args.size, device, args.amp, steps=20, rounds=1
+        args.student,
+        args.teacher,
+        1000,
+        args.batch,
+        args.size,
+        device,
+        args.amp,
+        steps=20,
+        rounds=1,
     )
     compute = 1 + s_rate / t_rate
     say(f"in memory: student step {s_rate:,.0f} images/s, teacher forward {t_rate:,.0f} images/s")
     others = other_builds(args, root)
 
-    cached, none, online = student["cached SKD"], student["hard labels (--kd none)"], student["online SKD"]
+    cached, none, online = (
+        student["cached SKD"],
+        student["hard labels (--kd none)"],
+        student["online SKD"],
+    )
     rows = [
         [
             f"teacher {args.teacher}, synthetic in-memory tensors (batch {args.teacher_batch})",
@@ -248,7 +316,11 @@ def main() -> None:
             f"{teacher_pipe / teacher_mem:.2f} of in-memory; {teacher_pipe / min(teacher_mem, loader_alone):.2f} of "
             "min(loader, teacher)",
         ],
-        ["  whole skd-cache build command", f"{build_whole:,.0f}", "start-up, indexing and store creation included"],
+        [
+            "  whole skd-cache build command",
+            f"{build_whole:,.0f}",
+            "start-up, indexing and store creation included",
+        ],
         [f"loader alone (torchvision, {args.workers} workers)", f"{loader_alone:,.0f}", ""],
         [
             f"student {args.student}, cached SKD",
@@ -262,7 +334,11 @@ def main() -> None:
             f"cached / online = {cached / online:.2f}; compute ratio {compute:.2f}",
         ],
         *others,
-        ["DALI loader", "not run", "DALI is not installed here (424 MB wheel); the loader was torchvision"],
+        [
+            "DALI loader",
+            "not run",
+            "DALI is not installed here (424 MB wheel); the loader was torchvision",
+        ],
     ]
     print()
     print(

@@ -65,7 +65,9 @@ def read_all(store, rows: int, batch: int, **kw) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=262144)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=256)
@@ -96,12 +98,17 @@ def main() -> None:
 
         results: dict[str, list] = {}
         modes = {"local disk": (local, {}), "S3, parallel 1": (remote, {"parallel": 1})}
-        modes.update({f"S3, parallel {p}": (remote, {"parallel": p}) for p in args.parallel if p > 1})
+        modes.update(
+            {f"S3, parallel {p}": (remote, {"parallel": p}) for p in args.parallel if p > 1}
+        )
         for _ in range(args.rounds):  # side by side: the machine is shared
             for name, (store, kw) in modes.items():
                 results.setdefault(name, []).append(read_all(store, args.rows, args.batch, **kw))
         base = statistics.median(r[1] for r in results["local disk"])
-        med = {name: [statistics.median(r[i] for r in got) for i in (0, 1)] for name, got in results.items()}
+        med = {
+            name: [statistics.median(r[i] for r in got) for i in (0, 1)]
+            for name, got in results.items()
+        }
         rows = [
             [
                 name,
@@ -114,7 +121,11 @@ def main() -> None:
         ]
         print("\n## No added delay\n")
         print(
-            table(["reader", "open, ms", "rows/s (median)", "/ local disk", "longest GIL wait, ms"], rows), flush=True
+            table(
+                ["reader", "open, ms", "rows/s (median)", "/ local disk", "longest GIL wait, ms"],
+                rows,
+            ),
+            flush=True,
         )
 
         delayed: dict[str, list] = {}
@@ -123,10 +134,20 @@ def main() -> None:
             for p in args.parallel:
                 server.clear()
                 opened, rate, gap = read_all(remote, args.rows, args.batch, parallel=p)
-                delayed.setdefault(f"{delay * 1000:.0f} ms", []).append((p, opened, rate, gap, len(server.requests)))
+                delayed.setdefault(f"{delay * 1000:.0f} ms", []).append(
+                    (p, opened, rate, gap, len(server.requests))
+                )
             server.set_delay(0)
         rows = [
-            [delay, p, f"{opened * 1000:.0f}", f"{rate:,.0f}", f"{rate / base:.2f}", f"{gap:.0f}", n]
+            [
+                delay,
+                p,
+                f"{opened * 1000:.0f}",
+                f"{rate:,.0f}",
+                f"{rate / base:.2f}",
+                f"{gap:.0f}",
+                n,
+            ]
             for delay, got in delayed.items()
             for p, opened, rate, gap, n in got
         ]

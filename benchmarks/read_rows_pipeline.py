@@ -35,7 +35,9 @@ def main() -> None:
         def outside_zarrs_reads(view, a, b):
             group, prefix = store._logit_group(view)
             selection = prefix + (slice(a, b),)
-            return Encoded(group["logits"][selection], group["scale"][selection], group["offset"][selection])
+            return Encoded(
+                group["logits"][selection], group["scale"][selection], group["offset"][selection]
+            )
 
         def global_zarrs_config(view, a, b):
             with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):

@@ -92,7 +92,10 @@ def run_memory_3op(arrays, batch):
     logits, scale, offset = (torch.from_numpy(a) for a in arrays)
     rows = 0
     for a in range(0, logits.shape[0], batch):
-        out = logits[a : a + batch].float() * scale[a : a + batch][:, None] + offset[a : a + batch][:, None]
+        out = (
+            logits[a : a + batch].float() * scale[a : a + batch][:, None]
+            + offset[a : a + batch][:, None]
+        )
         rows += out.shape[0]
     return rows
 
@@ -138,8 +141,12 @@ def parse_args() -> argparse.Namespace:
         metavar="FILE",
         help="a reader.py whose RowReader runs beside (modes stored-old and decoded-old)",
     )
-    ap.add_argument("--block-rows", type=int, help="RowReader(block_rows=...) (default: the shard's rows)")
-    ap.add_argument("--reader-threads", type=int, help="RowReader(threads=...) (default: the reader's)")
+    ap.add_argument(
+        "--block-rows", type=int, help="RowReader(block_rows=...) (default: the shard's rows)"
+    )
+    ap.add_argument(
+        "--reader-threads", type=int, help="RowReader(threads=...) (default: the reader's)"
+    )
     ap.add_argument(
         "--zarr-config",
         nargs="+",
@@ -147,8 +154,12 @@ def parse_args() -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="zarr config set before any array opens, e.g. async.concurrency=4 (VALUE is JSON)",
     )
-    ap.add_argument("--dir", type=Path, help="where to write the synthetic cache (default: a temporary folder)")
-    ap.add_argument("--store", type=Path, help="reuse (or create and keep) the synthetic cache at this path")
+    ap.add_argument(
+        "--dir", type=Path, help="where to write the synthetic cache (default: a temporary folder)"
+    )
+    ap.add_argument(
+        "--store", type=Path, help="reuse (or create and keep) the synthetic cache at this path"
+    )
     return ap.parse_args()
 
 
@@ -168,7 +179,9 @@ def modes_for(args, store: Store, arrays) -> dict:
     }
     if args.compare_with:
         old = load_reader(args.compare_with)
-        assert getattr(old(store, 0, 0, n), "_direct", True) is not None, "the compared reader reads through zarr"
+        assert getattr(old(store, 0, 0, n), "_direct", True) is not None, (
+            "the compared reader reads through zarr"
+        )
         modes.update(
             {
                 "stored-old": lambda: run_stored(old, store, n, b),
@@ -203,14 +216,23 @@ def ratio(rates: dict, a: str, b: str) -> float:
 def report(args, rates: dict, cpu: dict, load: list, pipelines: dict) -> None:
     med = {m: statistics.median(v) for m, v in rates.items()}
     rows = [
-        [m, f"{med[m]:,.0f}", f"{max(rates[m]):,.0f}", f"{statistics.median(cpu[m]):,.0f}", TARGETS[m]] for m in rates
+        [
+            m,
+            f"{med[m]:,.0f}",
+            f"{max(rates[m]):,.0f}",
+            f"{statistics.median(cpu[m]):,.0f}",
+            TARGETS[m],
+        ]
+        for m in rates
     ]
     print(
         f"\n{machine()}; git {git_state()}; {args.rows:,} rows x {args.classes}, batch {args.batch}, "
         f"torch threads {args.threads}, {args.rounds} rounds; load average {min(load):.1f}-{max(load):.1f} "
         f"(other jobs on the machine); RowReader pipelines {pipelines}; zarr config {args.zarr_config or '-'}"
     )
-    print(table(["mode", "rows/s (median)", "rows/s (best)", "rows per CPU-second", "target"], rows))
+    print(
+        table(["mode", "rows/s (median)", "rows/s (best)", "rows per CPU-second", "target"], rows)
+    )
     pairs = [
         ("stored", "stored-old", ">= 0.95"),
         ("decoded", "decoded-old", ""),
@@ -234,7 +256,9 @@ def main() -> None:
         path = args.store or Path(tmp) / "cache"
         if args.store and (args.store / "zarr.json").is_file():
             store = open_store(args.store)
-            assert store.num_samples == args.rows and store.num_classes == args.classes, "--store holds other sizes"
+            assert store.num_samples == args.rows and store.num_classes == args.classes, (
+                "--store holds other sizes"
+            )
         else:
             store = synthetic_store(path, args.rows, args.classes, "int8")
         print(

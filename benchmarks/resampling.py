@@ -43,7 +43,9 @@ def levels(kind: str, interpolation: str, files, boxes, size: int) -> np.ndarray
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, default=224, help="output side in pixels")
     args = ap.parse_args()

@@ -47,24 +47,32 @@ CLASSES = 1000
 def samples(rows: int) -> Split:
     """`rows` samples of synthetic ImageNet-like sizes and labels."""
     rng = np.random.default_rng(0)
-    sizes = np.stack([rng.integers(200, 600, rows), rng.integers(200, 600, rows)], axis=1).astype(np.int32)
+    sizes = np.stack([rng.integers(200, 600, rows), rng.integers(200, 600, rows)], axis=1).astype(
+        np.int32
+    )
     return Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, CLASSES, rows), sizes)
 
 
 def view_plans(views: int, sizes: np.ndarray) -> ViewPlans:
-    return ViewPlans(views, lambda view: planned_view(0, view, sizes, CropParams(), MixParams(), 224))
+    return ViewPlans(
+        views, lambda view: planned_view(0, view, sizes, CropParams(), MixParams(), 224)
+    )
 
 
 def create(rows: int, views: int, folder: str, all_at_once: bool) -> dict:
     """Create a cache of `views` planned views of `rows` images; seconds and this process's peak RSS.
     `all_at_once`: every view's plan made first and held in a list (as builds did before ViewPlans)."""
     train = samples(rows)
-    meta = cache_meta(codec="int8", views=views, num_samples=rows, classes=[str(i) for i in range(CLASSES)])
+    meta = cache_meta(
+        codec="int8", views=views, num_samples=rows, classes=[str(i) for i in range(CLASSES)]
+    )
     plans = view_plans(views, train.sizes)
     plans = list(plans) if all_at_once else plans
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    create_store(f"{folder}/c", meta, train=train, plans=plans, val=None, val_boxes=None, num_classes=CLASSES)
+    create_store(
+        f"{folder}/c", meta, train=train, plans=plans, val=None, val_boxes=None, num_classes=CLASSES
+    )
     return {
         "rows": rows,
         "views": views,
@@ -79,9 +87,17 @@ def linked_cache(rows: int, views: int, path: Path) -> Store:
     """A finished cache of `views` views laid out as a build leaves it: view 0 real, every other view's files
     (plan chunks, logit shards, completion flags) hard links to view 0's first ones."""
     train = samples(rows)
-    meta = cache_meta(codec="int8", views=1, num_samples=rows, classes=[str(i) for i in range(CLASSES)])
+    meta = cache_meta(
+        codec="int8", views=1, num_samples=rows, classes=[str(i) for i in range(CLASSES)]
+    )
     store = create_store(
-        path, meta, train=train, plans=view_plans(1, train.sizes), val=None, val_boxes=None, num_classes=CLASSES
+        path,
+        meta,
+        train=train,
+        plans=view_plans(1, train.sizes),
+        val=None,
+        val_boxes=None,
+        num_classes=CLASSES,
     )
     logits = np.random.default_rng(1).normal(0, 3, (store.shard_rows, CLASSES)).astype(np.float32)
     store.write_shard(0, 0, store.codec.encode(logits))
@@ -89,7 +105,8 @@ def linked_cache(rows: int, views: int, path: Path) -> Store:
     for name in names:
         store.group[name].resize((views, *store.group[name].shape[1:]))
         view0 = path / name / "c" / "0"
-        if name.endswith(("logits", "scale", "offset", "complete")):  # shard 0's file, at every shard of every view
+        # shard 0's file, at every shard of every view
+        if name.endswith(("logits", "scale", "offset", "complete")):
             first = view0 / "0"
             tail = ("0",) if first.is_dir() else ()
             source = view0.joinpath("0", *tail)
@@ -130,14 +147,21 @@ def info_costs(rows: int, views: int, folder: str) -> dict:
     layout, _ = timed(lambda: linked_cache(rows, views, path))
     opening, store = timed(lambda: open_store(path))
     info, described = timed(lambda: describe(open_store(path)))
-    assert described["views"]["complete"] == views and described["lost_shards"] == {}, described["views"]
-    build = open_store(path, mode="r+")  # as a build resumes it: lost shards checked once, then view by view
+    assert described["views"]["complete"] == views and described["lost_shards"] == {}, described[
+        "views"
+    ]
+    # as a build resumes it: lost shards checked once, then view by view
+    build = open_store(path, mode="r+")
     lost, _ = timed(build.lost_shards)
     per_view = {
-        view: timed(lambda v=view: (build.part_complete(v), build.view_plan(v), build.view_mix(v)))[0]
+        view: timed(lambda v=view: (build.part_complete(v), build.view_plan(v), build.view_mix(v)))[
+            0
+        ]
         for view in (0, views - 1)
     }
-    grow, _ = timed(lambda: grow_store(build, views + 1, view_plans(views + 1, build.split("samples").sizes)))
+    grow, _ = timed(
+        lambda: grow_store(build, views + 1, view_plans(views + 1, build.split("samples").sizes))
+    )
     return {
         "rows": rows,
         "views": views,
@@ -156,10 +180,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_281_167)
     parser.add_argument("--views", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--dir", default=None, help="where to write the caches (default: a temporary folder)")
-    parser.add_argument("--compare", action="store_true", help="also hold every plan at once (the old way)")
-    parser.add_argument("--info", action="store_true", help="open, info, a view's bookkeeping and growth by views")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child process: one view count
+    parser.add_argument(
+        "--dir", default=None, help="where to write the caches (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="also hold every plan at once (the old way)"
+    )
+    parser.add_argument(
+        "--info", action="store_true", help="open, info, a view's bookkeeping and growth by views"
+    )
+    # a child process: one view count
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--all-at-once", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
@@ -186,7 +217,15 @@ def main() -> None:
 
 def child(args, views: int, *flags: str) -> dict:
     """One setting in a fresh process: its JSON line."""
-    command = [sys.executable, str(Path(__file__)), "--rows", str(args.rows), "--one", str(views), *flags]
+    command = [
+        sys.executable,
+        str(Path(__file__)),
+        "--rows",
+        str(args.rows),
+        "--one",
+        str(views),
+        *flags,
+    ]
     command += ["--dir", args.dir] if args.dir else []
     out = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
     if out.returncode:

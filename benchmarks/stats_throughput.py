@@ -24,7 +24,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", type=Path, help="where to write the synthetic cache (default: a temporary folder)")
+    ap.add_argument(
+        "--dir", type=Path, help="where to write the synthetic cache (default: a temporary folder)"
+    )
     args = ap.parse_args()
     print(f"{machine()}; skd {git_state()}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -35,7 +35,11 @@ from skd.store.creation import create_logit_arrays, create_store
 
 T, M, EPS = 4.0, 2.0, 1e-7
 SHARD_ROWS, CHUNK_ROWS = 16384, 1024  # BuildConfig's defaults
-TARGETS = {"int8": "<= 950 B at KL <= 2e-5", "compact": "<= 650 B at KL <= 2e-4", "topk:10": "<= 64 B"}
+TARGETS = {
+    "int8": "<= 950 B at KL <= 2e-5",
+    "compact": "<= 650 B at KL <= 2e-4",
+    "topk:10": "<= 64 B",
+}
 MEASURED = (*CODECS, "topk:10", "topk:100")
 READER_ROWS = 65536  # rows (the teacher rows repeated) the reader's rate is measured on
 
@@ -71,7 +75,8 @@ def real_teacher_logits(rows: int, workdir: Path, workers: int) -> np.ndarray:
     store = open_store(cfg.out)
     logits = np.concatenate([store.read_logits(k) for k in range(views)])[:rows]
     print(
-        f"teacher pass: {len(logits):,} rows ({n} files x {views} views) in {time.perf_counter() - t:.0f} s", flush=True
+        f"teacher pass: {len(logits):,} rows ({n} files x {views} views) in {time.perf_counter() - t:.0f} s",
+        flush=True,
     )
     return logits
 
@@ -89,7 +94,9 @@ def kl_rows(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(1)
 
 
-def store_bytes_per_row(codec_name: str, logits: np.ndarray, workdir: Path) -> tuple[float, np.ndarray]:
+def store_bytes_per_row(
+    codec_name: str, logits: np.ndarray, workdir: Path
+) -> tuple[float, np.ndarray]:
     """Write `logits` with a product codec into a one-view store (create_store + write_shard) and measure it."""
     rows, classes = logits.shape
     meta = cache_meta(
@@ -100,10 +107,16 @@ def store_bytes_per_row(codec_name: str, logits: np.ndarray, workdir: Path) -> t
         shard_rows=SHARD_ROWS,
         chunk_rows=CHUNK_ROWS,
     )
-    train = Split([f"train/c/{i}.JPEG" for i in range(rows)], np.zeros(rows, np.int64), np.full((rows, 2), 224))
+    train = Split(
+        [f"train/c/{i}.JPEG" for i in range(rows)],
+        np.zeros(rows, np.int64),
+        np.full((rows, 2), 224),
+    )
     plan = ViewPlan(order=np.arange(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows))
     path = workdir / f"store-{codec_name}"
-    store = create_store(path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes)
+    store = create_store(
+        path, meta, train=train, plans=[plan], val=None, val_boxes=None, num_classes=classes
+    )
     codec = store.codec
     for shard in range(store.num_shards(rows)):
         a, b = store.shard_bounds(shard, rows)
@@ -130,7 +143,9 @@ def hinton_kl_rows(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(1)
 
 
-def reader_rates(names: list[str], logits: np.ndarray, workdir: Path, passes: int = 3) -> dict[str, float]:
+def reader_rates(
+    names: list[str], logits: np.ndarray, workdir: Path, passes: int = 3
+) -> dict[str, float]:
     """Decoded rows/s of `cached_logits` (batches of 256 on the CPU) per codec, passes alternating codecs."""
     import torch
 
@@ -145,7 +160,9 @@ def reader_rates(names: list[str], logits: np.ndarray, workdir: Path, passes: in
         for name in names:
             store = open_store(workdir / "rate" / f"store-{name}")
             t = time.perf_counter()
-            rows = sum(len(b) for _, b in cached_logits(store, 0, 0, len(x), 256, torch.device("cpu")))
+            rows = sum(
+                len(b) for _, b in cached_logits(store, 0, 0, len(x), 256, torch.device("cpu"))
+            )
             best[name] = max(best[name], rows / (time.perf_counter() - t))
     return best
 
@@ -162,7 +179,14 @@ def array_bytes_per_row(arrays: dict[str, np.ndarray], workdir: Path, name: str)
         sub = f"a/{key}"
         if width is None:  # per-row floats: the layout of scale/offset
             create_logit_arrays(
-                group, sub, (1,), rows, 1, Codec("x", "float32", affine=True, levels=2), SHARD_ROWS, CHUNK_ROWS
+                group,
+                sub,
+                (1,),
+                rows,
+                1,
+                Codec("x", "float32", affine=True, levels=2),
+                SHARD_ROWS,
+                CHUNK_ROWS,
             )
             group[f"{sub}/scale"][0, :] = data
         else:
@@ -172,7 +196,11 @@ def array_bytes_per_row(arrays: dict[str, np.ndarray], workdir: Path, name: str)
     size = 0
     for key, data in arrays.items():
         part = "scale" if data.ndim == 1 else "logits"
-        size += sum(f.stat().st_size for f in (folder / key / part).rglob("*") if f.is_file() and f.name != "zarr.json")
+        size += sum(
+            f.stat().st_size
+            for f in (folder / key / part).rglob("*")
+            if f.is_file() and f.name != "zarr.json"
+        )
     return size / rows
 
 
@@ -184,7 +212,9 @@ def range_levels(x: np.ndarray, levels: int) -> Encoded:
     """Per-row affine over [min, max] with `levels` levels: the int8 codec's scheme at another depth."""
     low, high = x.min(1), x.max(1)
     scale = ((high - low) / (levels - 1)).astype(np.float32)
-    q = np.clip(np.rint((x - low[:, None]) / np.where(scale > 0, scale, 1)[:, None]), 0, levels - 1).astype(np.uint8)
+    q = np.clip(
+        np.rint((x - low[:, None]) / np.where(scale > 0, scale, 1)[:, None]), 0, levels - 1
+    ).astype(np.uint8)
     return Encoded(q, scale, low.astype(np.float32))
 
 
@@ -192,7 +222,11 @@ def pack6(q: np.ndarray) -> np.ndarray:
     """Values 0..63, (n, C) with C % 4 == 0, bit-packed 4 per 3 bytes."""
     a, b, c, d = (q[:, i::4].astype(np.uint32) for i in range(4))
     word = a | (b << 6) | (c << 12) | (d << 18)
-    return np.stack([(word >> s) & 255 for s in (0, 8, 16)], axis=2).reshape(len(q), -1).astype(np.uint8)
+    return (
+        np.stack([(word >> s) & 255 for s in (0, 8, 16)], axis=2)
+        .reshape(len(q), -1)
+        .astype(np.uint8)
+    )
 
 
 def candidates(x: np.ndarray, workdir: Path) -> list[list]:
@@ -203,16 +237,22 @@ def candidates(x: np.ndarray, workdir: Path) -> list[list]:
 
     for name, levels in (("6-bit range, uint8 + zstd", 64), ("5-bit range, uint8 + zstd", 32)):
         enc = range_levels(x, levels)
-        b = array_bytes_per_row({"q": enc.logits, "scale": enc.scale, "offset": enc.offset}, workdir, name[:5])
+        b = array_bytes_per_row(
+            {"q": enc.logits, "scale": enc.scale, "offset": enc.offset}, workdir, name[:5]
+        )
         out.append([name, b, kl_rows(x, affine(enc))])
     if x.shape[1] % 4 == 0:
         enc = range_levels(x, 64)
-        b = array_bytes_per_row({"q": pack6(enc.logits), "scale": enc.scale, "offset": enc.offset}, workdir, "pack6")
+        b = array_bytes_per_row(
+            {"q": pack6(enc.logits), "scale": enc.scale, "offset": enc.offset}, workdir, "pack6"
+        )
         out.append(["6-bit range, bit-packed + zstd", b, kl_rows(x, affine(enc))])
     for step in (0.10, 0.12, 0.13, 0.14, 0.15):
         codec = Codec("c", "uint8", affine=True, levels=256, step=step)
         enc = codec.encode(x)
-        b = array_bytes_per_row({"q": enc.logits, "scale": enc.scale, "offset": enc.offset}, workdir, f"s{step}")
+        b = array_bytes_per_row(
+            {"q": enc.logits, "scale": enc.scale, "offset": enc.offset}, workdir, f"s{step}"
+        )
         label = " (= compact)" if step == CODECS["compact"].step else ""
         out.append([f"step = {step} std, uint8 + zstd{label}", b, kl_rows(x, codec.decode(enc))])
     return out
@@ -220,10 +260,22 @@ def candidates(x: np.ndarray, workdir: Path) -> list[list]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=2048, help="teacher rows (about 16 per second on 2 CPU cores)")
-    ap.add_argument("--logits", type=Path, help="fp32 teacher logits (.npy): reused when present, else saved there")
-    ap.add_argument("--synthetic", action="store_true", help="synthetic teacher-like logits (no teacher packages)")
-    ap.add_argument("--candidates", action="store_true", help="also measure the designs considered for compact")
+    ap.add_argument(
+        "--rows", type=int, default=2048, help="teacher rows (about 16 per second on 2 CPU cores)"
+    )
+    ap.add_argument(
+        "--logits",
+        type=Path,
+        help="fp32 teacher logits (.npy): reused when present, else saved there",
+    )
+    ap.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="synthetic teacher-like logits (no teacher packages)",
+    )
+    ap.add_argument(
+        "--candidates", action="store_true", help="also measure the designs considered for compact"
+    )
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,7 +326,16 @@ def main() -> None:
                     TARGETS.get(name, ""),
                 ]
             )
-        header = ["codec", "bytes/row on disk", "KL mean", "KL p99", "KL max", "Hinton KL", "top-1 agreement", "target"]
+        header = [
+            "codec",
+            "bytes/row on disk",
+            "KL mean",
+            "KL p99",
+            "KL max",
+            "Hinton KL",
+            "top-1 agreement",
+            "target",
+        ]
         print(
             f"\n{machine()}; git {git_state()}; {len(x):,} rows x {x.shape[1]}; KL at T={T:g}, m={M:g} after layer norm"
         )
@@ -292,7 +353,13 @@ def main() -> None:
                 table(
                     ["design", "bytes/row", "KL mean", "KL p99", "KL max"],
                     [
-                        [n, f"{b:,.0f}", f"{k.mean():.3g}", f"{np.quantile(k, 0.99):.3g}", f"{k.max():.3g}"]
+                        [
+                            n,
+                            f"{b:,.0f}",
+                            f"{k.mean():.3g}",
+                            f"{np.quantile(k, 0.99):.3g}",
+                            f"{k.max():.3g}",
+                        ]
                         for n, b, k in cand
                     ],
                 )

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 import torchvision
-from bench_common import git_state, machine, steps_in_epoch, synthetic_jpeg_folder, table, train_rate
+from bench_common import (
+    git_state,
+    machine,
+    steps_in_epoch,
+    synthetic_jpeg_folder,
+    table,
+    train_rate,
+)
 
 from skd.build.teacher_pass import BuildConfig, build_cache
 from skd.train.loop import TrainConfig
@@ -120,7 +127,9 @@ def main() -> None:
         root = synthetic_jpeg_folder(work / "data", args.images, int(args.size * 1.5), classes=10)
         torch.manual_seed(0)
         weights = work / "teacher.pth"
-        torch.save(torchvision.models.get_model(args.teacher, num_classes=classes).state_dict(), weights)
+        torch.save(
+            torchvision.models.get_model(args.teacher, num_classes=classes).state_dict(), weights
+        )
         cache = work / "cache"
         summary = build_cache(
             BuildConfig(
@@ -178,10 +187,14 @@ def main() -> None:
         for r in range(args.rounds):
             for name, cfg in runs.items():
                 rates[name].append(
-                    train_rate(cfg, args.warmup, min(args.steps, steps_in_epoch(args.images, args.batch)))
+                    train_rate(
+                        cfg, args.warmup, min(args.steps, steps_in_epoch(args.images, args.batch))
+                    )
                 )
             load.append(os.getloadavg()[0])
-            print(f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
+            print(
+                f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True
+            )
         student_rate, teacher_rate = compute_rates(
             args.student,
             args.teacher,

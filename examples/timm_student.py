@@ -27,9 +27,13 @@ import skd
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache", required=True, help="a cache folder or s3:// URL (skd-cache build --out)")
+    p.add_argument(
+        "--cache", required=True, help="a cache folder or s3:// URL (skd-cache build --out)"
+    )
     p.add_argument("--model", default="resnet50", help="any timm model name")
-    p.add_argument("--image-size", type=int, default=None, help="student input size (default: the cache's)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="student input size (default: the cache's)"
+    )
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256, help="per process")
     p.add_argument("--opt", default="sgd", help="timm optimizer: sgd, adamw, lamb, ...")
@@ -40,12 +44,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.9998)
     p.add_argument("--kd", choices=["skd", "hinton"], default="skd")
     p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--multiplier", type=float, default=None, help="SKD multiplier (default: the cache's logit std)")
+    p.add_argument(
+        "--multiplier",
+        type=float,
+        default=None,
+        help="SKD multiplier (default: the cache's logit std)",
+    )
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the KD term")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--loader", choices=["dali", "torchvision"], default=None, help="default: the cache's")
+    p.add_argument(
+        "--loader", choices=["dali", "torchvision"], default=None, help="default: the cache's"
+    )
     p.add_argument("--seed", type=int, default=0, help="of the student's initial weights")
     p.add_argument("--out", default="student_ema.pth")
     return p.parse_args()
@@ -71,7 +82,9 @@ def main() -> None:
         model = torch.nn.parallel.DistributedDataParallel(model)
     if args.kd == "skd":
         multiplier = args.multiplier or cache.multiplier()
-        kd = skd.SphericalKD(args.temperature, multiplier, args.alpha, teacher_normalized=cache.teacher_normalized)
+        kd = skd.SphericalKD(
+            args.temperature, multiplier, args.alpha, teacher_normalized=cache.teacher_normalized
+        )
     else:
         kd = skd.HintonKD(args.temperature, args.alpha)
 
@@ -101,7 +114,8 @@ def main() -> None:
     updates = 0
     for epoch in range(epochs):
         model.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, ce (image-weighted), images
+        # loss, kd, ce (image-weighted), images
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
         for images, labels, logits in loader(epoch):
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 output = model(images)
@@ -113,7 +127,9 @@ def main() -> None:
             updates += 1
             scheduler.step_update(num_updates=updates)
             ema.update(model.module if distributed else model, step=updates)
-            terms = torch.stack([parts.loss.detach(), parts.kd, parts.ce, torch.ones((), device=device)])
+            terms = torch.stack(
+                [parts.loss.detach(), parts.kd, parts.ce, torch.ones((), device=device)]
+            )
             sums += terms.double() * len(images)
         scheduler.step(epoch + 1)
         if distributed:
@@ -121,7 +137,10 @@ def main() -> None:
         if main_process:
             loss, kd_term, ce_term = (sums[:3] / sums[3]).tolist()
             lr = optimizer.param_groups[0]["lr"]
-            print(f"epoch {epoch} loss {loss:.4f} kd {kd_term:.4f} ce {ce_term:.4f} lr {lr:.3g}", flush=True)
+            print(
+                f"epoch {epoch} loss {loss:.4f} kd {kd_term:.4f} ce {ce_term:.4f} lr {lr:.3g}",
+                flush=True,
+            )
     if main_process:
         torch.save(ema.module.state_dict(), args.out)
     if distributed:

@@ -1,13 +1,13 @@
 """The DALI pipeline: decode each recorded window, resize it, mirror and normalise.
 
-Chain: batch-mode `external_source` (encoded bytes, anchors, shapes, flips) -> the window's pixels ->
-`resize` (linear or cubic, antialiased) -> `crop_mirror_normalize`. The window's pixels come, by
-`DaliOptions.decode`, from `decoders.image_slice` (roi: only the window is decoded, on the GPU where there is
-one), `decoders.image` then `slice` (full), or the CPU's `image_slice` (cpu); a CPU-only run decodes on the CPU
-in every mode. Windows and flips come from the caller, never from DALI's RNG, so the output of an item does
-not depend on batch size or thread count. Measured on DALI 2.4 (CPU decoder): the decoders apply the EXIF
-orientation before slicing, so windows live in the rotated frame for orientations 1-8, and grayscale and
-CMYK JPEGs decode to the same RGB pixels as PIL.
+Chain: batch-mode `external_source` (encoded bytes, anchors, shapes, flips) -> the window's pixels
+-> `resize` (linear or cubic, antialiased) -> `crop_mirror_normalize`. The window's pixels come, by
+`DaliOptions.decode`, from `decoders.image_slice` (roi: only the window is decoded, on the GPU where
+there is one), `decoders.image` then `slice` (full), or the CPU's `image_slice` (cpu); a CPU-only
+run decodes on the CPU in every mode. Windows and flips come from the caller, never from DALI's RNG,
+so the output of an item does not depend on batch size or thread count. Measured on DALI 2.4 (CPU
+decoder): the decoders apply the EXIF orientation before slicing, so windows live in the rotated
+frame for orientations 1-8, and grayscale and CMYK JPEGs decode to the same RGB pixels as PIL.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from . import Batch, DaliOptions, DecodeError, Items, PixelOps
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 DEFAULT_READ_AHEAD = 3  # batches of files read ahead of the one DALI asks for
-READ_AHEAD = DEFAULT_READ_AHEAD  # what FileReaders use (benchmarks/build_pipelining.py sets 0 to compare)
+# what FileReaders use (benchmarks/build_pipelining.py sets 0 to compare)
+READ_AHEAD = DEFAULT_READ_AHEAD
 
 
 def _read(path: str) -> np.ndarray:
@@ -34,8 +35,9 @@ def _read(path: str) -> np.ndarray:
 
 
 class FileReader:
-    """The encoded files of each batch, read on a few threads up to READ_AHEAD batches before DALI asks for
-    them: reading overlaps decoding and the teacher instead of running inside `pipe.run()` on its thread."""
+    """The encoded files of each batch, read on a few threads up to READ_AHEAD batches before DALI
+    asks for them: reading overlaps decoding and the teacher instead of running inside `pipe.run()`
+    on its thread."""
 
     def __init__(self, files: Sequence[str], batch_size: int, threads: int):
         self.files, self.batch_size = files, batch_size
@@ -46,7 +48,9 @@ class FileReader:
         for ahead in range(b, b + READ_AHEAD + 1):
             start = ahead * self.batch_size
             if ahead not in self.pending and start < len(self.files):
-                self.pending[ahead] = [self.pool.submit(_read, f) for f in self.files[start : start + self.batch_size]]
+                self.pending[ahead] = [
+                    self.pool.submit(_read, f) for f in self.files[start : start + self.batch_size]
+                ]
         return [future.result() for future in self.pending.pop(b)]
 
     def close(self) -> None:
@@ -62,8 +66,10 @@ class _Feed:
         return self.loader._source(info)
 
 
-# The pipelines of this process not iterated at the moment, by configuration: a loader of the same configuration
-# (each view of a build, each epoch of training, with the same batch size and input recipe) takes one instead of
+# The pipelines of this process not iterated at the moment, by configuration: a loader of the same
+# configuration
+# (each view of a build, each epoch of training, with the same batch size and input recipe) takes
+# one instead of
 # building and warming up another. At most MAX_IDLE are kept (each holds its decoder's buffers).
 MAX_IDLE = 2
 _idle: dict[tuple, tuple] = {}
@@ -71,8 +77,9 @@ built = {"pipelines": 0}  # how many this process built (tests/test_dali_decode.
 
 
 class DaliLoader:
-    """Iterates the items in order as `Batch`es, through a DALI pipeline of its configuration that this process
-    built once (one that finished its last iteration is reset and reused; one left part way is dropped)."""
+    """Iterates the items in order as `Batch`es, through a DALI pipeline of its configuration that
+    this process built once (one that finished its last iteration is reset and reused; one left part
+    way is dropped)."""
 
     def __init__(
         self,
@@ -95,7 +102,8 @@ class DaliLoader:
         self.items, self.image_size, self.batch_size = items, image_size, batch_size
         self.threads, self.device, self.dali = max(1, workers), device, dali
         self.mean, self.std = [255 * m for m in mean], [255 * s for s in std]
-        self.pixel_ops = pixel_ops  # applied in torch to DALI's 8-bit views, then normalised in torch
+        # applied in torch to DALI's 8-bit views, then normalised in torch
+        self.pixel_ops = pixel_ops
         self.interp = INTERP[interpolation]
         self.batches = math.ceil(len(items) / batch_size)
         self.reader: FileReader | None = None
@@ -104,10 +112,11 @@ class DaliLoader:
         return self.batches
 
     def _source(self, info: types.BatchInfo):
-        """Batch `info.iteration`: file bytes, anchors (y, x), shapes (h, w), flips; StopIteration past the end.
+        """Batch `info.iteration`: file bytes, anchors (y, x), shapes (h, w), flips; StopIteration
+        past the end.
 
-        Batch mode lets the last batch be short (a per-sample source would drop it); files are read ahead by
-        the FileReader, never beyond the last item.
+        Batch mode lets the last batch be short (a per-sample source would drop it); files are read
+        ahead by the FileReader, never beyond the last item.
         """
         start = info.iteration * self.batch_size
         stop = min(start + self.batch_size, len(self.items))
@@ -122,10 +131,12 @@ class DaliLoader:
         )
 
     def _windows(self, encoded, anchor, shape):
-        """Each window's RGB pixels, decoded as `self.dali.decode` says (on the GPU where there is one)."""
+        """Each window's RGB pixels, decoded as `self.dali.decode` says (on the GPU where there is
+        one)."""
         gpu = self.device.type == "cuda"
         decoder = "mixed" if gpu and self.dali.decode != "cpu" else "cpu"
-        # jpeg_fancy_upsampling: the GPU decoder upsamples chroma like the CPU one (libjpeg-turbo, PIL).
+        # jpeg_fancy_upsampling: the GPU decoder upsamples chroma like the CPU one (libjpeg-turbo,
+        # PIL).
         common = dict(
             device=decoder,
             output_type=types.RGB,
@@ -150,13 +161,27 @@ class DaliLoader:
             prefetch_queue_depth=2,
         )
         def views():
-            encoded, anchor, shape, flip = fn.external_source(feed, num_outputs=4, batch=True, batch_info=True)
+            encoded, anchor, shape, flip = fn.external_source(
+                feed, num_outputs=4, batch=True, batch_info=True
+            )
             images = self._windows(encoded, anchor, shape)
-            images = fn.resize(images, size=[self.image_size, self.image_size], interp_type=self.interp, antialias=True)
+            images = fn.resize(
+                images,
+                size=[self.image_size, self.image_size],
+                interp_type=self.interp,
+                antialias=True,
+            )
             if self.pixel_ops is not None:  # 8-bit views: the ops come next, in torch
-                return fn.crop_mirror_normalize(images, mirror=flip, output_layout="CHW", dtype=types.UINT8)
+                return fn.crop_mirror_normalize(
+                    images, mirror=flip, output_layout="CHW", dtype=types.UINT8
+                )
             return fn.crop_mirror_normalize(
-                images, mirror=flip, mean=self.mean, std=self.std, output_layout="CHW", dtype=types.FLOAT
+                images,
+                mirror=flip,
+                mean=self.mean,
+                std=self.std,
+                output_layout="CHW",
+                dtype=types.FLOAT,
             )
 
         pipe = views()
@@ -171,7 +196,15 @@ class DaliLoader:
             from .dali_smoke import check_roi_decoder
 
             check_roi_decoder(self.device.index)
-        key = (self.batch_size, self.threads, str(self.device), self.image_size, self.interp, *self.mean, *self.std)
+        key = (
+            self.batch_size,
+            self.threads,
+            str(self.device),
+            self.image_size,
+            self.interp,
+            *self.mean,
+            *self.std,
+        )
         key += (self.dali, self.pixel_ops is not None)
         pipe, feed = _idle.pop(key, None) or self._pipeline()
         feed.loader = self
@@ -183,14 +216,16 @@ class DaliLoader:
         finally:
             self.reader.close()
             feed.loader = None
-            if finished:  # DALI asked for the batch past the last, so the pipeline is at the end of an epoch
+            # DALI asked for the batch past the last, so the pipeline is at the end of an epoch
+            if finished:
                 pipe.reset()
                 _idle[key] = (pipe, feed)
                 while len(_idle) > MAX_IDLE:
                     _idle.pop(next(iter(_idle)))
 
     def _batches(self, pipe) -> Iterator[Batch]:
-        # On CUDA, outputs are made ready on torch's current stream and copied there (as DALI's torch iterator does).
+        # On CUDA, outputs are made ready on torch's current stream and copied there (as DALI's
+        # torch iterator does).
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for b in range(self.batches):
             start, stop = b * self.batch_size, min((b + 1) * self.batch_size, len(self.items))
@@ -198,7 +233,9 @@ class DaliLoader:
                 (output,) = pipe.run(stream)
             except RuntimeError as error:  # DALI's message names the window, not the file
                 other = (
-                    {"roi": "full or cpu", "full": "cpu"}.get(self.dali.decode) if self.device.type == "cuda" else None
+                    {"roi": "full or cpu", "full": "cpu"}.get(self.dali.decode)
+                    if self.device.type == "cuda"
+                    else None
                 )
                 raise DecodeError(
                     f"DALI could not decode one of items {start}..{stop - 1} (first "
@@ -207,18 +244,23 @@ class DaliLoader:
                     + "--loader torchvision decodes with PIL"
                 ) from error
             dtype = torch.float32 if self.pixel_ops is None else torch.uint8
-            images = torch.empty((stop - start, 3, self.image_size, self.image_size), dtype=dtype, device=self.device)
+            images = torch.empty(
+                (stop - start, 3, self.image_size, self.image_size), dtype=dtype, device=self.device
+            )
             feed_ndarray(output.as_tensor(), images, cuda_stream=stream)
             if self.pixel_ops is not None:
                 images = self._after_ops(images, start)
             yield Batch(
                 images=images,
-                labels=torch.tensor(self.items.labels[start:stop]).to(self.device, non_blocking=True),
+                labels=torch.tensor(self.items.labels[start:stop]).to(
+                    self.device, non_blocking=True
+                ),
                 positions=torch.tensor(self.items.positions[start:stop]),
             )
 
     def _after_ops(self, views: torch.Tensor, start: int) -> torch.Tensor:
-        """8-bit views through each item's pixel ops, then normalised as crop_mirror_normalize does."""
+        """8-bit views through each item's pixel ops, then normalised as crop_mirror_normalize
+        does."""
         for row in range(len(views)):
             views[row] = self.pixel_ops(start + row, views[row])
         mean = torch.tensor(self.mean, dtype=torch.float32, device=views.device).view(1, 3, 1, 1)
@@ -227,6 +269,11 @@ class DaliLoader:
 
 
 def _reason(error: RuntimeError) -> str:
-    """The last line of DALI's many-line report that says something (not "pipeline no longer valid")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "no longer valid" not in line]
+    """The last line of DALI's many-line report that says something (not "pipeline no longer
+    valid")."""
+    lines = [
+        line.strip()
+        for line in str(error).splitlines()
+        if line.strip() and "no longer valid" not in line
+    ]
     return lines[-1] if lines else type(error).__name__

@@ -1,12 +1,13 @@
 """A smoke test of DALI's decoders on a few plain and EXIF-rotated JPEGs, run in a child process.
 
-`python -m skd.pipelines.dali_smoke --decode roi --reference cpu [--device-id N]` writes a handful of
-photo-like JPEGs (orientations 1, 3, 6 and 8, odd sizes, windows touching the edges), decodes their windows
-with the two decode modes and prints one JSON line: the mean and max grey-level difference per image.
-`check_roi_decoder` runs it once per process before a GPU loader's first batch with --dali-decode roi: GPU ROI
-decoding has crashed whole processes (nvImageCodec 0.9: INTERNAL_ERROR on A100, SIGSEGV on H100), which no
-exception handler can catch, so the crash happens in the child and the run stops with one line naming the way
-out. benchmarks/dali_gpu_smoke.py prints the same comparison as a table.
+`python -m skd.pipelines.dali_smoke --decode roi --reference cpu [--device-id N]` writes a handful
+of photo-like JPEGs (orientations 1, 3, 6 and 8, odd sizes, windows touching the edges), decodes
+their windows with the two decode modes and prints one JSON line: the mean and max grey-level
+difference per image. `check_roi_decoder` runs it once per process before a GPU loader's first batch
+with --dali-decode roi: GPU ROI decoding has crashed whole processes (nvImageCodec 0.9:
+INTERNAL_ERROR on A100, SIGSEGV on H100), which no exception handler can catch, so the crash happens
+in the child and the run stops with one line naming the way out. benchmarks/dali_gpu_smoke.py prints
+the same comparison as a table.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ TOLERANCE = 3.0  # mean grey levels per image: the pipelines' contract between d
 _checked: dict[int, str] = {}
 
 
-def smoke_images(folder: Path, count: int = SMOKE_IMAGES, seed: int = 0) -> tuple[list[str], np.ndarray]:
-    """`count` photo-like JPEGs of odd sizes, each EXIF orientation of ORIENTATIONS in turn, and one window per
-    image in the displayed (rotated) frame, alternately touching its bottom-right corner."""
+def smoke_images(
+    folder: Path, count: int = SMOKE_IMAGES, seed: int = 0
+) -> tuple[list[str], np.ndarray]:
+    """`count` photo-like JPEGs of odd sizes, each EXIF orientation of ORIENTATIONS in turn, and one
+    window per image in the displayed (rotated) frame, alternately touching its bottom-right
+    corner."""
     rng = np.random.default_rng(seed)
     files, boxes = [], []
     for i in range(count):
@@ -47,14 +51,19 @@ def smoke_images(folder: Path, count: int = SMOKE_IMAGES, seed: int = 0) -> tupl
         Image.fromarray(pixels).save(path, "JPEG", quality=90, exif=exif.tobytes())
         shown_h, shown_w = (w, h) if orientation >= 5 else (h, w)
         wh, ww = int(rng.integers(16, shown_h)), int(rng.integers(16, shown_w))
-        y, x = (shown_h - wh, shown_w - ww) if i % 2 else (int(rng.integers(0, shown_h - wh + 1)), 0)
+        y, x = (
+            (shown_h - wh, shown_w - ww) if i % 2 else (int(rng.integers(0, shown_h - wh + 1)), 0)
+        )
         files.append(str(path))
         boxes.append((y, x, wh, ww))
     return files, np.array(boxes)
 
 
-def decode_windows(files, boxes, decode: str, device: torch.device, size: int = 64, hw_decoder_load: float = 0.0):
-    """The windows as (N, 3, size, size) on the 0-255 scale, through the DALI loader with `decode`."""
+def decode_windows(
+    files, boxes, decode: str, device: torch.device, size: int = 64, hw_decoder_load: float = 0.0
+):
+    """The windows as (N, 3, size, size) on the 0-255 scale, through the DALI loader with
+    `decode`."""
     n = len(files)
     loader = make_loader(
         "dali",
@@ -70,11 +79,16 @@ def decode_windows(files, boxes, decode: str, device: torch.device, size: int = 
         dali=DaliOptions(decode=decode, hw_decoder_load=hw_decoder_load),
     )
     images = torch.cat([batch.images.cpu() for batch in loader])
-    std, mean = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std, mean = (
+        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+    )
     return (images * std + mean) * 255
 
 
-def compare(files, boxes, decode: str, reference: str, device: torch.device, hw_decoder_load: float = 0.0) -> dict:
+def compare(
+    files, boxes, decode: str, reference: str, device: torch.device, hw_decoder_load: float = 0.0
+) -> dict:
     """Mean and max absolute grey-level difference per image between two decode modes."""
     a = decode_windows(files, boxes, decode, device, hw_decoder_load=hw_decoder_load)
     b = decode_windows(files, boxes, reference, device, hw_decoder_load=hw_decoder_load)
@@ -88,11 +102,20 @@ def compare(files, boxes, decode: str, reference: str, device: torch.device, hw_
 
 
 def check_roi_decoder(device_index: int) -> None:
-    """Once per process and GPU: the ROI smoke test in a child process; LoaderUnavailable (one line naming
-    --dali-decode) when the child crashes, fails or decodes windows more than TOLERANCE levels off the CPU's."""
+    """Once per process and GPU: the ROI smoke test in a child process; LoaderUnavailable (one line
+    naming --dali-decode) when the child crashes, fails or decodes windows more than TOLERANCE
+    levels off the CPU's."""
     if device_index in _checked:
         return
-    command = [sys.executable, "-m", "skd.pipelines.dali_smoke", "--decode", "roi", "--reference", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "skd.pipelines.dali_smoke",
+        "--decode",
+        "roi",
+        "--reference",
+        "cpu",
+    ]
     command += ["--device-id", str(device_index)]
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -130,7 +153,11 @@ def main() -> None:
     device = torch.device("cpu") if args.device_id is None else torch.device("cuda", args.device_id)
     with tempfile.TemporaryDirectory(prefix="skd-dali-smoke-") as folder:
         files, boxes = smoke_images(Path(folder), args.images)
-        print(json.dumps(compare(files, boxes, args.decode, args.reference, device, args.hw_decoder_load)))
+        print(
+            json.dumps(
+                compare(files, boxes, args.decode, args.reference, device, args.hw_decoder_load)
+            )
+        )
 
 
 if __name__ == "__main__":

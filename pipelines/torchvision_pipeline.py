@@ -1,4 +1,5 @@
-"""The reference pipeline: PIL decode, EXIF rotation, crop the window, bilinear or bicubic resize, flip, normalise.
+"""The reference pipeline: PIL decode, EXIF rotation, crop the window, bilinear or bicubic resize,
+flip, normalise.
 
 Runs wherever torch runs (no DALI); the DALI pipeline is checked against it.
 """
@@ -19,7 +20,8 @@ from skd.errors import SkdWarning
 from . import Batch, Items, PixelOps, exif_orientation
 
 RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-_NAMED_OVERSIZED: set[str] = set()  # images this process has warned about (one warning per image, not per view)
+# images this process has warned about (one warning per image, not per view)
+_NAMED_OVERSIZED: set[str] = set()
 
 
 def load_view(
@@ -35,8 +37,11 @@ def load_view(
     return normalize(load_window(path, box, flip, image_size, interpolation), mean, std)
 
 
-def load_window(path: str, box: Sequence[int], flip: bool, image_size: int, interpolation: str) -> torch.Tensor:
-    """One view as an 8-bit (3, S, S) tensor: the window cropped, resized and mirrored where recorded.
+def load_window(
+    path: str, box: Sequence[int], flip: bool, image_size: int, interpolation: str
+) -> torch.Tensor:
+    """One view as an 8-bit (3, S, S) tensor: the window cropped, resized and mirrored where
+    recorded.
 
     `box` is (y, x, h, w) in the EXIF-rotated frame, the frame DALI's decoders produce.
     PIL's BILINEAR resize filters with a support scaled to the downscale factor (antialiased),
@@ -50,7 +55,9 @@ def load_window(path: str, box: Sequence[int], flip: bool, image_size: int, inte
         raise ValueError(
             f"window (y={y}, x={x}, h={h}, w={w}) is outside {path} ({height}x{width} after EXIF rotation)"
         )
-    view = image.crop((x, y, x + w, y + h)).resize((image_size, image_size), RESAMPLING[interpolation])
+    view = image.crop((x, y, x + w, y + h)).resize(
+        (image_size, image_size), RESAMPLING[interpolation]
+    )
     tensor = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
     return tensor.flip(-1) if flip else tensor
 
@@ -64,13 +71,19 @@ def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
 
 
 def _open(path: str) -> Image.Image:
-    """Image.open, with PIL's DecompressionBombWarning (which names neither the file nor its size, and comes at
-    every open) replaced by one SkdWarning naming the image, once per image in this process."""
-    with warnings.catch_warnings():  # DataLoader workers are processes: no other thread shares this state
+    """Image.open, with PIL's DecompressionBombWarning (which names neither the file nor its size,
+    and comes at every open) replaced by one SkdWarning naming the image, once per image in this
+    process."""
+    # DataLoader workers are processes: no other thread shares this state
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(path)
     limit, (width, height) = Image.MAX_IMAGE_PIXELS, image.size
-    if limit is not None and max(1, width) * max(1, height) > limit and path not in _NAMED_OVERSIZED:
+    if (
+        limit is not None
+        and max(1, width) * max(1, height) > limit
+        and path not in _NAMED_OVERSIZED
+    ):
         _NAMED_OVERSIZED.add(path)
         warnings.warn(
             f"{path}: {width * height} pixels ({width} wide, {height} high), more than PIL's "
@@ -83,12 +96,14 @@ def _open(path: str) -> Image.Image:
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """The frame DALI decodes: the EXIF orientation applied; an orientation only XMP states is not."""
+    """The frame DALI decodes: the EXIF orientation applied; an orientation only XMP states is
+    not."""
     return image if exif_orientation(image) == 1 else ImageOps.exif_transpose(image)
 
 
 def _rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB. 16-bit grey (PNG) is scaled by 1/257 as DALI does; PIL's own convert clips it to white."""
+    """8-bit RGB. 16-bit grey (PNG) is scaled by 1/257 as DALI does; PIL's own convert clips it to
+    white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I"):
         grey = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.rint(grey / 257), 0, 255).astype(np.uint8), "L")
@@ -115,14 +130,21 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, i: int):
         items = self.items
-        image = load_window(items.files[i], items.boxes[i], bool(items.flips[i]), self.image_size, self.interpolation)
+        image = load_window(
+            items.files[i],
+            items.boxes[i],
+            bool(items.flips[i]),
+            self.image_size,
+            self.interpolation,
+        )
         if self.pixel_ops is not None:
             image = self.pixel_ops(i, image)
         return normalize(image, self.mean, self.std), int(items.labels[i]), int(items.positions[i])
 
 
 class TorchvisionLoader:
-    """A torch DataLoader over the items, in order, short last batch kept, batches moved to `device`."""
+    """A torch DataLoader over the items, in order, short last batch kept, batches moved to
+    `device`."""
 
     def __init__(
         self,

@@ -1,10 +1,12 @@
-"""A cache opened for your own training loop: its logits by view and position, and its views as batches.
+"""A cache opened for your own training loop: its logits by view and position, and its views as
+batches.
 
     cache = skd.open_cache("cache/r152")               # a folder or s3://bucket/prefix
     for images, labels, logits in cache.loader(epoch, batch_size=256, device="cuda"):
         loss = kd_loss(student(images), logits, labels)
 
-The cache is checked as `skd-train` checks it (format, plan, dataset images); errors are one-line `SkdError`s.
+The cache is checked as `skd-train` checks it (format, plan, dataset images); errors are one-line
+`SkdError`s.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ def open_cache(
 ) -> Cache:
     """Open a cache (a folder or an object-store URL), or several built on one plan (an ensemble).
 
-    `weights`: an ensemble's teacher weights (default equal); `kd`: how an ensemble's teachers combine ("skd":
-    the weighted mean of their layer-normalised logits, else of their logits); `data`: the dataset root when it
-    moved since the build; `views`: read only the first `views` views; `val`: check the validation images too.
+    `weights`: an ensemble's teacher weights (default equal); `kd`: how an ensemble's teachers
+    combine ("skd": the weighted mean of their layer-normalised logits, else of their logits);
+    `data`: the dataset root when it moved since the build; `views`: read only the first `views`
+    views; `val`: check the validation images too.
     """
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     if not paths:
@@ -55,7 +58,9 @@ def open_cache(
     root = Path(data or stores[0].meta["dataset"]["root"])
     for store in stores:
         check_replayable(store, root, val)
-    return Cache(stores, ensemble_weights(weights, len(stores)), kd=kd, root=root, views=views, val=val)
+    return Cache(
+        stores, ensemble_weights(weights, len(stores)), kd=kd, root=root, views=views, val=val
+    )
 
 
 def ensemble_weights(given: Sequence[float] | None, count: int) -> list[float]:
@@ -72,10 +77,21 @@ def ensemble_weights(given: Sequence[float] | None, count: int) -> list[float]:
 class Cache:
     """An open cache (or ensemble of caches on one plan): sizes, logits and batches of its views."""
 
-    def __init__(self, stores: list[Store], weights: list[float], *, kd: str, root: Path, views: int | None, val: bool):
+    def __init__(
+        self,
+        stores: list[Store],
+        weights: list[float],
+        *,
+        kd: str,
+        root: Path,
+        views: int | None,
+        val: bool,
+    ):
         stored = min(store.num_views for store in stores)
         if views is not None and not 1 <= views <= stored:
-            raise CacheError(f"views={views}: {stores[0].path} holds views 0 to {stored - 1}: ask for 1 to {stored}")
+            raise CacheError(
+                f"views={views}: {stores[0].path} holds views 0 to {stored - 1}: ask for 1 to {stored}"
+            )
         self.stores, self.weights, self.kd, self.root, self.val = stores, weights, kd, root, val
         self.num_views = views or stored
 
@@ -94,31 +110,38 @@ class Cache:
 
     @property
     def mixed(self) -> bool:
-        """True when the views are mixed (MixUp/CutMix): labels are then class probabilities (B, C)."""
+        """True when the views are mixed (MixUp/CutMix): labels are then class probabilities (B,
+        C)."""
         return MixParams.from_dict(self.stores[0].meta["plan"]["mix"]).enabled
 
     @property
     def teacher_normalized(self) -> bool:
-        """True when the logits are an ensemble's SKD target, already layer-normalised (pass it to SphericalKD)."""
+        """True when the logits are an ensemble's SKD target, already layer-normalised (pass it to
+        SphericalKD)."""
         return len(self.stores) > 1 and self.kd == "skd"
 
     def multiplier(self) -> float:
-        """The SKD multiplier the SKD authors advise: the mean logit std of the first rows of view 0."""
+        """The SKD multiplier the SKD authors advise: the mean logit std of the first rows of view
+        0."""
         return auto_multiplier(self.stores, self.weights)
 
     @cached_property
     def source(self) -> ReplaySource:
         """The recorded views and validation split (read once; the recipe is each loader's)."""
-        source = cached_source(self.stores[0], recipe=student_recipe(self.image_size), root=self.root, val=self.val)
+        source = cached_source(
+            self.stores[0], recipe=student_recipe(self.image_size), root=self.root, val=self.val
+        )
         return replace(source, num_views=self.num_views)
 
     def logits(self, view: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Decoded float32 logits (stop - start, C) of positions [start, stop) of `view`, in plan order (of an
-        ensemble, its combined target)."""
+        """Decoded float32 logits (stop - start, C) of positions [start, stop) of `view`, in plan
+        order (of an ensemble, its combined target)."""
         self._check_view(view)
         stop = self.num_samples if stop is None else stop
         if not 0 <= start <= stop <= self.num_samples:
-            raise CacheError(f"positions {start}:{stop}: view {view} has positions 0 to {self.num_samples}")
+            raise CacheError(
+                f"positions {start}:{stop}: view {view} has positions 0 to {self.num_samples}"
+            )
         parts = [torch.from_numpy(store.read_logits(view, start, stop)) for store in self.stores]
         for store, rows in zip(self.stores, parts):
             bad = (~torch.isfinite(rows).all(dim=1)).nonzero()
@@ -146,17 +169,21 @@ class Cache:
         with_logits: bool = True,
         progress: bool = False,
     ) -> ViewLoader:
-        """This process's batches of view `epoch mod num_views`: `(images, labels, logits)` in plan order.
+        """This process's batches of view `epoch mod num_views`: `(images, labels, logits)` in plan
+        order.
 
-        `batch_size` is per process; `image_size` (default: the plan's), `mean` and `std` are the student's
-        input; `device` defaults to this process's GPU, else the CPU; `rank` and `world_size` default to
-        torchrun's environment, and the ranks' parts of a view are disjoint and equal (`rank_range`);
-        `loader`: dali or torchvision (default: the build's); at most `steps` batches; `progress`: a tqdm bar.
+        `batch_size` is per process; `image_size` (default: the plan's), `mean` and `std` are the
+        student's input; `device` defaults to this process's GPU, else the CPU; `rank` and
+        `world_size` default to torchrun's environment, and the ranks' parts of a view are disjoint
+        and equal (`rank_range`); `loader`: dali or torchvision (default: the build's); at most
+        `steps` batches; `progress`: a tqdm bar.
         """
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if not 0 <= rank < world_size or batch_size < 1:
-            raise CacheError(f"rank {rank} of world size {world_size}, batch size {batch_size}: need 0 <= rank < size")
+            raise CacheError(
+                f"rank {rank} of world size {world_size}, batch size {batch_size}: need 0 <= rank < size"
+            )
         check_shares(self.num_samples, world_size, self.mixed)
         if self.mixed and batch_size % 2:
             raise CacheError(
@@ -183,11 +210,14 @@ class Cache:
 
     def _check_view(self, view: int) -> None:
         if not 0 <= view < self.num_views:
-            raise CacheError(f"view {view}: {self.stores[0].path} is read with views 0 to {self.num_views - 1}")
+            raise CacheError(
+                f"view {view}: {self.stores[0].path} is read with views 0 to {self.num_views - 1}"
+            )
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or this process's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
+    """`device`, or this process's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the
+    CPU."""
     if device is not None:
         return torch.device(device)
     if torch.cuda.is_available():

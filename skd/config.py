@@ -1,4 +1,5 @@
-"""What `skd-cache build` and `skd-train` take: plain dataclasses, separate from the code that runs them.
+"""What `skd-cache build` and `skd-train` take: plain dataclasses, separate from the code that runs
+them.
 
 The command lines take their option defaults from here, so each default is declared once.
 """
@@ -16,8 +17,8 @@ from skd.plan.mixing import MixParams
 
 @dataclass(kw_only=True)
 class TeacherInput:
-    """Explicit options of the teacher's input recipe; None: from its pretrained_cfg, torchvision's weights,
-    else ImageNet's statistics, bilinear, at the student's size (see skd/recipe.py)."""
+    """Explicit options of the teacher's input recipe; None: from its pretrained_cfg, torchvision's
+    weights, else ImageNet's statistics, bilinear, at the student's size (see skd/recipe.py)."""
 
     teacher_size: int | None = None
     teacher_interpolation: str | None = None
@@ -45,13 +46,17 @@ class MixOptions:
 
     def mix_params(self) -> MixParams:
         return MixParams(
-            mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, prob=self.mixup_prob, switch_prob=self.mixup_switch_prob
+            mixup_alpha=self.mixup,
+            cutmix_alpha=self.cutmix,
+            prob=self.mixup_prob,
+            switch_prob=self.mixup_switch_prob,
         )
 
 
 @dataclass(kw_only=True)
 class AugmentOptions:
-    """RandAugment and random erasing recorded in the plan, timm's option names and meanings (skd/augment.py)."""
+    """RandAugment and random erasing recorded in the plan, timm's option names and meanings
+    (skd/augment.py)."""
 
     aa: str | None = None  # RandAugment, e.g. rand-m9-n2-mstd0.5-inc1; None: off
     reprob: float = 0.0  # random erasing probability; 0: off
@@ -59,12 +64,15 @@ class AugmentOptions:
     recount: int = 1  # at most this many erased boxes per image
 
     def augment_params(self) -> AugmentParams:
-        return AugmentParams(aa=self.aa, reprob=self.reprob, remode=self.remode, recount=self.recount)
+        return AugmentParams(
+            aa=self.aa, reprob=self.reprob, remode=self.remode, recount=self.recount
+        )
 
 
 @dataclass
 class BuildConfig(TeacherInput, MixOptions, AugmentOptions):
-    """Everything `skd-cache build` takes; the plan-, teacher- and data-defining fields are recorded."""
+    """Everything `skd-cache build` takes; the plan-, teacher- and data-defining fields are
+    recorded."""
 
     teacher: str
     data: Path
@@ -73,8 +81,10 @@ class BuildConfig(TeacherInput, MixOptions, AugmentOptions):
     views: int = 10
     image_size: int = 224
     batch_size: int = 256
-    codec: str = "int8"  # or "auto": the smallest codec within max_kl on the first rows (skd.store.codec_table)
-    max_kl: float | None = None  # with codec "auto": the SKD KL the chosen codec may lose (default 1e-4)
+    # or "auto": the smallest codec within max_kl on the first rows (skd.store.codec_table)
+    codec: str = "int8"
+    # with codec "auto": the SKD KL the chosen codec may lose (default 1e-4)
+    max_kl: float | None = None
     amp: str = "auto"
     device: str = "auto"
     loader: str = "dali"
@@ -87,7 +97,8 @@ class BuildConfig(TeacherInput, MixOptions, AugmentOptions):
     val: bool = True
     on_bad_image: str = "error"
     crop: CropParams = field(default_factory=CropParams)
-    plan_from: Path | None = None  # copy the samples and the whole plan of this cache (a second teacher)
+    # copy the samples and the whole plan of this cache (a second teacher)
+    plan_from: Path | None = None
 
 
 ONLINE_VIEWS = 10
@@ -130,7 +141,8 @@ class TrainConfig(TeacherInput, MixOptions, AugmentOptions):
     image_size: int | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    # with --cache: read the first `views` views (default all); online mode: the plan's views (default 10)
+    # with --cache: read the first `views` views (default all); online mode: the plan's views
+    # (default 10)
     views: int | None = None
     # plan options of online mode (a cache carries its own)
     plan_seed: int = 0
@@ -144,10 +156,15 @@ class TrainConfig(TeacherInput, MixOptions, AugmentOptions):
         """The caches to read, in order (none in online mode)."""
         if self.cache is None:
             return []
-        return [Path(c) for c in self.cache] if isinstance(self.cache, (list, tuple)) else [Path(self.cache)]
+        return (
+            [Path(c) for c in self.cache]
+            if isinstance(self.cache, (list, tuple))
+            else [Path(self.cache)]
+        )
 
     def settings(self) -> dict:
-        """What a resumed run must repeat: the weights' and scaler's shape, the schedule and loss of every epoch."""
+        """What a resumed run must repeat: the weights' and scaler's shape, the schedule and loss of
+        every epoch."""
         return {
             "arch": self.arch,
             "amp": self.amp,

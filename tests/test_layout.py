@@ -97,3 +97,10 @@ def test_docs_layout_names_the_contracts_layers():
         for line in re.findall(r"^\d+\. (`skd\.[^\n]*)", text, flags=re.M)
     ]
     assert listed == contract_layers(), f"docs/layout.md lists {listed}, setup.cfg's contract {contract_layers()}"
+
+
+def test_lines_people_read_fit_100_characters():
+    """Code is formatted at 100 characters; what the formatter cannot split (a long message) stays rare."""
+    lines = [line for path in SOURCES for line in path.read_text().splitlines()]
+    long = sum(len(line) > 100 for line in lines)
+    assert long <= 0.05 * len(lines), f"{long} of {len(lines)} lines ({long / len(lines):.1%}) are over 100 characters"

@@ -12,7 +12,8 @@ from handmade import cache_meta
 
 from skd.cli.main import cache as cli
 from skd.data.index import Split
-from skd.inspect.stats import CacheStats, logit_stats, plot_stats, split_summary
+from skd.inspect.stats import CacheStats, logit_stats, split_summary
+from skd.inspect.stats_plot import plot_stats
 from skd.inspect.stats_rows import RowStats
 from skd.loss import spherical_normalize
 from skd.plan.crops import ViewPlan

@@ -1,8 +1,9 @@
-"""What a build decides before any logits: its identity, its samples and plan, and the cache it writes.
+"""What a build decides before any logits: its identity, its samples and plan, and the cache it
+writes.
 
-`prepare_store` opens the cache at --out to resume it (refusing other settings; a larger --views, or a
---plan-from cache that grew, appends views) or lays out a new one: the dataset indexed (or --plan-from's samples
-and plan copied), every view planned, the arrays created.
+`prepare_store` opens the cache at --out to resume it (refusing other settings; a larger --views, or
+a --plan-from cache that grew, appends views) or lays out a new one: the dataset indexed (or
+--plan-from's samples and plan copied), every view planned, the arrays created.
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ import torchvision
 import zarr
 
 from skd import __version__
-from skd.store.codec_table import AUTO
 from skd.config import BuildConfig
-from skd.store.creation import ViewPlans, create_store, grow_store
-from skd.errors import SkdError, SkdWarning
 from skd.data.index import Split, index_dataset, quick_fingerprints
-from skd.storage.location import Location, parse_location
-from skd.plan.mixing import MixParams
+from skd.errors import SkdError, SkdWarning
 from skd.plan.crops import VAL_CROP_FRACTION, center_boxes
+from skd.plan.mixing import MixParams
 from skd.replay.sources import planned_view
-from skd.store.schema import FORMAT_VERSION, MAX_VIEWS
+from skd.storage.location import Location, parse_location
 from skd.store.cache_store import Store, cache_state, open_store
+from skd.store.codec_table import AUTO
+from skd.store.creation import ViewPlans, create_store, grow_store
+from skd.store.schema import FORMAT_VERSION, MAX_VIEWS
 
 
 class BuildError(SkdError):
@@ -35,10 +36,13 @@ class BuildError(SkdError):
 
 
 def check_views(views: int) -> None:
-    """BuildError, before any planning, for a view count out of all proportion: each view is planned and written
-    in turn (one view's plan in memory at a time), so such a count would run for days without a word."""
+    """BuildError, before any planning, for a view count out of all proportion: each view is planned
+    and written in turn (one view's plan in memory at a time), so such a count would run for days
+    without a word."""
     if views > MAX_VIEWS:
-        raise BuildError(f"--views {views:,} is more than {MAX_VIEWS:,}, far beyond any recipe: build fewer views")
+        raise BuildError(
+            f"--views {views:,} is more than {MAX_VIEWS:,}, far beyond any recipe: build fewer views"
+        )
 
 
 # The recorded settings a rerun must repeat to resume; anything else may change between runs.
@@ -90,8 +94,8 @@ def software_versions() -> dict:
 
 
 def recorded_plan(cfg: BuildConfig, source: Store | None) -> tuple[dict, int]:
-    """The plan attributes and view count of the new cache: from the options, or those of `source`, the cache
-    at --plan-from."""
+    """The plan attributes and view count of the new cache: from the options, or those of `source`,
+    the cache at --plan-from."""
     if source is not None:
         return {k: v for k, v in source.meta["plan"].items() if k != "id"}, source.num_views
     return {
@@ -115,8 +119,8 @@ def check_pairs(cfg: BuildConfig, plan: dict) -> None:
 
 
 def cache_meta(cfg: BuildConfig, teacher, amp: str, recipe: dict, plan: dict, views: int) -> dict:
-    """The cache's attributes as far as the options decide them: what decides its contents (compared on
-    resume) and the software that wrote it."""
+    """The cache's attributes as far as the options decide them: what decides its contents (compared
+    on resume) and the software that wrote it."""
     return {
         "format": FORMAT_VERSION,
         "teacher": {
@@ -138,8 +142,9 @@ def cache_meta(cfg: BuildConfig, teacher, amp: str, recipe: dict, plan: dict, vi
 
 
 def check_out(where: Location, data: Path) -> None:
-    """Refuse an --out that is not a cache's home, so that neither a build nor --overwrite can touch other files:
-    one that overlaps the dataset or sits under a file, or that holds something other than an skd cache."""
+    """Refuse an --out that is not a cache's home, so that neither a build nor --overwrite can touch
+    other files: one that overlaps the dataset or sits under a file, or that holds something other
+    than an skd cache."""
     if problem := where.new_home_problem(data):
         raise BuildError(problem)
     if where.is_empty() or cache_state(where) is not None:
@@ -156,19 +161,29 @@ def check_out(where: Location, data: Path) -> None:
 
 
 def prepare_store(
-    cfg: BuildConfig, meta: dict, num_classes, progress: bool, plan_source: Store | None, measure_codec
+    cfg: BuildConfig,
+    meta: dict,
+    num_classes,
+    progress: bool,
+    plan_source: Store | None,
+    measure_codec,
 ) -> Store:
-    """Open the cache at cfg.out for resuming, or lay out its samples and plan (`plan_source`'s: the cache at
-    --plan-from, opened once by the build) and create it.
+    """Open the cache at cfg.out for resuming, or lay out its samples and plan (`plan_source`'s: the
+    cache at --plan-from, opened once by the build) and create it.
 
-    Refuses a cache built with different identity settings. `num_classes()` runs the teacher
-    once; it is called only after the dataset index found no bad image. `measure_codec(layout)` runs the
-    teacher on the first rows of view 0: (the codec to store with, the record of its measured fidelity).
+    Refuses a cache built with different identity settings. `num_classes()` runs the teacher once;
+    it is called only after the dataset index found no bad image. `measure_codec(layout)` runs the
+    teacher on the first rows of view 0: (the codec to store with, the record of its measured
+    fidelity).
     """
     where = parse_location(cfg.out)
     if not where.is_empty() and not cfg.overwrite:
         return _resume(where, cfg, meta, plan_source)
-    layout = copied_layout(cfg, plan_source) if plan_source is not None else planned_layout(cfg, progress)
+    layout = (
+        copied_layout(cfg, plan_source)
+        if plan_source is not None
+        else planned_layout(cfg, progress)
+    )
     classes = num_classes()
     dataset_classes = len(layout.dataset["classes"])
     if classes < dataset_classes:
@@ -202,7 +217,8 @@ def prepare_store(
 
 @dataclass
 class Layout:
-    """What a new cache holds besides logits: its samples, the plan of every view, the validation windows."""
+    """What a new cache holds besides logits: its samples, the plan of every view, the validation
+    windows."""
 
     train: Split
     plans: ViewPlans  # each view's plan, made when creation writes it
@@ -215,13 +231,19 @@ def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
     """Index the dataset and plan every view."""
     check_views(cfg.views)
     index = index_dataset(
-        cfg.data, with_val=cfg.val, workers=max(4, cfg.workers), progress=progress, on_bad=cfg.on_bad_image
+        cfg.data,
+        with_val=cfg.val,
+        workers=max(4, cfg.workers),
+        progress=progress,
+        on_bad=cfg.on_bad_image,
     )
     mix = cfg.mix_params()
     augment = cfg.augment_params()
     plans = ViewPlans(
         cfg.views,
-        lambda view: planned_view(cfg.seed, view, index.train.sizes, cfg.crop, mix, cfg.image_size, augment),
+        lambda view: planned_view(
+            cfg.seed, view, index.train.sizes, cfg.crop, mix, cfg.image_size, augment
+        ),
     )
     return Layout(
         train=index.train,
@@ -240,8 +262,8 @@ def planned_layout(cfg: BuildConfig, progress: bool) -> Layout:
 
 
 def copied_layout(cfg: BuildConfig, source: Store) -> Layout:
-    """The samples and the whole recorded plan of `source`, the cache at --plan-from, byte for byte, once the
-    images under --data are checked to be the ones it was built on."""
+    """The samples and the whole recorded plan of `source`, the cache at --plan-from, byte for byte,
+    once the images under --data are checked to be the ones it was built on."""
     recorded = source.meta["dataset"]
     found = quick_fingerprints(Path(cfg.data), source.has_val, recorded.get("skipped", []))
     if found != (recorded["fingerprint"], recorded["val_fingerprint"]):
@@ -261,10 +283,12 @@ def copied_layout(cfg: BuildConfig, source: Store) -> Layout:
 
 
 def _resume(out: Location, cfg: BuildConfig, meta: dict, plan_source: Store | None) -> Store:
-    """The cache at `out`, opened to continue writing, if it was built with the same identity settings; grown
-    first where more views are asked for than it holds."""
+    """The cache at `out`, opened to continue writing, if it was built with the same identity
+    settings; grown first where more views are asked for than it holds."""
     if cache_state(out) == "creating":
-        raise BuildError(f"{out} holds an unfinished cache creation: pass --overwrite to start it again")
+        raise BuildError(
+            f"{out} holds an unfinished cache creation: pass --overwrite to start it again"
+        )
     store = open_store(out, mode="r+")
     if cfg.val and not store.has_val and (Path(cfg.data) / "val").is_dir():
         raise BuildError(
@@ -275,7 +299,9 @@ def _resume(out: Location, cfg: BuildConfig, meta: dict, plan_source: Store | No
         meta = {**meta, "codec": store.meta["codec"]}
     skipped = store.meta["dataset"].get("skipped", [])
     train_fp, val_fp = quick_fingerprints(Path(cfg.data), store.has_val, skipped)
-    changed = differences(store.meta, {**meta, "dataset": {"fingerprint": train_fp, "val_fingerprint": val_fp}})
+    changed = differences(
+        store.meta, {**meta, "dataset": {"fingerprint": train_fp, "val_fingerprint": val_fp}}
+    )
     changed = [name for name in changed if name != "views"]  # more views grow the cache (`grow`)
     if changed:
         raise BuildError(
@@ -288,11 +314,16 @@ def _resume(out: Location, cfg: BuildConfig, meta: dict, plan_source: Store | No
 
 
 def grow(store: Store, cfg: BuildConfig, views: int, source: Store | None) -> None:
-    """Append views to the cache up to `views` (those of --plan-from's cache `source`, copied, or planned as a
-    fresh build plans them), or finish a growth a kill interrupted; BuildError for fewer views than it holds."""
+    """Append views to the cache up to `views` (those of --plan-from's cache `source`, copied, or
+    planned as a fresh build plans them), or finish a growth a kill interrupted; BuildError for
+    fewer views than it holds."""
     held = store.num_views
     if views < held:
-        asked = f"--plan-from {cfg.plan_from} holds {views} views" if source is not None else f"--views {views}"
+        asked = (
+            f"--plan-from {cfg.plan_from} holds {views} views"
+            if source is not None
+            else f"--views {views}"
+        )
         raise BuildError(
             f"{asked}, fewer than the {held} of {store.path}: a cache never shrinks: pass --views {held} "
             "or more to resume or grow it, or another --out"
@@ -304,7 +335,10 @@ def grow(store: Store, cfg: BuildConfig, views: int, source: Store | None) -> No
         sizes, mix = store.split("samples").sizes, cfg.mix_params()
         augment = cfg.augment_params()
         plans = ViewPlans(
-            views, lambda view: planned_view(cfg.seed, view, sizes, cfg.crop, mix, cfg.image_size, augment)
+            views,
+            lambda view: planned_view(
+                cfg.seed, view, sizes, cfg.crop, mix, cfg.image_size, augment
+            ),
         )
         grow_store(store, views, plans)
         return

@@ -1,9 +1,10 @@
-"""`skd-cache recode`: a cache's logits stored with another codec, without the teacher or the images.
+"""`skd-cache recode`: a cache's logits stored with another codec, without the teacher or the
+images.
 
-The new cache copies the source's samples, plan and validation windows, so it is the cache a build with that
-codec would have made (an int8 recode of an fp32 cache equals an int8 build byte for byte), and caches built
-with --plan-from either stay readable together. Whole shards, completion recorded per shard: rerunning the
-same command resumes.
+The new cache copies the source's samples, plan and validation windows, so it is the cache a build
+with that codec would have made (an int8 recode of an fp32 cache equals an int8 build byte for
+byte), and caches built with --plan-from either stay readable together. Whole shards, completion
+recorded per shard: rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from skd.build.prepare import check_out, differences, software_versions
+from skd.errors import SkdError
+from skd.storage.location import Location, parse_location
+from skd.store.cache_store import Store, cache_state, open_store, part_name
 from skd.store.codec_table import FIDELITY_ROWS, codec_fidelity
 from skd.store.codecs import get_codec
 from skd.store.creation import ViewPlans, create_store
-from skd.errors import SkdError
-from skd.storage.location import Location, parse_location
-from skd.build.prepare import check_out, differences, software_versions
 from skd.store.reader import RowReader
-from skd.store.cache_store import Store, cache_state, open_store, part_name
 from skd.store.writer import ShardWriter, mark_finished
 
 
@@ -29,15 +30,23 @@ class RecodeError(SkdError):
 
 
 def recode_cache(
-    source_path: str | Path, out: str | Path, codec_name: str, *, overwrite: bool = False, progress: bool = False
+    source_path: str | Path,
+    out: str | Path,
+    codec_name: str,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> Store:
-    """Write (or resume) the cache at `out`: the source's plan, its logits decoded and encoded with `codec_name`."""
+    """Write (or resume) the cache at `out`: the source's plan, its logits decoded and encoded with
+    `codec_name`."""
     try:
         codec = get_codec(codec_name)
     except ValueError as exc:
         raise RecodeError(f"--codec: {exc}") from None
     source = open_store(source_path)
-    unfinished = [f"{part_name(view)} shard {shard}" for view, shard, _, _ in missing_ranges(source)]
+    unfinished = [
+        f"{part_name(view)} shard {shard}" for view, shard, _, _ in missing_ranges(source)
+    ]
     if unfinished:
         raise RecodeError(
             f"{source.path} is not finished ({unfinished[0]} and {len(unfinished) - 1} more shards have no logits): "
@@ -45,7 +54,9 @@ def recode_cache(
         )
     where = parse_location(out).absolute()
     if str(where.path) == str(source.location.absolute().path):
-        raise RecodeError(f"--out {out} is the source cache: write the recoded cache somewhere else")
+        raise RecodeError(
+            f"--out {out} is the source cache: write the recoded cache somewhere else"
+        )
     check_out(where, Path(source.meta["dataset"]["root"]))
     meta = recoded_meta(source, codec.name)
     first = source.read_logits(0, 0, min(FIDELITY_ROWS, source.num_samples, source.shard_rows))
@@ -59,7 +70,11 @@ def recode_cache(
     )
     lock = where.lock()
     try:
-        store = resume(where, meta) if not where.is_empty() and not overwrite else create(where, source, meta)
+        store = (
+            resume(where, meta)
+            if not where.is_empty() and not overwrite
+            else create(where, source, meta)
+        )
         for view in store.parts():
             recode_part(source, store, view, lock, progress)
         mark_finished(store)
@@ -69,7 +84,8 @@ def recode_cache(
 
 
 def recoded_meta(source: Store, codec: str) -> dict:
-    """The source's attributes with the new codec (and this software), as a build with that codec records them."""
+    """The source's attributes with the new codec (and this software), as a build with that codec
+    records them."""
     meta = {k: v for k, v in source.meta.items() if k not in ("complete", "growing")}
     return {
         **meta,
@@ -81,7 +97,8 @@ def recoded_meta(source: Store, codec: str) -> dict:
 
 
 def create(where: Location, source: Store, meta: dict) -> Store:
-    """A new cache at `where` holding the source's samples, plan and validation windows, and no logits yet."""
+    """A new cache at `where` holding the source's samples, plan and validation windows, and no
+    logits yet."""
     if not where.is_empty():
         where.remove_all()
     plans = ViewPlans(source.num_views, source.recorded_view)
@@ -99,7 +116,9 @@ def create(where: Location, source: Store, meta: dict) -> Store:
 def resume(where: Location, meta: dict) -> Store:
     """The recode at `where`, to continue, if it recodes the same source with the same codec."""
     if cache_state(where) == "creating":
-        raise RecodeError(f"{where} holds an unfinished cache creation: pass --overwrite to start it again")
+        raise RecodeError(
+            f"{where} holds an unfinished cache creation: pass --overwrite to start it again"
+        )
     store = open_store(where, mode="r+")
     changed = differences(store.meta, meta)
     if changed or store.meta.get("recoded_from") != meta["recoded_from"]:
@@ -112,7 +131,8 @@ def resume(where: Location, meta: dict) -> Store:
 
 
 def recode_part(source: Store, store: Store, view, lock, progress: bool) -> int:
-    """Decode, re-encode and write every shard of one part (a view, or VAL) that the new cache lacks."""
+    """Decode, re-encode and write every shard of one part (a view, or VAL) that the new cache
+    lacks."""
     rows = store.part_rows(view)
     complete = store.part_complete(view)
     shards = [j for j in range(len(complete)) if not complete[j]]
@@ -121,7 +141,9 @@ def recode_part(source: Store, store: Store, view, lock, progress: bool) -> int:
     writer = ShardWriter(store, view, shards, rows, lock=lock)
     label = "val" if view == "val" else f"view {view}/{store.num_views}"
     written = 0
-    with tqdm(total=len(shards), desc=label, unit="shard", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(shards), desc=label, unit="shard", disable=not progress, dynamic_ncols=True
+    ) as bar:
         try:
             for shard in shards:
                 start, stop = store.shard_bounds(shard, rows)

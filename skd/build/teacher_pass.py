@@ -17,18 +17,34 @@ import torch
 from tqdm import tqdm
 
 from skd import pipelines
+from skd.build.prepare import (
+    BuildError,
+    Layout,
+    cache_meta,
+    check_out,
+    check_pairs,
+    prepare_store,
+    recorded_plan,
+)
+from skd.config import BuildConfig
+from skd.data.index import check_root
+from skd.errors import SkdWarning, fault
+from skd.models.recipe import resolve, to_meta
+from skd.models.runtime import (
+    Dist,
+    amp_name,
+    device_kind,
+    init_distributed,
+    place,
+    resolve_device,
+    shutdown,
+)
+from skd.models.teachers import CompiledTeacher, forward, load_teacher, output_classes
+from skd.replay.sources import ReplaySource, cached_source
+from skd.storage.location import parse_location
+from skd.store.cache_store import VAL, Store, View, open_store
 from skd.store.codec_table import AUTO, FIDELITY_ROWS, codec_fidelity
 from skd.store.codecs import get_codec
-from skd.config import BuildConfig
-from skd.errors import SkdWarning, fault
-from skd.data.index import check_root
-from skd.storage.location import parse_location
-from skd.build.prepare import BuildError, Layout, cache_meta, check_out, check_pairs, prepare_store, recorded_plan
-from skd.models.recipe import resolve, to_meta
-from skd.replay.sources import ReplaySource, cached_source
-from skd.models.runtime import Dist, amp_name, device_kind, init_distributed, place, resolve_device, shutdown
-from skd.store.cache_store import VAL, Store, View, open_store
-from skd.models.teachers import CompiledTeacher, forward, load_teacher, output_classes
 from skd.store.writer import ShardWriter, mark_finished
 
 LARGEST_PUBLISHED_SIZE = 800  # timm's largest ImageNet recipes (e.g. EfficientNet-L2 at 800 px)
@@ -47,13 +63,16 @@ class BuildSummary:
 
 def build_cache(cfg: BuildConfig, *, progress: bool = False) -> BuildSummary:
     """Build (or resume) the cache described by `cfg`; returns what this run did."""
-    cfg = replace(cfg, out=parse_location(cfg.out).absolute())  # a folder (`--out .`: by its name) or a URL
+    # a folder (`--out .`: by its name) or a URL
+    cfg = replace(cfg, out=parse_location(cfg.out).absolute())
     try:
         get_codec(cfg.codec) if cfg.codec != AUTO else None
     except ValueError as exc:
         raise BuildError(f"--codec: {exc}") from None
     if cfg.max_kl is not None and cfg.codec != AUTO:
-        raise BuildError(f"--max-kl picks the codec: pass --codec auto with it, not --codec {cfg.codec}")
+        raise BuildError(
+            f"--max-kl picks the codec: pass --codec auto with it, not --codec {cfg.codec}"
+        )
     cfg.mix_params().check()
     cfg.augment_params().check()
     d = init_distributed(device_kind(cfg.device))
@@ -64,8 +83,8 @@ def build_cache(cfg: BuildConfig, *, progress: bool = False) -> BuildSummary:
 
 
 def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
-    """Resolve the teacher, its recipe and the plan; open (or create) the cache on rank 0; fill this rank's
-    shards of every view."""
+    """Resolve the teacher, its recipe and the plan; open (or create) the cache on rank 0; fill this
+    rank's shards of every view."""
     started = time.perf_counter()
     device = resolve_device(cfg.device, d)
     amp = amp_name(cfg.amp, device)
@@ -86,10 +105,13 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     try:
         store = store or open_store(cfg.out, mode="r+")  # the other ranks open what rank 0 made
         source = cached_source(store, recipe=recipe, root=Path(cfg.data))
-        model = CompiledTeacher(model, cfg.batch_size) if cfg.compile else model  # one graph per rank
+        # one graph per rank
+        model = CompiledTeacher(model, cfg.batch_size) if cfg.compile else model
         lost = store.lost_shards()  # from the listing taken at open: one lookup per complete shard
         rows = sum(
-            fill_view(store, source, view, model, cfg, d, device, amp, progress, lock, lost.get(view, []))
+            fill_view(
+                store, source, view, model, cfg, d, device, amp, progress, lock, lost.get(view, [])
+            )
             for view in store.parts()
         )
         rows = d.total(rows)  # also the barrier: every rank has written its shards
@@ -102,8 +124,9 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
 
 
 def warn_large_input(size: int, batch_size: int) -> None:
-    """One warning where the teacher's input is beyond any published recipe: each batch's images alone take
-    batch x 3 x size^2 float32 before the teacher's activations, which grow with size^2 too."""
+    """One warning where the teacher's input is beyond any published recipe: each batch's images
+    alone take batch x 3 x size^2 float32 before the teacher's activations, which grow with size^2
+    too."""
     if size > LARGEST_PUBLISHED_SIZE:
         warnings.warn(
             f"teacher input {size} px is beyond published recipes (up to {LARGEST_PUBLISHED_SIZE} px): a batch of "
@@ -115,10 +138,17 @@ def warn_large_input(size: int, batch_size: int) -> None:
 
 
 def open_on_main(
-    cfg: BuildConfig, d: Dist, meta: dict, num_classes, measure, progress: bool, plan_source: Store | None
+    cfg: BuildConfig,
+    d: Dist,
+    meta: dict,
+    num_classes,
+    measure,
+    progress: bool,
+    plan_source: Store | None,
 ):
-    """(lock, store) on rank 0: --out checked, locked, and the cache resumed or created; (None, None) on the
-    other ranks. A problem on rank 0 is raised on every rank (and releases the lock)."""
+    """(lock, store) on rank 0: --out checked, locked, and the cache resumed or created; (None,
+    None) on the other ranks. A problem on rank 0 is raised on every rank (and releases the
+    lock)."""
     lock, store, problem = None, None, None
     if d.main:
         where = parse_location(cfg.out)
@@ -131,7 +161,8 @@ def open_on_main(
                 f"--out {cfg.out}: {exc.strerror or exc}"
                 f"{f' ({exc.filename})' if exc.filename else ''}: choose a folder you can write"
             )
-        except Exception as exc:  # BuildError, ModelError, DatasetError...: the lock file must not stay behind
+        # BuildError, ModelError, DatasetError...: the lock file must not stay behind
+        except Exception as exc:
             problem = exc
     problem = d.broadcast(problem)
     if problem is not None:
@@ -141,10 +172,13 @@ def open_on_main(
     return lock, store
 
 
-def measure_codec(layout: Layout, cfg: BuildConfig, model, recipe, meta: dict, device, amp: str) -> tuple[str, dict]:
-    """(codec, its fidelity record): the teacher's logits of the first rows of view 0, as the build will compute
-    them, stored with --codec (or, for auto, with the smallest codec within --max-kl) and compared with their
-    exact values. One teacher pass over FIDELITY_ROWS images, once per cache."""
+def measure_codec(
+    layout: Layout, cfg: BuildConfig, model, recipe, meta: dict, device, amp: str
+) -> tuple[str, dict]:
+    """(codec, its fidelity record): the teacher's logits of the first rows of view 0, as the build
+    will compute them, stored with --codec (or, for auto, with the smallest codec within --max-kl)
+    and compared with their exact values. One teacher pass over FIDELITY_ROWS images, once per
+    cache."""
     plan = layout.plans[0]
     rows = min(FIDELITY_ROWS, len(layout.train.paths), cfg.shard_rows)
     source = ReplaySource(
@@ -160,15 +194,21 @@ def measure_codec(layout: Layout, cfg: BuildConfig, model, recipe, meta: dict, d
         loader_kind=meta["plan"]["loader"],
         mix=None if plan.mix is None else lambda view: plan.mix,
     )
-    loader = source.loader(0, np.arange(rows), batch_size=cfg.batch_size, workers=cfg.workers, device=device)
+    loader = source.loader(
+        0, np.arange(rows), batch_size=cfg.batch_size, workers=cfg.workers, device=device
+    )
     try:
-        logits = np.concatenate([forward(model, batch.images, device, amp).cpu().numpy() for batch in loader])
+        logits = np.concatenate(
+            [forward(model, batch.images, device, amp).cpu().numpy() for batch in loader]
+        )
     except OSError as exc:  # an image that went missing or unreadable after the index pass
         raise BuildError(
             f"reading the images of view 0/{meta['views']} failed ({pipelines.read_error(exc)}): "
             f"check {cfg.data}, then rerun the same command"
         ) from None
-    return codec_fidelity(cfg.codec, logits, max_kl=cfg.max_kl, shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows)
+    return codec_fidelity(
+        cfg.codec, logits, max_kl=cfg.max_kl, shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows
+    )
 
 
 def fill_view(
@@ -184,8 +224,8 @@ def fill_view(
     lock=None,
     lost: list[int] = (),
 ) -> int:
-    """Compute this rank's incomplete shards of one view (or of VAL), and those `lost` (recorded complete but
-    whose files are gone); returns the rows written."""
+    """Compute this rank's incomplete shards of one view (or of VAL), and those `lost` (recorded
+    complete but whose files are gone); returns the rows written."""
     rows = store.part_rows(view)
     complete = store.part_complete(view)
     complete[list(lost)] = False
@@ -193,10 +233,14 @@ def fill_view(
     if not shards:
         return 0
     positions = np.concatenate([np.arange(*store.shard_bounds(j, rows)) for j in shards])
-    loader = source.loader(view, positions, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
+    loader = source.loader(
+        view, positions, batch_size=cfg.batch_size, workers=cfg.workers, device=device
+    )
     label = "val" if view == VAL else f"view {view}/{store.num_views}"
     writer = ShardWriter(store, view, shards, rows, lock=lock)  # a lost lease stops the writes
-    with tqdm(total=len(positions), desc=label, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(positions), desc=label, unit="img", disable=not progress, dynamic_ncols=True
+    ) as bar:
         try:
             fault_point = "val-batch" if view == VAL else "after-batch"
             done = write_teacher_logits(model, loader, writer, device, amp, bar, fault_point)
@@ -214,14 +258,21 @@ def fill_view(
 
 
 def write_teacher_logits(
-    model, loader, writer: ShardWriter, device: torch.device, amp: str, bar, fault_point: str = "after-batch"
+    model,
+    loader,
+    writer: ShardWriter,
+    device: torch.device,
+    amp: str,
+    bar,
+    fault_point: str = "after-batch",
 ) -> int:
     """Feed every batch of `loader` through the teacher into `writer`; returns images processed.
 
-    One batch behind: batch i's forward is queued before batch i - 1's logits are copied to the host, so on a
-    GPU the copy's wait overlaps the next forward instead of leaving the device idle.
+    One batch behind: batch i's forward is queued before batch i - 1's logits are copied to the
+    host, so on a GPU the copy's wait overlaps the next forward instead of leaving the device idle.
     """
-    done, pending = 0, None  # pending: (positions, logits on the device) of the batch not yet handed on
+    # pending: (positions, logits on the device) of the batch not yet handed on
+    done, pending = 0, None
     for count, batch in enumerate(loader, 1):
         logits = forward(model, batch.images, device, amp)
         if pending is not None:
@@ -234,8 +285,11 @@ def write_teacher_logits(
     return done
 
 
-def hand_on(writer: ShardWriter, positions: torch.Tensor, logits: torch.Tensor, amp: str, bar) -> int:
-    """A batch's logits, copied to the host and checked (finite, within the codec's range), to the writer."""
+def hand_on(
+    writer: ShardWriter, positions: torch.Tensor, logits: torch.Tensor, amp: str, bar
+) -> int:
+    """A batch's logits, copied to the host and checked (finite, within the codec's range), to the
+    writer."""
     logits = logits.cpu().numpy()
     limit = writer.store.codec.limit
     magnitude = np.abs(logits).max(axis=1, initial=0)  # one pass: nan or inf where a row has any

@@ -1,4 +1,5 @@
-"""`skd-cache`: build a teacher-logit cache and inspect one (info, stats, verify). Parse, validate, call the library."""
+"""`skd-cache`: build a teacher-logit cache and inspect one (info, stats, verify). Parse, validate,
+call the library."""
 
 from __future__ import annotations
 
@@ -52,13 +53,19 @@ def _codec_names(value: str) -> list[str]:
 
 
 @cache.command()
-@click.option("--teacher", required=True, help="torchvision model name (resnet152), timm:NAME or py:module:callable")
+@click.option(
+    "--teacher",
+    required=True,
+    help="torchvision model name (resnet152), timm:NAME or py:module:callable",
+)
 @click.option(
     "--weights",
     help="state_dict file; 'none' for random init; default: torchvision's pretrained file "
     "(a py: teacher: the weights its callable builds)",
 )
-@click.option("--data", help="dataset root holding train/<class>/<images> (and val/); default: $SKD_DATA")
+@click.option(
+    "--data", help="dataset root holding train/<class>/<images> (and val/); default: $SKD_DATA"
+)
 @click.option(
     "--out",
     metavar="DIR|URL",
@@ -104,11 +111,21 @@ def _codec_names(value: str) -> list[str]:
     type=click.Choice(["auto", "bf16", "fp16", "none"]),
     help="autocast dtype of the teacher; auto = bf16 on CUDA, none on CPU",
 )
-@click.option("--device", default=B.device, show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
-@click.option("--loader", default=B.loader, show_default=True, type=click.Choice(["dali", "torchvision"]))
-@click.option("--seed", default=B.seed, show_default=True, type=int, help="seed of the augmentation plan")
 @click.option(
-    "--workers", default=B.workers, show_default=True, type=click.IntRange(min=0), help="decoding threads/processes"
+    "--device", default=B.device, show_default=True, type=click.Choice(["auto", "cuda", "cpu"])
+)
+@click.option(
+    "--loader", default=B.loader, show_default=True, type=click.Choice(["dali", "torchvision"])
+)
+@click.option(
+    "--seed", default=B.seed, show_default=True, type=int, help="seed of the augmentation plan"
+)
+@click.option(
+    "--workers",
+    default=B.workers,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="decoding threads/processes",
 )
 @click.option(
     "--shard-size",
@@ -138,7 +155,9 @@ def _codec_names(value: str) -> list[str]:
     is_flag=True,
     help="delete an existing cache at --out and rebuild (never a folder that is not a cache)",
 )
-@click.option("--val/--no-val", default=B.val, show_default=True, help="cache centre-crop logits of ROOT/val")
+@click.option(
+    "--val/--no-val", default=B.val, show_default=True, help="cache centre-crop logits of ROOT/val"
+)
 @click.option(
     "--on-bad-image",
     default=B.on_bad_image,
@@ -172,7 +191,9 @@ def build(data, out, **options):
             f"{options['shard_rows']} is not a multiple of --chunk-size {options['chunk_rows']}",
             param_hint="--shard-size",
         )
-    cfg = BuildConfig(data=data_root(data), out=out or Path("cache") / alias(options["teacher"]), **options)
+    cfg = BuildConfig(
+        data=data_root(data), out=out or Path("cache") / alias(options["teacher"]), **options
+    )
     summary = build_cache(cfg, progress=True)
     if prints_summary():
         click.echo(f"cache {cfg.out}")
@@ -181,7 +202,9 @@ def build(data, out, **options):
 
 
 CACHE_DIR = click.argument("cache_dir", metavar="DIR|URL")
-JSON = click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of text")
+JSON = click.option(
+    "--json", "as_json", is_flag=True, help="print one JSON document instead of text"
+)
 
 
 def _views(value: str) -> list[int] | None:
@@ -198,7 +221,8 @@ def _views(value: str) -> list[int] | None:
 @JSON
 @user_errors
 def info(cache_dir, as_json):
-    """What a cache holds and costs: teacher, dataset, plan, codec, completion, bytes (unfinished caches too)."""
+    """What a cache holds and costs: teacher, dataset, plan, codec, completion, bytes (unfinished
+    caches too)."""
     from skd.inspect.info import describe, info_lines
     from skd.store.cache_store import open_store
 
@@ -208,7 +232,12 @@ def info(cache_dir, as_json):
 
 @cache.command()
 @click.argument("source", metavar="SRC_DIR|URL")
-@click.option("--codec", required=True, callback=lambda c, p, v: _codec_name(v), help="the new codec (see codecs)")
+@click.option(
+    "--codec",
+    required=True,
+    callback=lambda c, p, v: _codec_name(v),
+    help="the new codec (see codecs)",
+)
 @click.option("--out", required=True, help="the new cache: a folder or an object-store URL")
 @click.option("--overwrite", is_flag=True, help="replace the cache at --out instead of resuming it")
 @user_errors
@@ -219,12 +248,20 @@ def recode(source, codec, out, overwrite):
     store = recode_cache(source, out, codec, overwrite=overwrite, progress=True)
     if prints_summary():
         storage = store.storage()
-        click.echo(f"cache {store.path}: {codec}, {storage['bytes_per_row'] or 0:,.0f} B per row of logits")
+        click.echo(
+            f"cache {store.path}: {codec}, {storage['bytes_per_row'] or 0:,.0f} B per row of logits"
+        )
 
 
 @cache.command()
 @CACHE_DIR
-@click.option("--rows", default=4096, show_default=True, type=click.IntRange(min=1), help="rows of view 0 measured")
+@click.option(
+    "--rows",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="rows of view 0 measured",
+)
 @click.option(
     "--codecs",
     "codec_names",
@@ -233,13 +270,17 @@ def recode(source, codec, out, overwrite):
     callback=lambda c, p, v: _codec_names(v),
     help="comma-separated codecs to measure (topk:K for any K)",
 )
-@click.option("--temperature", default=4.0, show_default=True, type=POSITIVE, help="T of both targets")
-@click.option("--multiplier", default=2.0, show_default=True, type=POSITIVE, help="m of the SKD target")
+@click.option(
+    "--temperature", default=4.0, show_default=True, type=POSITIVE, help="T of both targets"
+)
+@click.option(
+    "--multiplier", default=2.0, show_default=True, type=POSITIVE, help="m of the SKD target"
+)
 @JSON
 @user_errors
 def codecs(cache_dir, rows, codec_names, temperature, multiplier, as_json):
-    """What each codec would cost and lose on this cache's rows: bytes per row on disk, KL of the SKD and Hinton
-    targets against the stored rows, top-1 and top-5 agreement."""
+    """What each codec would cost and lose on this cache's rows: bytes per row on disk, KL of the
+    SKD and Hinton targets against the stored rows, top-1 and top-5 agreement."""
     from skd.store.cache_store import open_store
     from skd.store.codec_table import cache_codec_table, table_lines
 
@@ -284,9 +325,10 @@ def codecs(cache_dir, rows, codec_names, temperature, multiplier, as_json):
 )
 @user_errors
 def stats(cache_dirs, views, no_val, temperature, multiplier, as_json, plot):
-    """Teacher accuracy, logit scale, confidence, calibration, view consistency and storage cost of a cache;
-    of several caches on one plan, the teachers compared on identical views."""
-    from skd.inspect.stats import check_plot_path, logit_stats, plot_stats, stats_lines
+    """Teacher accuracy, logit scale, confidence, calibration, view consistency and storage cost of
+    a cache; of several caches on one plan, the teachers compared on identical views."""
+    from skd.inspect.stats import logit_stats, stats_lines
+    from skd.inspect.stats_plot import check_plot_path, plot_stats
     from skd.store.cache_store import open_store
 
     if len(cache_dirs) > 1:
@@ -298,11 +340,18 @@ def stats(cache_dirs, views, no_val, temperature, multiplier, as_json, plot):
     if plot is not None:
         check_plot_path(plot)
     report = logit_stats(
-        open_store(cache_dirs[0]), views, val=not no_val, temperature=temperature, multiplier=multiplier, progress=True
+        open_store(cache_dirs[0]),
+        views,
+        val=not no_val,
+        temperature=temperature,
+        multiplier=multiplier,
+        progress=True,
     )
     if plot is not None:
         plot_stats(report, plot)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else "\n".join(stats_lines(report)))
+    click.echo(
+        json.dumps(report.to_json(), indent=2) if as_json else "\n".join(stats_lines(report))
+    )
 
 
 @cache.command()
@@ -316,7 +365,11 @@ def stats(cache_dirs, views, no_val, temperature, multiplier, as_json, plot):
 )
 @click.option("--data", help="dataset root; default: the root recorded in the cache")
 @click.option("--weights", help="teacher weights file; default: the file recorded in the cache")
-@click.option("--loader", type=click.Choice(["dali", "torchvision"]), help="default: the loader recorded in the cache")
+@click.option(
+    "--loader",
+    type=click.Choice(["dali", "torchvision"]),
+    help="default: the loader recorded in the cache",
+)
 @click.option(
     "--device",
     default="auto",
@@ -326,7 +379,9 @@ def stats(cache_dirs, views, no_val, temperature, multiplier, as_json, plot):
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of the random choice of rows")
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="seed of the random choice of rows"
+)
 @click.option(
     "--tolerance",
     default=1e-2,
@@ -334,12 +389,28 @@ def stats(cache_dirs, views, no_val, temperature, multiplier, as_json, plot):
     type=NON_NEGATIVE,
     help="KL (T=4, m=2) above which a re-computed row differs from the stored one",
 )
-@click.option("--integrity", is_flag=True, help="also read every chunk and report those that fail to decode")
+@click.option(
+    "--integrity", is_flag=True, help="also read every chunk and report those that fail to decode"
+)
 @JSON
 @machine_options
 @user_errors
-def verify(cache_dir, samples, data, weights, loader, device, batch_size, workers, seed, tolerance, integrity, as_json):
-    """Check a cache against its data and teacher: fingerprint, weights, re-computed rows (exit 1 on mismatch)."""
+def verify(
+    cache_dir,
+    samples,
+    data,
+    weights,
+    loader,
+    device,
+    batch_size,
+    workers,
+    seed,
+    tolerance,
+    integrity,
+    as_json,
+):
+    """Check a cache against its data and teacher: fingerprint, weights, re-computed rows (exit 1 on
+    mismatch)."""
     from skd.inspect.verify import report_lines, verify_cache
     from skd.store.cache_store import open_store
 
@@ -362,5 +433,7 @@ def verify(cache_dir, samples, data, weights, loader, device, batch_size, worker
     else:
         click.echo("\n".join(report_lines(report)))
     if not report.ok:
-        click.echo(f"error: cache {cache_dir} does not match: {report.cause} (details above)", err=True)
+        click.echo(
+            f"error: cache {cache_dir} does not match: {report.cause} (details above)", err=True
+        )
         sys.exit(1)

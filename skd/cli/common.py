@@ -1,4 +1,5 @@
-"""What skd-cache and skd-train share: one-line user errors, finite number types, option groups, the dataset root."""
+"""What skd-cache and skd-train share: one-line user errors, finite number types, option groups, the
+dataset root."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from click.core import ParameterSource
 from skd.errors import SkdError, Terminated
 from skd.storage.objectstore import StoreUnreachable, store_failure
 
-# how to continue a command stopped part way (Ctrl-C, SIGTERM, a failed object store): its work so far is kept
+# how to continue a command stopped part way (Ctrl-C, SIGTERM, a failed object store): its work so
+# far is kept
 CONTINUE_HINTS = {
     "build": ": rerun the same command to resume",
     "recode": ": rerun the same command to resume",
@@ -42,8 +44,10 @@ def user_errors(fn):
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
             stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
             click.echo(f"{stopped}{CONTINUE_HINTS.get(fn.__name__, '')}", err=True)
-            # The library's finally blocks have run (lock released, writes aborted). Skip interpreter shutdown:
-            # zarr's event-loop thread would print its cut-off tasks' tracebacks under the line above.
+            # The library's finally blocks have run (lock released, writes aborted). Skip
+            # interpreter shutdown:
+            # zarr's event-loop thread would print its cut-off tasks' tracebacks under the line
+            # above.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(143 if isinstance(exc, Terminated) else 130)
@@ -118,7 +122,11 @@ MIX_OPTIONS = [
         help="MixUp Beta(alpha, alpha); 0: off. Teacher and student see the same mixed image",
     ),
     click.option(
-        "--cutmix", default=0.0, show_default=True, type=NON_NEGATIVE, help="CutMix Beta(alpha, alpha); 0: off"
+        "--cutmix",
+        default=0.0,
+        show_default=True,
+        type=NON_NEGATIVE,
+        help="CutMix Beta(alpha, alpha); 0: off",
     ),
     click.option(
         "--mixup-prob",
@@ -144,7 +152,13 @@ AUGMENT_OPTIONS = [
         help="RandAugment as timm writes it, e.g. rand-m9-n2-mstd0.5-inc1, or trivial (TrivialAugmentWide); "
         "recorded per image: teacher and student see the same ops",
     ),
-    click.option("--reprob", default=0.0, show_default=True, type=PROBABILITY, help="random erasing probability"),
+    click.option(
+        "--reprob",
+        default=0.0,
+        show_default=True,
+        type=PROBABILITY,
+        help="random erasing probability",
+    ),
     click.option(
         "--remode",
         default="const",
@@ -153,7 +167,11 @@ AUGMENT_OPTIONS = [
         help="erased pixels: const (0 after normalisation) or rand (recorded per-channel values)",
     ),
     click.option(
-        "--recount", default=1, show_default=True, type=click.IntRange(min=1), help="at most this many erased boxes"
+        "--recount",
+        default=1,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="at most this many erased boxes",
     ),
 ]
 
@@ -166,17 +184,29 @@ def _with_options(command, options: list):
 
 
 def teacher_input_options(command):
-    """--teacher-size, --teacher-interpolation, --teacher-mean, --teacher-std (skd.models.recipe resolves the rest)."""
+    """--teacher-size, --teacher-interpolation, --teacher-mean, --teacher-std (skd.models.recipe
+    resolves the rest)."""
     return _with_options(command, TEACHER_INPUT_OPTIONS)
 
 
 def mix_options(command):
-    """--mixup, --cutmix, --mixup-prob, --mixup-switch-prob: timm's names and meanings (skd/plan/mixing.py)."""
+    """--mixup, --cutmix, --mixup-prob, --mixup-switch-prob: timm's names and meanings
+    (skd/plan/mixing.py)."""
     return _with_options(command, MIX_OPTIONS)
 
 
-# the plan options --mixup ... and --aa ... add, by parameter name (refused beside what replays a recorded plan)
-MIX_AND_AUGMENT = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "aa", "reprob", "remode", "recount")
+# the plan options --mixup ... and --aa ... add, by parameter name (refused beside what replays a
+# recorded plan)
+MIX_AND_AUGMENT = (
+    "mixup",
+    "cutmix",
+    "mixup_prob",
+    "mixup_switch_prob",
+    "aa",
+    "reprob",
+    "remode",
+    "recount",
+)
 
 
 def augment_options(command):
@@ -185,8 +215,8 @@ def augment_options(command):
 
 
 def options_given(names: tuple[str, ...]) -> list[str]:
-    """Which of the current command's options `names` the user set rather than left at their default, in the order
-    of `names`, as typed (--no-val, not --val, for a flag turned off)."""
+    """Which of the current command's options `names` the user set rather than left at their
+    default, in the order of `names`, as typed (--no-val, not --val, for a flag turned off)."""
     ctx = click.get_current_context()
     params = {param.name: param for param in ctx.command.params}
     given = []
@@ -207,5 +237,6 @@ def data_root(data: str | None) -> Path:
 
 
 def prints_summary() -> bool:
-    """Whether this process prints the command's summary: the only process, or rank 0 of a torchrun launch."""
+    """Whether this process prints the command's summary: the only process, or rank 0 of a torchrun
+    launch."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -1,5 +1,6 @@
-"""The options of the machine a command runs on rather than of its results: how DALI decodes on a GPU and how
-long torchrun's ranks wait for each other. Nothing they set is recorded in a cache or a run."""
+"""The options of the machine a command runs on rather than of its results: how DALI decodes on a
+GPU and how long torchrun's ranks wait for each other. Nothing they set is recorded in a cache or a
+run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from skd.pipelines import DALI_DECODES, HW_DECODER_LOAD, DaliOptions, set_dali_o
 
 
 def machine_options(fn):
-    """--dali-decode, --hw-decoder-load and --dist-timeout, applied to this process before the command runs."""
+    """--dali-decode, --hw-decoder-load and --dist-timeout, applied to this process before the
+    command runs."""
 
     @click.option(
         "--dali-decode",

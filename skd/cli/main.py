@@ -1,4 +1,5 @@
-"""The console scripts `skd-cache` and `skd-train`: run a command, show usage mistakes and warnings as one line.
+"""The console scripts `skd-cache` and `skd-train`: run a command, show usage mistakes and warnings
+as one line.
 
 The commands themselves are in cli_cache (build, info, stats, verify) and cli_train.
 """
@@ -16,16 +17,20 @@ from skd.errors import SkdWarning, raise_on_sigterm
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """skd's warnings as one `warning:` line (others as Python prints them); the signature of warnings.showwarning."""
+    """skd's warnings as one `warning:` line (others as Python prints them); the signature of
+    warnings.showwarning."""
     if issubclass(category, SkdWarning):
         click.echo(f"warning: {message}", err=True)
     else:
-        click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), err=True)
+        click.echo(
+            warnings.formatwarning(message, category, filename, lineno, line).rstrip(), err=True
+        )
 
 
 def run_command(command: click.Command, prog_name: str) -> None:
-    """Run a click command; a usage mistake is one `error:` line naming the option and where help is; SIGTERM
-    stops the command as Ctrl-C does (one line saying how to continue), with exit status 143."""
+    """Run a click command; a usage mistake is one `error:` line naming the option and where help
+    is; SIGTERM stops the command as Ctrl-C does (one line saying how to continue), with exit status
+    143."""
     warnings.showwarning = show_warning
     raise_on_sigterm()
     try:

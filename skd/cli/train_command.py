@@ -1,4 +1,5 @@
-"""`skd-train`: train a student from one or more caches, or online from a teacher. Parse, validate, call the library."""
+"""`skd-train`: train a student from one or more caches, or online from a teacher. Parse, validate,
+call the library."""
 
 from __future__ import annotations
 
@@ -96,9 +97,14 @@ T = TrainConfig  # option defaults come from the config, declared once
 )
 @click.option("--teacher", help="online mode (no cache): run this teacher in the loop")
 @click.option("--weights", help="teacher weights for online mode (as in skd-cache build)")
-@click.option("--data", help="dataset root; default: the root recorded in the cache (online mode: $SKD_DATA)")
 @click.option(
-    "--arch", default=T.arch, show_default=True, help="student: torchvision name, timm:NAME or py:module:callable"
+    "--data", help="dataset root; default: the root recorded in the cache (online mode: $SKD_DATA)"
+)
+@click.option(
+    "--arch",
+    default=T.arch,
+    show_default=True,
+    help="student: torchvision name, timm:NAME or py:module:callable",
 )
 @click.option("--epochs", default=T.epochs, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -108,10 +114,14 @@ T = TrainConfig  # option defaults come from the config, declared once
     type=click.IntRange(min=1),
     help="global batch over all processes",
 )
-@click.option("--lr", default=T.lr, show_default=True, type=NON_NEGATIVE, help="learning rate per 256 images")
+@click.option(
+    "--lr", default=T.lr, show_default=True, type=NON_NEGATIVE, help="learning rate per 256 images"
+)
 @click.option("--momentum", default=T.momentum, show_default=True, type=NON_NEGATIVE)
 @click.option("--weight-decay", default=T.weight_decay, show_default=True, type=NON_NEGATIVE)
-@click.option("--schedule", default=T.schedule, show_default=True, type=click.Choice(["step", "cosine"]))
+@click.option(
+    "--schedule", default=T.schedule, show_default=True, type=click.Choice(["step", "cosine"])
+)
 @click.option(
     "--milestones",
     callback=lambda c, p, v: _milestones(v),
@@ -134,21 +144,41 @@ T = TrainConfig  # option defaults come from the config, declared once
     callback=lambda c, p, v: _alpha(v),
     help="KD weight, or 'seed' = 0.9/0.5/0.1 at 0%/60%/80% of training",
 )
-@click.option("--amp", default=T.amp, show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]))
-@click.option("--device", default=T.device, show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option(
+    "--amp", default=T.amp, show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"])
+)
+@click.option(
+    "--device", default=T.device, show_default=True, type=click.Choice(["auto", "cuda", "cpu"])
+)
 @click.option(
     "--loader",
     type=click.Choice(["dali", "torchvision"]),
     help="default: the loader recorded in the cache (online mode: dali)",
 )
 @click.option("--workers", default=T.workers, show_default=True, type=click.IntRange(min=0))
-@click.option("--out", type=click.Path(path_type=Path), help="run folder; default runs/<cache name>-<arch>")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="run folder; default runs/<cache name>-<arch>"
+)
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
-@click.option("--overwrite", is_flag=True, help="start again in an --out that holds a run (its checkpoint is replaced)")
-@click.option("--seed", default=T.seed, show_default=True, type=int, help="seed of the student's initialisation")
-@click.option("--tensorboard", is_flag=True, help="also write TensorBoard scalars to <out>/tensorboard")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="start again in an --out that holds a run (its checkpoint is replaced)",
+)
+@click.option(
+    "--seed",
+    default=T.seed,
+    show_default=True,
+    type=int,
+    help="seed of the student's initialisation",
+)
+@click.option(
+    "--tensorboard", is_flag=True, help="also write TensorBoard scalars to <out>/tensorboard"
+)
 @click.option("--val/--no-val", default=T.val, show_default=True, help="validate after each epoch")
-@click.option("--steps-per-epoch", type=click.IntRange(min=1), help="stop each epoch after this many steps")
+@click.option(
+    "--steps-per-epoch", type=click.IntRange(min=1), help="stop each epoch after this many steps"
+)
 @click.option(
     "--image-size",
     type=click.IntRange(min=8),
@@ -180,22 +210,33 @@ T = TrainConfig  # option defaults come from the config, declared once
     help="with --cache: train on the first N views (default all); online mode: views to plan (default 10)",
 )
 @click.option(
-    "--plan-seed", default=T.plan_seed, show_default=True, type=int, help="online mode: the --seed of skd-cache build"
+    "--plan-seed",
+    default=T.plan_seed,
+    show_default=True,
+    type=int,
+    help="online mode: the --seed of skd-cache build",
 )
 @machine_options
 @user_errors
 def train(cache, teacher, data, out, **options):
-    """Train a student from cached teacher logits with the spherical KD loss (or online with --teacher)."""
+    """Train a student from cached teacher logits with the spherical KD loss (or online with
+    --teacher)."""
     from skd.models.teachers import alias
     from skd.train.loop import train as run
 
     cache = list(cache) or None
     if cache is None and teacher is None:
-        raise click.UsageError("pass --cache DIR (or --teacher NAME --data ROOT for online distillation)")
+        raise click.UsageError(
+            "pass --cache DIR (or --teacher NAME --data ROOT for online distillation)"
+        )
     if cache is not None and teacher is not None:
-        raise click.UsageError("--cache and --teacher exclude each other: the cache already holds the teacher")
+        raise click.UsageError(
+            "--cache and --teacher exclude each other: the cache already holds the teacher"
+        )
     if options["resume"] and options["overwrite"]:
-        raise click.UsageError("--resume and --overwrite exclude each other: continue the run or start it again")
+        raise click.UsageError(
+            "--resume and --overwrite exclude each other: continue the run or start it again"
+        )
     given = options_given(ONLINE_ONLY_OPTIONS) if cache is not None else []
     if given:
         raise click.UsageError(
@@ -204,7 +245,9 @@ def train(cache, teacher, data, out, **options):
         )
     if teacher is not None:
         data = data_root(data)
-    name = "+".join(Path(c).name for c in cache) if cache is not None else f"online-{alias(teacher)}"
+    name = (
+        "+".join(Path(c).name for c in cache) if cache is not None else f"online-{alias(teacher)}"
+    )
     cfg = TrainConfig(
         cache=cache,
         teacher=teacher,

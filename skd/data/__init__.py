@@ -1,5 +1,5 @@
-"""The dataset: a sorted ImageFolder scan with header-only image sizes and fingerprints, and image probing
-(EXIF-aware size, JPEG end marker, tail digest).
+"""The dataset: a sorted ImageFolder scan with header-only image sizes and fingerprints, and image
+probing (EXIF-aware size, JPEG end marker, tail digest).
 """
 
 from skd.data.image_probe import image_size

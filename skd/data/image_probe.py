@@ -1,7 +1,9 @@
-"""What an image file is, without decoding its pixels: its decoded (height, width) from the header, a check that a
-JPEG is complete, and a digest of its tail that tells two files of the same byte size apart.
+"""What an image file is, without decoding its pixels: its decoded (height, width) from the header,
+a check that a JPEG is complete, and a digest of its tail that tells two files of the same byte size
+apart.
 
-The dataset index probes every image once this way; `skd-cache verify` probes the sampled ones again.
+The dataset index probes every image once this way; `skd-cache verify` probes the sampled ones
+again.
 """
 
 from __future__ import annotations
@@ -36,12 +38,17 @@ def image_size(path) -> tuple[int, int]:
 
 def warn_oversized(named_sizes) -> None:
     """One SkdWarning naming the images, of these (path, (height, width)), whose pixels exceed PIL's
-    decompression-bomb limit: PIL decodes them (it refuses only those above twice the limit), but its own
-    DecompressionBombWarning names neither the file nor the size, and comes once per image open."""
+    decompression-bomb limit: PIL decodes them (it refuses only those above twice the limit), but
+    its own DecompressionBombWarning names neither the file nor the size, and comes once per image
+    open."""
     limit = Image.MAX_IMAGE_PIXELS
     if limit is None:
         return
-    over = [(path, int(h), int(w)) for path, (h, w) in named_sizes if max(1, int(h)) * max(1, int(w)) > limit]
+    over = [
+        (path, int(h), int(w))
+        for path, (h, w) in named_sizes
+        if max(1, int(h)) * max(1, int(w)) > limit
+    ]
     if not over:
         return
     where = f"more than PIL's decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
@@ -62,7 +69,8 @@ def warn_oversized(named_sizes) -> None:
 
 
 def regular_stat(path) -> os.stat_result:
-    """os.stat of `path` (links followed); OSError "not a regular file (fifo)" for a FIFO, device, socket..."""
+    """os.stat of `path` (links followed); OSError "not a regular file (fifo)" for a FIFO, device,
+    socket..."""
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode):
         raise OSError(0, f"not a regular file ({_file_kind(info.st_mode)})")
@@ -84,11 +92,13 @@ def _file_kind(mode: int) -> str:
 
 
 def probe(path) -> tuple[tuple[int, int], int]:
-    """((height, width), tail digest) of an image, the file opened once: PIL reads the header from it, then its
-    tail is read, for a JPEG's end marker (a complete JPEG has FF D9 near its end, a cut-off download does not:
-    truncation caught without decoding the pixels) and for `tail_digest`."""
+    """((height, width), tail digest) of an image, the file opened once: PIL reads the header from
+    it, then its tail is read, for a JPEG's end marker (a complete JPEG has FF D9 near its end, a
+    cut-off download does not: truncation caught without decoding the pixels) and for
+    `tail_digest`."""
     with open(path, "rb") as file, Image.open(file) as image:
-        tags = getattr(image, "tag_v2", None)  # TIFF: the stored size (newer PIL reports it already turned)
+        # TIFF: the stored size (newer PIL reports it already turned)
+        tags = getattr(image, "tag_v2", None)
         width, height = (tags[256], tags[257]) if tags is not None else image.size
         if exif_orientation(image, path) in (5, 6, 7, 8):  # the image was opened from a file object
             width, height = height, width
@@ -99,9 +109,9 @@ def probe(path) -> tuple[tuple[int, int], int]:
 
 
 def tail_digest(tail: bytes) -> int:
-    """A 64-bit BLAKE2b digest of a file's last 4,096 bytes (all of a shorter one), as an unsigned integer: the
-    end of a JPEG's entropy-coded data differs between any two photos, so an image replaced by another of the same
-    byte size is told apart without reading it whole."""
+    """A 64-bit BLAKE2b digest of a file's last 4,096 bytes (all of a shorter one), as an unsigned
+    integer: the end of a JPEG's entropy-coded data differs between any two photos, so an image
+    replaced by another of the same byte size is told apart without reading it whole."""
     return int.from_bytes(hashlib.blake2b(tail, digest_size=8).digest(), "little")
 
 

@@ -36,15 +36,18 @@ class DatasetError(SkdError):
 
 @dataclass(frozen=True)
 class Split:
-    """One split's samples in sample-id order (sorted ImageFolder order), as indexing finds them or as a cache
-    records them; `file_bytes` and `fingerprint` are None for samples read from a cache."""
+    """One split's samples in sample-id order (sorted ImageFolder order), as indexing finds them or
+    as a cache records them; `file_bytes` and `fingerprint` are None for samples read from a
+    cache."""
 
     paths: list[str]  # POSIX paths relative to the dataset root, e.g. "train/n01440764/a.JPEG"
     labels: np.ndarray  # (N,) int64 index into the dataset's classes
     sizes: np.ndarray  # (N, 2) (height, width) of the decoded frame after EXIF rotation
     file_bytes: np.ndarray | None = None  # (N,) int64 file sizes
-    tails: np.ndarray | None = None  # (N,) uint64 `tail_digest` of each file: a same-size replacement shows in it
-    fingerprint: str | None = None  # sha256 hex of the relative paths and file sizes, see fingerprint()
+    # (N,) uint64 `tail_digest` of each file: a same-size replacement shows in it
+    tails: np.ndarray | None = None
+    # sha256 hex of the relative paths and file sizes, see fingerprint()
+    fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,13 +55,15 @@ class Split:
 
 @dataclass(frozen=True)
 class DatasetIndex:
-    """An indexed ImageFolder: ROOT/train/<class>/<images> and optionally ROOT/val/<class>/<images>."""
+    """An indexed ImageFolder: ROOT/train/<class>/<images> and optionally
+    ROOT/val/<class>/<images>."""
 
     root: Path  # absolute
     classes: list[str]  # sorted class folder names of train/
     train: Split
     val: Split | None  # None when ROOT/val is absent or not requested
-    skipped: tuple[tuple[str, str], ...] = ()  # (path relative to root, reason) left out by on_bad="skip"
+    # (path relative to root, reason) left out by on_bad="skip"
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 ON_BAD = ("error", "skip")
@@ -69,9 +74,9 @@ def index_dataset(
 ) -> DatasetIndex:
     """Scan ROOT/train (and ROOT/val when present and `with_val`) and read every image's header.
 
-    `on_bad="error"` raises one DatasetError listing every unreadable or truncated image, every image
-    name that is not a regular file (a FIFO, device or socket: never opened) and empty class folders;
-    `"skip"` leaves them out and lists them in `DatasetIndex.skipped`.
+    `on_bad="error"` raises one DatasetError listing every unreadable or truncated image, every
+    image name that is not a regular file (a FIFO, device or socket: never opened) and empty class
+    folders; `"skip"` leaves them out and lists them in `DatasetIndex.skipped`.
     """
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
@@ -110,16 +115,23 @@ def index_dataset(
             fingerprint=fingerprint(paths, file_bytes[start:stop][kept]),
         )
         start = stop
-    return DatasetIndex(root=root, classes=classes, train=built["train"], val=built.get("val"), skipped=tuple(skipped))
+    return DatasetIndex(
+        root=root,
+        classes=classes,
+        train=built["train"],
+        val=built.get("val"),
+        skipped=tuple(skipped),
+    )
 
 
 def scan_split(
     root: Path, split: str, classes: list[str] | None = None, empty: list | None = None
 ) -> tuple[list[str], np.ndarray]:
-    """Paths (relative to `root`, sorted ImageFolder order) and int64 labels of ROOT/<split>, no image reads.
+    """Paths (relative to `root`, sorted ImageFolder order) and int64 labels of ROOT/<split>, no
+    image reads.
 
-    With `classes` None the class list is the split's own sorted folder names; otherwise labels index
-    into `classes` (the val split uses the train classes) and a folder outside it is an error.
+    With `classes` None the class list is the split's own sorted folder names; otherwise labels
+    index into `classes` (the val split uses the train classes) and a folder outside it is an error.
     A class folder without images is an error, unless `empty` is a list: then it is appended there
     as (folder, reason) and the class keeps its label with no samples.
     """
@@ -174,18 +186,22 @@ def read_sizes(
     Reads run in `workers` threads (they wait on storage, not on the CPU). Every unreadable file is
     collected and reported in one DatasetError, so one pass over the dataset finds all of them.
     """
-    sizes, _, _, bad = _read_headers(Path(root), paths, workers=workers, progress=progress, desc=desc)
+    sizes, _, _, bad = _read_headers(
+        Path(root), paths, workers=workers, progress=progress, desc=desc
+    )
     if bad:
         raise DatasetError(_bad_files_message(Path(root), paths, bad, []))
     return sizes
 
 
 def fingerprint(paths: list[str], file_bytes) -> str:
-    """sha256 hex over "path<TAB>size<NEWLINE>" lines: changes when a file is added, removed, renamed or
-    resized, not when it is only touched or copied elsewhere."""
+    """sha256 hex over "path<TAB>size<NEWLINE>" lines: changes when a file is added, removed,
+    renamed or resized, not when it is only touched or copied elsewhere."""
     sizes = np.asarray(file_bytes, np.int64).tolist()
     if len(sizes) != len(paths):
-        raise ValueError(f"fingerprint needs one file size per path: {len(sizes)} sizes, {len(paths)} paths")
+        raise ValueError(
+            f"fingerprint needs one file size per path: {len(sizes)} sizes, {len(paths)} paths"
+        )
     text = "".join(f"{path}\t{size}\n" for path, size in zip(paths, sizes))
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -193,7 +209,8 @@ def fingerprint(paths: list[str], file_bytes) -> str:
 def quick_fingerprints(root: Path, with_val: bool, skipped=()) -> tuple[str, str | None]:
     """(train, val) fingerprints from a directory scan and file sizes, without opening any image.
 
-    `skipped` are the (path, reason) pairs a `--on-bad-image skip` build left out (recorded in the cache).
+    `skipped` are the (path, reason) pairs a `--on-bad-image skip` build left out (recorded in the
+    cache).
     """
     leave_out = {path for path, _ in skipped}
     out = []
@@ -203,21 +220,26 @@ def quick_fingerprints(root: Path, with_val: bool, skipped=()) -> tuple[str, str
             continue
         paths, _ = scan_split(root, split, empty=[])
         paths = [p for p in paths if p not in leave_out]
-        base = str(root)  # joined as strings: a Path per file costs more than its stat (1.28M files: 6.5 -> 2.8 s)
+        # joined as strings: a Path per file costs more than its stat (1.28M files: 6.5 -> 2.8 s)
+        base = str(root)
         out.append(fingerprint(paths, [os.stat(f"{base}/{p}").st_size for p in paths]))
     return out[0], out[1]
 
 
 def check_root(root: Path) -> None:
-    """DatasetError unless ROOT/train holds class folders: a cheap check before anything is loaded or written."""
+    """DatasetError unless ROOT/train holds class folders: a cheap check before anything is loaded
+    or written."""
     _class_folders(Path(root), "train")
 
 
 def _class_folders(root: Path, split: str) -> list[str]:
-    """Sorted names of the non-hidden folders in ROOT/<split>, with a DatasetError when there are none."""
+    """Sorted names of the non-hidden folders in ROOT/<split>, with a DatasetError when there are
+    none."""
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"dataset root {root} {problem}: pass --data ROOT pointing at a folder with {_LAYOUT}")
+        raise DatasetError(
+            f"dataset root {root} {problem}: pass --data ROOT pointing at a folder with {_LAYOUT}"
+        )
     split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetError(
@@ -233,28 +255,36 @@ def _class_folders(root: Path, split: str) -> list[str]:
     if loose:
         hint = ""
         if split == "val":
-            hint = " (ImageNet's val images must be sorted into class folders, e.g. with valprep.sh)"
+            hint = (
+                " (ImageNet's val images must be sorted into class folders, e.g. with valprep.sh)"
+            )
         raise DatasetError(
             f"{split_dir} holds {loose} image files but no class folders: move them into {split_dir}/<class>/{hint}"
         )
     if split == "train":
-        raise DatasetError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
-    raise DatasetError(f"{split_dir} has no images: add {split_dir}/<class>/<images> or remove the folder")
+        raise DatasetError(
+            f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/"
+        )
+    raise DatasetError(
+        f"{split_dir} has no images: add {split_dir}/<class>/<images> or remove the folder"
+    )
 
 
 def _class_files(class_dir: Path, prefix: str) -> list[str]:
     """Image paths under `class_dir` (recursively, torchvision order), as `prefix`/<relative path>.
 
-    Folder links are followed (torchvision does) only while they stay inside the class folder and lead somewhere
-    not walked yet: a link to `..` or to another class would label that class's images as this one, and a loop
-    would be walked ~40 levels deep. Such links are left out with one warning naming them.
+    Folder links are followed (torchvision does) only while they stay inside the class folder and
+    lead somewhere not walked yet: a link to `..` or to another class would label that class's
+    images as this one, and a loop would be walked ~40 levels deep. Such links are left out with one
+    warning naming them.
     """
     top = os.path.realpath(class_dir)
     walked, refused = {top}, []
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         kept = []
-        for d in sorted(dirnames, key=lambda d: os.path.islink(os.path.join(dirpath, d))):  # folders before links
+        # folders before links
+        for d in sorted(dirnames, key=lambda d: os.path.islink(os.path.join(dirpath, d))):
             if d.startswith("."):
                 continue
             real = os.path.realpath(os.path.join(dirpath, d))
@@ -301,8 +331,8 @@ def _reason(exc: Exception) -> str:
 def _read_headers(
     root: Path, paths: list[str], *, workers: int, progress: bool, desc: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """(N, 2) int32 decoded sizes, (N,) int64 file sizes and (N,) uint64 tail digests of ROOT/<path>, and the
-    (index, reason) of every file that cannot be read, in input order."""
+    """(N, 2) int32 decoded sizes, (N,) int64 file sizes and (N,) uint64 tail digests of
+    ROOT/<path>, and the (index, reason) of every file that cannot be read, in input order."""
     count = len(paths)
     sizes = np.zeros((count, 2), np.int32)
     file_bytes = np.zeros(count, np.int64)
@@ -316,12 +346,14 @@ def _read_headers(
             try:
                 file_bytes[i] = regular_stat(path).st_size  # before any open: a FIFO would block it
                 sizes[i], tails[i] = probe(path)
-            except Exception as exc:  # any failure is this file's problem: collect, report all at once
+            # any failure is this file's problem: collect, report all at once
+            except Exception as exc:
                 bad.append((i, _reason(exc)))
         return stop - start
 
     pool = ThreadPoolExecutor(max(1, workers))
-    # Here, not in the threads: catch_warnings swaps process-wide state. PIL's warning names no file; the sizes
+    # Here, not in the threads: catch_warnings swaps process-wide state. PIL's warning names no
+    # file; the sizes
     # read tell which images it was for, and warn_oversized names them.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -331,19 +363,25 @@ def _read_headers(
                 for future in as_completed(futures):
                     bar.update(future.result())
         finally:
-            pool.shutdown(cancel_futures=True)  # on Ctrl-C, drop the queued chunks instead of reading them
+            # on Ctrl-C, drop the queued chunks instead of reading them
+            pool.shutdown(cancel_futures=True)
     warn_oversized((os.path.join(root, path), size) for path, size in zip(paths, sizes.tolist()))
     return sizes, file_bytes, tails, sorted(bad)
 
 
-def _bad_files_message(root: Path, paths: list[str], bad: list[tuple[int, str]], empty: list) -> str:
-    """One line naming every empty class folder and the unreadable files (the first 20, then a count)."""
+def _bad_files_message(
+    root: Path, paths: list[str], bad: list[tuple[int, str]], empty: list
+) -> str:
+    """One line naming every empty class folder and the unreadable files (the first 20, then a
+    count)."""
     parts = []
     if empty:
         folders = ", ".join(str(root / folder) for folder, _ in empty)
         parts.append(f"class folders with no images ({', '.join(IMAGE_EXTENSIONS)}): {folders}")
     if bad:
-        named = "; ".join(f"{os.path.join(root, paths[i])} ({reason})" for i, reason in bad[:_NAMED_ERRORS])
+        named = "; ".join(
+            f"{os.path.join(root, paths[i])} ({reason})" for i, reason in bad[:_NAMED_ERRORS]
+        )
         more = f"; and {len(bad) - _NAMED_ERRORS} more" if len(bad) > _NAMED_ERRORS else ""
         parts.append(f"{len(bad)} of {len(paths)} image files cannot be read: {named}{more}")
     return (

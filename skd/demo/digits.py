@@ -1,4 +1,5 @@
-"""The demo's dataset: scikit-learn's 1,797 bundled 8x8 handwritten digits as an ImageFolder of JPEGs.
+"""The demo's dataset: scikit-learn's 1,797 bundled 8x8 handwritten digits as an ImageFolder of
+JPEGs.
 
 Real images that ship with an installed package, upscaled and written once, deterministically, to
 <root>/{train,val}/<digit>/<id>.JPEG; the product reads them exactly as it reads ImageNet.
@@ -19,7 +20,9 @@ VAL_FRACTION = 0.2
 DATASET_VERSION = 2  # bump when the written images change
 
 
-def split_ids(labels: np.ndarray, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_ids(
+    labels: np.ndarray, val_fraction: float = VAL_FRACTION, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A fixed stratified split: (train ids, val ids), each sorted."""
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -32,14 +35,17 @@ def split_ids(labels: np.ndarray, val_fraction: float = VAL_FRACTION, seed: int 
 
 
 def render_digit(pixels: np.ndarray, rng: np.random.Generator, canvas: int = CANVAS) -> np.ndarray:
-    """One 8x8 digit (values 0..16) as a canvas x canvas RGB uint8 image: random size, place and ink.
+    """One 8x8 digit (values 0..16) as a canvas x canvas RGB uint8 image: random size, place and
+    ink.
 
     The digit is upscaled to 55-80% of the canvas and placed inside the part that the validation
     centre crop keeps (224/256 of the side), in a random ink colour on a dark background.
     """
     from PIL import Image
 
-    gray = Image.fromarray((np.asarray(pixels, np.float64).reshape(8, 8) * (255 / 16)).astype(np.uint8), "L")
+    gray = Image.fromarray(
+        (np.asarray(pixels, np.float64).reshape(8, 8) * (255 / 16)).astype(np.uint8), "L"
+    )
     side = int(rng.integers(round(0.55 * canvas), round(0.8 * canvas) + 1))
     gray = gray.resize((side, side), Image.BICUBIC)
     margin = (canvas - round(canvas * 224 / 256)) // 2
@@ -74,10 +80,13 @@ def write_digits(root: Path, *, seed: int = 0, canvas: int = CANVAS, quality: in
         return old["counts"]
     if root.exists() and any(root.iterdir()):
         if old.get("source") != manifest["source"]:  # never delete what the demo did not write
-            raise SystemExit(f"demo: {root} exists and was not written by the demo: choose another --dir")
+            raise SystemExit(
+                f"demo: {root} exists and was not written by the demo: choose another --dir"
+            )
         shutil.rmtree(root)  # an earlier demo's images, written with other settings
     root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"source": manifest["source"]}) + "\n")  # ours even if stopped part-way
+    # ours even if stopped part-way
+    marker.write_text(json.dumps({"source": manifest["source"]}) + "\n")
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     train, val = split_ids(labels, seed=seed)

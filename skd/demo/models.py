@@ -1,4 +1,5 @@
-"""The demo's models and the teacher's training: stand-ins for ResNet-152 and ResNet-18 on 16x16 digits.
+"""The demo's models and the teacher's training: stand-ins for ResNet-152 and ResNet-18 on 16x16
+digits.
 
 The teacher trains in memory with plain torch, on the same kind of views the cache records
 (RandomResizedCrop windows and flips drawn by skd.plan.crops), before the product ever sees it.
@@ -19,7 +20,9 @@ IMAGE_SIZE = 16  # side of the training views (--image-size): the digits themsel
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class Teacher(nn.Module):
@@ -58,7 +61,11 @@ class Student(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv(3, w), _conv(w, 2 * w, 2), _conv(2 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+            _conv(3, w),
+            _conv(w, 2 * w, 2),
+            _conv(2 * w, 4 * w, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.fc = nn.Linear(4 * w, num_classes)
         nn.init.normal_(self.fc.weight, std=0.3)
@@ -78,17 +85,34 @@ def student(num_classes: int = NUM_CLASSES) -> Student:
     return Student(num_classes)
 
 
-def crop_batch(images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
-    """Crop windows (y, x, h, w), resize to size x size (bilinear), mirror, normalise like the pipelines."""
+def crop_batch(
+    images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, size: int
+) -> torch.Tensor:
+    """Crop windows (y, x, h, w), resize to size x size (bilinear), mirror, normalise like the
+    pipelines."""
     from torchvision.ops import roi_align
 
     from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 
     b = torch.as_tensor(boxes, dtype=torch.float32)
     rois = torch.stack(
-        [torch.arange(len(b), dtype=torch.float32), b[:, 1], b[:, 0], b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], dim=1
+        [
+            torch.arange(len(b), dtype=torch.float32),
+            b[:, 1],
+            b[:, 0],
+            b[:, 1] + b[:, 3],
+            b[:, 0] + b[:, 2],
+        ],
+        dim=1,
     )
-    out = roi_align(images.float() / 255, rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    out = roi_align(
+        images.float() / 255,
+        rois,
+        output_size=size,
+        spatial_scale=1.0,
+        sampling_ratio=2,
+        aligned=True,
+    )
     mirror = torch.as_tensor(flips, dtype=torch.bool)
     out[mirror] = out[mirror].flip(-1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -97,7 +121,8 @@ def crop_batch(images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, size:
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int) -> float:
-    """Top-1 on the validation windows the product uses (centre square, 224/256 of the shorter side)."""
+    """Top-1 on the validation windows the product uses (centre square, 224/256 of the shorter
+    side)."""
     from skd.plan.crops import VAL_CROP_FRACTION, center_boxes
 
     sizes = np.tile(images.shape[2:], (len(images), 1))
@@ -106,7 +131,14 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size:
     with torch.no_grad():
         logits = torch.cat(
             [
-                model(crop_batch(images[i : i + 512], boxes[i : i + 512], np.zeros(len(boxes[i : i + 512])), size))
+                model(
+                    crop_batch(
+                        images[i : i + 512],
+                        boxes[i : i + 512],
+                        np.zeros(len(boxes[i : i + 512])),
+                        size,
+                    )
+                )
                 for i in range(0, len(images), 512)
             ]
         )
@@ -115,9 +147,17 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size:
 
 
 def train_teacher(
-    root: Path, out: Path, *, epochs: int, batch_size: int = 64, lr: float = 3e-3, size: int = IMAGE_SIZE, seed: int = 0
+    root: Path,
+    out: Path,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    size: int = IMAGE_SIZE,
+    seed: int = 0,
 ) -> float:
-    """Train the teacher on RandomResizedCrop + flip views (drawn like the cache's plan); returns val top-1."""
+    """Train the teacher on RandomResizedCrop + flip views (drawn like the cache's plan); returns
+    val top-1."""
     from skd.plan.crops import crop_windows, flips
 
     torch.manual_seed(seed)
@@ -126,7 +166,9 @@ def train_teacher(
     model = Teacher()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * -(-len(images) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, pct_start=0.2
+    )
     sizes = np.tile(images.shape[2:], (len(images), 1))
     for epoch in range(epochs):
         start = time.perf_counter()
@@ -138,7 +180,8 @@ def train_teacher(
         for i in range(0, len(order), batch_size):
             ids = order[i : i + batch_size]
             x = crop_batch(images[ids], boxes[i : i + batch_size], mirror[i : i + batch_size], size)
-            loss = nn.functional.cross_entropy(model(x), labels[ids])  # no label smoothing: it flattens KD targets
+            # no label smoothing: it flattens KD targets
+            loss = nn.functional.cross_entropy(model(x), labels[ids])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -43,16 +43,22 @@ THREADS = "1"
 
 
 def command(name: str) -> list[str]:
-    """The console script `name` next to this Python (the venv's bin), or the same entry point via -c."""
+    """The console script `name` next to this Python (the venv's bin), or the same entry point via
+    -c."""
     script = Path(sys.executable).parent / name
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
     entry = {"skd-cache": "main_cache", "skd-train": "main_train"}[name]
-    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from skd.cli.main import {entry}; {entry}()"]
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; sys.argv[0] = {name!r}; from skd.cli.main import {entry}; {entry}()",
+    ]
 
 
 def options(**values) -> list[str]:
-    """Command-line options from keywords, in order: image_size=16 -> --image-size 16; overwrite=True -> --overwrite."""
+    """Command-line options from keywords, in order: image_size=16 -> --image-size 16;
+    overwrite=True -> --overwrite."""
     argv = []
     for name, value in values.items():
         argv.append(f"--{name.replace('_', '-')}")
@@ -68,12 +74,18 @@ def run(name: str, *args: str) -> None:
     env.setdefault("OMP_NUM_THREADS", THREADS)
     proc = subprocess.run(command(name) + list(args), env=env)
     if proc.returncode != 0:
-        sys.exit(f"demo: `{name} {args[0]}` failed with exit status {proc.returncode} (its message is above)")
+        sys.exit(
+            f"demo: `{name} {args[0]}` failed with exit status {proc.returncode} (its message is above)"
+        )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """A run's metrics.jsonl: one dict per finished epoch."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def cache_figures(cache: Path) -> dict:
@@ -120,15 +132,25 @@ def positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The demo's options; args.kd becomes the list of students to train."""
-    parser = argparse.ArgumentParser(prog="python -m skd.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", type=Path, default=Path("demo"), help="where everything goes (default: demo)")
+    parser = argparse.ArgumentParser(
+        prog="python -m skd.demo", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=Path("demo"), help="where everything goes (default: demo)"
+    )
     parser.add_argument("--loader", default="dali", choices=["dali", "torchvision"])
     parser.add_argument("--teacher-epochs", type=positive, default=30)
-    parser.add_argument("--epochs", type=positive, default=40, help="student epochs; the cache holds as many views")
+    parser.add_argument(
+        "--epochs", type=positive, default=40, help="student epochs; the cache holds as many views"
+    )
     parser.add_argument("--batch-size", type=positive, default=64)
-    parser.add_argument("--lr", type=float, default=0.8, help="student learning rate per 256 images")
+    parser.add_argument(
+        "--lr", type=float, default=0.8, help="student learning rate per 256 images"
+    )
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--kd", default="none,skd,hinton", help="students to train (default: none,skd,hinton)")
+    parser.add_argument(
+        "--kd", default="none,skd,hinton", help="students to train (default: none,skd,hinton)"
+    )
     args = parser.parse_args(argv)
     args.kd = [kd for kd in args.kd.split(",") if kd]
     unknown = set(args.kd) - {kd for kd, _ in STUDENTS}
@@ -163,8 +185,11 @@ def train_the_teacher(data: Path, weights: Path, epochs: int) -> None:
     train_teacher(data, weights, epochs=epochs)
 
 
-def build_and_inspect_cache(args: argparse.Namespace, data: Path, weights: Path, cache: Path) -> None:
-    """Step 3, stage one: `skd-cache build` with the teacher, then `skd-cache stats` and `verify` on its cache."""
+def build_and_inspect_cache(
+    args: argparse.Namespace, data: Path, weights: Path, cache: Path
+) -> None:
+    """Step 3, stage one: `skd-cache build` with the teacher, then `skd-cache stats` and `verify` on
+    its cache."""
     print(
         f"\n[3/5] stage one: the teacher's logits on {args.epochs} recorded augmented views, then a look at them",
         flush=True,
@@ -191,7 +216,8 @@ def build_and_inspect_cache(args: argparse.Namespace, data: Path, weights: Path,
 
 
 def train_students(args: argparse.Namespace, cache: Path, runs: Path) -> dict[str, list[dict]]:
-    """Step 4, stage two: one `skd-train` per chosen --kd on the cached views; returns each run's metrics."""
+    """Step 4, stage two: one `skd-train` per chosen --kd on the cached views; returns each run's
+    metrics."""
     print(
         f"\n[4/5] stage two: student py:skd.demo:student ({count_parameters(student()):,} "
         f"parameters), {args.epochs} epochs on the cached views, no teacher loaded",
@@ -225,13 +251,16 @@ def train_students(args: argparse.Namespace, cache: Path, runs: Path) -> dict[st
 
 
 def print_results(counts: dict, cache: Path, results: dict[str, list[dict]]) -> None:
-    """Step 5: validation top-1 of the teacher (from the cache) and of each student, and what the cache costs."""
+    """Step 5: validation top-1 of the teacher (from the cache) and of each student, and what the
+    cache costs."""
     figures = cache_figures(cache)
     print(
         f"\n[5/5] top-1 on the {counts['val']} validation images (centre crop, {IMAGE_SIZE}x{IMAGE_SIZE}); "
         "students: last epoch, best epoch in brackets\n"
     )
-    print(f"  {'teacher (from the cache val/logits)':<50} {figures.get('teacher_val_top1', float('nan')):>6.1%}")
+    print(
+        f"  {'teacher (from the cache val/logits)':<50} {figures.get('teacher_val_top1', float('nan')):>6.1%}"
+    )
     for kd, label in STUDENTS:
         if kd in results:
             last = results[kd][-1]
@@ -245,7 +274,9 @@ def print_results(counts: dict, cache: Path, results: dict[str, list[dict]]) -> 
         f"\n  cache: {figures['views']} views x {figures['rows']:,} rows x {figures['classes']} classes, int8 codec, "
         f"{figures['bytes_per_row']:.1f} B per row of logits on disk"
     )
-    speeds = ", ".join(f"{kd} {np.mean([m['images_per_sec'] for m in r]):,.0f}" for kd, r in results.items())
+    speeds = ", ".join(
+        f"{kd} {np.mean([m['images_per_sec'] for m in r]):,.0f}" for kd, r in results.items()
+    )
     print(f"  student training, images/s (mean over epochs): {speeds}")
 
 

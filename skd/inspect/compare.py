@@ -1,8 +1,9 @@
 """Teachers compared on identical views (`skd-cache stats A B ...`): caches built on one plan.
 
-Each cache's rows are streamed once, in lockstep: per teacher top-1 on the validation split, pairwise
-top-1 agreement and mean KL between teachers on the same views (after the layer norm the SKD loss
-applies), and the top-1 of their equal-weight ensemble (the mean of the layer-normalised logits).
+Each cache's rows are streamed once, in lockstep: per teacher top-1 on the validation split,
+pairwise top-1 agreement and mean KL between teachers on the same views (after the layer norm the
+SKD loss applies), and the top-1 of their equal-weight ensemble (the mean of the layer-normalised
+logits).
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ def _stream(stores: list[Store], view: View):
         yield [store.codec.decode(block) for store, (_, block) in zip(stores, parts)]
 
 
-def split_figures(stores: list[Store], view: View, labels: np.ndarray | None, progress: bool) -> dict:
-    """Pairwise agreement and KL of one split; with `labels`, each teacher's and the ensemble's top-1."""
+def split_figures(
+    stores: list[Store], view: View, labels: np.ndarray | None, progress: bool
+) -> dict:
+    """Pairwise agreement and KL of one split; with `labels`, each teacher's and the ensemble's
+    top-1."""
     k = len(stores)
     agree, kl = np.zeros((k, k)), np.zeros((k, k))
     hits, ensemble_hits, seen = np.zeros(k), 0, 0
@@ -37,7 +41,10 @@ def split_figures(stores: list[Store], view: View, labels: np.ndarray | None, pr
     with tqdm(total=total, desc=part_name(view), unit="row", disable=not progress) as bar:
         for blocks in _stream(stores, view):
             preds = [b.argmax(1) for b in blocks]
-            logs = [skd_log_target(torch.from_numpy(b), MULTIPLIER, TEMPERATURE, torch.float64) for b in blocks]
+            logs = [
+                skd_log_target(torch.from_numpy(b), MULTIPLIER, TEMPERATURE, torch.float64)
+                for b in blocks
+            ]
             for i, j in combinations(range(k), 2):
                 agree[i, j] += (preds[i] == preds[j]).sum()
                 kl[i, j] += float(kl_per_row(logs[i], logs[j]).clamp_min(0).sum())
@@ -67,7 +74,9 @@ def split_figures(stores: list[Store], view: View, labels: np.ndarray | None, pr
     return out
 
 
-def compare_teachers(stores: list[Store], views: list[int] | None = (0,), *, progress: bool = False) -> dict:
+def compare_teachers(
+    stores: list[Store], views: list[int] | None = (0,), *, progress: bool = False
+) -> dict:
     """The comparison `skd-cache stats A B ...` reports, as plain JSON-able values."""
     check_ensemble(stores)
     chosen = list(range(stores[0].num_views)) if views is None else list(views)
@@ -91,7 +100,9 @@ def compare_lines(report: dict) -> list[str]:
     if "val" in report:
         val = report["val"]
         lines += [f"  val top-1 {top1:.2%}  {name}" for name, top1 in val["top1"].items()]
-        lines.append(f"  val top-1 {val['ensemble_top1']:.2%}  ensemble (mean of layer-normalised logits)")
+        lines.append(
+            f"  val top-1 {val['ensemble_top1']:.2%}  ensemble (mean of layer-normalised logits)"
+        )
         splits.append(("val", val))
     for name, figures in splits:
         for pair in figures["pairs"]:

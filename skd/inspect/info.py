@@ -1,4 +1,5 @@
-"""What a cache holds and costs (`skd-cache info`): teacher, dataset, plan, codec, completion, bytes.
+"""What a cache holds and costs (`skd-cache info`): teacher, dataset, plan, codec, completion,
+bytes.
 
 Works on an unfinished cache too, and reads no logits.
 """
@@ -29,19 +30,33 @@ def shard_ranges(ids) -> str:
 
 
 def describe(store: Store) -> dict:
-    """Everything `skd-cache info` shows, as plain JSON-able values; works on an unfinished cache."""
+    """Everything `skd-cache info` shows, as plain JSON-able values; works on an unfinished
+    cache."""
     meta = store.meta
     teacher, dataset, plan = meta.get("teacher", {}), meta.get("dataset", {}), meta.get("plan", {})
     complete = store.complete()
-    missing = {k: np.flatnonzero(~complete[k]).tolist() for k in range(store.num_views) if not complete[k].all()}
+    missing = {
+        k: np.flatnonzero(~complete[k]).tolist()
+        for k in range(store.num_views)
+        if not complete[k].all()
+    }
     val_complete = store.val_complete()
     return {
-        "path": str(store.path),  # a URL is shown without user info or query strings; credentials never
+        # a URL is shown without user info or query strings; credentials never
+        "path": str(store.path),
         "kind": store.location.kind,  # "folder" or "object store"
         "complete": store.is_complete(),
         "teacher": {
             k: teacher.get(k)
-            for k in ("name", "weights", "weights_sha256", "amp", "num_classes", "input", "pretrained_cfg")
+            for k in (
+                "name",
+                "weights",
+                "weights_sha256",
+                "amp",
+                "num_classes",
+                "input",
+                "pretrained_cfg",
+            )
         },
         "dataset": {
             "root": dataset.get("root"),
@@ -52,7 +67,9 @@ def describe(store: Store) -> dict:
             "val_fingerprint": dataset.get("val_fingerprint"),
             "skipped": [list(item) for item in dataset.get("skipped", [])],
         },
-        "plan": {k: plan.get(k) for k in ("seed", "image_size", "crop", "val_crop_fraction", "loader")},
+        "plan": {
+            k: plan.get(k) for k in ("seed", "image_size", "crop", "val_crop_fraction", "loader")
+        },
         "codec": store.codec.name,
         "codec_fidelity": meta.get("codec_fidelity"),
         "shard_rows": store.shard_rows,
@@ -66,7 +83,8 @@ def describe(store: Store) -> dict:
             "shards_complete": int(complete.sum()),
             "shards_total": int(complete.size),
             "missing_shards": {str(k): v for k, v in missing.items()},
-            "growing_to": meta.get("growing"),  # an append of views a kill interrupted (cache/README.md)
+            # an append of views a kill interrupted (cache/README.md)
+            "growing_to": meta.get("growing"),
         },
         "lost_shards": {str(part): shards for part, shards in store.lost_shards().items()},
         "val": {
@@ -92,12 +110,15 @@ def info_lines(info: dict) -> list[str]:
         f"teacher   {t['name']}, weights {t['weights']} (sha256 {t['weights_sha256'] or '-'}), AMP {t['amp']}, "
         f"{t['num_classes']} classes",
         f"dataset   {d['root']}: {d['num_samples']:,} train images, {d['num_val']:,} val, {d['num_classes']} classes",
-        f"          fingerprint {d['fingerprint']}" + (f", val {d['val_fingerprint']}" if d["val_fingerprint"] else ""),
+        f"          fingerprint {d['fingerprint']}"
+        + (f", val {d['val_fingerprint']}" if d["val_fingerprint"] else ""),
     ]
     if d["skipped"]:
         named = ", ".join(f"{path} ({reason})" for path, reason in d["skipped"][:SHOWN])
         more = f" and {len(d['skipped']) - SHOWN} more" if len(d["skipped"]) > SHOWN else ""
-        lines.append(f"          left out (--on-bad-image skip): {len(d['skipped'])}: {named}{more}")
+        lines.append(
+            f"          left out (--on-bad-image skip): {len(d['skipped'])}: {named}{more}"
+        )
     lines += [
         f"input     {recipe_line(t['input'])}",
         f"          student {p['image_size']} px (skd-train's default; --image-size, --mean and --std may change it), "
@@ -111,7 +132,10 @@ def info_lines(info: dict) -> list[str]:
         f"reader    {reader_line(info['codec_pipeline'])}",
         f"views     {v['complete']} of {v['total']} complete, {v['shards_complete']} of {v['shards_total']} shards",
     ]
-    lines += [f"          view {k}: shards {shard_ranges(s)} missing" for k, s in v["missing_shards"].items()]
+    lines += [
+        f"          view {k}: shards {shard_ranges(s)} missing"
+        for k, s in v["missing_shards"].items()
+    ]
     if v.get("growing_to"):
         lines.append(
             f"          growing to {v['growing_to']} views was interrupted: rerun the build with --views "
@@ -126,7 +150,11 @@ def info_lines(info: dict) -> list[str]:
         val = info["val"]
         lines.append(
             f"val       {val['rows']:,} rows, {val['shards_complete']} of {val['shards_total']} shards"
-            + (f", shards {shard_ranges(val['missing_shards'])} missing" if val["missing_shards"] else "")
+            + (
+                f", shards {shard_ranges(val['missing_shards'])} missing"
+                if val["missing_shards"]
+                else ""
+            )
         )
     else:
         lines.append("val       not cached")
@@ -152,7 +180,9 @@ def recipe_line(recipe: dict) -> str:
     fields_by_source: dict[str, list[str]] = {}
     for field, where in recipe["source"].items():
         fields_by_source.setdefault(where, []).append(field)
-    origins = "; ".join(f"{', '.join(fields)} from {where}" for where, fields in fields_by_source.items())
+    origins = "; ".join(
+        f"{', '.join(fields)} from {where}" for where, fields in fields_by_source.items()
+    )
     return (
         f"teacher {recipe['size']} px {recipe['interpolation']}, mean {numbers(recipe['mean'])}, "
         f"std {numbers(recipe['std'])} ({origins})"
@@ -176,15 +206,22 @@ def augment_line(augment: dict | None) -> str:
         return "off"
     parts = [f"--aa {augment['aa']}"] if augment["aa"] else []
     if augment["reprob"] > 0:
-        parts.append(f"--reprob {augment['reprob']:g} --remode {augment['remode']} --recount {augment['recount']}")
-    return " ".join(parts) + " (recorded per image: views/aug_op, aug_magnitude, erase_box, erase_value)"
+        parts.append(
+            f"--reprob {augment['reprob']:g} --remode {augment['remode']} --recount {augment['recount']}"
+        )
+    return (
+        " ".join(parts)
+        + " (recorded per image: views/aug_op, aug_magnitude, erase_box, erase_value)"
+    )
 
 
 def reader_line(pipeline: str) -> str:
     """Which codec pipeline decodes this cache's chunks, in words."""
     if pipeline == "ZarrsCodecPipeline":
         return "zarr with the zarrs codec pipeline (Rust)"
-    return f"zarr's own codec pipeline ({pipeline}): zarrs does not serve this store, reads are slower"
+    return (
+        f"zarr's own codec pipeline ({pipeline}): zarrs does not serve this store, reads are slower"
+    )
 
 
 def human_bytes(n: float) -> str:

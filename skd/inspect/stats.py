@@ -1,13 +1,14 @@
-"""What a cache's teacher logits look like (`skd-cache stats`): accuracy, scale, confidence, calibration.
+"""What a cache's teacher logits look like (`skd-cache stats`): accuracy, scale, confidence,
+calibration.
 
-Each chosen view, and val, is streamed once into per-row figures (skd.inspect.stats_rows); this module reduces
-them to each split's figures, and writes them as text lines and as one plot.
+Each chosen view, and val, is streamed once into per-row figures (skd.inspect.stats_rows); this
+module reduces them to each split's figures and writes them as text lines (skd.inspect.stats_plot
+draws them as one figure).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -20,8 +21,10 @@ from skd.store.codec_table import fidelity_line
 
 ECE_BINS = 15
 SHOWN = 10  # worst classes and most confused pairs listed
-PLOTTED_CLASSES = 30  # per-class bars in the plot: all classes up to this many, else the worst this many
-AREA_EDGES = (0.25, 0.50, 0.75)  # crop-area buckets [lower edge, next edge): below 8% counts as 8-25%
+# per-class bars in the plot: all classes up to this many, else the worst this many
+PLOTTED_CLASSES = 30
+# crop-area buckets [lower edge, next edge): below 8% counts as 8-25%
+AREA_EDGES = (0.25, 0.50, 0.75)
 AREA_BUCKETS = ("8-25%", "25-50%", "50-75%", "75-100%")
 
 
@@ -29,8 +32,11 @@ class StatsError(SkdError):
     """Statistics cannot be computed as asked: one line saying what to change."""
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE over equal-width confidence bins (lo, hi]: sum of |accuracy - confidence| weighted by bin size."""
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """ECE over equal-width confidence bins (lo, hi]: sum of |accuracy - confidence| weighted by bin
+    size."""
     which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
     gap = np.bincount(which, weights=correct.astype(np.float64) - confidence, minlength=bins)
     return float(np.abs(gap).sum() / max(1, len(confidence)))
@@ -63,25 +69,29 @@ class SplitStats:
     max_probs: np.ndarray = field(repr=False)
     class_accuracy: np.ndarray = field(repr=False)  # NaN for classes without samples
     class_count: np.ndarray = field(repr=False)  # rows of each class
-    crop_areas: list[dict] | None = None  # views only: top-1 and max-probability by crop-area bucket
+    # views only: top-1 and max-probability by crop-area bucket
+    crop_areas: list[dict] | None = None
     mixing: dict | None = None  # views only: shares of MixUp, CutMix and unmixed rows, mean lambda
-    augment: list[dict] | None = None  # views only: top-1 on the rows each recorded op touched, worst first
+    # views only: top-1 on the rows each recorded op touched, worst first
+    augment: list[dict] | None = None
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not isinstance(v, np.ndarray)}
 
 
 def crop_area_fraction(box: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """(N,) float64 window area / image area: `box` rows (y, x, h, w), `sizes` rows (height, width) of each
-    row's image (a zero-sized image, only in a damaged cache, counts as one pixel)."""
+    """(N,) float64 window area / image area: `box` rows (y, x, h, w), `sizes` rows (height, width)
+    of each row's image (a zero-sized image, only in a damaged cache, counts as one pixel)."""
     box, sizes = box.astype(np.float64), sizes.astype(np.float64)
     return box[:, 2] * box[:, 3] / np.maximum(sizes[:, 0] * sizes[:, 1], 1.0)
 
 
 def crop_area_buckets(area: np.ndarray, correct: np.ndarray, max_prob: np.ndarray) -> list[dict]:
-    """Teacher top-1 and mean max-probability of the rows in each AREA_BUCKETS bucket (None where empty).
+    """Teacher top-1 and mean max-probability of the rows in each AREA_BUCKETS bucket (None where
+    empty).
 
-    Small crops show less of the object: the teacher's accuracy there says how much its targets can teach.
+    Small crops show less of the object: the teacher's accuracy there says how much its targets can
+    teach.
     """
     which = np.digitize(area, AREA_EDGES)
     out = []
@@ -100,9 +110,16 @@ def crop_area_buckets(area: np.ndarray, correct: np.ndarray, max_prob: np.ndarra
 
 
 def split_summary(
-    name: str, rows: RowStats, labels: np.ndarray, classes: list[str], *, ece: bool, area: np.ndarray | None = None
+    name: str,
+    rows: RowStats,
+    labels: np.ndarray,
+    classes: list[str],
+    *,
+    ece: bool,
+    area: np.ndarray | None = None,
 ) -> SplitStats:
-    """Reduce one split's RowStats to the reported figures; `area` (views): each row's crop-area fraction."""
+    """Reduce one split's RowStats to the reported figures; `area` (views): each row's crop-area
+    fraction."""
     correct = rows.pred == labels
     n_classes = max(len(classes), int(labels.max(initial=-1)) + 1)
     count = np.bincount(labels, minlength=n_classes)
@@ -132,7 +149,11 @@ def split_summary(
         target_entropy=float(rows.target_entropy.mean()),
         ece=expected_calibration_error(rows.max_prob, correct) if ece else None,
         worst_classes=[
-            {"class": class_name(classes, int(i)), "accuracy": float(accuracy[i]), "samples": int(count[i])}
+            {
+                "class": class_name(classes, int(i)),
+                "accuracy": float(accuracy[i]),
+                "samples": int(count[i]),
+            }
             for i in worst
         ],
         confused_pairs=[
@@ -153,7 +174,8 @@ def split_summary(
 
 
 def consistency(preds_by_sample: list[np.ndarray]) -> float | None:
-    """Fraction of samples whose top-1 class is the same in every view (None for fewer than two views)."""
+    """Fraction of samples whose top-1 class is the same in every view (None for fewer than two
+    views)."""
     if len(preds_by_sample) < 2:
         return None
     first = preds_by_sample[0]
@@ -181,16 +203,20 @@ class CacheStats:
 
 
 def stored_labels(store: Store, split: str) -> np.ndarray:
-    """Class index of each sample of `samples` or `val` (Store.split also checks every path: 15 us each)."""
+    """Class index of each sample of `samples` or `val` (Store.split also checks every path: 15 us
+    each)."""
     return store.group[f"{split}/label"][:].astype(np.int64)
 
 
 def choose_views(store: Store, views: list[int] | None) -> list[int]:
-    """The views to stream (None: all), checked against the cache: each must exist and be complete."""
+    """The views to stream (None: all), checked against the cache: each must exist and be
+    complete."""
     chosen = list(range(store.num_views)) if views is None else list(dict.fromkeys(views))
     bad = [k for k in chosen if not 0 <= k < store.num_views]
     if bad:
-        raise StatsError(f"cache {store.path} has views 0-{store.num_views - 1}, not {', '.join(map(str, bad))}")
+        raise StatsError(
+            f"cache {store.path} has views 0-{store.num_views - 1}, not {', '.join(map(str, bad))}"
+        )
     complete = store.complete()
     unfinished = [k for k in chosen if not complete[k].all()]
     if unfinished:
@@ -210,9 +236,12 @@ def logit_stats(
     multiplier: float = 2.0,
     progress: bool = False,
 ) -> CacheStats:
-    """Stream the chosen views (None: all) and, with `val`, val/ once each; summarise the teacher's logits."""
+    """Stream the chosen views (None: all) and, with `val`, val/ once each; summarise the teacher's
+    logits."""
     if temperature <= 0 or multiplier <= 0:
-        raise StatsError(f"temperature and multiplier must be positive, got {temperature} and {multiplier}")
+        raise StatsError(
+            f"temperature and multiplier must be positive, got {temperature} and {multiplier}"
+        )
     chosen = choose_views(store, None if views is None else list(views))
     classes = list(store.meta["dataset"].get("classes", []))
     kwargs = dict(temperature=temperature, multiplier=multiplier, progress=progress)
@@ -226,7 +255,9 @@ def logit_stats(
         area = crop_area_fraction(box, sizes[order])
         splits.append(split_summary(part_name(k), rows, labels, classes, ece=False, area=area))
         splits[-1].mixing = mix_summary(*store.view_mix(k))
-        splits[-1].augment = augment_accuracy(store.view_augment(k), store.augment_params.ops, rows.pred == labels)
+        splits[-1].augment = augment_accuracy(
+            store.view_augment(k), store.augment_params.ops, rows.pred == labels
+        )
         by_sample = np.empty_like(rows.pred)
         by_sample[order] = rows.pred
         preds.append(by_sample)
@@ -242,7 +273,9 @@ def logit_stats(
         rows = stream_rows(store, VAL, labels, desc=part_name(VAL), **kwargs)
         splits.append(split_summary(part_name(VAL), rows, labels, classes, ece=True))
     if not splits:
-        raise StatsError(f"nothing to do: choose --views (cache {store.path} has {store.num_views})")
+        raise StatsError(
+            f"nothing to do: choose --views (cache {store.path} has {store.num_views})"
+        )
     return CacheStats(
         splits=splits,
         temperature=temperature,
@@ -250,7 +283,11 @@ def logit_stats(
         auto_multiplier=auto,
         consistency=consistency(preds),
         consistency_views=chosen if len(chosen) > 1 else [],
-        storage={**store.storage(), "codec": store.codec.name, "codec_fidelity": store.meta.get("codec_fidelity")},
+        storage={
+            **store.storage(),
+            "codec": store.codec.name,
+            "codec_fidelity": store.meta.get("codec_fidelity"),
+        },
         cache=str(store.path),
         classes=classes,
     )
@@ -274,9 +311,14 @@ def stats_lines(s: CacheStats) -> list[str]:
             f"  SKD target (T={s.temperature:g}, m={s.multiplier:g}): mean max-probability "
             f"{p.target_max_prob:.3f}, entropy {p.target_entropy:.3f} nats",
             "  worst classes: "
-            + ", ".join(f"{w['class']} {w['accuracy']:.0%} of {w['samples']}" for w in p.worst_classes),
+            + ", ".join(
+                f"{w['class']} {w['accuracy']:.0%} of {w['samples']}" for w in p.worst_classes
+            ),
             "  most confused: "
-            + (", ".join(f"{c['true']}->{c['predicted']} {c['count']}" for c in p.confused_pairs) or "none"),
+            + (
+                ", ".join(f"{c['true']}->{c['predicted']} {c['count']}" for c in p.confused_pairs)
+                or "none"
+            ),
         ]
         if p.crop_areas is not None:
             lines.append(
@@ -289,10 +331,14 @@ def stats_lines(s: CacheStats) -> list[str]:
                 )
             )
         if p.mixing is not None:
-            lines.append(f"  mixing: {summary_line(p.mixing)} (the teacher's logits are of the mixed images)")
+            lines.append(
+                f"  mixing: {summary_line(p.mixing)} (the teacher's logits are of the mixed images)"
+            )
         if p.augment:
             shown = [a for a in p.augment if a["rows"]]
-            lines.append("  top-1 by recorded op, worst first: " + ", ".join(op_figure(a) for a in shown))
+            lines.append(
+                "  top-1 by recorded op, worst first: " + ", ".join(op_figure(a) for a in shown)
+            )
     if s.auto_multiplier is not None:
         lines.append(f"suggested SKD multiplier (--multiplier auto): {s.auto_multiplier:.3f}")
     if s.consistency is not None:
@@ -308,107 +354,3 @@ def stats_lines(s: CacheStats) -> list[str]:
         )
         lines.append(f"codec: {st['codec']}, {fidelity_line(st['codec_fidelity'])}")
     return lines
-
-
-def check_plot_path(path: Path) -> None:
-    """Refuse a plot file matplotlib cannot write before any statistics are computed."""
-    try:
-        from matplotlib.backend_bases import FigureCanvasBase
-    except ImportError:
-        raise StatsError("--plot needs matplotlib: pip install 'skd[plot]'") from None
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if Path(path).suffix.lower().lstrip(".") not in formats:
-        raise StatsError(
-            f"--plot {path}: name a .png, .pdf or .svg file (matplotlib writes {', '.join(sorted(formats))})"
-        )
-
-
-def plot_stats(s: CacheStats, path: Path) -> Path:
-    """One figure, written to `path`, that reads without the source: per-class top-1 as labelled bars,
-    top-1 by crop area, and histograms of per-row logit std and max-probability, under a title naming
-    the cache and its rows."""
-    check_plot_path(path)
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-    from matplotlib.ticker import PercentFormatter
-
-    fig = Figure(figsize=(16, 10), layout="constrained")
-    grid = fig.add_gridspec(3, 2, width_ratios=(1, 1.1))
-    rows = "; ".join(f"{p.name}: {p.rows:,} rows" for p in s.splits)
-    fig.suptitle(f"skd-cache stats of {Path(s.cache).name or 'the cache'} (teacher logits; {rows})", fontsize=14)
-    _plot_classes(fig.add_subplot(grid[:, 0]), s, PercentFormatter(1.0))
-    for row, (attr, title, unit) in enumerate(
-        [
-            ("std", "logit std per row", "std over classes"),
-            ("max_probs", "max probability per row, T=1", "max softmax(logits)"),
-        ]
-    ):
-        ax = fig.add_subplot(grid[row, 1])
-        for p in s.splits:
-            values = getattr(p, attr)
-            ax.hist(values[np.isfinite(values)], bins=50, histtype="step", density=True, label=p.name)
-        ax.set(title=title, xlabel=unit, ylabel="density of rows")
-        ax.legend()
-    _plot_crop_areas(fig.add_subplot(grid[2, 1]), s, PercentFormatter(1.0))
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as exc:
-        raise StatsError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
-    return Path(path)
-
-
-def _plot_classes(ax, s: CacheStats, percent) -> None:
-    """Horizontal bars of per-class top-1 on val (else the first view), worst at the top, each labelled
-    with the class name and its rows; beyond PLOTTED_CLASSES classes only the worst are shown."""
-    p = next((p for p in s.splits if p.name == "val"), s.splits[0])
-    present = np.flatnonzero(p.class_count)
-    shown = present[np.lexsort((present, p.class_accuracy[present]))][:PLOTTED_CLASSES]
-    which = (
-        f"all {len(present)} classes" if len(shown) == len(present) else f"worst {len(shown)} of {len(present)} classes"
-    )
-    y = np.arange(len(shown))
-    ax.barh(y, p.class_accuracy[shown], color="tab:blue")
-    ax.set_yticks(y, [f"{class_name(s.classes, int(i))} ({p.class_count[i]:,} rows)" for i in shown])
-    ax.invert_yaxis()
-    for yi, i in zip(y, shown):
-        ax.annotate(
-            f"{p.class_accuracy[i]:.0%}",
-            (p.class_accuracy[i], yi),
-            xytext=(3, 0),
-            textcoords="offset points",
-            va="center",
-            fontsize=8,
-        )
-    ax.set(
-        xlim=(0, 1.08),
-        xlabel="teacher top-1 against the labels",
-        title=f"teacher top-1 per class on {p.name}: {which}, worst first",
-    )
-    ax.xaxis.set_major_formatter(percent)
-
-
-def _plot_crop_areas(ax, s: CacheStats, percent) -> None:
-    """Grouped bars of teacher top-1 by crop-area bucket, one bar per view, labelled with the rows."""
-    views = [p for p in s.splits if p.crop_areas is not None]
-    x = np.arange(len(AREA_BUCKETS))
-    ax.set(
-        title="teacher top-1 by crop area of the recorded windows",
-        ylabel="teacher top-1",
-        ylim=(0, 1.15),
-        xlabel=f"window area / image area (below 8% counted as {AREA_BUCKETS[0]})",
-    )
-    ax.set_xticks(x, AREA_BUCKETS)
-    ax.yaxis.set_major_formatter(percent)
-    if not views:
-        ax.text(0.5, 0.5, "no views streamed (--views)", ha="center", va="center", transform=ax.transAxes)
-        return
-    width = 0.8 / len(views)
-    for j, p in enumerate(views):
-        top1 = [b["top1"] or 0.0 for b in p.crop_areas]
-        bars = ax.bar(x + (j - (len(views) - 1) / 2) * width, top1, width, label=p.name)
-        if len(views) <= 4:
-            ax.bar_label(
-                bars,
-                [f"{t:.0%}\n{b['rows']:,} rows" if b["rows"] else "no rows" for t, b in zip(top1, p.crop_areas)],
-                fontsize=7,
-            )
-    ax.legend()

@@ -1,8 +1,9 @@
 """Per-row statistics of a cache's stored teacher logits, streamed once without decoding a row.
 
-Argmax, ranks and the layer norm ignore the int8 codec's per-row affine (positive scale, any offset); the
-standard deviation and the softmax need only the row's scale. So one float32 copy of the stored values is
-the only full-size conversion (>= 50k rows/s at 1000 classes, see benchmarks/stats_throughput.py).
+Argmax, ranks and the layer norm ignore the int8 codec's per-row affine (positive scale, any
+offset); the standard deviation and the softmax need only the row's scale. So one float32 copy of
+the stored values is the only full-size conversion (>= 50k rows/s at 1000 classes, see
+benchmarks/stats_throughput.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from skd.store.cache_store import Store, View
 from skd.store.codecs import Encoded
 from skd.store.reader import RowReader
 
-BATCH_ROWS = 256  # rows per kernel step: the float32 work buffers (1 MiB at 1000 classes) stay in cache
-MIN_EXPONENT = -80.0  # exp() of anything lower is 0 for the sums here; below -87 it is slow (denormals)
+# rows per kernel step: the float32 work buffers (1 MiB at 1000 classes) stay in cache
+BATCH_ROWS = 256
+# exp() of anything lower is 0 for the sums here; below -87 it is slow (denormals)
+MIN_EXPONENT = -80.0
 
 
 @dataclass
@@ -35,7 +38,11 @@ class RowStats:
 
     @classmethod
     def empty(cls, n: int) -> "RowStats":
-        return cls(np.zeros(n, np.int64), np.zeros(n, np.int64), *(np.zeros(n, np.float64) for _ in range(5)))
+        return cls(
+            np.zeros(n, np.int64),
+            np.zeros(n, np.int64),
+            *(np.zeros(n, np.float64) for _ in range(5)),
+        )
 
     def put(self, start: int, part: "RowStats") -> None:
         for name in self.__dataclass_fields__:
@@ -43,7 +50,8 @@ class RowStats:
 
 
 def _softmax_figures(d: np.ndarray, lowest: np.ndarray, k: np.ndarray, work: np.ndarray):
-    """Max probability and entropy of softmax(k * d) per row, where d = stored - row max (<= 0, lowest: row min)."""
+    """Max probability and entropy of softmax(k * d) per row, where d = stored - row max (<= 0,
+    lowest: row min)."""
     e = np.multiply(d, k[:, None].astype(np.float32), out=work)
     if (lowest * k).min(initial=0.0) < MIN_EXPONENT:
         np.maximum(e, MIN_EXPONENT, out=e)
@@ -54,7 +62,12 @@ def _softmax_figures(d: np.ndarray, lowest: np.ndarray, k: np.ndarray, work: np.
 
 
 def row_stats(
-    rows: Encoded, labels: np.ndarray, *, temperature: float, multiplier: float, work: tuple[np.ndarray, np.ndarray]
+    rows: Encoded,
+    labels: np.ndarray,
+    *,
+    temperature: float,
+    multiplier: float,
+    work: tuple[np.ndarray, np.ndarray],
 ) -> RowStats:
     """Per-row figures of stored rows (any codec) whose true classes are `labels`.
 
@@ -69,11 +82,15 @@ def row_stats(
     pred = x.argmax(1)
     known = labels < c  # a dataset class the teacher does not have is never predicted
     label_score = x[r, np.where(known, labels, 0)]
-    above = np.where(known, np.count_nonzero(x > label_score[:, None], axis=1), np.iinfo(np.int64).max)
+    above = np.where(
+        known, np.count_nonzero(x > label_score[:, None], axis=1), np.iinfo(np.int64).max
+    )
     d = np.subtract(x, x[r, pred][:, None], out=x)
     lowest = d.min(1).astype(np.float64)
-    mean = d.sum(1).astype(np.float64) / c  # float32 sums: float64 ones would cost a third of the throughput
-    var = np.maximum(np.einsum("ij,ij->i", d, d).astype(np.float64) / c - mean**2, 0.0)  # biased, stored units
+    # float32 sums: float64 ones would cost a third of the throughput
+    mean = d.sum(1).astype(np.float64) / c
+    # biased, stored units
+    var = np.maximum(np.einsum("ij,ij->i", d, d).astype(np.float64) / c - mean**2, 0.0)
     std = np.sqrt(var * c / max(c - 1, 1)) * scale
     max_prob, entropy = _softmax_figures(d, lowest, scale, work[1][:n])
     ln_k = (multiplier / temperature) * scale / np.sqrt(scale**2 * var + LAYER_NORM_EPS)
@@ -97,7 +114,8 @@ def stream_rows(
     work = tuple(np.empty((BATCH_ROWS, store.num_classes), np.float32) for _ in range(2))
     with tqdm(total=n, desc=desc, unit="row", disable=not progress, dynamic_ncols=True) as bar:
         for first, block in RowReader(store, view, 0, n).blocks():
-            if store.codec.top:  # the classes not stored take part in every figure: whole rows first
+            # the classes not stored take part in every figure: whole rows first
+            if store.codec.top:
                 block = Encoded(store.codec.decode(block))
             for a in range(0, len(block.logits), BATCH_ROWS):
                 part = Encoded(*(None if v is None else v[a : a + BATCH_ROWS] for v in block))
@@ -116,21 +134,30 @@ def stream_rows(
     return out
 
 
-def augment_accuracy(recorded: dict | None, names: tuple[str, ...], correct: np.ndarray) -> list[dict] | None:
-    """The teacher's top-1 on the rows each recorded RandAugment op touched (in any layer), on the rows no op
-    touched, and on erased and untouched rows, worst first: which of the recorded ops hurt the teacher most."""
+def augment_accuracy(
+    recorded: dict | None, names: tuple[str, ...], correct: np.ndarray
+) -> list[dict] | None:
+    """The teacher's top-1 on the rows each recorded RandAugment op touched (in any layer), on the
+    rows no op touched, and on erased and untouched rows, worst first: which of the recorded ops
+    hurt the teacher most."""
     if recorded is None:
         return None
     groups = {}
     if "aug_op" in recorded:
         op = recorded["aug_op"]
-        groups.update({name: (op == index).any(axis=1) for index, name in enumerate(names) if index})
+        groups.update(
+            {name: (op == index).any(axis=1) for index, name in enumerate(names) if index}
+        )
         groups["no op"] = (op == 0).all(axis=1)
     if "erase_box" in recorded:
         erased = recorded["erase_box"].any(axis=(1, 2))
         groups.update({"erased": erased, "not erased": ~erased})
     rows = [
-        {"op": name, "rows": int(mask.sum()), "top1": float(correct[mask].mean()) if mask.any() else None}
+        {
+            "op": name,
+            "rows": int(mask.sum()),
+            "top1": float(correct[mask].mean()) if mask.any() else None,
+        }
         for name, mask in groups.items()
     ]
     return sorted(rows, key=lambda row: (row["top1"] is None, row["top1"] or 0.0))

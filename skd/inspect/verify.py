@@ -1,10 +1,10 @@
 """Checking a cache against its data and teacher (`skd-cache verify`).
 
 The data (file list and sizes, decoded image sizes) and the weights (sha256) are checked first, so a
-mismatch is named by its cause (skd.inspect.verify_checks). Then the recorded teacher is re-created and run on a
-random subset of stored rows, replayed through the recorded windows, flips, loader and AMP, and its outputs
-are compared with the stored logits after the layer norm the SKD loss applies (skd.inspect.verify_rows).
-`integrity` also reads every chunk.
+mismatch is named by its cause (skd.inspect.verify_checks). Then the recorded teacher is re-created
+and run on a random subset of stored rows, replayed through the recorded windows, flips, loader and
+AMP, and its outputs are compared with the stored logits after the layer norm the SKD loss applies
+(skd.inspect.verify_rows). `integrity` also reads every chunk.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from skd.replay.checks import warn_other_loader
 from skd.replay.sources import cached_source, teacher_recipe
 from skd.store.cache_store import Store, StoreError, part_name
 
-TOLERANCE = 1e-2  # KL per row above which it differs: int8 rounding gives ~1e-5, other weights ~0.1 and more
+# KL per row above which it differs: int8 rounding gives ~1e-5, other weights ~0.1 and more
+TOLERANCE = 1e-2
 
 
 @dataclass
@@ -92,8 +93,8 @@ def verify_cache(
     integrity: bool = False,
     progress: bool = False,
 ) -> VerifyReport:
-    """Check the data, the weights and `samples` random stored rows of the cache (and every chunk with
-    `integrity`); the report says which check failed and why."""
+    """Check the data, the weights and `samples` random stored rows of the cache (and every chunk
+    with `integrity`); the report says which check failed and why."""
     meta = store.meta
     root = Path(data or meta["dataset"]["root"])
     dev = resolve_device(device, Dist())
@@ -102,19 +103,29 @@ def verify_cache(
     weights_check = check_weights(store, teacher)
     integrity_check = check_integrity(store, progress) if integrity else None
     try:
-        plans = {view: plan_rows(store, view, pos) for view, pos in sample_rows(store, samples, seed).items()}
+        plans = {
+            view: plan_rows(store, view, pos)
+            for view, pos in sample_rows(store, samples, seed).items()
+        }
         warn_other_loader(loader, store)
         source = cached_source(store, recipe=teacher_recipe(store), root=root, loader=loader)
     except StoreError:
         if integrity_check is None or integrity_check.ok:
             raise
         return VerifyReport(str(store.path), [data_check, weights_check, integrity_check], None)
-    problems = {view: size_problems(root, rows.paths, rows.sizes, rows.tails) for view, rows in plans.items()}
-    data_check = with_changed_files(data_check, sorted({p for found in problems.values() for p in found.values()}))
+    problems = {
+        view: size_problems(root, rows.paths, rows.sizes, rows.tails)
+        for view, rows in plans.items()
+    }
+    data_check = with_changed_files(
+        data_check, sorted({p for found in problems.values() for p in found.values()})
+    )
     options = dict(batch_size=batch_size, workers=workers, device=dev, amp=meta["teacher"]["amp"])
     model = place(teacher.model, dev)
     replays, total = {}, sum(len(r.positions) - len(problems[v]) for v, r in plans.items())
-    with tqdm(total=total, desc="verify", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total, desc="verify", unit="img", disable=not progress, dynamic_ncols=True
+    ) as bar:
         try:
             for view, rows in plans.items():
                 keep = [i for i in range(len(rows.positions)) if i not in problems[view]]
@@ -140,13 +151,19 @@ def verify_cache(
     return VerifyReport(str(store.path), checks, comparison)
 
 
-def logits_check(c: Comparison | None, replays: dict[str, Replay], checks: list[Check], tolerance: float) -> Check:
-    """The verdict on the compared rows: shards that fail to decode, then rows whose KL exceeds `tolerance`."""
+def logits_check(
+    c: Comparison | None, replays: dict[str, Replay], checks: list[Check], tolerance: float
+) -> Check:
+    """The verdict on the compared rows: shards that fail to decode, then rows whose KL exceeds
+    `tolerance`."""
     broken = [b for r in replays.values() for b in r.broken]
     differing = [d for r in replays.values() for d in r.differing]
     if broken or c is None:  # c is None only when every sampled row sits in a broken shard
         return Check(
-            "logits", False, f"shards that cannot be decoded ({len(broken)}): {named(broken)}", "corrupted shard"
+            "logits",
+            False,
+            f"shards that cannot be decoded ({len(broken)}): {named(broken)}",
+            "corrupted shard",
         )
     figures = (
         f"{c.rows} rows ({', '.join(f'{k}: {v}' for k, v in c.rows_per_split.items())}): layer-normalised "

@@ -1,9 +1,9 @@
 """The checks of `skd-cache verify` that run no teacher: data, weights and integrity.
 
-The data check compares the dataset's file list and sizes (and the decoded sizes of the sampled files)
-with what the cache recorded; the weights check compares the re-created teacher's sha256; the integrity
-check reads every array and every chunk of every complete shard. Each names what it found, so a mismatch
-is reported by its cause before any row is replayed.
+The data check compares the dataset's file list and sizes (and the decoded sizes of the sampled
+files) with what the cache recorded; the weights check compares the re-created teacher's sha256; the
+integrity check reads every array and every chunk of every complete shard. Each names what it found,
+so a mismatch is reported by its cause before any row is replayed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class Check:
     name: str  # data, weights, logits, integrity
     ok: bool
     detail: str
-    cause: str | None = None  # different data, different weights, corrupted shard, teacher outputs differ
+    # different data, different weights, corrupted shard, teacher outputs differ
+    cause: str | None = None
 
 
 def named(items: list[str]) -> str:
@@ -43,7 +44,8 @@ def named(items: list[str]) -> str:
 
 
 def first_line(exc: BaseException) -> str:
-    """An error as its type and the start of its first line: zarr's and numcodecs' messages run long."""
+    """An error as its type and the start of its first line: zarr's and numcodecs' messages run
+    long."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
@@ -63,12 +65,16 @@ def check_data(store: Store, root: Path) -> Check:
         raise VerifyError(
             f"dataset {root} has no train/ folder: pass --data ROOT where cache {store.path}'s images live"
         )
-    skipped = store.meta["dataset"].get("skipped", [])  # files a `--on-bad-image skip` build left out
+    # files a `--on-bad-image skip` build left out
+    skipped = store.meta["dataset"].get("skipped", [])
     found = quick_fingerprints(root, store.has_val, skipped)
     recorded = (store.meta["dataset"]["fingerprint"], store.meta["dataset"].get("val_fingerprint"))
     left_out = {path for path, _ in skipped}
     problems = []
-    for split, name, now, then in (("train", "samples", found[0], recorded[0]), ("val", "val", found[1], recorded[1])):
+    for split, name, now, then in (
+        ("train", "samples", found[0], recorded[0]),
+        ("val", "val", found[1], recorded[1]),
+    ):
         if now == then or (split == "val" and not store.has_val):
             continue
         if now is None:
@@ -78,41 +84,58 @@ def check_data(store: Store, root: Path) -> Check:
         current = [p for p in scan_split(root, split, empty=[])[0] if p not in left_out]
         missing, extra = sorted(set(before) - set(current)), sorted(set(current) - set(before))
         if missing:
-            problems.append(f"{len(missing)} of the cache's {split} files are missing under {root} ({named(missing)})")
+            problems.append(
+                f"{len(missing)} of the cache's {split} files are missing under {root} ({named(missing)})"
+            )
         if extra:
-            problems.append(f"{root}/{split} has {len(extra)} files the cache does not know ({named(extra)})")
+            problems.append(
+                f"{root}/{split} has {len(extra)} files the cache does not know ({named(extra)})"
+            )
         if not missing and not extra:
-            problems.append(f"files under {root}/{split} changed size since the build (the same {len(before):,} names)")
+            problems.append(
+                f"files under {root}/{split} changed size since the build (the same {len(before):,} names)"
+            )
     if problems:
         return Check("data", False, "; ".join(problems), "different data")
     return Check("data", True, f"{root}: file list and sizes match the cache's fingerprints")
 
 
-def size_problems(root: Path, paths: list[str], sizes: np.ndarray, tails: np.ndarray | None = None) -> dict[int, str]:
-    """{index: problem} of the files at `paths` that are missing, whose decoded size is not the recorded
-    (height, width) in `sizes`, or whose tail digest is not the recorded one in `tails` (another image of the same
-    sizes: a cache built before digests were recorded has none)."""
+def size_problems(
+    root: Path, paths: list[str], sizes: np.ndarray, tails: np.ndarray | None = None
+) -> dict[int, str]:
+    """{index: problem} of the files at `paths` that are missing, whose decoded size is not the
+    recorded (height, width) in `sizes`, or whose tail digest is not the recorded one in `tails`
+    (another image of the same sizes: a cache built before digests were recorded has none)."""
     problems = {}
     for i, (path, size) in enumerate(zip(paths, sizes)):
         try:
             now = image_size(root / path)
             tail = None if tails is None else file_tail_digest(root / path)
-        except Exception as exc:  # missing or unreadable: this file's problem, reported with the others
+        # missing or unreadable: this file's problem, reported with the others
+        except Exception as exc:
             problems[i] = f"{path} cannot be read ({first_line(exc)})"
             continue
         if tuple(now) != tuple(int(v) for v in size):
             problems[i] = f"{path} is now {now[0]}x{now[1]}, the cache recorded {size[0]}x{size[1]}"
         elif tail is not None and tail != int(tails[i]):
-            problems[i] = f"{path} holds another image than at the build (same byte and pixel size, other content)"
+            problems[i] = (
+                f"{path} holds another image than at the build (same byte and pixel size, other content)"
+            )
     return problems
 
 
 def with_changed_files(data_check: Check, changed: list[str]) -> Check:
-    """The data check, failed if sampled files changed since the build (their names added to its detail)."""
+    """The data check, failed if sampled files changed since the build (their names added to its
+    detail)."""
     if not changed:
         return data_check
     note = f"sampled files that changed ({len(changed)}): {named(changed)}"
-    return Check("data", False, f"{data_check.detail}; {note}" if not data_check.ok else note, "different data")
+    return Check(
+        "data",
+        False,
+        f"{data_check.detail}; {note}" if not data_check.ok else note,
+        "different data",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +162,8 @@ def teacher_weights(store: Store, override: str | None) -> str | None:
 
 
 def check_weights(store: Store, teacher) -> Check:
-    """Compare the re-created teacher's weights (a sha256 of its tensors) with the one the cache recorded."""
+    """Compare the re-created teacher's weights (a sha256 of its tensors) with the one the cache
+    recorded."""
     then = store.meta["teacher"].get("weights_sha256")
     now = teacher.weights_sha256
     if now != then:
@@ -153,7 +177,8 @@ def check_weights(store: Store, teacher) -> Check:
     return Check(
         "weights",
         True,
-        f"{teacher.name} from {teacher.weights}" + (f", sha256 {then[:16]} as recorded" if then else ""),
+        f"{teacher.name} from {teacher.weights}"
+        + (f", sha256 {then[:16]} as recorded" if then else ""),
     )
 
 
@@ -162,12 +187,14 @@ def check_weights(store: Store, teacher) -> Check:
 
 
 def check_integrity(store: Store, progress: bool = False) -> Check:
-    """Read every array, and every chunk of every complete shard; name the shards whose files are missing
-    and the chunks that fail to decode or hold non-finite logits."""
+    """Read every array, and every chunk of every complete shard; name the shards whose files are
+    missing and the chunks that fail to decode or hold non-finite logits."""
     ranges = store.complete_ranges()
     chunk = int(store.meta.get("chunk_rows") or store.shard_rows)
     bad = [f"{name} ({first_line(exc)})" for name, exc in unreadable_arrays(store)]
-    for view, shard, start, stop in tqdm(ranges, desc="integrity", unit="shard", disable=not progress):
+    for view, shard, start, stop in tqdm(
+        ranges, desc="integrity", unit="shard", disable=not progress
+    ):
         missing = store.missing_shard_files(view, shard)
         if missing:
             names = ", ".join(missing)
@@ -184,8 +211,14 @@ def check_integrity(store: Store, progress: bool = False) -> Check:
             if not np.isfinite(logits).all():
                 bad.append(f"{where} (non-finite logits)")
     if bad:
-        return Check("integrity", False, f"damaged or missing ({len(bad)}): {named(bad)}", "corrupted shard")
-    return Check("integrity", True, f"{len(ranges)} complete shards read, every chunk decodes to finite logits")
+        return Check(
+            "integrity", False, f"damaged or missing ({len(bad)}): {named(bad)}", "corrupted shard"
+        )
+    return Check(
+        "integrity",
+        True,
+        f"{len(ranges)} complete shards read, every chunk decodes to finite logits",
+    )
 
 
 def unreadable_arrays(store: Store) -> list[tuple[str, Exception]]:

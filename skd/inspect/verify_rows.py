@@ -1,8 +1,8 @@
 """Stored rows replayed through the recorded teacher (`skd-cache verify`'s logits check).
 
 A random subset of rows of the complete shards is drawn, the teacher is run on their recorded views
-(windows, flips, mixing, loader and AMP as the build used them), and its outputs are compared with the
-stored logits after the layer norm the SKD loss applies.
+(windows, flips, mixing, loader and AMP as the build used them), and its outputs are compared with
+the stored logits after the layer norm the SKD loss applies.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ TEMPERATURE, MULTIPLIER = 4.0, 2.0  # of the reported KL, as in DESIGN's codec t
 
 @dataclass
 class Comparison:
-    """How the re-computed logits compare with the stored ones (differences after the layer norm, m=1)."""
+    """How the re-computed logits compare with the stored ones (differences after the layer norm,
+    m=1)."""
 
     rows: int
     rows_per_split: dict
@@ -37,12 +38,19 @@ class Comparison:
 
 
 def sample_rows(store: Store, count: int, seed: int) -> dict:
-    """{view or VAL: sorted positions}: `count` rows drawn without replacement from the complete shards."""
+    """{view or VAL: sorted positions}: `count` rows drawn without replacement from the complete
+    shards."""
     ranges = store.complete_ranges()
     sizes = np.array([b - a for _, _, a, b in ranges], np.int64)
     if not sizes.sum():
-        raise VerifyError(f"cache {store.path} has no complete shard to verify: run its `skd-cache build` command")
-    picks = np.sort(np.random.default_rng(seed).choice(int(sizes.sum()), min(count, int(sizes.sum())), replace=False))
+        raise VerifyError(
+            f"cache {store.path} has no complete shard to verify: run its `skd-cache build` command"
+        )
+    picks = np.sort(
+        np.random.default_rng(seed).choice(
+            int(sizes.sum()), min(count, int(sizes.sum())), replace=False
+        )
+    )
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     which = np.searchsorted(offsets, picks, side="right") - 1
     out: dict = {}
@@ -54,17 +62,20 @@ def sample_rows(store: Store, count: int, seed: int) -> dict:
 
 @dataclass
 class SampledRows:
-    """Sampled positions of one view (or val), in order, with the sample file and the recorded image size
-    (height, width) of each: what the data check opens and a differing row is named by."""
+    """Sampled positions of one view (or val), in order, with the sample file and the recorded image
+    size (height, width) of each: what the data check opens and a differing row is named by."""
 
     positions: np.ndarray
     paths: list[str]
     sizes: np.ndarray
-    tails: np.ndarray | None = None  # the files' recorded tail digests (skd.data.index.tail_digest), where recorded
+    # the files' recorded tail digests (skd.data.index.tail_digest), where recorded
+    tails: np.ndarray | None = None
 
     def take(self, keep: list[int]) -> "SampledRows":
         tails = None if self.tails is None else self.tails[keep]
-        return SampledRows(self.positions[keep], [self.paths[i] for i in keep], self.sizes[keep], tails)
+        return SampledRows(
+            self.positions[keep], [self.paths[i] for i in keep], self.sizes[keep], tails
+        )
 
 
 def plan_rows(store: Store, view: View, positions: np.ndarray) -> SampledRows:
@@ -74,11 +85,14 @@ def plan_rows(store: Store, view: View, positions: np.ndarray) -> SampledRows:
     else:
         split, ids = "samples", store.view_plan(view)[0][positions].astype(np.int64)
     group = store.group[split]
-    paths = [str(p) for p in group["path"].get_orthogonal_selection(ids)]  # one read, not one per row
+    # one read, not one per row
+    paths = [str(p) for p in group["path"].get_orthogonal_selection(ids)]
     for p in paths:
         check_relative_path(p, store.path)
     tails = group["tail"].get_orthogonal_selection(ids) if "tail" in group else None
-    return SampledRows(positions, paths, group["size"].get_orthogonal_selection((ids, slice(None))), tails)
+    return SampledRows(
+        positions, paths, group["size"].get_orthogonal_selection((ids, slice(None))), tails
+    )
 
 
 def replay_teacher(
@@ -93,9 +107,11 @@ def replay_teacher(
     amp: str,
     bar,
 ) -> torch.Tensor:
-    """The teacher's float32 logits of the recorded views at `positions` of `view` (a view, or VAL), in order.
+    """The teacher's float32 logits of the recorded views at `positions` of `view` (a view, or VAL),
+    in order.
 
-    A mixed view's row is its image mixed with its partner's (position p XOR 1): whole pairs are replayed.
+    A mixed view's row is its image mixed with its partner's (position p XOR 1): whole pairs are
+    replayed.
     """
     wanted = np.asarray(positions)
     if view != VAL and source.mix is not None:
@@ -103,15 +119,20 @@ def replay_teacher(
         positions = np.unique(np.concatenate([wanted & ~1, np.minimum(wanted | 1, n - 1)]))
         batch_size += batch_size % 2
     out = []
-    for batch in source.loader(view, positions, batch_size=batch_size, workers=workers, device=device):
+    for batch in source.loader(
+        view, positions, batch_size=batch_size, workers=workers, device=device
+    ):
         out.append(forward(model, batch.images, device, amp).cpu())
         bar.update(int(np.isin(batch.positions.numpy(), wanted).sum()))
     logits = torch.cat(out) if out else torch.zeros(0)
     return logits[torch.from_numpy(np.searchsorted(positions, wanted))] if len(logits) else logits
 
 
-def stored_rows(store: Store, view: View, positions: np.ndarray) -> tuple[torch.Tensor, dict[int, str]]:
-    """Stored logits of the positions (NaN where unreadable) and {shard: error} of shards that fail to decode."""
+def stored_rows(
+    store: Store, view: View, positions: np.ndarray
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Stored logits of the positions (NaN where unreadable) and {shard: error} of shards that fail
+    to decode."""
     out = np.full((len(positions), store.num_classes), np.nan, np.float32)
     broken: dict[int, str] = {}
     for i, p in enumerate(positions):
@@ -128,13 +149,19 @@ def stored_rows(store: Store, view: View, positions: np.ndarray) -> tuple[torch.
 def compare_logits(new: torch.Tensor, stored: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-row |difference| of layer-normalised logits (max, mean), KL at T=4/m=2, top-1 agreement.
 
-    In float64, so that a damaged stored value (1e36) still normalises; a row that does not gets KL inf.
+    In float64, so that a damaged stored value (1e36) still normalises; a row that does not gets KL
+    inf.
     """
     a, b = (spherical_normalize(x, 1.0, torch.float64) for x in (new, stored))
     diff = (a - b).abs()
     kl = skd_kl(new, stored, multiplier=MULTIPLIER, temperature=TEMPERATURE, dtype=torch.float64)
     kl = torch.where(torch.isfinite(kl) & torch.isfinite(b).all(1), kl, torch.inf)
-    return {"max": diff.amax(1), "mean": diff.mean(1), "kl": kl, "agree": new.argmax(1) == stored.argmax(1)}
+    return {
+        "max": diff.amax(1),
+        "mean": diff.mean(1),
+        "kl": kl,
+        "agree": new.argmax(1) == stored.argmax(1),
+    }
 
 
 class ClassCountMismatch(Exception):
@@ -143,7 +170,8 @@ class ClassCountMismatch(Exception):
 
 @dataclass
 class Replay:
-    """One split's compared rows: figures per row, the rows over tolerance and the shards that fail to decode."""
+    """One split's compared rows: figures per row, the rows over tolerance and the shards that fail
+    to decode."""
 
     figures: dict
     differing: list[str]
@@ -151,7 +179,14 @@ class Replay:
 
 
 def replay_split(
-    store: Store, view: View, rows: SampledRows, model, source: ReplaySource, tolerance: float, bar, **options
+    store: Store,
+    view: View,
+    rows: SampledRows,
+    model,
+    source: ReplaySource,
+    tolerance: float,
+    bar,
+    **options,
 ) -> Replay:
     """Run the teacher on the rows' recorded views and compare with the stored rows."""
     new = replay_teacher(model, source, view, rows.positions, bar=bar, **options)

@@ -1,6 +1,6 @@
-"""Teachers and students by torchvision name, `timm:NAME` or `py:module:callable`; a teacher's input recipe
-(size, interpolation, mean and std, and where each came from); the runtime (device, torchrun process group,
-AMP, channels_last).
+"""Teachers and students by torchvision name, `timm:NAME` or `py:module:callable`; a teacher's input
+recipe (size, interpolation, mean and std, and where each came from); the runtime (device, torchrun
+process group, AMP, channels_last).
 """
 
 from skd.models.recipe import resolve

@@ -1,10 +1,10 @@
 """A teacher's input recipe: the size, resampling and normalisation its weights were trained with.
 
-Teachers are published with their own recipe (timm's ViTs: 0.5 mean/std, bicubic, often 384 px; FKD's
-teacher at 475 px), and a teacher fed another normalisation gives silently worse logits. Each field is
-resolved from the first source that states it: an explicit option, the model's timm-style
-`pretrained_cfg`, the torchvision weights' own transforms, then ImageNet's statistics, bilinear, at the
-student's size. The resolved recipe and where each field came from are recorded in the cache.
+Teachers are published with their own recipe (timm's ViTs: 0.5 mean/std, bicubic, often 384 px;
+FKD's teacher at 475 px), and a teacher fed another normalisation gives silently worse logits. Each
+field is resolved from the first source that states it: an explicit option, the model's timm-style
+`pretrained_cfg`, the torchvision weights' own transforms, then ImageNet's statistics, bilinear, at
+the student's size. The resolved recipe and where each field came from are recorded in the cache.
 """
 
 from __future__ import annotations
@@ -22,23 +22,32 @@ class RecipeError(SkdError):
     """A recipe that cannot be used (a size below 8, two numbers for a mean): one line naming it."""
 
 
-def check_recipe(size=None, interpolation=None, mean=None, std=None, *, where: str = "--teacher") -> None:
+def check_recipe(
+    size=None, interpolation=None, mean=None, std=None, *, where: str = "--teacher"
+) -> None:
     """RecipeError for a field that no loader can use; None fields are not checked."""
     if size is not None and (not isinstance(size, int) or size < MIN_SIZE):
         raise RecipeError(f"{where}-size {size}: a whole number of pixels, at least {MIN_SIZE}")
     if interpolation is not None and interpolation not in INTERPOLATIONS:
-        raise RecipeError(f"{where}-interpolation {interpolation}: choose {' or '.join(INTERPOLATIONS)}")
+        raise RecipeError(
+            f"{where}-interpolation {interpolation}: choose {' or '.join(INTERPOLATIONS)}"
+        )
     for name, values in (("mean", mean), ("std", std)):
         if values is None:
             continue
         if len(values) != 3 or not all(math.isfinite(v) for v in values):
-            raise RecipeError(f"{where}-{name} {','.join(map(str, values))}: three finite numbers R,G,B")
+            raise RecipeError(
+                f"{where}-{name} {','.join(map(str, values))}: three finite numbers R,G,B"
+            )
         if name == "std" and min(values) <= 0:
-            raise RecipeError(f"{where}-std {','.join(map(str, values))}: every value must be above 0")
+            raise RecipeError(
+                f"{where}-std {','.join(map(str, values))}: every value must be above 0"
+            )
 
 
 def from_pretrained_cfg(cfg: dict | None) -> dict:
-    """The recipe fields a timm-style `pretrained_cfg` states (input_size, interpolation, mean, std)."""
+    """The recipe fields a timm-style `pretrained_cfg` states (input_size, interpolation, mean,
+    std)."""
     if not cfg:
         return {}
     out = {}
@@ -68,11 +77,21 @@ def resolve(
         ("option", {k: v for k, v in options.items() if v is not None}),
         ("pretrained_cfg", from_pretrained_cfg(pretrained_cfg)),
         ("torchvision weights", published or {}),
-        ("default", {"size": default_size, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+        (
+            "default",
+            {
+                "size": default_size,
+                "interpolation": "bilinear",
+                "mean": IMAGENET_MEAN,
+                "std": IMAGENET_STD,
+            },
+        ),
     ]
     values, origin = {}, {}
     for field in FIELDS:
-        origin[field], values[field] = next((name, found[field]) for name, found in sources if field in found)
+        origin[field], values[field] = next(
+            (name, found[field]) for name, found in sources if field in found
+        )
     values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
     return Recipe(**values), origin
 

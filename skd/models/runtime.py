@@ -18,8 +18,10 @@ from torch import nn
 from skd.errors import SkdError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-# How long a rank waits in a collective before the process group gives up. torch's own default (10 minutes for
-# NCCL) is shorter than rank 0 indexing ImageNet's 1.28 million files and creating the store while the other
+# How long a rank waits in a collective before the process group gives up. torch's own default (10
+# minutes for
+# NCCL) is shorter than rank 0 indexing ImageNet's 1.28 million files and creating the store while
+# the other
 # ranks wait in a broadcast; --dist-timeout sets it.
 DIST_TIMEOUT_MINUTES = 60.0
 _dist_timeout = DIST_TIMEOUT_MINUTES
@@ -30,7 +32,8 @@ class DeviceError(SkdError):
 
 
 def set_dist_timeout(minutes: float) -> None:
-    """The process-group timeout `init_distributed` uses from now on in this process (--dist-timeout)."""
+    """The process-group timeout `init_distributed` uses from now on in this process
+    (--dist-timeout)."""
     global _dist_timeout
     if not minutes > 0:
         raise DeviceError(f"--dist-timeout {minutes}: give a positive number of minutes")
@@ -62,7 +65,8 @@ class Dist:
         return sum(values)
 
     def broadcast(self, obj):
-        """Rank 0's `obj` on every rank (so an error found on rank 0 stops all ranks, not a hang)."""
+        """Rank 0's `obj` on every rank (so an error found on rank 0 stops all ranks, not a
+        hang)."""
         if self.world == 1:
             return obj
         box = [obj]
@@ -78,12 +82,17 @@ class Dist:
 
 def device_kind(requested: str) -> str:
     """ "cuda" or "cpu": what `--device` asks for (auto: CUDA when available)."""
-    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+    return (
+        "cuda"
+        if requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
 
 
 def init_distributed(kind: str, timeout_minutes: float | None = None) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), with a collective
-    timeout of `timeout_minutes` (default: the --dist-timeout of this process, 60 minutes)."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), with a
+    collective timeout of `timeout_minutes` (default: the --dist-timeout of this process, 60
+    minutes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -97,7 +106,9 @@ def init_distributed(kind: str, timeout_minutes: float | None = None) -> Dist:
         )
     if not dist.is_initialized():
         minutes = _dist_timeout if timeout_minutes is None else timeout_minutes
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timedelta(minutes=minutes))
+        dist.init_process_group(
+            "nccl" if kind == "cuda" else "gloo", timeout=timedelta(minutes=minutes)
+        )
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -38,7 +38,8 @@ class Teacher:
 
     @property
     def pretrained_cfg(self) -> dict | None:
-        """The model's timm-style `pretrained_cfg` (timm models have one; a py: model may set one), as JSON."""
+        """The model's timm-style `pretrained_cfg` (timm models have one; a py: model may set one),
+        as JSON."""
         return _json(getattr(self.model, "pretrained_cfg", None))
 
 
@@ -62,16 +63,21 @@ def state_sha256(model: nn.Module) -> str:
 
 
 def create_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """An untrained model: a torchvision classification name, `timm:NAME` or `py:module:callable`."""
+    """An untrained model: a torchvision classification name, `timm:NAME` or
+    `py:module:callable`."""
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name.startswith("py:"):
         try:
             _, module_name, attr = name.split(":", 2)
             factory = getattr(importlib.import_module(module_name), attr)
         except (ValueError, ImportError, AttributeError) as exc:
-            raise ModelError(f"cannot load {name!r} ({exc}): use py:package.module:callable") from None
+            raise ModelError(
+                f"cannot load {name!r} ({exc}): use py:package.module:callable"
+            ) from None
         if not callable(factory):
-            raise ModelError(f"{name} is a {type(factory).__name__}, not a callable that returns a model")
+            raise ModelError(
+                f"{name} is a {type(factory).__name__}, not a callable that returns a model"
+            )
         try:
             model = factory(**kwargs)
         except TypeError as exc:
@@ -104,7 +110,8 @@ def _check_torchvision_name(name: str) -> None:
 
 
 def read_state_dict(path: Path) -> dict:
-    """A state_dict from a file: plain, or under 'state_dict'/'model'; `module.` prefixes stripped."""
+    """A state_dict from a file: plain, or under 'state_dict'/'model'; `module.` prefixes
+    stripped."""
     path = Path(path)
     if path.is_dir():
         raise ModelError(f"--weights {path} is a folder: pass the weights file")
@@ -120,7 +127,9 @@ def read_state_dict(path: Path) -> dict:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        unsupported = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        unsupported = next(
+            (line for line in lines if "Unsupported global" in line), lines[0] if lines else ""
+        )
         raise ModelError(
             f"refusing to load {path}: not a plain tensor checkpoint ({unsupported[:200]}); if you "
             "trust it, save its state_dict alone: torch.save(torch.load(F, weights_only=False)"
@@ -135,7 +144,8 @@ def read_state_dict(path: Path) -> dict:
 
 
 def _strip_wrappers(key: str) -> str:
-    """A state_dict key without the prefixes DistributedDataParallel (module.) and torch.compile (_orig_mod.) add."""
+    """A state_dict key without the prefixes DistributedDataParallel (module.) and torch.compile
+    (_orig_mod.) add."""
     while key.startswith(("module.", "_orig_mod.")):
         key = key.removeprefix("module.").removeprefix("_orig_mod.")
     return key
@@ -156,7 +166,8 @@ def _json(value):
 
 
 def _published_recipe(weights) -> dict:
-    """The input recipe of torchvision weights: their eval transforms' crop size, interpolation, mean and std."""
+    """The input recipe of torchvision weights: their eval transforms' crop size, interpolation,
+    mean and std."""
     transforms = weights.transforms()
     return {
         "size": int(transforms.crop_size[0]),
@@ -167,11 +178,14 @@ def _published_recipe(weights) -> dict:
 
 
 def _timm_cached_file(name: str) -> Path:
-    """The pretrained weights of `timm:NAME` in the local Hugging Face cache (nothing is downloaded)."""
+    """The pretrained weights of `timm:NAME` in the local Hugging Face cache (nothing is
+    downloaded)."""
     cfg = getattr(create_model(name), "pretrained_cfg", {}) or {}
     repo = cfg.get("hf_hub_id")
     if not repo:
-        raise ModelError(f"{name} has no published weights on the Hugging Face hub: pass --weights FILE")
+        raise ModelError(
+            f"{name} has no published weights on the Hugging Face hub: pass --weights FILE"
+        )
     from huggingface_hub import constants, try_to_load_from_cache
 
     for filename in ("model.safetensors", "pytorch_model.bin"):
@@ -191,7 +205,9 @@ def _torchvision_default(name: str) -> tuple[Path, dict]:
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, AttributeError):
-        raise ModelError(f"torchvision has no pretrained weights for {name}: pass --weights FILE") from None
+        raise ModelError(
+            f"torchvision has no pretrained weights for {name}: pass --weights FILE"
+        ) from None
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     file = folder / Path(weights.url).name
     if not file.is_file():
@@ -210,7 +226,8 @@ def _torchvision_default(name: str) -> tuple[Path, dict]:
 
 
 def load_teacher(name: str, weights: str | None = None) -> Teacher:
-    """The teacher in eval mode with its weights; `weights` is a file, 'none', or None for the default."""
+    """The teacher in eval mode with its weights; `weights` is a file, 'none', or None for the
+    default."""
     if weights == "none":
         return Teacher(create_model(name).eval(), name, "none", None)
     if name.startswith("py:") and weights is None:  # the callable brings its own weights
@@ -225,7 +242,10 @@ def load_teacher(name: str, weights: str | None = None) -> Teacher:
         model = create_model(name, _classes_in(state))
     elif weights is None:
         file, kwargs = _torchvision_default(name)
-        model, label = torchvision.models.get_model(name, weights=None, **kwargs), "torchvision-default"
+        model, label = (
+            torchvision.models.get_model(name, weights=None, **kwargs),
+            "torchvision-default",
+        )
         state = read_state_dict(file)
         published = _published_recipe(torchvision.models.get_model_weights(name).DEFAULT)
     else:
@@ -248,10 +268,11 @@ def _classes_in(state: dict) -> int | None:
 
 
 class CompiledTeacher(nn.Module):
-    """`model` under torch.compile for batches of exactly `batch_size` (dynamic=False), so each process compiles
-    it once: a shorter batch (a view's or a rank's last) is padded with zeros to that size and the padding's
-    outputs dropped, instead of a recompile (dynamo's automatic dynamic shapes would compile a second, dynamic
-    graph). The model runs in eval mode, where each row's output depends on that row alone."""
+    """`model` under torch.compile for batches of exactly `batch_size` (dynamic=False), so each
+    process compiles it once: a shorter batch (a view's or a rank's last) is padded with zeros to
+    that size and the padding's outputs dropped, instead of a recompile (dynamo's automatic dynamic
+    shapes would compile a second, dynamic graph). The model runs in eval mode, where each row's
+    output depends on that row alone."""
 
     def __init__(self, model: nn.Module, batch_size: int, backend="inductor"):
         super().__init__()
@@ -262,7 +283,8 @@ class CompiledTeacher(nn.Module):
         n = len(images)
         if n >= self.batch_size:
             return self.compiled(images)
-        # a tensor of the same kind as a full batch (an inference tensor or not, channels_last or not): any
+        # a tensor of the same kind as a full batch (an inference tensor or not, channels_last or
+        # not): any
         # difference fails a guard of the compiled graph and compiles it again
         with torch.inference_mode(images.is_inference()):
             padded = images.new_zeros((self.batch_size, *images.shape[1:]))
@@ -283,18 +305,25 @@ def forward(model: nn.Module, images: torch.Tensor, device: torch.device, amp: s
 
 
 @torch.inference_mode()
-def output_classes(model: nn.Module, image_size: int, device: torch.device, name: str = "the model") -> int:
+def output_classes(
+    model: nn.Module, image_size: int, device: torch.device, name: str = "the model"
+) -> int:
     """Number of logits the model produces, from one forward pass on a blank image."""
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, 3, image_size, image_size, device=device))
-    except (RuntimeError, AssertionError, ValueError) as exc:  # timm asserts a fixed-size model's input size
+    # timm asserts a fixed-size model's input size
+    except (RuntimeError, AssertionError, ValueError) as exc:
         line = _first_line(exc)
-        too_small = any(s in line.lower() for s in ("too small", "kernel size", "larger than the input"))
+        too_small = any(
+            s in line.lower() for s in ("too small", "kernel size", "larger than the input")
+        )
         hint = ": choose a larger --image-size" if too_small else ""
         if isinstance(exc, AssertionError):
             hint = ": it takes only the input size it was built for: leave --teacher-size out or pass that size"
-        raise ModelError(f"{name} cannot run on a {image_size}-pixel image ({line[:300]}){hint}") from None
+        raise ModelError(
+            f"{name} cannot run on a {image_size}-pixel image ({line[:300]}){hint}"
+        ) from None
     return int(out.shape[-1])
 
 

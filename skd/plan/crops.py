@@ -1,9 +1,9 @@
 """The recorded augmentation plan: sample order, RandomResizedCrop windows and flips of each view.
 
 Everything here is a pure function of (seed, view, sample id, image height, width). Random numbers
-come from skd.plan.draws, counter-based by (seed, view, stream, sample id), so a sample's window does not
-depend on how many samples are planned at once, on batch size, or on any library's global RNG. The
-build stores the resulting integers; replay reads them back and never re-derives them.
+come from skd.plan.draws, counter-based by (seed, view, stream, sample id), so a sample's window
+does not depend on how many samples are planned at once, on batch size, or on any library's global
+RNG. The build stores the resulting integers; replay reads them back and never re-derives them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 
 from skd.plan import draws
 
-VAL_CROP_FRACTION = 224 / 256  # validation: resize to 256, centre crop 224 (scaled with the image size)
+# validation: resize to 256, centre crop 224 (scaled with the image size)
+VAL_CROP_FRACTION = 224 / 256
 TRIES = 10  # torchvision RandomResizedCrop's number of attempts before the centre fallback
 
 
@@ -39,13 +40,16 @@ class CropParams:
 
 @dataclass(frozen=True)
 class ViewPlan:
-    """One view, indexed by position: `order[p]` is the sample id, `box[p]` its (y, x, h, w), `flip[p]`."""
+    """One view, indexed by position: `order[p]` is the sample id, `box[p]` its (y, x, h, w),
+    `flip[p]`."""
 
     order: np.ndarray  # (N,) int32
     box: np.ndarray  # (N, 4) int32
     flip: np.ndarray  # (N,) uint8
-    mix: tuple[np.ndarray, np.ndarray] | None = None  # (mix_lambda, mix_box) by position when mixed (skd.plan.mixing)
-    augment: dict[str, np.ndarray] | None = None  # aug_op, aug_magnitude, erase_box, erase_value by position
+    # (mix_lambda, mix_box) by position when mixed (skd.plan.mixing)
+    mix: tuple[np.ndarray, np.ndarray] | None = None
+    # aug_op, aug_magnitude, erase_box, erase_value by position
+    augment: dict[str, np.ndarray] | None = None
 
 
 def _randint(u: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -54,9 +58,14 @@ def _randint(u: np.ndarray, high: np.ndarray) -> np.ndarray:
 
 
 def crop_windows(
-    seed: int, view: int, sample_ids: np.ndarray, sizes: np.ndarray, params: CropParams = CropParams()
+    seed: int,
+    view: int,
+    sample_ids: np.ndarray,
+    sizes: np.ndarray,
+    params: CropParams = CropParams(),
 ) -> np.ndarray:
-    """RandomResizedCrop windows (y, x, h, w) in pixels for the given samples, torchvision semantics.
+    """RandomResizedCrop windows (y, x, h, w) in pixels for the given samples, torchvision
+    semantics.
 
     `sizes` is (n, 2) (height, width) of those samples. Ten tries of (area, log-uniform aspect),
     the first window that fits wins; otherwise the centre crop clamped to the ratio range.
@@ -72,7 +81,9 @@ def crop_windows(
     found = np.zeros(n, dtype=bool)
     for t in range(TRIES):
         pending = np.flatnonzero(~found)
-        area_u, ratio_u, y_u, x_u = draws.uniform(seed, view, draws.CROP + t, ids[pending], count=4).T
+        area_u, ratio_u, y_u, x_u = draws.uniform(
+            seed, view, draws.CROP + t, ids[pending], count=4
+        ).T
         target = area[pending] * (params.scale[0] + (params.scale[1] - params.scale[0]) * area_u)
         aspect = np.exp(log_lo + (log_hi - log_lo) * ratio_u)
         cw = np.round(np.sqrt(target * aspect)).astype(np.int64)
@@ -89,7 +100,9 @@ def crop_windows(
     return box.astype(np.int32)
 
 
-def center_fallback(height: np.ndarray, width: np.ndarray, ratio: tuple[float, float]) -> np.ndarray:
+def center_fallback(
+    height: np.ndarray, width: np.ndarray, ratio: tuple[float, float]
+) -> np.ndarray:
     """torchvision's fallback window: the whole image, clamped to the ratio range, centred."""
     in_ratio = width / height
     w = width.copy()
@@ -114,11 +127,13 @@ def sample_order(seed: int, view: int, n: int) -> np.ndarray:
     return np.argsort(keys, kind="stable").astype(np.int32)
 
 
-def plan_view(seed: int, view: int, sizes: np.ndarray, params: CropParams = CropParams()) -> ViewPlan:
+def plan_view(
+    seed: int, view: int, sizes: np.ndarray, params: CropParams = CropParams()
+) -> ViewPlan:
     """Plan one view over all samples; `sizes[i]` is (height, width) of sample i.
 
-    Windows and flips are drawn in sample-id order, where the draws read memory in sequence, then put
-    in the view's order: a sample's draws do not depend on its position.
+    Windows and flips are drawn in sample-id order, where the draws read memory in sequence, then
+    put in the view's order: a sample's draws do not depend on its position.
     """
     sizes = np.asarray(sizes)
     ids = np.arange(len(sizes))
@@ -129,7 +144,8 @@ def plan_view(seed: int, view: int, sizes: np.ndarray, params: CropParams = Crop
 
 
 def center_boxes(sizes: np.ndarray, crop_fraction: float = VAL_CROP_FRACTION) -> np.ndarray:
-    """Validation windows: the centred square that 'resize shorter side to S/f, centre crop S' keeps.
+    """Validation windows: the centred square that 'resize shorter side to S/f, centre crop S'
+    keeps.
 
     Resizing the shorter side to size/f and cropping size pixels keeps a centred square of side
     f * min(h, w) of the original image; cropping that square and resizing it to size is the
@@ -144,17 +160,26 @@ def center_boxes(sizes: np.ndarray, crop_fraction: float = VAL_CROP_FRACTION) ->
 
 
 class PlanId:
-    """sha256 naming a recorded plan, extended view by view: the head hashes the samples' and val's hashes, the
-    plan's parameters and the validation windows; each view then makes the id `sha256(previous id, that view's
-    plan arrays: dtype, shape and bytes of each)`. The id of K views is therefore the id of K - 1 views extended
-    by view K - 1, so a cache grows (skd.store.creation.grow_store) from its recorded id alone, holding one view's plan.
+    """sha256 naming a recorded plan, extended view by view: the head hashes the samples' and val's
+    hashes, the plan's parameters and the validation windows; each view then makes the id
+    `sha256(previous id, that view's plan arrays: dtype, shape and bytes of each)`. The id of K
+    views is therefore the id of K - 1 views extended by view K - 1, so a cache grows
+    (skd.store.creation.grow_store) from its recorded id alone, holding one view's plan.
 
     Caches built from one plan (`skd-cache build --plan-from`) share it, so their rows line up and
     several teachers can be read together.
     """
 
-    def __init__(self, samples_sha256: str, val_sha256: str | None, params: dict, val_boxes: np.ndarray | None):
-        head = hashlib.sha256(f"{samples_sha256}\n{val_sha256}\n{json.dumps(params, sort_keys=True)}\n".encode())
+    def __init__(
+        self,
+        samples_sha256: str,
+        val_sha256: str | None,
+        params: dict,
+        val_boxes: np.ndarray | None,
+    ):
+        head = hashlib.sha256(
+            f"{samples_sha256}\n{val_sha256}\n{json.dumps(params, sort_keys=True)}\n".encode()
+        )
         if val_boxes is not None:
             _update(head, val_boxes)
         self._id = head.hexdigest()
@@ -167,8 +192,8 @@ class PlanId:
         return plan_id
 
     def add_view(self, arrays) -> None:
-        """Extend the id by one view, given its plan arrays in the cache's order (order, box, flip, mix_lambda,
-        mix_box)."""
+        """Extend the id by one view, given its plan arrays in the cache's order (order, box, flip,
+        mix_lambda, mix_box)."""
         step = hashlib.sha256(self._id.encode())
         for array in arrays:
             _update(step, array)

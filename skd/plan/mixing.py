@@ -1,11 +1,13 @@
-"""Consistent mixing: MixUp and CutMix drawn into the plan, so teacher and student see the same mixed image.
+"""Consistent mixing: MixUp and CutMix drawn into the plan, so teacher and student see the same
+mixed image.
 
-Positions pair up (the partner of position p is p XOR 1, timm's 'pair' mode with fixed pairs): one draw
-per pair, and both rows of a pair share the same lambda and the same box, each row keeping its own image
-outside the box (or with weight lambda) and taking the partner's inside it. The draws come from skd.plan.draws
-keyed by (seed, view, pair index), so the plan does not depend on batch size; the build stores the arrays
-and replay reads them back. Boxes are stored as fractions of the view, so any output size pastes the
-same region; lambda is corrected to the pixels actually pasted at the plan's image size.
+Positions pair up (the partner of position p is p XOR 1, timm's 'pair' mode with fixed pairs): one
+draw per pair, and both rows of a pair share the same lambda and the same box, each row keeping its
+own image outside the box (or with weight lambda) and taking the partner's inside it. The draws come
+from skd.plan.draws keyed by (seed, view, pair index), so the plan does not depend on batch size;
+the build stores the arrays and replay reads them back. Boxes are stored as fractions of the view,
+so any output size pastes the same region; lambda is corrected to the pixels actually pasted at the
+plan's image size.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from skd.plan import draws
 
 
 class MixError(SkdError):
-    """Mixing options that cannot be used (a negative alpha, a probability above 1): one line naming them."""
+    """Mixing options that cannot be used (a negative alpha, a probability above 1): one line naming
+    them."""
 
 
 @dataclass(frozen=True)
 class MixParams:
     """MixUp / CutMix options, timm's names: Beta(alpha, alpha) lambdas, 0 turns that kind off.
 
-    `prob` is the chance a pair is mixed at all, `switch_prob` the chance of CutMix rather than MixUp
-    when both are on.
+    `prob` is the chance a pair is mixed at all, `switch_prob` the chance of CutMix rather than
+    MixUp when both are on.
     """
 
     mixup_alpha: float = 0.0
@@ -59,8 +62,13 @@ class MixParams:
         """MixError naming the command-line option of the first unusable value."""
         for option, value in (("--mixup", self.mixup_alpha), ("--cutmix", self.cutmix_alpha)):
             if not math.isfinite(value) or value < 0:
-                raise MixError(f"{option} {value}: a finite Beta alpha, at least 0 (0 turns it off)")
-        for option, value in (("--mixup-prob", self.prob), ("--mixup-switch-prob", self.switch_prob)):
+                raise MixError(
+                    f"{option} {value}: a finite Beta alpha, at least 0 (0 turns it off)"
+                )
+        for option, value in (
+            ("--mixup-prob", self.prob),
+            ("--mixup-switch-prob", self.switch_prob),
+        ):
             if not math.isfinite(value) or not 0 <= value <= 1:
                 raise MixError(f"{option} {value}: a probability between 0 and 1")
 
@@ -84,13 +92,17 @@ def box_pixels(mix_box: np.ndarray | torch.Tensor, size: int) -> np.ndarray | to
 
 
 def _cut_boxes(lam: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
-    """timm's rand_bbox in fractions: side sqrt(1 - lam), centred at (cy, cx), clipped to the view."""
+    """timm's rand_bbox in fractions: side sqrt(1 - lam), centred at (cy, cx), clipped to the
+    view."""
     half = np.sqrt(1.0 - lam) / 2
     return np.clip(np.stack([cy - half, cx - half, cy + half, cx + half], axis=1), 0.0, 1.0)
 
 
-def _pair_draws(seed: int, view: int, pair_ids: np.ndarray, params: MixParams) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair: whether it is CutMix, and the drawn (uncorrected) lambda, 1 for pairs left unmixed."""
+def _pair_draws(
+    seed: int, view: int, pair_ids: np.ndarray, params: MixParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: whether it is CutMix, and the drawn (uncorrected) lambda, 1 for pairs left
+    unmixed."""
     mixed_u, cut_u = draws.uniform(seed, view, draws.MIX_CHOICE, pair_ids, count=2).T
     mixed = mixed_u < params.prob
     if params.mixup_alpha > 0 and params.cutmix_alpha > 0:
@@ -105,13 +117,17 @@ def _pair_draws(seed: int, view: int, pair_ids: np.ndarray, params: MixParams) -
     return cut & mixed, np.where(mixed, lam, 1.0)
 
 
-def plan_mixing(seed: int, view: int, n: int, params: MixParams, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The mixing of one view of n positions: `mix_lambda` (n,) float32 and `mix_box` (n, 4) float32.
+def plan_mixing(
+    seed: int, view: int, n: int, params: MixParams, image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The mixing of one view of n positions: `mix_lambda` (n,) float32 and `mix_box` (n, 4)
+    float32.
 
-    `mix_lambda[p]` is the weight of position p's own image (1 = unmixed); `mix_box[p]` the CutMix region
-    (y0, x0, y1, x1) as fractions of the view, all zero for MixUp and unmixed positions. Position p pairs
-    with p XOR 1 and both share one draw; an odd view's last position is unmixed. A CutMix lambda is
-    corrected to the pixel area pasted at `image_size`, and a pair whose lambda rounds to 1 is unmixed.
+    `mix_lambda[p]` is the weight of position p's own image (1 = unmixed); `mix_box[p]` the CutMix
+    region (y0, x0, y1, x1) as fractions of the view, all zero for MixUp and unmixed positions.
+    Position p pairs with p XOR 1 and both share one draw; an odd view's last position is unmixed. A
+    CutMix lambda is corrected to the pixel area pasted at `image_size`, and a pair whose lambda
+    rounds to 1 is unmixed.
     """
     lam = np.ones(n, dtype=np.float32)
     box = np.zeros((n, 4), dtype=np.float32)
@@ -121,7 +137,9 @@ def plan_mixing(seed: int, view: int, n: int, params: MixParams, image_size: int
     pair_ids = np.arange(pairs)
     cut, pair_lam = _pair_draws(seed, view, pair_ids, params)
     centre_y, centre_x = draws.uniform(seed, view, draws.CUTMIX_CENTRE, pair_ids, count=2).T
-    pair_box = np.where(cut[:, None], _cut_boxes(pair_lam, centre_y, centre_x), 0.0).astype(np.float32)
+    pair_box = np.where(cut[:, None], _cut_boxes(pair_lam, centre_y, centre_x), 0.0).astype(
+        np.float32
+    )
     y0, x0, y1, x1 = box_pixels(pair_box, image_size).T
     area = (y1 - y0) * (x1 - x0) / float(image_size * image_size)
     pair_lam = np.where(cut, 1.0 - area, pair_lam).astype(np.float32)
@@ -132,22 +150,29 @@ def plan_mixing(seed: int, view: int, n: int, params: MixParams, image_size: int
 
 
 def _partners(batch: int, device: torch.device) -> torch.Tensor:
-    """Row i's partner i XOR 1 (a batch starting at an even position); an unpaired last row is its own."""
+    """Row i's partner i XOR 1 (a batch starting at an even position); an unpaired last row is its
+    own."""
     return (torch.arange(batch, device=device) ^ 1).clamp_(max=batch - 1)
 
 
-def mix_batch(images: torch.Tensor, lam: torch.Tensor, boxes: torch.Tensor, first_position: int) -> torch.Tensor:
-    """The mixed images of a batch of consecutive positions from `first_position` (even), as a new tensor.
+def mix_batch(
+    images: torch.Tensor, lam: torch.Tensor, boxes: torch.Tensor, first_position: int
+) -> torch.Tensor:
+    """The mixed images of a batch of consecutive positions from `first_position` (even), as a new
+    tensor.
 
-    MixUp rows (zero box, lambda below 1) become lam * own + (1 - lam) * partner; CutMix rows (non-zero
-    box) take the partner's pixels inside `box_pixels(box, S)`; the rest stay as they are. Every output
-    element depends on its own row and the partner's only, so any split into even-started batches gives
-    bit-identical images, on the CPU or an accelerator.
+    MixUp rows (zero box, lambda below 1) become lam * own + (1 - lam) * partner; CutMix rows
+    (non-zero box) take the partner's pixels inside `box_pixels(box, S)`; the rest stay as they are.
+    Every output element depends on its own row and the partner's only, so any split into
+    even-started batches gives bit-identical images, on the CPU or an accelerator.
     """
     if first_position % 2:
-        raise ValueError(f"mix_batch: the batch starts at odd position {first_position}; pairs need an even start")
+        raise ValueError(
+            f"mix_batch: the batch starts at odd position {first_position}; pairs need an even start"
+        )
     batch, size = images.shape[0], images.shape[-1]
-    if batch % 2 and float(lam[-1]) != 1.0:  # checked before the move: lambdas usually come from the host
+    # checked before the move: lambdas usually come from the host
+    if batch % 2 and float(lam[-1]) != 1.0:
         raise ValueError(
             f"mix_batch: the unpaired last row has lambda {float(lam[-1])}; its partner is in "
             "another batch, so batches must hold whole pairs"
@@ -168,9 +193,10 @@ def mix_batch(images: torch.Tensor, lam: torch.Tensor, boxes: torch.Tensor, firs
 
 
 def soft_labels(labels: torch.Tensor, lam: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The class probabilities (B, C) float32 of a mixed batch of consecutive positions from an even one:
-    lam of the row's own label plus 1 - lam of its partner's (row i XOR 1; an unpaired last row has lam 1),
-    as timm's mixup makes targets. Cross-entropy with them is the lam-weighted CE of the two labels."""
+    """The class probabilities (B, C) float32 of a mixed batch of consecutive positions from an even
+    one: lam of the row's own label plus 1 - lam of its partner's (row i XOR 1; an unpaired last row
+    has lam 1), as timm's mixup makes targets. Cross-entropy with them is the lam-weighted CE of the
+    two labels."""
     lam = lam.to(device=labels.device, dtype=torch.float32)[:, None]
     own = F.one_hot(labels, num_classes).float()
     partner = own[_partners(len(labels), labels.device)]
@@ -178,7 +204,8 @@ def soft_labels(labels: torch.Tensor, lam: torch.Tensor, num_classes: int) -> to
 
 
 def mix_summary(lam: np.ndarray, box: np.ndarray) -> dict:
-    """Shares of MixUp, CutMix and unmixed rows of recorded mixing, and the mean own-image weight."""
+    """Shares of MixUp, CutMix and unmixed rows of recorded mixing, and the mean own-image
+    weight."""
     n = max(1, len(lam))
     cut = np.asarray(box).any(axis=1)
     mixup = (np.asarray(lam) < 1) & ~cut

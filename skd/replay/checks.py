@@ -1,5 +1,5 @@
-"""Whether a cache can be replayed as asked: complete, on the same images, read with its loader, and, for an
-ensemble, on one plan. Each check fails with one line saying what to do."""
+"""Whether a cache can be replayed as asked: complete, on the same images, read with its loader,
+and, for an ensemble, on one plan. Each check fails with one line saying what to do."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from skd.store.cache_store import Store
 
 
 class ReplayError(SkdError):
-    """The views cannot be replayed as asked (unfinished cache, other images): one line saying what to do."""
+    """The views cannot be replayed as asked (unfinished cache, other images): one line saying what
+    to do."""
 
 
 def check_replayable(store: Store, root: Path, val: bool) -> None:
-    """ReplayError unless the cache is complete and `root` holds the images it was built on (file list and
-    sizes). Without `val` the validation split is not checked (a training machine may hold only train/)."""
+    """ReplayError unless the cache is complete and `root` holds the images it was built on (file
+    list and sizes). Without `val` the validation split is not checked (a training machine may hold
+    only train/)."""
     meta = store.meta
     if not store.is_complete():
         done, total = int(store.complete().sum()), store.complete().size
@@ -26,7 +28,9 @@ def check_replayable(store: Store, root: Path, val: bool) -> None:
             "rerun its `skd-cache build` command to complete it"
         )
     if not (root / "train").is_dir():
-        raise ReplayError(f"dataset {root} has no train/ folder: pass --data ROOT where the cache's images live")
+        raise ReplayError(
+            f"dataset {root} has no train/ folder: pass --data ROOT where the cache's images live"
+        )
     use_val = val and store.has_val
     if use_val and not (root / "val").is_dir():
         raise ReplayError(
@@ -40,11 +44,14 @@ def check_replayable(store: Store, root: Path, val: bool) -> None:
             "(file list or sizes): pass the right --data or rebuild the cache"
         )
     if use_val and val_fp != meta["dataset"]["val_fingerprint"]:
-        raise ReplayError(f"the images under {root}/val differ from those cache {store.path} was built on")
+        raise ReplayError(
+            f"the images under {root}/val differ from those cache {store.path} was built on"
+        )
 
 
 def warn_other_loader(loader: str | None, store: Store) -> None:
-    """A warning when a replay decodes with another loader than the teacher did: resampling noise."""
+    """A warning when a replay decodes with another loader than the teacher did: resampling
+    noise."""
     recorded = store.meta["plan"]["loader"]
     if loader is not None and loader != recorded:
         warnings.warn(

@@ -1,8 +1,9 @@
 """A view's recorded RandAugment ops and random erasing, applied as the plan recorded them.
 
 `RecordedOps` is what a loader applies to each item's 8-bit view after the flip (`pixel_ops` of
-`skd.pipelines.make_loader`); `ErasedLoader` erases the recorded boxes of a loader's normalised batches on their
-device. The plan's order of operations (timm's): crop, resize, flip, ops, normalise, erase, then mix.
+`skd.pipelines.make_loader`); `ErasedLoader` erases the recorded boxes of a loader's normalised
+batches on their device. The plan's order of operations (timm's): crop, resize, flip, ops,
+normalise, erase, then mix.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from skd.plan.augment import apply_ops, erase
 
 @dataclass(frozen=True)
 class RecordedOps:
-    """Item i's recorded ops `op[i]` with arguments `magnitude[i]` on its 8-bit (3, S, S) view (picklable: the
-    torchvision loader's worker processes call it)."""
+    """Item i's recorded ops `op[i]` with arguments `magnitude[i]` on its 8-bit (3, S, S) view
+    (picklable: the torchvision loader's worker processes call it)."""
 
     op: np.ndarray  # (M, L) indices into `names`
     magnitude: np.ndarray  # (M, L) the signed arguments applied
@@ -29,7 +30,8 @@ class RecordedOps:
 
 
 class ErasedLoader:
-    """A loader's batches with each row's recorded boxes erased (fractions of the view, at the batch's size)."""
+    """A loader's batches with each row's recorded boxes erased (fractions of the view, at the
+    batch's size)."""
 
     def __init__(self, loader, boxes: np.ndarray, values: np.ndarray, batch_size: int):
         self.loader, self.batch_size = loader, batch_size

@@ -4,7 +4,8 @@ A source is the samples, the plan of every view and the validation windows, eith
 recorded them or as an online run plans them (exactly as `skd-cache build` would). `loader` turns
 any positions of any view into batches through the input pipeline, so the teacher and the student
 see the same windows and flips, each at its own input recipe (size, resampling, normalisation).
-`replay_checks` says whether a cache can be replayed as asked; `cached_logits` reads its stored logits.
+`replay_checks` says whether a cache can be replayed as asked; `cached_logits` reads its stored
+logits.
 """
 
 from __future__ import annotations
@@ -43,17 +44,22 @@ class ReplaySource:
     plan: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]  # view -> (order, box, flip)
     fingerprint: str
     loader_kind: str  # dali or torchvision
-    mix: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None  # view -> (mix_lambda, mix_box); None: unmixed
-    augment: Callable[[int], dict[str, np.ndarray] | None] | None = None  # view -> recorded ops and erasing by position
+    # view -> (mix_lambda, mix_box); None: unmixed
+    mix: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
+    # view -> recorded ops and erasing by position
+    augment: Callable[[int], dict[str, np.ndarray] | None] | None = None
     augment_ops: tuple[str, ...] = ()  # the op names aug_op indexes (plan.augment's ops)
-    _files: dict = field(default_factory=dict, repr=False, compare=False)  # absolute paths by part (`files`)
+    # absolute paths by part (`files`)
+    _files: dict = field(default_factory=dict, repr=False, compare=False)
 
     def files(self, part: str = "train") -> np.ndarray:
-        """The absolute image paths of the train (or VAL) samples by sample id, made once per source: joining
-        1.28M paths takes seconds, indexing them per epoch a tenth of one."""
+        """The absolute image paths of the train (or VAL) samples by sample id, made once per
+        source: joining 1.28M paths takes seconds, indexing them per epoch a tenth of one."""
         if part not in self._files:
             split = self.val if part == VAL else self.train
-            self._files[part] = np.array([f"{self.root}/{path}" for path in split.paths], dtype=object)
+            self._files[part] = np.array(
+                [f"{self.root}/{path}" for path in split.paths], dtype=object
+            )
         return self._files[part]
 
     def with_loader(self, loader_kind: str) -> ReplaySource:
@@ -61,7 +67,8 @@ class ReplaySource:
         return replace(self, loader_kind=loader_kind)
 
     def items(self, view: View, positions: np.ndarray) -> dict:
-        """files, boxes, flips, labels and positions of the given positions of `view` (a view, or VAL)."""
+        """files, boxes, flips, labels and positions of the given positions of `view` (a view, or
+        VAL)."""
         if view == VAL:
             ids, split, files = positions, self.val, self.files(VAL)
             boxes, flips = self.val_boxes[positions], np.zeros(len(positions), np.uint8)
@@ -92,8 +99,8 @@ class ReplaySource:
         device: torch.device,
         recipe: Recipe | None = None,
     ):
-        """Batches of the windows at `positions` of `view` (a view, or VAL), in position order, at `recipe`
-        (default: the source's own)."""
+        """Batches of the windows at `positions` of `view` (a view, or VAL), in position order, at
+        `recipe` (default: the source's own)."""
         recorded = self.augment(view) if self.augment is not None and view != VAL else None
         pixel_ops = None
         if recorded is not None and "aug_op" in recorded:
@@ -126,8 +133,8 @@ def planned_view(
     image_size: int,
     augment: AugmentParams = AugmentParams(),
 ) -> ViewPlan:
-    """One view as `skd-cache build` plans it: order, windows, flips and, when on, its mixing and its recorded
-    RandAugment ops and erasing."""
+    """One view as `skd-cache build` plans it: order, windows, flips and, when on, its mixing and
+    its recorded RandAugment ops and erasing."""
     p = plan_view(seed, view, sizes, crop)
     return replace(
         p,
@@ -136,9 +143,12 @@ def planned_view(
     )
 
 
-def augment_by_position(seed: int, view: int, order: np.ndarray, params: AugmentParams) -> dict | None:
-    """The arrays of a view's recorded augmentation by position (drawn per sample id, so a sample's ops do not
-    depend on where the view puts it): those `skd.store.schema.augment_arrays` names for these options."""
+def augment_by_position(
+    seed: int, view: int, order: np.ndarray, params: AugmentParams
+) -> dict | None:
+    """The arrays of a view's recorded augmentation by position (drawn per sample id, so a sample's
+    ops do not depend on where the view puts it): those `skd.store.schema.augment_arrays` names for
+    these options."""
     if not params.enabled:
         return None
     drawn = plan_augment(seed, view, order, params)
@@ -161,10 +171,16 @@ def student_recipe(size: int, mean=pipelines.IMAGENET_MEAN, std=pipelines.IMAGEN
 
 
 def cached_source(
-    store: Store, *, recipe: Recipe, root: Path | None = None, loader: str | None = None, val: bool = True
+    store: Store,
+    *,
+    recipe: Recipe,
+    root: Path | None = None,
+    loader: str | None = None,
+    val: bool = True,
 ) -> ReplaySource:
-    """The views a cache recorded, seen at `recipe`; `root` overrides the recorded dataset root (a moved
-    dataset), `loader` the recorded loader (the other one decodes the same windows to within resampling noise)."""
+    """The views a cache recorded, seen at `recipe`; `root` overrides the recorded dataset root (a
+    moved dataset), `loader` the recorded loader (the other one decodes the same windows to within
+    resampling noise)."""
     meta = store.meta
     use_val = val and store.has_val
     return ReplaySource(
@@ -199,12 +215,13 @@ def online_source(
     num_classes: int,
     augment: AugmentParams = AugmentParams(),
 ) -> ReplaySource:
-    """Views planned exactly as `skd-cache build` plans them (`plan_size`: its --image-size, which sets the
-    CutMix area correction), for a run with the teacher in the loop."""
+    """Views planned exactly as `skd-cache build` plans them (`plan_size`: its --image-size, which
+    sets the CutMix area correction), for a run with the teacher in the loop."""
     index = index_dataset(data, with_val=val, workers=max(4, workers))
     sizes = index.train.sizes
 
-    @functools.lru_cache(maxsize=1)  # an epoch asks for its view's plan for the windows and for the augmentation
+    # an epoch asks for its view's plan for the windows and for the augmentation
+    @functools.lru_cache(maxsize=1)
     def plan(view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p = plan_view(seed, view, sizes, crop)
         return p.order, p.box, p.flip

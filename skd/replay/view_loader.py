@@ -1,8 +1,9 @@
-"""One rank's part of a view as a training loop consumes it: batches of (images, labels, logits) in plan order.
+"""One rank's part of a view as a training loop consumes it: batches of (images, labels, logits) in
+plan order.
 
-The images are the recorded windows decoded at the student's recipe (mixed as recorded, with soft labels
-then), the logits the cache's matching rows (of several caches, their `ensemble_target`), all on the
-training device. `skd-train` and `skd.Cache.loader` both read views through `ViewLoader`.
+The images are the recorded windows decoded at the student's recipe (mixed as recorded, with soft
+labels then), the logits the cache's matching rows (of several caches, their `ensemble_target`), all
+on the training device. `skd-train` and `skd.Cache.loader` both read views through `ViewLoader`.
 """
 
 from __future__ import annotations
@@ -31,18 +32,21 @@ class TrainBatch(NamedTuple):
     """A batch for the student: unpacks as `images, labels, logits`."""
 
     images: torch.Tensor  # (B, 3, S, S) float32, normalised (channels_last on CUDA)
-    labels: torch.Tensor  # (B,) int64 class indices, or (B, C) float32 class probabilities of a mixed view
+    # (B,) int64 class indices, or (B, C) float32 class probabilities of a mixed view
+    labels: torch.Tensor
     logits: torch.Tensor | None  # (B, C) float32 teacher logits (None: read without logits)
 
 
-def rank_range(n: int, rank: int, world: int, local_batch: int, mixed: bool = False) -> tuple[int, int]:
-    """This rank's contiguous part [start, stop) of a view's n positions; equal parts, so all ranks take equal
-    steps (as DDP needs).
+def rank_range(
+    n: int, rank: int, world: int, local_batch: int, mixed: bool = False
+) -> tuple[int, int]:
+    """This rank's contiguous part [start, stop) of a view's n positions; equal parts, so all ranks
+    take equal steps (as DDP needs).
 
-    The parts are disjoint and cover the view but for n mod world positions at its end, and one position of a
-    part that would end in a batch of one image (BatchNorm cannot train on one); each view's order differs, so
-    these are different samples in each view. With mixing, parts hold whole pairs (an even count from an even
-    position).
+    The parts are disjoint and cover the view but for n mod world positions at its end, and one
+    position of a part that would end in a batch of one image (BatchNorm cannot train on one); each
+    view's order differs, so these are different samples in each view. With mixing, parts hold whole
+    pairs (an even count from an even position).
     """
     per = n // world
     if mixed and world > 1:
@@ -54,7 +58,9 @@ def rank_range(n: int, rank: int, world: int, local_batch: int, mixed: bool = Fa
 def check_shares(samples: int, world: int, mixed: bool) -> None:
     """LoaderError unless every process gets samples (for mixed views, at least one pair)."""
     if samples < world:
-        raise LoaderError(f"{samples} training samples cannot be shared by {world} processes: use at most {samples}")
+        raise LoaderError(
+            f"{samples} training samples cannot be shared by {world} processes: use at most {samples}"
+        )
     if mixed and world > 1 and samples // world < 2:
         raise LoaderError(
             f"{samples} training samples give each of {world} processes {samples // world}: mixed views pair "
@@ -63,11 +69,12 @@ def check_shares(samples: int, world: int, mixed: bool) -> None:
 
 
 class ViewLoader:
-    """Batches of positions [start, stop) of `view`: `TrainBatch(images, labels, logits)` on `device`.
+    """Batches of positions [start, stop) of `view`: `TrainBatch(images, labels, logits)` on
+    `device`.
 
-    `stores`: the caches whose rows are the logits (several: combined by `ensemble_target(kd, ..., weights)`);
-    none: logits are None. At most `steps` batches. Iterating again replays the same batches. Decoding workers
-    and logit readers stop when the loop ends, also when it stops early.
+    `stores`: the caches whose rows are the logits (several: combined by `ensemble_target(kd, ...,
+    weights)`); none: logits are None. At most `steps` batches. Iterating again replays the same
+    batches. Decoding workers and logit readers stop when the loop ends, also when it stops early.
     """
 
     def __init__(
@@ -88,7 +95,12 @@ class ViewLoader:
         progress: bool = False,
     ):
         self.source, self.view, self.start, self.stop = source, view, start, stop
-        self.batch_size, self.device, self.workers, self.recipe = batch_size, device, workers, recipe
+        self.batch_size, self.device, self.workers, self.recipe = (
+            batch_size,
+            device,
+            workers,
+            recipe,
+        )
         self.stores, self.weights, self.kd = list(stores), list(weights), kd
         batches = -(-(stop - start) // batch_size)
         self.steps = batches if steps is None else min(batches, steps)
@@ -116,20 +128,27 @@ class ViewLoader:
             cached_logits(store, self.view, self.start, self.stop, self.batch_size, self.device)
             for store in self.stores
         ]
-        bar = tqdm(total=self.images, desc=f"view {self.view}", unit="img", disable=not self.progress)
+        bar = tqdm(
+            total=self.images, desc=f"view {self.view}", unit="img", disable=not self.progress
+        )
         batches = iter(loader)
         try:
             for _, batch in zip(range(self.steps), batches):
                 labels = batch.labels.to(self.device, non_blocking=True)
                 if batch.mix_lambda is not None:
                     labels = soft_labels(labels, batch.mix_lambda, self.source.num_classes)
-                yield TrainBatch(images_to(batch.images, self.device), labels, self._logits(readers, batch.positions))
+                yield TrainBatch(
+                    images_to(batch.images, self.device),
+                    labels,
+                    self._logits(readers, batch.positions),
+                )
                 bar.update(len(labels))
         finally:  # also when the loop stops early: no reader thread or decoding worker outlives it
             bar.close()
             for reader in readers:
                 reader.close()
-            if hasattr(batches, "close"):  # a generator: closing it releases the decoding workers now
+            # a generator: closing it releases the decoding workers now
+            if hasattr(batches, "close"):
                 batches.close()
 
     def _logits(self, readers: list[Iterator], positions: torch.Tensor) -> torch.Tensor | None:
@@ -140,6 +159,8 @@ class ViewLoader:
         for reader in readers:
             first, logits = next(reader)
             if first != int(positions[0]) or len(logits) != len(positions):
-                raise RuntimeError(f"logits at position {first} do not match images at {int(positions[0])}")
+                raise RuntimeError(
+                    f"logits at position {first} do not match images at {int(positions[0])}"
+                )
             parts.append(logits)
         return parts[0] if len(parts) == 1 else ensemble_target(self.kd, parts, self.weights)

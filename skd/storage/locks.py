@@ -1,9 +1,10 @@
-"""The lock a build holds on its cache, and a training run on its run folder, so two never write one.
+"""The lock a build holds on its cache, and a training run on its run folder, so two never write
+one.
 
-`FolderLock` is a file lock beside a local folder (filelock: released by the kernel when its holder dies,
-even by kill -9). `Lease` is an expiring object beside an object-store prefix, created with a conditional
-put and renewed, since no kernel releases a lock there when its holder dies. Both name their holder when
-they refuse, `check()` before each shard, and `release()` without raising.
+`FolderLock` is a file lock beside a local folder (filelock: released by the kernel when its holder
+dies, even by kill -9). `Lease` is an expiring object beside an object-store prefix, created with a
+conditional put and renewed, since no kernel releases a lock there when its holder dies. Both name
+their holder when they refuse, `check()` before each shard, and `release()` without raising.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import filelock
 
 from skd.errors import SkdError
 
-LEASE_TTL = 60.0  # seconds a lease lasts unless renewed (every third of it); SKD_LEASE_TTL overrides
+# seconds a lease lasts unless renewed (every third of it); SKD_LEASE_TTL overrides
+LEASE_TTL = 60.0
 
 
 class LockError(SkdError):
-    """The cache is being built by another process, or this build lost its lease: one line saying what to do."""
+    """The cache is being built by another process, or this build lost its lease: one line saying
+    what to do."""
 
 
 def _holder_line() -> str:
@@ -31,8 +34,9 @@ def _holder_line() -> str:
 
 
 class FolderLock:
-    """An exclusive lock on the file `DIR.lock` beside a folder, holding its holder's name; `activity` says in
-    the refusal what the holder does with the folder ("built" for a cache, "trained into" for a run)."""
+    """An exclusive lock on the file `DIR.lock` beside a folder, holding its holder's name;
+    `activity` says in the refusal what the holder does with the folder ("built" for a cache,
+    "trained into" for a run)."""
 
     def __init__(self, out: Path, activity: str = "built"):
         out = out.resolve()  # `--out .` has no name to put a lock beside
@@ -62,7 +66,8 @@ class FolderLock:
         """A kernel lock cannot be lost while its holder lives: nothing to check."""
 
     def release(self) -> None:
-        """Remove the lock file and unlock (filelock makes a waiter that opened the removed file retry)."""
+        """Remove the lock file and unlock (filelock makes a waiter that opened the removed file
+        retry)."""
         if self._lock.is_locked:
             self.path.unlink(missing_ok=True)
             self._lock.release()
@@ -77,13 +82,14 @@ class FolderLock:
 class Lease:
     """An exclusive, expiring lease: the object `key` in the obstore store `objects`.
 
-    Taken with a conditional put that fails if the object exists (`mode="create"`), holding the owner
-    (host, pid), a token and the expiry; renewed every ttl/3 by a background thread with a put that
-    succeeds only if the object is still the one this lease wrote (its ETag), so a holder that stalled past
-    the expiry learns that it lost the lease instead of overwriting its successor. An expired lease, or
-    one whose holder is a dead process on this host, is taken over (again conditionally on its ETag).
-    `release()` deletes it if it is still ours. Clocks of the nodes must agree to well within the ttl.
-    `name` is the cache's URL for messages; `error(exc, what)` turns a failed request into a one-line error.
+    Taken with a conditional put that fails if the object exists (`mode="create"`), holding the
+    owner (host, pid), a token and the expiry; renewed every ttl/3 by a background thread with a put
+    that succeeds only if the object is still the one this lease wrote (its ETag), so a holder that
+    stalled past the expiry learns that it lost the lease instead of overwriting its successor. An
+    expired lease, or one whose holder is a dead process on this host, is taken over (again
+    conditionally on its ETag). `release()` deletes it if it is still ours. Clocks of the nodes must
+    agree to well within the ttl. `name` is the cache's URL for messages; `error(exc, what)` turns a
+    failed request into a one-line error.
     """
 
     def __init__(self, objects, key: str, name: str, error, ttl: float | None = None):
@@ -112,7 +118,9 @@ class Lease:
     def _put(self, mode) -> str:
         import obstore
 
-        return obstore.put(self.objects, self.key, self._body(), mode=mode, use_multipart=False)["e_tag"]
+        return obstore.put(self.objects, self.key, self._body(), mode=mode, use_multipart=False)[
+            "e_tag"
+        ]
 
     def _acquire(self) -> str:
         import obstore
@@ -146,12 +154,19 @@ class Lease:
         )
 
     def _expired(self, holder: dict, meta: dict) -> bool:
-        """Past its expiry (by the holder's record and by the store's clock), or held by a dead process here."""
+        """Past its expiry (by the holder's record and by the store's clock), or held by a dead
+        process here."""
         written = meta["last_modified"].timestamp()
-        expires = max(float(holder.get("expires") or 0), written + float(holder.get("ttl") or self.ttl))
+        expires = max(
+            float(holder.get("expires") or 0), written + float(holder.get("ttl") or self.ttl)
+        )
         if time.time() > expires:
             return True
-        return holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
+        return (
+            holder.get("host") == self.host
+            and isinstance(holder.get("pid"), int)
+            and not _alive(holder["pid"])
+        )
 
     def _renew(self) -> None:
         deadline = time.time() + self.ttl
@@ -160,7 +175,8 @@ class Lease:
                 if not self.renew():
                     return
                 deadline = time.time() + self.ttl
-            except Exception:  # the store is unreachable for now: try again, unless the lease has run out
+            # the store is unreachable for now: try again, unless the lease has run out
+            except Exception:
                 if time.time() > deadline:
                     self.lost = (
                         f"{self.name}: the lease {self.key} could not be renewed before it expired: "
@@ -169,7 +185,8 @@ class Lease:
                     return
 
     def renew(self) -> bool:
-        """Extend the lease by a ttl if it is still the one this lease wrote; False (and `lost` set) if not."""
+        """Extend the lease by a ttl if it is still the one this lease wrote; False (and `lost` set)
+        if not."""
         from obstore.exceptions import PreconditionError
 
         try:
@@ -197,14 +214,18 @@ class Lease:
         self.thread.join()
         if self.lost is None:
             try:
-                if _holder(bytes(obstore.get(self.objects, self.key).bytes())).get("token") == self.token:
+                if (
+                    _holder(bytes(obstore.get(self.objects, self.key).bytes())).get("token")
+                    == self.token
+                ):
                     obstore.delete(self.objects, self.key)
             except Exception:  # gone already, or unreachable: it expires by itself
                 pass
 
 
 def _version(meta: dict) -> dict:
-    """The conditional-update mode of obstore's put: succeed only if the object is still this version."""
+    """The conditional-update mode of obstore's put: succeed only if the object is still this
+    version."""
     return {"e_tag": meta["e_tag"], **({"version": meta["version"]} if meta.get("version") else {})}
 
 

@@ -1,11 +1,12 @@
-"""An open cache: a Zarr v3 group with sharded, zstd-compressed arrays (the format in skd.store.schema).
+"""An open cache: a Zarr v3 group with sharded, zstd-compressed arrays (the format in
+skd.store.schema).
 
-Array names, shapes and attributes are a contract, written down in cache/README.md: other tools
-open the cache with plain zarr. A shard is the unit of writing (writers never share one; a shard is
-written in one call, as one whole object), a chunk the unit of reading. Completion is recorded per shard
-in `views/complete` and `val/complete`, whose one-element chunks can be set by several ranks at once.
-Where the cache lives (a folder, an object-store prefix) is its `Location`'s business: the shard checks
-and storage figures work on the Location's listing of the cache, taken once.
+Array names, shapes and attributes are a contract, written down in cache/README.md: other tools open
+the cache with plain zarr. A shard is the unit of writing (writers never share one; a shard is
+written in one call, as one whole object), a chunk the unit of reading. Completion is recorded per
+shard in `views/complete` and `val/complete`, whose one-element chunks can be set by several ranks
+at once. Where the cache lives (a folder, an object-store prefix) is its `Location`'s business: the
+shard checks and storage figures work on the Location's listing of the cache, taken once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from skd.store.recorded_plan import RecordedPlan
 from skd.store.schema import check_arrays, check_meta, check_relative_paths, samples_sha256
 
 ATTR_KEY = "skd"
-CREATING_KEY = "skd_creating"  # set while create_store runs: a folder with only this is our unfinished creation
+# set while create_store runs: a folder with only this is our unfinished creation
+CREATING_KEY = "skd_creating"
 VAL = "val"  # names the validation split's logits wherever a view number names a training view's
 View = int | Literal["val"]  # a part of the cache that holds logits: a view number, or VAL
 
@@ -44,23 +46,32 @@ def part_name(view: View) -> str:
 class Store(RecordedPlan):
     """An open cache. `meta` is the `skd` group attribute; arrays are read lazily.
 
-    `location` says where it lives (a folder or an object-store prefix); `path` names it in messages: the
-    folder's Path, or the URL (`s3://bucket/prefix`). `listing` is the Location's {key: bytes} of the cache,
-    taken when it was opened (and again after this Store writes a shard, or when asked `fresh`).
+    `location` says where it lives (a folder or an object-store prefix); `path` names it in
+    messages: the folder's Path, or the URL (`s3://bucket/prefix`). `listing` is the Location's
+    {key: bytes} of the cache, taken when it was opened (and again after this Store writes a shard,
+    or when asked `fresh`).
     """
 
-    def __init__(self, path: Path | str | Location, group: zarr.Group, listing: dict[str, int] | None = None):
+    def __init__(
+        self, path: Path | str | Location, group: zarr.Group, listing: dict[str, int] | None = None
+    ):
         self.location: Location = parse_location(path)
         self.path: Path | str = self.location.path
         self._listed = listing
-        self._opened: dict[str, zarr.Array] = {}  # arrays opened for reading, once each (see `array`)
+        # arrays opened for reading, once each (see `array`)
+        self._opened: dict[str, zarr.Array] = {}
         self.group = group
         self.meta: dict = dict(group.attrs[ATTR_KEY])
-        self.codec: Codec = get_codec(self.meta["codec"], classes=int(self.meta["teacher"]["num_classes"]))
+        self.codec: Codec = get_codec(
+            self.meta["codec"], classes=int(self.meta["teacher"]["num_classes"])
+        )
         self.shard_rows: int = int(self.meta["shard_rows"])
-        self._splits: dict[str, Split] = {}  # sample arrays, read once (open_store checks them, replay uses them)
-        self._flag_arrays: dict[str, zarr.Array] = {}  # completion flags opened for writing (`mark_complete`)
-        self._done: dict[View, np.ndarray] | None = None  # completion flags by part, from the listing (`part_complete`)
+        # sample arrays, read once (open_store checks them, replay uses them)
+        self._splits: dict[str, Split] = {}
+        # completion flags opened for writing (`mark_complete`)
+        self._flag_arrays: dict[str, zarr.Array] = {}
+        # completion flags by part, from the listing (`part_complete`)
+        self._done: dict[View, np.ndarray] | None = None
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -77,8 +88,8 @@ class Store(RecordedPlan):
 
     @property
     def has_val(self) -> bool:
-        """Whether the cache holds validation logits: the attributes say so (num_val > 0 exactly when `val/*` is
-        there, which open_store checks), so asking costs no request."""
+        """Whether the cache holds validation logits: the attributes say so (num_val > 0 exactly
+        when `val/*` is there, which open_store checks), so asking costs no request."""
         return self.num_val > 0
 
     @property
@@ -86,19 +97,21 @@ class Store(RecordedPlan):
         return int(self.meta["dataset"].get("num_val") or 0)
 
     def reopen(self, meta: dict) -> None:
-        """Take the attributes `meta` just written (a cache grown by views): arrays are opened again when next
-        asked for, at their new shapes."""
+        """Take the attributes `meta` just written (a cache grown by views): arrays are opened again
+        when next asked for, at their new shapes."""
         self.meta = meta
         self._opened.clear()
         self._flag_arrays.clear()
         self._done = None
 
     def parts(self) -> list[View]:
-        """Every part that holds logits: the views in order, then VAL when the cache has validation logits."""
+        """Every part that holds logits: the views in order, then VAL when the cache has validation
+        logits."""
         return [*range(self.num_views), *([VAL] if self.has_val else [])]
 
     def part_rows(self, view: View) -> int:
-        """Rows of logits of a part: one per training sample for a view, one per validation image for VAL."""
+        """Rows of logits of a part: one per training sample for a view, one per validation image
+        for VAL."""
         return self.num_val if view == VAL else self.num_samples
 
     def num_shards(self, rows: int) -> int:
@@ -110,7 +123,8 @@ class Store(RecordedPlan):
 
     # -- samples and plan ------------------------------------------------------------------
     def split(self, name: str = "samples") -> Split:
-        """Paths, labels and sizes of the training samples (`samples`) or of `val`, read and checked once."""
+        """Paths, labels and sizes of the training samples (`samples`) or of `val`, read and checked
+        once."""
         if name not in self._splits:
             paths = list(map(str, self._read(f"{name}/path")))
             check_relative_paths(paths, self.path)
@@ -124,17 +138,20 @@ class Store(RecordedPlan):
         return self._splits[name]
 
     def array(self, name: str) -> zarr.Array:
-        """The array `name`, opened once, to decode through zarrs (Rust) wherever zarrs supports it."""
+        """The array `name`, opened once, to decode through zarrs (Rust) wherever zarrs supports
+        it."""
         if name not in self._opened:
             with zarrs_reads():
                 self._opened[name] = self.group[name]
         return self._opened[name]
 
     def _read(self, name: str, selection=slice(None)) -> np.ndarray:
-        """Values of a plan, sample or flag array; a damaged or missing one is a StoreError naming it."""
+        """Values of a plan, sample or flag array; a damaged or missing one is a StoreError naming
+        it."""
         try:
             return self.array(name)[selection]
-        except (KeyError, ValueError, RuntimeError) as exc:  # zarr and numcodecs raise many kinds on damage
+        # zarr and numcodecs raise many kinds on damage
+        except (KeyError, ValueError, RuntimeError) as exc:
             raise StoreError(
                 f"{self.path}: {name} cannot be read ({scrub(str(exc))}): the cache is damaged; "
                 "`skd-cache verify --integrity` lists what is, and rebuilding with --overwrite "
@@ -145,20 +162,26 @@ class Store(RecordedPlan):
     def complete(self) -> np.ndarray:
         """(K, shards) bool: which shards of which view hold final logits."""
         shards = self.num_shards(self.num_samples)
-        return np.array([self.part_complete(view) for view in range(self.num_views)], bool).reshape(-1, shards)
+        return np.array([self.part_complete(view) for view in range(self.num_views)], bool).reshape(
+            -1, shards
+        )
 
     def val_complete(self) -> np.ndarray:
         return self.part_complete(VAL) if self.has_val else np.zeros(0, bool)
 
     def part_complete(self, view: View) -> np.ndarray:
-        """(shards,) bool: which shards of one part hold final logits, from the listing: a flag is an object of its
-        own only while it is 1 (zarr deletes a chunk set to its fill value 0), so no flag is read, however many
-        views there are. Flags this Store sets are added as it sets them."""
+        """(shards,) bool: which shards of one part hold final logits, from the listing: a flag is
+        an object of its own only while it is 1 (zarr deletes a chunk set to its fill value 0), so
+        no flag is read, however many views there are. Flags this Store sets are added as it sets
+        them."""
         listed = self.listing()  # first: a new listing forgets the flags taken from the last
         if self._done is None:
             self._done = {}
         if view not in self._done:
-            array, prefix = self.array("val/complete" if view == VAL else "views/complete"), self._prefix(view)
+            array, prefix = (
+                self.array("val/complete" if view == VAL else "views/complete"),
+                self._prefix(view),
+            )
             keys = chunk_keys(array, prefix, range(self.num_shards(self.part_rows(view))))
             self._done[view] = np.array([key in listed for key in keys], bool)
         return self._done[view]
@@ -167,7 +190,8 @@ class Store(RecordedPlan):
         return bool(self.complete().all() and self.val_complete().all())
 
     def complete_ranges(self) -> list[tuple[View, int, int, int]]:
-        """(part, shard, first row, end row) of every complete shard, the views' first, then val's."""
+        """(part, shard, first row, end row) of every complete shard, the views' first, then
+        val's."""
         done = [*self.complete(), *([self.val_complete()] if self.has_val else [])]
         return [
             (view, shard, *self.shard_bounds(shard, self.part_rows(view)))
@@ -176,8 +200,9 @@ class Store(RecordedPlan):
         ]
 
     def lost_shards(self) -> dict[View, list[int]]:
-        """{part: shards} recorded complete whose files are not in the listing (a half-done copy, a deleted
-        object): every shard is written whole, so they are damage a rerun of the build rewrites."""
+        """{part: shards} recorded complete whose files are not in the listing (a half-done copy, a
+        deleted object): every shard is written whole, so they are damage a rerun of the build
+        rewrites."""
         lost: dict[View, list[int]] = {}
         listed = self.listing()
         for view, shard, keys in self._complete_shard_keys():
@@ -186,7 +211,8 @@ class Store(RecordedPlan):
         return lost
 
     def _complete_shard_keys(self) -> Iterator[tuple[View, int, tuple[str, ...]]]:
-        """(part, shard, the keys of its files) of every complete shard, the views' first, then val's."""
+        """(part, shard, the keys of its files) of every complete shard, the views' first, then
+        val's."""
         for view in self.parts():
             done = np.flatnonzero(self.part_complete(view)).tolist()
             arrays, prefix = self._logit_arrays(view)
@@ -204,9 +230,9 @@ class Store(RecordedPlan):
         return () if view == VAL else (view,)
 
     def _logit_arrays(self, view: View) -> tuple[list[zarr.Array], tuple]:
-        """A part's stored arrays (`Codec.arrays`: logits, and scale/offset or offset/index), each opened once per
-        Store, and the index
-        prefix: no metadata read per shard, however many views and shards are asked about."""
+        """A part's stored arrays (`Codec.arrays`: logits, and scale/offset or offset/index), each
+        opened once per Store, and the index prefix: no metadata read per shard, however many views
+        and shards are asked about."""
         path, prefix = ("val", ()) if view == VAL else ("views", (view,))
         return [self.array(f"{path}/{name}") for name in self.codec.arrays], prefix
 
@@ -217,7 +243,8 @@ class Store(RecordedPlan):
 
     def mark_complete(self, view: View, shard: int) -> None:
         name = "val/complete" if view == VAL else "views/complete"
-        if name not in self._flag_arrays:  # opened once, through zarr's own pipeline (as every write of skd's)
+        # opened once, through zarr's own pipeline (as every write of skd's)
+        if name not in self._flag_arrays:
             with zarr_writes():
                 self._flag_arrays[name] = self.group[name]
         flags = self._flag_arrays[name]
@@ -232,13 +259,16 @@ class Store(RecordedPlan):
             self._listed[key] = size
 
     def write_shard_data(self, view: View, shard: int, encoded: Encoded) -> None:
-        """Write one whole shard of logits (and scale/offset), each array's shard as one whole object: encoded
-        in memory, then handed to the Location in one write (a PUT, or a file renamed into place), so neither
-        an old, possibly damaged file nor a read-modify-write is ever involved."""
+        """Write one whole shard of logits (and scale/offset), each array's shard as one whole
+        object: encoded in memory, then handed to the Location in one write (a PUT, or a file
+        renamed into place), so neither an old, possibly damaged file nor a read-modify-write is
+        ever involved."""
         arrays, prefix = self._logit_arrays(view)
         start, stop = self.shard_bounds(shard, self.part_rows(view))
         if encoded.logits.shape[0] != stop - start:
-            raise ValueError(f"shard {shard} needs {stop - start} rows, got {encoded.logits.shape[0]}")
+            raise ValueError(
+                f"shard {shard} needs {stop - start} rows, got {encoded.logits.shape[0]}"
+            )
         selection = prefix + (slice(start, stop),)
         for array, name in zip(arrays, self.codec.arrays):
             data = getattr(encoded, name)
@@ -252,14 +282,14 @@ class Store(RecordedPlan):
         return [shard_key(array, prefix, shard) for array in arrays]
 
     def missing_shard_files(self, view: View, shard: int) -> list[str]:
-        """Keys of a complete shard's files that were lost (not in the listing): every shard is written
-        whole, so a missing one is damage."""
+        """Keys of a complete shard's files that were lost (not in the listing): every shard is
+        written whole, so a missing one is damage."""
         listed = self.listing()
         return [key for key in self.shard_keys(view, shard) if key not in listed]
 
     def listing(self, fresh: bool = False) -> dict[str, int]:
-        """{key: bytes} of the cache's files or objects: one listing (taken at open, or again when `fresh`: what
-        other processes wrote since), with what this Store wrote since added."""
+        """{key: bytes} of the cache's files or objects: one listing (taken at open, or again when
+        `fresh`: what other processes wrote since), with what this Store wrote since added."""
         if self._listed is None or fresh:
             self._listed, self._done = self.location.listing(), None
         return self._listed
@@ -267,7 +297,8 @@ class Store(RecordedPlan):
     def read_rows(self, view: View, start: int, stop: int) -> Encoded:
         """Stored rows [start, stop) of a part (a view, or VAL), in the codec's form."""
         arrays, prefix = self._logit_arrays(view)
-        lead = tuple(slice(i, i + 1) for i in prefix)  # slices: zarrs hands integer indexes to zarr's own pipeline
+        # slices: zarrs hands integer indexes to zarr's own pipeline
+        lead = tuple(slice(i, i + 1) for i in prefix)
         rows = (array[lead + (slice(start, stop),)][(0,) * len(lead)] for array in arrays)
         return Encoded(**dict(zip(self.codec.arrays, rows)))
 
@@ -279,8 +310,8 @@ class Store(RecordedPlan):
 
     # -- storage figures -------------------------------------------------------------------
     def bytes_on_disk(self) -> int:
-        """Bytes of every file or object of the cache, by the listing (`listing(fresh=True)` first for what other
-        processes wrote since it was taken)."""
+        """Bytes of every file or object of the cache, by the listing (`listing(fresh=True)` first
+        for what other processes wrote since it was taken)."""
         return sum(self.listing().values())
 
     def rows_written(self) -> int:
@@ -288,13 +319,15 @@ class Store(RecordedPlan):
         return sum(stop - start for _, _, start, stop in self.complete_ranges())
 
     def logit_bytes(self) -> int:
-        """Bytes of the complete shards' logits (and scale and offset for the affine codecs), views and val:
-        the same rows as `rows_written`, so an unfinished cache's bytes per row are right too."""
+        """Bytes of the complete shards' logits (and scale and offset for the affine codecs), views
+        and val: the same rows as `rows_written`, so an unfinished cache's bytes per row are right
+        too."""
         listed = self.listing()
         return sum(listed.get(key, 0) for _, _, keys in self._complete_shard_keys() for key in keys)
 
     def storage(self) -> dict:
-        """Bytes of logits per written row and the compression ratios against raw float32 and float16 rows."""
+        """Bytes of logits per written row and the compression ratios against raw float32 and
+        float16 rows."""
         rows, size = self.rows_written(), self.logit_bytes()
         per_row = size / rows if rows else None
         c = self.num_classes
@@ -308,8 +341,9 @@ class Store(RecordedPlan):
 
 
 def as_os_error(exc: RuntimeError, file: Path) -> Exception:
-    """zarrs reports a failed system call as RuntimeError("... (os error N)"): the OSError it stands for, naming
-    `file`, so that callers handle a full disk the same way whichever codec pipeline wrote; `exc` otherwise."""
+    """zarrs reports a failed system call as RuntimeError("... (os error N)"): the OSError it stands
+    for, naming `file`, so that callers handle a full disk the same way whichever codec pipeline
+    wrote; `exc` otherwise."""
     found = re.search(r"os error (\d+)", str(exc))
     if found is None:
         return exc
@@ -318,7 +352,8 @@ def as_os_error(exc: RuntimeError, file: Path) -> Exception:
 
 
 def shard_key(array: zarr.Array, prefix: tuple, shard: int) -> str:
-    """The key (relative to the cache) of shard `shard` (along rows) of a logits, scale or offset array."""
+    """The key (relative to the cache) of shard `shard` (along rows) of a logits, scale or offset
+    array."""
     return shard_keys(array, prefix, [shard])[0]
 
 
@@ -327,24 +362,31 @@ def shard_keys(array: zarr.Array, prefix: tuple, shards: Iterable[int]) -> list[
     return chunk_keys(array, prefix, shards, (0,) * (array.ndim - len(prefix) - 1))
 
 
-def chunk_keys(array: zarr.Array, prefix: tuple, indexes: Iterable[int], suffix: tuple = ()) -> list[str]:
-    """The keys (relative to the cache) of the chunks (or shards) of `array` at `prefix + (i,) + suffix` for each i:
-    joined here where the array has zarr's default keys (`c/i/j`), else by zarr per key (~3 us each; a cache of
-    1,000 ImageNet views has ~300k shard and flag keys)."""
+def chunk_keys(
+    array: zarr.Array, prefix: tuple, indexes: Iterable[int], suffix: tuple = ()
+) -> list[str]:
+    """The keys (relative to the cache) of the chunks (or shards) of `array` at `prefix + (i,) +
+    suffix` for each i: joined here where the array has zarr's default keys (`c/i/j`), else by zarr
+    per key (~3 us each; a cache of 1,000 ImageNet views has ~300k shard and flag keys)."""
     path, encoding = array.store_path.path, array.metadata.chunk_key_encoding
     if isinstance(encoding, DefaultChunkKeyEncoding) and encoding.separator == "/":
-        head, tail = f"{path}/c/" + "".join(f"{c}/" for c in prefix), "".join(f"/{c}" for c in suffix)
+        head, tail = (
+            f"{path}/c/" + "".join(f"{c}/" for c in prefix),
+            "".join(f"/{c}" for c in suffix),
+        )
         return [f"{head}{i}{tail}" for i in indexes]
     return [f"{path}/{array.metadata.encode_chunk_key(prefix + (i,) + suffix)}" for i in indexes]
 
 
 def encode_shard(array: zarr.Array, selection: tuple, data: np.ndarray) -> bytes:
-    """The bytes of the shard object that `array[selection] = data` writes (a whole shard), encoded in memory
-    by zarr's own pipeline with every chunk kept: the Location then writes it whole, without reading the old
-    object first (zarr would merge a short last shard into it)."""
+    """The bytes of the shard object that `array[selection] = data` writes (a whole shard), encoded
+    in memory by zarr's own pipeline with every chunk kept: the Location then writes it whole,
+    without reading the old object first (zarr would merge a short last shard into it)."""
     objects = dict(array.metadata.to_buffer_dict(default_buffer_prototype()))
     with zarr_writes():
-        copy = zarr.open_array(zarr.storage.MemoryStore(objects), mode="r+").with_config({"write_empty_chunks": True})
+        copy = zarr.open_array(zarr.storage.MemoryStore(objects), mode="r+").with_config(
+            {"write_empty_chunks": True}
+        )
     copy[selection] = data
     written = [v for k, v in objects.items() if k != "zarr.json"]
     if len(written) != 1:
@@ -353,12 +395,14 @@ def encode_shard(array: zarr.Array, selection: tuple, data: np.ndarray) -> bytes
 
 
 def cache_state(path: Path | str | Location) -> str | None:
-    """ "cache" for a created cache (a zarr group with the `skd` attribute), "creating" for a creation of
-    ours that was interrupted, None for anything else (another zarr group, a plain or unreadable folder or
-    prefix; `Location.is_empty` tells an unreachable bucket from an empty one)."""
+    """ "cache" for a created cache (a zarr group with the `skd` attribute), "creating" for a
+    creation of ours that was interrupted, None for anything else (another zarr group, a plain or
+    unreadable folder or prefix; `Location.is_empty` tells an unreachable bucket from an empty
+    one)."""
     try:
         location = parse_location(path)
-        location.check_metadata()  # the group's zarr.json only: a FIFO there would block zarr's read
+        # the group's zarr.json only: a FIFO there would block zarr's read
+        location.check_metadata()
         group = zarr.open_group(location.zarr_store(read_only=True), mode="r", zarr_format=3)
         attrs = group.attrs
         if ATTR_KEY in attrs:
@@ -369,13 +413,15 @@ def cache_state(path: Path | str | Location) -> str | None:
 
 
 def open_store(path: Path | str | Location, mode: str = "r") -> Store:
-    """Open a cache (a folder or an object-store URL) for reading (or `r+` to continue writing); StoreError
-    for anything unusable. The cache is listed once, here: every entry checked as untrusted input before zarr
-    reads it, and the listing kept for the shard checks."""
+    """Open a cache (a folder or an object-store URL) for reading (or `r+` to continue writing);
+    StoreError for anything unusable. The cache is listed once, here: every entry checked as
+    untrusted input before zarr reads it, and the listing kept for the shard checks."""
     location = parse_location(path)
     path, listing = location.path, location.inspect()  # before zarr reads anything
     try:
-        group = zarr.open_group(location.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
+        group = zarr.open_group(
+            location.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3
+        )
     except Exception as exc:
         raise StoreError(
             f"{path} is not a zarr v3 cache ({type(exc).__name__}): pass the folder written by `skd-cache build`"

@@ -1,8 +1,9 @@
-"""What each codec would cost and lose on a cache's own rows (`skd-cache codecs`): bytes per row after the
-store's compression, the KL of the SKD and Hinton targets against the stored rows, and top-1/top-5 agreement.
+"""What each codec would cost and lose on a cache's own rows (`skd-cache codecs`): bytes per row
+after the store's compression, the KL of the SKD and Hinton targets against the stored rows, and
+top-1/top-5 agreement.
 
-Pure arithmetic on rows in memory, plus one in-memory zarr array per stored array in the store's own layout
-(shards, chunks, zstd), so bytes per row are what a cache of that codec would hold on disk.
+Pure arithmetic on rows in memory, plus one in-memory zarr array per stored array in the store's own
+layout (shards, chunks, zstd), so bytes per row are what a cache of that codec would hold on disk.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from skd.store.creation import create_logit_arrays
 
 CANDIDATES = (*CODECS, "topk:10", "topk:100")
 AUTO = "auto"  # build --codec auto: the smallest candidate within --max-kl
-DEFAULT_MAX_KL = 1e-4  # --codec auto without --max-kl: int8's error is 1.2e-5, compact's 1.8e-4 (docs/codecs.md)
+# --codec auto without --max-kl: int8's error is 1.2e-5, compact's 1.8e-4 (docs/codecs.md)
+DEFAULT_MAX_KL = 1e-4
 FIDELITY_ROWS = 4096  # first rows of view 0 a build measures its codec on
-TEMPERATURE, MULTIPLIER = 4.0, 2.0  # the SKD recipe's T and m, at which a cache's codec fidelity is recorded
+# the SKD recipe's T and m, at which a cache's codec fidelity is recorded
+TEMPERATURE, MULTIPLIER = 4.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -33,19 +36,21 @@ class CodecFigures:
     """One codec measured on some rows: the JSON object of `skd-cache codecs --json`."""
 
     codec: str
-    bytes_per_row: float  # everything stored for a row (values, scale/offset, indices), after compression
+    # everything stored for a row (values, scale/offset, indices), after compression
+    bytes_per_row: float
     kl_skd: float  # mean KL(SKD target of the stored row || of the decoded row), no T^2 factor
     kl_hinton: float  # mean KL(softmax(stored / T) || softmax(decoded / T))
     top1_agreement: float  # share of rows whose decoded top-1 class is the stored row's
-    top5_agreement: float  # mean share of the stored row's 5 best classes among the decoded row's 5 best
+    # mean share of the stored row's 5 best classes among the decoded row's 5 best
+    top5_agreement: float
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def stored_bytes(encoded: Encoded, codec: Codec, shard_rows: int, chunk_rows: int) -> int:
-    """Bytes the encoded rows take in the store's own arrays (skd.store.creation's layout: sharded along rows,
-    zstd-compressed chunks), laid out in memory."""
+    """Bytes the encoded rows take in the store's own arrays (skd.store.creation's layout: sharded
+    along rows, zstd-compressed chunks), laid out in memory."""
     objects: dict = {}
     group = zarr.open_group(zarr.storage.MemoryStore(objects), mode="w", zarr_format=3)
     rows, classes = len(encoded.logits), codec.classes
@@ -56,16 +61,26 @@ def stored_bytes(encoded: Encoded, codec: Codec, shard_rows: int, chunk_rows: in
 
 
 def measure(
-    codec: Codec, rows: np.ndarray, *, temperature: float, multiplier: float, shard_rows: int, chunk_rows: int
+    codec: Codec,
+    rows: np.ndarray,
+    *,
+    temperature: float,
+    multiplier: float,
+    shard_rows: int,
+    chunk_rows: int,
 ) -> CodecFigures:
-    """`codec`'s figures on float32 rows (n, C): stored size, and fidelity of its decoded rows to them."""
+    """`codec`'s figures on float32 rows (n, C): stored size, and fidelity of its decoded rows to
+    them."""
     codec = codec.for_classes(rows.shape[1])
     encoded = codec.encode(rows)
     decoded = torch.from_numpy(codec.decode(encoded)).double()
     exact = torch.from_numpy(rows).double()
-    kl_skd = skd_kl(exact, decoded, multiplier=multiplier, temperature=temperature, dtype=torch.float64)
+    kl_skd = skd_kl(
+        exact, decoded, multiplier=multiplier, temperature=temperature, dtype=torch.float64
+    )
     kl_hinton = kl_per_row(
-        torch.log_softmax(exact / temperature, dim=1), torch.log_softmax(decoded / temperature, dim=1)
+        torch.log_softmax(exact / temperature, dim=1),
+        torch.log_softmax(decoded / temperature, dim=1),
     ).clamp_min(0.0)
     k = min(5, rows.shape[1])
     top_exact, top_decoded = exact.topk(k, dim=1).indices, decoded.topk(k, dim=1).indices
@@ -104,12 +119,20 @@ def codec_table(
 
 
 def cache_codec_table(
-    store: Store, rows: int, codecs: Sequence[str] = CANDIDATES, *, temperature: float, multiplier: float
+    store: Store,
+    rows: int,
+    codecs: Sequence[str] = CANDIDATES,
+    *,
+    temperature: float,
+    multiplier: float,
 ) -> tuple[int, list[CodecFigures]]:
-    """(rows measured, figures): every codec on the first `rows` positions of view 0 of a cache (the plan's order
-    is random, so they are a random sample of its images), decoded as stored, in the cache's own layout."""
+    """(rows measured, figures): every codec on the first `rows` positions of view 0 of a cache (the
+    plan's order is random, so they are a random sample of its images), decoded as stored, in the
+    cache's own layout."""
     if not store.part_complete(0)[0]:
-        raise SkdError(f"{store.path}: the first shard of view 0 is not written yet: rerun the build to finish it")
+        raise SkdError(
+            f"{store.path}: the first shard of view 0 is not written yet: rerun the build to finish it"
+        )
     shard = store.shard_bounds(0, store.num_samples)[1]
     rows = min(rows, shard, store.num_samples)
     logits = store.read_logits(0, 0, rows)
@@ -133,9 +156,12 @@ def codec_fidelity(
     chunk_rows: int,
     reference: str = "the teacher's logits",
 ) -> tuple[str, dict]:
-    """(codec, its fidelity record for the cache's attributes) on float32 rows (`reference`: what they are):
-    `codec`, or for "auto" the smallest candidate whose SKD KL is at most `max_kl` (fp32 when none is)."""
-    options = dict(temperature=TEMPERATURE, multiplier=MULTIPLIER, shard_rows=shard_rows, chunk_rows=chunk_rows)
+    """(codec, its fidelity record for the cache's attributes) on float32 rows (`reference`: what
+    they are): `codec`, or for "auto" the smallest candidate whose SKD KL is at most `max_kl` (fp32
+    when none is)."""
+    options = dict(
+        temperature=TEMPERATURE, multiplier=MULTIPLIER, shard_rows=shard_rows, chunk_rows=chunk_rows
+    )
     if codec == AUTO:
         limit = DEFAULT_MAX_KL if max_kl is None else max_kl
         chosen = smallest_within(codec_table(rows, CANDIDATES, **options), limit)
@@ -144,7 +170,11 @@ def codec_fidelity(
     else:
         figures, record = measure(get_codec(codec), rows, **options), {}
     record.update(
-        reference=reference, rows=len(rows), temperature=TEMPERATURE, multiplier=MULTIPLIER, **figures.to_dict()
+        reference=reference,
+        rows=len(rows),
+        temperature=TEMPERATURE,
+        multiplier=MULTIPLIER,
+        **figures.to_dict(),
     )
     del record["codec"]
     return figures.codec, record
@@ -167,7 +197,9 @@ def smallest_within(figures: Sequence[CodecFigures], max_kl: float) -> CodecFigu
     return min(fitting, key=lambda f: f.bytes_per_row) if fitting else None
 
 
-def table_lines(figures: Sequence[CodecFigures], rows: int, temperature: float, multiplier: float) -> list[str]:
+def table_lines(
+    figures: Sequence[CodecFigures], rows: int, temperature: float, multiplier: float
+) -> list[str]:
     """The table as `skd-cache codecs` prints it."""
     lines = [
         f"{rows:,} rows; KL of the SKD target (T={temperature:g}, m={multiplier:g}) and of the Hinton target "

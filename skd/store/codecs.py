@@ -5,10 +5,11 @@ the per-row affine quantisation. Per-row affine is invisible to the spherical lo
 so the int8 codec loses only rounding, not range.
 
 `compact` keeps the same stored form (uint8 levels, float32 scale and offset per row) but sets the
-step from the row's standard deviation (0.13 std) instead of its range: after the layer norm every row
-then carries the same rounding error, KL(exact || decoded) ~= (0.13 m / T)^2 / 24 = 1.8e-4 at T=4, m=2
-whatever the teacher's confidence, and a row uses ~100 of the 256 levels, about 5 bits of entropy
-per value, which zstd in the store turns into ~640 B per row of 1000 classes (int8: ~900 B, 1.2e-5).
+step from the row's standard deviation (0.13 std) instead of its range: after the layer norm every
+row then carries the same rounding error, KL(exact || decoded) ~= (0.13 m / T)^2 / 24 = 1.8e-4 at
+T=4, m=2 whatever the teacher's confidence, and a row uses ~100 of the 256 levels, about 5 bits of
+entropy per value, which zstd in the store turns into ~640 B per row of 1000 classes (int8: ~900 B,
+1.2e-5).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import torch
 
 
 class Encoded(NamedTuple):
-    """Stored form of some rows: `logits` in the codec's dtype, `scale`/`offset` for affine codecs; for top-k
-    codecs `logits` are the K largest (n, K), `index` their classes (n, K) and `offset` the value of every other
-    class (n,)."""
+    """Stored form of some rows: `logits` in the codec's dtype, `scale`/`offset` for affine codecs;
+    for top-k codecs `logits` are the K largest (n, K), `index` their classes (n, K) and `offset`
+    the value of every other class (n,)."""
 
     logits: np.ndarray
     scale: np.ndarray | None = None
@@ -42,14 +43,18 @@ class Codec:
     name: str
     dtype: str  # numpy dtype name of the stored logits
     affine: bool  # True: per-row float32 scale and offset arrays accompany the logits
-    levels: int = 0  # number of quantisation levels of an affine codec (at most, when `step` is set)
-    step: float = 0.0  # affine step as a fraction of the row's std; 0: the row's range / (levels - 1)
-    top: int = 0  # top-k codecs: classes kept per row (the rest decode to one value per row); 0: whole rows
+    # number of quantisation levels of an affine codec (at most, when `step` is set)
+    levels: int = 0
+    # affine step as a fraction of the row's std; 0: the row's range / (levels - 1)
+    step: float = 0.0
+    # top-k codecs: classes kept per row (the rest decode to one value per row); 0: whole rows
+    top: int = 0
     classes: int = 0  # classes of a whole row (a top-k decode needs it; `for_classes` sets it)
 
     @property
     def arrays(self) -> tuple[str, ...]:
-        """The stored arrays of this codec, as the store names them (`views/<name>`, `val/<name>`)."""
+        """The stored arrays of this codec, as the store names them (`views/<name>`,
+        `val/<name>`)."""
         if self.top:
             return ("logits", "offset", "index")
         return ("logits", "scale", "offset") if self.affine else ("logits",)
@@ -58,7 +63,11 @@ class Codec:
         """{stored array: (shape of one row's entry, dtype)} for rows of `classes` logits."""
         specs = {"logits": ((self.width(classes),), self.dtype)}
         if self.top:
-            return {**specs, "offset": ((), "float32"), "index": ((self.width(classes),), TOPK_INDEX_DTYPE)}
+            return {
+                **specs,
+                "offset": ((), "float32"),
+                "index": ((self.width(classes),), TOPK_INDEX_DTYPE),
+            }
         if self.affine:
             return {**specs, "scale": ((), "float32"), "offset": ((), "float32")}
         return specs
@@ -73,8 +82,9 @@ class Codec:
 
     @property
     def limit(self) -> float:
-        """Largest logit magnitude the stored form keeps: fp16 and top-k 65504 (beyond it inf); affine 1e18
-        (beyond about 1.8e19 a row's float32 std overflows and the row is stored as NaN)."""
+        """Largest logit magnitude the stored form keeps: fp16 and top-k 65504 (beyond it inf);
+        affine 1e18 (beyond about 1.8e19 a row's float32 std overflows and the row is stored as
+        NaN)."""
         return AFFINE_LIMIT if self.affine else float(np.finfo(self.dtype).max)
 
     def encode(self, logits: np.ndarray) -> Encoded:
@@ -87,7 +97,8 @@ class Codec:
         low = logits.min(axis=1)
         high = logits.max(axis=1)
         scale = ((high - low) / (self.levels - 1)).astype(np.float32)
-        if self.step:  # a step of `step` std, but never so fine that the row's range overflows the levels
+        # a step of `step` std, but never so fine that the row's range overflows the levels
+        if self.step:
             scale = np.maximum(scale, (self.step * logits.std(axis=1)).astype(np.float32))
         safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
         q = np.rint((logits - low[:, None]) / safe[:, None])
@@ -95,8 +106,9 @@ class Codec:
         return Encoded(q, scale, low.astype(np.float32))
 
     def _encode_top(self, logits: np.ndarray) -> Encoded:
-        """The K largest logits of each row, largest first (fp16), their classes, and the value the other classes
-        decode to: the mean of the rest, which keeps the row's mean, so the layer norm centres the row as before."""
+        """The K largest logits of each row, largest first (fp16), their classes, and the value the
+        other classes decode to: the mean of the rest, which keeps the row's mean, so the layer norm
+        centres the row as before."""
         n, classes = logits.shape
         k = self.width(classes)
         index = np.argpartition(-logits, k - 1, axis=1)[:, :k]
@@ -109,8 +121,8 @@ class Codec:
         return Encoded(values.astype(self.dtype), None, offset, index.astype(TOPK_INDEX_DTYPE))
 
     def decode(self, encoded: Encoded) -> np.ndarray:
-        """Stored rows back to float32 (n, C): `logits * scale + offset` for affine codecs; for top-k codecs
-        `offset` everywhere but the stored classes."""
+        """Stored rows back to float32 (n, C): `logits * scale + offset` for affine codecs; for
+        top-k codecs `offset` everywhere but the stored classes."""
         if self.top:
             out = np.repeat(np.asarray(encoded.offset, np.float32)[:, None], self.classes, axis=1)
             index = np.asarray(encoded.index, np.int64)
@@ -156,12 +168,14 @@ TOPK_PREFIX = "topk:"
 
 
 def get_codec(name: str, classes: int = 0) -> Codec:
-    """The codec called `name` (one of CODECS, or `topk:K`), for rows of `classes` logits (0: not known yet);
-    ValueError naming the choices otherwise."""
+    """The codec called `name` (one of CODECS, or `topk:K`), for rows of `classes` logits (0: not
+    known yet); ValueError naming the choices otherwise."""
     if name.startswith(TOPK_PREFIX):
         k = name[len(TOPK_PREFIX) :]
         if not k.isdigit() or not 1 <= int(k) <= 65536:
-            raise ValueError(f"codec {name!r}: topk:K keeps the K largest logits of a row, K from 1 to 65536")
+            raise ValueError(
+                f"codec {name!r}: topk:K keeps the K largest logits of a row, K from 1 to 65536"
+            )
         return Codec(f"topk:{int(k)}", "float16", affine=False, top=int(k), classes=classes)
     try:
         return CODECS[name].for_classes(classes)

@@ -1,8 +1,9 @@
 """Laying out a new cache: the samples, the plan of every view and empty, sharded logit arrays.
 
-The group starts with only the `skd_creating` attribute and gets `skd` last, so an interrupted creation is
-recognisable as ours (`store.cache_state`). A cache grows by views (`grow_store`): its arrays keep their names and
-get longer along the view axis. Array names and chunking are the contract in cache/README.md.
+The group starts with only the `skd_creating` attribute and gets `skd` last, so an interrupted
+creation is recognisable as ours (`store.cache_state`). A cache grows by views (`grow_store`): its
+arrays keep their names and get longer along the view axis. Array names and chunking are the
+contract in cache/README.md.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ def _zstd():
 
 
 def _create(
-    group: zarr.Group, name: str, data=None, *, shape=None, dtype=None, chunks, shards=None, compress=True, fill=0
+    group: zarr.Group,
+    name: str,
+    data=None,
+    *,
+    shape=None,
+    dtype=None,
+    chunks,
+    shards=None,
+    compress=True,
+    fill=0,
 ) -> zarr.Array:
     text = data is not None and data.dtype.kind in "UTO"
     if data is not None:
@@ -61,10 +71,17 @@ def _write_split(group: zarr.Group, name: str, split: Split, chunk: int) -> None
 
 
 def create_logit_arrays(
-    group: zarr.Group, prefix: str, lead: tuple, rows: int, classes: int, codec: Codec, shard_rows: int, chunk_rows: int
+    group: zarr.Group,
+    prefix: str,
+    lead: tuple,
+    rows: int,
+    classes: int,
+    codec: Codec,
+    shard_rows: int,
+    chunk_rows: int,
 ) -> None:
-    """Create the codec's arrays (logits, + scale/offset or offset/index) of shape lead + (rows, ...), sharded
-    along rows, and `complete`."""
+    """Create the codec's arrays (logits, + scale/offset or offset/index) of shape lead + (rows,
+    ...), sharded along rows, and `complete`."""
     ones = (1,) * len(lead)
     shard, chunk = shard_rows, chunk_rows  # a shard may overhang the array's end; zarr trims it
     for name, (row, dtype) in codec.array_specs(classes).items():
@@ -99,16 +116,20 @@ def create_store(
     """Write a new, empty cache: samples, the plan of every view, empty logit arrays; the plan's id
     (skd.plan.crops.PlanId) is recorded in `skd.plan.id`.
 
-    `plans` may make each view's plan when asked (`ViewPlans`): views are written and hashed one at a time, so
-    creating a cache of K views holds one view's plan, not K. The group starts with only the `skd_creating`
-    attribute and gets `skd` last, so an interrupted creation is recognisable as ours. `path` (a folder or an
-    object-store URL) must be absent or empty (mode w-: nothing already there is ever cleared).
+    `plans` may make each view's plan when asked (`ViewPlans`): views are written and hashed one at
+    a time, so creating a cache of K views holds one view's plan, not K. The group starts with only
+    the `skd_creating` attribute and gets `skd` last, so an interrupted creation is recognisable as
+    ours. `path` (a folder or an object-store URL) must be absent or empty (mode w-: nothing already
+    there is ever cleared).
     """
     location = parse_location(path)
     codec = get_codec(meta["codec"])
     shard_rows, chunk_rows = int(meta["shard_rows"]), int(meta["chunk_rows"])
     group = zarr.open_group(
-        location.zarr_store(read_only=False), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}
+        location.zarr_store(read_only=False),
+        mode="w-",
+        zarr_format=3,
+        attributes={CREATING_KEY: True},
     )
     n, k = len(train.paths), len(plans)
     if shard_rows % chunk_rows:
@@ -125,14 +146,23 @@ def create_store(
     arrays = plan_arrays(meta["plan"])
     for name, dtype, row in arrays:
         fill = PLAN_FILL.get(name, 0)
-        _create(group, f"views/{name}", shape=(k, n, *row), dtype=dtype, chunks=(1, shard, *row), fill=fill)
+        _create(
+            group,
+            f"views/{name}",
+            shape=(k, n, *row),
+            dtype=dtype,
+            chunks=(1, shard, *row),
+            fill=fill,
+        )
     for view, plan in enumerate(plans):
         _write_view(group, view, plan, plan_id, arrays)
     create_logit_arrays(group, "views", (k,), n, num_classes, codec, shard_rows, chunk_rows)
     if val is not None:
         _write_split(group, "val", val, chunk_rows)
         _create(group, "val/box", val_boxes, chunks=(min(shard_rows, len(val.paths)), 4))
-        create_logit_arrays(group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows)
+        create_logit_arrays(
+            group, "val", (), len(val.paths), num_classes, codec, shard_rows, chunk_rows
+        )
     dataset = {**meta["dataset"], **hashes, "tails": train.tails is not None}
     meta = {**meta, "dataset": dataset, "plan": {**meta["plan"], "id": plan_id.hexdigest()}}
     group.attrs.put({ATTR_KEY: check_meta(location.path, meta)})
@@ -149,38 +179,53 @@ PLAN_ARRAYS = (
 )
 
 
-# an unmixed row's mixing is the arrays' fill value, so an unmixed view stores no mixing chunk at all
+# an unmixed row's mixing is the arrays' fill value, so an unmixed view stores no mixing chunk at
+# all
 PLAN_FILL = {"mix_lambda": 1.0}
 
 
 def plan_arrays(plan: dict) -> tuple[tuple[str, str, tuple], ...]:
-    """The plan arrays of a view of this plan: PLAN_ARRAYS, then those of its recorded augmentation, if any."""
+    """The plan arrays of a view of this plan: PLAN_ARRAYS, then those of its recorded augmentation,
+    if any."""
     return PLAN_ARRAYS + augment_arrays(plan)
 
 
-def _write_view(group: zarr.Group, view: int, plan: ViewPlan, plan_id: PlanId, arrays: tuple) -> None:
-    """Write one view's plan arrays `arrays` (a view without mixing: every row unmixed) and extend the plan's id by
-    them, in that order."""
+def _write_view(
+    group: zarr.Group, view: int, plan: ViewPlan, plan_id: PlanId, arrays: tuple
+) -> None:
+    """Write one view's plan arrays `arrays` (a view without mixing: every row unmixed) and extend
+    the plan's id by them, in that order."""
     n = len(plan.order)
     mix = plan.mix or (np.ones(n, np.float32), np.zeros((n, 4), np.float32))
-    values = {"order": plan.order, "box": plan.box, "flip": plan.flip, "mix_lambda": mix[0], "mix_box": mix[1]}
+    values = {
+        "order": plan.order,
+        "box": plan.box,
+        "flip": plan.flip,
+        "mix_lambda": mix[0],
+        "mix_box": mix[1],
+    }
     values.update(plan.augment or {})
     written = [np.asarray(values[name], dtype) for name, dtype, _ in arrays]
     for (name, _, _), array in zip(arrays, written):
         target = group[f"views/{name}"]
-        if (array != target.fill_value).any():  # all fill: nothing to store (nor, on S3, a request to make)
+        # all fill: nothing to store (nor, on S3, a request to make)
+        if (array != target.fill_value).any():
             target[view] = array
     plan_id.add_view(written)
 
 
-def grow_store(store: Store, views: int, plans: Sequence[ViewPlan], check_id: Callable[[str], None] = None) -> None:
-    """Append views `store.num_views` .. `views` - 1 to a cache, or finish a growth a kill interrupted (`views`
-    may then equal the recorded count): every array with a view axis gets longer along it (zarr rewrites only its
-    zarr.json, no file of an existing view is touched), each new view's plan is written and the plan's id extended
-    by it, and the attributes take the new count and id last. Until then `skd.growing` names the count the arrays
-    may have, and the cache reads as the views it had. `check_id(new id)` may refuse the new plan before it counts.
+def grow_store(
+    store: Store, views: int, plans: Sequence[ViewPlan], check_id: Callable[[str], None] = None
+) -> None:
+    """Append views `store.num_views` .. `views` - 1 to a cache, or finish a growth a kill
+    interrupted (`views` may then equal the recorded count): every array with a view axis gets
+    longer along it (zarr rewrites only its zarr.json, no file of an existing view is touched), each
+    new view's plan is written and the plan's id extended by it, and the attributes take the new
+    count and id last. Until then `skd.growing` names the count the arrays may have, and the cache
+    reads as the views it had. `check_id(new id)` may refuse the new plan before it counts.
 
-    Logits of the new views are then missing, as in an unfinished build: the build's rerun computes them.
+    Logits of the new views are then missing, as in an unfinished build: the build's rerun computes
+    them.
     """
     meta, group, old = dict(store.meta), store.group, store.num_views
     group.attrs[ATTR_KEY] = check_meta(store.path, {**meta, "growing": views})

@@ -24,7 +24,8 @@ from skd.store.codecs import get_codec
 
 FORMAT_VERSION = 3
 MAX_SAMPLES = 10**8  # ImageNet-21k has 1.4e7
-MAX_VIEWS = 10**5  # far beyond use (FKD records 500 crops an image, function matching runs thousands of epochs)
+# far beyond use (FKD records 500 crops an image, function matching runs thousands of epochs)
+MAX_VIEWS = 10**5
 MAX_CLASSES = 10**6
 MAX_SIDE = 8192
 
@@ -115,7 +116,8 @@ class Meta(_Model):
     chunk_rows: Annotated[int, Field(ge=1, le=2**24, strict=True)]
     software: dict[str, str] = {}
     complete: bool = False
-    growing: Annotated[int, Field(ge=1, le=MAX_VIEWS, strict=True)] | None = None  # skd.store.creation.grow_store
+    # skd.store.creation.grow_store
+    growing: Annotated[int, Field(ge=1, le=MAX_VIEWS, strict=True)] | None = None
 
     @field_validator("codec")
     @classmethod
@@ -127,12 +129,15 @@ class Meta(_Model):
     @model_validator(mode="after")
     def chunks_divide_shards(self):
         if self.shard_rows % self.chunk_rows:
-            raise ValueError(f"shard_rows {self.shard_rows} is not a multiple of chunk_rows {self.chunk_rows}")
+            raise ValueError(
+                f"shard_rows {self.shard_rows} is not a multiple of chunk_rows {self.chunk_rows}"
+            )
         return self
 
     @model_validator(mode="after")
     def outputs_cover_classes(self):
-        """Class i of the dataset is the teacher's output i (skd-cache build refuses fewer outputs)."""
+        """Class i of the dataset is the teacher's output i (skd-cache build refuses fewer
+        outputs)."""
         if len(self.dataset.classes) > self.teacher.num_classes:
             raise ValueError(
                 f"dataset.classes has {len(self.dataset.classes)} classes, more than the teacher's "
@@ -144,7 +149,9 @@ class Meta(_Model):
 def check_meta(path: Path, raw) -> dict:
     """The `skd` attribute checked against the schema; SchemaError naming the first wrong field."""
     if not isinstance(raw, dict):
-        raise SchemaError(rebuild(f"cache {path}: the 'skd' attribute is a {type(raw).__name__}, not a mapping"))
+        raise SchemaError(
+            rebuild(f"cache {path}: the 'skd' attribute is a {type(raw).__name__}, not a mapping")
+        )
     if raw.get("format") != FORMAT_VERSION:
         raise SchemaError(
             f"{path} has cache format {raw.get('format')!r}, this skd reads format {FORMAT_VERSION}: "
@@ -176,20 +183,27 @@ def recorded_augment(plan: dict) -> AugmentParams:
 
 
 def augment_arrays(plan: dict) -> tuple[tuple[str, str, tuple], ...]:
-    """(name, dtype, shape of a row) of the plan arrays a plan's recorded augmentation adds (skd.plan.augment): the
-    RandAugment ops and their arguments when `aa` is set, the erased boxes and fill values when `reprob` is."""
+    """(name, dtype, shape of a row) of the plan arrays a plan's recorded augmentation adds
+    (skd.plan.augment): the RandAugment ops and their arguments when `aa` is set, the erased boxes
+    and fill values when `reprob` is."""
     params = recorded_augment(plan)
     arrays = ()
     if params.aa:
-        arrays += (("aug_op", "uint8", (params.layers,)), ("aug_magnitude", "float32", (params.layers,)))
+        arrays += (
+            ("aug_op", "uint8", (params.layers,)),
+            ("aug_magnitude", "float32", (params.layers,)),
+        )
     if params.reprob > 0:
-        arrays += (("erase_box", "float32", (params.recount, 4)), ("erase_value", "float32", (params.recount, 3)))
+        arrays += (
+            ("erase_box", "float32", (params.recount, 4)),
+            ("erase_value", "float32", (params.recount, 3)),
+        )
     return arrays
 
 
 def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tuple | None]]:
-    """{name: (shape, dtype, shard shape or None)} of every array a cache with these attributes holds;
-    dtype "str" for the path arrays."""
+    """{name: (shape, dtype, shard shape or None)} of every array a cache with these attributes
+    holds; dtype "str" for the path arrays."""
     n, k, c = meta["dataset"]["num_samples"], meta["views"], meta["teacher"]["num_classes"]
     rows, specs = meta["shard_rows"], get_codec(meta["codec"]).array_specs(c)
     arrays = {
@@ -203,9 +217,17 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
         "views/mix_box": ((k, n, 4), "float32", None),
         "views/complete": ((k, -(-n // rows)), "uint8", None),
         **({"samples/tail": ((n,), "uint64", None)} if meta["dataset"].get("tails") else {}),
-        **{f"views/{name}": ((k, n, *row), dtype, None) for name, dtype, row in augment_arrays(meta["plan"])},
+        **{
+            f"views/{name}": ((k, n, *row), dtype, None)
+            for name, dtype, row in augment_arrays(meta["plan"])
+        },
     }
-    arrays.update({f"views/{name}": ((k, n, *row), dtype, (1, rows, *row)) for name, (row, dtype) in specs.items()})
+    arrays.update(
+        {
+            f"views/{name}": ((k, n, *row), dtype, (1, rows, *row))
+            for name, (row, dtype) in specs.items()
+        }
+    )
     if has_val:
         v = meta["dataset"]["num_val"]
         arrays.update(
@@ -218,25 +240,36 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
                 "val/complete": ((-(-v // rows),), "uint8", None),
             }
         )
-        arrays.update({f"val/{name}": ((v, *row), dtype, (rows, *row)) for name, (row, dtype) in specs.items()})
+        arrays.update(
+            {
+                f"val/{name}": ((v, *row), dtype, (rows, *row))
+                for name, (row, dtype) in specs.items()
+            }
+        )
     return arrays
 
 
 def check_arrays(path: Path, group, meta: dict) -> None:
-    """Every array the attributes promise, with the shape, dtype and chunking they imply, and labels inside the
-    classes: SchemaError naming the first that is missing or differs (a shape or chunk edited to 10^10 rows is
-    refused here, never allocated). The files themselves were checked before zarr read them (check_files)."""
+    """Every array the attributes promise, with the shape, dtype and chunking they imply, and labels
+    inside the classes: SchemaError naming the first that is missing or differs (a shape or chunk
+    edited to 10^10 rows is refused here, never allocated). The files themselves were checked before
+    zarr read them (check_files)."""
     has_val = meta["dataset"]["num_val"] > 0
     arrays = expected_arrays(meta, has_val)
-    # a growth a kill interrupted (skd.store.creation.grow_store) left arrays of either count along the view axis
-    growing = expected_arrays({**meta, "views": meta["growing"]}, has_val) if meta.get("growing") else {}
+    # a growth a kill interrupted (skd.store.creation.grow_store) left arrays of either count along
+    # the view axis
+    growing = (
+        expected_arrays({**meta, "views": meta["growing"]}, has_val) if meta.get("growing") else {}
+    )
     for name, (shape, dtype, shards) in arrays.items():
         node = _node(path, group, name)
         if name in growing and tuple(node.shape) == growing[name][0]:
             shape = growing[name][0]
         _check_array(path, node, name, shape, dtype, shards)
     if not has_val and _has_node(path, group, "val"):
-        raise SchemaError(rebuild(f"cache {path}: group val is present but attribute skd.dataset.num_val is 0"))
+        raise SchemaError(
+            rebuild(f"cache {path}: group val is present but attribute skd.dataset.num_val is 0")
+        )
     for split in ("samples", "val") if has_val else ("samples",):
         _check_labels(path, group, f"{split}/label", len(meta["dataset"]["classes"]))
 
@@ -256,10 +289,14 @@ def _has_node(path: Path, group, name: str) -> bool:
     try:
         return name in group
     except Exception as exc:
-        raise SchemaError(rebuild(f"cache {path}: {name} has unreadable metadata ({type(exc).__name__})")) from None
+        raise SchemaError(
+            rebuild(f"cache {path}: {name} has unreadable metadata ({type(exc).__name__})")
+        ) from None
 
 
-def _check_array(path: Path, array, name: str, shape: tuple, dtype: str, shards: tuple | None) -> None:
+def _check_array(
+    path: Path, array, name: str, shape: tuple, dtype: str, shards: tuple | None
+) -> None:
     found = "str" if np.dtype(array.dtype).kind in "TUO" else str(np.dtype(array.dtype))
     problems = []
     if tuple(array.shape) != shape:
@@ -269,17 +306,25 @@ def _check_array(path: Path, array, name: str, shape: tuple, dtype: str, shards:
     if shards is not None and tuple(array.shards or ()) != shards:
         problems.append(f"shards {array.shards}, not {shards}")
     if shards is None and not problems and any(c > max(1, s) for c, s in zip(array.chunks, shape)):
-        problems.append(f"chunks {array.chunks} larger than its shape {shape}")  # zarr allocates whole chunks
+        # zarr allocates whole chunks
+        problems.append(f"chunks {array.chunks} larger than its shape {shape}")
     if problems:
-        raise SchemaError(rebuild(f"cache {path}: array {name} has {' and '.join(problems)} (the attributes say so)"))
+        raise SchemaError(
+            rebuild(
+                f"cache {path}: array {name} has {' and '.join(problems)} (the attributes say so)"
+            )
+        )
 
 
 def _check_labels(path: Path, group, name: str, classes: int) -> None:
-    """Labels index skd.dataset.classes: one outside would fail deep in the loss (or a CUDA assert)."""
+    """Labels index skd.dataset.classes: one outside would fail deep in the loss (or a CUDA
+    assert)."""
     try:
         labels = np.asarray(group[name][:])
     except Exception as exc:  # a damaged chunk: zarr, zarrs and numcodecs raise many kinds
-        raise SchemaError(rebuild(f"cache {path}: array {name} cannot be read ({type(exc).__name__})")) from None
+        raise SchemaError(
+            rebuild(f"cache {path}: array {name} cannot be read ({type(exc).__name__})")
+        ) from None
     bad = np.flatnonzero((labels < 0) | (labels >= classes))
     if bad.size:
         raise SchemaError(
@@ -292,13 +337,22 @@ def _check_labels(path: Path, group, name: str, classes: int) -> None:
 
 
 def samples_sha256(paths, labels, sizes, block: int = 1 << 16) -> str:
-    """sha256 of one `path<TAB>label<TAB>height<TAB>width` line per sample, in sample-id order; the lines of
-    `block` samples joined and hashed at once (1.28M samples: 0.4 s, was 1.7 s a line at a time)."""
+    """sha256 of one `path<TAB>label<TAB>height<TAB>width` line per sample, in sample-id order; the
+    lines of `block` samples joined and hashed at once (1.28M samples: 0.4 s, was 1.7 s a line at a
+    time)."""
     h = hashlib.sha256()
     labels, sizes, line = np.asarray(labels), np.asarray(sizes), "{}\t{}\t{}\t{}\n".format
     for a in range(0, len(labels), block):
         b = a + block
-        text = "".join(map(line, paths[a:b], labels[a:b].tolist(), sizes[a:b, 0].tolist(), sizes[a:b, 1].tolist()))
+        text = "".join(
+            map(
+                line,
+                paths[a:b],
+                labels[a:b].tolist(),
+                sizes[a:b, 0].tolist(),
+                sizes[a:b, 1].tolist(),
+            )
+        )
         h.update(text.encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
@@ -323,9 +377,10 @@ def check_relative_path(path: str, cache) -> None:
 
 
 def check_relative_paths(paths: list[str], cache) -> None:
-    """`check_relative_path` for every path at once: one search of the paths joined by newlines for what any of
-    the tests looks for (a path with a newline of its own may be tested one by one for nothing; none is missed);
-    the paths are then tested one by one only where it finds something, to name the first offender."""
+    """`check_relative_path` for every path at once: one search of the paths joined by newlines for
+    what any of the tests looks for (a path with a newline of its own may be tested one by one for
+    nothing; none is missed); the paths are then tested one by one only where it finds something, to
+    name the first offender."""
     text = "\n" + "\n".join(paths) + "\n"
     if any(mark in text for mark in ("\n/", "\\", "\n..\n", "\n../", "/..\n", "/../")):
         for path in paths:

@@ -1,8 +1,9 @@
 """Writing logits into a cache: whole shards from a background thread.
 
 A shard is the unit of writing: concurrent writers to one shard lose data, and a shard written
-piecewise is a read-modify-write each time. `ShardWriter` buffers rows until a shard is full, encodes
-it and writes it in one call, then records it complete, so a kill leaves it incomplete, never mixed.
+piecewise is a read-modify-write each time. `ShardWriter` buffers rows until a shard is full,
+encodes it and writes it in one call, then records it complete, so a kill leaves it incomplete,
+never mixed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from skd.store.cache_store import Store, View, part_name
 
 
 class WriteError(SkdError):
-    """Logits cannot be written (disk full, cache being built by another process): one line saying what to do."""
+    """Logits cannot be written (disk full, cache being built by another process): one line saying
+    what to do."""
 
 
 class ShardWriter:
@@ -39,7 +41,8 @@ class ShardWriter:
         depth: int = 8,
     ):
         self.store, self.view, self.rows = store, view, rows
-        self.lock = lock  # the build's lock (rank 0 holds it), checked before each shard: a lease lost stops writes
+        # the build's lock (rank 0 holds it), checked before each shard: a lease lost stops writes
+        self.lock = lock
         self.shards = list(shards)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -53,7 +56,8 @@ class ShardWriter:
         self.queue.put((positions, logits))
 
     def close(self) -> None:
-        """Wait for every shard to be written; raises the writer's error or a shard left unfilled."""
+        """Wait for every shard to be written; raises the writer's error or a shard left
+        unfilled."""
         self.abort()
         if self.error is not None:
             raise self.error
@@ -61,7 +65,8 @@ class ShardWriter:
             raise RuntimeError(f"input ended before shards {self.shards} were full")
 
     def abort(self) -> None:
-        """Let the writer finish the rows already queued, then stop; never raises (close reports errors)."""
+        """Let the writer finish the rows already queued, then stop; never raises (close reports
+        errors)."""
         self.queue.put(None)
         self.thread.join()
 
@@ -73,10 +78,14 @@ class ShardWriter:
                 positions, logits = item
                 while len(positions):  # a batch may end one shard and start the next (of this rank)
                     if not self.shards:
-                        raise RuntimeError(f"rows arrived past the last shard at position {positions[0]}")
+                        raise RuntimeError(
+                            f"rows arrived past the last shard at position {positions[0]}"
+                        )
                     start, stop = self.store.shard_bounds(self.shards[0], self.rows)
                     take = min(len(positions), stop - start - filled)
-                    if not np.array_equal(positions[:take], np.arange(start + filled, start + filled + take)):
+                    if not np.array_equal(
+                        positions[:take], np.arange(start + filled, start + filled + take)
+                    ):
                         raise RuntimeError(f"rows arrived out of order at position {positions[0]}")
                     buffer.append(logits[:take])
                     filled += take
@@ -90,7 +99,8 @@ class ShardWriter:
                 pass
 
     def _write(self, shard: int, logits: np.ndarray) -> None:
-        """Encode and write a shard's rows, then mark it complete: a kill in between leaves it incomplete."""
+        """Encode and write a shard's rows, then mark it complete: a kill in between leaves it
+        incomplete."""
         if self.lock is not None:
             self.lock.check()
         try:
@@ -103,14 +113,16 @@ class ShardWriter:
                 f"({exc.strerror or exc}): free space or fix the disk, then rerun the same "
                 "command to resume"
             ) from None
-        except StoreError as exc:  # an object store that refused the shard's PUT or could not be reached
+        # an object store that refused the shard's PUT or could not be reached
+        except StoreError as exc:
             raise WriteError(f"{exc}, then rerun the same command to resume") from None
         self.shards_written += 1
         fault("after-shard", self.shards_written)
 
 
 def mark_finished(store: Store) -> None:
-    """Record `complete` in the attributes once every shard is (by a listing taken now: other ranks wrote too)."""
+    """Record `complete` in the attributes once every shard is (by a listing taken now: other ranks
+    wrote too)."""
     store.listing(fresh=True)
     if store.is_complete() and not store.meta.get("complete"):
         store.meta = {**store.meta, "complete": True}

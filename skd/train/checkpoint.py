@@ -1,7 +1,7 @@
 """A training run's files: the checkpoint a run resumes from and the student it ends with.
 
-Writes are atomic (a temporary file, fsync, rename), so a crash never leaves half a checkpoint, and a
-failed write (a full disk, a folder turned read-only) leaves the previous checkpoint as it was.
+Writes are atomic (a temporary file, fsync, rename), so a crash never leaves half a checkpoint, and
+a failed write (a full disk, a folder turned read-only) leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -21,19 +21,22 @@ STUDENT = "student.pth"
 
 
 class CheckpointError(SkdError):
-    """A checkpoint that belongs to another run or cannot be written: one line naming it and what to do."""
+    """A checkpoint that belongs to another run or cannot be written: one line naming it and what to
+    do."""
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save `obj` to `path` through `path`.tmp, fsync and rename: `path` is the old file or the new one.
+    """torch.save `obj` to `path` through `path`.tmp, fsync and rename: `path` is the old file or
+    the new one.
 
-    A failed write removes the temporary file, leaves `path` untouched and is a CheckpointError saying
-    what went wrong: the run can resume from the previous checkpoint once that is fixed.
+    A failed write removes the temporary file, leaves `path` untouched and is a CheckpointError
+    saying what went wrong: the run can resume from the previous checkpoint once that is fixed.
     """
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        with open(tmp, "wb") as f:  # a Python file: the OS's error reaches us, not only torch's RuntimeError
+        # a Python file: the OS's error reaches us, not only torch's RuntimeError
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -48,7 +51,8 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line to a run's text file (metrics.jsonl); a failed write is a CheckpointError saying what to do."""
+    """Append one line to a run's text file (metrics.jsonl); a failed write is a CheckpointError
+    saying what to do."""
     try:
         with open(path, "a") as f:
             f.write(line + "\n")
@@ -76,8 +80,9 @@ def _write_failure(path: Path, exc: OSError) -> str:
 
 
 def check_free_space(folder: Path, needed_bytes: int) -> None:
-    """CheckpointError unless the file system of `folder` (or of its nearest existing parent, for a new
-    --out) has `needed_bytes` free: a run learns of a full disk before its first epoch, not after it."""
+    """CheckpointError unless the file system of `folder` (or of its nearest existing parent, for a
+    new --out) has `needed_bytes` free: a run learns of a full disk before its first epoch, not
+    after it."""
     folder = Path(folder)
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -98,8 +103,8 @@ def cli_value(value) -> str:
 
 
 def load_for_resume(path: Path, identity: dict, settings: dict) -> dict:
-    """The checkpoint at `path`, if it was saved by a run on the same views and teacher with the same
-    schedule and loss settings (a resume with others would reshape the run midway)."""
+    """The checkpoint at `path`, if it was saved by a run on the same views and teacher with the
+    same schedule and loss settings (a resume with others would reshape the run midway)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["identity"] != identity:
         source = ckpt.get("source") or ckpt["identity"].get("online")

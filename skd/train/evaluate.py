@@ -1,5 +1,5 @@
-"""The student on the validation split after each epoch: top-1, top-5 and top-1 agreement with the cached
-teacher, each rank on its part of the split."""
+"""The student on the validation split after each epoch: top-1, top-5 and top-1 agreement with the
+cached teacher, each rank on its part of the split."""
 
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ def val_range(n: int, d: Dist) -> tuple[int, int]:
 def cached_val_top1(
     stores: list[Store], weights: list[float], kd: str, start: int, stop: int, device: torch.device
 ) -> torch.Tensor | None:
-    """The cached teacher's (an ensemble's) top-1 class of validation rows [start, stop), read once per run."""
+    """The cached teacher's (an ensemble's) top-1 class of validation rows [start, stop), read once
+    per run."""
     if not stores or not all(store.has_val for store in stores):
         return None
     readers = [cached_logits(store, VAL, start, stop, 4096, device) for store in stores]
     tops = [
-        (parts[0][1] if len(parts) == 1 else ensemble_target(kd, [p[1] for p in parts], weights)).argmax(1)
+        (
+            parts[0][1] if len(parts) == 1 else ensemble_target(kd, [p[1] for p in parts], weights)
+        ).argmax(1)
         for parts in zip(*readers)
     ]
     return torch.cat(tops) if tops else torch.zeros(0, dtype=torch.int64, device=device)
@@ -44,11 +47,16 @@ def evaluate(
     d: Dist,
     device: torch.device,
 ) -> dict:
-    """Top-1/top-5 on the validation split (centre windows) and top-1 agreement with the cached teacher."""
+    """Top-1/top-5 on the validation split (centre windows) and top-1 agreement with the cached
+    teacher."""
     student.eval()
     start, stop = val_range(len(source.val.paths), d)
     loader = source.loader(
-        VAL, np.arange(start, stop), batch_size=max(1, cfg.batch_size // d.world), workers=cfg.workers, device=device
+        VAL,
+        np.arange(start, stop),
+        batch_size=max(1, cfg.batch_size // d.world),
+        workers=cfg.workers,
+        device=device,
     )
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, agree, n
     for batch in loader if stop > start else []:

@@ -1,4 +1,5 @@
-"""Stage two: train a student on the recorded views with the SKD loss, teacher logits from the cache.
+"""Stage two: train a student on the recorded views with the SKD loss, teacher logits from the
+cache.
 
 The same loop runs online (`--teacher`, no cache): the teacher then runs in the loop on exactly
 the views a cache built with the same plan options holds. That is the comparison the product's
@@ -21,7 +22,14 @@ from skd import pipelines
 from skd.config import TrainConfig
 from skd.errors import fault
 from skd.loss import KDLoss
-from skd.models.runtime import Dist, amp_name, device_kind, init_distributed, resolve_device, shutdown
+from skd.models.runtime import (
+    Dist,
+    amp_name,
+    device_kind,
+    init_distributed,
+    resolve_device,
+    shutdown,
+)
 from skd.models.teachers import forward
 from skd.replay.view_loader import TrainBatch, ViewLoader, rank_range
 from skd.train.checkpoint import STUDENT, save_atomic
@@ -41,14 +49,19 @@ def train(cfg: TrainConfig, *, progress: bool = False, log=None, on_step=None) -
     try:
         with run_folder_lock(Path(cfg.out), d):
             return _train(
-                cfg, d, progress=progress and d.main, log=(log or quiet) if d.main else quiet, on_step=on_step
+                cfg,
+                d,
+                progress=progress and d.main,
+                log=(log or quiet) if d.main else quiet,
+                on_step=on_step,
             )
     finally:
         shutdown(d)
 
 
 def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
-    """Open the views, build the student, resume if asked, then train, validate and checkpoint each epoch."""
+    """Open the views, build the student, resume if asked, then train, validate and checkpoint each
+    epoch."""
     device = resolve_device(cfg.device, d)
     cfg = replace(cfg, amp=amp_name(cfg.amp, device))
     out = Path(cfg.out)
@@ -66,7 +79,11 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
         )
     validating = cfg.val and run.source.val is not None
     val_start, val_stop = val_range(len(run.source.val.paths), d) if validating else (0, 0)
-    val_top1 = cached_val_top1(run.stores, run.weights, cfg.kd, val_start, val_stop, device) if validating else None
+    val_top1 = (
+        cached_val_top1(run.stores, run.weights, cfg.kd, val_start, val_stop, device)
+        if validating
+        else None
+    )
     metrics: dict = history[-1] if history else {}
     for epoch in range(first_epoch, cfg.epochs):
         metrics = train_epoch(cfg, run, learner, share, epoch, d, device, progress, on_step)
@@ -75,7 +92,12 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
         history.append(metrics)
         if d.main:
             record_epoch(cfg, out, run.identity, learner, history, board)
-            log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+            log(
+                " ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in metrics.items()
+                )
+            )
         d.barrier()
         fault("after-epoch", epoch)
     if d.main:
@@ -88,13 +110,17 @@ def _train(cfg: TrainConfig, d: Dist, *, progress: bool, log, on_step) -> dict:
 def start_learner(
     cfg: TrainConfig, out: Path, run: Run, steps_per_epoch: int, d: Dist, device: torch.device, log
 ) -> tuple[Learner, int, list[dict]]:
-    """(the student and its updaters, first epoch, metrics so far): new, or as the checkpoint left them with
-    --resume; the lr scheduler starts at the first epoch's first step."""
+    """(the student and its updaters, first epoch, metrics so far): new, or as the checkpoint left
+    them with --resume; the lr scheduler starts at the first epoch's first step."""
     student = make_student(cfg.arch, run.source, device)
     base_lr = cfg.lr * cfg.batch_size / 256
-    optimizer = torch.optim.SGD(student.parameters(), lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        student.parameters(), lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    first_epoch, history = start_or_resume(cfg, out, run.identity, student, optimizer, scaler, d, log)
+    first_epoch, history = start_or_resume(
+        cfg, out, run.identity, student, optimizer, scaler, d, log
+    )
     scheduler = lr_scheduler(
         optimizer,
         steps_per_epoch=steps_per_epoch,
@@ -114,7 +140,8 @@ def start_learner(
 
 @dataclass(frozen=True)
 class RankShare:
-    """This rank's share of every epoch: view positions [start, stop) in batches of `batch_size`, `steps` of them."""
+    """This rank's share of every epoch: view positions [start, stop) in batches of `batch_size`,
+    `steps` of them."""
 
     start: int
     stop: int
@@ -123,9 +150,12 @@ class RankShare:
 
 
 def rank_share(cfg: TrainConfig, run: Run, d: Dist) -> RankShare:
-    """This rank's positions and steps per epoch: its part of a view in batches, capped by --steps-per-epoch."""
+    """This rank's positions and steps per epoch: its part of a view in batches, capped by
+    --steps-per-epoch."""
     local_batch = max(1, cfg.batch_size // d.world)
-    start, stop = rank_range(len(run.source.train.paths), d.rank, d.world, local_batch, run.source.mix is not None)
+    start, stop = rank_range(
+        len(run.source.train.paths), d.rank, d.world, local_batch, run.source.mix is not None
+    )
     batches = -(-(stop - start) // local_batch)
     steps = batches if cfg.steps_per_epoch is None else min(batches, cfg.steps_per_epoch)
     return RankShare(start, stop, local_batch, steps)
@@ -133,19 +163,24 @@ def rank_share(cfg: TrainConfig, run: Run, d: Dist) -> RankShare:
 
 @dataclass
 class EpochInputs:
-    """What one rank reads in an epoch: the student's batches (with the cached teacher logits of a cache) and,
-    online, the same windows at the teacher's own recipe where it differs."""
+    """What one rank reads in an epoch: the student's batches (with the cached teacher logits of a
+    cache) and, online, the same windows at the teacher's own recipe where it differs."""
 
     batches: ViewLoader
     teacher_batches: Iterator | None
 
-    def teacher_logits(self, run: Run, batch: TrainBatch, device: torch.device, amp: str) -> torch.Tensor | None:
-        """The teacher's float32 logits of a batch: the cached rows, or the teacher run online on the same windows
-        (at its own recipe when `teacher_batches` decodes them so)."""
+    def teacher_logits(
+        self, run: Run, batch: TrainBatch, device: torch.device, amp: str
+    ) -> torch.Tensor | None:
+        """The teacher's float32 logits of a batch: the cached rows, or the teacher run online on
+        the same windows (at its own recipe when `teacher_batches` decodes them so)."""
         if batch.logits is not None or run.teacher is None:
             return batch.logits
-        own = next(self.teacher_batches).images if self.teacher_batches is not None else batch.images
-        return forward(run.teacher, own, device, amp).clone()  # a normal tensor, usable beside autograd
+        own = (
+            next(self.teacher_batches).images if self.teacher_batches is not None else batch.images
+        )
+        # a normal tensor, usable beside autograd
+        return forward(run.teacher, own, device, amp).clone()
 
     def close(self, batches: Iterator) -> None:
         """Stop the readers and decoding workers of the epoch's batches."""
@@ -154,8 +189,11 @@ class EpochInputs:
                 each.close()
 
 
-def epoch_inputs(cfg: TrainConfig, run: Run, epoch: int, share: RankShare, d: Dist, device) -> EpochInputs:
-    """The batches of this rank's part of view `epoch mod K` and, online, the teacher's own view of them."""
+def epoch_inputs(
+    cfg: TrainConfig, run: Run, epoch: int, share: RankShare, d: Dist, device
+) -> EpochInputs:
+    """The batches of this rank's part of view `epoch mod K` and, online, the teacher's own view of
+    them."""
     kd = cfg.kd != "none"
     view = epoch % run.source.num_views
     if run.cache is not None:
@@ -200,10 +238,16 @@ def epoch_inputs(cfg: TrainConfig, run: Run, epoch: int, share: RankShare, d: Di
 
 
 def weighted_sums(parts: KDLoss, images: int, device: torch.device) -> torch.Tensor:
-    """A batch's (loss, kd, ce) times its image count, and that count: summed over an epoch, then divided."""
+    """A batch's (loss, kd, ce) times its image count, and that count: summed over an epoch, then
+    divided."""
     count = torch.tensor(images, dtype=torch.float64, device=device)
     return torch.stack(
-        [parts.loss.detach().double() * count, parts.kd.double() * count, parts.ce.double() * count, count]
+        [
+            parts.loss.detach().double() * count,
+            parts.kd.double() * count,
+            parts.ce.double() * count,
+            count,
+        ]
     )
 
 
@@ -218,7 +262,8 @@ def train_epoch(
     progress: bool,
     on_step,
 ) -> dict:
-    """One pass over this rank's part of view `epoch mod K`; returns the epoch's metrics (all ranks)."""
+    """One pass over this rank's part of view `epoch mod K`; returns the epoch's metrics (all
+    ranks)."""
     alpha = alpha_at(cfg.alpha, epoch, cfg.epochs)
     loss_fn = kd_loss(
         cfg.kd,
@@ -228,12 +273,19 @@ def train_epoch(
         teacher_normalized=len(run.stores) > 1,
     )
     inputs = epoch_inputs(cfg, run, epoch, share, d, device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, ce (sample-weighted), samples
+    # loss, kd, ce (sample-weighted), samples
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     learner.model.train()
     began = time.perf_counter()
     images_seen = min(share.steps * share.batch_size, share.stop - share.start) * d.world
     batches = iter(inputs.batches)
-    bar = tqdm(total=images_seen, desc=f"epoch {epoch}", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=images_seen,
+        desc=f"epoch {epoch}",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for step, batch in enumerate(batches):
             teacher = inputs.teacher_logits(run, batch, device, cfg.amp)
@@ -265,5 +317,7 @@ def train_epoch(
         "images_per_sec": float(totals[3]) / seconds,
         "lr": lr,
     }
-    used = {"skd": {"alpha": alpha, "multiplier": run.multiplier}, "hinton": {"alpha": alpha}}.get(cfg.kd, {})
+    used = {"skd": {"alpha": alpha, "multiplier": run.multiplier}, "hinton": {"alpha": alpha}}.get(
+        cfg.kd, {}
+    )
     return {**metrics, **used}

@@ -1,5 +1,5 @@
-"""What a training run is made of: the views and where the teacher's logits come from (a cache, an ensemble of
-caches, or the teacher online), the student, and what updates it at each step."""
+"""What a training run is made of: the views and where the teacher's logits come from (a cache, an
+ensemble of caches, or the teacher online), the student, and what updates it at each step."""
 
 from __future__ import annotations
 
@@ -33,14 +33,16 @@ class TrainError(SkdError):
 
 @dataclass
 class Run:
-    """What the loop needs besides the student: the views, where teacher logits come from, and the run's identity."""
+    """What the loop needs besides the student: the views, where teacher logits come from, and the
+    run's identity."""
 
     source: ReplaySource
     cache: Cache | None  # cached teacher logits: one cache, or an ensemble's (None online)
     stores: list[Store]  # the cache's stores (empty online)
     weights: list[float]  # of the ensemble's teachers, summing to 1
     teacher: nn.Module | None  # online mode: the teacher in the loop
-    teacher_recipe: Recipe | None  # online mode: how the teacher sees each window (may differ from the student)
+    # online mode: how the teacher sees each window (may differ from the student)
+    teacher_recipe: Recipe | None
     multiplier: float
     identity: dict  # recorded in the checkpoint: a resume must replay the same views and teacher
     steps_run: int = 0  # steps this process has run (the train-step fault point counts them)
@@ -48,7 +50,8 @@ class Run:
 
 @dataclass
 class Learner:
-    """The student and what updates it: SGD, torch's lr scheduler (stepped once per batch), AMP's grad scaler."""
+    """The student and what updates it: SGD, torch's lr scheduler (stepped once per batch), AMP's
+    grad scaler."""
 
     student: nn.Module  # the weights that are saved
     model: nn.Module  # what runs the batches: the student, wrapped by DDP over several processes
@@ -56,9 +59,11 @@ class Learner:
     scheduler: LambdaLR
     scaler: torch.amp.GradScaler
 
-    def step(self, images, labels, teacher, loss_fn, device: torch.device, amp: str) -> tuple[KDLoss, float]:
-        """One optimizer step on a batch, then one scheduler step: (its losses, the learning rate it used).
-        `loss_fn`: a loss module of skd.loss (its `parts` give the KD and CE terms)."""
+    def step(
+        self, images, labels, teacher, loss_fn, device: torch.device, amp: str
+    ) -> tuple[KDLoss, float]:
+        """One optimizer step on a batch, then one scheduler step: (its losses, the learning rate it
+        used). `loss_fn`: a loss module of skd.loss (its `parts` give the KD and CE terms)."""
         lr = self.scheduler.get_last_lr()[0]
         with autocast(device, amp):
             student_logits = self.model(images)
@@ -71,9 +76,10 @@ class Learner:
         return parts, lr
 
     def step_scheduler(self) -> None:
-        """The lr of the next batch. Under fp16 the grad scaler skips the optimizer step of a batch whose gradients
-        overflowed; that batch still counts in the schedule (the lr stays a function of the step), so torch's
-        warning that the scheduler stepped before the optimizer ever did does not apply and is not shown."""
+        """The lr of the next batch. Under fp16 the grad scaler skips the optimizer step of a batch
+        whose gradients overflowed; that batch still counts in the schedule (the lr stays a function
+        of the step), so torch's warning that the scheduler stepped before the optimizer ever did
+        does not apply and is not shown."""
         if not self.scaler.is_enabled():
             self.scheduler.step()
             return
@@ -85,26 +91,37 @@ class Learner:
 
 
 def open_run(cfg: TrainConfig, device: torch.device) -> Run:
-    """The views and teacher logits of this run: a cache's, or an online plan's with the teacher in the loop."""
+    """The views and teacher logits of this run: a cache's, or an online plan's with the teacher in
+    the loop."""
     if cfg.caches():
         return cached_run(cfg)
     if cfg.teacher is None or cfg.data is None:
-        raise TrainError("pass --cache DIR, or --teacher NAME with --data ROOT for online distillation")
+        raise TrainError(
+            "pass --cache DIR, or --teacher NAME with --data ROOT for online distillation"
+        )
     if cfg.multiplier == "auto":
         raise TrainError("--multiplier auto reads the cache's logits: pass a number in online mode")
     return online_run(cfg, device)
 
 
 def cached_run(cfg: TrainConfig) -> Run:
-    """The views of one cache (or an ensemble's, built on one plan), their images checked against the data."""
+    """The views of one cache (or an ensemble's, built on one plan), their images checked against
+    the data."""
     cache = open_cache(
-        cfg.caches(), weights=cfg.teacher_weights, kd=cfg.kd, data=cfg.data, views=cfg.views, val=cfg.val
+        cfg.caches(),
+        weights=cfg.teacher_weights,
+        kd=cfg.kd,
+        data=cfg.data,
+        views=cfg.views,
+        val=cfg.val,
     )
     warn_other_loader(cfg.loader, cache.stores[0])
     if cfg.kd == "skd":
         warn_lossy_codec(cache.stores)
     recipe = student_recipe(cfg.image_size or cache.image_size, cfg.mean, cfg.std)
-    source = replace(cache.source, recipe=recipe, loader_kind=cfg.loader or cache.source.loader_kind)
+    source = replace(
+        cache.source, recipe=recipe, loader_kind=cfg.loader or cache.source.loader_kind
+    )
     multiplier = cache.multiplier() if cfg.multiplier == "auto" else float(cfg.multiplier)
     # what the caches hold, not where: a moved cache resumes, one rebuilt with another plan does not
     identity = {
@@ -126,7 +143,8 @@ def cached_run(cfg: TrainConfig) -> Run:
 
 
 def warn_lossy_codec(stores: list[Store]) -> None:
-    """One warning per cache whose codec loses more of the SKD target than SKD_KL_WARNING (its recorded figure)."""
+    """One warning per cache whose codec loses more of the SKD target than SKD_KL_WARNING (its
+    recorded figure)."""
     for store in stores:
         kl = (store.meta.get("codec_fidelity") or {}).get("kl_skd", 0.0)
         if kl > SKD_KL_WARNING:
@@ -140,12 +158,15 @@ def warn_lossy_codec(stores: list[Store]) -> None:
 
 
 def online_run(cfg: TrainConfig, device: torch.device) -> Run:
-    """The views of a plan made here from the data, the teacher loaded to run in the loop on each of them."""
+    """The views of a plan made here from the data, the teacher loaded to run in the loop on each of
+    them."""
     cfg.mix_params().check()
     cfg.augment_params().check()
     teacher = load_teacher(cfg.teacher, cfg.weights)
     size = cfg.image_size or ONLINE_IMAGE_SIZE
-    recipe, _ = resolve(cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, size)
+    recipe, _ = resolve(
+        cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, size
+    )
     model = place(teacher.model, device)
     num_classes = output_classes(model, recipe.size, device, f"teacher {cfg.teacher}")
     source = online_source(
@@ -176,8 +197,8 @@ def online_run(cfg: TrainConfig, device: torch.device) -> Run:
 
 
 def check_world(samples: int, batch_size: int, d: Dist, mixed: bool) -> None:
-    """An error unless every process gets samples (for mixed views, at least one pair) and the global --batch-size
-    gives every process images (for mixed views, whole pairs)."""
+    """An error unless every process gets samples (for mixed views, at least one pair) and the
+    global --batch-size gives every process images (for mixed views, whole pairs)."""
     check_shares(samples, d.world, mixed)
     if batch_size < d.world:
         raise TrainError(

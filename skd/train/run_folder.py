@@ -1,5 +1,5 @@
-"""A training run's folder (--out): refused when it holds another run, resumed from its checkpoint, and
-written at the end of every epoch (checkpoint, metrics.jsonl, tensorboard)."""
+"""A training run's folder (--out): refused when it holds another run, resumed from its checkpoint,
+and written at the end of every epoch (checkpoint, metrics.jsonl, tensorboard)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,22 @@ from pathlib import Path
 from skd.config import TrainConfig
 from skd.models.runtime import Dist
 from skd.storage.locks import FolderLock, LockError
-from skd.train.checkpoint import CHECKPOINT, STUDENT, append_line, check_free_space, load_for_resume, save_atomic
+from skd.train.checkpoint import (
+    CHECKPOINT,
+    STUDENT,
+    append_line,
+    check_free_space,
+    load_for_resume,
+    save_atomic,
+)
 from skd.train.run import Learner, TrainError
 
 
 @contextmanager
 def run_folder_lock(out: Path, d: Dist):
-    """Hold the run folder for this run (rank 0 locks `OUT.lock` beside it; the kernel frees it if the run
-    dies), so a second run or a concurrent --resume into the same --out is refused in one line on every rank."""
+    """Hold the run folder for this run (rank 0 locks `OUT.lock` beside it; the kernel frees it if
+    the run dies), so a second run or a concurrent --resume into the same --out is refused in one
+    line on every rank."""
     lock, problem = None, None
     if d.main:
         try:
@@ -29,7 +37,9 @@ def run_folder_lock(out: Path, d: Dist):
             problem = TrainError(str(exc))
         except OSError as exc:  # a read-only mount, a permission
             where = f" ({exc.filename})" if exc.filename else ""
-            problem = TrainError(f"--out {out}: {exc.strerror or exc}{where}: choose a folder you can write")
+            problem = TrainError(
+                f"--out {out}: {exc.strerror or exc}{where}: choose a folder you can write"
+            )
     problem = d.broadcast(problem)
     if problem is not None:
         raise problem
@@ -41,9 +51,12 @@ def run_folder_lock(out: Path, d: Dist):
 
 
 def check_run_folder(cfg: TrainConfig, out: Path):
-    """Refuse to replace a run by accident; the SummaryWriter class when --tensorboard asks for one."""
+    """Refuse to replace a run by accident; the SummaryWriter class when --tensorboard asks for
+    one."""
     if cfg.resume and cfg.overwrite:
-        raise TrainError("--resume and --overwrite exclude each other: continue the run or start it again")
+        raise TrainError(
+            "--resume and --overwrite exclude each other: continue the run or start it again"
+        )
     if (out / CHECKPOINT).is_file() and not (cfg.resume or cfg.overwrite):
         raise TrainError(
             f"{out} holds a run ({CHECKPOINT}): pass --resume to continue it, --overwrite to start "
@@ -54,11 +67,15 @@ def check_run_folder(cfg: TrainConfig, out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        raise TrainError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
     return SummaryWriter
 
 
-def start_or_resume(cfg: TrainConfig, out: Path, identity: dict, student, optimizer, scaler, d: Dist, log):
+def start_or_resume(
+    cfg: TrainConfig, out: Path, identity: dict, student, optimizer, scaler, d: Dist, log
+):
     """(first epoch, metrics so far): from the checkpoint with --resume, else a fresh run folder."""
     first_epoch, history = 0, []
     if cfg.resume and (out / CHECKPOINT).is_file():
@@ -72,20 +89,26 @@ def start_or_resume(cfg: TrainConfig, out: Path, identity: dict, student, optimi
     elif cfg.resume:
         log(f"no checkpoint in {out}: starting a new run")
     if d.main:
-        # a checkpoint holds the weights and SGD's momentum, the student file the weights again (x2 to be safe)
-        check_free_space(out, 2 * 3 * sum(t.numel() * t.element_size() for t in student.state_dict().values()))
+        # a checkpoint holds the weights and SGD's momentum, the student file the weights again (x2
+        # to be safe)
+        check_free_space(
+            out, 2 * 3 * sum(t.numel() * t.element_size() for t in student.state_dict().values())
+        )
         out.mkdir(parents=True, exist_ok=True)
-        if first_epoch == 0:  # a new run: nothing of an earlier one may be resumed or mistaken for it
+        # a new run: nothing of an earlier one may be resumed or mistaken for it
+        if first_epoch == 0:
             for name in (CHECKPOINT, STUDENT):
                 (out / name).unlink(missing_ok=True)
         (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
     return first_epoch, history
 
 
-def record_epoch(cfg: TrainConfig, out: Path, identity: dict, learner: Learner, history: list[dict], board) -> None:
-    """Replace the checkpoint, then append the epoch's metrics (rank 0): a resume rewrites metrics.jsonl from the
-    checkpoint, so a failed append loses nothing. The lr scheduler's position is not saved: a resume recomputes
-    it from the epoch."""
+def record_epoch(
+    cfg: TrainConfig, out: Path, identity: dict, learner: Learner, history: list[dict], board
+) -> None:
+    """Replace the checkpoint, then append the epoch's metrics (rank 0): a resume rewrites
+    metrics.jsonl from the checkpoint, so a failed append loses nothing. The lr scheduler's position
+    is not saved: a resume recomputes it from the epoch."""
     metrics = history[-1]
     save_atomic(
         {
