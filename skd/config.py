@@ -18,7 +18,7 @@ from skd.plan.mixing import MixParams
 @dataclass(kw_only=True)
 class TeacherInput:
     """Explicit options of the teacher's input recipe; None: from its pretrained_cfg, torchvision's
-    weights, else ImageNet's statistics, bilinear, at the student's size (see skd/recipe.py)."""
+    weights, else ImageNet's statistics, bilinear, at the student's size (see skd/models/recipe.py)."""
 
     teacher_size: int | None = None
     teacher_interpolation: str | None = None
@@ -37,7 +37,7 @@ class TeacherInput:
 
 @dataclass(kw_only=True)
 class MixOptions:
-    """MixUp / CutMix recorded in the plan, timm's option names and meanings (skd/mixing.py)."""
+    """MixUp / CutMix recorded in the plan, timm's option names and meanings (skd/plan/mixing.py)."""
 
     mixup: float = 0.0  # Beta(alpha, alpha) of MixUp; 0: off
     cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; 0: off
@@ -56,7 +56,7 @@ class MixOptions:
 @dataclass(kw_only=True)
 class AugmentOptions:
     """RandAugment and random erasing recorded in the plan, timm's option names and meanings
-    (skd/augment.py)."""
+    (skd/plan/augment.py)."""
 
     aa: str | None = None  # RandAugment, e.g. rand-m9-n2-mstd0.5-inc1; None: off
     reprob: float = 0.0  # random erasing probability; 0: off

@@ -1,7 +1,8 @@
 """The console scripts `skd-cache` and `skd-train`: run a command, show usage mistakes and warnings
 as one line.
 
-The commands themselves are in cli_cache (build, info, stats, verify) and cli_train.
+The commands themselves are in cache_commands (build, info, stats, verify, codecs, recode) and
+train_command.
 """
 
 from __future__ import annotations

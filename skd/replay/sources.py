@@ -4,7 +4,7 @@ A source is the samples, the plan of every view and the validation windows, eith
 recorded them or as an online run plans them (exactly as `skd-cache build` would). `loader` turns
 any positions of any view into batches through the input pipeline, so the teacher and the student
 see the same windows and flips, each at its own input recipe (size, resampling, normalisation).
-`replay_checks` says whether a cache can be replayed as asked; `cached_logits` reads its stored
+`skd.replay.checks` says whether a cache can be replayed as asked; `cached_logits` reads its stored
 logits.
 """
 
