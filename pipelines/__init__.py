@@ -142,7 +142,7 @@ class Batch:
     images: torch.Tensor  # (B, 3, S, S) float32, normalised, NCHW
     labels: torch.Tensor  # (B,) int64
     positions: torch.Tensor  # (B,) int64: the caller's position ids of these items
-    # (B,) weight of each row's own image once mixed (skd.replay.mixed_ops)
+    # (B,) weight of each row's own image once mixed (skd.replay.recorded_ops)
     mix_lambda: torch.Tensor | None = None
 
 

@@ -26,7 +26,7 @@ from skd.plan.mixing import MixParams
 from skd.replay.cached_logits import auto_multiplier
 from skd.replay.checks import check_ensemble, check_replayable
 from skd.replay.sources import ReplaySource, cached_source, student_recipe
-from skd.replay.view_loader import ViewLoader, check_shares, rank_range
+from skd.replay.view_loader import ViewLoader, check_shares, rank_range, view_of_epoch
 from skd.store.cache_store import Store, open_store
 
 
@@ -180,21 +180,16 @@ class Cache:
         """
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        if not 0 <= rank < world_size or batch_size < 1:
-            raise CacheError(
-                f"rank {rank} of world size {world_size}, batch size {batch_size}: need 0 <= rank < size"
-            )
-        check_shares(self.num_samples, world_size, self.mixed)
-        if self.mixed and batch_size % 2:
-            raise CacheError(
-                f"batch_size={batch_size}: this cache's views are mixed, and pairs (positions 2i, 2i + 1) share a "
-                "batch: pass an even batch size"
-            )
+        if not 0 <= rank < world_size:
+            raise CacheError(f"rank {rank} of world size {world_size}: need 0 <= rank < world size")
+        check_shares(
+            self.num_samples, world_size, batch_size, self.mixed, f"batch_size={batch_size}"
+        )
         start, stop = rank_range(self.num_samples, rank, world_size, batch_size, self.mixed)
         source = self.source if loader is None else self.source.with_loader(loader)
         return ViewLoader(
             source,
-            epoch % self.num_views,
+            view_of_epoch(epoch, self.num_views),
             start,
             stop,
             batch_size=batch_size,

@@ -166,6 +166,8 @@ def test_open_cache_first_views_and_bad_requests_are_one_line_errors(fp32_cache,
         (lambda: skd.open_cache(fp32_cache, views=3), "views=3: .* holds views 0 to 1"),
         (lambda: skd.open_cache(fp32_cache).logits(2), "view 2: .* views 0 to 1"),
         (lambda: skd.open_cache(mixed_cache).loader(0, batch_size=3), "batch_size=3: .* even batch size"),
+        (lambda: skd.open_cache(fp32_cache).loader(0, batch_size=0), "batch_size=0: .* at least one"),
+        (lambda: skd.open_cache(fp32_cache).loader(0, batch_size=2, rank=2, world_size=2), "rank 2 of world size 2"),
         (lambda: skd.open_cache([fp32_cache, fp32_cache], weights=[1.0]), "teacher weights 1.0: give 2 numbers"),
     ]
     for call, message in cases:

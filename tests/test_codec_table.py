@@ -131,3 +131,27 @@ def test_info_shows_the_codec_fidelity_and_skd_train_warns_of_a_lossy_one(image_
         train(base_config(tmp_path / "run", cache=out, epochs=1, views=None, steps_per_epoch=1))
     lossy = [str(w.message) for w in caught if "SKD target is off by KL" in str(w.message)]
     assert len(lossy) == 1 and f"{kl:.2g}" in lossy[0], f"warnings: {[str(w.message)[:90] for w in caught]}"
+
+
+def test_the_recorded_fidelity_is_measured_on_the_views_as_stored_augmentation_included(
+    fp32_cache, image_root, teacher_file, tmp_path
+):
+    """With --aa and --reprob, the codec fidelity a build records equals the one measured on the rows the cache
+    stores (an fp32 cache of the same plan holds them exactly), and differs from the plain views' figure: the build
+    measures its codec on the augmented views its teacher sees, not on the crops alone."""
+    from conftest import small_build_config
+
+    from skd.build.teacher_pass import build_cache
+    from skd.store.codec_table import codec_fidelity
+
+    augment = dict(aa="rand-m9-n2", reprob=0.5, views=1)
+    build_cache(small_build_config(image_root, tmp_path / "exact", teacher_file, **augment))
+    build_cache(small_build_config(image_root, tmp_path / "int8", teacher_file, codec="int8", **augment))
+    options = dict(max_kl=None, shard_rows=8, chunk_rows=4)
+    _, stored = codec_fidelity("int8", open_store(tmp_path / "exact").read_logits(0, 0, 8), **options)
+    _, plain = codec_fidelity("int8", open_store(fp32_cache).read_logits(0, 0, 8), **options)
+    recorded = open_store(tmp_path / "int8").meta["codec_fidelity"]
+    assert recorded["kl_skd"] == stored["kl_skd"], (
+        f"recorded SKD KL {recorded['kl_skd']:.6g}, measured on the stored augmented rows {stored['kl_skd']:.6g}"
+    )
+    assert plain["kl_skd"] != stored["kl_skd"], f"the plain views give the same KL {plain['kl_skd']:.6g}"

@@ -40,11 +40,12 @@ from skd.models.runtime import (
     shutdown,
 )
 from skd.models.teachers import CompiledTeacher, forward, load_teacher, output_classes
-from skd.replay.sources import ReplaySource, cached_source
+from skd.replay.sources import cached_source, planned_source
 from skd.storage.location import parse_location
 from skd.store.cache_store import VAL, Store, View, open_store
 from skd.store.codec_table import AUTO, FIDELITY_ROWS, codec_fidelity
 from skd.store.codecs import get_codec
+from skd.store.schema import recorded_augment
 from skd.store.writer import ShardWriter, mark_finished
 
 LARGEST_PUBLISHED_SIZE = 800  # timm's largest ImageNet recipes (e.g. EfficientNet-L2 at 800 px)
@@ -179,20 +180,15 @@ def measure_codec(
     will compute them, stored with --codec (or, for auto, with the smallest codec within --max-kl)
     and compared with their exact values. One teacher pass over FIDELITY_ROWS images, once per
     cache."""
-    plan = layout.plans[0]
     rows = min(FIDELITY_ROWS, len(layout.train.paths), cfg.shard_rows)
-    source = ReplaySource(
-        root=Path(cfg.data),
-        train=layout.train,
-        val=None,
-        val_boxes=None,
-        num_views=1,
-        num_classes=0,
+    source = planned_source(
+        Path(cfg.data),
+        layout.train,
+        layout.plans[0],
         recipe=recipe,
-        plan=lambda view: (plan.order, plan.box, plan.flip),
-        fingerprint="",
-        loader_kind=meta["plan"]["loader"],
-        mix=None if plan.mix is None else lambda view: plan.mix,
+        loader=meta["plan"]["loader"],
+        num_classes=len(meta["dataset"]["classes"]),
+        augment_ops=recorded_augment(meta["plan"]).ops,
     )
     loader = source.loader(
         0, np.arange(rows), batch_size=cfg.batch_size, workers=cfg.workers, device=device

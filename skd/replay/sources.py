@@ -25,8 +25,7 @@ from skd.pipelines import Recipe
 from skd.plan.augment import AugmentParams, plan_augment
 from skd.plan.crops import CropParams, ViewPlan, center_boxes, plan_view
 from skd.plan.mixing import MixParams, plan_mixing
-from skd.replay.mixed_ops import MixedLoader
-from skd.replay.recorded_ops import ErasedLoader, RecordedOps
+from skd.replay.recorded_ops import RecordedBatchOps, RecordedOps
 from skd.store.cache_store import VAL, Store, View
 
 
@@ -115,13 +114,16 @@ class ReplaySource:
             device=device,
             pixel_ops=pixel_ops,
         )
+        erasing = None
         if recorded is not None and "erase_box" in recorded:
-            boxes, values = recorded["erase_box"][positions], recorded["erase_value"][positions]
-            loader = ErasedLoader(loader, boxes, values, batch_size)
-        if view == VAL or self.mix is None:
+            erasing = recorded["erase_box"][positions], recorded["erase_value"][positions]
+        mixing = None
+        if view != VAL and self.mix is not None:
+            lam, box = self.mix(view)
+            mixing = lam[positions], box[positions]
+        if erasing is None and mixing is None:
             return loader
-        lam, box = self.mix(view)
-        return MixedLoader(loader, lam[positions], box[positions], batch_size)
+        return RecordedBatchOps(loader, batch_size, erase=erasing, mix=mixing)
 
 
 def planned_view(
@@ -158,6 +160,36 @@ def augment_by_position(
     if params.reprob > 0:
         arrays.update(erase_box=drawn.erase_box, erase_value=drawn.erase_value)
     return arrays
+
+
+def planned_source(
+    root: Path,
+    train: Split,
+    plan: ViewPlan,
+    *,
+    recipe: Recipe,
+    loader: str,
+    num_classes: int,
+    augment_ops: tuple[str, ...],
+) -> ReplaySource:
+    """A view planned but not yet stored, as the one view of a source: the images the build's teacher
+    will see for it, mixing and recorded augmentation included (the build measures its codec on
+    them before the cache exists)."""
+    return ReplaySource(
+        root=root,
+        train=train,
+        val=None,
+        val_boxes=None,
+        num_views=1,
+        num_classes=num_classes,
+        recipe=recipe,
+        plan=lambda view: (plan.order, plan.box, plan.flip),
+        fingerprint=train.fingerprint,
+        loader_kind=loader,
+        mix=None if plan.mix is None else lambda view: plan.mix,
+        augment=None if plan.augment is None else lambda view: plan.augment,
+        augment_ops=augment_ops,
+    )
 
 
 def teacher_recipe(store: Store) -> Recipe:

@@ -55,16 +55,37 @@ def rank_range(
     return rank * per, rank * per + used
 
 
-def check_shares(samples: int, world: int, mixed: bool) -> None:
-    """LoaderError unless every process gets samples (for mixed views, at least one pair)."""
+def view_of_epoch(epoch: int, num_views: int) -> int:
+    """The view an epoch trains on: epochs cycle through the views, epoch K reading view 0 again."""
+    return epoch % num_views
+
+
+def check_shares(
+    samples: int, world: int, batch_size: int, mixed: bool, option: str = "batch_size"
+) -> None:
+    """LoaderError unless every process gets samples and images in each batch, and, for mixed views,
+    whole pairs (positions 2i and 2i + 1 share a batch): at least one pair each and an even number
+    of images a batch. `batch_size` is per process; `option` names it as the caller took it."""
     if samples < world:
         raise LoaderError(
             f"{samples} training samples cannot be shared by {world} processes: use at most {samples}"
         )
+    if batch_size < 1:
+        raise LoaderError(
+            f"{option}: each of {world} processes gets {batch_size} images a batch: "
+            "give each process at least one"
+        )
     if mixed and world > 1 and samples // world < 2:
         raise LoaderError(
-            f"{samples} training samples give each of {world} processes {samples // world}: mixed views pair "
-            f"positions 2i and 2i + 1, so each process needs at least one pair: use at most {samples // 2} processes"
+            f"{samples} training samples give each of {world} processes {samples // world}: mixed "
+            "views pair positions 2i and 2i + 1, so each process needs at least one pair: use at "
+            f"most {samples // 2} processes"
+        )
+    if mixed and batch_size % 2:
+        raise LoaderError(
+            f"{option}: each of {world} processes gets {batch_size} images a batch; mixed views pair "
+            "positions 2i and 2i + 1 in one batch, so each process needs an even number of images: "
+            "pass an even batch size"
         )
 
 

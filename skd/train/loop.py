@@ -31,7 +31,7 @@ from skd.models.runtime import (
     shutdown,
 )
 from skd.models.teachers import forward
-from skd.replay.view_loader import TrainBatch, ViewLoader, rank_range
+from skd.replay.view_loader import TrainBatch, ViewLoader, rank_range, view_of_epoch
 from skd.train.checkpoint import STUDENT, save_atomic
 from skd.train.evaluate import cached_val_top1, evaluate, val_range
 from skd.train.run import Learner, Run, TrainError, check_world, make_student, open_run
@@ -195,7 +195,7 @@ def epoch_inputs(
     """The batches of this rank's part of view `epoch mod K` and, online, the teacher's own view of
     them."""
     kd = cfg.kd != "none"
-    view = epoch % run.source.num_views
+    view = view_of_epoch(epoch, run.source.num_views)
     if run.cache is not None:
         batches = run.cache.loader(
             epoch,

@@ -197,19 +197,10 @@ def online_run(cfg: TrainConfig, device: torch.device) -> Run:
 
 
 def check_world(samples: int, batch_size: int, d: Dist, mixed: bool) -> None:
-    """An error unless every process gets samples (for mixed views, at least one pair) and the
-    global --batch-size gives every process images (for mixed views, whole pairs)."""
-    check_shares(samples, d.world, mixed)
-    if batch_size < d.world:
-        raise TrainError(
-            f"--batch-size {batch_size} is the global batch: give each of the {d.world} processes at least one image"
-        )
-    if mixed and (batch_size // d.world) % 2:
-        raise TrainError(
-            f"--batch-size {batch_size} gives each of {d.world} processes {batch_size // d.world} "
-            "images: mixed views pair positions 2i and 2i + 1 in one batch, so each process needs an "
-            "even number"
-        )
+    """An error unless the processes share the samples and the global --batch-size as training
+    needs (`check_shares`)."""
+    option = f"--batch-size {batch_size} is the global batch"
+    check_shares(samples, d.world, batch_size // d.world, mixed, option)
 
 
 def make_student(arch: str, source: ReplaySource, device: torch.device) -> nn.Module:
