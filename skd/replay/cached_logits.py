@@ -3,6 +3,7 @@ SKD multiplier `--multiplier auto` derives from them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Iterator
 
 import numpy as np
@@ -34,10 +35,9 @@ def mean_row_std(row_std: np.ndarray) -> float:
     return float(np.asarray(row_std[:AUTO_MULTIPLIER_ROWS], np.float64).mean())
 
 
-def auto_multiplier(stores: list[Store], weights: list[float] | None = None) -> float:
-    """`--multiplier auto`: the mean per-row std of the first rows of view 0 of a cache, or of the
-    weighted mean of an ensemble's logits."""
+def auto_multiplier(stores: list[Store], weights: Sequence[float] = (1.0,)) -> float:
+    """`--multiplier auto`: the mean per-row std of the first rows of view 0 of a cache, or of an
+    ensemble's logits weighted by `weights` (one per cache: `skd.cache.ensemble_weights`)."""
     rows = min(stores[0].num_samples, AUTO_MULTIPLIER_ROWS)
-    weights = weights or [1.0 / len(stores)] * len(stores)
     logits = sum(w * torch.from_numpy(s.read_logits(0, 0, rows)) for w, s in zip(weights, stores))
     return mean_row_std(logits.std(dim=1).numpy())
