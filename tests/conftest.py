@@ -54,6 +54,56 @@ def small_build_config(root, out, teacher_file, **overrides):
     return BuildConfig(**{**base, **overrides})
 
 
+# The command-line twins of small_build_config (skd-cache build) and of the small training runs (skd-train): the
+# options every test passes unless it says otherwise. --weights, --data, --out and --cache are each test's own.
+BUILD_DEFAULTS = dict(
+    teacher="resnet18",
+    views=2,
+    image_size=32,
+    batch_size=8,
+    codec="fp32",
+    loader="torchvision",
+    workers=0,
+    shard_size=8,
+    chunk_size=4,
+    amp="none",
+    device="cpu",
+)
+TRAIN_DEFAULTS = dict(epochs=1, batch_size=4, loader="torchvision", workers=0, device="cpu")
+REPEATED = {"cache"}  # options given once per value (skd-train --cache A --cache B); other lists are comma-joined
+
+
+def command_args(options: dict) -> list[str]:
+    """Keyword options as a command's arguments, in the order given: batch_size=8 is `--batch-size 8`, True the
+    flag alone (no_val=True: `--no-val`), False or None leaves the option out, a list is joined by commas
+    (teacher_mean=[0.5, 0.5]: `--teacher-mean 0.5,0.5`) except --cache, given once per cache."""
+    args = []
+    for name, value in options.items():
+        option = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(option)
+        elif isinstance(value, (list, tuple)) and name in REPEATED:
+            args += [part for item in value for part in (option, str(item))]
+        elif isinstance(value, (list, tuple)):
+            args += [option, ",".join(map(str, value))]
+        else:
+            args += [option, str(value)]
+    return args
+
+
+def build_args(**options) -> list[str]:
+    """`skd-cache build` with BUILD_DEFAULTS (small_build_config's settings as options) and `options` on top."""
+    return ["build", *command_args({**BUILD_DEFAULTS, **options})]
+
+
+def train_args(**options) -> list[str]:
+    """`skd-train` arguments: TRAIN_DEFAULTS (one epoch, batches of 4, torchvision on the CPU), `options` on
+    top."""
+    return command_args({**TRAIN_DEFAULTS, **options})
+
+
 @pytest.fixture(scope="session")
 def fp32_cache(image_root, teacher_file, tmp_path_factory) -> Path:
     """A finished fp32 cache of `image_root` built with `small_build_config`."""
@@ -71,6 +121,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(*args, processes: int = 2) -> list[str]:
+    """The command line of `torchrun --nproc-per-node PROCESSES ARGS` on a free port, as strings."""
+    import sys
+
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+    return [*run, "--master-port", str(free_port()), *map(str, args)]
 
 
 @pytest.fixture

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import make_image_folder, photo_like, small_build_config, write_jpeg
+from conftest import build_args, make_image_folder, photo_like, small_build_config, train_args, write_jpeg
 
 from skd.build.teacher_pass import BuildError, build_cache
-from skd.models.teachers import ModelError, read_state_dict
+from skd.errors import ModelError
+from skd.models.teachers import read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,37 +33,9 @@ def skd(*args, tool="cache", env=None):
     )
 
 
-def build(root, out, teacher, *extra):
-    return skd(
-        "build",
-        "--teacher",
-        "resnet18",
-        "--weights",
-        teacher,
-        "--data",
-        root,
-        "--out",
-        out,
-        "--views",
-        1,
-        "--image-size",
-        32,
-        "--batch-size",
-        8,
-        "--codec",
-        "fp32",
-        "--loader",
-        "dali",
-        "--workers",
-        1,
-        "--shard-size",
-        8,
-        "--chunk-size",
-        4,
-        "--device",
-        "cpu",
-        *extra,
-    )
+def build(root, out, teacher, **options):
+    """`skd-cache build` of one view through DALI, in a fresh process."""
+    return skd(*build_args(weights=teacher, data=root, out=out, views=1, loader="dali", workers=1, **options))
 
 
 def unusual_images(cls: Path) -> list[str]:
@@ -122,7 +95,7 @@ def test_skip_leaves_bad_files_out_and_records_them(bad_root, tmp_path):
     teacher_file = tmp_path / "four.pth"  # the empty class "dog" keeps its label: 4 classes
     torch.save(__import__("torchvision").models.resnet18(num_classes=4).state_dict(), teacher_file)
     out = tmp_path / "cache"
-    result = build(root, out, teacher_file, "--on-bad-image", "skip")
+    result = build(root, out, teacher_file, on_bad_image="skip")
     assert result.returncode == 0, result.stderr[-800:]
     g = zarr.open_group(str(out), mode="r")
     skipped = {path: reason for path, reason in g.attrs["skd"]["dataset"]["skipped"]}
@@ -132,7 +105,7 @@ def test_skip_leaves_bad_files_out_and_records_them(bad_root, tmp_path):
     assert g.attrs["skd"]["dataset"]["classes"][-1] == "dog", "the empty class must keep its label"
     logits = g["views/logits"][...]
     assert np.isfinite(logits).all() and np.abs(logits).sum(axis=-1).min() > 0, "some rows were never written"
-    rerun = build(root, out, teacher_file, "--on-bad-image", "skip")
+    rerun = build(root, out, teacher_file, on_bad_image="skip")
     assert rerun.returncode == 0 and "0 written now" in rerun.stdout, "a finished skip build must resume as complete"
     info = skd("info", out)
     assert info.returncode == 0, info.stderr[-500:]
@@ -183,7 +156,7 @@ def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, t
         "a refused --overwrite removed a zarr array"
     )
     assert not list(tmp_path.glob("*.lock")), "a refused build left its lock file behind"
-    result = build(data, notes, teacher_file, "--overwrite")  # and as the command says it
+    result = build(data, notes, teacher_file, overwrite=True)  # and as the command says it
     assert result.returncode == 2 and "is not an skd cache" in result.stderr and "Traceback" not in result.stderr, (
         f"exit {result.returncode}: {result.stderr[-500:]}"
     )
@@ -227,36 +200,18 @@ def test_images_vanishing_during_the_build_are_one_line_and_resumable(image_root
     gone = data / "train" / "cat"
     backup = tmp_path / "backup"
     shutil.copytree(gone, backup)
-    args = [
-        "build",
-        "--teacher",
-        "py:deleter:teacher",
-        "--weights",
-        "none",
-        "--data",
-        data,
-        "--out",
-        tmp_path / "cache",
-        "--views",
-        1,
-        "--image-size",
-        16,
-        "--batch-size",
-        4,
-        "--codec",
-        "fp32",
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--shard-size",
-        4,
-        "--chunk-size",
-        4,
-        "--device",
-        "cpu",
-        "--no-val",
-    ]
+    args = build_args(
+        teacher="py:deleter:teacher",
+        weights="none",
+        data=data,
+        out=tmp_path / "cache",
+        views=1,
+        image_size=16,
+        batch_size=4,
+        shard_size=4,
+        chunk_size=4,
+        no_val=True,
+    )
     env = {"PYTHONPATH": str(tmp_path), "DELETE_DIR": str(gone)}
     failed = skd(*args, env=env)
     assert failed.returncode == 2, f"exit {failed.returncode}: {failed.stderr[-800:]}"
@@ -299,36 +254,19 @@ def teacher(num_classes=3):
 )
 def test_teacher_logits_the_cache_cannot_hold_are_never_stored(image_root, tmp_path, expression, codec, says):
     (tmp_path / "broken.py").write_text(BROKEN_TEACHER.replace("{EXPRESSION}", expression))
-    result = skd(
-        "build",
-        "--teacher",
-        "py:broken:teacher",
-        "--weights",
-        "none",
-        "--data",
-        image_root,
-        "--out",
-        tmp_path / "cache",
-        "--views",
-        1,
-        "--image-size",
-        16,
-        "--batch-size",
-        4,
-        "--codec",
-        codec,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--shard-size",
-        4,
-        "--chunk-size",
-        4,
-        "--device",
-        "cpu",
-        env={"PYTHONPATH": str(tmp_path)},
+    args = build_args(
+        teacher="py:broken:teacher",
+        weights="none",
+        data=image_root,
+        out=tmp_path / "cache",
+        views=1,
+        image_size=16,
+        batch_size=4,
+        codec=codec,
+        shard_size=4,
+        chunk_size=4,
     )
+    result = skd(*args, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, (
         f"exit {result.returncode}: {result.stderr[-800:]}"
     )
@@ -343,21 +281,9 @@ def cache_copy(fp32_cache, tmp_path) -> Path:
     return copy
 
 
-TRAIN = [
-    "--epochs",
-    1,
-    "--batch-size",
-    4,
-    "--steps-per-epoch",
-    1,
-    "--loader",
-    "torchvision",
-    "--workers",
-    0,
-    "--device",
-    "cpu",
-    "--no-val",
-]
+def train(cache, out):
+    """One step of `skd-train` on `cache`, without validation, in a fresh process."""
+    return skd(*train_args(cache=cache, out=out, steps_per_epoch=1, no_val=True), tool="train")
 
 
 @pytest.mark.parametrize("evil", ["/etc/passwd", "../../outside.JPEG"])
@@ -366,7 +292,7 @@ def test_cache_with_paths_outside_the_dataset_is_refused(cache_copy, tmp_path, e
     values = paths[...].astype(object)
     values[3] = evil
     paths[...] = values
-    result = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "run", tool="train")
+    result = train(cache_copy, tmp_path / "run")
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-300:]}"
     assert evil in result.stderr and "refusing" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
@@ -377,7 +303,7 @@ def test_other_formats_and_missing_arrays_are_one_line_errors(cache_copy, tmp_pa
     g = zarr.open_group(str(cache_copy), mode="r+")
     for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
         g.attrs["skd"] = {**g.attrs["skd"], "format": other}
-        refused = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "a", tool="train")
+        refused = train(cache_copy, tmp_path / "a")
         assert (
             refused.returncode == 2
             and f"format {other}" in refused.stderr
@@ -386,7 +312,7 @@ def test_other_formats_and_missing_arrays_are_one_line_errors(cache_copy, tmp_pa
         ), refused.stderr
     g.attrs["skd"] = {**g.attrs["skd"], "format": FORMAT_VERSION}
     shutil.rmtree(cache_copy / "views" / "order")
-    missing = skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "b", tool="train")
+    missing = train(cache_copy, tmp_path / "b")
     assert missing.returncode == 2 and "views/order" in missing.stderr and "Traceback" not in missing.stderr, (
         missing.stderr
     )
@@ -400,7 +326,7 @@ def test_damaged_shard_stops_train_and_stats_with_one_line(cache_copy, tmp_path)
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
     results = {
-        "skd-train": skd("--cache", cache_copy, *TRAIN, "--out", tmp_path / "run", tool="train"),
+        "skd-train": train(cache_copy, tmp_path / "run"),
         "skd-cache stats": skd("stats", cache_copy),
     }
     for name, result in results.items():

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 import zarr
-from conftest import free_port, small_build_config
+from conftest import build_args, small_build_config, torchrun
 
 from skd.build.teacher_pass import BuildError, build_cache
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
@@ -39,39 +39,9 @@ def config(root, out, teacher_file, **overrides):
     return small_build_config(root, out, teacher_file, **overrides)
 
 
-def build_args(root, out, teacher_file, *extra):
-    return [
-        "build",
-        "--teacher",
-        "resnet18",
-        "--weights",
-        teacher_file,
-        "--data",
-        root,
-        "--out",
-        out,
-        "--views",
-        2,
-        "--image-size",
-        32,
-        "--batch-size",
-        8,
-        "--codec",
-        "fp32",
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--shard-size",
-        8,
-        "--chunk-size",
-        4,
-        "--amp",
-        "none",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+def build_command(root, out, teacher_file, **options):
+    """The `skd-cache build` arguments of the reference cache (small_build_config's settings)."""
+    return build_args(weights=teacher_file, data=root, out=out, **options)
 
 
 @pytest.fixture
@@ -195,7 +165,7 @@ def test_dali_build_matches_torchvision_build(image_root, teacher_file, referenc
 
 def test_killed_build_resumes_to_identical_cache(image_root, teacher_file, reference, tmp_path):
     out = tmp_path / "resumed"
-    args = build_args(image_root, out, teacher_file)
+    args = build_command(image_root, out, teacher_file)
     killed = cli(*args, env={"SKD_FAULT": "after-shard:1"})
     assert killed.returncode == -9, (
         f"fault injection did not kill the build: {killed.returncode} {killed.stderr[-300:]}"
@@ -224,7 +194,7 @@ def test_damaged_unfinished_shards_are_rewritten_on_resume(image_root, teacher_f
         path.write_bytes(bytes(data))
     leftover = out / "views" / "logits" / "c" / "1" / "0" / "0.0123abcd.partial"  # zarr's temporary file, killed
     leftover.write_bytes(b"half a shard")
-    rerun = cli(*build_args(image_root, out, teacher_file))
+    rerun = cli(*build_command(image_root, out, teacher_file))
     assert rerun.returncode == 0, f"shards 0 and {last} of view 1: exit {rerun.returncode}: {rerun.stderr[-500:]}"
     assert not leftover.exists(), "the resumed build left a killed write's temporary file behind"
     want, got = arrays(reference), arrays(out)
@@ -233,7 +203,7 @@ def test_damaged_unfinished_shards_are_rewritten_on_resume(image_root, teacher_f
 
 def test_changed_argument_is_refused(image_root, teacher_file, reference):
     before = open_store(reference).read_logits(0)
-    result = cli(*build_args(image_root, reference, teacher_file, "--seed", 3))
+    result = cli(*build_command(image_root, reference, teacher_file, seed=3))
     assert result.returncode == 2, f"exit {result.returncode}"
     assert "other settings (seed)" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert np.array_equal(open_store(reference).read_logits(0), before), "the refused rerun changed the cache"
@@ -253,18 +223,7 @@ def test_resume_without_no_val_is_refused(image_root, teacher_file, tmp_path):
 def test_two_process_build_equals_one_process(image_root, teacher_file, reference, tmp_path):
     """Batches of 5 over shards of 8: a rank's batches span its shards 0 and 2, which are not adjacent."""
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "skd.cli.main",
-        *map(str, build_args(image_root, out, teacher_file, "--batch-size", 5)),
-    ]
+    cmd = torchrun("-m", "skd.cli.main", *build_command(image_root, out, teacher_file, batch_size=5))
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     summary = result.stdout + result.stderr
@@ -282,36 +241,13 @@ def test_two_process_build_equals_one_process(image_root, teacher_file, referenc
 def test_user_errors_are_one_line(image_root, teacher_file, tmp_path, in_process):
     cases = {
         "missing data": (
-            [
-                "build",
-                "--teacher",
-                "resnet18",
-                "--weights",
-                "none",
-                "--data",
-                tmp_path / "nowhere",
-                "--out",
-                tmp_path / "new" / "c",
-            ],
+            build_args(weights="none", data=tmp_path / "nowhere", out=tmp_path / "new" / "c"),
             "does not exist",
         ),
         "no data at all": (["build", "--teacher", "resnet18"], "--data"),
-        "unknown teacher": (
-            ["build", "--teacher", "resnet9000", "--data", image_root, "--out", tmp_path / "c"],
-            "unknown model",
-        ),
+        "unknown teacher": (build_args(teacher="resnet9000", data=image_root, out=tmp_path / "c"), "unknown model"),
         "missing weights": (
-            [
-                "build",
-                "--teacher",
-                "resnet18",
-                "--weights",
-                tmp_path / "w.pth",
-                "--data",
-                image_root,
-                "--out",
-                tmp_path / "c",
-            ],
+            build_args(weights=tmp_path / "w.pth", data=image_root, out=tmp_path / "c"),
             "does not exist",
         ),
     }
@@ -319,21 +255,13 @@ def test_user_errors_are_one_line(image_root, teacher_file, tmp_path, in_process
         code, err = in_process("cache", *args, env={"SKD_DATA": ""})
         assert code == 2 and needle in err and err.count("\n") == 1, f"{name}: exit {code}: {err}"
     assert not (tmp_path / "new").exists(), "a build refused for a missing --data created --out's parent folders"
-    code, err = in_process("cache", *build_args(image_root, tmp_path / "c", teacher_file), env={"WORLD_SIZE": "2"})
+    code, err = in_process("cache", *build_command(image_root, tmp_path / "c", teacher_file), env={"WORLD_SIZE": "2"})
     assert code == 2 and "torchrun --nproc-per-node" in err and err.count("\n") == 1, f"exit {code}: {err[-800:]}"
 
 
 def test_missing_pretrained_weights_say_where_to_put_them(image_root, tmp_path):
-    result = cli(
-        "build",
-        "--teacher",
-        "resnet152",
-        "--data",
-        image_root,
-        "--out",
-        tmp_path / "c",
-        env={"TORCH_HOME": str(tmp_path / "hub")},
-    )
+    args = build_args(teacher="resnet152", data=image_root, out=tmp_path / "c")  # no --weights: torchvision's file
+    result = cli(*args, env={"TORCH_HOME": str(tmp_path / "hub")})
     assert result.returncode == 2 and "resnet152-" in result.stderr and str(tmp_path / "hub") in result.stderr, (
         result.stderr
     )

@@ -87,7 +87,7 @@ def test_build_codec_auto_picks_the_smallest_codec_within_max_kl_and_records_it(
 ):
     """--max-kl X: the codec with the fewest bytes per row whose SKD KL on the first rows of view 0 is at most X,
     as the codec table of those exact rows (the fp32 cache's, same plan and teacher) says; info shows the figure."""
-    from conftest import small_build_config
+    from conftest import build_args, small_build_config
 
     from skd.build.teacher_pass import build_cache
     from skd.store.codec_table import CANDIDATES, codec_table
@@ -105,8 +105,8 @@ def test_build_codec_auto_picks_the_smallest_codec_within_max_kl_and_records_it(
             f"recorded SKD KL {record['kl_skd']:.3g}, the table's {want.kl_skd:.3g}"
         )
         assert record["rows"] == 8 and record["chosen_within_kl_skd"] == max_kl, record
-    args = ["--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", tmp_path / "x"]
-    code, err = in_process("cache", "build", *args, "--max-kl", "1e-3", "--codec", "int8")
+    args = build_args(weights=teacher_file, data=image_root, out=tmp_path / "x", max_kl="1e-3", codec="int8")
+    code, err = in_process("cache", *args)
     assert code == 2 and "--max-kl picks the codec" in err, err
 
 

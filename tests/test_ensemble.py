@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import zarr
-from conftest import small_build_config
+from conftest import build_args, small_build_config
 
 from skd.build.teacher_pass import BuildError, build_cache
 from skd.errors import SkdError
@@ -79,22 +79,9 @@ def test_plan_from_copies_the_plan_and_the_logits_are_its_own_teachers(fp32_cach
 
 
 def test_plan_from_refuses_plan_options_and_other_images(fp32_cache, image_root, second_teacher, tmp_path, in_process):
-    code, err = in_process(
-        "cache",
-        "build",
-        "--teacher",
-        "resnet18",
-        "--weights",
-        second_teacher,
-        "--data",
-        image_root,
-        "--out",
-        tmp_path / "c",
-        "--plan-from",
-        fp32_cache,
-        "--views",
-        "3",
-    )
+    only_views = dict(views=3, image_size=None, loader=None)  # of the plan options, --views alone
+    args = build_args(weights=second_teacher, data=image_root, out=tmp_path / "c", plan_from=fp32_cache, **only_views)
+    code, err = in_process("cache", *args)
     assert code == 2 and "--views: --plan-from takes the whole plan" in err and len(err.strip().splitlines()) == 1, err
     other = tmp_path / "data"
     import shutil

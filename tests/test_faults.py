@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import small_build_config
+from conftest import build_args, small_build_config, train_args
 
 from skd.build.teacher_pass import build_cache
 from skd.storage.locks import FolderLock
@@ -34,38 +34,9 @@ def skd(*args, env=None, tool="cache", preexec_fn=None):
     )
 
 
-def build_args(root, out, teacher, codec="fp32", batch=4, views=2):
-    return [
-        "build",
-        "--teacher",
-        "resnet18",
-        "--weights",
-        teacher,
-        "--data",
-        root,
-        "--out",
-        out,
-        "--views",
-        views,
-        "--image-size",
-        32,
-        "--batch-size",
-        batch,
-        "--codec",
-        codec,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--shard-size",
-        8,
-        "--chunk-size",
-        4,
-        "--amp",
-        "none",
-        "--device",
-        "cpu",
-    ]
+def build(root, out, teacher, **options):
+    """`skd-cache build` arguments of the small cache in batches of 4: a shard of 8 rows takes two batches."""
+    return build_args(weights=teacher, data=root, out=out, batch_size=4, **options)
 
 
 def arrays(path: Path) -> dict:
@@ -101,7 +72,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_cache(
 ):
     reference = fp32_cache if codec == "fp32" else int8_cache
     out = tmp_path / "cache"
-    args = build_args(image_root, out, teacher_file, codec)
+    args = build(image_root, out, teacher_file, codec=codec)
     killed = skd(*args, env={"SKD_FAULT": fault})
     assert killed.returncode == -9, f"{fault}: the build was not killed ({killed.returncode}) {killed.stderr[-300:]}"
     wrong = complete_shards_hold_final_rows(out, reference)
@@ -128,28 +99,10 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(
     """A real SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) mid-build or mid-training: one line (no
     traceback from zarr's or torch's threads), exit 130 or 143, and the command it names continues the work."""
     if tool == "cache":
-        args = build_args(image_root, tmp_path / "cache", teacher_file)
+        args = build(image_root, tmp_path / "cache", teacher_file)
         point, again, hint = "after-batch:2", args, "rerun the same command to resume"
     else:
-        args = [
-            "--cache",
-            fp32_cache,
-            "--epochs",
-            2,
-            "--batch-size",
-            4,
-            "--steps-per-epoch",
-            2,
-            "--loader",
-            "torchvision",
-            "--workers",
-            0,
-            "--device",
-            "cpu",
-            "--no-val",
-            "--out",
-            tmp_path / "run",
-        ]
+        args = train_args(cache=fp32_cache, epochs=2, steps_per_epoch=2, no_val=True, out=tmp_path / "run")
         point, again, hint = "after-epoch:0", [*args, "--resume"], "with --resume to continue"
     # A child inherits an ignored SIGINT (Python then never raises KeyboardInterrupt): as from a terminal, not so
     stopped = skd(
@@ -172,7 +125,7 @@ def test_second_build_on_the_same_cache_is_refused_naming_the_holder(image_root,
     out = tmp_path / "cache"
     lock = FolderLock(out)
     try:
-        result = skd(*build_args(image_root, out, teacher_file))
+        result = skd(*build(image_root, out, teacher_file))
     finally:
         lock.release()
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-300:]}"
@@ -189,7 +142,7 @@ def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tm
     wide = tmp_path / "wide.pth"  # 1000 outputs: 4 KB per fp32 row, so shards outgrow the small disk
     torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), wide)
     reference = tmp_path / "reference"
-    assert skd(*build_args(image_root, reference, wide, views=4)).returncode == 0
+    assert skd(*build(image_root, reference, wide, views=4)).returncode == 0
     used = sum(f.stat().st_size for f in reference.rglob("*") if f.is_file())
     mount = tmp_path / "small"
     mount.mkdir()
@@ -198,7 +151,7 @@ def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tm
         pytest.skip("cannot mount a tmpfs here (needs root): the disk-full test needs a real small disk")
     try:
         out = mount / "cache"
-        full = skd(*build_args(image_root, out, wide, views=4))
+        full = skd(*build(image_root, out, wide, views=4))
         assert full.returncode == 2, (
             f"exit {full.returncode} with {used} bytes on a {size_kib} KiB disk: {full.stderr[-500:]}"
         )
@@ -209,7 +162,7 @@ def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tm
         shutil.copytree(out, moved)
     finally:
         subprocess.run(["umount", str(mount)])
-    resumed = skd(*build_args(image_root, moved, wide, views=4))
+    resumed = skd(*build(image_root, moved, wide, views=4))
     assert resumed.returncode == 0, resumed.stderr[-500:]
     want, got = arrays(reference), arrays(moved)
     for name in want:
@@ -217,25 +170,7 @@ def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tm
 
 
 def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(fp32_cache, tmp_path):
-    args = [
-        "--cache",
-        fp32_cache,
-        "--epochs",
-        3,
-        "--batch-size",
-        4,
-        "--steps-per-epoch",
-        3,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--device",
-        "cpu",
-        "--alpha",
-        "0.9",
-        "--no-val",
-    ]
+    args = train_args(cache=fp32_cache, epochs=3, steps_per_epoch=3, alpha="0.9", no_val=True)
     straight = skd(*args, "--out", tmp_path / "straight", tool="train")
     assert straight.returncode == 0, straight.stderr[-800:]
     run = tmp_path / "run"

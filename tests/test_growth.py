@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import small_build_config
-from test_faults import build_args, skd
+from conftest import build_args, small_build_config
+from test_faults import skd
 
 from skd.build.teacher_pass import BuildError, build_cache
 from skd.inspect.info import describe, info_lines
@@ -71,7 +71,7 @@ def test_fewer_views_than_the_cache_holds_are_refused_in_one_line(
     out = tmp_path / "cache"
     shutil.copytree(fp32_cache, out)
     before = file_hashes(out) | {"zarr.json": (out / "zarr.json").read_text()}
-    args = build_args(image_root, out, teacher_file, views=1)
+    args = build_args(weights=teacher_file, data=image_root, out=out, views=1)
     code, err = in_process("cache", *args)
     assert code == 2 and err.count("\n") == 1, f"exit {code}: {err}"
     assert "--views 1, fewer than the 2 of" in err and "never shrinks" in err, err
@@ -83,7 +83,7 @@ def test_kill_9_during_the_append_resumes_to_the_fresh_build(image_root, teacher
     logits are computed: each rerun of the same command carries on, to the cache a fresh 4-view build gives."""
     out = tmp_path / "cache"
     shutil.copytree(fp32_cache, out)
-    args = build_args(image_root, out, teacher_file, views=4)
+    args = build_args(weights=teacher_file, data=image_root, out=out, views=4)
     killed = skd(*args, env={"SKD_FAULT": "grow-view:1"})
     assert killed.returncode == -9, f"not killed while growing ({killed.returncode}): {killed.stderr[-500:]}"
     store = open_store(out)

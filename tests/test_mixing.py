@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_args, train_args
 
 from skd.errors import SkdError
 from skd.plan.mixing import MixError, MixParams, box_pixels, mix_batch, plan_mixing, soft_labels
@@ -384,51 +385,12 @@ def test_info_and_stats_report_the_mixing(mixed_cache, in_process):
 
 
 def test_mixing_with_an_odd_batch_is_one_line(image_root, teacher_file, tmp_path, in_process):
-    code, err = in_process(
-        "cache",
-        "build",
-        "--teacher",
-        "resnet18",
-        "--weights",
-        teacher_file,
-        "--data",
-        image_root,
-        "--out",
-        tmp_path / "c",
-        "--mixup",
-        "0.2",
-        "--batch-size",
-        "5",
-        "--device",
-        "cpu",
-    )
+    build = build_args(weights=teacher_file, data=image_root, out=tmp_path / "c", mixup="0.2", batch_size=5)
+    code, err = in_process("cache", *build)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "--batch-size (5)" in lines[0] and "even" in lines[0], lines
     assert not (tmp_path / "c").exists(), "a refused build wrote its --out"
-    code, err = in_process(
-        "train",
-        "--teacher",
-        "resnet18",
-        "--weights",
-        teacher_file,
-        "--data",
-        image_root,
-        "--out",
-        tmp_path / "r",
-        "--mixup",
-        "0.2",
-        "--batch-size",
-        "5",
-        "--device",
-        "cpu",
-        "--image-size",
-        "32",
-        "--views",
-        "1",
-        "--loader",
-        "torchvision",
-        "--workers",
-        "0",
-    )
+    online = dict(teacher="resnet18", weights=teacher_file, data=image_root, out=tmp_path / "r", image_size=32, views=1)
+    code, err = in_process("train", *train_args(**online, mixup="0.2", batch_size=5))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "even number" in lines[0], lines

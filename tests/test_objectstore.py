@@ -10,18 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_args
 from s3server import DUMMY_KEY, DUMMY_SECRET, S3Server
 from test_reader import assert_same, make_store
 
+from skd.errors import BusyError, CacheError
 from skd.inspect.info import describe, info_lines
 from skd.storage.location import LocalFolder, parse_location
-from skd.storage.locks import FolderLock, Lease, LockError
+from skd.storage.locks import FolderLock, Lease
 from skd.storage.objectstore import ObjectPrefix, check_objects
 from skd.storage.zarr_internals import codec_pipeline
 from skd.store.cache_store import VAL, StoreError, cache_state, open_store
 from skd.store.codecs import get_codec
 from skd.store.reader import RowReader
-from skd.store.schema import SchemaError
 
 # zarrs rebuilds obstore's store in its own copy of object_store, and warns for every array it opens
 pytestmark = pytest.mark.filterwarnings("ignore:Successfully reconstructed a store:RuntimeWarning")
@@ -182,21 +183,21 @@ def test_the_lease_is_exclusive_renewed_and_taken_over_after_expiry(server, buck
     url = f"s3://{bucket}/c"
     first = parse_location(url).lock(ttl=1.5)
     assert isinstance(first, Lease), type(first)
-    with pytest.raises(LockError, match=f"{url} is being built by pid \\d+ on .*wait for it") as refused:
+    with pytest.raises(BusyError, match=f"{url} is being built by pid \\d+ on .*wait for it") as refused:
         parse_location(url).lock(ttl=1.5)
     one_line(refused)
     time.sleep(3.2)  # two ttls: renewed meanwhile, so still held
-    with pytest.raises(LockError, match="is being built by"):
+    with pytest.raises(BusyError, match="is being built by"):
         parse_location(url).lock(ttl=1.5)
     first._stop.set()  # the holder stalls: no more renewals
     first.thread.join()
     time.sleep(1.7)
     second = parse_location(url).lock(ttl=1.5)  # expired: taken over
     assert not first.renew() and first.lost is not None
-    with pytest.raises(LockError, match="lost its lease"):
+    with pytest.raises(BusyError, match="lost its lease"):
         first.check()
     first.release()  # not ours any more: left alone
-    with pytest.raises(LockError, match="is being built by"):
+    with pytest.raises(BusyError, match="is being built by"):
         parse_location(url).lock(ttl=1.5)
     second.release()
     third = parse_location(url).lock(ttl=1.5)  # released: free at once
@@ -224,7 +225,7 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(server, bucket)
     parse_location(f"s3://{bucket}/c").lock(ttl=60).release()
     body["host"] = "another-host"
     server.client().put_object(Bucket=bucket, Key="c.lock", Body=json.dumps(body).encode())
-    with pytest.raises(LockError, match=f"being built by pid {pid} on"):
+    with pytest.raises(BusyError, match=f"being built by pid {pid} on"):
         parse_location(f"s3://{bucket}/c").lock(ttl=60)
 
 
@@ -305,7 +306,7 @@ def test_object_listings_are_checked_like_folders():
         ({"views": 1, "views/zarr.json": 2}, "views is an object and a folder"),
         ({"views/zarr.json": 2**21}, "more than zarr metadata"),
     ]:
-        with pytest.raises(SchemaError, match=needle):
+        with pytest.raises(CacheError, match=needle):
             check_objects(where, listing)
 
 
@@ -331,7 +332,7 @@ def test_a_key_that_leaves_the_prefix_is_refused(server, bucket, key):
     """Keys are untrusted as paths are: an object whose key has a '..', '.' or empty part, or a backslash."""
     make_store(f"s3://{bucket}/c", views=1)
     server.client().put_object(Bucket=bucket, Key=key, Body=b"x")
-    with pytest.raises((StoreError, SchemaError), match="leave.* the prefix") as exc:
+    with pytest.raises((StoreError, CacheError), match="leave.* the prefix") as exc:
         open_store(f"s3://{bucket}/c")
     one_line(exc)
 
@@ -396,37 +397,7 @@ def test_build_kill_resume_and_train_on_s3_equal_the_local_cache(
     from skd.train.loop import TrainConfig, train
 
     url = f"s3://{bucket}/caches/r18"
-    args = [
-        "build",
-        "--teacher",
-        "resnet18",
-        "--weights",
-        teacher_file,
-        "--data",
-        image_root,
-        "--out",
-        url,
-        "--views",
-        2,
-        "--image-size",
-        32,
-        "--batch-size",
-        8,
-        "--codec",
-        "fp32",
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--shard-size",
-        8,
-        "--chunk-size",
-        4,
-        "--amp",
-        "none",
-        "--device",
-        "cpu",
-    ]
+    args = build_args(weights=teacher_file, data=image_root, out=url)
     env = {**os.environ, **server.env, "SKD_FAULT": "after-shard:2"}
     killed = subprocess.run(
         [sys.executable, "-c", "from skd.cli.main import main_cache; main_cache()", *map(str, args)],
@@ -494,12 +465,10 @@ def test_an_endpoint_that_never_answers_is_one_line_within_the_timeout(server, b
     assert waited < 60, f"the unanswering store held the open for {waited:.0f} s with SKD_STORE_TIMEOUT=1"
 
 
-def s3_build(url: str, teacher_file, image_root, views: int, *extra) -> list[str]:
+def s3_build(url: str, teacher_file, image_root, **options) -> list[str]:
     """The `skd-cache build` command line of the small fp32 cache these tests build into `url`."""
-    args = ["build", "--teacher", "resnet18", "--weights", teacher_file, "--data", image_root, "--out", url]
-    args += ["--views", views, "--image-size", 32, "--batch-size", 4, "--codec", "fp32", "--loader", "torchvision"]
-    args += ["--workers", 0, "--shard-size", 4, "--chunk-size", 4, "--amp", "none", "--device", "cpu", *extra]
-    return [sys.executable, "-c", "from skd.cli.main import main_cache; main_cache()", *map(str, args)]
+    args = build_args(weights=teacher_file, data=image_root, out=url, batch_size=4, shard_size=4, **options)
+    return [sys.executable, "-c", "from skd.cli.main import main_cache; main_cache()", *args]
 
 
 def wait_for_request(server: S3Server, process: subprocess.Popen, method: str, fragment: str, what: str) -> None:
@@ -518,7 +487,7 @@ def test_a_store_that_goes_away_mid_build_is_one_line(image_root, teacher_file, 
     with S3Server() as own:
         own.create_bucket("gone")
         env = {**os.environ, **own.env, "SKD_STORE_TIMEOUT": "2"}
-        command = s3_build("s3://gone/c", teacher_file, image_root, 4)
+        command = s3_build("s3://gone/c", teacher_file, image_root, views=4)
         build = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         wait_for_request(own, build, "PUT", "/logits/c/1/", "writing view 1")
     _, err = build.communicate(timeout=240)
@@ -537,7 +506,7 @@ def test_a_build_resumes_once_a_store_that_stopped_answering_answers_again(image
 
     from skd.build.teacher_pass import build_cache
 
-    command = s3_build("s3://paused/c", teacher_file, image_root, 3, "--no-val")
+    command = s3_build("s3://paused/c", teacher_file, image_root, views=3, no_val=True)
     with S3Server() as own:
         own.create_bucket("paused")
         env = {**os.environ, **own.env, "SKD_STORE_TIMEOUT": "1"}

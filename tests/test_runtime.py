@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from skd.models.runtime import DIST_TIMEOUT_MINUTES, DeviceError, set_dist_timeout
+from skd.errors import DeviceError
+from skd.models.runtime import DIST_TIMEOUT_MINUTES, set_dist_timeout
 
 RANK = """
 import sys, torch, torch.distributed as dist
@@ -28,18 +29,9 @@ shutdown(d)
 def test_every_rank_joins_with_the_timeout_asked_for(minutes, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            script,
-            minutes,
-            tmp_path,
-        ],
+        [*torchrun, script, minutes, tmp_path],
         capture_output=True,
         text=True,
         timeout=180,

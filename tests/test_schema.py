@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import small_build_config
+from conftest import small_build_config, train_args
 
 from skd.build.teacher_pass import build_cache
 from skd.store.schema import samples_sha256
@@ -213,28 +213,7 @@ def command(name: str, cache: Path, image_root: Path, teacher_file: Path, tmp_pa
         "info": ("cache", ["info", cache]),
         "stats": ("cache", ["stats", cache, "--views", "all"]),
         "verify": ("cache", ["verify", cache, "--data", image_root, "--weights", teacher_file]),
-        "train": (
-            "train",
-            [
-                "--cache",
-                cache,
-                "--out",
-                tmp_path / "run",
-                "--epochs",
-                1,
-                "--batch-size",
-                4,
-                "--device",
-                "cpu",
-                "--loader",
-                "torchvision",
-                "--workers",
-                0,
-                "--steps-per-epoch",
-                1,
-                "--no-val",
-            ],
-        ),
+        "train": ("train", train_args(cache=cache, out=tmp_path / "run", steps_per_epoch=1, no_val=True)),
     }[name]
 
 

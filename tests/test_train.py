@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 import zarr
-from conftest import free_port, small_build_config
+from conftest import build_args, small_build_config, torchrun, train_args
 
 from skd.build.teacher_pass import build_cache
 from skd.train.loop import TrainConfig, train
@@ -112,24 +112,7 @@ def test_no_kd_differs_from_skd(fp32_cache, tmp_path):
 
 def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
     out = tmp_path / "run"
-    result = cli(
-        "--cache",
-        fp32_cache,
-        "--epochs",
-        3,
-        "--batch-size",
-        4,
-        "--steps-per-epoch",
-        2,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--device",
-        "cpu",
-        "--out",
-        out,
-    )
+    result = cli(*train_args(cache=fp32_cache, epochs=3, steps_per_epoch=2, out=out))
     assert result.returncode == 0, result.stderr[-1500:]
     assert "views are reused" in result.stderr, "3 epochs over 2 views must say that views are reused"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -144,61 +127,15 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
     other = shutil.copytree(fp32_cache, tmp_path / "other")
     g = zarr.open_group(str(other), mode="r+")  # as if rebuilt in place with another --seed
     g.attrs["skd"] = {**g.attrs["skd"], "plan": {**g.attrs["skd"]["plan"], "seed": 7}}
-    refused = cli(
-        "--cache",
-        other,
-        "--epochs",
-        3,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        "--resume",
-    )
+    refused = cli(*train_args(cache=other, epochs=3, out=out, resume=True))
     assert refused.returncode == 2 and "same cache" in refused.stderr and "Traceback" not in refused.stderr, (
         refused.stderr[-500:]
     )
-    other_arch = cli(
-        "--cache",
-        fp32_cache,
-        "--arch",
-        "resnet34",
-        "--epochs",
-        3,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        "--resume",
-    )
+    other_arch = cli(*train_args(cache=fp32_cache, arch="resnet34", epochs=3, out=out, resume=True))
     assert (
         other_arch.returncode == 2 and "--arch resnet18" in other_arch.stderr and "Traceback" not in other_arch.stderr
     ), other_arch.stderr[-500:]
-    longer = cli(
-        "--cache",
-        fp32_cache,
-        "--epochs",
-        10,
-        "--batch-size",
-        4,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        "--resume",
-    )
+    longer = cli(*train_args(cache=fp32_cache, epochs=10, out=out, resume=True))
     assert longer.returncode == 2 and "--epochs 3, not 10" in longer.stderr, (
         f"a resume that reshapes the lr and alpha schedule must be refused: {longer.stderr[-500:]}"
     )
@@ -207,12 +144,12 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
 def test_a_run_is_replaced_only_on_overwrite_and_a_moved_cache_resumes(fp32_cache, tmp_path):
     """Rerunning without --resume (as after a Ctrl-C) keeps the run; --overwrite starts it again; a copy of the
     cache elsewhere is the same cache for --resume."""
-    from skd.train.run import TrainError
+    from skd.errors import OptionError
 
     out = tmp_path / "run"
     run(base_config(out, cache=fp32_cache, epochs=1))
     assert not (tmp_path / "run.lock").exists(), "a finished run left its lock file beside --out"
-    with pytest.raises(TrainError, match="holds a run .*pass --resume to continue it, --overwrite"):
+    with pytest.raises(OptionError, match="holds a run .*pass --resume to continue it, --overwrite"):
         run(base_config(out, cache=fp32_cache, epochs=1))
     kept = (out / "metrics.jsonl").read_text().count("\n")
     assert kept == 1, f"a refused rerun left {kept} of 1 metrics lines"
@@ -226,24 +163,7 @@ def test_a_run_is_replaced_only_on_overwrite_and_a_moved_cache_resumes(fp32_cach
 
 
 def test_killed_run_resumes_with_the_same_metrics(fp32_cache, tmp_path):
-    args = [
-        "--cache",
-        fp32_cache,
-        "--epochs",
-        3,
-        "--batch-size",
-        4,
-        "--steps-per-epoch",
-        2,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--device",
-        "cpu",
-        "--alpha",
-        "0.9",
-    ]
+    args = train_args(cache=fp32_cache, epochs=3, steps_per_epoch=2, alpha="0.9")
     straight = cli(*args, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-1500:]
     killed = cli(*args, "--out", tmp_path / "resumed", env={"SKD_FAULT": "after-epoch:1"})
@@ -291,28 +211,8 @@ def test_images_vanishing_during_training_are_one_line(fp32_cache, image_root, t
     data = tmp_path / "data"
     shutil.copytree(image_root, data)
     (tmp_path / "deleting.py").write_text(DELETING_STUDENT)
-    result = cli(
-        "--cache",
-        fp32_cache,
-        "--data",
-        data,
-        "--arch",
-        "py:deleting:student",
-        "--epochs",
-        1,
-        "--batch-size",
-        4,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--device",
-        "cpu",
-        "--no-val",
-        "--out",
-        tmp_path / "run",
-        env={"PYTHONPATH": str(tmp_path), "DELETE_DIR": str(data / "train/cat")},
-    )
+    args = train_args(cache=fp32_cache, data=data, arch="py:deleting:student", no_val=True, out=tmp_path / "run")
+    result = cli(*args, env={"PYTHONPATH": str(tmp_path), "DELETE_DIR": str(data / "train/cat")})
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-800:]}"
     assert (
         "reading the images of epoch 0 failed" in result.stderr
@@ -322,10 +222,9 @@ def test_images_vanishing_during_training_are_one_line(fp32_cache, image_root, t
 
 
 def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
-    from skd.errors import SkdError
+    from skd.errors import OptionError, SkdError
     from skd.models.runtime import Dist
     from skd.train.loop import _train
-    from skd.train.run import TrainError
 
     with pytest.raises(SkdError, match="18 training samples cannot be shared by 20 processes"):
         _train(
@@ -335,7 +234,7 @@ def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
             log=lambda m: None,
             on_step=None,
         )
-    with pytest.raises(TrainError, match="--batch-size 4 is the global batch"):
+    with pytest.raises(OptionError, match="--batch-size 4 is the global batch"):
         _train(
             base_config(tmp_path / "run", cache=fp32_cache),
             Dist(rank=0, world=8),
@@ -420,41 +319,10 @@ def test_two_processes_match_one_with_the_same_global_batch(fp32_cache, tmp_path
     """One epoch over all 18 samples; the 2-process run averages gradients over the same global batch."""
     (tmp_path / "tiny.py").write_text(TINY_STUDENT)
     env = {"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    common = [
-        "--cache",
-        fp32_cache,
-        "--arch",
-        "py:tiny:student",
-        "--epochs",
-        1,
-        "--batch-size",
-        6,
-        "--lr",
-        0.1,
-        "--loader",
-        "torchvision",
-        "--workers",
-        0,
-        "--device",
-        "cpu",
-        "--alpha",
-        "0.9",
-    ]
+    common = train_args(cache=fp32_cache, arch="py:tiny:student", batch_size=6, lr=0.1, alpha="0.9")
     one = cli(*common, "--out", tmp_path / "one", env=env)
     assert one.returncode == 0, one.stderr[-1500:]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        str(Path(sys.executable).parent / "skd-train"),
-        *map(str, common),
-        "--out",
-        tmp_path / "two",
-    ]
+    cmd = torchrun(Path(sys.executable).parent / "skd-train", *common, "--out", tmp_path / "two")
     two = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **env})
     assert two.returncode == 0, two.stderr[-2000:]
     a = json.loads((tmp_path / "one/metrics.jsonl").read_text())
@@ -468,47 +336,14 @@ def test_two_processes_match_one_with_the_same_global_batch(fp32_cache, tmp_path
 
 @pytest.mark.parametrize("case", ["missing", "unfinished", "wrong data", "wrong classes", "no source"])
 def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tmp_path, in_process, monkeypatch):
-    args = ["--epochs", 1, "--loader", "torchvision", "--workers", 0, "--device", "cpu", "--out", tmp_path / "run"]
+    args = train_args(out=tmp_path / "run")
     if case == "missing":
         args += ["--cache", tmp_path / "no-cache"]
         needle = "does not exist"
     elif case == "unfinished":
+        build = build_args(weights=teacher_file, data=image_root, out=tmp_path / "part")
         killed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "skd.cli.main",
-                *[
-                    str(a)
-                    for a in [
-                        "build",
-                        "--teacher",
-                        "resnet18",
-                        "--weights",
-                        teacher_file,
-                        "--data",
-                        image_root,
-                        "--out",
-                        tmp_path / "part",
-                        "--views",
-                        2,
-                        "--image-size",
-                        32,
-                        "--codec",
-                        "fp32",
-                        "--loader",
-                        "torchvision",
-                        "--workers",
-                        0,
-                        "--shard-size",
-                        8,
-                        "--chunk-size",
-                        4,
-                        "--device",
-                        "cpu",
-                    ]
-                ],
-            ],
+            [sys.executable, "-m", "skd.cli.main", *build],
             capture_output=True,
             env={**os.environ, "SKD_FAULT": "after-shard:1"},
             cwd=REPO,
@@ -579,27 +414,8 @@ def test_a_disk_filling_up_during_training_is_one_line_and_resumes(fp32_cache, t
         pytest.skip("cannot mount a tmpfs here (needs root): the disk-full test needs a real small disk")
     try:
         (tmp_path / "filling.py").write_text(FILLING_STUDENT)
-        args = [
-            "--cache",
-            fp32_cache,
-            "--arch",
-            "py:filling:student",
-            "--epochs",
-            2,
-            "--batch-size",
-            4,
-            "--steps-per-epoch",
-            2,
-            "--loader",
-            "torchvision",
-            "--workers",
-            0,
-            "--device",
-            "cpu",
-            "--no-val",
-            "--out",
-            mount / "run",
-        ]
+        args = train_args(cache=fp32_cache, arch="py:filling:student", epochs=2, steps_per_epoch=2, no_val=True)
+        args += ["--out", mount / "run"]
         env = {"PYTHONPATH": str(tmp_path), "FILL_DIR": str(mount)}
         full = cli(*args, env=env)
         assert full.returncode == 2, f"exit {full.returncode}: {full.stderr[-800:]}"
@@ -630,7 +446,7 @@ def test_a_run_folder_in_use_or_not_a_folder_is_refused_in_one_line(fp32_cache, 
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
-    args = ["--cache", fp32_cache, "--epochs", 1, "--loader", "torchvision", "--workers", 0, "--device", "cpu"]
+    args = train_args(cache=fp32_cache)
     with FolderLock(out, activity="trained into"):
         code, err = in_process("train", *args, "--out", out, "--resume")
     assert code == 2 and f"is being trained into by pid {os.getpid()}" in err and err.count("\n") == 1, (
