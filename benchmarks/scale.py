@@ -11,7 +11,11 @@ metadata are a real K-view cache's at little disk), then what depends on K: open
 (`describe`), a build's bookkeeping for one view (its completion, its plan read and checked) at the first and at
 the last view, and appending one view (`grow_store`).
 
-Usage: python benchmarks/scale.py [--rows N] [--views 10 100] [--dir DIR] [--compare] [--info]
+`--draws`: seconds of one view's draws (`skd.plan.draws`: the order, the flips and ten crop tries of four values
+per sample) and of planning the view (`plan_view`: those draws made into windows), best of three, at `--rows`
+synthetic image sizes (tests/test_draws.py and tests/test_plan.py check the same at ImageNet's size, untimed).
+
+Usage: python benchmarks/scale.py [--rows N] [--views 10 100] [--dir DIR] [--compare] [--info] [--draws]
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from bench_common import cache_meta
 
 from skd.data.index import Split
 from skd.inspect.info import describe
-from skd.plan.crops import CropParams
+from skd.plan import draws
+from skd.plan.crops import TRIES, CropParams, plan_view
 from skd.plan.mixing import MixParams
 from skd.replay.sources import planned_view
 from skd.store.cache_store import Store, open_store
@@ -141,6 +146,24 @@ def timed(work) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+def draw_costs(rows: int, repeat: int = 3) -> dict:
+    """Seconds (best of `repeat`) of one view's draws and of planning the view, at `rows` samples."""
+    ids = np.arange(rows)
+    sizes = samples(rows).sizes
+
+    def view_draws():
+        draws.uniform(0, 0, draws.ORDER, ids)
+        draws.uniform(0, 0, draws.FLIP, ids)
+        for t in range(TRIES):
+            draws.uniform(0, 0, draws.CROP + t, ids, count=4)
+
+    return {
+        "rows": rows,
+        "draws_s": min(timed(view_draws)[0] for _ in range(repeat)),
+        "plan_view_s": min(timed(lambda: plan_view(0, 0, sizes))[0] for _ in range(repeat)),
+    }
+
+
 def info_costs(rows: int, views: int, folder: str) -> dict:
     """Seconds of what a K-view cache costs to open, describe, keep a view's books for and grow by a view."""
     path = Path(folder) / "c"
@@ -189,6 +212,9 @@ def main() -> None:
     parser.add_argument(
         "--info", action="store_true", help="open, info, a view's bookkeeping and growth by views"
     )
+    parser.add_argument(
+        "--draws", action="store_true", help="one view's draws and its plan_view, in seconds"
+    )
     # a child process: one view count
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--all-at-once", action="store_true", help=argparse.SUPPRESS)
@@ -200,6 +226,13 @@ def main() -> None:
         return
     if args.info:
         return report_info(args)
+    if args.draws:
+        r = draw_costs(args.rows)
+        print(
+            f"{r['rows']:>9,} rows: one view's draws {r['draws_s']:.2f} s, "
+            f"plan_view {r['plan_view_s']:.2f} s (best of 3)"
+        )
+        return
     for all_at_once in (False, True) if args.compare else (False,):
         results = []
         for views in args.views:
