@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skd.errors import SkdError
+from skd.errors import DeviceError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -158,10 +158,6 @@ class DecodeError(OSError):
     batch."""
 
 
-class LoaderUnavailable(SkdError):
-    """The requested loader cannot run here (e.g. DALI is not installed)."""
-
-
 @dataclass(frozen=True)
 class Items:
     """The validated, array-typed description of what to load, shared by both implementations."""
@@ -267,7 +263,5 @@ def make_loader(
     try:
         from .dali_pipeline import DaliLoader
     except ImportError as error:
-        raise LoaderUnavailable(
-            f"DALI cannot be imported ({error}); use --loader torchvision"
-        ) from error
+        raise DeviceError(f"DALI cannot be imported ({error}); use --loader torchvision") from error
     return DaliLoader(items, dali=dali or _dali_options, **options)

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import IMAGENET_MEAN, IMAGENET_STD, DaliOptions, LoaderUnavailable, make_loader
+from skd.errors import DeviceError
+
+from . import IMAGENET_MEAN, IMAGENET_STD, DaliOptions, make_loader
 
 ORIENTATIONS = (1, 3, 6, 8)
 SMOKE_IMAGES = 8
@@ -102,7 +104,7 @@ def compare(
 
 
 def check_roi_decoder(device_index: int) -> None:
-    """Once per process and GPU: the ROI smoke test in a child process; LoaderUnavailable (one line
+    """Once per process and GPU: the ROI smoke test in a child process; DeviceError (one line
     naming --dali-decode) when the child crashes, fails or decodes windows more than TOLERANCE
     levels off the CPU's."""
     if device_index in _checked:
@@ -123,7 +125,7 @@ def check_roi_decoder(device_index: int) -> None:
     except subprocess.TimeoutExpired:
         problem = "it did not finish in 300 s"
     if problem:
-        raise LoaderUnavailable(
+        raise DeviceError(
             f"DALI's GPU ROI decoder failed a smoke test on {SMOKE_IMAGES} plain and EXIF-rotated "
             f"JPEGs ({problem}): pass --dali-decode full (decode whole images on the GPU, then slice) or "
             "--dali-decode cpu"

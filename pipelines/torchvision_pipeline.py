@@ -24,19 +24,6 @@ RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 _NAMED_OVERSIZED: set[str] = set()
 
 
-def load_view(
-    path: str,
-    box: Sequence[int],
-    flip: bool,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str = "bilinear",
-) -> torch.Tensor:
-    """One view as a normalised (3, S, S) float32 tensor (`load_window`, then `normalize`)."""
-    return normalize(load_window(path, box, flip, image_size, interpolation), mean, std)
-
-
 def load_window(
     path: str, box: Sequence[int], flip: bool, image_size: int, interpolation: str
 ) -> torch.Tensor:

@@ -17,11 +17,17 @@ __version__ = "0.1.0"
 _API = {
     "open_cache": "skd.cache",
     "Cache": "skd.cache",
-    "CacheError": "skd.cache",
+    "CacheError": "skd.errors",
     "SphericalKD": "skd.loss",
     "HintonKD": "skd.loss",
     "soft_labels": "skd.plan.mixing",
     "SkdError": "skd.errors",
+    "OptionError": "skd.errors",
+    "DatasetError": "skd.errors",
+    "BusyError": "skd.errors",
+    "DeviceError": "skd.errors",
+    "ModelError": "skd.errors",
+    "StoreError": "skd.storage.objectstore",
 }
 __all__ = sorted(_API)
 

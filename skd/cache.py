@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from skd import pipelines
-from skd.errors import SkdError
+from skd.errors import CacheError, OptionError
 from skd.loss import ensemble_target
 from skd.plan.mixing import MixParams
 from skd.replay.cached_logits import auto_multiplier
@@ -28,10 +28,6 @@ from skd.replay.checks import check_ensemble, check_replayable
 from skd.replay.sources import ReplaySource, cached_source, student_recipe
 from skd.replay.view_loader import ViewLoader, check_shares, rank_range, view_of_epoch
 from skd.store.cache_store import Store, open_store
-
-
-class CacheError(SkdError):
-    """A cache cannot be opened or read as asked: one line saying what to change."""
 
 
 def open_cache(
@@ -52,7 +48,7 @@ def open_cache(
     """
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     if not paths:
-        raise CacheError("open_cache: pass at least one cache")
+        raise OptionError("open_cache: pass at least one cache")
     stores = [open_store(p) for p in paths]
     check_ensemble(stores)
     root = Path(data or stores[0].meta["dataset"]["root"])
@@ -68,7 +64,7 @@ def ensemble_weights(given: Sequence[float] | None, count: int) -> list[float]:
     if given is None:
         return [1.0 / count] * count
     if len(given) != count or min(given) < 0 or sum(given) <= 0:
-        raise CacheError(
+        raise OptionError(
             f"teacher weights {','.join(map(str, given))}: give {count} numbers >= 0, one per cache, not all 0"
         )
     return [w / sum(given) for w in given]
@@ -89,7 +85,7 @@ class Cache:
     ):
         stored = min(store.num_views for store in stores)
         if views is not None and not 1 <= views <= stored:
-            raise CacheError(
+            raise OptionError(
                 f"views={views}: {stores[0].path} holds views 0 to {stored - 1}: ask for 1 to {stored}"
             )
         self.stores, self.weights, self.kd, self.root, self.val = stores, weights, kd, root, val
@@ -139,7 +135,7 @@ class Cache:
         self._check_view(view)
         stop = self.num_samples if stop is None else stop
         if not 0 <= start <= stop <= self.num_samples:
-            raise CacheError(
+            raise OptionError(
                 f"positions {start}:{stop}: view {view} has positions 0 to {self.num_samples}"
             )
         parts = [torch.from_numpy(store.read_logits(view, start, stop)) for store in self.stores]
@@ -181,7 +177,9 @@ class Cache:
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if not 0 <= rank < world_size:
-            raise CacheError(f"rank {rank} of world size {world_size}: need 0 <= rank < world size")
+            raise OptionError(
+                f"rank {rank} of world size {world_size}: need 0 <= rank < world size"
+            )
         check_shares(
             self.num_samples, world_size, batch_size, self.mixed, f"batch_size={batch_size}"
         )
@@ -205,7 +203,7 @@ class Cache:
 
     def _check_view(self, view: int) -> None:
         if not 0 <= view < self.num_views:
-            raise CacheError(
+            raise OptionError(
                 f"view {view}: {self.stores[0].path} is read with views 0 to {self.num_views - 1}"
             )
 

@@ -1,8 +1,19 @@
 """The one error family the command lines catch, and fault injection for the crash tests.
 
 Every user-facing error is an `SkdError`: str(e) is one line naming the file, folder or option and
-what to do. Each module raises its own subclass, so a caller can tell a bad cache from a bad
-dataset.
+what to do. The classes are named for what the user does next:
+
+- `OptionError`: an argument or option is wrong or does not fit the others: change the command.
+- `DatasetError`: the images or labels (missing, unreadable, changed since the build): fix the data
+  or point --data at the right ones.
+- `CacheError`: a cache that is damaged, unfinished, or not the one asked for: rebuild, resume or
+  choose another.
+- `BusyError`: a cache or run folder that another job holds: wait for it, or stop it.
+- `DeviceError`: this machine cannot do it (device, DALI, process group, disk space): fix the
+  machine or ask for less.
+- `ModelError`: a teacher's or student's architecture or weights: put the file where the message
+  says, or name another model.
+- `skd.storage.objectstore.StoreError` (with storage): where a cache lives cannot be read or written.
 """
 
 from __future__ import annotations
@@ -13,6 +24,31 @@ import signal
 
 class SkdError(ValueError):
     """A user mistake or unusable input: one line saying what is wrong and what to do."""
+
+
+class OptionError(SkdError):
+    """An argument or option that is wrong, or does not fit the others: change the command."""
+
+
+class DatasetError(SkdError):
+    """The images or labels: missing, unreadable, or not those the cache was built on."""
+
+
+class CacheError(SkdError):
+    """A cache that is damaged, unfinished, or not the one asked for: rebuild, resume or choose
+    another (the message says which)."""
+
+
+class BusyError(SkdError):
+    """A cache or run folder that another job holds: wait for it to finish, or stop it."""
+
+
+class DeviceError(SkdError):
+    """This machine cannot do what was asked: the device, DALI, the process group, disk space."""
+
+
+class ModelError(SkdError):
+    """A teacher's or student's architecture or weights: the file, the name, or their outputs."""
 
 
 class SkdWarning(UserWarning):

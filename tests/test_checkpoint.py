@@ -6,8 +6,8 @@ import subprocess
 import pytest
 import torch
 
-from skd.errors import SkdError
-from skd.train.checkpoint import CheckpointError, check_free_space, save_atomic
+from skd.errors import DeviceError, SkdError
+from skd.train.checkpoint import check_free_space, save_atomic
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def assert_previous_checkpoint_intact(path):
 def test_a_checkpoint_that_does_not_fit_keeps_the_previous_one(small_tmpfs):
     path = small_tmpfs / "checkpoint.pth"
     save_atomic(small_checkpoint(), path)
-    with pytest.raises(CheckpointError) as caught:
+    with pytest.raises(DeviceError) as caught:
         save_atomic({"epoch": 4, "weights": torch.zeros(262_144)}, path)  # 1 MiB into 64 KiB
     message = str(caught.value)
     assert isinstance(caught.value, SkdError) and "\n" not in message, f"not a one-line SkdError: {message!r}"
@@ -56,7 +56,7 @@ def test_a_folder_turned_read_only_keeps_the_previous_checkpoint(small_tmpfs):
     path = small_tmpfs / "checkpoint.pth"
     save_atomic(small_checkpoint(), path)
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
-    with pytest.raises(CheckpointError) as caught:
+    with pytest.raises(DeviceError) as caught:
         save_atomic({"epoch": 4, "weights": torch.zeros(4)}, path)
     assert str(caught.value).startswith(f"read-only file system writing {path}: make {small_tmpfs} writable"), (
         f"message: {caught.value}"
@@ -66,7 +66,7 @@ def test_a_folder_turned_read_only_keeps_the_previous_checkpoint(small_tmpfs):
 
 def test_free_space_check_refuses_a_checkpoint_larger_than_the_disk(tmp_path):
     out = tmp_path / "run" / "not-yet-created"  # a new --out: the check looks at the folder it will be in
-    with pytest.raises(CheckpointError) as caught:
+    with pytest.raises(DeviceError) as caught:
         check_free_space(out, 10**18)  # an exabyte
     message = str(caught.value)
     assert (

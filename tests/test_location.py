@@ -32,9 +32,10 @@ def test_plain_paths_and_urls_parse_to_their_home():
 def test_an_oversized_zarr_json_in_a_folder_is_refused_before_zarr_reads_it(tmp_path):
     """zarr reads metadata whole: a folder's zarr.json over 1 MiB is refused as an object store's is, the
     group's own included (it is the first file zarr opens)."""
-    from skd.storage.files import MAX_METADATA_BYTES, SchemaError
+    from skd.errors import CacheError
+    from skd.storage.files import MAX_METADATA_BYTES
 
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "zarr.json").write_bytes(b" " * (MAX_METADATA_BYTES + 1))
-    with pytest.raises(SchemaError, match=f"zarr.json has {MAX_METADATA_BYTES + 1} bytes, more than"):
+    with pytest.raises(CacheError, match=f"zarr.json has {MAX_METADATA_BYTES + 1} bytes, more than"):
         LocalFolder(tmp_path / "c").inspect()

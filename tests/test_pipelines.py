@@ -18,7 +18,8 @@ from conftest import photo_like, write_jpeg
 from PIL import Image, ImageOps
 
 from skd.data.image_probe import image_size
-from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, make_loader
+from skd.errors import DeviceError
+from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD, make_loader
 from skd.plan.crops import crop_windows, flips
 
 SIZE = 48
@@ -299,7 +300,7 @@ def test_window_outside_the_frame_is_refused(kind, tmp_path):
 def test_missing_dali_says_to_use_torchvision(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     monkeypatch.delitem(sys.modules, "skd.pipelines.dali_pipeline", raising=False)
-    with pytest.raises(LoaderUnavailable, match="--loader torchvision"):
+    with pytest.raises(DeviceError, match="--loader torchvision"):
         make_loader(
             "dali", files=[], boxes=np.zeros((0, 4)), flips=[], labels=[], positions=[], image_size=SIZE, batch_size=1
         )

@@ -12,7 +12,8 @@ from conftest import small_build_config
 from PIL import Image
 
 from skd.build.teacher_pass import build_cache
-from skd.models.recipe import RecipeError, resolve
+from skd.errors import OptionError
+from skd.models.recipe import resolve
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from skd.train.loop import TrainConfig, train
 
@@ -75,7 +76,7 @@ def test_fields_resolve_from_the_first_source_that_states_them():
     assert recipe.size == 232 and set(origin.values()) == {"torchvision weights"}, f"{recipe} {origin}"
     recipe, origin = resolve({}, None, None, 64)
     assert (recipe.size, recipe.interpolation, recipe.mean) == (64, "bilinear", IMAGENET_MEAN), f"{recipe}"
-    with pytest.raises(RecipeError, match="square inputs only"):
+    with pytest.raises(OptionError, match="square inputs only"):
         resolve({}, {"input_size": (3, 96, 128)}, None, 64)
 
 

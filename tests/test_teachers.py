@@ -9,7 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from skd.models.teachers import ModelError, create_model, load_teacher, state_sha256
+from skd.errors import ModelError
+from skd.models.teachers import create_model, load_teacher, state_sha256
 
 
 @pytest.fixture(scope="module")

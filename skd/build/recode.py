@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from skd.build.prepare import check_out, differences, software_versions
-from skd.errors import SkdError
+from skd.errors import CacheError, OptionError
 from skd.storage.location import Location, parse_location
 from skd.store.cache_store import Store, cache_state, open_store, part_name
 from skd.store.codec_table import FIDELITY_ROWS, codec_fidelity
@@ -23,10 +23,6 @@ from skd.store.codecs import get_codec
 from skd.store.creation import ViewPlans, create_store
 from skd.store.reader import RowReader
 from skd.store.writer import ShardWriter, mark_finished
-
-
-class RecodeError(SkdError):
-    """A recode cannot go ahead as asked: one line saying what to change."""
 
 
 def recode_cache(
@@ -42,19 +38,19 @@ def recode_cache(
     try:
         codec = get_codec(codec_name)
     except ValueError as exc:
-        raise RecodeError(f"--codec: {exc}") from None
+        raise OptionError(f"--codec: {exc}") from None
     source = open_store(source_path)
     unfinished = [
         f"{part_name(view)} shard {shard}" for view, shard, _, _ in missing_ranges(source)
     ]
     if unfinished:
-        raise RecodeError(
+        raise CacheError(
             f"{source.path} is not finished ({unfinished[0]} and {len(unfinished) - 1} more shards have no logits): "
             "rerun its build to finish it first"
         )
     where = parse_location(out).absolute()
     if str(where.path) == str(source.location.absolute().path):
-        raise RecodeError(
+        raise OptionError(
             f"--out {out} is the source cache: write the recoded cache somewhere else"
         )
     check_out(where, Path(source.meta["dataset"]["root"]))
@@ -116,13 +112,13 @@ def create(where: Location, source: Store, meta: dict) -> Store:
 def resume(where: Location, meta: dict) -> Store:
     """The recode at `where`, to continue, if it recodes the same source with the same codec."""
     if cache_state(where) == "creating":
-        raise RecodeError(
+        raise OptionError(
             f"{where} holds an unfinished cache creation: pass --overwrite to start it again"
         )
     store = open_store(where, mode="r+")
     changed = differences(store.meta, meta)
     if changed or store.meta.get("recoded_from") != meta["recoded_from"]:
-        raise RecodeError(
+        raise OptionError(
             f"{where} holds another cache ({', '.join(changed) or 'another source'} differ): pass --overwrite "
             "to replace it, or another --out"
         )

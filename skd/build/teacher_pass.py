@@ -40,7 +40,7 @@ from skd.models.runtime import (
     shutdown,
 )
 from skd.models.teachers import CompiledTeacher, forward, load_teacher, output_classes
-from skd.replay.sources import cached_source, planned_source
+from skd.replay.sources import ReplaySource, cached_source, planned_source
 from skd.storage.location import parse_location
 from skd.store.cache_store import VAL, Store, View, open_store
 from skd.store.codec_table import AUTO, FIDELITY_ROWS, codec_fidelity

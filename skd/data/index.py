@@ -21,17 +21,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from skd.data.image_probe import probe, regular_stat, warn_oversized
-from skd.errors import SkdError, SkdWarning
+from skd.errors import DatasetError, SkdWarning
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 _CHUNK = 256  # images per thread-pool task: keeps the number of futures small for 1.28 M files
 _NAMED_ERRORS = 20  # unreadable files named in the error message; the rest are counted
 _LAYOUT = "train/<class>/<images>"
-
-
-class DatasetError(SkdError):
-    """A user mistake in the dataset: str(e) is one line naming the path and what to do."""
 
 
 @dataclass(frozen=True)
@@ -176,22 +172,6 @@ def _is_utf8(name: str) -> bool:
         return True
     except UnicodeEncodeError:  # undecodable bytes, kept by os.fsdecode as surrogates
         return False
-
-
-def read_sizes(
-    root: Path, paths: list[str], *, workers: int = 16, progress: bool = False, desc: str = "sizes"
-) -> np.ndarray:
-    """(N, 2) int32 (height, width) of ROOT/<path> for each path, in input order, from headers only.
-
-    Reads run in `workers` threads (they wait on storage, not on the CPU). Every unreadable file is
-    collected and reported in one DatasetError, so one pass over the dataset finds all of them.
-    """
-    sizes, _, _, bad = _read_headers(
-        Path(root), paths, workers=workers, progress=progress, desc=desc
-    )
-    if bad:
-        raise DatasetError(_bad_files_message(Path(root), paths, bad, []))
-    return sizes
 
 
 def fingerprint(paths: list[str], file_bytes) -> str:

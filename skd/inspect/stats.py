@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from skd.errors import SkdError
+from skd.errors import CacheError, OptionError
 from skd.inspect.stats_rows import RowStats, augment_accuracy, stream_rows
 from skd.plan.mixing import mix_summary, summary_line
 from skd.replay.cached_logits import mean_row_std
@@ -26,10 +26,6 @@ PLOTTED_CLASSES = 30
 # crop-area buckets [lower edge, next edge): below 8% counts as 8-25%
 AREA_EDGES = (0.25, 0.50, 0.75)
 AREA_BUCKETS = ("8-25%", "25-50%", "50-75%", "75-100%")
-
-
-class StatsError(SkdError):
-    """Statistics cannot be computed as asked: one line saying what to change."""
 
 
 def expected_calibration_error(
@@ -214,13 +210,13 @@ def choose_views(store: Store, views: list[int] | None) -> list[int]:
     chosen = list(range(store.num_views)) if views is None else list(dict.fromkeys(views))
     bad = [k for k in chosen if not 0 <= k < store.num_views]
     if bad:
-        raise StatsError(
+        raise OptionError(
             f"cache {store.path} has views 0-{store.num_views - 1}, not {', '.join(map(str, bad))}"
         )
     complete = store.complete()
     unfinished = [k for k in chosen if not complete[k].all()]
     if unfinished:
-        raise StatsError(
+        raise CacheError(
             f"views {', '.join(map(str, unfinished))} of cache {store.path} are unfinished: rerun its "
             "`skd-cache build` command, or pick complete views with --views (see `skd-cache info`)"
         )
@@ -239,7 +235,7 @@ def logit_stats(
     """Stream the chosen views (None: all) and, with `val`, val/ once each; summarise the teacher's
     logits."""
     if temperature <= 0 or multiplier <= 0:
-        raise StatsError(
+        raise OptionError(
             f"temperature and multiplier must be positive, got {temperature} and {multiplier}"
         )
     chosen = choose_views(store, None if views is None else list(views))
@@ -265,7 +261,7 @@ def logit_stats(
             auto = mean_row_std(rows.std)
     use_val = val and store.has_val
     if use_val and not store.val_complete().all():
-        raise StatsError(
+        raise CacheError(
             f"val/ of cache {store.path} is unfinished: rerun its `skd-cache build` command, or pass --no-val"
         )
     if use_val:
@@ -273,7 +269,7 @@ def logit_stats(
         rows = stream_rows(store, VAL, labels, desc=part_name(VAL), **kwargs)
         splits.append(split_summary(part_name(VAL), rows, labels, classes, ece=True))
     if not splits:
-        raise StatsError(
+        raise OptionError(
             f"nothing to do: choose --views (cache {store.path} has {store.num_views})"
         )
     return CacheStats(

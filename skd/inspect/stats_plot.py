@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from skd.inspect.stats import AREA_BUCKETS, PLOTTED_CLASSES, CacheStats, StatsError, class_name
+from skd.errors import DeviceError, OptionError
+from skd.inspect.stats import AREA_BUCKETS, PLOTTED_CLASSES, CacheStats, class_name
 
 
 def check_plot_path(path: Path) -> None:
@@ -14,10 +15,10 @@ def check_plot_path(path: Path) -> None:
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
-        raise StatsError("--plot needs matplotlib: pip install 'skd[plot]'") from None
+        raise DeviceError("--plot needs matplotlib: pip install 'skd[plot]'") from None
     formats = FigureCanvasBase.get_supported_filetypes()
     if Path(path).suffix.lower().lstrip(".") not in formats:
-        raise StatsError(
+        raise OptionError(
             f"--plot {path}: name a .png, .pdf or .svg file (matplotlib writes {', '.join(sorted(formats))})"
         )
 
@@ -56,7 +57,7 @@ def plot_stats(s: CacheStats, path: Path) -> Path:
     try:
         fig.savefig(path, dpi=100)
     except OSError as exc:
-        raise StatsError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
+        raise DeviceError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
     return Path(path)
 
 

@@ -16,14 +16,10 @@ from tqdm import tqdm
 
 from skd.data.image_probe import file_tail_digest, image_size
 from skd.data.index import quick_fingerprints, scan_split
-from skd.errors import SkdError
+from skd.errors import DatasetError, ModelError
 from skd.store.cache_store import Store, part_name
 
 NAMED = 5  # files, rows or chunks named in a message; the rest are counted
-
-
-class VerifyError(SkdError):
-    """A cache that cannot be verified as asked: one line saying what to pass."""
 
 
 @dataclass
@@ -62,7 +58,7 @@ def recorded_paths(store: Store, split: str) -> list[str]:
 def check_data(store: Store, root: Path) -> Check:
     """Compare the dataset's file list and file sizes with the fingerprints the cache recorded."""
     if not (root / "train").is_dir():
-        raise VerifyError(
+        raise DatasetError(
             f"dataset {root} has no train/ folder: pass --data ROOT where cache {store.path}'s images live"
         )
     # files a `--on-bad-image skip` build left out
@@ -148,14 +144,14 @@ def teacher_weights(store: Store, override: str | None) -> str | None:
     if override is not None:
         return override
     if recorded == "none":
-        raise VerifyError(
+        raise ModelError(
             f"cache {store.path} was built with --weights none (random weights that were not "
             "saved): its teacher cannot be re-created, so it cannot be verified"
         )
     if recorded in ("torchvision-default", "py"):
         return None
     if not Path(recorded).is_file():
-        raise VerifyError(
+        raise ModelError(
             f"the teacher weights {recorded} recorded by cache {store.path} are not there: pass --weights FILE"
         )
     return recorded

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from skd.inspect.verify_checks import VerifyError, first_line
+from skd.errors import CacheError
+from skd.inspect.verify_checks import first_line
 from skd.loss import skd_kl, spherical_normalize
 from skd.models.teachers import forward
 from skd.replay.sources import ReplaySource
@@ -43,7 +44,7 @@ def sample_rows(store: Store, count: int, seed: int) -> dict:
     ranges = store.complete_ranges()
     sizes = np.array([b - a for _, _, a, b in ranges], np.int64)
     if not sizes.sum():
-        raise VerifyError(
+        raise CacheError(
             f"cache {store.path} has no complete shard to verify: run its `skd-cache build` command"
         )
     picks = np.sort(

@@ -11,36 +11,32 @@ from __future__ import annotations
 
 import math
 
-from skd.errors import SkdError
+from skd.errors import OptionError
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Recipe
 
 FIELDS = ("size", "interpolation", "mean", "std")
 MIN_SIZE = 8
 
 
-class RecipeError(SkdError):
-    """A recipe that cannot be used (a size below 8, two numbers for a mean): one line naming it."""
-
-
 def check_recipe(
     size=None, interpolation=None, mean=None, std=None, *, where: str = "--teacher"
 ) -> None:
-    """RecipeError for a field that no loader can use; None fields are not checked."""
+    """OptionError for a field that no loader can use; None fields are not checked."""
     if size is not None and (not isinstance(size, int) or size < MIN_SIZE):
-        raise RecipeError(f"{where}-size {size}: a whole number of pixels, at least {MIN_SIZE}")
+        raise OptionError(f"{where}-size {size}: a whole number of pixels, at least {MIN_SIZE}")
     if interpolation is not None and interpolation not in INTERPOLATIONS:
-        raise RecipeError(
+        raise OptionError(
             f"{where}-interpolation {interpolation}: choose {' or '.join(INTERPOLATIONS)}"
         )
     for name, values in (("mean", mean), ("std", std)):
         if values is None:
             continue
         if len(values) != 3 or not all(math.isfinite(v) for v in values):
-            raise RecipeError(
+            raise OptionError(
                 f"{where}-{name} {','.join(map(str, values))}: three finite numbers R,G,B"
             )
         if name == "std" and min(values) <= 0:
-            raise RecipeError(
+            raise OptionError(
                 f"{where}-std {','.join(map(str, values))}: every value must be above 0"
             )
 
@@ -55,7 +51,7 @@ def from_pretrained_cfg(cfg: dict | None) -> dict:
     if size is not None:
         height, width = int(size[-2]), int(size[-1])
         if height != width:
-            raise RecipeError(
+            raise OptionError(
                 f"the teacher's pretrained_cfg input_size is {height}x{width}: square inputs only, pass --teacher-size"
             )
         out["size"] = height

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from skd.errors import SkdError
+from skd.errors import DeviceError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 # How long a rank waits in a collective before the process group gives up. torch's own default (10
@@ -25,10 +25,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 # ranks wait in a broadcast; --dist-timeout sets it.
 DIST_TIMEOUT_MINUTES = 60.0
 _dist_timeout = DIST_TIMEOUT_MINUTES
-
-
-class DeviceError(SkdError):
-    """The requested device is not available here: one line saying what to pass instead."""
 
 
 def set_dist_timeout(minutes: float) -> None:

@@ -18,12 +18,8 @@ import torch
 import torchvision
 from torch import nn
 
-from skd.errors import SkdError
+from skd.errors import ModelError
 from skd.models.runtime import autocast, images_to
-
-
-class ModelError(SkdError):
-    """A model or weights problem caused by the user's arguments: one line naming what to fix."""
 
 
 @dataclass

@@ -7,44 +7,39 @@ import warnings
 from pathlib import Path
 
 from skd.data.index import quick_fingerprints
-from skd.errors import SkdError, SkdWarning
+from skd.errors import CacheError, DatasetError, OptionError, SkdWarning
 from skd.store.cache_store import Store
 
 
-class ReplayError(SkdError):
-    """The views cannot be replayed as asked (unfinished cache, other images): one line saying what
-    to do."""
-
-
 def check_replayable(store: Store, root: Path, val: bool) -> None:
-    """ReplayError unless the cache is complete and `root` holds the images it was built on (file
+    """CacheError unless the cache is complete, DatasetError unless `root` holds the images it was built on (file
     list and sizes). Without `val` the validation split is not checked (a training machine may hold
     only train/)."""
     meta = store.meta
     if not store.is_complete():
         done, total = int(store.complete().sum()), store.complete().size
-        raise ReplayError(
+        raise CacheError(
             f"cache {store.path} is unfinished ({done} of {total} shards): "
             "rerun its `skd-cache build` command to complete it"
         )
     if not (root / "train").is_dir():
-        raise ReplayError(
+        raise DatasetError(
             f"dataset {root} has no train/ folder: pass --data ROOT where the cache's images live"
         )
     use_val = val and store.has_val
     if use_val and not (root / "val").is_dir():
-        raise ReplayError(
+        raise DatasetError(
             f"dataset {root} has no val/ folder, and cache {store.path} has validation logits: "
             "pass --no-val, or --data ROOT where its val/ lives"
         )
     train_fp, val_fp = quick_fingerprints(root, use_val, meta["dataset"].get("skipped", []))
     if train_fp != meta["dataset"]["fingerprint"]:
-        raise ReplayError(
+        raise DatasetError(
             f"the images under {root}/train differ from those cache {store.path} was built on "
             "(file list or sizes): pass the right --data or rebuild the cache"
         )
     if use_val and val_fp != meta["dataset"]["val_fingerprint"]:
-        raise ReplayError(
+        raise DatasetError(
             f"the images under {root}/val differ from those cache {store.path} was built on"
         )
 
@@ -73,7 +68,7 @@ def check_ensemble(stores: list[Store]) -> None:
             ("training image size", lambda s: s.meta["plan"]["image_size"]),
         ):
             if get(first) != get(other):
-                raise ReplayError(
+                raise OptionError(
                     f"caches {first.path} and {other.path} differ in {what}: {get(first)} vs "
                     f"{get(other)}; caches read together must be built on one plan (skd-cache build "
                     "--plan-from)"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from skd.errors import SkdError
+from skd.errors import OptionError
 from skd.loss import ensemble_target
 from skd.models.runtime import images_to
 from skd.pipelines import Recipe
@@ -22,10 +22,6 @@ from skd.plan.mixing import soft_labels
 from skd.replay.cached_logits import cached_logits
 from skd.replay.sources import ReplaySource
 from skd.store.cache_store import Store
-
-
-class LoaderError(SkdError):
-    """A view cannot be read as asked (a batch size, a rank): one line saying what to change."""
 
 
 class TrainBatch(NamedTuple):
@@ -63,26 +59,26 @@ def view_of_epoch(epoch: int, num_views: int) -> int:
 def check_shares(
     samples: int, world: int, batch_size: int, mixed: bool, option: str = "batch_size"
 ) -> None:
-    """LoaderError unless every process gets samples and images in each batch, and, for mixed views,
+    """OptionError unless every process gets samples and images in each batch, and, for mixed views,
     whole pairs (positions 2i and 2i + 1 share a batch): at least one pair each and an even number
     of images a batch. `batch_size` is per process; `option` names it as the caller took it."""
     if samples < world:
-        raise LoaderError(
+        raise OptionError(
             f"{samples} training samples cannot be shared by {world} processes: use at most {samples}"
         )
     if batch_size < 1:
-        raise LoaderError(
+        raise OptionError(
             f"{option}: each of {world} processes gets {batch_size} images a batch: "
             "give each process at least one"
         )
     if mixed and world > 1 and samples // world < 2:
-        raise LoaderError(
+        raise OptionError(
             f"{samples} training samples give each of {world} processes {samples // world}: mixed "
             "views pair positions 2i and 2i + 1, so each process needs at least one pair: use at "
             f"most {samples // 2} processes"
         )
     if mixed and batch_size % 2:
-        raise LoaderError(
+        raise OptionError(
             f"{option}: each of {world} processes gets {batch_size} images a batch; mixed views pair "
             "positions 2i and 2i + 1 in one batch, so each process needs an even number of images: "
             "pass an even batch size"

@@ -12,12 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from skd.errors import SkdError
-
-
-class SchemaError(SkdError):
-    """A cache that is not what skd wrote: one line naming the cache, the field or file, and what to
-    do."""
+from skd.errors import CacheError
 
 
 def rebuild(where) -> str:
@@ -28,18 +23,18 @@ MAX_METADATA_BYTES = 2**20  # an array's zarr.json is about 1 KB; zarr reads it 
 
 
 def _entry_stat(path: Path, root: Path, entry) -> tuple[int, int]:
-    """(mode, size) of a file or folder of the cache, links followed; SchemaError for a link out of
+    """(mode, size) of a file or folder of the cache, links followed; CacheError for a link out of
     the cache or an entry that cannot be stat'ed (a link loop, a permission)."""
     if os.path.islink(entry):
         target = Path(os.path.realpath(entry))
         if root not in target.parents:
-            raise SchemaError(
+            raise CacheError(
                 rebuild(f"cache {path}: {entry} is a symlink to {target}, outside the cache")
             )
     try:
         info = os.stat(entry)
     except OSError as exc:
-        raise SchemaError(
+        raise CacheError(
             rebuild(f"cache {path}: {entry} cannot be read ({exc.strerror})")
         ) from None
     return info.st_mode, info.st_size
@@ -85,16 +80,16 @@ def _oversized(name: str, size: int) -> bool:
 
 def check_entry(path: Path, root: Path, entry) -> tuple[int, int]:
     """(mode, size) of a folder or a regular file inside the cache `path` (real path `root`), where
-    a zarr.json is at most MAX_METADATA_BYTES; SchemaError otherwise: a FIFO would hang a reader, a
+    a zarr.json is at most MAX_METADATA_BYTES; CacheError otherwise: a FIFO would hang a reader, a
     device or socket is no cache file, a symlink must not lead out of the cache, and zarr reads
     metadata whole."""
     mode, size = _entry_stat(path, root, entry)
     if stat.S_ISDIR(mode):
         return mode, size
     if not stat.S_ISREG(mode):
-        raise SchemaError(rebuild(f"cache {path}: {entry} is not a regular file ({_kind(mode)})"))
+        raise CacheError(rebuild(f"cache {path}: {entry} is not a regular file ({_kind(mode)})"))
     if _oversized(os.path.basename(entry), size):
-        raise SchemaError(
+        raise CacheError(
             rebuild(
                 f"cache {path}: {entry} has {size} bytes, more than zarr metadata's {MAX_METADATA_BYTES}"
             )

@@ -18,15 +18,10 @@ from pathlib import Path
 
 import filelock
 
-from skd.errors import SkdError
+from skd.errors import BusyError
 
 # seconds a lease lasts unless renewed (every third of it); SKD_LEASE_TTL overrides
 LEASE_TTL = 60.0
-
-
-class LockError(SkdError):
-    """The cache is being built by another process, or this build lost its lease: one line saying
-    what to do."""
 
 
 def _holder_line() -> str:
@@ -47,7 +42,7 @@ class FolderLock:
             self._lock.acquire(timeout=0)
         except filelock.Timeout:
             holder = self._read_holder() or "another process"
-            raise LockError(
+            raise BusyError(
                 f"{out} is being {activity} by {holder}: wait for it to finish or stop it, then rerun to resume"
             ) from None
 
@@ -140,7 +135,7 @@ class Lease:
                 continue  # released meanwhile: create it again
             if not self._expired(holder, meta):
                 until = time.strftime("%H:%M:%S", time.localtime(holder.get("expires", 0)))
-                raise LockError(
+                raise BusyError(
                     f"{self.name} is being built by {holder.get('owner', 'another process')} "
                     f"(lease {self.key} renewed until {until}): wait for it to finish or stop it, "
                     "then rerun to resume; a killed build's lease expires by itself"
@@ -149,7 +144,7 @@ class Lease:
                 return self._put(_version(meta))
             except (PreconditionError, FileNotFoundError):
                 continue  # someone else took it over first: look again
-        raise LockError(
+        raise BusyError(
             f"{self.name}: the lease {self.key} keeps changing hands: another build is starting; rerun later"
         )
 
@@ -200,9 +195,9 @@ class Lease:
             return False
 
     def check(self) -> None:
-        """LockError once the lease is lost: writing on would race the build that took it over."""
+        """BusyError once the lease is lost: writing on would race the build that took it over."""
         if self.lost is not None:
-            raise LockError(self.lost)
+            raise BusyError(self.lost)
 
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours; never raises."""

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from skd.errors import SkdError
-from skd.storage.files import MAX_METADATA_BYTES, SchemaError, rebuild
+from skd.errors import CacheError, SkdError
+from skd.storage.files import MAX_METADATA_BYTES, rebuild
 from skd.storage.locks import Lease
 
 # obstore's URL schemes that skd takes, by the name they go by here
@@ -151,7 +151,7 @@ class ObjectPrefix:
         except FileNotFoundError:
             return
         if size > MAX_METADATA_BYTES:
-            raise SchemaError(
+            raise CacheError(
                 rebuild(
                     f"cache {self}: zarr.json has {size} bytes, more than zarr metadata's {MAX_METADATA_BYTES}"
                 )
@@ -207,7 +207,7 @@ class ObjectPrefix:
         """None: a prefix can neither overlap a local dataset nor sit under a file."""
 
     def lock(self, ttl: float | None = None) -> Lease:
-        """The build's lease: the object `<prefix>.lock` beside the prefix (a WriteError names its
+        """The build's lease: the object `<prefix>.lock` beside the prefix (a StoreError names its
         holder)."""
         if not self.prefix:
             raise StoreError(
@@ -286,11 +286,11 @@ def check_objects(location: ObjectPrefix, listing: dict[str, int]) -> None:
     for key, size in listing.items():
         parts = key.split("/")
         if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
-            raise SchemaError(
+            raise CacheError(
                 rebuild(f"cache {location}: object {key!r} leaves the prefix or is not a plain key")
             )
         if parts[-1] == "zarr.json" and size > MAX_METADATA_BYTES:
-            raise SchemaError(
+            raise CacheError(
                 rebuild(
                     f"cache {location}: {key} has {size} bytes, more than zarr metadata's {MAX_METADATA_BYTES}"
                 )
@@ -299,7 +299,7 @@ def check_objects(location: ObjectPrefix, listing: dict[str, int]) -> None:
     for folder in sorted(folders):
         while folder:
             if folder in listing:
-                raise SchemaError(
+                raise CacheError(
                     rebuild(f"cache {location}: {folder} is an object and a folder of others")
                 )
             folder = folder.rsplit("/", 1)[0] if "/" in folder else ""

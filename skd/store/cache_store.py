@@ -236,11 +236,6 @@ class Store(RecordedPlan):
         path, prefix = ("val", ()) if view == VAL else ("views", (view,))
         return [self.array(f"{path}/{name}") for name in self.codec.arrays], prefix
 
-    def write_shard(self, view: View, shard: int, encoded: Encoded) -> None:
-        """Write one whole shard of logits (and scale/offset) and then mark it complete."""
-        self.write_shard_data(view, shard, encoded)
-        self.mark_complete(view, shard)
-
     def mark_complete(self, view: View, shard: int) -> None:
         name = "val/complete" if view == VAL else "views/complete"
         # opened once, through zarr's own pipeline (as every write of skd's)

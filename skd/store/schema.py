@@ -17,9 +17,10 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from skd.errors import CacheError
 from skd.pipelines import INTERPOLATIONS
 from skd.plan.augment import AugmentParams
-from skd.storage.files import SchemaError, rebuild
+from skd.storage.files import rebuild
 from skd.store.codecs import get_codec
 
 FORMAT_VERSION = 3
@@ -147,13 +148,13 @@ class Meta(_Model):
 
 
 def check_meta(path: Path, raw) -> dict:
-    """The `skd` attribute checked against the schema; SchemaError naming the first wrong field."""
+    """The `skd` attribute checked against the schema; CacheError naming the first wrong field."""
     if not isinstance(raw, dict):
-        raise SchemaError(
+        raise CacheError(
             rebuild(f"cache {path}: the 'skd' attribute is a {type(raw).__name__}, not a mapping")
         )
     if raw.get("format") != FORMAT_VERSION:
-        raise SchemaError(
+        raise CacheError(
             f"{path} has cache format {raw.get('format')!r}, this skd reads format {FORMAT_VERSION}: "
             "rebuild the cache with this skd (`skd-cache build ... --overwrite`), or use the skd "
             "that wrote it"
@@ -163,7 +164,7 @@ def check_meta(path: Path, raw) -> dict:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise SchemaError(
+        raise CacheError(
             rebuild(
                 f"cache {path}: attribute skd.{field or '(top)'} is invalid "
                 f"({first['msg']}, got {_short(first.get('input'))})"
@@ -251,7 +252,7 @@ def expected_arrays(meta: dict, has_val: bool) -> dict[str, tuple[tuple, str, tu
 
 def check_arrays(path: Path, group, meta: dict) -> None:
     """Every array the attributes promise, with the shape, dtype and chunking they imply, and labels
-    inside the classes: SchemaError naming the first that is missing or differs (a shape or chunk
+    inside the classes: CacheError naming the first that is missing or differs (a shape or chunk
     edited to 10^10 rows is refused here, never allocated). The files themselves were checked before
     zarr read them (check_files)."""
     has_val = meta["dataset"]["num_val"] > 0
@@ -267,7 +268,7 @@ def check_arrays(path: Path, group, meta: dict) -> None:
             shape = growing[name][0]
         _check_array(path, node, name, shape, dtype, shards)
     if not has_val and _has_node(path, group, "val"):
-        raise SchemaError(
+        raise CacheError(
             rebuild(f"cache {path}: group val is present but attribute skd.dataset.num_val is 0")
         )
     for split in ("samples", "val") if has_val else ("samples",):
@@ -278,9 +279,9 @@ def _node(path: Path, group, name: str):
     try:
         return group[name]
     except KeyError:
-        raise SchemaError(rebuild(f"cache {path}: array {name} is missing")) from None
+        raise CacheError(rebuild(f"cache {path}: array {name} is missing")) from None
     except Exception as exc:  # an unreadable zarr.json: zarr raises many kinds
-        raise SchemaError(
+        raise CacheError(
             rebuild(f"cache {path}: array {name} has unreadable metadata ({type(exc).__name__})")
         ) from None
 
@@ -289,7 +290,7 @@ def _has_node(path: Path, group, name: str) -> bool:
     try:
         return name in group
     except Exception as exc:
-        raise SchemaError(
+        raise CacheError(
             rebuild(f"cache {path}: {name} has unreadable metadata ({type(exc).__name__})")
         ) from None
 
@@ -309,7 +310,7 @@ def _check_array(
         # zarr allocates whole chunks
         problems.append(f"chunks {array.chunks} larger than its shape {shape}")
     if problems:
-        raise SchemaError(
+        raise CacheError(
             rebuild(
                 f"cache {path}: array {name} has {' and '.join(problems)} (the attributes say so)"
             )
@@ -322,12 +323,12 @@ def _check_labels(path: Path, group, name: str, classes: int) -> None:
     try:
         labels = np.asarray(group[name][:])
     except Exception as exc:  # a damaged chunk: zarr, zarrs and numcodecs raise many kinds
-        raise SchemaError(
+        raise CacheError(
             rebuild(f"cache {path}: array {name} cannot be read ({type(exc).__name__})")
         ) from None
     bad = np.flatnonzero((labels < 0) | (labels >= classes))
     if bad.size:
-        raise SchemaError(
+        raise CacheError(
             rebuild(
                 f"cache {path}: array {name} holds label {int(labels[bad[0]])} at row "
                 f"{int(bad[0])} ({bad.size} such rows), outside the {classes} classes of "
@@ -370,7 +371,7 @@ def check_relative_path(path: str, cache) -> None:
         or path.endswith("/..")
         or "/../" in path
     ):
-        raise SchemaError(
+        raise CacheError(
             f"{cache}: sample path {path!r} is absolute or leaves the dataset root; "
             "refusing to open files from this cache: rebuild or re-download it"
         )

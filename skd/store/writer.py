@@ -13,15 +13,10 @@ import threading
 
 import numpy as np
 
-from skd.errors import SkdError, fault
+from skd.errors import fault
 from skd.storage.locks import FolderLock, Lease
 from skd.storage.objectstore import StoreError
 from skd.store.cache_store import Store, View, part_name
-
-
-class WriteError(SkdError):
-    """Logits cannot be written (disk full, cache being built by another process): one line saying
-    what to do."""
 
 
 class ShardWriter:
@@ -108,14 +103,14 @@ class ShardWriter:
             fault("mid-shard", self.shards_written + 1)
             self.store.mark_complete(self.view, shard)
         except OSError as exc:
-            raise WriteError(
+            raise StoreError(
                 f"cannot write shard {shard} of {part_name(self.view)} to {self.store.path} "
                 f"({exc.strerror or exc}): free space or fix the disk, then rerun the same "
                 "command to resume"
             ) from None
         # an object store that refused the shard's PUT or could not be reached
         except StoreError as exc:
-            raise WriteError(f"{exc}, then rerun the same command to resume") from None
+            raise StoreError(f"{exc}, then rerun the same command to resume") from None
         self.shards_written += 1
         fault("after-shard", self.shards_written)
 

@@ -14,22 +14,17 @@ from pathlib import Path
 
 import torch
 
-from skd.errors import SkdError
+from skd.errors import DeviceError, OptionError
 
 CHECKPOINT = "checkpoint.pth"
 STUDENT = "student.pth"
-
-
-class CheckpointError(SkdError):
-    """A checkpoint that belongs to another run or cannot be written: one line naming it and what to
-    do."""
 
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save `obj` to `path` through `path`.tmp, fsync and rename: `path` is the old file or
     the new one.
 
-    A failed write removes the temporary file, leaves `path` untouched and is a CheckpointError
+    A failed write removes the temporary file, leaves `path` untouched and is a DeviceError
     saying what went wrong: the run can resume from the previous checkpoint once that is fixed.
     """
     path = Path(path)
@@ -46,18 +41,18 @@ def save_atomic(obj, path: Path) -> None:
             tmp.unlink(missing_ok=True)
         cause = _os_error(exc) if isinstance(exc, Exception) else None
         if cause is not None:
-            raise CheckpointError(_write_failure(path, cause)) from None
+            raise DeviceError(_write_failure(path, cause)) from None
         raise
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line to a run's text file (metrics.jsonl); a failed write is a CheckpointError
+    """Append one line to a run's text file (metrics.jsonl); a failed write is a DeviceError
     saying what to do."""
     try:
         with open(path, "a") as f:
             f.write(line + "\n")
     except OSError as exc:
-        raise CheckpointError(_write_failure(Path(path), exc)) from None
+        raise DeviceError(_write_failure(Path(path), exc)) from None
 
 
 def _os_error(exc: BaseException | None) -> OSError | None:
@@ -80,7 +75,7 @@ def _write_failure(path: Path, exc: OSError) -> str:
 
 
 def check_free_space(folder: Path, needed_bytes: int) -> None:
-    """CheckpointError unless the file system of `folder` (or of its nearest existing parent, for a
+    """DeviceError unless the file system of `folder` (or of its nearest existing parent, for a
     new --out) has `needed_bytes` free: a run learns of a full disk before its first epoch, not
     after it."""
     folder = Path(folder)
@@ -89,7 +84,7 @@ def check_free_space(folder: Path, needed_bytes: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
-        raise CheckpointError(
+        raise DeviceError(
             f"{folder} has {free / 1e6:,.1f} MB free, a checkpoint needs about "
             f"{needed_bytes / 1e6:,.1f} MB: free space or choose another --out"
         )
@@ -108,14 +103,14 @@ def load_for_resume(path: Path, identity: dict, settings: dict) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["identity"] != identity:
         source = ckpt.get("source") or ckpt["identity"].get("online")
-        raise CheckpointError(
+        raise OptionError(
             f"{path} belongs to a run on {source} (other views, teacher or images): "
             "resume with the same cache or choose another --out"
         )
     for key, value in settings.items():
         saved = ckpt.get("settings", {}).get(key, value)
         if saved != value:
-            raise CheckpointError(
+            raise OptionError(
                 f"{path} was saved with --{key} {cli_value(saved)}, not {cli_value(value)}: "
                 "resume with the same options or choose another --out"
             )

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from skd import pipelines
 from skd.config import TrainConfig
-from skd.errors import fault
+from skd.errors import DatasetError, fault
 from skd.loss import KDLoss
 from skd.models.runtime import (
     Dist,
@@ -34,7 +34,7 @@ from skd.models.teachers import forward
 from skd.replay.view_loader import TrainBatch, ViewLoader, rank_range, view_of_epoch
 from skd.train.checkpoint import STUDENT, save_atomic
 from skd.train.evaluate import cached_val_top1, evaluate, val_range
-from skd.train.run import Learner, Run, TrainError, check_world, make_student, open_run
+from skd.train.run import Learner, Run, check_world, make_student, open_run
 from skd.train.run_folder import check_run_folder, record_epoch, run_folder_lock, start_or_resume
 from skd.train.schedule import alpha_at, kd_loss, lr_scheduler
 
@@ -299,7 +299,7 @@ def train_epoch(
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{parts.loss.item():.4f}", lr=f"{lr:.4g}")
     except OSError as exc:  # an image that went missing or unreadable after the start of the run
-        raise TrainError(
+        raise DatasetError(
             f"reading the images of epoch {epoch} failed ({pipelines.read_error(exc)}): "
             f"check {run.source.root}, then rerun with --resume to continue from the last epoch"
         ) from None

@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from skd.cache import Cache, open_cache
 from skd.config import TrainConfig
-from skd.errors import SkdError, SkdWarning
+from skd.errors import ModelError, OptionError, SkdWarning
 from skd.loss import KDLoss
 from skd.models.recipe import resolve
 from skd.models.runtime import Dist, autocast, place
@@ -25,10 +25,6 @@ from skd.store.cache_store import Store
 
 SKD_KL_WARNING = 1e-3  # a cache's recorded SKD KL above this is worth a warning: int8 loses ~1e-5
 ONLINE_IMAGE_SIZE = 224  # the student's size in online mode unless --image-size says
-
-
-class TrainError(SkdError):
-    """Training cannot go ahead as asked: one line saying what to change."""
 
 
 @dataclass
@@ -96,11 +92,13 @@ def open_run(cfg: TrainConfig, device: torch.device) -> Run:
     if cfg.caches():
         return cached_run(cfg)
     if cfg.teacher is None or cfg.data is None:
-        raise TrainError(
+        raise OptionError(
             "pass --cache DIR, or --teacher NAME with --data ROOT for online distillation"
         )
     if cfg.multiplier == "auto":
-        raise TrainError("--multiplier auto reads the cache's logits: pass a number in online mode")
+        raise OptionError(
+            "--multiplier auto reads the cache's logits: pass a number in online mode"
+        )
     return online_run(cfg, device)
 
 
@@ -208,7 +206,7 @@ def make_student(arch: str, source: ReplaySource, device: torch.device) -> nn.Mo
     student = create_model(arch, num_classes=source.num_classes).to(device)
     got = output_classes(student.eval(), source.recipe.size, device, f"student {arch}")
     if got != source.num_classes:
-        raise TrainError(
+        raise ModelError(
             f"student {arch} has {got} outputs, the teacher {source.num_classes}: use a student with as many classes"
         )
     return place(student, device)

@@ -9,8 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from skd.config import TrainConfig
+from skd.errors import BusyError, DeviceError, OptionError
 from skd.models.runtime import Dist
-from skd.storage.locks import FolderLock, LockError
+from skd.storage.locks import FolderLock
 from skd.train.checkpoint import (
     CHECKPOINT,
     STUDENT,
@@ -19,7 +20,7 @@ from skd.train.checkpoint import (
     load_for_resume,
     save_atomic,
 )
-from skd.train.run import Learner, TrainError
+from skd.train.run import Learner
 
 
 @contextmanager
@@ -31,13 +32,13 @@ def run_folder_lock(out: Path, d: Dist):
     if d.main:
         try:
             if out.exists() and not out.is_dir():
-                raise TrainError(f"--out {out} is a file: choose a folder for the run")
+                raise OptionError(f"--out {out} is a file: choose a folder for the run")
             lock = FolderLock(out, activity="trained into")
-        except (TrainError, LockError) as exc:
-            problem = TrainError(str(exc))
+        except (OptionError, BusyError) as exc:
+            problem = exc
         except OSError as exc:  # a read-only mount, a permission
             where = f" ({exc.filename})" if exc.filename else ""
-            problem = TrainError(
+            problem = OptionError(
                 f"--out {out}: {exc.strerror or exc}{where}: choose a folder you can write"
             )
     problem = d.broadcast(problem)
@@ -54,11 +55,11 @@ def check_run_folder(cfg: TrainConfig, out: Path):
     """Refuse to replace a run by accident; the SummaryWriter class when --tensorboard asks for
     one."""
     if cfg.resume and cfg.overwrite:
-        raise TrainError(
+        raise OptionError(
             "--resume and --overwrite exclude each other: continue the run or start it again"
         )
     if (out / CHECKPOINT).is_file() and not (cfg.resume or cfg.overwrite):
-        raise TrainError(
+        raise OptionError(
             f"{out} holds a run ({CHECKPOINT}): pass --resume to continue it, --overwrite to start "
             "it again, or another --out"
         )
@@ -67,7 +68,7 @@ def check_run_folder(cfg: TrainConfig, out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise TrainError(
+        raise DeviceError(
             "--tensorboard needs the tensorboard package: pip install tensorboard"
         ) from None
     return SummaryWriter
