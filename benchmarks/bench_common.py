@@ -15,7 +15,7 @@ import numpy as np
 from skd.store.codecs import get_codec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from handmade import cache_meta  # noqa: E402  (a handmade cache's attributes)
+from handmade import cache_meta, write_shard  # noqa: E402  (a handmade cache's attributes, a shard written)
 from jpegs import photo_like  # noqa: E402  (the tests' JPEG content, one definition)
 
 from skd.data.index import Split
@@ -41,7 +41,7 @@ def synthetic_store(
     chunk_rows: int = 1024,
     seed: int = 0,
 ) -> Store:
-    """A one-view cache of teacher-like rows written shard by shard through Store.write_shard."""
+    """A one-view cache of teacher-like rows written shard by shard (handmade.write_shard)."""
     rng = np.random.default_rng(seed)
     meta = cache_meta(
         codec=codec,
@@ -67,7 +67,7 @@ def synthetic_store(
     enc = get_codec(codec)
     for shard in range(store.num_shards(rows)):
         a, b = store.shard_bounds(shard, rows)
-        store.write_shard(0, shard, enc.encode(teacher_like_rows(rng, b - a, classes)))
+        write_shard(store, 0, shard, enc.encode(teacher_like_rows(rng, b - a, classes)))
     return store
 
 

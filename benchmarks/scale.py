@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_common import cache_meta
+from handmade import write_shard
 
 from skd.data.index import Split
 from skd.inspect.info import describe
@@ -105,7 +106,7 @@ def linked_cache(rows: int, views: int, path: Path) -> Store:
         num_classes=CLASSES,
     )
     logits = np.random.default_rng(1).normal(0, 3, (store.shard_rows, CLASSES)).astype(np.float32)
-    store.write_shard(0, 0, store.codec.encode(logits))
+    write_shard(store, 0, 0, store.codec.encode(logits))
     names = [name for name in expected_arrays(store.meta, False) if name.startswith("views/")]
     for name in names:
         store.group[name].resize((views, *store.group[name].shape[1:]))

@@ -26,7 +26,7 @@ from pathlib import Path
 import lite0_teacher
 import numpy as np
 from bench_common import git_state, machine, photo_folder, table, teacher_like_rows
-from handmade import cache_meta
+from handmade import cache_meta, write_shard
 
 from skd.data.index import Split
 from skd.plan.crops import ViewPlan
@@ -120,7 +120,7 @@ def store_bytes_per_row(
     codec = store.codec
     for shard in range(store.num_shards(rows)):
         a, b = store.shard_bounds(shard, rows)
-        store.write_shard(0, shard, codec.encode(logits[a:b]))
+        write_shard(store, 0, shard, codec.encode(logits[a:b]))
     size = sum(
         f.stat().st_size
         for name in codec.arrays

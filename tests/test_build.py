@@ -14,10 +14,10 @@ import torch
 import torchvision
 import zarr
 from conftest import build_args, small_build_config, torchrun
+from handmade import load_view
 
 from skd.build.teacher_pass import BuildError, build_cache
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
-from skd.pipelines.torchvision_pipeline import load_view
 from skd.store.cache_store import StoreError, open_store
 from skd.store.schema import FORMAT_VERSION
 

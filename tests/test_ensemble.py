@@ -12,11 +12,11 @@ import torch.nn.functional as F
 import torchvision
 import zarr
 from conftest import build_args, small_build_config
+from handmade import load_view
 
 from skd.build.teacher_pass import BuildError, build_cache
 from skd.errors import SkdError
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
-from skd.pipelines.torchvision_pipeline import load_view
 from skd.store.cache_store import VAL, open_store
 from skd.train.loop import TrainConfig, train
 

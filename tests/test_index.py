@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_image_folder, photo_like, write_jpeg
+from handmade import load_view, read_sizes
 from PIL import Image, ImageFile, ImageOps
 from torchvision.datasets import ImageFolder
 
 from skd.data import index as index_module
 from skd.data.image_probe import image_size
-from skd.data.index import IMAGE_EXTENSIONS, DatasetError, fingerprint, index_dataset, read_sizes, scan_split
+from skd.data.index import IMAGE_EXTENSIONS, DatasetError, fingerprint, index_dataset, scan_split
 
 
 def decoded_size(path) -> tuple[int, int]:
@@ -457,7 +458,6 @@ def test_an_image_over_the_decompression_bomb_limit_is_named_once_by_the_index(t
 def test_an_image_over_the_decompression_bomb_limit_is_named_once_by_the_torchvision_loader(tmp_path, monkeypatch):
     """load_view opens the image at every view: one warning naming it, not PIL's nameless one per open."""
     from skd.errors import SkdWarning
-    from skd.pipelines.torchvision_pipeline import load_view
 
     big = write_image(tmp_path / "big.png", 40, 40, "PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: over it, under twice (PIL's error)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build_args, train_args
+from handmade import load_view
 
 from skd.errors import SkdError
 from skd.plan.mixing import MixError, MixParams, box_pixels, mix_batch, plan_mixing, soft_labels
@@ -259,7 +260,6 @@ def test_cached_logits_are_the_teachers_on_the_mixed_images(mixed_cache, teacher
     import torchvision
 
     from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
-    from skd.pipelines.torchvision_pipeline import load_view
     from skd.store.cache_store import open_store
 
     store = open_store(mixed_cache)

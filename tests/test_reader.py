@@ -4,7 +4,7 @@ batch size; lost or damaged shard files are one-line StoreErrors naming them."""
 import numpy as np
 import pytest
 import zarr
-from handmade import cache_meta
+from handmade import cache_meta, write_shard
 
 from skd.data.index import Split
 from skd.plan.crops import ViewPlan
@@ -38,7 +38,7 @@ def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_r
             if (view, shard) in skip_shards:
                 continue
             a, b = store.shard_bounds(shard, n)
-            store.write_shard(view, shard, enc.encode(rng.normal(0, 3, (b - a, classes)).astype(np.float32)))
+            write_shard(store, view, shard, enc.encode(rng.normal(0, 3, (b - a, classes)).astype(np.float32)))
     return open_store(path)
 
 
@@ -198,7 +198,7 @@ def test_chunks_of_fill_values_read_as_fill_value(tmp_path, writer):
     x[4:8] = 2.5  # one whole chunk of constant rows
     encoded = get_codec("int8").encode(x)
     if writer == "skd":
-        store.write_shard(0, 1, encoded)
+        write_shard(store, 0, 1, encoded)
     else:
         for name, data in zip(("logits", "scale", "offset"), encoded):
             store.group[f"views/{name}"][0, 16:32] = data  # an integer index: zarr's own pipeline writes
@@ -221,7 +221,7 @@ def test_a_shard_of_fill_values_is_written_and_reads_back(tmp_path):
     zeros = get_codec("int8").encode(np.zeros((16, 7), np.float32))
     nonzero = sum(int(a.astype(bool).sum()) for a in zeros if a is not None)
     assert nonzero == 0, f"int8 of zero rows holds {nonzero} values other than the fill value"
-    store.write_shard(0, 1, zeros)
+    write_shard(store, 0, 1, zeros)
     got = RowReader(open_store(tmp_path / "c"), 0, 16, 32)._read(16, 32)
     assert not got.logits.any(), f"{int(got.logits.astype(bool).sum())} non-zero levels"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from handmade import cache_meta
+from handmade import cache_meta, write_shard
 
 from skd.cli.main import cache as cli
 from skd.data.index import Split
@@ -81,7 +81,7 @@ def handmade_cache(path: Path, codec: str = "fp32", *, unwritten: dict | None = 
             if shard in (unwritten or {}).get(view, []):
                 continue
             a, b = store.shard_bounds(shard, len(rows))
-            store.write_shard(view, shard, enc.encode(rows[a:b]))
+            write_shard(store, view, shard, enc.encode(rows[a:b]))
     return SimpleNamespace(
         path=path, views=views, orders=orders, labels=labels, val=val, val_labels=val_labels, sizes=sizes, boxes=boxes
     )
