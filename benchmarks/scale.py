@@ -13,7 +13,7 @@ the last view, and appending one view (`grow_store`).
 
 `--draws`: seconds of one view's draws (`skd.plan.draws`: the order, the flips and ten crop tries of four values
 per sample) and of planning the view (`plan_view`: those draws made into windows), best of three, at `--rows`
-synthetic image sizes (tests/test_draws.py and tests/test_plan.py check the same at ImageNet's size, untimed).
+synthetic image sizes (tests/plan/test_draws.py and test_crops.py check the same at ImageNet's size, untimed).
 
 Usage: python benchmarks/scale.py [--rows N] [--views 10 100] [--dir DIR] [--compare] [--info] [--draws]
 """

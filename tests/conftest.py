@@ -1,13 +1,21 @@
-"""Shared fixtures: small ImageFolders of real JPEG files, written on the fly."""
+"""Shared fixtures and helpers of every folder of tests/: small ImageFolders of real JPEG files written on the fly, the
+small build and training settings as configs and as command lines, and the commands run as a user runs them.
+
+pytest puts tests/ on sys.path for this file, so a test file in any folder imports `from conftest import ...` and
+the helper modules beside it (handmade, jpegs, s3server, fresh_env)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from jpegs import CLASSES, make_image_folder, photo_like, write_jpeg  # noqa: F401  (re-exported to tests)
+
+REPO = Path(__file__).resolve().parents[1]
 
 # pytest-xdist workers share the cores: one thread each, else two OpenMP threads per worker fight over them
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -52,6 +60,48 @@ def small_build_config(root, out, teacher_file, **overrides):
         device="cpu",
     )
     return BuildConfig(**{**base, **overrides})
+
+
+def small_train_config(out: Path, **overrides):
+    """The training settings the tests share: 2 epochs of 3 steps in batches of 4, SKD with alpha 0.9, 32 px on the
+    CPU, no validation; `overrides` name the cache (or the online teacher) and whatever else a test changes."""
+    from dataclasses import replace
+
+    from skd.train.loop import TrainConfig
+
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=4,
+        lr=0.4,
+        kd="skd",
+        alpha="0.9",
+        multiplier="2",
+        amp="none",
+        device="cpu",
+        loader="torchvision",
+        workers=0,
+        out=out,
+        steps_per_epoch=3,
+        val=False,
+        image_size=32,
+        views=2,
+        seed=1,
+    )
+    return replace(cfg, **overrides)
+
+
+def run_training(cfg):
+    """Train with `cfg`: (per-step (loss, kd, ce) as an array, the student's saved weights, the metrics)."""
+    import numpy as np
+
+    from skd.train.loop import train
+
+    losses = []
+    metrics = train(
+        cfg, on_step=lambda epoch, step, parts: losses.append((parts.loss.item(), parts.kd.item(), parts.ce.item()))
+    )
+    weights = torch.load(Path(cfg.out) / "student.pth", weights_only=True)
+    return np.array(losses), weights, metrics
 
 
 # The command-line twins of small_build_config (skd-cache build) and of the small training runs (skd-train): the
@@ -123,10 +173,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_skd(*args, tool: str = "cache", env: dict | None = None, preexec_fn=None) -> subprocess.CompletedProcess:
+    """`skd-cache ARGS` (tool "cache") or `skd-train ARGS` in a fresh process from the repository, as a user runs
+    it: its exit status, stdout and stderr (text)."""
+    main = "main_cache" if tool == "cache" else "main_train"
+    return subprocess.run(
+        [sys.executable, "-c", f"from skd.cli.main import {main}; {main}()", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        preexec_fn=preexec_fn,
+    )
+
+
 def torchrun(*args, processes: int = 2) -> list[str]:
     """The command line of `torchrun --nproc-per-node PROCESSES ARGS` on a free port, as strings."""
-    import sys
-
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
     return [*run, "--master-port", str(free_port()), *map(str, args)]
 
@@ -135,8 +197,6 @@ def torchrun(*args, processes: int = 2) -> list[str]:
 def in_process(monkeypatch, capsys):
     """Run `skd-cache ARGS` (tool "cache") or `skd-train ARGS` in this process through the real entry points;
     returns (exit status, stderr). For error paths: a subprocess would spend seconds importing torch."""
-    import sys
-
     from skd.cli import main as cli
 
     def run(tool: str, *args, env: dict | None = None) -> tuple[int, str]:

@@ -5,37 +5,21 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import build_args, make_image_folder, photo_like, small_build_config, train_args, write_jpeg
+from conftest import build_args, make_image_folder, photo_like, run_skd, train_args, write_jpeg
 
-from skd.build.teacher_pass import BuildError, build_cache
 from skd.errors import ModelError
 from skd.models.teachers import read_state_dict
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def skd(*args, tool="cache", env=None):
-    main = "main_cache" if tool == "cache" else "main_train"
-    return subprocess.run(
-        [sys.executable, "-c", f"from skd.cli.main import {main}; {main}()", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def build(root, out, teacher, **options):
     """`skd-cache build` of one view through DALI, in a fresh process."""
-    return skd(*build_args(weights=teacher, data=root, out=out, views=1, loader="dali", workers=1, **options))
+    return run_skd(*build_args(weights=teacher, data=root, out=out, views=1, loader="dali", workers=1, **options))
 
 
 def unusual_images(cls: Path) -> list[str]:
@@ -107,7 +91,7 @@ def test_skip_leaves_bad_files_out_and_records_them(bad_root, tmp_path):
     assert np.isfinite(logits).all() and np.abs(logits).sum(axis=-1).min() > 0, "some rows were never written"
     rerun = build(root, out, teacher_file, on_bad_image="skip")
     assert rerun.returncode == 0 and "0 written now" in rerun.stdout, "a finished skip build must resume as complete"
-    info = skd("info", out)
+    info = run_skd("info", out)
     assert info.returncode == 0, info.stderr[-500:]
     assert "truncated.JPEG" in info.stdout and "train/dog" in info.stdout, (
         f"info does not show the skipped files: {info.stdout}"
@@ -124,57 +108,6 @@ def test_unusual_images_build_normally(tmp_path, teacher_file):
     sizes = dict(zip(paths, g["samples/size"][...].tolist()))
     assert all(f"train/bee/{n}" in paths for n in names), f"indexed: {paths}"
     assert sizes["train/bee/rotated.JPEG"] == [80, 40], f"EXIF-rotated size {sizes['train/bee/rotated.JPEG']}"
-
-
-def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, tmp_path):
-    """--overwrite replaces a cache; the dataset, a folder inside it or any other folder is refused untouched."""
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "thesis.txt").write_text("important")
-    data = tmp_path / "data"
-    shutil.copytree(image_root, data)
-    images = sorted(data.rglob("*.JPEG"))
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    embeddings = tmp_path / "embeddings"  # somebody else's zarr store
-    zarr.open_group(str(embeddings), mode="w-", zarr_format=3).create_array("emb", data=np.ones((4, 2), "f4"))
-    cases = {
-        data: "overlaps the dataset",
-        data / "train" / "new": "overlaps the dataset",
-        tmp_path: "overlaps the dataset",
-        notes: "is not an skd cache",
-        afile: "is a file",
-        afile / "sub": "is a file",
-        embeddings: "a zarr group skd did not create",
-    }
-    for out, needle in cases.items():
-        with pytest.raises(BuildError, match=needle):
-            build_cache(small_build_config(data, out, teacher_file, overwrite=True))
-    assert sorted(data.rglob("*.JPEG")) == images, "a refused --overwrite removed images"
-    assert (notes / "thesis.txt").read_text() == "important", "a refused --overwrite removed a user's file"
-    assert zarr.open_group(str(embeddings), mode="r")["emb"][...].sum() == 8, (
-        "a refused --overwrite removed a zarr array"
-    )
-    assert not list(tmp_path.glob("*.lock")), "a refused build left its lock file behind"
-    result = build(data, notes, teacher_file, overwrite=True)  # and as the command says it
-    assert result.returncode == 2 and "is not an skd cache" in result.stderr and "Traceback" not in result.stderr, (
-        f"exit {result.returncode}: {result.stderr[-500:]}"
-    )
-
-
-def test_an_interrupted_cache_creation_is_restarted_only_with_overwrite(image_root, teacher_file, tmp_path):
-    """A creation stopped before its `skd` attribute is recognised as skd's own by its marker: refused, then
-    replaced on --overwrite."""
-    from skd.store.cache_store import CREATING_KEY
-
-    out = tmp_path / "cache"
-    zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}).create_array(
-        "samples/path", shape=(3,), dtype=str
-    )
-    with pytest.raises(BuildError, match="unfinished cache creation: pass --overwrite"):
-        build_cache(small_build_config(image_root, out, teacher_file))
-    build_cache(small_build_config(image_root, out, teacher_file, overwrite=True))
-    assert zarr.open_group(str(out), mode="r")["views/complete"][...].all(), "--overwrite did not finish the cache"
 
 
 DELETER = """
@@ -213,7 +146,7 @@ def test_images_vanishing_during_the_build_are_one_line_and_resumable(image_root
         no_val=True,
     )
     env = {"PYTHONPATH": str(tmp_path), "DELETE_DIR": str(gone)}
-    failed = skd(*args, env=env)
+    failed = run_skd(*args, env=env)
     assert failed.returncode == 2, f"exit {failed.returncode}: {failed.stderr[-800:]}"
     assert (
         "reading the images of view 0/1 failed" in failed.stderr
@@ -221,7 +154,7 @@ def test_images_vanishing_during_the_build_are_one_line_and_resumable(image_root
         and "Traceback" not in failed.stderr
     ), failed.stderr[-800:]
     shutil.copytree(backup, gone, dirs_exist_ok=True)
-    resumed = skd(*args, env={**env, "DELETE_DIR": str(tmp_path / "nothing-here")})
+    resumed = run_skd(*args, env={**env, "DELETE_DIR": str(tmp_path / "nothing-here")})
     assert resumed.returncode == 0, resumed.stderr[-800:]
     g = zarr.open_group(str(tmp_path / "cache"), mode="r")
     assert g["views/complete"][...].all(), "the resumed build should have completed every shard"
@@ -266,7 +199,7 @@ def test_teacher_logits_the_cache_cannot_hold_are_never_stored(image_root, tmp_p
         shard_size=4,
         chunk_size=4,
     )
-    result = skd(*args, env={"PYTHONPATH": str(tmp_path)})
+    result = run_skd(*args, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, (
         f"exit {result.returncode}: {result.stderr[-800:]}"
     )
@@ -283,7 +216,7 @@ def cache_copy(fp32_cache, tmp_path) -> Path:
 
 def train(cache, out):
     """One step of `skd-train` on `cache`, without validation, in a fresh process."""
-    return skd(*train_args(cache=cache, out=out, steps_per_epoch=1, no_val=True), tool="train")
+    return run_skd(*train_args(cache=cache, out=out, steps_per_epoch=1, no_val=True), tool="train")
 
 
 @pytest.mark.parametrize("evil", ["/etc/passwd", "../../outside.JPEG"])
@@ -320,14 +253,14 @@ def test_other_formats_and_missing_arrays_are_one_line_errors(cache_copy, tmp_pa
 
 def test_damaged_shard_stops_train_and_stats_with_one_line(cache_copy, tmp_path):
     """A flipped byte in a shard's index: both readers of the logits name the damage and the way out
-    (a missing shard file is the same StoreError: tests/test_reader.py)."""
+    (a missing shard file is the same StoreError: tests/store/test_reader.py)."""
     shard = cache_copy / "views" / "logits" / "c" / "0" / "0" / "0"
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
     results = {
         "skd-train": train(cache_copy, tmp_path / "run"),
-        "skd-cache stats": skd("stats", cache_copy),
+        "skd-cache stats": run_skd("stats", cache_copy),
     }
     for name, result in results.items():
         assert result.returncode == 2, f"{name}: exit {result.returncode}: {result.stderr[-500:]}"

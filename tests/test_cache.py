@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import small_build_config
-from test_train import base_config
+from conftest import small_build_config, small_train_config
 
 import skd
 from skd import pipelines
@@ -122,7 +121,7 @@ def test_loader_yields_what_skd_train_trains_on(fp32_cache, mixed_cache, second_
         return original(self, images, labels, teacher, loss_fn, device, amp)
 
     monkeypatch.setattr(Learner, "step", spy)
-    train(base_config(tmp_path / "run", cache=caches, epochs=2, steps_per_epoch=None))
+    train(small_train_config(tmp_path / "run", cache=caches, epochs=2, steps_per_epoch=None))
     cache = skd.open_cache(caches)
     expected = [b for epoch in range(2) for b in cache.loader(epoch, batch_size=4, loader="torchvision", workers=0)]
     assert len(seen) == len(expected) == 10, f"skd-train ran {len(seen)} steps, the loader gives {len(expected)}"
@@ -178,7 +177,7 @@ def test_open_cache_first_views_and_bad_requests_are_one_line_errors(fp32_cache,
 
 def test_skd_train_views_reads_the_first_views_of_a_cache(fp32_cache, tmp_path):
     metrics = []
-    cfg = replace(base_config(tmp_path / "run", cache=fp32_cache, epochs=3, views=1), steps_per_epoch=1)
+    cfg = replace(small_train_config(tmp_path / "run", cache=fp32_cache, epochs=3, views=1), steps_per_epoch=1)
     train(cfg, log=metrics.append)
     views = [m.split(" view ")[1].split()[0] for m in metrics if m.startswith("epoch ")]
     assert views == ["0", "0", "0"], f"views of the 3 epochs with --views 1: {views}"

@@ -4,44 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
-from conftest import build_args, small_build_config, train_args
+from conftest import build_args, run_skd, small_build_config, train_args
+from handmade import cache_arrays
 
 from skd.build.teacher_pass import build_cache
 from skd.storage.locks import FolderLock
 from skd.store.cache_store import open_store
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def skd(*args, env=None, tool="cache", preexec_fn=None):
-    main = "main_cache" if tool == "cache" else "main_train"
-    return subprocess.run(
-        [sys.executable, "-c", f"from skd.cli.main import {main}; {main}()", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=REPO,
-        preexec_fn=preexec_fn,
-    )
-
 
 def build(root, out, teacher, **options):
     """`skd-cache build` arguments of the small cache in batches of 4: a shard of 8 rows takes two batches."""
     return build_args(weights=teacher, data=root, out=out, batch_size=4, **options)
-
-
-def arrays(path: Path) -> dict:
-    g = zarr.open_group(str(path), mode="r")
-    return {f"{grp}/{name}": np.asarray(a[...]) for grp in ("samples", "views", "val") for name, a in g[grp].arrays()}
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +51,16 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_cache(
     reference = fp32_cache if codec == "fp32" else int8_cache
     out = tmp_path / "cache"
     args = build(image_root, out, teacher_file, codec=codec)
-    killed = skd(*args, env={"SKD_FAULT": fault})
+    killed = run_skd(*args, env={"SKD_FAULT": fault})
     assert killed.returncode == -9, f"{fault}: the build was not killed ({killed.returncode}) {killed.stderr[-300:]}"
     wrong = complete_shards_hold_final_rows(out, reference)
     assert not wrong, f"{fault}: shards counted complete with wrong rows: {wrong}"
     counted = int(open_store(out).complete().sum())
     if fault in ("after-batch:1", "mid-shard:1"):
         assert counted == 0, f"{fault}: {counted} shards counted complete before any shard was finished"
-    rerun = skd(*args)
+    rerun = run_skd(*args)
     assert rerun.returncode == 0, rerun.stderr[-800:]
-    want, got = arrays(reference), arrays(out)
+    want, got = cache_arrays(reference), cache_arrays(out)
     for name in want:
         assert np.array_equal(want[name], got[name]), f"{fault} ({codec}): {name} differs from the uninterrupted build"
     assert not Path(f"{out}.lock").exists(), "the build lock was left behind"
@@ -105,7 +83,7 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(
         args = train_args(cache=fp32_cache, epochs=2, steps_per_epoch=2, no_val=True, out=tmp_path / "run")
         point, again, hint = "after-epoch:0", [*args, "--resume"], "with --resume to continue"
     # A child inherits an ignored SIGINT (Python then never raises KeyboardInterrupt): as from a terminal, not so
-    stopped = skd(
+    stopped = run_skd(
         *args, env={variable: point}, tool=tool, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     )
     lines = [line for line in stopped.stderr.splitlines() if line.strip() and "\r" not in line]
@@ -113,7 +91,7 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(
         f"{signal_name}: exit {stopped.returncode}: {stopped.stderr[-800:]}"
     )
     assert "Traceback" not in stopped.stderr and "Task was destroyed" not in stopped.stderr, stopped.stderr[-1500:]
-    resumed = skd(*again, tool=tool)
+    resumed = run_skd(*again, tool=tool)
     assert resumed.returncode == 0, f"the command the hint names failed: {resumed.stderr[-800:]}"
     if tool == "cache":
         assert "written now" in resumed.stdout and not Path(f"{tmp_path / 'cache'}.lock").exists(), resumed.stdout
@@ -125,7 +103,7 @@ def test_second_build_on_the_same_cache_is_refused_naming_the_holder(image_root,
     out = tmp_path / "cache"
     lock = FolderLock(out)
     try:
-        result = skd(*build(image_root, out, teacher_file))
+        result = run_skd(*build(image_root, out, teacher_file))
     finally:
         lock.release()
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-300:]}"
@@ -133,54 +111,18 @@ def test_second_build_on_the_same_cache_is_refused_naming_the_holder(image_root,
     assert not (out / "zarr.json").exists(), "the refused build wrote into the cache"
 
 
-def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tmp_path, teacher_file):
-    """A real full disk: a small tmpfs. The cache is then moved to a roomy disk and resumed."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    wide = tmp_path / "wide.pth"  # 1000 outputs: 4 KB per fp32 row, so shards outgrow the small disk
-    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), wide)
-    reference = tmp_path / "reference"
-    assert skd(*build(image_root, reference, wide, views=4)).returncode == 0
-    used = sum(f.stat().st_size for f in reference.rglob("*") if f.is_file())
-    mount = tmp_path / "small"
-    mount.mkdir()
-    size_kib = 320  # holds the cache's creation (~100 files of 4 KiB pages) but not all its logits
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root): the disk-full test needs a real small disk")
-    try:
-        out = mount / "cache"
-        full = skd(*build(image_root, out, wide, views=4))
-        assert full.returncode == 2, (
-            f"exit {full.returncode} with {used} bytes on a {size_kib} KiB disk: {full.stderr[-500:]}"
-        )
-        assert "cannot write shard" in full.stderr and "No space left" in full.stderr, full.stderr[-500:]
-        assert "Traceback" not in full.stderr, full.stderr[-500:]
-        done = int(open_store(out).complete().sum())
-        moved = tmp_path / "moved"
-        shutil.copytree(out, moved)
-    finally:
-        subprocess.run(["umount", str(mount)])
-    resumed = skd(*build(image_root, moved, wide, views=4))
-    assert resumed.returncode == 0, resumed.stderr[-500:]
-    want, got = arrays(reference), arrays(moved)
-    for name in want:
-        assert np.array_equal(want[name], got[name]), f"{name} differs after a full disk ({done} shards had completed)"
-
-
 def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(fp32_cache, tmp_path):
     args = train_args(cache=fp32_cache, epochs=3, steps_per_epoch=3, alpha="0.9", no_val=True)
-    straight = skd(*args, "--out", tmp_path / "straight", tool="train")
+    straight = run_skd(*args, "--out", tmp_path / "straight", tool="train")
     assert straight.returncode == 0, straight.stderr[-800:]
     run = tmp_path / "run"
-    killed = skd(*args, "--out", run, env={"SKD_FAULT": "train-step:5"}, tool="train")  # epoch 1, step 2
+    killed = run_skd(*args, "--out", run, env={"SKD_FAULT": "train-step:5"}, tool="train")  # epoch 1, step 2
     assert killed.returncode == -9, f"not killed ({killed.returncode})"
     import torch
 
     ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 0, f"last checkpoint is from epoch {ckpt['epoch']}, expected 0"
-    resumed = skd(*args, "--out", run, "--resume", tool="train")
+    resumed = run_skd(*args, "--out", run, "--resume", tool="train")
     assert resumed.returncode == 0, resumed.stderr[-800:]
     want = [json.loads(x) for x in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
     got = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -4,52 +4,11 @@ batch size; lost or damaged shard files are one-line StoreErrors naming them."""
 import numpy as np
 import pytest
 import zarr
-from handmade import cache_meta, write_shard
+from handmade import assert_same, make_store
 
-from skd.data.index import Split
-from skd.plan.crops import ViewPlan
 from skd.storage.zarr_internals import codec_pipeline
 from skd.store.cache_store import VAL, StoreError, open_store, part_name
-from skd.store.codecs import get_codec
-from skd.store.creation import create_store
 from skd.store.reader import RowReader
-
-
-def make_store(path, *, rows=50, classes=7, codec="int8", shard_rows=16, chunk_rows=4, views=2, val=13, skip_shards=()):
-    rng = np.random.default_rng(0)
-    meta = cache_meta(
-        codec=codec,
-        views=views,
-        num_samples=rows,
-        num_val=val,
-        classes=[str(i) for i in range(classes)],
-        shard_rows=shard_rows,
-        chunk_rows=chunk_rows,
-    )
-    split = Split([f"train/c/{i}.JPEG" for i in range(rows)], rng.integers(0, classes, rows), np.full((rows, 2), 8))
-    plans = [ViewPlan(order=rng.permutation(rows), box=np.zeros((rows, 4)), flip=np.zeros(rows)) for _ in range(views)]
-    vsplit = Split([f"val/c/{i}.JPEG" for i in range(val)], rng.integers(0, classes, val), np.full((val, 2), 8))
-    store = create_store(
-        path, meta, train=split, plans=plans, val=vsplit, val_boxes=np.zeros((val, 4)), num_classes=classes
-    )
-    enc = get_codec(codec)
-    for view, n in [(k, rows) for k in range(views)] + [(VAL, val)]:
-        for shard in range(store.num_shards(n)):
-            if (view, shard) in skip_shards:
-                continue
-            a, b = store.shard_bounds(shard, n)
-            write_shard(store, view, shard, enc.encode(rng.normal(0, 3, (b - a, classes)).astype(np.float32)))
-    return open_store(path)
-
-
-def assert_same(got, want):
-    for g, w in zip(got, want):
-        assert (g is None) == (w is None), f"reader gives {type(g).__name__}, zarr {type(w).__name__}"
-        if g is not None:
-            differ = int((g != w).sum()) if g.shape == w.shape else -1
-            assert g.dtype == w.dtype and differ == 0, (
-                f"reader's {g.dtype} {g.shape} differs from zarr's {w.dtype} {w.shape} in {differ} values (-1: shape)"
-            )
 
 
 @pytest.mark.parametrize("codec", ["int8", "fp16", "fp32", "compact"])
@@ -186,44 +145,6 @@ def test_local_caches_are_read_by_zarrs(tmp_path):
     assert paths == "BatchedCodecPipeline", f"string arrays are zarr's own to read, not {paths}"
     memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), dtype="uint8", chunks=(2,))
     assert codec_pipeline(memory) == "BatchedCodecPipeline", f"a memory store: {codec_pipeline(memory)}"
-
-
-@pytest.mark.parametrize("writer", ["skd", "zarr's default"])
-def test_chunks_of_fill_values_read_as_fill_value(tmp_path, writer):
-    """Constant int8 rows encode to levels and scale 0, the fill value: skd stores such chunks (every shard
-    file is whole); zarr's default leaves them out, and they read as the fill value either way."""
-    make_store(tmp_path / "c", views=1)
-    store = open_store(tmp_path / "c", mode="r+")
-    x = np.random.default_rng(3).normal(0, 3, (16, 7)).astype(np.float32)
-    x[4:8] = 2.5  # one whole chunk of constant rows
-    encoded = get_codec("int8").encode(x)
-    if writer == "skd":
-        write_shard(store, 0, 1, encoded)
-    else:
-        for name, data in zip(("logits", "scale", "offset"), encoded):
-            store.group[f"views/{name}"][0, 16:32] = data  # an integer index: zarr's own pipeline writes
-    store = open_store(tmp_path / "c")
-    index = (tmp_path / "c" / "views" / "logits" / "c" / "0" / "1" / "0").read_bytes()[-(4 * 16 + 4) : -4]
-    offsets = np.frombuffer(index, "<u8").reshape(4, 2)[:, 0]
-    stored = [int(o != 2**64 - 1) for o in offsets]
-    want = [1, 1, 1, 1] if writer == "skd" else [1, 0, 1, 1]
-    assert stored == want, f"{writer}: chunks stored {stored}, expected {want} (chunk 1 is constant)"
-    reader = RowReader(store, 0, 0, 50)
-    assert_same(reader._read(0, 50), store.read_rows(0, 0, 50))
-    decoded = store.codec.decode(reader._read(20, 24))
-    assert np.allclose(decoded, 2.5), f"{writer}: the constant rows read as {np.unique(decoded)}, not 2.5"
-
-
-def test_a_shard_of_fill_values_is_written_and_reads_back(tmp_path):
-    """A whole shard of the fill value (all-zero levels, scale and offset) keeps its files."""
-    make_store(tmp_path / "c", views=1)
-    store = open_store(tmp_path / "c", mode="r+")
-    zeros = get_codec("int8").encode(np.zeros((16, 7), np.float32))
-    nonzero = sum(int(a.astype(bool).sum()) for a in zeros if a is not None)
-    assert nonzero == 0, f"int8 of zero rows holds {nonzero} values other than the fill value"
-    write_shard(store, 0, 1, zeros)
-    got = RowReader(open_store(tmp_path / "c"), 0, 16, 32)._read(16, 32)
-    assert not got.logits.any(), f"{int(got.logits.astype(bool).sum())} non-zero levels"
 
 
 @pytest.mark.parametrize(

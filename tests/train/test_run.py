@@ -11,7 +11,6 @@ import torch
 
 from skd.errors import SkdError
 from skd.models.runtime import Dist
-from skd.replay.view_loader import rank_range
 from skd.train.run import Learner, check_world
 from skd.train.schedule import lr_scheduler
 
@@ -47,22 +46,3 @@ def test_too_few_samples_for_mixed_pairs_on_every_process_is_a_clear_error():
         check_world(18, 20, Dist(rank=0, world=10), mixed=True)
     check_world(18, 20, Dist(rank=0, world=10), mixed=False)  # unmixed, one sample each is a share
     check_world(18, 18, Dist(rank=0, world=9), mixed=True)  # one pair each
-
-
-@pytest.mark.parametrize("mixed", [False, True], ids=["unmixed", "mixed"])
-def test_every_process_check_world_accepts_gets_positions_to_train_on(mixed):
-    """Whatever the number of processes, check_world refuses the run or every rank gets a non-empty share."""
-    samples = 18
-    for world in range(1, samples + 1):
-        batch_size = 2 * world
-        try:
-            check_world(samples, batch_size, Dist(rank=0, world=world), mixed)
-        except SkdError:
-            continue
-        sizes = [
-            stop - start
-            for start, stop in (rank_range(samples, r, world, batch_size // world, mixed) for r in range(world))
-        ]
-        assert min(sizes) > 0, (
-            f"{samples} samples over {world} processes ({'mixed' if mixed else 'unmixed'}): shares {sizes}"
-        )

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import small_build_config
+from conftest import small_build_config, small_train_config
 from PIL import Image, ImageOps
-from test_train import base_config
 from torchvision.transforms.v2 import functional as F
 
 from skd.build.teacher_pass import build_cache
@@ -112,9 +111,9 @@ def test_cached_training_equals_online_training_with_the_same_augmentation(image
     cache = tmp_path / "cache"
     build_cache(small_build_config(image_root, cache, teacher_file, **AUGMENT, **mixing))
     online = dict(teacher="resnet18", weights=str(teacher_file), data=image_root, views=2, image_size=32, **mixing)
-    cached = losses_of(base_config(tmp_path / "cached", cache=cache, views=None))
-    same = losses_of(base_config(tmp_path / "online", **online, **AUGMENT))
-    plain = losses_of(base_config(tmp_path / "plain", **online))
+    cached = losses_of(small_train_config(tmp_path / "cached", cache=cache, views=None))
+    same = losses_of(small_train_config(tmp_path / "online", **online, **AUGMENT))
+    plain = losses_of(small_train_config(tmp_path / "plain", **online))
     gap = float(np.abs(cached - same).max())
     assert cached.shape == (6, 2) and gap < 1e-5, f"online and cached augmented losses differ by {gap:.2e}"
     other = float(np.abs(cached - plain).max())

@@ -114,8 +114,7 @@ def test_info_shows_the_codec_fidelity_and_skd_train_warns_of_a_lossy_one(image_
     """A top-1 cache of 3 classes loses most of the SKD target: info says so, skd-train --kd skd warns once."""
     import warnings
 
-    from conftest import small_build_config
-    from test_train import base_config
+    from conftest import small_build_config, small_train_config
 
     from skd.build.teacher_pass import build_cache
     from skd.inspect.info import describe, info_lines
@@ -128,7 +127,7 @@ def test_info_shows_the_codec_fidelity_and_skd_train_warns_of_a_lossy_one(image_
     assert kl > 1e-3 and f"KL of the SKD target {kl:.2g}" in text, f"SKD KL {kl:.3g}; info:\n{text}"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train(base_config(tmp_path / "run", cache=out, epochs=1, views=None, steps_per_epoch=1))
+        train(small_train_config(tmp_path / "run", cache=out, epochs=1, views=None, steps_per_epoch=1))
     lossy = [str(w.message) for w in caught if "SKD target is off by KL" in str(w.message)]
     assert len(lossy) == 1 and f"{kl:.2g}" in lossy[0], f"warnings: {[str(w.message)[:90] for w in caught]}"
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import build_args
-from handmade import write_shard
+from handmade import assert_same, make_store, write_shard
 from s3server import DUMMY_KEY, DUMMY_SECRET, S3Server
-from test_reader import assert_same, make_store
 
 from skd.errors import BusyError, CacheError
 from skd.inspect.info import describe, info_lines

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,71 +14,23 @@ import pytest
 import torch
 import torchvision
 import zarr
-from conftest import build_args, small_build_config, torchrun, train_args
+from conftest import (
+    REPO,
+    build_args,
+    run_skd,
+    run_training,
+    small_build_config,
+    small_train_config,
+    torchrun,
+    train_args,
+)
 
 from skd.build.teacher_pass import build_cache
-from skd.train.loop import TrainConfig, train
-
-REPO = Path(__file__).resolve().parents[1]
+from skd.train.loop import train
 
 
 def cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-c", "from skd.cli.main import main_train; main_train()", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=REPO,
-    )
-
-
-def base_config(out: Path, **overrides) -> TrainConfig:
-    cfg = TrainConfig(
-        epochs=2,
-        batch_size=4,
-        lr=0.4,
-        kd="skd",
-        alpha="0.9",
-        multiplier="2",
-        amp="none",
-        device="cpu",
-        loader="torchvision",
-        workers=0,
-        out=out,
-        steps_per_epoch=3,
-        val=False,
-        image_size=32,
-        views=2,
-        seed=1,
-    )
-    return replace(cfg, **overrides)
-
-
-def run(cfg: TrainConfig):
-    losses = []
-    metrics = train(
-        cfg, on_step=lambda epoch, step, parts: losses.append((parts.loss.item(), parts.kd.item(), parts.ce.item()))
-    )
-    weights = torch.load(Path(cfg.out) / "student.pth", weights_only=True)
-    return np.array(losses), weights, metrics
-
-
-def max_weight_diff(a: dict, b: dict) -> float:
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def test_cached_training_equals_online_training(fp32_cache, image_root, teacher_file, tmp_path):
-    """The product's central claim: same views, same per-step losses, same weights."""
-    cached_losses, cached_w, _ = run(base_config(tmp_path / "cached", cache=fp32_cache))
-    online_losses, online_w, _ = run(
-        base_config(tmp_path / "online", teacher="resnet18", weights=str(teacher_file), data=image_root)
-    )
-    assert cached_losses.shape == (6, 3), f"{cached_losses.shape[0]} steps logged, expected 6"
-    loss_diff = float(np.abs(cached_losses - online_losses).max())
-    assert loss_diff < 1e-5, f"per-step losses differ by up to {loss_diff:.2e} (cached vs online)"
-    w_diff = max_weight_diff(cached_w, online_w)
-    assert w_diff < 1e-5, f"weights after 6 steps differ by up to {w_diff:.2e}"
-    assert cached_losses[:, 1].min() > 0, "KD term was zero: no teacher signal reached the loss"
+    return run_skd(*args, tool="train", env=env)
 
 
 def test_int8_cache_trains_like_fp32(image_root, tmp_path):
@@ -97,15 +48,15 @@ def test_int8_cache_trains_like_fp32(image_root, tmp_path):
     runs = {}
     for codec in ("fp32", "int8"):
         build_cache(small_build_config(image_root, tmp_path / codec, tmp_path / "teacher.pth", codec=codec))
-        runs[codec] = run(base_config(tmp_path / f"run-{codec}", cache=tmp_path / codec, lr=0.0))[0]
+        runs[codec] = run_training(small_train_config(tmp_path / f"run-{codec}", cache=tmp_path / codec, lr=0.0))[0]
     fp32, int8 = runs["fp32"], runs["int8"]
     worst = float((np.abs(int8[:, 1] - fp32[:, 1]) / fp32[:, 1]).max())
     assert worst < 2e-3, f"int8 KD loss is up to {worst:.2e} (relative) from fp32 over 6 steps (tolerance 2e-3)"
 
 
 def test_no_kd_differs_from_skd(fp32_cache, tmp_path):
-    none_losses, _, _ = run(base_config(tmp_path / "none", cache=fp32_cache, kd="none"))
-    skd_losses, _, _ = run(base_config(tmp_path / "skd", cache=fp32_cache))
+    none_losses, _, _ = run_training(small_train_config(tmp_path / "none", cache=fp32_cache, kd="none"))
+    skd_losses, _, _ = run_training(small_train_config(tmp_path / "skd", cache=fp32_cache))
     assert (none_losses[:, 1] == 0).all(), "--kd none must not use the teacher"
     assert abs(none_losses[0, 0] - skd_losses[0, 0]) > 1e-3, "SKD and hard-label losses coincide"
 
@@ -147,18 +98,18 @@ def test_a_run_is_replaced_only_on_overwrite_and_a_moved_cache_resumes(fp32_cach
     from skd.errors import OptionError
 
     out = tmp_path / "run"
-    run(base_config(out, cache=fp32_cache, epochs=1))
+    run_training(small_train_config(out, cache=fp32_cache, epochs=1))
     assert not (tmp_path / "run.lock").exists(), "a finished run left its lock file beside --out"
     with pytest.raises(OptionError, match="holds a run .*pass --resume to continue it, --overwrite"):
-        run(base_config(out, cache=fp32_cache, epochs=1))
+        run_training(small_train_config(out, cache=fp32_cache, epochs=1))
     kept = (out / "metrics.jsonl").read_text().count("\n")
     assert kept == 1, f"a refused rerun left {kept} of 1 metrics lines"
-    run(base_config(out, cache=fp32_cache, epochs=2, overwrite=True))
+    run_training(small_train_config(out, cache=fp32_cache, epochs=2, overwrite=True))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [0, 1], f"--overwrite: epochs {[m['epoch'] for m in lines]}"
     moved = shutil.copytree(fp32_cache, tmp_path / "moved")
     said = []
-    train(base_config(out, cache=moved, epochs=2, resume=True), log=said.append)
+    train(small_train_config(out, cache=moved, epochs=2, resume=True), log=said.append)
     assert any("resuming" in m for m in said), f"resuming on the moved cache: {said}"
 
 
@@ -187,7 +138,7 @@ def test_failed_step_leaves_no_reader_threads(fp32_cache, tmp_path):
         raise ArithmeticError("stop here")
 
     with pytest.raises(ArithmeticError) as kept:
-        train(base_config(tmp_path / "run", cache=fp32_cache), on_step=fail)
+        train(small_train_config(tmp_path / "run", cache=fp32_cache), on_step=fail)
     alive = [t.name for t in threading.enumerate() if t.name.startswith("skd-")]
     assert kept.value is not None and not alive, f"threads still running after the failed epoch: {alive}"
 
@@ -221,61 +172,16 @@ def test_images_vanishing_during_training_are_one_line(fp32_cache, image_root, t
     ), result.stderr[-800:]
 
 
-def test_more_processes_than_samples_is_a_clear_error(fp32_cache, tmp_path):
-    from skd.errors import OptionError, SkdError
-    from skd.models.runtime import Dist
-    from skd.train.loop import _train
-
-    with pytest.raises(SkdError, match="18 training samples cannot be shared by 20 processes"):
-        _train(
-            base_config(tmp_path / "run", cache=fp32_cache),
-            Dist(rank=0, world=20),
-            progress=False,
-            log=lambda m: None,
-            on_step=None,
-        )
-    with pytest.raises(OptionError, match="--batch-size 4 is the global batch"):
-        _train(
-            base_config(tmp_path / "run", cache=fp32_cache),
-            Dist(rank=0, world=8),
-            progress=False,
-            log=lambda m: None,
-            on_step=None,
-        )
-
-
-def test_training_decodes_with_the_loader_the_cache_was_built_with(fp32_cache, tmp_path):
-    """The student sees the teacher's very pixels: with no --loader, the cache's own (torchvision here) is used."""
-    default_losses, _, _ = run(base_config(tmp_path / "default", cache=fp32_cache, loader=None))
-    recorded_losses, _, _ = run(base_config(tmp_path / "recorded", cache=fp32_cache, loader="torchvision"))
-    from skd.errors import SkdWarning
-
-    with pytest.warns(SkdWarning, match="built with torchvision"):
-        other_losses, _, _ = run(base_config(tmp_path / "other", cache=fp32_cache, loader="dali"))
-    same = float(np.abs(default_losses - recorded_losses).max())
-    other = float(np.abs(other_losses - recorded_losses).max())
-    assert same == 0.0, f"default loader's losses differ from the cache's loader's by {same:.2e}"
-    assert other > 0.0, "dali and torchvision gave identical losses: this test cannot tell the loaders apart"
-
-
 def test_a_training_copy_without_val_trains_with_no_val(fp32_cache, image_root, tmp_path):
     """A machine may hold only train/: --no-val neither checks nor needs val/; validation asks for it by name."""
     from skd.errors import SkdError
 
     data = tmp_path / "data"
     shutil.copytree(image_root / "train", data / "train")
-    losses, _, _ = run(base_config(tmp_path / "run", cache=fp32_cache, data=data, val=False, epochs=1))
+    losses, _, _ = run_training(small_train_config(tmp_path / "run", cache=fp32_cache, data=data, val=False, epochs=1))
     assert len(losses) == 3 and np.isfinite(losses).all(), f"{len(losses)} steps, losses {losses.tolist()}"
     with pytest.raises(SkdError, match="has no val/ folder.*pass --no-val"):
-        run(base_config(tmp_path / "with-val", cache=fp32_cache, data=data, val=True, epochs=1))
-
-
-def test_a_last_batch_of_one_image_does_not_stop_the_epoch(fp32_cache, tmp_path):
-    """18 samples in batches of 17 would end in a batch of one, which BatchNorm cannot train on: it is left out."""
-    losses, _, metrics = run(
-        base_config(tmp_path / "run", cache=fp32_cache, batch_size=17, epochs=1, steps_per_epoch=None)
-    )
-    assert len(losses) == 1 and np.isfinite(losses).all(), f"{len(losses)} steps, losses {losses.tolist()}"
+        run_training(small_train_config(tmp_path / "with-val", cache=fp32_cache, data=data, val=True, epochs=1))
 
 
 @pytest.mark.parametrize(
@@ -375,14 +281,15 @@ def test_metrics_name_only_what_the_loss_uses_and_another_loader_is_warned(fp32_
     from skd.errors import SkdWarning
 
     fields = {
-        kd: set(train(base_config(tmp_path / kd, cache=fp32_cache, kd=kd, epochs=1))) for kd in ("none", "hinton")
+        kd: set(train(small_train_config(tmp_path / kd, cache=fp32_cache, kd=kd, epochs=1)))
+        for kd in ("none", "hinton")
     }
     assert not {"alpha", "multiplier"} & fields["none"], f"--kd none logs {sorted(fields['none'])}"
     assert "alpha" in fields["hinton"] and "multiplier" not in fields["hinton"], (
         f"hinton logs {sorted(fields['hinton'])}"
     )
     with pytest.warns(SkdWarning, match="built with torchvision.*grey levels"):
-        train(base_config(tmp_path / "dali", cache=fp32_cache, loader="dali", epochs=1))
+        train(small_train_config(tmp_path / "dali", cache=fp32_cache, loader="dali", epochs=1))
 
 
 FILLING_STUDENT = """
