@@ -57,7 +57,8 @@ def test_a_larger_views_appends_views_equal_to_a_fresh_build(image_root, teacher
     assert not differ, f"the cache grown from 2 to 4 views differs from a fresh 4-view build in {differ}"
     store = open_store(out)
     assert store.num_views == 4 and store.is_complete() and store.meta["complete"], store.meta["views"]
-    assert build_cache(small_build_config(image_root, out, teacher_file, views=4)).rows_written == 0
+    again = build_cache(small_build_config(image_root, out, teacher_file, views=4)).rows_written
+    assert again == 0, f"rerunning the finished grown build wrote {again} rows"
 
 
 def test_fewer_views_than_the_cache_holds_are_refused_in_one_line(
@@ -143,7 +144,8 @@ def test_resume_without_no_val_is_refused(image_root, teacher_file, tmp_path):
     build_cache(small_build_config(image_root, out, teacher_file, val=False, views=1))
     with pytest.raises(BuildError, match="built with --no-val"):
         build_cache(small_build_config(image_root, out, teacher_file, views=1))
-    assert build_cache(small_build_config(image_root, out, teacher_file, val=False, views=1)).rows_written == 0
+    again = build_cache(small_build_config(image_root, out, teacher_file, val=False, views=1)).rows_written
+    assert again == 0, f"rerunning the finished --no-val build with --no-val wrote {again} rows"
 
 
 def test_a_view_count_out_of_all_proportion_is_refused_before_planning(image_root, teacher_file, tmp_path):

@@ -82,7 +82,7 @@ def test_int8_within_one_quantisation_step(image_root, teacher_file, reference, 
     step = store.read_rows(1, 0, store.num_samples).scale
     steps = float((np.abs(decoded - exact) / step[:, None]).max())
     assert steps <= 1.0, f"int8 rows are up to {steps:.2f} quantisation steps from fp32"
-    assert store.group["views/logits"].dtype == np.uint8
+    assert store.group["views/logits"].dtype == np.uint8, f"int8 logits stored as {store.group['views/logits'].dtype}"
 
 
 def test_a_topk_cache_stores_the_k_largest_and_every_reader_rebuilds_whole_rows(
@@ -135,7 +135,7 @@ def test_killed_build_resumes_to_identical_cache(image_root, teacher_file, refer
     assert done.sum() == 1, f"after a kill at the first shard, {done.sum()} shards are marked complete"
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-500:]
-    assert "written now" in rerun.stdout
+    assert "written now" in rerun.stdout, f"the rerun's summary: {rerun.stdout[-300:]}"
     want, got = arrays(reference), arrays(out)
     for name in want:
         assert np.array_equal(want[name], got[name]), f"{name} differs after resume"

@@ -33,14 +33,14 @@ def write_image(path: Path, height: int, width: int, fmt: str, mode: str = "RGB"
 
 
 def assert_same_index(a, b):
-    assert a.classes == b.classes
-    assert (a.val is None) == (b.val is None)
+    assert a.classes == b.classes, f"classes {a.classes}, then {b.classes}"
+    assert (a.val is None) == (b.val is None), f"val split: {a.val is not None}, then {b.val is not None}"
     for name in ("train", "val") if a.val is not None else ("train",):
         sa, sb = getattr(a, name), getattr(b, name)
         assert sa.paths == sb.paths, f"{name} order differs between two indexings"
         for field in ("labels", "sizes", "file_bytes"):
             assert np.array_equal(getattr(sa, field), getattr(sb, field)), f"{name}.{field} differs"
-        assert sa.fingerprint == sb.fingerprint
+        assert sa.fingerprint == sb.fingerprint, f"{name} fingerprint {sa.fingerprint}, then {sb.fingerprint}"
 
 
 # --- order and labels ------------------------------------------------------------------------------
@@ -63,17 +63,18 @@ def test_order_and_labels_are_sorted_imagefolder_order_whatever_the_creation_ord
     second = index_dataset(tmp_path, workers=2)
 
     expected_names = ["B.png", "a.JPEG", "a10.jpg", "a2.jpeg", "b.JPEG", "sub b.JPEG", "sub/c.JPEG", "sub/deeper/a.jpg"]
-    assert first.classes == ["Ant", "bee", "zebra"]
+    assert first.classes == ["Ant", "bee", "zebra"], f"classes {first.classes}"
     expected = [f"train/{c}/{n}" for c in ["Ant", "bee", "zebra"] for n in expected_names]
     assert first.train.paths == expected, f"got {first.train.paths[:8]}..., expected {expected[:8]}..."
-    assert first.train.labels.dtype == np.int64
-    assert first.train.labels.tolist() == [label for label in range(3) for _ in expected_names]
-    assert len(first.train) == 24
+    assert first.train.labels.dtype == np.int64, f"labels stored as {first.train.labels.dtype}"
+    labels = first.train.labels.tolist()
+    assert labels == [label for label in range(3) for _ in expected_names], f"labels {labels}"
+    assert len(first.train) == 24, f"{len(first.train)} train samples indexed, 3 classes x 8 written"
     assert first.val is None, "no val/ folder, so no val split"
     assert_same_index(first, second)
 
     reference = ImageFolder(str(tmp_path / "train"))
-    assert reference.classes == first.classes
+    assert reference.classes == first.classes, f"ImageFolder's classes {reference.classes}, ours {first.classes}"
     ours = [(str(tmp_path / p), int(y)) for p, y in zip(first.train.paths, first.train.labels)]
     assert ours == [(os.path.normpath(p), y) for p, y in reference.samples], (
         "order or labels differ from torchvision ImageFolder"
@@ -92,18 +93,21 @@ def test_root_is_absolute_and_paths_are_relative_posix(image_root, monkeypatch):
     monkeypatch.chdir(image_root.parent)
     index = index_dataset(image_root.name, workers=2)
     assert index.root == image_root and index.root.is_absolute(), f"root {index.root} is not {image_root}"
-    assert all(p.startswith("train/") and "\\" not in p for p in index.train.paths)
-    assert all(p.startswith("val/") for p in index.val.paths)
+    odd = [p for p in index.train.paths if not p.startswith("train/") or "\\" in p]
+    assert not odd, f"train paths not relative POSIX under train/: {odd}"
+    odd = [p for p in index.val.paths if not p.startswith("val/")]
+    assert not odd, f"val paths not under val/: {odd}"
 
 
 def test_val_uses_train_class_labels(tmp_path):
     make_image_folder(tmp_path, per_class=1, val_per_class=0)
     write_jpeg(tmp_path / "val" / "cat" / "v.JPEG", photo_like(20, 30, seed=1))
     index = index_dataset(tmp_path, workers=2)
-    assert index.classes == ["ant", "bee", "cat"]
-    assert index.val.paths == ["val/cat/v.JPEG"]
+    assert index.classes == ["ant", "bee", "cat"], f"classes {index.classes}"
+    assert index.val.paths == ["val/cat/v.JPEG"], f"val paths {index.val.paths}"
     assert index.val.labels.tolist() == [2], f"val 'cat' must get train's label 2, got {index.val.labels}"
-    assert index_dataset(tmp_path, with_val=False, workers=2).val is None
+    without = index_dataset(tmp_path, with_val=False, workers=2).val
+    assert without is None, f"with_val=False indexed val: {without}"
 
     paths, labels = scan_split(tmp_path, "val")
     assert labels.tolist() == [0], "without a class list, val's own folders define the labels"
@@ -131,10 +135,12 @@ def test_non_image_and_hidden_files_are_ignored(tmp_path):
 
 
 def test_extension_match_is_case_insensitive_torchvision_list(tmp_path):
-    assert IMAGE_EXTENSIONS == (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+    want = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+    assert IMAGE_EXTENSIONS == want, f"extensions {IMAGE_EXTENSIONS}, torchvision's {want}"
     write_jpeg(tmp_path / "train" / "a" / "x.JpEg", photo_like(10, 12, 0))
     write_jpeg(tmp_path / "train" / "a" / "y.jpg.gz", photo_like(10, 12, 0))
-    assert index_dataset(tmp_path, workers=1).train.paths == ["train/a/x.JpEg"]
+    paths = index_dataset(tmp_path, workers=1).train.paths
+    assert paths == ["train/a/x.JpEg"], f"indexed {paths}"
 
 
 # --- sizes -----------------------------------------------------------------------------------------
@@ -143,8 +149,10 @@ def test_extension_match_is_case_insensitive_torchvision_list(tmp_path):
 def test_sizes_and_file_bytes_equal_full_decode(image_root):
     index = index_dataset(image_root, workers=2)
     for split in (index.train, index.val):
-        assert split.sizes.shape == (len(split), 2) and split.sizes.dtype == np.int32
-        assert split.file_bytes.dtype == np.int64
+        assert split.sizes.shape == (len(split), 2) and split.sizes.dtype == np.int32, (
+            f"sizes {split.sizes.shape} {split.sizes.dtype} for {len(split)} samples"
+        )
+        assert split.file_bytes.dtype == np.int64, f"file bytes stored as {split.file_bytes.dtype}"
         for path, size, nbytes in zip(split.paths, split.sizes.tolist(), split.file_bytes.tolist()):
             truth = decoded_size(image_root / path)
             assert tuple(size) == truth, f"{path}: indexed (h, w) {tuple(size)}, full decode {truth}"
@@ -161,7 +169,8 @@ def test_exif_orientation_swaps_height_and_width_for_5_to_8(tmp_path, orientatio
     got = image_size(path)
     assert got == expected, f"orientation {orientation}: got (h, w) {got}, expected {expected}"
     assert decoded_size(path) == expected, "PIL's exif_transpose disagrees with the index"
-    assert read_sizes(tmp_path, ["r.JPEG"], workers=1).tolist() == [list(expected)]
+    read = read_sizes(tmp_path, ["r.JPEG"], workers=1).tolist()
+    assert read == [list(expected)], f"orientation {orientation}: read_sizes gives {read}, expected {expected}"
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +199,8 @@ def test_grayscale_cmyk_png_and_other_formats_have_correct_sizes(mixed_root):
         truth = decoded_size(mixed_root / path)
         assert tuple(size) == truth, f"{path}: indexed (h, w) {tuple(size)}, full decode {truth}"
     got = dict(zip(index.train.paths, map(tuple, index.train.sizes.tolist())))
-    assert got["train/mixed/cmyk.JPEG"] == (33, 45) and got["train/mixed/rotated.JPEG"] == (80, 40)
+    cmyk, rotated = got["train/mixed/cmyk.JPEG"], got["train/mixed/rotated.JPEG"]
+    assert cmyk == (33, 45) and rotated == (80, 40), f"(h, w) of the CMYK JPEG {cmyk}, of the rotated one {rotated}"
 
 
 def test_sizes_come_from_headers_without_decoding_pixels(mixed_root, monkeypatch):
@@ -202,7 +212,8 @@ def test_sizes_come_from_headers_without_decoding_pixels(mixed_root, monkeypatch
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
     monkeypatch.setattr(Image.Image, "load", no_decode)
     index = index_dataset(mixed_root, workers=1)  # a load() anywhere would surface as a DatasetError
-    assert np.array_equal(index.train.sizes, expected)
+    differ = int((index.train.sizes != expected).any(axis=1).sum())
+    assert differ == 0, f"{differ} sizes differ when no pixel may be decoded"
 
 
 def test_read_sizes_keeps_input_order_across_chunks_and_worker_counts(image_root, monkeypatch, capsys):
@@ -211,9 +222,10 @@ def test_read_sizes_keeps_input_order_across_chunks_and_worker_counts(image_root
     forward = read_sizes(image_root, paths, workers=1)
     backward = read_sizes(image_root, paths[::-1], workers=4, progress=True, desc="probe")
     assert np.array_equal(backward, forward[::-1]), "sizes not returned in input order"
-    assert forward.dtype == np.int32 and forward.shape == (18, 2)
+    assert forward.dtype == np.int32 and forward.shape == (18, 2), f"sizes {forward.dtype} {forward.shape}"
     assert "probe" in capsys.readouterr().err, "progress=True shows a tqdm bar named by desc"
-    assert read_sizes(image_root, [], workers=2).shape == (0, 2)
+    none = read_sizes(image_root, [], workers=2).shape
+    assert none == (0, 2), f"the sizes of no images have shape {none}"
 
 
 # --- fingerprint -----------------------------------------------------------------------------------
@@ -223,15 +235,17 @@ def test_fingerprint_tracks_sizes_and_names_and_nothing_else(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
     base = index_dataset(root, workers=2)
     target = root / base.train.paths[0]
-    assert base.train.fingerprint == fingerprint(base.train.paths, base.train.file_bytes.tolist())
-    assert len(base.train.fingerprint) == 64
+    again = fingerprint(base.train.paths, base.train.file_bytes.tolist())
+    assert base.train.fingerprint == again, f"fingerprint {base.train.fingerprint}, from paths and sizes {again}"
+    assert len(base.train.fingerprint) == 64, f"fingerprint of {len(base.train.fingerprint)} hex digits"
 
     os.utime(target, (1, 1))  # timestamps alone do not change the data
-    assert index_dataset(root, workers=2).train.fingerprint == base.train.fingerprint
+    touched = index_dataset(root, workers=2).train.fingerprint
+    assert touched == base.train.fingerprint, f"a touched file changed the fingerprint to {touched}"
 
     old_bytes = target.stat().st_size
     write_jpeg(target, photo_like(50, 60, seed=99), quality=50)
-    assert target.stat().st_size != old_bytes
+    assert target.stat().st_size != old_bytes, f"the re-encoded file kept its {old_bytes} bytes"
     resized = index_dataset(root, workers=2)
     assert resized.train.fingerprint != base.train.fingerprint, (
         f"file size {old_bytes} -> {target.stat().st_size} bytes left the fingerprint unchanged"
@@ -245,7 +259,10 @@ def test_fingerprint_tracks_sizes_and_names_and_nothing_else(tmp_path):
         "renaming a file left the fingerprint unchanged"
     )
     renamed.rename(target)
-    assert index_dataset(root, workers=2).train.fingerprint == resized.train.fingerprint
+    back = index_dataset(root, workers=2).train.fingerprint
+    assert back == resized.train.fingerprint, (
+        f"renamed back, the fingerprint is {back}, not {resized.train.fingerprint}"
+    )
 
 
 # --- user errors -----------------------------------------------------------------------------------
@@ -346,7 +363,7 @@ def test_dataset_mistakes_raise_one_line_errors_naming_the_path(tmp_path, case):
     with pytest.raises(DatasetError) as caught:
         index_dataset(root, workers=2)
     message = str(caught.value)
-    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, ValueError), f"{type(caught.value).__mro__} is not a ValueError"
     assert "\n" not in message, f"message is not one line: {message!r}"
     assert str(offending) in message, f"message does not name {offending}: {message}"
 
@@ -373,8 +390,8 @@ def test_all_unreadable_files_are_reported_at_once(tmp_path):
 def test_missing_file_in_read_sizes_names_it(tmp_path):
     with pytest.raises(DatasetError) as caught:
         read_sizes(tmp_path, ["train/a/gone.JPEG"], workers=1)
-    assert str(tmp_path / "train/a/gone.JPEG") in str(caught.value)
-    assert "No such file or directory" in str(caught.value)
+    assert str(tmp_path / "train/a/gone.JPEG") in str(caught.value), f"the missing file is not named: {caught.value}"
+    assert "No such file or directory" in str(caught.value), f"the reason is not given: {caught.value}"
 
 
 def _within(seconds: float, fn):

@@ -66,7 +66,8 @@ def test_torchvision_default_weights_get_torchvision_s_builder_settings(tmp_path
     assert teacher.weights == "torchvision-default" and teacher.model.transform_input, (
         "the default GoogLeNet weights were loaded without transform_input"
     )
-    assert teacher.model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+    shape = tuple(teacher.model(torch.zeros(1, 3, 64, 64)).shape)
+    assert shape == (1, 1000), f"GoogLeNet's output for one image: {shape}"
 
 
 @pytest.mark.parametrize(

@@ -68,9 +68,11 @@ def test_the_smoke_test_child_compares_two_decoders_and_judges_them():
     assert report["images"] == 8 and max(report["max"]) == 0, f"roi vs full on the CPU: {report}"
     assert _problem(run) is None, _problem(run)
     crashed = subprocess.CompletedProcess(command, -11, "", "")
-    assert _problem(crashed) == "the decoding process was killed by signal 11"
+    assert _problem(crashed) == "the decoding process was killed by signal 11", f"exit -11: {_problem(crashed)!r}"
     off = subprocess.CompletedProcess(command, 0, json.dumps({"mean": [0.1, TOLERANCE + 1]}) + "\n", "")
-    assert _problem(off) == f"windows {TOLERANCE + 1:.1f} grey levels off the CPU decoder's"
+    assert _problem(off) == f"windows {TOLERANCE + 1:.1f} grey levels off the CPU decoder's", (
+        f"a mean {TOLERANCE + 1} off: {_problem(off)!r}"
+    )
 
 
 def test_the_commands_options_reach_every_loader_of_the_process():

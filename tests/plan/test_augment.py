@@ -92,7 +92,8 @@ def test_op_statistics_match_timms_rand_augment():
     n, layers = 20_000, 2
     params = AugmentParams(aa=SPEC)
     record = plan_augment(5, 0, np.arange(n), params)
-    assert record.op.shape == (n, layers) and record.op.dtype == np.uint8 and record.magnitude.dtype == np.float32
+    stored = (record.op.shape, record.op.dtype, record.magnitude.dtype)
+    assert stored == ((n, layers), np.uint8, np.float32), f"ops {stored[:2]}, magnitudes {stored[2]}"
     names = np.array(params.ops, dtype=object)[record.op]
     slots = n * layers
     applied = float((record.op > 0).mean())

@@ -92,7 +92,8 @@ def test_a_cache_on_s3_reads_back_like_the_local_one(server, pair, monkeypatch):
             assert [f for f, _ in got] == [f for f, _ in expected], f"batch starts differ, view {view}"
             for (_, g), (_, e) in zip(got, expected):
                 assert_same(g, e)
-    assert codec_pipeline(remote.array("views/logits")) == "ZarrsCodecPipeline"
+    pipeline = codec_pipeline(remote.array("views/logits"))
+    assert pipeline == "ZarrsCodecPipeline", f"the S3 cache's logits are read by {pipeline}"
     assert remote.storage() == local.storage() and remote.bytes_on_disk() == local.bytes_on_disk(), (
         f"storage {remote.storage()} vs {local.storage()}, bytes {remote.bytes_on_disk()} vs {local.bytes_on_disk()}"
     )
@@ -105,13 +106,14 @@ def test_read_ahead_keeps_order_and_stops_early(server, pair, monkeypatch, paral
     local, remote = pair
     got = list(RowReader(remote, 1, 2, 49, block_rows=4, parallel=parallel, prefetch=1).batches(5))
     want = list(RowReader(local, 1, 2, 49, block_rows=4).batches(5))
-    assert [f for f, _ in got] == [f for f, _ in want]
+    starts, want_starts = [f for f, _ in got], [f for f, _ in want]
+    assert starts == want_starts, f"read ahead ({parallel} at once): batches start at {starts}, not {want_starts}"
     for (_, g), (_, w) in zip(got, want):
         assert_same(g, w)
     blocks = RowReader(remote, 0, 0, 50, block_rows=4, parallel=parallel).blocks()
     first, _ = next(blocks)
     blocks.close()  # a consumer that stops early: the pool winds down
-    assert first == 0
+    assert first == 0, f"the first block starts at row {first}, not 0"
 
 
 def test_a_shard_is_one_put_and_no_read(server, bucket):
@@ -137,7 +139,7 @@ def test_a_deleted_shard_object_is_named(server, bucket):
     missing = store.missing_shard_files(0, 1)
     assert missing == ["views/logits/c/0/1/0"], f"missing: {missing}"
     assert store.location.name(missing[0]) == f"s3://{bucket}/c/views/logits/c/0/1/0", store.location.name(missing[0])
-    assert store.missing_shard_files(0, 2) == []
+    assert store.missing_shard_files(0, 2) == [], f"shard 2 of view 0 misses {store.missing_shard_files(0, 2)}"
     with pytest.raises(StoreError, match=f"rows 16-32 of view 0 .*s3://{bucket}/c/views/logits/c/0/1/0 is missing"):
         RowReader(store, 0, 0, 50)
     one_line(pytest.raises(StoreError, RowReader, store, 0, 20, 21))
@@ -153,7 +155,10 @@ def test_info_shows_the_url_and_no_secret(server, pair, monkeypatch):
     assert info["path"] == "s3://skd-pair/caches/c" and "cache s3://skd-pair/caches/c (complete)" in text, text[:200]
     assert "zarrs codec pipeline" in text, text
     assert DUMMY_SECRET not in text + repr(info) and DUMMY_KEY not in text + repr(info), "a credential is shown"
-    assert info["bytes_on_disk"] == local.bytes_on_disk() and info["logit_bytes"] == local.logit_bytes()
+    assert info["bytes_on_disk"] == local.bytes_on_disk() and info["logit_bytes"] == local.logit_bytes(), (
+        f"S3: {info['bytes_on_disk']} bytes, {info['logit_bytes']} of logits; "
+        f"local: {local.bytes_on_disk()}, {local.logit_bytes()}"
+    )
 
 
 def test_urls_made_into_paths_and_file_urls_open(server, pair, monkeypatch):
@@ -161,22 +166,28 @@ def test_urls_made_into_paths_and_file_urls_open(server, pair, monkeypatch):
     for key, value in server.env.items():
         monkeypatch.setenv(key, value)
     local, _ = pair
-    assert str(open_store(Path("s3://skd-pair/caches/c")).path) == "s3://skd-pair/caches/c"
-    assert open_store(f"file://{local.path.resolve()}").path == local.path.resolve()
-    assert cache_state("s3://skd-pair/caches/c") == "cache" and cache_state("s3://skd-pair/nothing") is None
+    named = str(open_store(Path("s3://skd-pair/caches/c")).path)
+    assert named == "s3://skd-pair/caches/c", f"Path('s3://skd-pair/caches/c') opens {named}"
+    opened = open_store(f"file://{local.path.resolve()}").path
+    assert opened == local.path.resolve(), f"file://{local.path.resolve()} opens {opened}"
+    states = cache_state("s3://skd-pair/caches/c"), cache_state("s3://skd-pair/nothing")
+    assert states == ("cache", None), f"cache states of the cache and of an empty prefix: {states}"
 
 
 def test_create_refuses_a_prefix_that_holds_objects_and_overwrite_clears_it(server, bucket):
     server.client().put_object(Bucket=bucket, Key="c/notes.txt", Body=b"mine")
     location = parse_location(f"s3://{bucket}/c")
-    assert not location.is_empty() and cache_state(location) is None
+    assert not location.is_empty() and cache_state(location) is None, (
+        f"a prefix holding notes.txt: empty {location.is_empty()}, cache state {cache_state(location)}"
+    )
     with pytest.raises(FileExistsError):
         make_store(location)
     location.remove_all()
-    assert location.is_empty()
+    assert location.is_empty(), f"remove_all left {sorted(location.listing())}"
     make_store(location, views=1)
-    assert cache_state(location) == "cache"
-    assert server.client().list_objects_v2(Bucket=bucket, Prefix="c.lock").get("KeyCount") == 0
+    assert cache_state(location) == "cache", f"the new cache's state: {cache_state(location)}"
+    leases = server.client().list_objects_v2(Bucket=bucket, Prefix="c.lock").get("KeyCount")
+    assert leases == 0, f"{leases} lease objects left beside the cache"
 
 
 def test_the_lease_is_exclusive_renewed_and_taken_over_after_expiry(server, bucket):
@@ -193,7 +204,7 @@ def test_the_lease_is_exclusive_renewed_and_taken_over_after_expiry(server, buck
     first.thread.join()
     time.sleep(1.7)
     second = parse_location(url).lock(ttl=1.5)  # expired: taken over
-    assert not first.renew() and first.lost is not None
+    assert not first.renew() and first.lost is not None, f"the stalled holder renewed, or lost {first.lost}"
     with pytest.raises(BusyError, match="lost its lease"):
         first.check()
     first.release()  # not ours any more: left alone
@@ -274,11 +285,12 @@ def test_wrong_credentials_are_one_line_errors(server, bucket, monkeypatch):
     try:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-        assert open_store(f"s3://{bucket}/c").num_views == 1  # the right key works
+        views = open_store(f"s3://{bucket}/c").num_views  # the right key works
+        assert views == 1, f"the cache opened with the right key has {views} views, not 1"
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET)
         with pytest.raises(StoreError, match=f"s3://{bucket}/c: access denied .*check the credentials") as exc:
             open_store(f"s3://{bucket}/c")
-        assert secret not in str(exc.value) and key not in str(exc.value)
+        assert secret not in str(exc.value) and key not in str(exc.value), "the error shows the credentials"
         one_line(exc)
     finally:
         server.check_credentials(False)
@@ -351,12 +363,14 @@ def test_a_cache_on_s3_resumes_and_is_marked_complete(server, bucket):
     """Open r+ (a build's resume): shards written then, and the attributes updated, as on a local cache."""
     make_store(f"s3://{bucket}/c", views=1, skip_shards={(0, 2)})
     store = open_store(f"s3://{bucket}/c", mode="r+")
-    assert not store.is_complete() and store.complete()[0].tolist() == [True, True, False, True]
+    done = store.complete()[0].tolist()
+    assert not store.is_complete() and done == [True, True, False, True], f"shards complete: {done}"
     write_shard(store, 0, 2, get_codec("int8").encode(np.ones((16, 7), np.float32)))
     store.group.attrs["skd"] = {**store.meta, "complete": True}
     again = open_store(f"s3://{bucket}/c")
     assert again.is_complete() and again.meta["complete"], "the shard or the attribute did not reach the store"
-    assert np.allclose(again.read_logits(0, 32, 48), 1.0, atol=0.05)
+    rows = again.read_logits(0, 32, 48)
+    assert np.allclose(rows, 1.0, atol=0.05), f"the written shard reads {rows.min():.3f}-{rows.max():.3f}, not 1"
     info = "\n".join(info_lines(describe(again)))
     assert "stored    " in info and "on disk" not in info, info
 
@@ -365,7 +379,8 @@ def test_credentials_in_the_environment_are_masked_in_messages(monkeypatch):
     from skd.storage.objectstore import scrub
 
     monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
-    assert scrub("denied for FwoGZXIvYXdzEXAMPLETOKEN at s3://b/c") == "denied for *** at s3://b/c"
+    masked = scrub("denied for FwoGZXIvYXdzEXAMPLETOKEN at s3://b/c")
+    assert masked == "denied for *** at s3://b/c", f"the session token is not masked: {masked!r}"
 
 
 # ---------------------------------------------------------------------------------------------

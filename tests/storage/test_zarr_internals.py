@@ -23,7 +23,8 @@ def test_outside_zarrs_reads_zarr_keeps_its_own_pipeline(tmp_path):
     zarr.create_array(str(tmp_path / "a"), shape=(8,), dtype="uint8", chunks=(4,))
     with zarrs_reads():
         pass
-    assert codec_pipeline(zarr.open_array(str(tmp_path / "a"))) == "BatchedCodecPipeline"
+    pipeline = codec_pipeline(zarr.open_array(str(tmp_path / "a")))
+    assert pipeline == "BatchedCodecPipeline", f"an array opened outside zarrs_reads decodes through {pipeline}"
     memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), dtype="uint8", chunks=(2,))
     assert codec_pipeline(memory) == "BatchedCodecPipeline", f"a memory store: {codec_pipeline(memory)}"
 

@@ -23,7 +23,9 @@ def test_int8_error_within_one_quantisation_step():
     x = teacher_like()
     codec = get_codec("int8")
     enc = codec.encode(x)
-    assert enc.logits.dtype == np.uint8 and enc.scale.dtype == np.float32
+    assert enc.logits.dtype == np.uint8 and enc.scale.dtype == np.float32, (
+        f"int8 stores {enc.logits.dtype} levels and {enc.scale.dtype} scales"
+    )
     err = np.abs(codec.decode(enc) - x)
     step = (x.max(1) - x.min(1)) / 255
     worst = (err / step[:, None]).max()
@@ -49,7 +51,7 @@ def test_torch_decode_matches_numpy(name):
     codec = get_codec(name)
     enc = codec.encode(teacher_like(8, 50))
     t = codec.decode_torch(*(None if a is None else torch.from_numpy(a) for a in enc))
-    assert t.dtype == torch.float32 and t.shape == (8, 50)
+    assert t.dtype == torch.float32 and t.shape == (8, 50), f"{name}: torch decodes {t.dtype} {tuple(t.shape)}"
     # one float32 rounding apart at most (a fused multiply-add may round once where numpy rounds twice)
     assert np.allclose(t.numpy(), codec.decode(enc), rtol=1e-6, atol=1e-6), f"{name}: torch and numpy decodes differ"
 
@@ -57,7 +59,8 @@ def test_torch_decode_matches_numpy(name):
 def test_unknown_codec_names_choices():
     with pytest.raises(ValueError, match="fp32, fp16, int8, compact"):
         get_codec("int4")
-    assert Encoded(np.zeros(1)).scale is None
+    scale = Encoded(np.zeros(1)).scale
+    assert scale is None, f"an Encoded of logits alone has scale {scale}"
 
 
 def kl_after_layer_norm(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
@@ -81,7 +84,8 @@ def test_compact_error_within_half_a_step_of_a_tenth_of_the_std():
     x = peaked_teacher_like()
     codec = get_codec("compact")
     enc = codec.encode(x)
-    assert enc.logits.dtype == np.uint8 and enc.scale.dtype == np.float32 and enc.offset.dtype == np.float32
+    dtypes = (enc.logits.dtype, enc.scale.dtype, enc.offset.dtype)
+    assert dtypes == (np.uint8, np.float32, np.float32), f"compact stores levels, scale, offset as {dtypes}"
     step = np.maximum(0.13 * x.std(1), (x.max(1) - x.min(1)) / 255)
     assert np.allclose(enc.scale, step, rtol=1e-5), "compact's step is 0.13 std unless the range needs more"
     err = np.abs(codec.decode(enc) - x)
@@ -104,23 +108,26 @@ def test_compact_constant_and_tiny_rows():
     x = np.stack([np.full(10, -2.25, np.float32), np.linspace(0, 1e-6, 10, dtype=np.float32)])
     dec = codec.decode(codec.encode(x))
     assert np.array_equal(dec[0], x[0]), "constant rows must decode exactly"
-    assert np.abs(dec[1] - x[1]).max() <= 1e-7
+    tiny = float(np.abs(dec[1] - x[1]).max())
+    assert tiny <= 1e-7, f"a row spanning 1e-6 decodes up to {tiny:.2e} off"
 
 
 def test_compact_decode_is_the_affine_stored_form():
     """Stats and the GPU path read compact exactly like int8: logits * scale + offset."""
     codec = get_codec("compact")
     enc = codec.encode(teacher_like(4, 30))
-    assert codec.affine and codec.dtype == "uint8"
+    assert codec.affine and codec.dtype == "uint8", f"compact: affine {codec.affine}, dtype {codec.dtype}"
     manual = enc.logits.astype(np.float32) * enc.scale[:, None] + enc.offset[:, None]
-    assert np.allclose(codec.decode(enc), manual, rtol=1e-6, atol=1e-6)
+    apart = float(np.abs(codec.decode(enc) - manual).max())
+    assert np.allclose(codec.decode(enc), manual, rtol=1e-6, atol=1e-6), f"decode is {apart:.2e} from the affine form"
 
 
 def test_topk_rows_rebuild_to_the_top_k_in_fp16_and_the_rest_to_its_mean():
     x = teacher_like(32, 1000)
     codec = get_codec("topk:10", classes=1000)
     enc = codec.encode(x)
-    assert enc.logits.shape == (32, 10) and enc.logits.dtype == np.float16 and enc.index.dtype == np.uint16
+    stored = (enc.logits.shape, enc.logits.dtype, enc.index.dtype)
+    assert stored == ((32, 10), np.float16, np.uint16), f"topk:10 stores logits {stored[:2]}, classes {stored[2]}"
     decoded = codec.decode(enc)
     best = np.argsort(-x, axis=1, kind="stable")[:, :10]
     kept = np.take_along_axis(decoded, best, 1)

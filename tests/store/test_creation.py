@@ -28,11 +28,19 @@ def test_plain_zarr_sees_the_design_layout(fp32_cache):
     assert got == shapes, f"array shapes {got}"
     assert g["views/logits"].shards == (1, 8, 3), f"logits shards {g['views/logits'].shards}"
     meta = g.attrs["skd"]
-    assert meta["format"] == FORMAT_VERSION and meta["complete"] is True
-    assert meta["teacher"]["name"] == "resnet18" and len(meta["teacher"]["weights_sha256"]) == 64
-    assert meta["dataset"]["classes"] == ["ant", "bee", "cat"] and meta["dataset"]["num_samples"] == n
-    assert meta["plan"]["seed"] == 0 and meta["plan"]["image_size"] == 32 and meta["codec"] == "fp32"
-    assert "torch" in meta["software"] and "zarr" in meta["software"]
+    assert meta["format"] == FORMAT_VERSION and meta["complete"] is True, (
+        f"format {meta['format']} (expected {FORMAT_VERSION}), complete {meta['complete']}"
+    )
+    assert meta["teacher"]["name"] == "resnet18" and len(meta["teacher"]["weights_sha256"]) == 64, (
+        f"teacher {meta['teacher']['name']}, weights sha256 {meta['teacher']['weights_sha256']!r}"
+    )
+    assert meta["dataset"]["classes"] == ["ant", "bee", "cat"] and meta["dataset"]["num_samples"] == n, (
+        f"classes {meta['dataset']['classes']}, {meta['dataset']['num_samples']} samples (expected {n})"
+    )
+    assert meta["plan"]["seed"] == 0 and meta["plan"]["image_size"] == 32 and meta["codec"] == "fp32", (
+        f"seed {meta['plan']['seed']}, image size {meta['plan']['image_size']}, codec {meta['codec']}"
+    )
+    assert "torch" in meta["software"] and "zarr" in meta["software"], f"software recorded: {meta['software']}"
     order = g["views/order"][...]
     assert all(sorted(o) == list(range(n)) for o in order), "each view's order must be a permutation"
 

@@ -43,7 +43,8 @@ def test_disk_full_is_a_clear_error_and_the_cache_stays_resumable(image_root, tm
     wide = tmp_path / "wide.pth"  # 1000 outputs: 4 KB per fp32 row, so shards outgrow the small disk
     torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), wide)
     reference = tmp_path / "reference"
-    assert run_skd(*build_args(weights=wide, data=image_root, out=reference, views=4, batch_size=4)).returncode == 0
+    built = run_skd(*build_args(weights=wide, data=image_root, out=reference, views=4, batch_size=4))
+    assert built.returncode == 0, f"the reference build: exit {built.returncode}: {built.stderr[-500:]}"
     used = sum(f.stat().st_size for f in reference.rglob("*") if f.is_file())
     mount = tmp_path / "small"
     mount.mkdir()

@@ -67,10 +67,13 @@ def test_metrics_checkpoint_and_student_file(fp32_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-1500:]
     assert "views are reused" in result.stderr, "3 epochs over 2 views must say that views are reused"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [0, 1, 2] and [m["view"] for m in lines] == [0, 1, 0]
+    epochs, views = [m["epoch"] for m in lines], [m["view"] for m in lines]
+    assert epochs == [0, 1, 2] and views == [0, 1, 0], f"metrics of epochs {epochs} on views {views}"
     required = {"epoch", "train_loss", "kd_loss", "ce_loss", "val_top1", "val_top5", "images_per_sec", "lr"}
     assert required <= set(lines[-1]), f"metrics lack {required - set(lines[-1])}"
-    assert 0 <= lines[-1]["val_top1"] <= lines[-1]["val_top5"] <= 1
+    assert 0 <= lines[-1]["val_top1"] <= lines[-1]["val_top5"] <= 1, (
+        f"val top-1 {lines[-1]['val_top1']}, top-5 {lines[-1]['val_top5']}"
+    )
     assert "val_teacher_agreement" in lines[-1], "the cache has val logits: agreement must be reported"
     student = torchvision.models.resnet18(num_classes=3)
     student.load_state_dict(torch.load(out / "student.pth", weights_only=True))
@@ -121,10 +124,10 @@ def test_killed_run_resumes_with_the_same_metrics(fp32_cache, tmp_path):
     assert killed.returncode == -9, f"fault injection did not kill the run ({killed.returncode})"
     resumed = cli(*args, "--out", tmp_path / "resumed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-1500:]
-    assert "resuming" in resumed.stderr
+    assert "resuming" in resumed.stderr, f"the resumed run does not say so: {resumed.stderr[-500:]}"
     want = [json.loads(x) for x in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
     got = [json.loads(x) for x in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in got] == [0, 1, 2]
+    assert [m["epoch"] for m in got] == [0, 1, 2], f"epochs in metrics after resume: {[m['epoch'] for m in got]}"
     for a, b in zip(want, got):
         for key in ("train_loss", "kd_loss", "ce_loss", "val_top1", "lr"):
             assert abs(a[key] - b[key]) < 1e-6, f"epoch {a['epoch']} {key}: {a[key]} straight, {b[key]} resumed"
@@ -254,7 +257,7 @@ def test_user_errors_are_one_line(case, fp32_cache, image_root, teacher_file, tm
             env={**os.environ, "SKD_FAULT": "after-shard:1"},
             cwd=REPO,
         )
-        assert killed.returncode == -9
+        assert killed.returncode == -9, f"the build was not killed after its first shard: exit {killed.returncode}"
         args += ["--cache", tmp_path / "part"]
         needle = "unfinished"
     elif case == "wrong data":
