@@ -48,7 +48,7 @@ def timed_build(cfg: BuildConfig) -> tuple[float, float, float]:
     Cores busy = CPU seconds of this process and its loader workers / wall seconds: about 1 where the
     machine gave the build one core, which leaves nothing to overlap on a CPU-only machine."""
     with teacher_loop_timer() as spent:
-        if cfg.out.exists():
+        if Path(cfg.out).exists():
             shutil.rmtree(cfg.out)
         t, cpu = time.perf_counter(), os.times()
         build_cache(cfg)
@@ -70,7 +70,7 @@ def loader_rate(cfg: BuildConfig, cache: Path, device: torch.device) -> float:
         order, box, flip = store.view_plan(view)
         loader = pipelines.make_loader(
             cfg.loader,
-            files=[str(cfg.data / split.paths[i]) for i in order],
+            files=[str(Path(cfg.data) / split.paths[i]) for i in order],
             boxes=box,
             flips=flip,
             labels=split.labels[order],

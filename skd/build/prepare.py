@@ -110,7 +110,8 @@ def recorded_plan(cfg: BuildConfig, source: Store | None) -> tuple[dict, int]:
 
 
 def check_pairs(cfg: BuildConfig, plan: dict) -> None:
-    """A mixed plan pairs positions 2i and 2i + 1, and a pair must share a batch."""
+    """A mixed plan pairs positions 2i and 2i + 1, and a pair must share a batch: here for the
+    mixing of --plan-from's recorded plan (BuildConfig refuses odd sizes beside mixing options)."""
     if MixParams.from_dict(plan["mix"]).enabled and (cfg.batch_size % 2 or cfg.shard_rows % 2):
         raise BuildError(
             f"mixing pairs positions 2i and 2i + 1 in one batch: --batch-size ({cfg.batch_size}) and "

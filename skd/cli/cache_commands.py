@@ -1,5 +1,6 @@
-"""`skd-cache`: build a teacher-logit cache and inspect one (info, stats, verify). Parse, validate,
-call the library."""
+"""`skd-cache`: build a teacher-logit cache and inspect one (info, stats, verify). Parse, make the
+config (`build`: BuildConfig checks the options; plan options typed beside --plan-from are refused
+here), call the library."""
 
 from __future__ import annotations
 
@@ -11,23 +12,23 @@ import click
 
 from skd import __version__
 from skd.cli.common import (
-    MIX_AND_AUGMENT,
     NON_NEGATIVE,
+    NUMBER,
     POSITIVE,
+    WHOLE,
     augment_options,
-    data_root,
+    choices,
+    make_config,
     mix_options,
-    options_given,
+    options_set,
     prints_summary,
     teacher_input_options,
     user_errors,
 )
 from skd.cli.machine import machine_options
-from skd.config import BuildConfig
+from skd.config import PLAN_OPTIONS, BuildConfig
+from skd.config.fields import as_typed
 from skd.store.codecs import CODECS
-
-# The options of a cache's plan: --plan-from takes them all from another cache.
-PLAN_OPTIONS = ("views", "image_size", "seed", "loader", "val", *MIX_AND_AUGMENT)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,31 +77,30 @@ def _codec_names(value: str) -> list[str]:
     "--views",
     default=B.views,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=WHOLE,
     help="augmented views (epochs' worth) to cache; more than an existing cache holds appends views to it",
 )
 @click.option(
     "--image-size",
     default=B.image_size,
     show_default=True,
-    type=click.IntRange(min=8),
+    type=WHOLE,
     help="the student's input side: the cache's default for skd-train",
 )
 @teacher_input_options
 @mix_options
 @augment_options
-@click.option("--batch-size", default=B.batch_size, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=B.batch_size, show_default=True, type=WHOLE)
 @click.option(
     "--codec",
     default=B.codec,
     show_default=True,
-    callback=lambda c, p, v: v if v == "auto" else _codec_name(v),
     help=f"how logits are stored: {', '.join(CODECS)}, topk:K (the K largest per row; skd-cache codecs compares) "
     "or auto (the smallest within --max-kl on the first rows)",
 )
 @click.option(
     "--max-kl",
-    type=click.FloatRange(min=0, min_open=True),
+    type=NUMBER,
     help="with --codec auto (implied): the SKD KL (T=4, m=2) the codec may lose, measured on the first 4,096 "
     "rows of view 0 [default: 1e-4]",
 )
@@ -108,23 +108,19 @@ def _codec_names(value: str) -> list[str]:
     "--amp",
     default=B.amp,
     show_default=True,
-    type=click.Choice(["auto", "bf16", "fp16", "none"]),
+    metavar=choices(B, "amp"),
     help="autocast dtype of the teacher; auto = bf16 on CUDA, none on CPU",
 )
+@click.option("--device", default=B.device, show_default=True, metavar=choices(B, "device"))
+@click.option("--loader", default=B.loader, show_default=True, metavar=choices(B, "loader"))
 @click.option(
-    "--device", default=B.device, show_default=True, type=click.Choice(["auto", "cuda", "cpu"])
-)
-@click.option(
-    "--loader", default=B.loader, show_default=True, type=click.Choice(["dali", "torchvision"])
-)
-@click.option(
-    "--seed", default=B.seed, show_default=True, type=int, help="seed of the augmentation plan"
+    "--seed", default=B.seed, show_default=True, type=WHOLE, help="seed of the augmentation plan"
 )
 @click.option(
     "--workers",
     default=B.workers,
     show_default=True,
-    type=click.IntRange(min=0),
+    type=WHOLE,
     help="decoding threads/processes",
 )
 @click.option(
@@ -132,7 +128,7 @@ def _codec_names(value: str) -> list[str]:
     "shard_rows",
     default=B.shard_rows,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=WHOLE,
     help="rows per shard: the unit of writing and of resuming",
 )
 @click.option(
@@ -140,7 +136,7 @@ def _codec_names(value: str) -> list[str]:
     "chunk_rows",
     default=B.chunk_rows,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=WHOLE,
     help="rows per chunk inside a shard: the unit of reading",
 )
 @click.option(
@@ -162,38 +158,26 @@ def _codec_names(value: str) -> list[str]:
     "--on-bad-image",
     default=B.on_bad_image,
     show_default=True,
-    type=click.Choice(["error", "skip"]),
+    metavar=choices(B, "on_bad_image"),
     help="error: list every unreadable or truncated image and stop before any teacher work; "
     "skip: leave them out (recorded in the cache, shown by skd-cache info)",
 )
 @machine_options
 @user_errors
-def build(data, out, **options):
+def build(**options):
     """Run the teacher over recorded augmented views and store its logits (resumable)."""
     from skd.build.teacher_pass import build_cache, summary_lines
     from skd.models.teachers import alias
 
-    given = options_given(PLAN_OPTIONS) if options["plan_from"] is not None else []
-    if given:
+    options = options_set(options)
+    given = [as_typed(name, options[name]) for name in PLAN_OPTIONS if name in options]
+    if "plan_from" in options and given:
         raise click.UsageError(
-            f"{', '.join(given)}: --plan-from takes the whole plan of its cache (see "
-            "skd-cache info); only the teacher, its input and the codec may differ"
+            f"{', '.join(given)}: --plan-from takes the whole plan of its cache (see skd-cache "
+            "info); only the teacher, its input and the codec may differ"
         )
-    if options["max_kl"] is not None:
-        if options_given(("codec",)) and options["codec"] != "auto":
-            raise click.UsageError(
-                f"--max-kl picks the codec: pass --codec auto with it, not --codec {options['codec']}"
-            )
-        options["codec"] = "auto"
-    options["chunk_rows"] = min(options["chunk_rows"], options["shard_rows"])
-    if options["shard_rows"] % options["chunk_rows"]:
-        raise click.BadParameter(
-            f"{options['shard_rows']} is not a multiple of --chunk-size {options['chunk_rows']}",
-            param_hint="--shard-size",
-        )
-    cfg = BuildConfig(
-        data=data_root(data), out=out or Path("cache") / alias(options["teacher"]), **options
-    )
+    options.setdefault("out", str(Path("cache") / alias(options["teacher"])))
+    cfg = make_config(BuildConfig, options)
     summary = build_cache(cfg, progress=True)
     if prints_summary():
         click.echo(f"cache {cfg.out}")

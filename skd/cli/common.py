@@ -1,5 +1,5 @@
-"""What skd-cache and skd-train share: one-line user errors, finite number types, option groups, the
-dataset root."""
+"""What skd-cache and skd-train share: one-line user errors, finite number types, option groups, a
+config made of the options set."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import functools
 import math
 import os
 import sys
-from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import click
 from click.core import ParameterSource
 
+from skd.config import AugmentOptions, MixOptions, TeacherInput
 from skd.errors import SkdError, Terminated
 from skd.storage.objectstore import StoreUnreachable, store_failure
 
@@ -71,106 +72,111 @@ POSITIVE = FiniteFloat(min=0, min_open=True)
 NON_NEGATIVE = FiniteFloat(min=0)
 
 
-def rgb(ctx, param, value: str | None):
-    """R,G,B as three finite floats (a std: each above 0)."""
-    if value is None:
-        return None
-    try:
-        values = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise click.BadParameter(f"{value!r}: three numbers R,G,B, e.g. 0.5,0.5,0.5")
-    if param.name.endswith("std") and min(values) <= 0:
-        raise click.BadParameter(f"{value!r}: every value must be above 0")
-    return values
+class AsTyped(click.ParamType):
+    """An option of a config, passed on as typed: the config reads and checks it, and names it with
+    the value as typed in its error (--mixup 1e-3, not 0.001). --help shows it as `name`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def convert(self, value, param, ctx):
+        return value
 
 
-PROBABILITY = FiniteFloat(min=0, max=1)
+WHOLE, NUMBER = AsTyped("integer"), AsTyped("float")
+
+
+def choices(cls, name: str) -> str:
+    """The choices of a config field's Literal as --help shows them: [auto|cuda|cpu] (the config
+    checks the value)."""
+    annotation = cls.__pydantic_fields__[name].annotation
+    literal = next(a for a in (annotation, *get_args(annotation)) if get_origin(a) is Literal)
+    return "[" + "|".join(get_args(literal)) + "]"
+
 
 TEACHER_INPUT_OPTIONS = [
     click.option(
         "--teacher-size",
-        type=click.IntRange(min=8),
+        type=WHOLE,
         help="teacher input side in pixels; default: its pretrained_cfg, torchvision's weights, else --image-size",
     ),
     click.option(
         "--teacher-interpolation",
-        type=click.Choice(["bilinear", "bicubic"]),
+        metavar=choices(TeacherInput, "teacher_interpolation"),
         help="teacher resampling; default: its pretrained_cfg, torchvision's weights, else bilinear",
     ),
     click.option(
         "--teacher-mean",
-        callback=rgb,
         metavar="R,G,B",
         help="teacher input mean; default: its pretrained_cfg, torchvision's weights, else ImageNet's",
     ),
     click.option(
         "--teacher-std",
-        callback=rgb,
         metavar="R,G,B",
         help="teacher input std; default: its pretrained_cfg, torchvision's weights, else ImageNet's",
     ),
 ]
 
+M = MixOptions  # option defaults come from the config, declared once
 MIX_OPTIONS = [
     click.option(
         "--mixup",
-        default=0.0,
+        default=M.mixup,
         show_default=True,
-        type=NON_NEGATIVE,
+        type=NUMBER,
         help="MixUp Beta(alpha, alpha); 0: off. Teacher and student see the same mixed image",
     ),
     click.option(
         "--cutmix",
-        default=0.0,
+        default=M.cutmix,
         show_default=True,
-        type=NON_NEGATIVE,
+        type=NUMBER,
         help="CutMix Beta(alpha, alpha); 0: off",
     ),
     click.option(
         "--mixup-prob",
-        default=1.0,
+        default=M.mixup_prob,
         show_default=True,
-        type=PROBABILITY,
+        type=NUMBER,
         help="chance that a pair of images is mixed at all",
     ),
     click.option(
         "--mixup-switch-prob",
-        default=0.5,
+        default=M.mixup_switch_prob,
         show_default=True,
-        type=PROBABILITY,
+        type=NUMBER,
         help="chance of CutMix instead of MixUp when both are on",
     ),
 ]
 
 
+A = AugmentOptions
 AUGMENT_OPTIONS = [
     click.option(
         "--aa",
-        default=None,
+        default=A.aa,
         help="RandAugment as timm writes it, e.g. rand-m9-n2-mstd0.5-inc1, or trivial (TrivialAugmentWide); "
         "recorded per image: teacher and student see the same ops",
     ),
     click.option(
         "--reprob",
-        default=0.0,
+        default=A.reprob,
         show_default=True,
-        type=PROBABILITY,
+        type=NUMBER,
         help="random erasing probability",
     ),
     click.option(
         "--remode",
-        default="const",
+        default=A.remode,
         show_default=True,
-        type=click.Choice(["const", "rand", "pixel"]),
+        metavar=choices(AugmentOptions, "remode"),
         help="erased pixels: const (0 after normalisation) or rand (recorded per-channel values)",
     ),
     click.option(
         "--recount",
-        default=1,
+        default=A.recount,
         show_default=True,
-        type=click.IntRange(min=1),
+        type=WHOLE,
         help="at most this many erased boxes",
     ),
 ]
@@ -195,45 +201,29 @@ def mix_options(command):
     return _with_options(command, MIX_OPTIONS)
 
 
-# the plan options --mixup ... and --aa ... add, by parameter name (refused beside what replays a
-# recorded plan)
-MIX_AND_AUGMENT = (
-    "mixup",
-    "cutmix",
-    "mixup_prob",
-    "mixup_switch_prob",
-    "aa",
-    "reprob",
-    "remode",
-    "recount",
-)
-
-
 def augment_options(command):
     """--aa, --reprob, --remode, --recount: timm's names and meanings (skd/plan/augment.py)."""
     return _with_options(command, AUGMENT_OPTIONS)
 
 
-def options_given(names: tuple[str, ...]) -> list[str]:
-    """Which of the current command's options `names` the user set rather than left at their
-    default, in the order of `names`, as typed (--no-val, not --val, for a flag turned off)."""
+def options_set(options: dict) -> dict:
+    """Those of the current command's `options` that the user set rather than left at their
+    defaults (the config holds the defaults)."""
     ctx = click.get_current_context()
-    params = {param.name: param for param in ctx.command.params}
-    given = []
-    for name in names:
-        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
-            param = params[name]
-            negated = bool(param.secondary_opts) and ctx.params[name] is False
-            given.append((param.secondary_opts if negated else param.opts)[0])
-    return given
+    return {
+        name: value
+        for name, value in options.items()
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+    }
 
 
-def data_root(data: str | None) -> Path:
-    """--data, else $SKD_DATA: the dataset root, which has no default."""
-    data = data or os.environ.get("SKD_DATA")
-    if not data:
-        raise click.UsageError("no dataset: pass --data ROOT or set SKD_DATA")
-    return Path(data)
+def make_config(cls, values: dict):
+    """`cls(**values)` (a BuildConfig or TrainConfig checks every value and combination); a bad one
+    is a usage error: one line naming the option, with where help is."""
+    try:
+        return cls(**values)
+    except SkdError as exc:
+        raise click.UsageError(str(exc), ctx=click.get_current_context()) from None
 
 
 def prints_summary() -> bool:

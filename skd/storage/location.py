@@ -18,13 +18,12 @@ from pathlib import Path, PurePath
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from skd.config import path_text
 from skd.storage.files import check_entry, check_files
 from skd.storage.locks import FolderLock, Lease
 from skd.storage.objectstore import SCHEMES, ObjectPrefix, StoreError
 
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# pathlib turns "s3://b/p" into "s3:/b/p": a Path made of a URL is read as that URL
-COLLAPSED = re.compile(r"^(s3|s3a|gs|gcs|az|azure|abfs|abfss|file):/(?!/)")
 # abfss://container@account.dfs.core.windows.net/...
 USER = re.compile(r"^[A-Za-z0-9._-]+@[^/@:]+(/|$)")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -186,11 +185,7 @@ def parse_location(where) -> LocalFolder | ObjectPrefix:
     password."""
     if isinstance(where, (LocalFolder, ObjectPrefix)):
         return where
-    text = str(where)
-    if isinstance(where, PurePath) and COLLAPSED.match(text):
-        text = COLLAPSED.sub(
-            lambda m: m.group(1) + (":///" if m.group(1) == "file" else "://"), text
-        )
+    text = path_text(where) if isinstance(where, PurePath) else str(where)
     if URL.match(text) is None:
         return LocalFolder(Path(text))
     scheme = URL.match(text).group(1).lower()

@@ -90,6 +90,17 @@ def check_free_space(folder: Path, needed_bytes: int) -> None:
         )
 
 
+def same_setting(saved, value) -> bool:
+    """Whether a recorded setting is this run's: equal, or the same number (--multiplier and --alpha
+    are recorded as numbers, 2.0, and were recorded as typed, "2")."""
+    if saved == value:
+        return True
+    try:
+        return float(saved) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
 def cli_value(value) -> str:
     """A recorded setting as it is typed on the command line."""
     if value is None:
@@ -109,7 +120,7 @@ def load_for_resume(path: Path, identity: dict, settings: dict) -> dict:
         )
     for key, value in settings.items():
         saved = ckpt.get("settings", {}).get(key, value)
-        if saved != value:
+        if not same_setting(saved, value):
             raise OptionError(
                 f"{path} was saved with --{key} {cli_value(saved)}, not {cli_value(value)}: "
                 "resume with the same options or choose another --out"

@@ -53,11 +53,7 @@ def run_folder_lock(out: Path, d: Dist):
 
 def check_run_folder(cfg: TrainConfig, out: Path):
     """Refuse to replace a run by accident; the SummaryWriter class when --tensorboard asks for
-    one."""
-    if cfg.resume and cfg.overwrite:
-        raise OptionError(
-            "--resume and --overwrite exclude each other: continue the run or start it again"
-        )
+    one (--resume with --overwrite is refused by TrainConfig)."""
     if (out / CHECKPOINT).is_file() and not (cfg.resume or cfg.overwrite):
         raise OptionError(
             f"{out} holds a run ({CHECKPOINT}): pass --resume to continue it, --overwrite to start "

@@ -67,7 +67,7 @@ def lr_scheduler(
     return LambdaLR(optimizer, factor, last_epoch=first_step - 1)
 
 
-def alpha_at(alpha: str, epoch: int, epochs: int) -> float:
+def alpha_at(alpha: float | str, epoch: int, epochs: int) -> float:
     """The KD weight of an epoch: a fixed number, or "seed" (0.9/0.5/0.1 at 0%/60%/80% of
     training)."""
     return seed_alpha(epoch, epochs) if alpha == "seed" else float(alpha)

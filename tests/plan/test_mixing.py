@@ -388,7 +388,7 @@ def test_mixing_with_an_odd_batch_is_one_line(image_root, teacher_file, tmp_path
     build = build_args(weights=teacher_file, data=image_root, out=tmp_path / "c", mixup="0.2", batch_size=5)
     code, err = in_process("cache", *build)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "--batch-size (5)" in lines[0] and "even" in lines[0], lines
+    assert code == 2 and len(lines) == 1 and "--batch-size 5:" in lines[0] and "even" in lines[0], lines
     assert not (tmp_path / "c").exists(), "a refused build wrote its --out"
     online = dict(teacher="resnet18", weights=teacher_file, data=image_root, out=tmp_path / "r", image_size=32, views=1)
     code, err = in_process("train", *train_args(**online, mixup="0.2", batch_size=5))

@@ -82,7 +82,9 @@ def test_plan_from_refuses_plan_options_and_other_images(fp32_cache, image_root,
     only_views = dict(views=3, image_size=None, loader=None)  # of the plan options, --views alone
     args = build_args(weights=second_teacher, data=image_root, out=tmp_path / "c", plan_from=fp32_cache, **only_views)
     code, err = in_process("cache", *args)
-    assert code == 2 and "--views: --plan-from takes the whole plan" in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and "--views 3: --plan-from takes the whole plan" in err and len(err.strip().splitlines()) == 1, (
+        err
+    )
     other = tmp_path / "data"
     import shutil
 
