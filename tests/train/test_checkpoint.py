@@ -76,3 +76,21 @@ def test_free_space_check_refuses_a_checkpoint_larger_than_the_disk(tmp_path):
     ), f"message: {message}"
     check_free_space(out, 0)  # nothing needed: passes
     check_free_space(tmp_path, 1)
+
+
+def test_a_checkpoint_with_the_multiplier_and_alpha_as_typed_resumes_with_them_as_numbers(tmp_path):
+    """Checkpoints recorded --multiplier and --alpha as typed ("2", "0.9"); TrainConfig reads them as numbers: the
+    same numbers resume, another is refused naming the option."""
+    from skd.config import TrainConfig
+    from skd.errors import OptionError
+    from skd.train.checkpoint import load_for_resume
+
+    settings = TrainConfig(cache="c", multiplier="2", alpha="0.9").settings()
+    old = {**settings, "multiplier": "2", "alpha": "0.9"}
+    torch.save({"identity": {"caches": []}, "settings": old}, tmp_path / "checkpoint.pth")
+    resumed = load_for_resume(tmp_path / "checkpoint.pth", {"caches": []}, settings)
+    assert resumed["settings"]["multiplier"] == "2", f"multiplier 2.0 did not resume a run saved with '2': {resumed}"
+    other = {**settings, "multiplier": 3.0}
+    with pytest.raises(OptionError, match="saved with --multiplier 2, not 3.0") as refused:
+        load_for_resume(tmp_path / "checkpoint.pth", {"caches": []}, other)
+    assert "\n" not in str(refused.value), f"not one line: {refused.value!r}"
