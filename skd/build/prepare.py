@@ -20,7 +20,7 @@ import zarr
 from skd import __version__
 from skd.config import BuildConfig
 from skd.data.index import Split, index_dataset, quick_fingerprints
-from skd.errors import SkdError, SkdWarning
+from skd.errors import CacheError, DatasetError, ModelError, OptionError, SkdWarning
 from skd.plan.crops import VAL_CROP_FRACTION, center_boxes
 from skd.plan.mixing import MixParams
 from skd.replay.sources import planned_view
@@ -31,16 +31,12 @@ from skd.store.creation import ViewPlans, create_store, grow_store
 from skd.store.schema import FORMAT_VERSION, MAX_VIEWS
 
 
-class BuildError(SkdError):
-    """The build cannot go ahead as asked: one line saying what to change."""
-
-
 def check_views(views: int) -> None:
-    """BuildError, before any planning, for a view count out of all proportion: each view is planned
+    """OptionError, before any planning, for a view count out of all proportion: each view is planned
     and written in turn (one view's plan in memory at a time), so such a count would run for days
     without a word."""
     if views > MAX_VIEWS:
-        raise BuildError(
+        raise OptionError(
             f"--views {views:,} is more than {MAX_VIEWS:,}, far beyond any recipe: build fewer views"
         )
 
@@ -113,7 +109,7 @@ def check_pairs(cfg: BuildConfig, plan: dict) -> None:
     """A mixed plan pairs positions 2i and 2i + 1, and a pair must share a batch: here for the
     mixing of --plan-from's recorded plan (BuildConfig refuses odd sizes beside mixing options)."""
     if MixParams.from_dict(plan["mix"]).enabled and (cfg.batch_size % 2 or cfg.shard_rows % 2):
-        raise BuildError(
+        raise OptionError(
             f"mixing pairs positions 2i and 2i + 1 in one batch: --batch-size ({cfg.batch_size}) and "
             f"--shard-size ({cfg.shard_rows}) must be even"
         )
@@ -147,7 +143,7 @@ def check_out(where: Location, data: Path) -> None:
     other files: one that overlaps the dataset or sits under a file, or that holds something other
     than an skd cache."""
     if problem := where.new_home_problem(data):
-        raise BuildError(problem)
+        raise OptionError(problem)
     if where.is_empty() or cache_state(where) is not None:
         return
     what = (
@@ -155,7 +151,7 @@ def check_out(where: Location, data: Path) -> None:
         if "zarr.json" in where.listing()
         else "not an skd cache"
     )
-    raise BuildError(
+    raise OptionError(
         f"{where} holds files and is {what}: choose another --out "
         "(--overwrite replaces only a cache; remove other files yourself)"
     )
@@ -188,7 +184,7 @@ def prepare_store(
     classes = num_classes()
     dataset_classes = len(layout.dataset["classes"])
     if classes < dataset_classes:
-        raise BuildError(
+        raise ModelError(
             f"teacher {cfg.teacher} has {classes} outputs but {cfg.data}/train has "
             f"{dataset_classes} classes: use a teacher trained on these classes"
         )
@@ -268,7 +264,7 @@ def copied_layout(cfg: BuildConfig, source: Store) -> Layout:
     recorded = source.meta["dataset"]
     found = quick_fingerprints(Path(cfg.data), source.has_val, recorded.get("skipped", []))
     if found != (recorded["fingerprint"], recorded["val_fingerprint"]):
-        raise BuildError(
+        raise DatasetError(
             f"the images under {cfg.data} differ from those --plan-from {cfg.plan_from} was built on "
             "(file list or sizes): pass its --data"
         )
@@ -287,12 +283,12 @@ def _resume(out: Location, cfg: BuildConfig, meta: dict, plan_source: Store | No
     """The cache at `out`, opened to continue writing, if it was built with the same identity
     settings; grown first where more views are asked for than it holds."""
     if cache_state(out) == "creating":
-        raise BuildError(
+        raise CacheError(
             f"{out} holds an unfinished cache creation: pass --overwrite to start it again"
         )
     store = open_store(out, mode="r+")
     if cfg.val and not store.has_val and (Path(cfg.data) / "val").is_dir():
-        raise BuildError(
+        raise OptionError(
             f"{out} was built with --no-val: pass --no-val to resume, or --overwrite to rebuild "
             "it with the validation logits"
         )
@@ -305,7 +301,7 @@ def _resume(out: Location, cfg: BuildConfig, meta: dict, plan_source: Store | No
     )
     changed = [name for name in changed if name != "views"]  # more views grow the cache (`grow`)
     if changed:
-        raise BuildError(
+        raise OptionError(
             f"{out} was built with other settings ({', '.join(changed)}): pass the same "
             "arguments to resume, another --out, or --overwrite to rebuild"
         )
@@ -316,7 +312,7 @@ def _resume(out: Location, cfg: BuildConfig, meta: dict, plan_source: Store | No
 
 def grow(store: Store, cfg: BuildConfig, views: int, source: Store | None) -> None:
     """Append views to the cache up to `views` (those of --plan-from's cache `source`, copied, or
-    planned as a fresh build plans them), or finish a growth a kill interrupted; BuildError for
+    planned as a fresh build plans them), or finish a growth a kill interrupted; OptionError for
     fewer views than it holds."""
     held = store.num_views
     if views < held:
@@ -325,7 +321,7 @@ def grow(store: Store, cfg: BuildConfig, views: int, source: Store | None) -> No
             if source is not None
             else f"--views {views}"
         )
-        raise BuildError(
+        raise OptionError(
             f"{asked}, fewer than the {held} of {store.path}: a cache never shrinks: pass --views {held} "
             "or more to resume or grow it, or another --out"
         )
@@ -346,7 +342,7 @@ def grow(store: Store, cfg: BuildConfig, views: int, source: Store | None) -> No
 
     def same_plan(grown_id: str) -> None:
         if grown_id != source.meta["plan"]["id"]:
-            raise BuildError(
+            raise OptionError(
                 f"--plan-from {cfg.plan_from} holds another plan than the one {store.path} was built on "
                 "(its views differ): pass the cache it was built from"
             )

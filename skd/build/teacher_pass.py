@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from skd import pipelines
 from skd.build.prepare import (
-    BuildError,
     Layout,
     cache_meta,
     check_out,
@@ -28,7 +27,7 @@ from skd.build.prepare import (
 )
 from skd.config import BuildConfig
 from skd.data.index import check_root
-from skd.errors import SkdWarning, fault
+from skd.errors import DatasetError, ModelError, OptionError, SkdWarning, fault
 from skd.models.recipe import resolve, to_meta
 from skd.models.runtime import (
     Dist,
@@ -69,9 +68,9 @@ def build_cache(cfg: BuildConfig, *, progress: bool = False) -> BuildSummary:
     try:
         get_codec(cfg.codec) if cfg.codec != AUTO else None
     except ValueError as exc:
-        raise BuildError(f"--codec: {exc}") from None
+        raise OptionError(f"--codec: {exc}") from None
     if cfg.max_kl is not None and cfg.codec != AUTO:
-        raise BuildError(
+        raise OptionError(
             f"--max-kl picks the codec: pass --codec auto with it, not --codec {cfg.codec}"
         )
     cfg.mix_params().check()
@@ -158,11 +157,11 @@ def open_on_main(
             lock = where.lock()
             store = prepare_store(cfg, meta, num_classes, progress, plan_source, measure)
         except OSError as exc:
-            problem = BuildError(
+            problem = OptionError(
                 f"--out {cfg.out}: {exc.strerror or exc}"
                 f"{f' ({exc.filename})' if exc.filename else ''}: choose a folder you can write"
             )
-        # BuildError, ModelError, DatasetError...: the lock file must not stay behind
+        # OptionError, ModelError, DatasetError...: the lock file must not stay behind
         except Exception as exc:
             problem = exc
     problem = d.broadcast(problem)
@@ -198,7 +197,7 @@ def measure_codec(
             [forward(model, batch.images, device, amp).cpu().numpy() for batch in loader]
         )
     except OSError as exc:  # an image that went missing or unreadable after the index pass
-        raise BuildError(
+        raise DatasetError(
             f"reading the images of view 0/{meta['views']} failed ({pipelines.read_error(exc)}): "
             f"check {cfg.data}, then rerun the same command"
         ) from None
@@ -242,7 +241,7 @@ def fill_view(
             done = write_teacher_logits(model, loader, writer, device, amp, bar, fault_point)
         except OSError as exc:  # an image that went missing or unreadable after the index pass
             writer.abort()
-            raise BuildError(
+            raise DatasetError(
                 f"reading the images of {label} failed ({pipelines.read_error(exc)}): "
                 f"check {source.root}, then rerun the same command to resume"
             ) from None
@@ -291,13 +290,13 @@ def hand_on(
     magnitude = np.abs(logits).max(axis=1, initial=0)  # one pass: nan or inf where a row has any
     finite = np.isfinite(magnitude)
     if not finite.all():  # never store them: every student step on such a row would be NaN
-        raise BuildError(
+        raise ModelError(
             f"the teacher gave inf or nan logits for {int((~finite).sum())} of {len(finite)} "
             f"images (first at position {int(positions[~finite][0])}) with --amp {amp}: "
             "check the weights, or use --amp bf16 or none (fp16 overflows easily)"
         )
     if magnitude.max(initial=0) > limit:
-        raise BuildError(
+        raise OptionError(
             f"the teacher gave logits up to {magnitude.max():.3g}, beyond what --codec "
             f"{writer.store.codec.name} stores ({limit:.6g}): use --codec fp32"
         )

@@ -82,7 +82,7 @@ class MixOptions:
 
 
 def _augment_spec(aa):
-    """--aa as the plan parses it: AugmentError naming the option for a spec it cannot record."""
+    """--aa as the plan parses it: OptionError naming the option for a spec it cannot record."""
     if isinstance(aa, str):
         AugmentParams(aa=aa).check()
     return aa

@@ -23,7 +23,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
-from skd.errors import SkdError
+from skd.errors import CacheError, OptionError
 from skd.plan import draws
 
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude m maps to level m / 10 of each op's range
@@ -70,11 +70,6 @@ ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))  # timm's min_aspect 0.3 an
 _RAND_KEYS = {"m": int, "n": int, "p": float, "mstd": float, "mmax": int, "inc": int}
 
 
-class AugmentError(SkdError):
-    """Augmentation options that cannot be used (an unknown --aa spec, a --reprob above 1): one line
-    naming them."""
-
-
 @dataclass(frozen=True)
 class _RandSpec:
     """A parsed timm RandAugment spec: magnitude, layers, per-op probability, noise std, level cap,
@@ -103,7 +98,7 @@ def _parse(aa: str) -> _RandSpec:
         return _RandSpec(n=1, p=1.0)
     sections = aa.split("-")
     if sections[0] != "rand":
-        raise AugmentError(
+        raise OptionError(
             f"--aa {aa}: only RandAugment and TrivialAugmentWide are recorded; give {hint}"
         )
     values = {}
@@ -111,18 +106,18 @@ def _parse(aa: str) -> _RandSpec:
         # timm's split: the key, then the value from the first digit
         match = re.fullmatch(r"(\D*)(\d.*)", section)
         if match is None or match[1] not in _RAND_KEYS:
-            raise AugmentError(f"--aa {aa}: section {section!r} is not one of {hint}")
+            raise OptionError(f"--aa {aa}: section {section!r} is not one of {hint}")
         key, value = match.groups()
         try:
             values[key] = _RAND_KEYS[key](value)
         except ValueError:
             kind = "a whole number" if _RAND_KEYS[key] is int else "a number"
-            raise AugmentError(f"--aa {aa}: {key} {value!r} is not {kind}; give {hint}") from None
+            raise OptionError(f"--aa {aa}: {key} {value!r} is not {kind}; give {hint}") from None
     spec = _RandSpec(**values)
     if spec.mstd > 100:
         spec = _RandSpec(**{**values, "mstd": math.inf})
     if spec.n < 1 or not 0 <= spec.p <= 1 or not math.isfinite(spec.p):
-        raise AugmentError(f"--aa {aa}: n must be at least 1 and p a probability between 0 and 1")
+        raise OptionError(f"--aa {aa}: n must be at least 1 and p a probability between 0 and 1")
     return spec
 
 
@@ -172,33 +167,33 @@ class AugmentParams:
             recount=int(d["recount"]),
         )
         if "ops" in d and tuple(d["ops"]) != params.ops:
-            raise AugmentError(
+            raise CacheError(
                 f"recorded augmentation ops {list(d['ops'])} differ from this version's {list(params.ops)}: "
                 "replay the cache with the skd version that built it"
             )
         return params
 
     def check(self) -> None:
-        """AugmentError naming the command-line option of the first unusable value."""
+        """OptionError naming the command-line option of the first unusable value."""
         if self.aa is not None:
             _parse(self.aa)
         if not math.isfinite(self.reprob) or not 0 <= self.reprob <= 1:
-            raise AugmentError(
+            raise OptionError(
                 f"--reprob {self.reprob}: a probability between 0 and 1 (0 turns erasing off)"
             )
         if self.remode == "pixel":
-            raise AugmentError(
+            raise OptionError(
                 "--remode pixel: per-pixel noise cannot be the same image at the teacher's and the student's "
                 "input size; use const or rand (one recorded value per box and channel)"
             )
         if self.remode not in ("const", "rand"):
-            raise AugmentError(f"--remode {self.remode}: one of const, rand")
+            raise OptionError(f"--remode {self.remode}: one of const, rand")
         if (
             isinstance(self.recount, bool)
             or not isinstance(self.recount, (int, np.integer))
             or self.recount < 1
         ):
-            raise AugmentError(f"--recount {self.recount}: a whole number of boxes, at least 1")
+            raise OptionError(f"--recount {self.recount}: a whole number of boxes, at least 1")
 
 
 @dataclass(frozen=True)

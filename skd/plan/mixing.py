@@ -19,13 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from skd.errors import SkdError
+from skd.errors import OptionError
 from skd.plan import draws
-
-
-class MixError(SkdError):
-    """Mixing options that cannot be used (a negative alpha, a probability above 1): one line naming
-    them."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +54,10 @@ class MixParams:
         )
 
     def check(self) -> None:
-        """MixError naming the command-line option of the first unusable value."""
+        """OptionError naming the command-line option of the first unusable value."""
         for option, value in (("--mixup", self.mixup_alpha), ("--cutmix", self.cutmix_alpha)):
             if not math.isfinite(value) or value < 0:
-                raise MixError(
+                raise OptionError(
                     f"{option} {value}: a finite Beta alpha, at least 0 (0 turns it off)"
                 )
         for option, value in (
@@ -70,7 +65,7 @@ class MixParams:
             ("--mixup-switch-prob", self.switch_prob),
         ):
             if not math.isfinite(value) or not 0 <= value <= 1:
-                raise MixError(f"{option} {value}: a probability between 0 and 1")
+                raise OptionError(f"{option} {value}: a probability between 0 and 1")
 
 
 def _beta(seed: int, view: int, pair_ids: np.ndarray, stream: int, alpha: float) -> np.ndarray:

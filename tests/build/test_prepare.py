@@ -13,7 +13,8 @@ import zarr
 from conftest import build_args, run_skd, small_build_config
 from handmade import cache_arrays
 
-from skd.build.teacher_pass import BuildError, build_cache
+from skd.build.teacher_pass import build_cache
+from skd.errors import OptionError
 from skd.inspect.info import describe, info_lines
 from skd.store.cache_store import open_store
 
@@ -122,7 +123,7 @@ def test_plan_from_a_cache_with_fewer_views_is_refused(image_root, teacher_file,
     build_cache(small_build_config(image_root, second, teacher_file, plan_from=fp32_cache))
     build_cache(small_build_config(image_root, second, teacher_file, views=3))
     with pytest.raises(
-        BuildError, match=f"--plan-from {fp32_cache} holds 2 views, fewer than the 3 of .*never shrinks"
+        OptionError, match=f"--plan-from {fp32_cache} holds 2 views, fewer than the 3 of .*never shrinks"
     ):
         build_cache(small_build_config(image_root, second, teacher_file, plan_from=fp32_cache))
     assert open_store(second).num_views == 3, "the refused build changed the cache"
@@ -134,7 +135,7 @@ def test_changed_argument_is_refused(image_root, teacher_file, fp32_cache):
     assert result.returncode == 2, f"exit {result.returncode}"
     assert "other settings (seed)" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert np.array_equal(open_store(fp32_cache).read_logits(0), before), "the refused rerun changed the cache"
-    with pytest.raises(BuildError, match="codec"):
+    with pytest.raises(OptionError, match="codec"):
         build_cache(small_build_config(image_root, fp32_cache, teacher_file, codec="int8"))
 
 
@@ -142,7 +143,7 @@ def test_resume_without_no_val_is_refused(image_root, teacher_file, tmp_path):
     """A cache built with --no-val cannot silently stay without validation logits when rerun without it."""
     out = tmp_path / "cache"
     build_cache(small_build_config(image_root, out, teacher_file, val=False, views=1))
-    with pytest.raises(BuildError, match="built with --no-val"):
+    with pytest.raises(OptionError, match="built with --no-val"):
         build_cache(small_build_config(image_root, out, teacher_file, views=1))
     again = build_cache(small_build_config(image_root, out, teacher_file, val=False, views=1)).rows_written
     assert again == 0, f"rerunning the finished --no-val build with --no-val wrote {again} rows"
@@ -151,7 +152,7 @@ def test_resume_without_no_val_is_refused(image_root, teacher_file, tmp_path):
 def test_a_view_count_out_of_all_proportion_is_refused_before_planning(image_root, teacher_file, tmp_path):
     """--views 1000000000 sat silent at 1 GB and growing: a count far beyond any recipe is one line before any
     view is planned."""
-    with pytest.raises(BuildError, match="--views 1,000,000,000 is more than 100,000.*build fewer views"):
+    with pytest.raises(OptionError, match="--views 1,000,000,000 is more than 100,000.*build fewer views"):
         build_cache(small_build_config(image_root, tmp_path / "cache", teacher_file, views=10**9))
     assert not (tmp_path / "cache" / "zarr.json").exists(), "a cache was created for a plan that cannot fit"
 
@@ -178,7 +179,7 @@ def test_overwrite_never_deletes_what_is_not_a_cache(image_root, teacher_file, t
         embeddings: "a zarr group skd did not create",
     }
     for out, needle in cases.items():
-        with pytest.raises(BuildError, match=needle):
+        with pytest.raises(OptionError, match=needle):
             build_cache(small_build_config(data, out, teacher_file, overwrite=True))
     assert sorted(data.rglob("*.JPEG")) == images, "a refused --overwrite removed images"
     assert (notes / "thesis.txt").read_text() == "important", "a refused --overwrite removed a user's file"

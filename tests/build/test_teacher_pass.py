@@ -14,7 +14,8 @@ import zarr
 from conftest import REPO, build_args, run_skd, small_build_config, torchrun
 from handmade import load_view
 
-from skd.build.teacher_pass import BuildError, build_cache
+from skd.build.teacher_pass import build_cache
+from skd.errors import OptionError
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from skd.store.cache_store import open_store
 
@@ -195,5 +196,5 @@ def test_a_teacher_input_beyond_published_recipes_is_warned_before_work(image_ro
 
     cfg = config(image_root, tmp_path / "cache", teacher_file, teacher_size=5000, views=10**9)
     with pytest.warns(SkdWarning, match="teacher input 5000 px is beyond published recipes .* 2.4 GB"):
-        with pytest.raises(BuildError, match="build fewer views"):
+        with pytest.raises(OptionError, match="build fewer views"):
             build_cache(cfg)

@@ -12,8 +12,9 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import InterpolationMode
 
+from skd.errors import CacheError, OptionError
 from skd.plan import mixing
-from skd.plan.augment import AugmentError, AugmentParams, apply_ops, erase, plan_augment
+from skd.plan.augment import AugmentParams, apply_ops, erase, plan_augment
 from tests.jpegs import photo_like
 
 SPEC = "rand-m9-n2-mstd0.5-inc1"
@@ -283,7 +284,7 @@ def test_record_round_trips_through_its_attributes():
     d = params.to_dict()
     assert AugmentParams.from_dict(d) == params and d["ops"][0] == "Identity", f"round trip: {d}"
     assert params.enabled and params.layers == 2 and not AugmentParams().enabled, "enabled/layers"
-    with pytest.raises(AugmentError, match="differ"):
+    with pytest.raises(CacheError, match="differ"):
         AugmentParams.from_dict({**d, "ops": d["ops"][:-1]})
 
 
@@ -300,8 +301,8 @@ def test_record_round_trips_through_its_attributes():
     ],
 )
 def test_bad_options_are_one_line_naming_the_option(params, option):
-    """Each unusable option is an AugmentError whose one line starts with the option."""
-    with pytest.raises(AugmentError) as caught:
+    """Each unusable option is an OptionError whose one line starts with the option."""
+    with pytest.raises(OptionError) as caught:
         plan_augment(0, 0, np.arange(4), params)
     message = str(caught.value)
     assert message.startswith(option) and "\n" not in message, f"{params}: {message!r}"

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import build_args, train_args
 from handmade import load_view
 
-from skd.errors import SkdError
-from skd.plan.mixing import MixError, MixParams, box_pixels, mix_batch, plan_mixing, soft_labels
+from skd.errors import OptionError, SkdError
+from skd.plan.mixing import MixParams, box_pixels, mix_batch, plan_mixing, soft_labels
 
 BOTH = MixParams(mixup_alpha=0.8, cutmix_alpha=1.0)
 
@@ -203,10 +203,10 @@ def test_soft_labels_without_mixing_give_plain_cross_entropy():
     ],
 )
 def test_check_names_the_option(field, value, option):
-    with pytest.raises(MixError) as caught:
+    with pytest.raises(OptionError) as caught:
         MixParams(**{field: value}).check()
     message = str(caught.value)
-    assert isinstance(caught.value, SkdError), "MixError is not an SkdError"
+    assert isinstance(caught.value, SkdError), "OptionError is not an SkdError"
     assert message.startswith(f"{option} {value}:") and "\n" not in message, f"message {message!r}"
 
 

@@ -5,7 +5,8 @@ import pytest
 import zarr
 from conftest import small_build_config
 
-from skd.build.teacher_pass import BuildError, build_cache
+from skd.build.teacher_pass import build_cache
+from skd.errors import CacheError
 from skd.store.schema import FORMAT_VERSION
 
 
@@ -54,7 +55,7 @@ def test_an_interrupted_cache_creation_is_restarted_only_with_overwrite(image_ro
     zarr.open_group(str(out), mode="w-", zarr_format=3, attributes={CREATING_KEY: True}).create_array(
         "samples/path", shape=(3,), dtype=str
     )
-    with pytest.raises(BuildError, match="unfinished cache creation: pass --overwrite"):
+    with pytest.raises(CacheError, match="unfinished cache creation: pass --overwrite"):
         build_cache(small_build_config(image_root, out, teacher_file))
     build_cache(small_build_config(image_root, out, teacher_file, overwrite=True))
     assert zarr.open_group(str(out), mode="r")["views/complete"][...].all(), "--overwrite did not finish the cache"

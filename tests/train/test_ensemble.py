@@ -14,8 +14,8 @@ import zarr
 from conftest import build_args, small_build_config
 from handmade import load_view
 
-from skd.build.teacher_pass import BuildError, build_cache
-from skd.errors import SkdError
+from skd.build.teacher_pass import build_cache
+from skd.errors import DatasetError, SkdError
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from skd.store.cache_store import VAL, open_store
 from skd.train.loop import TrainConfig, train
@@ -90,7 +90,7 @@ def test_plan_from_refuses_plan_options_and_other_images(fp32_cache, image_root,
 
     shutil.copytree(image_root, other)
     next(other.rglob("*.JPEG")).unlink()
-    with pytest.raises(BuildError, match="differ from those --plan-from"):
+    with pytest.raises(DatasetError, match="differ from those --plan-from"):
         build_cache(small_build_config(other, tmp_path / "d", second_teacher, plan_from=fp32_cache))
     assert not (tmp_path / "d").exists(), "a refused --plan-from build wrote its --out"
 
