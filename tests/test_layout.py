@@ -104,3 +104,27 @@ def test_lines_people_read_fit_100_characters():
     lines = [line for path in SOURCES for line in path.read_text().splitlines()]
     long = sum(len(line) > 100 for line in lines)
     assert long <= 0.05 * len(lines), f"{long} of {len(lines)} lines ({long / len(lines):.1%}) are over 100 characters"
+
+
+def test_a_small_error_family_all_skd_errors():
+    """At most ten exception classes in skd/ and pipelines/, and every user-facing one an SkdError: a user catches
+    one family and reads its class for what to do next."""
+    import importlib
+
+    import skd.errors
+
+    defined = {}
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                getattr(base, "id", getattr(base, "attr", "")).endswith(("Error", "Exception", "Unreachable"))
+                for base in node.bases
+            ):
+                defined[node.name] = path.relative_to(ROOT)
+    assert len(defined) <= 10, f"{len(defined)} exception classes: {defined}"
+    internal = {"DecodeError"}  # the pipelines' OSError for one unreadable image, turned into a one-line error
+    for name, path in defined.items():
+        if name in internal:
+            continue
+        module = importlib.import_module(".".join(path.with_suffix("").parts).replace("pipelines", "skd.pipelines", 1))
+        assert issubclass(getattr(module, name), skd.errors.SkdError), f"{name} in {path} is not an SkdError"

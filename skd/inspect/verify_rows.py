@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from skd.errors import CacheError
+from skd.errors import CacheError, ModelError
 from skd.inspect.verify_checks import first_line
 from skd.loss import skd_kl, spherical_normalize
 from skd.models.teachers import forward
@@ -165,10 +165,6 @@ def compare_logits(new: torch.Tensor, stored: torch.Tensor) -> dict[str, torch.T
     }
 
 
-class ClassCountMismatch(Exception):
-    """The re-created teacher gives another number of classes than the cache holds."""
-
-
 @dataclass
 class Replay:
     """One split's compared rows: figures per row, the rows over tolerance and the shards that fail
@@ -192,7 +188,10 @@ def replay_split(
     """Run the teacher on the rows' recorded views and compare with the stored rows."""
     new = replay_teacher(model, source, view, rows.positions, bar=bar, **options)
     if new.shape[1] != store.num_classes:
-        raise ClassCountMismatch(new.shape[1])
+        raise ModelError(
+            f"the re-created teacher gives {new.shape[1]} classes, cache {store.path} holds "
+            f"{store.num_classes}"
+        )
     stored, broken = stored_rows(store, view, rows.positions)
     keep = ~np.isin(rows.positions // store.shard_rows, list(broken))
     figures = compare_logits(new[torch.from_numpy(keep)], stored[torch.from_numpy(keep)])
