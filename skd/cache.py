@@ -15,12 +15,14 @@ import os
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from skd import pipelines
-from skd.errors import CacheError, OptionError
+from skd.config.fields import checked_call
+from skd.errors import CacheError, DeviceError, OptionError
 from skd.loss import ensemble_target
 from skd.plan.mixing import MixParams
 from skd.replay.cached_logits import auto_multiplier
@@ -30,13 +32,14 @@ from skd.replay.view_loader import ViewLoader, check_shares, rank_range, view_of
 from skd.store.cache_store import Store, open_store
 
 
+@checked_call
 def open_cache(
     path: str | Path | Sequence[str | Path],
     *,
     weights: Sequence[float] | None = None,
-    kd: str = "skd",
+    kd: Literal["skd", "hinton", "none"] = "skd",
     data: str | Path | None = None,
-    views: int | None = None,
+    views: PositiveInt | None = None,
     val: bool = True,
 ) -> Cache:
     """Open a cache (a folder or an object-store URL), or several built on one plan (an ensemble).
@@ -129,7 +132,10 @@ class Cache:
         )
         return replace(source, num_views=self.num_views)
 
-    def logits(self, view: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    @checked_call
+    def logits(
+        self, view: NonNegativeInt, start: NonNegativeInt = 0, stop: NonNegativeInt | None = None
+    ) -> torch.Tensor:
         """Decoded float32 logits (stop - start, C) of positions [start, stop) of `view`, in plan
         order (of an ensemble, its combined target)."""
         self._check_view(view)
@@ -148,20 +154,21 @@ class Cache:
                 )
         return parts[0] if len(parts) == 1 else ensemble_target(self.kd, parts, self.weights)
 
+    @checked_call
     def loader(
         self,
-        epoch: int,
+        epoch: NonNegativeInt,
         *,
-        batch_size: int = 256,
-        image_size: int | None = None,
-        mean: Sequence[float] = pipelines.IMAGENET_MEAN,
-        std: Sequence[float] = pipelines.IMAGENET_STD,
+        batch_size: PositiveInt = 256,
+        image_size: Annotated[int, Field(ge=8)] | None = None,
+        mean: tuple[float, float, float] = pipelines.IMAGENET_MEAN,
+        std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = pipelines.IMAGENET_STD,
         device: str | torch.device | None = None,
-        rank: int | None = None,
-        world_size: int | None = None,
-        loader: str | None = None,
-        workers: int = 8,
-        steps: int | None = None,
+        rank: NonNegativeInt | None = None,
+        world_size: PositiveInt | None = None,
+        loader: Literal["dali", "torchvision"] | None = None,
+        workers: NonNegativeInt = 8,
+        steps: PositiveInt | None = None,
         with_logits: bool = True,
         progress: bool = False,
     ) -> ViewLoader:
@@ -211,8 +218,16 @@ class Cache:
 def default_device(device: str | torch.device | None) -> torch.device:
     """`device`, or this process's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the
     CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise OptionError(
+            f"device={device!r}: not a device torch knows (cpu, cuda, cuda:1)"
+        ) from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device={device!r}: this machine has no CUDA device: pass device='cpu'")
+    return chosen

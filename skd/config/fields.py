@@ -10,13 +10,14 @@ path or a URL; `path_text` names a Path as the place it is.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import re
 from pathlib import PurePath
 from types import NoneType, UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
 
-from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, validate_call
 from pydantic.fields import FieldInfo
 
 from skd.errors import OptionError, SkdError
@@ -155,6 +156,42 @@ def checked(cls):
 
     cls.__init__ = __init__
     return cls
+
+
+def argument_error(error: dict, names: list[str], args: tuple, kwargs: dict) -> OptionError:
+    """A validate_call error as one line: the argument as the caller gave it, which item of it (of a
+    tuple or list) and what it should be."""
+    where, *item = error["loc"] or ("?",)
+    name = names[where] if isinstance(where, int) else where
+    given = args[where] if isinstance(where, int) else kwargs.get(where, error["input"])
+    at = f" item {item[0]}:" if item else ""
+    why = error["msg"][0].lower() + error["msg"][1:]
+    return OptionError(f"{name}={given!r}:{at} {why}")
+
+
+def checked_call(function):
+    """`function` with its arguments checked against its annotations when called (pydantic's
+    validate_call, finite numbers only): a bad one is one OptionError line naming the argument as a
+    Python caller writes it (`batch_size=0: ...`). The library API's entry points use it."""
+    names = list(inspect.signature(function).parameters)
+
+    @functools.cache  # at the first call: the annotations may name what the module defines later
+    def validated():
+        config = ConfigDict(allow_inf_nan=False, arbitrary_types_allowed=True)
+        return validate_call(function, config=config)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            return validated()(*args, **kwargs)
+        except ValidationError as exc:
+            if (
+                exc.title != function.__qualname__
+            ):  # raised inside the function, not by its arguments
+                raise
+            raise argument_error(exc.errors()[0], names, args, kwargs) from None
+
+    return call
 
 
 def changed(cfg, names) -> list[str]:
