@@ -89,7 +89,7 @@ def software_versions() -> dict:
     return versions
 
 
-def recorded_plan(cfg: BuildConfig, source: Store | None) -> tuple[dict, int]:
+def plan_attributes(cfg: BuildConfig, source: Store | None) -> tuple[dict, int]:
     """The plan attributes and view count of the new cache: from the options, or those of `source`,
     the cache at --plan-from."""
     if source is not None:

@@ -22,8 +22,8 @@ from skd.build.prepare import (
     cache_meta,
     check_out,
     check_pairs,
+    plan_attributes,
     prepare_store,
-    recorded_plan,
 )
 from skd.config import BuildConfig
 from skd.data.index import check_root
@@ -91,7 +91,7 @@ def _build(cfg: BuildConfig, d: Dist, *, progress: bool) -> BuildSummary:
     check_root(Path(cfg.data))  # before the lock and --out's parents are created
     teacher = load_teacher(cfg.teacher, cfg.weights)
     plan_source = open_store(cfg.plan_from) if cfg.plan_from is not None else None
-    plan, views = recorded_plan(cfg, plan_source)
+    plan, views = plan_attributes(cfg, plan_source)
     check_pairs(cfg, plan)
     recipe, origin = resolve(
         cfg.teacher_recipe_options(), teacher.pretrained_cfg, teacher.published, plan["image_size"]
