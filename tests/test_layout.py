@@ -128,3 +128,15 @@ def test_a_small_error_family_all_skd_errors():
             continue
         module = importlib.import_module(".".join(path.with_suffix("").parts).replace("pipelines", "skd.pipelines", 1))
         assert issubclass(getattr(module, name), skd.errors.SkdError), f"{name} in {path} is not an SkdError"
+
+
+def test_every_package_ships_in_the_wheel():
+    """setup.cfg lists its packages by hand (skd.pipelines is mapped from pipelines/): a package of skd/ missing
+    from the list would be left out of a non-editable install."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    packages = {"skd"} | {f"skd.{p.parent.name}" for p in ROOT.glob("skd/*/__init__.py")}
+    assert packages <= listed, f"packages setup.cfg does not ship: {sorted(packages - listed)}"
