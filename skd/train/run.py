@@ -95,10 +95,6 @@ def open_run(cfg: TrainConfig, device: torch.device) -> Run:
         raise OptionError(
             "pass --cache DIR, or --teacher NAME with --data ROOT for online distillation"
         )
-    if cfg.multiplier == "auto":
-        raise OptionError(
-            "--multiplier auto reads the cache's logits: pass a number in online mode"
-        )
     return online_run(cfg, device)
 
 
@@ -158,8 +154,6 @@ def warn_lossy_codec(stores: list[Store]) -> None:
 def online_run(cfg: TrainConfig, device: torch.device) -> Run:
     """The views of a plan made here from the data, the teacher loaded to run in the loop on each of
     them."""
-    cfg.mix_params().check()
-    cfg.augment_params().check()
     teacher = load_teacher(cfg.teacher, cfg.weights)
     size = cfg.image_size or ONLINE_IMAGE_SIZE
     recipe, _ = resolve(
