@@ -73,7 +73,8 @@ class _Feed:
 # building and warming up another. At most MAX_IDLE are kept (each holds its decoder's buffers).
 MAX_IDLE = 2
 _idle: dict[tuple, tuple] = {}
-built = {"pipelines": 0}  # how many this process built (tests/test_dali_decode.py counts them)
+# how many this process built (tests/pipelines/test_dali_pipeline.py counts them)
+built = {"pipelines": 0}
 
 
 class DaliLoader:

@@ -1,7 +1,7 @@
 """Everything skd takes from zarr's and zarrs' internals, in one place, each with why.
 
 zarr 3.1 and zarrs 0.2 expose no public way to do these; setup.cfg bounds both versions, and
-tests/test_zarr_internals.py fails when one of the internals moves. Configuration is applied when a
+tests/storage/test_zarr_internals.py fails when one of the internals moves. Configuration is applied when a
 cache's arrays are opened (`zarrs_reads`), never at import.
 """
 

@@ -15,7 +15,8 @@ from torchvision.datasets import ImageFolder
 
 from skd.data import index as index_module
 from skd.data.image_probe import image_size
-from skd.data.index import IMAGE_EXTENSIONS, DatasetError, fingerprint, index_dataset, scan_split
+from skd.data.index import IMAGE_EXTENSIONS, fingerprint, index_dataset, scan_split
+from skd.errors import DatasetError
 
 
 def decoded_size(path) -> tuple[int, int]:
