@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import zarr
-from conftest import build_args, small_build_config
+from conftest import build_args, small_build_config, small_train_config
 from handmade import load_view
 
 from skd.build.teacher_pass import build_cache
@@ -96,23 +95,8 @@ def test_plan_from_refuses_plan_options_and_other_images(fp32_cache, image_root,
 
 
 def base(out: Path, **overrides) -> TrainConfig:
-    cfg = TrainConfig(
-        epochs=2,
-        batch_size=4,
-        lr=0.4,
-        kd="skd",
-        alpha="0.9",
-        multiplier="2",
-        amp="none",
-        device="cpu",
-        loader="torchvision",
-        workers=0,
-        out=out,
-        steps_per_epoch=3,
-        val=False,
-        seed=1,
-    )
-    return replace(cfg, **overrides)
+    """The shared small training settings at the caches' own image size and views."""
+    return small_train_config(out, image_size=None, views=None, **overrides)
 
 
 def losses_of(cfg: TrainConfig) -> np.ndarray:
