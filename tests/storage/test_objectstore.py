@@ -463,10 +463,11 @@ def test_stats_and_verify_work_on_a_url_and_print_no_secret(
 
 def test_an_endpoint_that_never_answers_is_one_line_within_the_timeout(server, bucket, monkeypatch):
     """An endpoint that accepts connections and does not answer was silent for 184 s (object_store's retries):
-    no retry starts after SKD_STORE_TIMEOUT seconds, so the open ends after one request's timeout (30 s): the
-    server sees that one request, never a retry."""
+    no retry starts after SKD_STORE_TIMEOUT seconds, so the open ends after one request's timeout (object_store's
+    default 30 s; 5 s here, through AWS_TIMEOUT): the server sees that one request, never a retry."""
     make_store(f"s3://{bucket}/c", views=1)
     monkeypatch.setenv("SKD_STORE_TIMEOUT", "1")
+    monkeypatch.setenv("AWS_TIMEOUT", "5s")
     server.clear()
     server.set_delay(30)
     try:
@@ -532,10 +533,11 @@ def test_a_build_resumes_once_a_store_that_stopped_answering_answers_again(image
     command = s3_build("s3://paused/c", teacher_file, image_root, views=3, no_val=True)
     with S3Server() as own:
         own.create_bucket("paused")
-        env = {**os.environ, **own.env, "SKD_STORE_TIMEOUT": "1"}
+        # a request's own timeout (object_store's client option, read from AWS_TIMEOUT) of 5 s, not its default 30
+        env = {**os.environ, **own.env, "SKD_STORE_TIMEOUT": "1", "AWS_TIMEOUT": "5s"}
         build = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         wait_for_request(own, build, "PUT", "/logits/c/1/", "writing view 1")
-        own.set_delay(45)  # beyond a request's own 30 s timeout: every request from now on hangs
+        own.set_delay(45)  # beyond a request's own timeout: every request from now on hangs
         _, err = build.communicate(timeout=240)
         own.set_delay(0)
         last = [line for line in err.splitlines() if line.strip() and "\r" not in line][-1]
