@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import small_build_config
+from conftest import small_build_config, small_train_config
 from PIL import Image
 
 from skd.build.teacher_pass import build_cache
 from skd.errors import OptionError
 from skd.models.recipe import resolve
 from skd.pipelines import IMAGENET_MEAN, IMAGENET_STD
-from skd.train.loop import TrainConfig, train
+from skd.train.loop import train
 
 CFG_96 = {"input_size": (3, 96, 96), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
 
@@ -147,22 +147,7 @@ def test_teacher_sees_its_own_recipe_and_the_student_size_is_recorded(loader, si
 
 
 def test_student_trains_at_its_own_size_and_online_equals_cached(sized_cache, image_root, tmp_path):
-    base = TrainConfig(
-        epochs=1,
-        batch_size=4,
-        lr=0.4,
-        kd="skd",
-        alpha="0.9",
-        multiplier="2",
-        amp="none",
-        device="cpu",
-        loader="torchvision",
-        workers=0,
-        steps_per_epoch=3,
-        val=False,
-        seed=1,
-        arch="py:test_recipe:student_at_64",
-    )
+    base = small_train_config(tmp_path, epochs=1, image_size=None, views=None, arch="py:test_recipe:student_at_64")
     runs = {}
     for mode, cfg in {
         "cached": replace(base, cache=sized_cache, out=tmp_path / "cached"),

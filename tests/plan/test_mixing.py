@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_args, train_args
+from conftest import build_args, small_train_config, train_args
 from handmade import load_view
 
 from skd.errors import OptionError, SkdError
@@ -304,23 +304,9 @@ def test_batch_size_does_not_change_a_mixed_cache(mixed_cache, image_root, teach
 def test_online_mixed_training_equals_cached(mixed_cache, image_root, teacher_file, tmp_path):
     from dataclasses import replace
 
-    from skd.train.loop import TrainConfig, train
+    from skd.train.loop import train
 
-    base = TrainConfig(
-        epochs=2,
-        batch_size=4,
-        lr=0.4,
-        kd="skd",
-        alpha="0.5",
-        multiplier="2",
-        amp="none",
-        device="cpu",
-        loader="torchvision",
-        workers=0,
-        steps_per_epoch=3,
-        val=False,
-        seed=1,
-    )
+    base = small_train_config(tmp_path, alpha="0.5", image_size=None, views=None)
     runs = {}
     for mode, cfg in {
         "cached": replace(base, cache=mixed_cache, out=tmp_path / "cached"),
