@@ -279,7 +279,7 @@ def request_limits() -> dict:
 
 
 def check_objects(location: ObjectPrefix, listing: dict[str, int]) -> None:
-    """The listing-based counterpart of `schema.check_files`: objects cannot be FIFOs or symlinks,
+    """The listing-based counterpart of `files.check_files`: objects cannot be FIFOs or symlinks,
     so what is checked is that every key stays inside the prefix (no empty, '.' or '..' part, no
     backslash, no absolute key), that no object is both a file and a folder of others, and that no
     zarr.json is over MAX_METADATA_BYTES (zarr reads it whole)."""

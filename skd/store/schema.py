@@ -1,10 +1,11 @@
-"""What a cache must look like before any of it is trusted: its attributes, arrays and files.
+"""What a cache must look like before any of it is trusted: its attributes and arrays.
 
 A cache may come from elsewhere (a shared folder, a download, an object store), so it is untrusted
-input. `validate` checks, before anything is allocated or read: the `skd` attributes against a
-schema (types, ranges, required keys, known codec), every array's shape, dtype and chunking against
-the attributes, and that every file is a regular file inside the cache. `samples_sha256` ties the
-sample arrays to the attributes, so swapped or edited sample paths and labels are found.
+input. Before anything is allocated or read, `check_meta` checks the `skd` attributes against a
+schema (types, ranges, required keys, known codec) and `check_arrays` every array's shape, dtype and
+chunking against the attributes; every file was checked before zarr opened it
+(`skd.storage.files`). `samples_sha256` ties the sample arrays to the attributes, so swapped or
+edited sample paths and labels are found.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def check_arrays(path: Path, group, meta: dict) -> None:
     """Every array the attributes promise, with the shape, dtype and chunking they imply, and labels
     inside the classes: CacheError naming the first that is missing or differs (a shape or chunk
     edited to 10^10 rows is refused here, never allocated). The files themselves were checked before
-    zarr read them (check_files)."""
+    zarr read them (skd.storage.files.check_files)."""
     has_val = meta["dataset"]["num_val"] > 0
     arrays = expected_arrays(meta, has_val)
     # a growth a kill interrupted (skd.store.creation.grow_store) left arrays of either count along
