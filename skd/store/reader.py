@@ -114,8 +114,8 @@ class RowReader:
             return self._damaged(f"{self.location.name(key)} is missing", a, b, lost=True)
         except OSError as exc:
             return self._os_error(exc, a, b)
-        except StoreError as exc:  # no connection, refused credentials
-            return StoreError(f"rows {a}-{b} of {part_name(self.view)} cannot be read: {exc}")
+        except StoreError as exc:  # no connection, refused credentials: the same kind, named here
+            return type(exc)(f"rows {a}-{b} of {part_name(self.view)} cannot be read: {exc}")
         return None
 
     def _read(self, a: int, b: int) -> Encoded:
